@@ -1,0 +1,1 @@
+//! Composition math (filled in next).

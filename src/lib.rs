@@ -1,0 +1,20 @@
+//! lora-compose: composing pre-trained LoRA modules.
+//!
+//! One composed linear layer (DESIGN §2):
+//!
+//! ```text
+//! y_t = W x_t + b + Σ_i C[σ(t), i] · s_i · B_i (A_i x_t)
+//! ```
+//!
+//! - [`compose`]: the layer's math — a plain f64 reference and the fused two-GEMM fast path.
+//! - [`check`]: the one comparison helper every test uses.
+//! - [`peft`]: LoRA adapters in PEFT's on-disk layout, and module libraries.
+//! - [`merge`]: weighted composition written back as an adapter or folded into base weights.
+
+pub mod check;
+pub mod compose;
+pub mod error;
+pub mod merge;
+pub mod peft;
+
+pub use error::{Error, Result};
