@@ -18,11 +18,7 @@ pub enum Error {
     #[error("{path}: malformed JSON: {msg}")]
     Json { path: PathBuf, msg: String },
     #[error("{path}: tensor `{tensor}`: {msg}")]
-    Tensor {
-        path: PathBuf,
-        tensor: String,
-        msg: String,
-    },
+    Tensor { path: PathBuf, tensor: String, msg: String },
     #[error("shape mismatch: {0}")]
     Shape(String),
     #[error("invalid argument: {0}")]

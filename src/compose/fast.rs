@@ -1,0 +1,387 @@
+//! The fused CPU path: N modules as one rank-R product (DESIGN §2, "the fused form").
+//!
+//! ```text
+//! U = X A_catᵀ                 (T, R)   shrink: one GEMM for all modules
+//! Z = mix(U; C, σ)             (T, R)   per-sample diagonal (product) or block mix (factor)
+//! Y = X Wᵀ + b + Z B_catᵀ      (T, d_out)
+//! ```
+//!
+//! Backward, given `G = ∂L/∂Y`:
+//!
+//! ```text
+//! H  = G B_cat                 (T, R)
+//! ∂U, ∂C = mixᵀ(H; U, C, σ)    per-sample ∂C rows, reduced in f64
+//! ∂X = G W + ∂U A_cat,  ∂A_cat = ∂Uᵀ X,  ∂B_cat = Gᵀ Z,  ∂W = Gᵀ X,  ∂b = Σ_t G_t
+//! ```
+//!
+//! GEMMs run on the `gemm` crate, multi-threaded through rayon; the mixes are row-parallel.
+//! Storage and GEMM accumulation are f32; the `∂C` reduction over tokens is f64.
+
+use rayon::prelude::*;
+
+use super::{check_call, Mode, ModuleStack, Rows, Train};
+use crate::{Error, Result};
+
+/// A strided matrix view: element (i, j) is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major (rows, cols) matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "view is not {rows}×{cols}");
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m, n) row-major = [dst +] a (m, k) · b (k, n)`, on the `gemm` crate.
+pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ: {m}×{k} · {}×{n}", b.rows);
+    assert_eq!(dst.len(), m * n, "destination is not {m}×{n}");
+    for v in [&a, &b] {
+        if v.rows > 0 && v.cols > 0 {
+            assert!(
+                (v.rows - 1) * v.rs + (v.cols - 1) * v.cs < v.data.len(),
+                "view out of bounds"
+            );
+        }
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the kernel forms, (i·rs + j·cs) for i < rows,
+    // j < cols, inside each slice; `dst` is an exclusive borrow of exactly m·n elements and does
+    // not alias the shared inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// One composed layer's frozen parts (f32).
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (d_out, d_in)
+    pub w: &'a [f32],
+    /// (d_out)
+    pub bias: Option<&'a [f32]>,
+    pub modules: &'a ModuleStack<f32>,
+    pub mode: Mode,
+}
+
+/// What the forward keeps for the backward.
+#[derive(Clone, Debug, Default)]
+pub struct Cache {
+    /// (T, R): `X A_catᵀ`, unscaled.
+    pub u: Vec<f32>,
+    /// (T, R): the mixed `Z` that met `B_cat`.
+    pub z: Vec<f32>,
+}
+
+/// Gradients; a field is empty when [`Train`] did not ask for it.
+#[derive(Clone, Debug, Default)]
+pub struct Grads {
+    /// (T, d_in)
+    pub dx: Vec<f32>,
+    /// (S, N), accumulated in f64 over tokens.
+    pub dc: Vec<f64>,
+    /// (R, d_in)
+    pub da_cat: Vec<f32>,
+    /// (d_out, R)
+    pub db_cat: Vec<f32>,
+    /// (d_out, d_in)
+    pub dw: Vec<f32>,
+    /// (d_out); empty without a bias.
+    pub dbias: Vec<f32>,
+}
+
+/// Per-sample diagonal of the product mode: `D[σ, j] = C[σ, i(j)] · s_i` (S, R).
+fn product_diag(m: &ModuleStack<f32>, c: &[f32], n_samples: usize) -> Vec<f32> {
+    let r_total = m.total_rank();
+    let mut d = Vec::with_capacity(n_samples * r_total);
+    for row in c.chunks(m.n()).take(n_samples) {
+        for (i, &r) in m.ranks.iter().enumerate() {
+            d.extend(std::iter::repeat_n(row[i] * m.scales[i], r));
+        }
+    }
+    d
+}
+
+/// Rows of this many tokens are one unit of parallel work in the mixes.
+const MIX_CHUNK: usize = 16;
+
+/// `Z = mix(U)`. Product: `Z[t] = U[t] ∘ D[σ(t)]`. Factor (rank r each):
+/// `v = Σ_i c_i s_i U[t, block i]`, `Z[t, block j] = c_j v`.
+fn mix(m: &ModuleStack<f32>, mode: Mode, u: &[f32], c: &[f32], rows: Rows) -> Vec<f32> {
+    let (n, r_total) = (m.n(), m.total_rank());
+    let mut z = vec![0.0f32; u.len()];
+    if r_total == 0 {
+        return z;
+    }
+    match mode {
+        Mode::Product => {
+            let d = product_diag(m, c, rows.n_samples);
+            z.par_chunks_mut(r_total * MIX_CHUNK)
+                .zip(u.par_chunks(r_total * MIX_CHUNK))
+                .enumerate()
+                .for_each(|(chunk, (z, u))| {
+                    for (tt, (z, u)) in z.chunks_mut(r_total).zip(u.chunks(r_total)).enumerate() {
+                        let s = rows.sample_of[chunk * MIX_CHUNK + tt];
+                        let d = &d[s * r_total..(s + 1) * r_total];
+                        for ((z, u), d) in z.iter_mut().zip(u).zip(d) {
+                            *z = u * d;
+                        }
+                    }
+                });
+        }
+        Mode::Factor => {
+            let r = r_total / n;
+            z.par_chunks_mut(r_total)
+                .zip(u.par_chunks(r_total))
+                .enumerate()
+                .for_each(|(t, (z, u))| {
+                    let ct = &c[rows.sample_of[t] * n..(rows.sample_of[t] + 1) * n];
+                    let mut v = vec![0.0f32; r];
+                    for (i, ub) in u.chunks(r).enumerate() {
+                        let w = ct[i] * m.scales[i];
+                        for (v, u) in v.iter_mut().zip(ub) {
+                            *v += w * u;
+                        }
+                    }
+                    for (j, zb) in z.chunks_mut(r).enumerate() {
+                        for (z, v) in zb.iter_mut().zip(&v) {
+                            *z = ct[j] * v;
+                        }
+                    }
+                });
+        }
+    }
+    z
+}
+
+/// The mix's transpose: `∂U` (T, R) and the per-token `∂C` contributions (T, N), from
+/// `H = G B_cat`. Both are O(T·R), small beside the GEMMs, so both are always formed.
+fn mix_backward(m: &ModuleStack<f32>, mode: Mode, u: &[f32], h: &[f32], c: &[f32], rows: Rows) -> (Vec<f32>, Vec<f64>) {
+    let (n, r_total) = (m.n(), m.total_rank());
+    let t_len = rows.sample_of.len();
+    let mut du = vec![0.0f32; t_len * r_total];
+    let mut dc_tok = vec![0.0f64; t_len * n];
+    if r_total == 0 {
+        return (du, dc_tok);
+    }
+    let off = m.offsets();
+    let d = if mode == Mode::Product {
+        product_diag(m, c, rows.n_samples)
+    } else {
+        Vec::new()
+    };
+    du.par_chunks_mut(r_total)
+        .zip(dc_tok.par_chunks_mut(n))
+        .enumerate()
+        .with_min_len(MIX_CHUNK)
+        .for_each(|(t, (du, dc))| {
+            let s = rows.sample_of[t];
+            let (ut, ht) = (&u[t * r_total..(t + 1) * r_total], &h[t * r_total..(t + 1) * r_total]);
+            let ct = &c[s * n..(s + 1) * n];
+            match mode {
+                Mode::Product => {
+                    let dt = &d[s * r_total..(s + 1) * r_total];
+                    for ((du, h), d) in du.iter_mut().zip(ht).zip(dt) {
+                        *du = h * d;
+                    }
+                    for i in 0..n {
+                        let dot: f64 = (off[i]..off[i + 1]).map(|j| ht[j] as f64 * ut[j] as f64).sum();
+                        dc[i] = m.scales[i] as f64 * dot;
+                    }
+                }
+                Mode::Factor => {
+                    let r = r_total / n;
+                    // v = Σ_i c_i s_i U[block i];  ∂v = Σ_j c_j H[block j]
+                    let mut v = vec![0.0f64; r];
+                    let mut dv = vec![0.0f64; r];
+                    for i in 0..n {
+                        let w = ct[i] as f64 * m.scales[i] as f64;
+                        for q in 0..r {
+                            v[q] += w * ut[i * r + q] as f64;
+                            dv[q] += ct[i] as f64 * ht[i * r + q] as f64;
+                        }
+                    }
+                    for i in 0..n {
+                        let w = ct[i] as f64 * m.scales[i] as f64;
+                        let mut acc = 0.0;
+                        for q in 0..r {
+                            acc += ht[i * r + q] as f64 * v[q] + m.scales[i] as f64 * dv[q] * ut[i * r + q] as f64;
+                            du[i * r + q] = (w * dv[q]) as f32;
+                        }
+                        dc[i] = acc;
+                    }
+                }
+            }
+        });
+    (du, dc_tok)
+}
+
+/// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`; returns Y (T, d_out) and the cache for the backward.
+/// `c` is (S, N): the coefficients themselves.
+pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
+    let m = layer.modules;
+    let t_len = check_call(
+        m,
+        layer.mode,
+        layer.w.len(),
+        layer.bias.map(|b| b.len()),
+        x.len(),
+        c.len(),
+        rows,
+    )?;
+    let (d_in, d_out, r_total) = (m.d_in, m.d_out, m.total_rank());
+    let xv = View::new(x, t_len, d_in);
+
+    let mut u = vec![0.0f32; t_len * r_total]; // (T, R)
+    matmul(&mut u, xv, View::new(&m.a_cat, r_total, d_in).t(), false);
+    let z = mix(m, layer.mode, &u, c, rows);
+
+    let mut y = vec![0.0f32; t_len * d_out]; // (T, d_out)
+    if let Some(b) = layer.bias {
+        for row in y.chunks_mut(d_out) {
+            row.copy_from_slice(b);
+        }
+    }
+    matmul(&mut y, xv, View::new(layer.w, d_out, d_in).t(), layer.bias.is_some());
+    matmul(
+        &mut y,
+        View::new(&z, t_len, r_total),
+        View::new(&m.b_cat, d_out, r_total).t(),
+        true,
+    );
+    Ok((y, Cache { u, z }))
+}
+
+/// Gradients of a loss with `G = ∂L/∂Y` (T, d_out), computing only what `train` asks for.
+pub fn backward(
+    layer: &Layer,
+    x: &[f32],
+    cache: &Cache,
+    c: &[f32],
+    rows: Rows,
+    g: &[f32],
+    train: Train,
+) -> Result<Grads> {
+    let m = layer.modules;
+    let t_len = check_call(
+        m,
+        layer.mode,
+        layer.w.len(),
+        layer.bias.map(|b| b.len()),
+        x.len(),
+        c.len(),
+        rows,
+    )?;
+    let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
+    if g.len() != t_len * d_out {
+        return Err(Error::Shape(format!(
+            "G has {} elements, expected {t_len}×{d_out}",
+            g.len()
+        )));
+    }
+    if cache.u.len() != t_len * r_total || cache.z.len() != t_len * r_total {
+        return Err(Error::Shape("the forward cache does not belong to this call".into()));
+    }
+    let (xv, gv) = (View::new(x, t_len, d_in), View::new(g, t_len, d_out));
+    let a_cat = View::new(&m.a_cat, r_total, d_in);
+    let b_cat = View::new(&m.b_cat, d_out, r_total);
+    let mut gr = Grads::default();
+
+    let want_du = train.input || train.modules;
+    if want_du || train.coeffs {
+        let mut h = vec![0.0f32; t_len * r_total]; // (T, R)
+        matmul(&mut h, gv, b_cat, false);
+        let (du, dc_tok) = mix_backward(m, layer.mode, &cache.u, &h, c, rows);
+        if train.coeffs {
+            gr.dc = vec![0.0f64; rows.n_samples * n];
+            for (t, row) in dc_tok.chunks(n).enumerate() {
+                let s = rows.sample_of[t];
+                for (acc, &x) in gr.dc[s * n..(s + 1) * n].iter_mut().zip(row) {
+                    *acc += x;
+                }
+            }
+        }
+        if train.input {
+            gr.dx = vec![0.0f32; t_len * d_in];
+            matmul(&mut gr.dx, gv, View::new(layer.w, d_out, d_in), false);
+            matmul(&mut gr.dx, View::new(&du, t_len, r_total), a_cat, true);
+        }
+        if train.modules {
+            gr.da_cat = vec![0.0f32; r_total * d_in];
+            matmul(&mut gr.da_cat, View::new(&du, t_len, r_total).t(), xv, false);
+            gr.db_cat = vec![0.0f32; d_out * r_total];
+            matmul(&mut gr.db_cat, gv.t(), View::new(&cache.z, t_len, r_total), false);
+        }
+    } else if train.input {
+        gr.dx = vec![0.0f32; t_len * d_in];
+        matmul(&mut gr.dx, gv, View::new(layer.w, d_out, d_in), false);
+    }
+    if train.base {
+        gr.dw = vec![0.0f32; d_out * d_in];
+        matmul(&mut gr.dw, gv.t(), xv, false);
+        if layer.bias.is_some() {
+            let mut acc = vec![0.0f64; d_out];
+            for row in g.chunks(d_out) {
+                for (a, &x) in acc.iter_mut().zip(row) {
+                    *a += x as f64;
+                }
+            }
+            gr.dbias = acc.into_iter().map(|x| x as f32).collect();
+        }
+    }
+    Ok(gr)
+}
