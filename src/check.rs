@@ -46,8 +46,9 @@ pub fn compare(
         let (g, w): (f64, f64) = (g.into(), w.into());
         let abs = (g - w).abs();
         let bound = tol.atol + tol.rtol * w.abs();
-        // `!(abs <= bound)` is true for NaN too.
-        let bad = !(abs <= bound) || (!g.is_finite() && w.is_finite());
+        // `within` is false for NaN too.
+        let within = abs <= bound;
+        let bad = !within || (!g.is_finite() && w.is_finite());
         let rel = if w != 0.0 { abs / w.abs() } else { abs };
         let excess = if abs.is_nan() { f64::INFINITY } else { abs - bound };
         if excess > worst_excess {

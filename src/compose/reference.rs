@@ -4,6 +4,9 @@
 //! reader can check it against the math line by line. Tests hold the fast path and every
 //! kernel to these functions, and these functions to f64 central differences.
 
+// Index loops are the point here: each one is a Σ in DESIGN §2.
+#![allow(clippy::needless_range_loop)]
+
 use super::{check_call, Mode, ModuleStack, Rows, Train};
 use crate::Result;
 

@@ -1,0 +1,97 @@
+//! CPU composition forward and backward on the fused fast path, beside the machine's own f32
+//! GEMM ceiling through the same GEMM crate. Throughput is reported as elements = FLOPs, so
+//! criterion's `Gelem/s` reads as GFLOP/s.
+//!
+//! `cargo bench --bench compose_cpu`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lora_compose::compose::{fast, Mode, ModuleStack, Rows, Shape, Train};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
+
+/// (T, d_in = d_out, N, r)
+const SHAPES: [(usize, usize, usize, usize); 3] = [(16, 768, 8, 16), (256, 768, 32, 16), (2048, 384, 64, 8)];
+const CEILING_N: usize = 2048;
+
+fn rand_vec(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+
+    let mut g = c.benchmark_group("gemm_ceiling_f32");
+    let (a, b) = (
+        rand_vec(&mut rng, CEILING_N * CEILING_N),
+        rand_vec(&mut rng, CEILING_N * CEILING_N),
+    );
+    let mut out = vec![0.0f32; CEILING_N * CEILING_N];
+    g.throughput(Throughput::Elements(2 * (CEILING_N as u64).pow(3)));
+    g.bench_function(BenchmarkId::from_parameter(format!("{CEILING_N}^3 flop")), |bch| {
+        bch.iter(|| {
+            fast::matmul(
+                &mut out,
+                fast::View::new(&a, CEILING_N, CEILING_N),
+                fast::View::new(&b, CEILING_N, CEILING_N),
+                false,
+            )
+        })
+    });
+    g.finish();
+
+    for (t, d, n, r) in SHAPES {
+        let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..n)
+            .map(|_| (rand_vec(&mut rng, r * d), rand_vec(&mut rng, d * r), 2.0))
+            .collect();
+        let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
+        let modules = ModuleStack::from_modules(d, d, &refs).unwrap();
+        let (w, bias, x, gy) = (
+            rand_vec(&mut rng, d * d),
+            rand_vec(&mut rng, d),
+            rand_vec(&mut rng, t * d),
+            rand_vec(&mut rng, t * d),
+        );
+        let coeffs = vec![1.0 / n as f32; n];
+        let sample_of = vec![0usize; t];
+        let rows = Rows {
+            sample_of: &sample_of,
+            n_samples: 1,
+        };
+        let layer = fast::Layer {
+            w: &w,
+            bias: Some(&bias),
+            modules: &modules,
+            mode: Mode::Product,
+        };
+        let shape = Shape {
+            t,
+            d_in: d,
+            d_out: d,
+            r_total: n * r,
+        };
+        let id = format!("T{t}_d{d}_N{n}_r{r} flop");
+
+        let mut g = c.benchmark_group("compose_forward");
+        g.throughput(Throughput::Elements(shape.forward_flops() as u64));
+        g.bench_function(BenchmarkId::from_parameter(&id), |bch| {
+            bch.iter(|| fast::forward(&layer, &x, &coeffs, rows).unwrap())
+        });
+        g.finish();
+
+        let (_, cache) = fast::forward(&layer, &x, &coeffs, rows).unwrap();
+        let mut g = c.benchmark_group("compose_backward_all");
+        g.throughput(Throughput::Elements(shape.backward_flops() as u64));
+        g.bench_function(BenchmarkId::from_parameter(&id), |bch| {
+            bch.iter(|| fast::backward(&layer, &x, &cache, &coeffs, rows, &gy, Train::ALL).unwrap())
+        });
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);
