@@ -39,31 +39,67 @@ impl CpuHarness {
     }
 }
 
+/// Poisoned elements on either side of every harness buffer.
+pub const GUARD_ELEMENTS: usize = 64;
+
+/// A harness buffer: the data between two guard zones of poison (NaN). A kernel that reads out
+/// of bounds reads NaN; one that writes out of bounds is caught when the buffer is downloaded.
+#[derive(Clone, Debug)]
+pub struct HostBuffer<T> {
+    storage: Vec<T>,
+    len: usize,
+}
+
+impl<T: Element> HostBuffer<T> {
+    pub fn as_slice(&self) -> &[T] {
+        &self.storage[GUARD_ELEMENTS..GUARD_ELEMENTS + self.len]
+    }
+
+    fn guards_intact(&self) -> bool {
+        let (before, rest) = self.storage.split_at(GUARD_ELEMENTS);
+        let after = &rest[self.len..];
+        let poisoned = |zone: &[T]| bytemuck::cast_slice::<T, u8>(zone).iter().all(|&b| b == 0xff);
+        poisoned(before) && poisoned(after)
+    }
+}
+
 impl Backend for CpuHarness {
-    type Buffer<T: Element> = Vec<T>;
+    type Buffer<T: Element> = HostBuffer<T>;
 
     fn name(&self) -> String {
         format!("cpu-harness (thread order seed {})", self.seed)
     }
 
-    fn upload<T: Element>(&self, host: &[T]) -> Result<Vec<T>, KernelError> {
-        Ok(host.to_vec())
+    fn upload<T: Element>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
+        let mut storage = vec![T::zeroed(); host.len() + 2 * GUARD_ELEMENTS];
+        bytemuck::cast_slice_mut::<T, u8>(&mut storage).fill(0xff);
+        storage[GUARD_ELEMENTS..GUARD_ELEMENTS + host.len()].copy_from_slice(host);
+        Ok(HostBuffer {
+            storage,
+            len: host.len(),
+        })
     }
 
-    fn download<T: Element>(&self, buffer: &Vec<T>) -> Result<Vec<T>, KernelError> {
-        Ok(buffer.clone())
+    fn download<T: Element>(&self, buffer: &HostBuffer<T>) -> Result<Vec<T>, KernelError> {
+        if !buffer.guards_intact() {
+            return Err(KernelError::OutOfBounds(format!(
+                "a kernel wrote into the guard zone of a {}-element buffer",
+                buffer.len
+            )));
+        }
+        Ok(buffer.as_slice().to_vec())
     }
 
-    fn buffer_len<T: Element>(&self, buffer: &Vec<T>) -> usize {
-        buffer.len()
+    fn buffer_len<T: Element>(&self, buffer: &HostBuffer<T>) -> usize {
+        buffer.len
     }
 
-    fn arg_in<T: Element>(&self, buffer: &Vec<T>) -> KernelArg {
-        KernelArg::Ptr(buffer.as_ptr() as u64)
+    fn arg_in<T: Element>(&self, buffer: &HostBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.storage[GUARD_ELEMENTS..].as_ptr() as u64)
     }
 
-    fn arg_out<T: Element>(&self, buffer: &mut Vec<T>) -> KernelArg {
-        KernelArg::Ptr(buffer.as_mut_ptr() as u64)
+    fn arg_out<T: Element>(&self, buffer: &mut HostBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.storage[GUARD_ELEMENTS..].as_mut_ptr() as u64)
     }
 
     unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {

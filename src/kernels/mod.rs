@@ -170,6 +170,9 @@ pub enum KernelError {
     /// The CPU harness stopped a launch: barrier divergence, a bad warp mask, …
     #[error("CPU harness, kernel {kernel}: {message}")]
     Harness { kernel: &'static str, message: String },
+    /// A kernel wrote outside a buffer (caught by the harness's guard zones).
+    #[error("out-of-bounds write: {0}")]
+    OutOfBounds(String),
     /// Buffers that do not match the shape, or a shape the kernel cannot take.
     #[error("{kernel}: {message}")]
     Argument { kernel: &'static str, message: String },
