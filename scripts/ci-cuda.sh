@@ -49,7 +49,7 @@ for arch in ${PTXAS_ARCHS:-sm_80 sm_90}; do
             /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2); smem = 0 }
             /spill stores/ { for (i = 1; i <= NF; i++) { if ($(i+2) == "spill" && $(i+3) == "stores,") st = $i; if ($(i+2) == "spill" && $(i+3) == "loads") ld = $i } }
             /Used [0-9]+ registers/ {
-                for (i = 1; i <= NF; i++) { if ($i == "Used") regs = $(i+1); if ($(i+1) == "bytes" && $(i+2) == "smem") smem = $i }
+                for (i = 1; i <= NF; i++) { if ($i == "Used") regs = $(i+1); if ($(i+1) == "bytes" && $(i+2) ~ /^smem/) smem = $i }
                 printf "%-28s %5s %10s %14s %13s\n", name, regs, smem, st, ld
             }' <<<"$log")
         echo "$report"

@@ -18,7 +18,7 @@ status=0
     echo "# GPU check ($(cat "$here/COMMIT" 2>/dev/null || echo unknown commit))"
     echo
     echo '```'
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi not available"
     echo '```'
     echo
     echo "## Tests"
@@ -41,6 +41,8 @@ echo '```' >>"$report"
 echo >>"$report"
 echo "## GEMM bench" >>"$report"
 bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
+# This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
+grep -q "GPU bench skipped" <<<"$bench_log" && status=1
 echo "$bench_log"
 echo "$bench_log" >>"$report"
 

@@ -20,15 +20,27 @@ use rand_chacha::ChaCha8Rng;
 const UNIT_ROUNDOFF_F32: f64 = 1.0 / (1u64 << 24) as f64;
 
 fn random_values<T: Element>(rng: &mut ChaCha8Rng, len: usize) -> Vec<T> {
-    (0..len).map(|_| T::from_f32(rng.random_range(-1.0f32..1.0))).collect()
+    (0..len)
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
+        .collect()
 }
 
 /// op(A)/op(B) element accessors for a shape: (m, k) and (k, n).
 fn op_a<T: Element>(s: &GemmShape, a: &[T], i: usize, p: usize) -> f32 {
-    if s.trans_a { a[p * s.m + i] } else { a[i * s.k + p] }.to_f32()
+    if s.trans_a {
+        a[p * s.m + i]
+    } else {
+        a[i * s.k + p]
+    }
+    .to_f32()
 }
 fn op_b<T: Element>(s: &GemmShape, b: &[T], p: usize, j: usize) -> f32 {
-    if s.trans_b { b[j * s.k + p] } else { b[p * s.n + j] }.to_f32()
+    if s.trans_b {
+        b[j * s.k + p]
+    } else {
+        b[p * s.n + j]
+    }
+    .to_f32()
 }
 
 /// `|α|·Σ|a||b| + |β||c|` per element (m, n): the scale of the rounding errors.
@@ -58,7 +70,11 @@ fn low_precision_cpu<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T])
     for i in 0..s.m {
         for j in 0..s.n {
             let dot: f32 = (0..s.k).map(|p| op_a(s, a, i, p) * op_b(s, b, p, j)).sum();
-            let previous = if params.beta != 0.0 { params.beta * c[i * s.n + j].to_f32() } else { 0.0 };
+            let previous = if params.beta != 0.0 {
+                params.beta * c[i * s.n + j].to_f32()
+            } else {
+                0.0
+            };
             out[i * s.n + j] = f64::from(T::from_f32(params.alpha * dot + previous).to_f32());
         }
     }
@@ -76,7 +92,10 @@ fn ulp<T: Element>(x: f64) -> f64 {
         DType::F16 => -14,
         _ => -126,
     };
-    let exponent = (x.abs().max(f64::MIN_POSITIVE)).log2().floor().max(f64::from(min_normal_exponent));
+    let exponent = (x.abs().max(f64::MIN_POSITIVE))
+        .log2()
+        .floor()
+        .max(f64::from(min_normal_exponent));
     2f64.powf(exponent - f64::from(mantissa_bits))
 }
 
@@ -141,7 +160,8 @@ fn check_case<T: Element, B: Backend>(
     let dev_a = backend.upload(&a).map_err(|e| context(&e))?;
     let dev_b = backend.upload(&b).map_err(|e| context(&e))?;
     let mut dev_c = backend.upload(&c).map_err(|e| context(&e))?;
-    gemm::launch::<T, B>(backend, variant, params, &dev_a, &dev_b, &mut dev_c).map_err(|e| context(&e))?;
+    gemm::launch::<T, B>(backend, variant, params, &dev_a, &dev_b, &mut dev_c)
+        .map_err(|e| context(&e))?;
     let out: Vec<f64> = backend
         .download(&dev_c)
         .map_err(|e| context(&e))?
@@ -156,9 +176,16 @@ fn check_case<T: Element, B: Backend>(
         compare(&out, &want, f32_noise).map_err(|e| context(&e))?;
         return Ok(());
     }
-    let kernel_err = compare(&out, &want, |i| ulp::<T>(want[i]) + f32_noise(i)).map_err(|e| context(&e))?;
-    let cpu_err = compare(&low_precision_cpu(params, &a, &b, &c), &want, |_| f64::INFINITY).expect("no bound");
-    let floor = mags.iter().map(|&m| f32_noise_of(m, s.k)).fold(0.0, f64::max);
+    let kernel_err =
+        compare(&out, &want, |i| ulp::<T>(want[i]) + f32_noise(i)).map_err(|e| context(&e))?;
+    let cpu_err = compare(&low_precision_cpu(params, &a, &b, &c), &want, |_| {
+        f64::INFINITY
+    })
+    .expect("no bound");
+    let floor = mags
+        .iter()
+        .map(|&m| f32_noise_of(m, s.k))
+        .fold(0.0, f64::max);
     if kernel_err > 2.0 * cpu_err + floor {
         return Err(context(&format!(
             "max error {kernel_err:.3e} exceeds twice the CPU's low-precision error {cpu_err:.3e}"
@@ -173,7 +200,15 @@ fn f32_noise_of(magnitude: f64, k: usize) -> f64 {
 }
 
 /// Every variant × dtype × transpose for one shape and coefficient pair.
-fn check_all_combos<B: Backend>(backend: &B, m: usize, n: usize, k: usize, alpha: f32, beta: f32, data_seed: u64) -> Result<(), String> {
+fn check_all_combos<B: Backend>(
+    backend: &B,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    data_seed: u64,
+) -> Result<(), String> {
     for &variant in gemm::ALL {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             let params = GemmParams {
@@ -214,7 +249,8 @@ fn harness_edge_shapes_in_several_thread_orders() {
         let harness = CpuHarness::new(seed);
         for (i, &(m, n, k)) in EDGE_SHAPES.iter().enumerate() {
             let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
-            check_all_combos(&harness, m, n, k, alpha, beta, i as u64).unwrap_or_else(|e| panic!("{e}"));
+            check_all_combos(&harness, m, n, k, alpha, beta, i as u64)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
@@ -263,7 +299,11 @@ fn gpu_matches_reference() {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for case in 0..12 {
-        let (m, n, k) = (rng.random_range(1..700), rng.random_range(1..700), rng.random_range(1..300));
+        let (m, n, k) = (
+            rng.random_range(1..700),
+            rng.random_range(1..700),
+            rng.random_range(1..300),
+        );
         let (alpha, beta) = COEFFICIENTS[case % COEFFICIENTS.len()];
         check_all_combos(&gpu, m, n, k, alpha, beta, case as u64).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    println!("GEMM on {}, median of {runs} runs (CUDA events), beta = 0\n", gpu.name());
+    println!(
+        "GEMM on {}, median of {runs} runs (CUDA events), beta = 0\n",
+        gpu.name()
+    );
     println!("| shape | m×n×k | variant | dtype | ms | TFLOP/s | GB/s | check |");
     println!("|---|---|---|---|---:|---:|---:|---|");
     let mut failed = false;
@@ -70,7 +73,11 @@ fn main() -> ExitCode {
                     }
                     Err(e) => {
                         failed = true;
-                        println!("| {name} | {m}×{n}×{k} | {} | {} | error: {e} | | | |", variant.name(), dtype.suffix());
+                        println!(
+                            "| {name} | {m}×{n}×{k} | {} | {} | error: {e} | | | |",
+                            variant.name(),
+                            dtype.suffix()
+                        );
                     }
                 }
             }
@@ -98,8 +105,12 @@ fn bench<T: Element>(
 ) -> Result<(f64, String), KernelError> {
     let GemmShape { m, n, k, .. } = params.shape;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let a: Vec<T> = (0..m * k).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
-    let b: Vec<T> = (0..k * n).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let a: Vec<T> = (0..m * k)
+        .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
+        .collect();
+    let b: Vec<T> = (0..k * n)
+        .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
+        .collect();
     let dev_a = gpu.upload(&a)?;
     let dev_b = gpu.upload(&b)?;
     let mut dev_c = gpu.upload(&vec![T::poison(); m * n])?;
@@ -126,7 +137,13 @@ fn bench<T: Element>(
 
 /// Compares sampled elements of C with f64 dot products; tolerance: one ulp of T plus the f32
 /// accumulation bound `2(k + 4)·2⁻²⁴·Σ|a||b|`.
-fn check_samples<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T], rng: &mut ChaCha8Rng) -> String {
+fn check_samples<T: Element>(
+    params: &GemmParams,
+    a: &[T],
+    b: &[T],
+    c: &[T],
+    rng: &mut ChaCha8Rng,
+) -> String {
     let GemmShape { m, n, k, .. } = params.shape;
     let mut worst: f64 = 0.0;
     for _ in 0..CHECKED_ELEMENTS {
@@ -138,14 +155,19 @@ fn check_samples<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T], rng
             magnitude += product.abs();
         }
         let got = f64::from(c[i * n + j].to_f32());
-        let ulp = f64::from(T::from_f32(dot as f32).to_f32()).abs() * match T::DTYPE {
-            DType::F32 => 2f64.powi(-23),
-            DType::F16 => 2f64.powi(-10),
-            DType::BF16 => 2f64.powi(-7),
-        };
+        let ulp = f64::from(T::from_f32(dot as f32).to_f32()).abs()
+            * match T::DTYPE {
+                DType::F32 => 2f64.powi(-23),
+                DType::F16 => 2f64.powi(-10),
+                DType::BF16 => 2f64.powi(-7),
+            };
         let bound = ulp + 2.0 * (k as f64 + 4.0) * 2f64.powi(-24) * magnitude + 1e-30;
         let ratio = (got - dot).abs() / bound;
-        worst = if ratio.is_nan() { f64::INFINITY } else { worst.max(ratio) };
+        worst = if ratio.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(ratio)
+        };
     }
     if worst <= 1.0 {
         format!("ok ({CHECKED_ELEMENTS} samples, worst {worst:.2} of bound)")
