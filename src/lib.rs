@@ -16,5 +16,9 @@ pub mod compose;
 pub mod error;
 pub mod merge;
 pub mod peft;
+// CUDA kernels: the launch interface, the GPU backend and the CPU execution harness.
+pub mod gpu;
+pub mod harness;
+pub mod kernels;
 
 pub use error::{Error, Result};

@@ -1,0 +1,127 @@
+// GEMM for the transformer layers:
+//
+//     C = alpha * op(A) * op(B) + beta * C          op(X) = X or X^T
+//
+// Shapes, all row-major and contiguous:
+//     op(A): (M, K)   stored as A (M, K) when trans_a == 0, as A (K, M) when trans_a == 1
+//     op(B): (K, N)   stored as B (K, N) when trans_b == 0, as B (N, K) when trans_b == 1
+//     C:     (M, N)
+// Storage T is float, __half or __nv_bfloat16; products accumulate in f32 and C is rounded
+// once, to nearest even. beta == 0 overwrites C without reading it (NaN in C is ignored, as in
+// BLAS); otherwise C is accumulated onto.
+//
+// Variants (src/kernels/gemm.rs `Variant`, same order; the Rust side computes the grid):
+//   1. naive     one thread per C element, 16x16 threads per block, A and B read from global
+//                memory in the K loop. The baseline.
+//   2. tiled64   64x64 C tile per block of 256 threads; K in steps of 16 staged through shared
+//                memory as f32; each thread accumulates a 4x4 register block (rows ty + 16 i,
+//                columns tx + 16 j, so shared reads are broadcasts or consecutive).
+//   3. tiled128  the same with a 128x128 tile, K steps of 8 and an 8x8 register block per
+//                thread: twice the reuse of each shared-memory load.
+#include "common.cuh"
+
+namespace gemm {
+
+template <typename T>
+__device__ __forceinline__ float load_op_a(const T* A, int M, int K, int trans_a, int m, int k) {
+    return lc::to_f32(trans_a ? A[(size_t)k * M + m] : A[(size_t)m * K + k]);
+}
+
+template <typename T>
+__device__ __forceinline__ float load_op_b(const T* B, int K, int N, int trans_b, int k, int n) {
+    return lc::to_f32(trans_b ? B[(size_t)n * K + k] : B[(size_t)k * N + n]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_c(T* C, size_t index, float acc, float alpha, float beta) {
+    const float previous = beta != 0.0f ? beta * lc::to_f32(C[index]) : 0.0f;
+    C[index] = lc::from_f32<T>(alpha * acc + previous);
+}
+
+// Variant 1. Grid (ceil(N/16), ceil(M/16)), block (16, 16).
+template <typename T>
+__device__ __forceinline__ void naive(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M,
+                                      int N, int K, int trans_a, int trans_b, float alpha, float beta) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const int row = blockIdx.y * blockDim.y + threadIdx.y;
+    if (row >= M || col >= N) return;
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) acc += load_op_a(A, M, K, trans_a, row, k) * load_op_b(B, K, N, trans_b, k, col);
+    store_c(C, (size_t)row * N + col, acc, alpha, beta);
+}
+
+// Variants 2 and 3. Grid (ceil(N/BN), ceil(M/BM)), block (THREADS, 1) with
+// THREADS = (BM/TM) * (BN/TN); every thread reaches both barriers of every K step.
+template <typename T, int BM, int BN, int BK, int TM, int TN>
+__device__ __forceinline__ void tiled(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M,
+                                      int N, int K, int trans_a, int trans_b, float alpha, float beta) {
+    constexpr int THREADS_M = BM / TM;
+    constexpr int THREADS_N = BN / TN;
+    constexpr int THREADS = THREADS_M * THREADS_N;
+    constexpr int PAD = 4;  // keeps the transposed stores of a non-transposed A off one bank
+    SHARED(float, a_tile, [BK][BM + PAD]);  // a_tile[k][m] = op(A)[row0 + m][k0 + k]
+    SHARED(float, b_tile, [BK][BN]);        // b_tile[k][n] = op(B)[k0 + k][col0 + n]
+
+    const int tid = threadIdx.x;
+    const int tx = tid % THREADS_N;
+    const int ty = tid / THREADS_N;
+    const int row0 = blockIdx.y * BM;
+    const int col0 = blockIdx.x * BN;
+
+    float acc[TM][TN];
+    for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += BK) {
+        // Consecutive threads load consecutive addresses of the stored matrix (coalesced),
+        // whichever way it is transposed; out-of-range elements load as 0.
+        for (int i = tid; i < BM * BK; i += THREADS) {
+            const int m = trans_a ? i % BM : i / BK;
+            const int k = trans_a ? i / BM : i % BK;
+            const int gm = row0 + m, gk = k0 + k;
+            a_tile[k][m] = (gm < M && gk < K) ? load_op_a(A, M, K, trans_a, gm, gk) : 0.0f;
+        }
+        for (int i = tid; i < BK * BN; i += THREADS) {
+            const int n = trans_b ? i / BK : i % BN;
+            const int k = trans_b ? i % BK : i / BN;
+            const int gk = k0 + k, gn = col0 + n;
+            b_tile[k][n] = (gk < K && gn < N) ? load_op_b(B, K, N, trans_b, gk, gn) : 0.0f;
+        }
+        __syncthreads();  // tiles complete before anyone reads them
+        for (int k = 0; k < BK; ++k) {
+            float a_frag[TM], b_frag[TN];
+            for (int i = 0; i < TM; ++i) a_frag[i] = a_tile[k][ty + i * THREADS_M];
+            for (int j = 0; j < TN; ++j) b_frag[j] = b_tile[k][tx + j * THREADS_N];
+            for (int i = 0; i < TM; ++i)
+                for (int j = 0; j < TN; ++j) acc[i][j] += a_frag[i] * b_frag[j];
+        }
+        __syncthreads();  // everyone done reading before the next K step overwrites the tiles
+    }
+
+    for (int i = 0; i < TM; ++i) {
+        const int row = row0 + ty + i * THREADS_M;
+        for (int j = 0; j < TN; ++j) {
+            const int col = col0 + tx + j * THREADS_N;
+            if (row < M && col < N) store_c(C, (size_t)row * N + col, acc[i][j], alpha, beta);
+        }
+    }
+}
+
+}  // namespace gemm
+
+// Unmangled entry points, one per variant and storage type: gemm_<variant>_<dtype>. `kernel` is
+// parenthesised at the use site so the commas of its template arguments survive the macro.
+#define GEMM_ENTRY(name, T, kernel)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) name(const T* __restrict__ A, const T* __restrict__ B, \
+                                                          T* __restrict__ C, int M, int N, int K, int trans_a,  \
+                                                          int trans_b, float alpha, float beta) {              \
+        kernel(A, B, C, M, N, K, trans_a, trans_b, alpha, beta);                                               \
+    }
+#define GEMM_ENTRIES(suffix, T)                                                  \
+    GEMM_ENTRY(gemm_naive_##suffix, T, (gemm::naive<T>))                         \
+    GEMM_ENTRY(gemm_tiled64_##suffix, T, (gemm::tiled<T, 64, 64, 16, 4, 4>))     \
+    GEMM_ENTRY(gemm_tiled128_##suffix, T, (gemm::tiled<T, 128, 128, 8, 8, 8>))
+
+GEMM_ENTRIES(f32, float)
+GEMM_ENTRIES(f16, __half)
+GEMM_ENTRIES(bf16, __nv_bfloat16)

@@ -1,0 +1,255 @@
+// CPU execution harness: the subset of CUDA C++ that the kernels in cuda/ use, so the same
+// kernel source compiles with g++ (C++17) and runs on the CPU. Included only through
+// cuda/common.cuh, and only when __CUDACC__ is not defined. cuda/README.md lists what is
+// supported and how the harness exposes races.
+//
+// Execution model: a launch runs its blocks one after another on the calling OS thread; each
+// block's threads are fibers that run until they reach a barrier (__syncthreads, a warp
+// shuffle/vote, __syncwarp) or exit. Between barriers the fibers run in a seeded order. All
+// harness state is thread-local, so independent launches may run on several OS threads.
+#pragma once
+#ifdef __CUDACC__
+#error "cuda_cpu.h is the CPU harness; nvcc builds use the real CUDA headers"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- qualifiers: no-ops on the CPU ----------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// __restrict__ is a g++ keyword already.
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+constexpr int warpSize = 32;
+
+namespace lc_harness {
+
+// What a fiber is waiting for when it hands control back to the block scheduler.
+enum class Wait : int { Running, BlockBarrier, WarpSync, Exited };
+
+// The part of a fiber that kernels see (through threadIdx and the warp intrinsics).
+struct FiberView {
+    uint3 thread_idx;
+    unsigned lane;  // linear thread index % 32
+    unsigned warp;  // linear thread index / 32
+};
+
+extern __thread FiberView* t_current;
+extern __thread uint3 t_block_idx;
+extern __thread dim3 t_block_dim;
+extern __thread dim3 t_grid_dim;
+
+// Hands control back to the scheduler until the barrier `wait` is released.
+// `warp_mask` is the participating-lane mask of a warp-level barrier.
+void yield_to_scheduler(Wait wait, unsigned warp_mask);
+// Ends the launch with an error (reported to Rust through lc_harness_last_error).
+[[noreturn]] void fail(const char* message);
+
+// Per-lane exchange slots of the current warp, double-buffered by generation so a lane that
+// races ahead to the next shuffle cannot overwrite a value another lane has yet to read.
+uint64_t* warp_slots_for_write();
+const uint64_t* warp_slots_for_read();
+
+void* dynamic_shared();
+// Fills `bytes` at `p` with the poison pattern (0xFF bytes: NaN for f32/f16/bf16, -1 for ints).
+void poison(void* p, size_t bytes);
+
+// Static shared arrays register themselves (SHARED macro) so they are re-poisoned at the start
+// of every block; registration poisons them for the block in which they first appear.
+struct SharedRegistration {
+    SharedRegistration(void* p, size_t bytes);
+};
+
+// ---- launch -------------------------------------------------------------------------------
+// Mirrors `HarnessLaunch` in src/harness.rs (repr(C)).
+struct LaunchDims {
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint32_t dynamic_shared_bytes;
+    uint32_t reserved;
+    uint64_t seed;  // thread order between barriers: 0 forward, 1 reverse, else random
+};
+
+using Invoke = void (*)(void* ctx);
+// Runs the grid; returns 0, or 1 with the message available from lc_harness_last_error().
+int run_grid(const LaunchDims* dims, Invoke invoke, void* ctx);
+
+template <class T>
+T read_param(void* const p) {
+    T value;
+    std::memcpy(&value, p, sizeof(T));
+    return value;
+}
+
+template <class... Args, size_t... I>
+std::tuple<Args...> unpack_params(void* const* params, std::index_sequence<I...>) {
+    return std::tuple<Args...>{read_param<Args>(params[I])...};
+}
+
+// Launches `kernel` like cuLaunchKernel: params[i] points at the i-th argument's value.
+template <class... Args>
+int launch(void (*kernel)(Args...), const LaunchDims* dims, void* const* params) {
+    struct Bound {
+        void (*kernel)(Args...);
+        std::tuple<Args...> args;
+    };
+    Bound bound{kernel, unpack_params<Args...>(params, std::index_sequence_for<Args...>{})};
+    return run_grid(
+        dims, [](void* p) {
+            auto* b = static_cast<Bound*>(p);
+            std::apply(b->kernel, b->args);
+        },
+        &bound);
+}
+
+}  // namespace lc_harness
+
+// One extern "C" entry per kernel, called from Rust (src/harness.rs).
+#define LC_HARNESS_ENTRY(kernel)                                                        \
+    extern "C" int lc_run_##kernel(const ::lc_harness::LaunchDims* dims,                \
+                                   void* const* params) {                               \
+        return ::lc_harness::launch(kernel, dims, params);                               \
+    }
+
+// ---- built-in variables -------------------------------------------------------------------
+#define threadIdx (::lc_harness::t_current->thread_idx)
+#define blockIdx (::lc_harness::t_block_idx)
+#define blockDim (::lc_harness::t_block_dim)
+#define gridDim (::lc_harness::t_grid_dim)
+
+// ---- shared memory ------------------------------------------------------------------------
+// Blocks run one after another on one OS thread, so a function-local static is per-block
+// storage. Plain __shared__ works but is not poisoned; kernels use SHARED / EXTERN_SHARED.
+#define __shared__ static thread_local
+#define SHARED(type, name, dims)         \
+    static thread_local type name dims; \
+    static thread_local ::lc_harness::SharedRegistration name##_registration(&name, sizeof(name))
+#define EXTERN_SHARED(type, name) type* name = static_cast<type*>(::lc_harness::dynamic_shared())
+
+// ---- synchronisation ----------------------------------------------------------------------
+inline void __syncthreads() { ::lc_harness::yield_to_scheduler(::lc_harness::Wait::BlockBarrier, 0); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    ::lc_harness::yield_to_scheduler(::lc_harness::Wait::WarpSync, mask);
+}
+inline void __threadfence_block() {}
+inline void __threadfence() {}
+
+// ---- warp shuffles and votes --------------------------------------------------------------
+namespace lc_harness {
+template <class T>
+T exchange(unsigned mask, T value, int src_lane, int width) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a 1-8 byte value");
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of two <= 32");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof(T));
+    warp_slots_for_write()[t_current->lane] = bits;
+    yield_to_scheduler(Wait::WarpSync, mask);
+    const unsigned segment = t_current->lane & ~unsigned(width - 1);
+    const unsigned src = segment + (unsigned(src_lane) & unsigned(width - 1));
+    // A source lane outside the mask (or past a partial last warp) has no defined value: it
+    // reads as the poison pattern, so a kernel that depends on it fails its test.
+    const uint64_t out = warp_slots_for_read()[src];
+    T result;
+    std::memcpy(&result, &out, sizeof(T));
+    return result;
+}
+inline unsigned vote(unsigned mask, bool predicate) {
+    warp_slots_for_write()[t_current->lane] = predicate ? 1 : 0;
+    yield_to_scheduler(Wait::WarpSync, mask);
+    const uint64_t* slots = warp_slots_for_read();
+    unsigned ballot = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if (slots[l] == 1) ballot |= 1u << l;  // absent lanes read as poison, never 1
+    return ballot;
+}
+}  // namespace lc_harness
+
+template <class T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+    return ::lc_harness::exchange(mask, var, src_lane, width);
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+    const unsigned lane = ::lc_harness::t_current->lane;
+    return ::lc_harness::exchange(mask, var, int((lane ^ unsigned(lane_mask)) & unsigned(width - 1)), width);
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+    // Lanes whose source would fall past the segment keep their own value (as on the GPU).
+    const unsigned in_segment = ::lc_harness::t_current->lane & unsigned(width - 1);
+    const bool keep = in_segment + delta >= unsigned(width);
+    T shuffled = ::lc_harness::exchange(mask, var, int(keep ? in_segment : in_segment + delta), width);
+    return keep ? var : shuffled;
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+    const unsigned in_segment = ::lc_harness::t_current->lane & unsigned(width - 1);
+    const bool keep = in_segment < delta;
+    T shuffled = ::lc_harness::exchange(mask, var, int(keep ? in_segment : in_segment - delta), width);
+    return keep ? var : shuffled;
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate != 0); }
+inline int __any_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate != 0) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate == 0) == 0; }
+
+// ---- atomics: fibers never run concurrently, so a plain read-modify-write is atomic --------
+template <class T>
+T atomicAdd(T* address, T value) {
+    T old = *address;
+    *address = old + value;
+    return old;
+}
+template <class T>
+T atomicMax(T* address, T value) {
+    T old = *address;
+    *address = old < value ? value : old;
+    return old;
+}
+template <class T>
+T atomicMin(T* address, T value) {
+    T old = *address;
+    *address = value < old ? value : old;
+    return old;
+}
+template <class T>
+T atomicExch(T* address, T value) {
+    T old = *address;
+    *address = value;
+    return old;
+}
+template <class T>
+T atomicCAS(T* address, T compare, T value) {
+    T old = *address;
+    if (old == compare) *address = value;
+    return old;
+}
+
+// ---- math ---------------------------------------------------------------------------------
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+template <class T>
+T __ldg(const T* p) { return *p; }
+using std::fmaxf;
+using std::fminf;
+using std::min;
+using std::max;
+
+#include "half_cpu.h"

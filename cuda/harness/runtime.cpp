@@ -1,0 +1,400 @@
+// CPU harness runtime: the block scheduler, fiber context switches, shared-memory poisoning and
+// error reporting behind cuda_cpu.h. See cuda/README.md for the execution model.
+#include "cuda_cpu.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__) || defined(LC_HARNESS_UCONTEXT)
+#define LC_HARNESS_USE_UCONTEXT 1
+#include <ucontext.h>
+#endif
+
+extern "C" void lc_harness_fiber_entry();
+
+namespace lc_harness {
+
+__thread FiberView* t_current = nullptr;
+__thread uint3 t_block_idx = {0, 0, 0};
+__thread dim3 t_block_dim = {1, 1, 1};
+__thread dim3 t_grid_dim = {1, 1, 1};
+
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;  // kernels keep tiles in shared memory, not on the stack
+constexpr size_t kMaxThreads = 1024;
+constexpr unsigned kMaxWarps = kMaxThreads / 32;
+
+// ---- context switch -------------------------------------------------------------------------
+#ifndef LC_HARNESS_USE_UCONTEXT
+// x86-64 System V: save the callee-saved registers, MXCSR and the x87 control word on the old
+// stack, swap stack pointers, restore from the new one. No signal-mask system call, unlike
+// swapcontext (DESIGN §4 measured ~1 µs per swapcontext).
+extern "C" void lc_harness_switch(void** save_sp, void* load_sp);
+extern "C" void lc_harness_trampoline();
+asm(R"(
+    .text
+    .globl lc_harness_switch
+    .hidden lc_harness_switch
+    .type lc_harness_switch,@function
+lc_harness_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lc_harness_switch, .-lc_harness_switch
+
+    .globl lc_harness_trampoline
+    .hidden lc_harness_trampoline
+    .type lc_harness_trampoline,@function
+lc_harness_trampoline:
+    callq *%r13
+    ud2
+    .size lc_harness_trampoline, .-lc_harness_trampoline
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+void switch_context(Context& from, Context& to) { lc_harness_switch(&from.sp, to.sp); }
+
+// Lays out a fresh stack so that the first switch into it "returns" into the trampoline with
+// r13 = entry and a 16-byte aligned stack pointer at the call.
+void init_context(Context& c, char* stack, size_t bytes) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+    auto* slot = reinterpret_cast<uint64_t*>(top);
+    slot[-1] = 0;                                                   // padding
+    slot[-2] = 0;                                                   // padding
+    slot[-3] = reinterpret_cast<uint64_t>(&lc_harness_trampoline);  // return address
+    slot[-4] = 0;                                                   // rbp
+    slot[-5] = 0;                                                   // rbx
+    slot[-6] = 0;                                                   // r12
+    slot[-7] = reinterpret_cast<uint64_t>(&lc_harness_fiber_entry);  // r13
+    slot[-8] = 0;                                                   // r14
+    slot[-9] = 0;                                                   // r15
+    uint32_t mxcsr;
+    uint16_t fpu_control;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpu_control));
+    uint64_t control = uint64_t(mxcsr) | (uint64_t(fpu_control) << 32);
+    slot[-10] = control;
+    c.sp = &slot[-10];
+}
+#else
+// Portable fallback (any POSIX target): ucontext, ~1 µs per switch.
+struct Context {
+    ucontext_t uc;
+};
+
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+void init_context(Context& c, char* stack, size_t bytes) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, &lc_harness_fiber_entry, 0);
+}
+#endif
+
+struct Fiber {
+    FiberView view;
+    Wait wait;
+    unsigned warp_mask;
+    Context context;
+    uint64_t inbox[32];  // this lane's copy of its warp's slots at the last warp sync
+};
+
+struct SharedArray {
+    void* address;
+    size_t bytes;
+};
+
+struct Runtime {
+    std::vector<Fiber> fibers;
+    char* stacks = nullptr;  // one mapping: per fiber a guard page, then its stack
+    size_t stack_capacity = 0;
+    Context scheduler;
+    Fiber* running = nullptr;
+    Invoke invoke = nullptr;
+    void* invoke_ctx = nullptr;
+    bool failed = false;
+    std::string error;
+    std::vector<SharedArray> static_shared;
+    void* dynamic_shared = nullptr;
+    size_t dynamic_capacity = 0;
+    size_t dynamic_bytes = 0;
+    uint64_t outbox[kMaxWarps][32];
+    std::vector<unsigned> order;
+};
+
+Runtime& runtime() {
+    static thread_local Runtime rt;
+    return rt;
+}
+
+size_t page_size() { return size_t(sysconf(_SC_PAGESIZE)); }
+
+bool ensure_stacks(Runtime& rt, size_t threads) {
+    if (threads <= rt.stack_capacity) return true;
+    const size_t per_fiber = kStackBytes + page_size();
+    if (rt.stacks) munmap(rt.stacks, rt.stack_capacity * per_fiber);
+    rt.stacks = nullptr;
+    rt.stack_capacity = 0;
+    void* p = mmap(nullptr, threads * per_fiber, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return false;
+    rt.stacks = static_cast<char*>(p);
+    rt.stack_capacity = threads;
+    // A stack overflow hits the guard page and crashes loudly instead of corrupting a neighbour.
+    for (size_t i = 0; i < threads; ++i) mprotect(rt.stacks + i * per_fiber, page_size(), PROT_NONE);
+    return true;
+}
+
+char* stack_of(Runtime& rt, size_t i) { return rt.stacks + i * (kStackBytes + page_size()) + page_size(); }
+
+// splitmix64: a small, well-mixed generator for the thread orders.
+uint64_t mix(uint64_t& state) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void order_ready_fibers(Runtime& rt, uint64_t seed, uint64_t block, uint64_t sweep) {
+    rt.order.clear();
+    for (unsigned i = 0; i < rt.fibers.size(); ++i)
+        if (rt.fibers[i].wait == Wait::Running) rt.order.push_back(i);
+    if (seed == 0) return;
+    if (seed == 1) {
+        std::reverse(rt.order.begin(), rt.order.end());
+        return;
+    }
+    uint64_t state = seed ^ (block * 0x632be59bd9b4e019ull) ^ (sweep * 0x85157af5ull);
+    for (size_t i = rt.order.size(); i > 1; --i) std::swap(rt.order[i - 1], rt.order[mix(state) % i]);
+}
+
+void set_error(Runtime& rt, const std::string& message) {
+    if (rt.failed) return;
+    rt.failed = true;
+    char where[96];
+    std::snprintf(where, sizeof where, " [block (%u,%u,%u)]", t_block_idx.x, t_block_idx.y, t_block_idx.z);
+    rt.error = message + where;
+}
+
+std::string thread_name(const Fiber& f) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "thread (%u,%u,%u)", f.view.thread_idx.x, f.view.thread_idx.y,
+                  f.view.thread_idx.z);
+    return buf;
+}
+
+// Releases every group of lanes whose warp-level barrier is complete. Returns how many lanes
+// were released; sets an error for a barrier that can never complete.
+size_t release_warp_syncs(Runtime& rt) {
+    const size_t threads = rt.fibers.size();
+    size_t released = 0;
+    for (Fiber& f : rt.fibers) {
+        if (f.wait != Wait::WarpSync) continue;
+        const unsigned mask = f.warp_mask;
+        const unsigned base = f.view.warp * 32;
+        const size_t lanes_here = threads - base < 32 ? threads - base : 32;
+        const unsigned existing = lanes_here == 32 ? 0xffffffffu : ((1u << lanes_here) - 1);
+        if (!(mask & (1u << f.view.lane))) {
+            set_error(rt, thread_name(f) + " calls a warp intrinsic with a mask that excludes its own lane");
+            return 0;
+        }
+        const unsigned group = mask & existing;
+        for (unsigned l = 0; l < 32; ++l) {
+            if (!(group & (1u << l))) continue;
+            const Fiber& other = rt.fibers[base + l];
+            if (other.wait != Wait::WarpSync || other.warp_mask != mask) {
+                const char* state = other.wait == Wait::Exited         ? "has exited"
+                                    : other.wait == Wait::BlockBarrier ? "waits at __syncthreads"
+                                                                       : "waits at a warp sync with another mask";
+                set_error(rt, "warp divergence: " + thread_name(f) + " waits at a warp shuffle/vote/__syncwarp while " +
+                                  thread_name(other) + " (in its mask) " + state);
+                return 0;
+            }
+        }
+        // What the group's lanes deposited; absent lanes and lanes outside the mask read as
+        // poison.
+        uint64_t deposited[32];
+        for (unsigned l = 0; l < 32; ++l) deposited[l] = (group & (1u << l)) ? rt.outbox[f.view.warp][l] : ~uint64_t(0);
+        for (unsigned l = 0; l < 32; ++l) {
+            if (!(group & (1u << l))) continue;
+            Fiber& lane = rt.fibers[base + l];
+            std::memcpy(lane.inbox, deposited, sizeof lane.inbox);
+            lane.wait = Wait::Running;
+            ++released;
+        }
+    }
+    return released;
+}
+
+// Runs one block to completion; false on error.
+bool run_block(Runtime& rt, uint64_t seed, uint64_t block) {
+    for (uint64_t sweep = 0;; ++sweep) {
+        order_ready_fibers(rt, seed, block, sweep);
+        for (unsigned i : rt.order) {
+            Fiber& f = rt.fibers[i];
+            rt.running = &f;
+            t_current = &f.view;
+            switch_context(rt.scheduler, f.context);
+            if (rt.failed) return false;
+        }
+        rt.running = nullptr;
+        t_current = nullptr;
+        if (release_warp_syncs(rt) > 0) continue;
+        if (rt.failed) return false;
+        size_t at_barrier = 0;
+        const Fiber* exited = nullptr;
+        const Fiber* waiting = nullptr;
+        for (const Fiber& f : rt.fibers) {
+            if (f.wait == Wait::BlockBarrier) {
+                ++at_barrier;
+                waiting = &f;
+            } else if (f.wait == Wait::Exited) {
+                exited = &f;
+            }
+        }
+        if (at_barrier == 0) return true;  // every thread has exited
+        if (exited) {
+            set_error(rt, "barrier divergence: " + thread_name(*waiting) + " (and " + std::to_string(at_barrier - 1) +
+                              " more) wait at __syncthreads while " + thread_name(*exited) + " has exited");
+            return false;
+        }
+        for (Fiber& f : rt.fibers) f.wait = Wait::Running;
+    }
+}
+
+}  // namespace
+
+void yield_to_scheduler(Wait wait, unsigned warp_mask) {
+    Runtime& rt = runtime();
+    Fiber* f = rt.running;
+    if (!f) {
+        std::fprintf(stderr, "lc_harness: barrier called outside a kernel launch\n");
+        std::abort();
+    }
+    f->wait = wait;
+    f->warp_mask = warp_mask;
+    switch_context(f->context, rt.scheduler);
+}
+
+void fail(const char* message) {
+    Runtime& rt = runtime();
+    set_error(rt, message);
+    if (!rt.running) {
+        std::fprintf(stderr, "lc_harness: %s (outside a kernel launch)\n", message);
+        std::abort();
+    }
+    // The launch is abandoned: this fiber is never resumed and its stack is reused.
+    switch_context(rt.running->context, rt.scheduler);
+    __builtin_unreachable();
+}
+
+uint64_t* warp_slots_for_write() { return runtime().outbox[t_current->warp]; }
+const uint64_t* warp_slots_for_read() { return runtime().running->inbox; }
+
+void* dynamic_shared() { return runtime().dynamic_shared; }
+
+void poison(void* p, size_t bytes) { std::memset(p, 0xff, bytes); }
+
+SharedRegistration::SharedRegistration(void* p, size_t bytes) {
+    runtime().static_shared.push_back({p, bytes});
+    poison(p, bytes);
+}
+
+int run_grid(const LaunchDims* dims, Invoke invoke, void* ctx) {
+    Runtime& rt = runtime();
+    rt.failed = false;
+    rt.error.clear();
+    t_block_idx = {0, 0, 0};
+    const uint64_t threads = uint64_t(dims->block[0]) * dims->block[1] * dims->block[2];
+    const uint64_t blocks = uint64_t(dims->grid[0]) * dims->grid[1] * dims->grid[2];
+    if (threads == 0 || threads > kMaxThreads || blocks == 0) {
+        set_error(rt, "invalid launch: block must have 1..=1024 threads and the grid at least one block");
+        return 1;
+    }
+    if (!ensure_stacks(rt, threads)) {
+        set_error(rt, "cannot map fiber stacks");
+        return 1;
+    }
+    const size_t shared_bytes = dims->dynamic_shared_bytes;
+    if (shared_bytes > rt.dynamic_capacity) {
+        std::free(rt.dynamic_shared);
+        rt.dynamic_capacity = (shared_bytes + 63) & ~size_t(63);
+        rt.dynamic_shared = std::aligned_alloc(64, rt.dynamic_capacity);
+    }
+    rt.dynamic_bytes = shared_bytes;
+    rt.invoke = invoke;
+    rt.invoke_ctx = ctx;
+    rt.fibers.resize(threads);
+    t_block_dim = {dims->block[0], dims->block[1], dims->block[2]};
+    t_grid_dim = {dims->grid[0], dims->grid[1], dims->grid[2]};
+    for (uint64_t n = 0; n < blocks; ++n) {
+        // Odd seeds also reverse the block order.
+        const uint64_t b = (dims->seed & 1) ? blocks - 1 - n : n;
+        t_block_idx = {unsigned(b % dims->grid[0]), unsigned((b / dims->grid[0]) % dims->grid[1]),
+                       unsigned(b / (uint64_t(dims->grid[0]) * dims->grid[1]))};
+        for (const SharedArray& s : rt.static_shared) poison(s.address, s.bytes);
+        if (shared_bytes) poison(rt.dynamic_shared, shared_bytes);
+        for (uint64_t t = 0; t < threads; ++t) {
+            Fiber& f = rt.fibers[t];
+            f.view.thread_idx = {unsigned(t % dims->block[0]), unsigned((t / dims->block[0]) % dims->block[1]),
+                                 unsigned(t / (uint64_t(dims->block[0]) * dims->block[1]))};
+            f.view.lane = unsigned(t % 32);
+            f.view.warp = unsigned(t / 32);
+            f.wait = Wait::Running;
+            f.warp_mask = 0;
+            init_context(f.context, stack_of(rt, t), kStackBytes);
+        }
+        if (!run_block(rt, dims->seed, b)) {
+            rt.running = nullptr;
+            t_current = nullptr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+}  // namespace lc_harness
+
+extern "C" void lc_harness_fiber_entry() {
+    lc_harness::Runtime& rt = lc_harness::runtime();
+    rt.invoke(rt.invoke_ctx);
+    lc_harness::Fiber* f = rt.running;
+    f->wait = lc_harness::Wait::Exited;
+    lc_harness::switch_context(f->context, rt.scheduler);
+    __builtin_unreachable();
+}
+
+// ---- entries used by src/harness.rs --------------------------------------------------------
+extern "C" const char* lc_harness_last_error() { return lc_harness::runtime().error.c_str(); }
+extern "C" uint16_t lc_harness_f32_to_f16_bits(float f) { return lc_harness::f32_to_f16_bits(f); }
+extern "C" float lc_harness_f16_bits_to_f32(uint16_t h) { return lc_harness::f16_bits_to_f32(h); }
+extern "C" uint16_t lc_harness_f32_to_bf16_bits(float f) { return lc_harness::f32_to_bf16_bits(f); }
+extern "C" float lc_harness_bf16_bits_to_f32(uint16_t b) { return lc_harness::bf16_bits_to_f32(b); }

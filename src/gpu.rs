@@ -1,0 +1,240 @@
+//! The GPU backend: cudarc with the driver library loaded at run time, kernels from the PTX that
+//! `build.rs` embedded. [`GpuBackend::probe`] returns an error — never panics — when the driver
+//! library is missing, no GPU is present, or the crate was built without PTX.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DriverError, LaunchConfig, PushKernelArg,
+};
+
+use crate::kernels::{Backend, Element, Kernel, KernelArg, KernelError, LaunchDims};
+
+/// The PTX that build.rs compiled, per kernel family (`ptx::get("gemm")`).
+pub mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+
+    /// The PTX of `cuda/<family>.cu`, when nvcc built it.
+    pub fn get(family: &str) -> Option<&'static str> {
+        FAMILIES
+            .iter()
+            .find(|(f, _)| *f == family)
+            .map(|(_, ptx)| *ptx)
+    }
+}
+
+fn driver_error(context: impl Into<String>) -> impl FnOnce(DriverError) -> KernelError {
+    let context = context.into();
+    move |e| KernelError::Driver {
+        context,
+        message: format!("{e:?}"),
+    }
+}
+
+pub struct GpuBackend {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    device_name: String,
+    compute_capability: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl GpuBackend {
+    /// Opens GPU 0, or says why not. cudarc panics inside `CudaContext::new` when libcuda is
+    /// missing, so the library is looked for first, and any other panic from the driver
+    /// bindings (a symbol missing from an old driver) is turned into an error too.
+    pub fn probe() -> Result<GpuBackend, KernelError> {
+        if !ptx::BUILT_WITH_PTX {
+            return Err(KernelError::Unavailable(
+                "built without PTX (nvcc was not found when the crate was built)".into(),
+            ));
+        }
+        // SAFETY: only tries to dlopen the driver library by its usual names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(KernelError::Unavailable(
+                "CUDA driver library (libcuda.so) not found".into(),
+            ));
+        }
+        std::panic::catch_unwind(Self::open_device_0).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(KernelError::Unavailable(format!(
+                "CUDA driver bindings panicked: {why}"
+            )))
+        })
+    }
+
+    fn open_device_0() -> Result<GpuBackend, KernelError> {
+        let count = CudaContext::device_count()
+            .map_err(|e| KernelError::Unavailable(format!("cuInit failed: {e:?}")))?;
+        if count < 1 {
+            return Err(KernelError::Unavailable("no CUDA device".into()));
+        }
+        let context = CudaContext::new(0).map_err(driver_error("opening device 0"))?;
+        let device_name = context.name().map_err(driver_error("device name"))?;
+        let compute_capability = context
+            .compute_capability()
+            .map_err(driver_error("compute capability"))?;
+        let ptx_cap: i32 = ptx::COMPUTE_CAP
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .unwrap_or(0);
+        let device_cap = compute_capability.0 * 10 + compute_capability.1;
+        if device_cap < ptx_cap {
+            return Err(KernelError::Unavailable(format!(
+                "{device_name} is sm_{device_cap}, the PTX was built for compute_{} (CUDA_COMPUTE_CAP)",
+                ptx::COMPUTE_CAP
+            )));
+        }
+        let stream = context.default_stream();
+        Ok(GpuBackend {
+            context,
+            stream,
+            device_name,
+            compute_capability,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// A timing event (for benches: `start.elapsed_ms(&end)`).
+    pub fn timing_event(&self) -> Result<CudaEvent, KernelError> {
+        self.context
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(driver_error("creating an event"))
+    }
+
+    pub fn record(&self, event: &CudaEvent) -> Result<(), KernelError> {
+        event
+            .record(&self.stream)
+            .map_err(driver_error("recording an event"))
+    }
+
+    /// The loaded function, loading its family's PTX module on first use (the driver
+    /// JIT-compiles PTX for this GPU then).
+    pub fn function(&self, kernel: &Kernel) -> Result<CudaFunction, KernelError> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .expect("function cache")
+            .get(kernel.name)
+        {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().expect("module cache");
+            match modules.get(kernel.family) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = ptx::get(kernel.family).ok_or_else(|| {
+                        KernelError::Unavailable(format!(
+                            "no PTX for cuda/{}.cu in this build",
+                            kernel.family
+                        ))
+                    })?;
+                    let module = self
+                        .context
+                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                        .map_err(driver_error(format!(
+                            "loading the PTX of cuda/{}.cu",
+                            kernel.family
+                        )))?;
+                    modules.insert(kernel.family, module.clone());
+                    module
+                }
+            }
+        };
+        let function = module
+            .load_function(kernel.name)
+            .map_err(driver_error(format!("finding kernel {}", kernel.name)))?;
+        self.functions
+            .lock()
+            .expect("function cache")
+            .insert(kernel.name, function.clone());
+        Ok(function)
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buffer<T: Element> = CudaSlice<T>;
+
+    fn name(&self) -> String {
+        let (major, minor) = self.compute_capability;
+        format!("{} (sm_{major}{minor})", self.device_name)
+    }
+
+    fn upload<T: Element>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelError> {
+        self.stream
+            .clone_htod(host)
+            .map_err(driver_error("copy to device"))
+    }
+
+    fn download<T: Element>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
+        self.stream
+            .clone_dtoh(buffer)
+            .map_err(driver_error("copy to host"))
+    }
+
+    fn buffer_len<T: Element>(&self, buffer: &CudaSlice<T>) -> usize {
+        buffer.len()
+    }
+
+    fn arg_in<T: Element>(&self, buffer: &CudaSlice<T>) -> KernelArg {
+        // One stream: the returned synchronisation guard has nothing to order.
+        let (address, _sync) = buffer.device_ptr(&self.stream);
+        KernelArg::Ptr(address)
+    }
+
+    fn arg_out<T: Element>(&self, buffer: &mut CudaSlice<T>) -> KernelArg {
+        let (address, _sync) = buffer.device_ptr_mut(&self.stream);
+        KernelArg::Ptr(address)
+    }
+
+    unsafe fn launch(
+        &self,
+        kernel: &Kernel,
+        dims: &LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<(), KernelError> {
+        let function = self.function(kernel)?;
+        let mut builder = self.stream.launch_builder(&function);
+        for arg in args {
+            match arg {
+                KernelArg::Ptr(address) => builder.arg(address),
+                KernelArg::I32(value) => builder.arg(value),
+                KernelArg::F32(value) => builder.arg(value),
+            };
+        }
+        let config = LaunchConfig {
+            grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
+            block_dim: (dims.block[0], dims.block[1], dims.block[2]),
+            shared_mem_bytes: dims.dynamic_shared_bytes,
+        };
+        // SAFETY: the caller guarantees the arguments match the kernel and the buffers cover
+        // what it touches (`Backend::launch` contract); `args` outlives the launch call, which
+        // copies the argument values.
+        unsafe { builder.launch(config) }
+            .map_err(driver_error(format!("launching {}", kernel.name)))?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("synchronize"))
+    }
+}

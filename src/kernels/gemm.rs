@@ -1,0 +1,326 @@
+//! GEMM: `C = α·op(A)·op(B) + β·C`, row-major, op = N or T (`cuda/gemm.cu` has the shapes,
+//! the semantics and the variants). CPU reference: [`reference`].
+
+use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+
+/// The kernel variants, in the order of `cuda/gemm.cu`'s numbered list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// One thread per output element.
+    Naive,
+    /// 64×64 shared-memory tile, 4×4 register block per thread.
+    Tiled64,
+    /// 128×128 shared-memory tile, 8×8 register block per thread.
+    Tiled128,
+}
+
+/// Every variant: tests and benches iterate this list.
+pub const ALL: &[Variant] = &[Variant::Naive, Variant::Tiled64, Variant::Tiled128];
+
+/// Block tile of a tiled variant; mirrors the template arguments in `cuda/gemm.cu`'s
+/// `GEMM_ENTRIES` (a GPU test checks the shared-memory size the driver reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub tm: u32,
+    pub tn: u32,
+}
+
+/// `a_tile` is padded by 4 floats per row (`PAD` in `cuda/gemm.cu`).
+const A_TILE_PAD: u32 = 4;
+/// Block of the naive variant: 16×16 threads, one per output element.
+const NAIVE_BLOCK: u32 = 16;
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Naive => "naive",
+            Variant::Tiled64 => "tiled64",
+            Variant::Tiled128 => "tiled128",
+        }
+    }
+
+    pub fn tile(self) -> Option<Tile> {
+        match self {
+            Variant::Naive => None,
+            Variant::Tiled64 => Some(Tile {
+                bm: 64,
+                bn: 64,
+                bk: 16,
+                tm: 4,
+                tn: 4,
+            }),
+            Variant::Tiled128 => Some(Tile {
+                bm: 128,
+                bn: 128,
+                bk: 8,
+                tm: 8,
+                tn: 8,
+            }),
+        }
+    }
+
+    /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`.
+    pub fn static_shared_bytes(self) -> u32 {
+        self.tile()
+            .map_or(0, |t| 4 * (t.bk * (t.bm + A_TILE_PAD) + t.bk * t.bn))
+    }
+}
+
+/// Problem shape: op(A) is (m, k), op(B) is (k, n), C is (m, n).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A is stored (k, m) instead of (m, k).
+    pub trans_a: bool,
+    /// B is stored (n, k) instead of (k, n).
+    pub trans_b: bool,
+}
+
+/// Everything one launch computes: `C = alpha·op(A)·op(B) + beta·C`; beta = 0 overwrites C
+/// without reading it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmParams {
+    pub shape: GemmShape,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// Grid and block of `variant` for `shape`. Pure; panics on a shape the kernels cannot take
+/// (m or n zero, or past the grid limits) — [`launch`] checks those first and returns errors.
+pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
+    assert!(
+        shape.m >= 1 && shape.n >= 1,
+        "empty output {}×{}",
+        shape.m,
+        shape.n
+    );
+    let (tile_m, tile_n, block) = match variant.tile() {
+        None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
+        Some(t) => {
+            assert!(
+                t.bm % t.tm == 0 && t.bn % t.tn == 0,
+                "{t:?}: register block must divide the tile"
+            );
+            (t.bm, t.bn, [(t.bm / t.tm) * (t.bn / t.tn), 1, 1])
+        }
+    };
+    let blocks_n = shape.n.div_ceil(tile_n as usize);
+    let blocks_m = shape.m.div_ceil(tile_m as usize);
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(blocks_n).expect("grid x fits u32"),
+            u32::try_from(blocks_m).expect("grid y fits u32"),
+            1,
+        ],
+        block,
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(variant.static_shared_bytes());
+    dims
+}
+
+/// Useful FLOPs (2mnk) and the fewest bytes moved: A and B read once, C written once and,
+/// when beta ≠ 0, read once.
+pub fn flops_bytes(params: &GemmParams, dtype: DType) -> (f64, f64) {
+    let GemmShape { m, n, k, .. } = params.shape;
+    let (m, n, k) = (m as f64, n as f64, k as f64);
+    let c_passes = if params.beta != 0.0 { 2.0 } else { 1.0 };
+    let bytes = (m * k + k * n + c_passes * m * n) * dtype.size_bytes() as f64;
+    (2.0 * m * n * k, bytes)
+}
+
+/// The compiled kernel of `variant` for storage `dtype` (`gemm_<variant>_<dtype>`).
+pub fn kernel(variant: Variant, dtype: DType) -> Kernel {
+    use crate::harness::entries::gemm as e;
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match (variant, dtype) {
+        (Variant::Naive, DType::F32) => ("gemm_naive_f32", e::lc_run_gemm_naive_f32),
+        (Variant::Naive, DType::F16) => ("gemm_naive_f16", e::lc_run_gemm_naive_f16),
+        (Variant::Naive, DType::BF16) => ("gemm_naive_bf16", e::lc_run_gemm_naive_bf16),
+        (Variant::Tiled64, DType::F32) => ("gemm_tiled64_f32", e::lc_run_gemm_tiled64_f32),
+        (Variant::Tiled64, DType::F16) => ("gemm_tiled64_f16", e::lc_run_gemm_tiled64_f16),
+        (Variant::Tiled64, DType::BF16) => ("gemm_tiled64_bf16", e::lc_run_gemm_tiled64_bf16),
+        (Variant::Tiled128, DType::F32) => ("gemm_tiled128_f32", e::lc_run_gemm_tiled128_f32),
+        (Variant::Tiled128, DType::F16) => ("gemm_tiled128_f16", e::lc_run_gemm_tiled128_f16),
+        (Variant::Tiled128, DType::BF16) => ("gemm_tiled128_bf16", e::lc_run_gemm_tiled128_bf16),
+    };
+    Kernel {
+        family: "gemm",
+        name,
+        harness_entry,
+    }
+}
+
+fn check_shape<T: Element, B: Backend>(
+    backend: &B,
+    kernel: &Kernel,
+    shape: &GemmShape,
+    a: &B::Buffer<T>,
+    b: &B::Buffer<T>,
+    c: &B::Buffer<T>,
+) -> Result<(), KernelError> {
+    let error = |message: String| KernelError::Argument {
+        kernel: kernel.name,
+        message,
+    };
+    let GemmShape { m, n, k, .. } = *shape;
+    if m == 0 || n == 0 {
+        return Err(error(format!("empty output {m}×{n}")));
+    }
+    if [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+        return Err(error(format!("{m}×{n}×{k}: dimensions must fit i32")));
+    }
+    for (what, len, want) in [
+        ("A", backend.buffer_len(a), m * k),
+        ("B", backend.buffer_len(b), k * n),
+        ("C", backend.buffer_len(c), m * n),
+    ] {
+        if len != want {
+            return Err(error(format!(
+                "{what} has {len} elements, {m}×{n}×{k} needs {want}"
+            )));
+        }
+    }
+    if m.div_ceil(16) > super::MAX_GRID_YZ as usize {
+        return Err(error(format!("m = {m} exceeds the grid limit")));
+    }
+    Ok(())
+}
+
+/// `C = alpha·op(A)·op(B) + beta·C` with `variant` on `backend` (asynchronous on the GPU).
+pub fn launch<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    params: &GemmParams,
+    a: &B::Buffer<T>,
+    b: &B::Buffer<T>,
+    c: &mut B::Buffer<T>,
+) -> Result<(), KernelError> {
+    let kernel = kernel(variant, T::DTYPE);
+    let shape = &params.shape;
+    check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
+    let dims = launch_config(variant, shape);
+    let args = [
+        backend.arg_in(a),
+        backend.arg_in(b),
+        backend.arg_out(c),
+        KernelArg::I32(shape.m as i32),
+        KernelArg::I32(shape.n as i32),
+        KernelArg::I32(shape.k as i32),
+        KernelArg::I32(shape.trans_a as i32),
+        KernelArg::I32(shape.trans_b as i32),
+        KernelArg::F32(params.alpha),
+        KernelArg::F32(params.beta),
+    ];
+    // SAFETY: the arguments follow `GEMM_ENTRY`'s parameter list (A, B, C, M, N, K, trans_a,
+    // trans_b, alpha, beta); check_shape verified each buffer holds exactly the elements the
+    // kernel indexes for this shape, and C is a distinct, mutably borrowed buffer.
+    unsafe { backend.launch(&kernel, &dims, &args) }
+}
+
+/// The reference: plain loops, f64 accumulation of the stored (already rounded) inputs, no
+/// rounding of the result. Returns C as f64, (m, n).
+pub fn reference<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T]) -> Vec<f64> {
+    let GemmShape {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+    } = params.shape;
+    let op_a =
+        |i: usize, p: usize| f64::from(if trans_a { a[p * m + i] } else { a[i * k + p] }.to_f32()); // (m, k)
+    let op_b =
+        |p: usize, j: usize| f64::from(if trans_b { b[j * k + p] } else { b[p * n + j] }.to_f32()); // (k, n)
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k).map(|p| op_a(i, p) * op_b(p, j)).sum();
+            let previous = if params.beta != 0.0 {
+                f64::from(params.beta) * f64::from(c[i * n + j].to_f32())
+            } else {
+                0.0
+            };
+            out[i * n + j] = f64::from(params.alpha) * dot + previous;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // The grid covers every output element, with no block entirely outside C, and every
+        // launch respects the CUDA limits (asserted inside launch_config).
+        #[test]
+        fn grid_covers_every_output(m in 1usize..5000, n in 1usize..5000, k in 0usize..100) {
+            let shape = GemmShape { m, n, k, trans_a: false, trans_b: false };
+            for &variant in ALL {
+                let dims = launch_config(variant, &shape);
+                let (tile_m, tile_n) = match variant.tile() {
+                    None => (dims.block[1] as usize, dims.block[0] as usize),
+                    Some(t) => (t.bm as usize, t.bn as usize),
+                };
+                let (gx, gy) = (dims.grid[0] as usize, dims.grid[1] as usize);
+                prop_assert!(gx * tile_n >= n && (gx - 1) * tile_n < n, "{variant:?} {dims:?}");
+                prop_assert!(gy * tile_m >= m && (gy - 1) * tile_m < m, "{variant:?} {dims:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_variants_use_256_threads_and_fit_shared_memory() {
+        let shape = GemmShape {
+            m: 1,
+            n: 1,
+            k: 1,
+            trans_a: false,
+            trans_b: false,
+        };
+        for &variant in ALL {
+            let dims = launch_config(variant, &shape);
+            // __launch_bounds__(256) in cuda/gemm.cu
+            assert_eq!(dims.threads_per_block(), 256, "{variant:?}");
+            assert!(variant.static_shared_bytes() <= super::super::MAX_STATIC_SHARED_BYTES);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "empty output")]
+    fn launch_config_rejects_empty_output() {
+        let shape = GemmShape {
+            m: 0,
+            n: 4,
+            k: 4,
+            trans_a: false,
+            trans_b: false,
+        };
+        launch_config(Variant::Naive, &shape);
+    }
+
+    #[test]
+    fn flops_and_bytes_of_a_square_product() {
+        let params = GemmParams {
+            shape: GemmShape {
+                m: 2,
+                n: 2,
+                k: 2,
+                trans_a: false,
+                trans_b: false,
+            },
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        assert_eq!(
+            flops_bytes(&params, DType::BF16),
+            (16.0, 2.0 * (4.0 + 4.0 + 8.0))
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Hand-written CUDA kernels (`cuda/*.cu`) behind one launch interface with two backends
+//! (DESIGN §3–4): [`crate::gpu::GpuBackend`] (cudarc, PTX built by `build.rs`) and
+//! [`crate::harness::CpuHarness`] (the same kernel source compiled as C++ and run by the CPU
+//! execution harness in `cuda/harness/`).
+//!
+//! A kernel family is one `cuda/<family>.cu` plus one module here holding its parameter struct,
+//! a pure `launch_config` that asserts its preconditions, the launcher (generic over
+//! [`Backend`]), `flops_bytes`, and its plain f64 CPU reference. The launch configuration is
+//! computed once, in Rust, and given unchanged to either backend.
+
+pub mod gemm;
+
+use std::ffi::c_void;
+
+/// Most threads in one block on every CUDA GPU.
+pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
+/// Static shared memory a block may use without opting in to more (48 KiB on every GPU).
+pub const MAX_STATIC_SHARED_BYTES: u32 = 48 * 1024;
+/// Largest grid extent in y and z (x allows 2^31 − 1).
+pub const MAX_GRID_YZ: u32 = 65_535;
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub dynamic_shared_bytes: u32,
+}
+
+impl LaunchDims {
+    pub fn threads_per_block(&self) -> u32 {
+        self.block.iter().product()
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.grid.iter().map(|&g| u64::from(g)).product()
+    }
+
+    /// Panics unless the launch fits every CUDA GPU: 1..=1024 threads, a non-empty grid within
+    /// the grid limits, and static plus dynamic shared memory within 48 KiB.
+    pub fn assert_valid(&self, static_shared_bytes: u32) {
+        let threads = self.threads_per_block();
+        assert!(
+            (1..=MAX_THREADS_PER_BLOCK).contains(&threads),
+            "block {:?} has {threads} threads (1..=1024)",
+            self.block
+        );
+        assert!(
+            self.grid.iter().all(|&g| g >= 1),
+            "empty grid {:?}",
+            self.grid
+        );
+        assert!(
+            self.grid[0] <= i32::MAX as u32
+                && self.grid[1] <= MAX_GRID_YZ
+                && self.grid[2] <= MAX_GRID_YZ,
+            "grid {:?} exceeds the CUDA limits",
+            self.grid
+        );
+        let shared = u64::from(static_shared_bytes) + u64::from(self.dynamic_shared_bytes);
+        assert!(
+            shared <= u64::from(MAX_STATIC_SHARED_BYTES),
+            "{shared} bytes of shared memory exceed the 48 KiB default"
+        );
+    }
+}
+
+/// Storage type of a kernel's tensors; accumulation is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub const ALL: &'static [DType] = &[DType::F32, DType::F16, DType::BF16];
+
+    /// Suffix of the kernel names in `cuda/*.cu` (`gemm_naive_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// A storage element: `f32`, `half::f16` or `half::bf16` (same layout as the CUDA types).
+pub trait Element:
+    bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest even, as the kernels' stores do.
+    fn from_f32(x: f32) -> Self;
+    /// A NaN, for poisoning outputs so that unwritten elements fail the comparison.
+    fn poison() -> Self {
+        Self::from_f32(f32::NAN)
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// `extern "C"` launch entry of one kernel in the CPU harness (`LC_HARNESS_ENTRY`): the launch
+/// and, like `cuLaunchKernel`, one pointer per kernel argument. Returns 0 or 1 on error.
+pub type HarnessEntry =
+    unsafe extern "C" fn(*const crate::harness::HarnessLaunch, *const *mut c_void) -> i32;
+
+/// One compiled kernel: its name in the family's PTX module and its CPU-harness entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// `cuda/<family>.cu`
+    pub family: &'static str,
+    /// The `extern "C" __global__` function name.
+    pub name: &'static str,
+    pub harness_entry: HarnessEntry,
+}
+
+/// A kernel argument by value: buffers as raw addresses (device or host), scalars as is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// No usable GPU: driver library missing, no device, or the crate was built without PTX.
+    #[error("GPU unavailable: {0}")]
+    Unavailable(String),
+    #[error("CUDA driver error in {context}: {message}")]
+    Driver { context: String, message: String },
+    /// The CPU harness stopped a launch: barrier divergence, a bad warp mask, …
+    #[error("CPU harness, kernel {kernel}: {message}")]
+    Harness {
+        kernel: &'static str,
+        message: String,
+    },
+    /// A kernel wrote outside a buffer (caught by the harness's guard zones).
+    #[error("out-of-bounds write: {0}")]
+    OutOfBounds(String),
+    /// Buffers that do not match the shape, or a shape the kernel cannot take.
+    #[error("{kernel}: {message}")]
+    Argument {
+        kernel: &'static str,
+        message: String,
+    },
+}
+
+/// Where kernels run. Buffers live on the backend; kernel arguments are raw addresses.
+pub trait Backend {
+    type Buffer<T: Element>;
+
+    /// For test and bench output: "cpu-harness (seed 3)", "NVIDIA H200 (sm_90)".
+    fn name(&self) -> String;
+    fn upload<T: Element>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
+    fn download<T: Element>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError>;
+    fn buffer_len<T: Element>(&self, buffer: &Self::Buffer<T>) -> usize;
+    /// The address a kernel reads through.
+    fn arg_in<T: Element>(&self, buffer: &Self::Buffer<T>) -> KernelArg;
+    /// The address a kernel writes through.
+    fn arg_out<T: Element>(&self, buffer: &mut Self::Buffer<T>) -> KernelArg;
+
+    /// Launches `kernel` over `dims` (asynchronously on the GPU).
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameters in number and type, every `Ptr` comes from
+    /// `arg_in`/`arg_out` of a live buffer of this backend that covers every element the kernel
+    /// touches for these arguments, and buffers written through are not read through another
+    /// argument. Family launchers check this against the shape before calling.
+    unsafe fn launch(
+        &self,
+        kernel: &Kernel,
+        dims: &LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<(), KernelError>;
+
+    /// Waits for every launch so far (a no-op on the CPU).
+    fn synchronize(&self) -> Result<(), KernelError>;
+}

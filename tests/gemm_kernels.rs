@@ -1,0 +1,310 @@
+//! Every GEMM variant × storage type × transpose against the f64 reference
+//! (`kernels::gemm::reference`): through the CPU harness always, with several thread orders,
+//! and through the GPU when one is present. The same test bodies serve both backends.
+//!
+//! Tolerances come from the numerics:
+//! - f32: per element `(k + 4)·u·2·(|α|·Σ|a||b| + |β||c|)` with u = 2⁻²⁴, the forward error
+//!   bound of an f32 dot product (any summation order) plus the epilogue;
+//! - f16/bf16: the kernel's largest error against f64 must be at most twice the largest error
+//!   of the same math done on the CPU (f32 accumulation, result rounded to the storage type),
+//!   and no element may be off by more than one ulp of the storage type plus f32 noise.
+
+use lora_compose::gpu::GpuBackend;
+use lora_compose::harness::CpuHarness;
+use lora_compose::kernels::gemm::{self, GemmParams, GemmShape, Variant};
+use lora_compose::kernels::{Backend, DType, Element};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const UNIT_ROUNDOFF_F32: f64 = 1.0 / (1u64 << 24) as f64;
+
+fn random_values<T: Element>(rng: &mut ChaCha8Rng, len: usize) -> Vec<T> {
+    (0..len)
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
+        .collect()
+}
+
+/// op(A)/op(B) element accessors for a shape: (m, k) and (k, n).
+fn op_a<T: Element>(s: &GemmShape, a: &[T], i: usize, p: usize) -> f32 {
+    if s.trans_a {
+        a[p * s.m + i]
+    } else {
+        a[i * s.k + p]
+    }
+    .to_f32()
+}
+fn op_b<T: Element>(s: &GemmShape, b: &[T], p: usize, j: usize) -> f32 {
+    if s.trans_b {
+        b[j * s.k + p]
+    } else {
+        b[p * s.n + j]
+    }
+    .to_f32()
+}
+
+/// `|α|·Σ|a||b| + |β||c|` per element (m, n): the scale of the rounding errors.
+fn magnitudes<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T]) -> Vec<f64> {
+    let s = &params.shape;
+    let mut out = vec![0.0; s.m * s.n];
+    for i in 0..s.m {
+        for j in 0..s.n {
+            let dot: f64 = (0..s.k)
+                .map(|p| f64::from(op_a(s, a, i, p).abs()) * f64::from(op_b(s, b, p, j).abs()))
+                .sum();
+            let c_term = if params.beta != 0.0 {
+                f64::from(params.beta.abs()) * f64::from(c[i * s.n + j].to_f32().abs())
+            } else {
+                0.0
+            };
+            out[i * s.n + j] = f64::from(params.alpha.abs()) * dot + c_term;
+        }
+    }
+    out
+}
+
+/// The same math as the kernels on the CPU: f32 accumulation, one rounding to T at the end.
+fn low_precision_cpu<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T]) -> Vec<f64> {
+    let s = &params.shape;
+    let mut out = vec![0.0; s.m * s.n];
+    for i in 0..s.m {
+        for j in 0..s.n {
+            let dot: f32 = (0..s.k).map(|p| op_a(s, a, i, p) * op_b(s, b, p, j)).sum();
+            let previous = if params.beta != 0.0 {
+                params.beta * c[i * s.n + j].to_f32()
+            } else {
+                0.0
+            };
+            out[i * s.n + j] = f64::from(T::from_f32(params.alpha * dot + previous).to_f32());
+        }
+    }
+    out
+}
+
+/// One ulp of T at |x| (the spacing of T's values around x).
+fn ulp<T: Element>(x: f64) -> f64 {
+    let mantissa_bits = match T::DTYPE {
+        DType::F32 => 23,
+        DType::F16 => 10,
+        DType::BF16 => 7,
+    };
+    let min_normal_exponent = match T::DTYPE {
+        DType::F16 => -14,
+        _ => -126,
+    };
+    let exponent = (x.abs().max(f64::MIN_POSITIVE))
+        .log2()
+        .floor()
+        .max(f64::from(min_normal_exponent));
+    2f64.powf(exponent - f64::from(mantissa_bits))
+}
+
+/// Per element `|got − want| ≤ bound(i)`; on failure: max abs and rel error, the worst index
+/// and a few (got, want) pairs. Returns the largest absolute error.
+fn compare(got: &[f64], want: &[f64], bound: impl Fn(usize) -> f64) -> Result<f64, String> {
+    let mut max_abs = 0.0f64;
+    let mut max_rel = 0.0f64;
+    let mut worst: Option<(usize, f64)> = None; // (index, error / bound)
+    let mut bad = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let err = if err.is_nan() { f64::INFINITY } else { err };
+        max_abs = max_abs.max(err);
+        max_rel = max_rel.max(err / w.abs().max(f64::MIN_POSITIVE));
+        let ratio = err / bound(i);
+        if worst.map_or(true, |(_, r)| ratio > r) {
+            worst = Some((i, ratio));
+        }
+        if err > bound(i) && bad.len() < 4 {
+            bad.push(format!("[{i}] {g} vs {w}"));
+        }
+    }
+    if bad.is_empty() {
+        return Ok(max_abs);
+    }
+    let (index, ratio) = worst.expect("non-empty output");
+    Err(format!(
+        "max abs err {max_abs:.3e}, max rel err {max_rel:.3e}, worst [{index}] at {ratio:.1}× its bound; {}",
+        bad.join(", ")
+    ))
+}
+
+/// Runs `variant` on `backend` for `params` with inputs drawn from `data_seed` and checks it.
+fn check_case<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    params: &GemmParams,
+    data_seed: u64,
+) -> Result<(), String> {
+    let s = params.shape;
+    let mut rng = ChaCha8Rng::seed_from_u64(data_seed);
+    let a: Vec<T> = random_values(&mut rng, s.m * s.k);
+    let b: Vec<T> = random_values(&mut rng, s.k * s.n);
+    // beta = 0 must overwrite C without reading it: poison it so an unwritten or read
+    // element shows up as NaN.
+    let c: Vec<T> = if params.beta == 0.0 {
+        vec![T::poison(); s.m * s.n]
+    } else {
+        random_values(&mut rng, s.m * s.n)
+    };
+    let context = |e: &dyn std::fmt::Display| {
+        format!(
+            "{} {:?} {:?} {s:?} α={} β={} data seed {data_seed}: {e}",
+            backend.name(),
+            variant,
+            T::DTYPE,
+            params.alpha,
+            params.beta
+        )
+    };
+    let dev_a = backend.upload(&a).map_err(|e| context(&e))?;
+    let dev_b = backend.upload(&b).map_err(|e| context(&e))?;
+    let mut dev_c = backend.upload(&c).map_err(|e| context(&e))?;
+    gemm::launch::<T, B>(backend, variant, params, &dev_a, &dev_b, &mut dev_c)
+        .map_err(|e| context(&e))?;
+    let out: Vec<f64> = backend
+        .download(&dev_c)
+        .map_err(|e| context(&e))?
+        .iter()
+        .map(|x| f64::from(x.to_f32()))
+        .collect();
+
+    let want = gemm::reference(params, &a, &b, &c);
+    let mags = magnitudes(params, &a, &b, &c);
+    let f32_noise = |i: usize| f32_noise_of(mags[i], s.k) + 1e-30;
+    if T::DTYPE == DType::F32 {
+        compare(&out, &want, f32_noise).map_err(|e| context(&e))?;
+        return Ok(());
+    }
+    let kernel_err =
+        compare(&out, &want, |i| ulp::<T>(want[i]) + f32_noise(i)).map_err(|e| context(&e))?;
+    let cpu_err = compare(&low_precision_cpu(params, &a, &b, &c), &want, |_| {
+        f64::INFINITY
+    })
+    .expect("no bound");
+    let floor = mags
+        .iter()
+        .map(|&m| f32_noise_of(m, s.k))
+        .fold(0.0, f64::max);
+    if kernel_err > 2.0 * cpu_err + floor {
+        return Err(context(&format!(
+            "max error {kernel_err:.3e} exceeds twice the CPU's low-precision error {cpu_err:.3e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Forward error bound of an f32 dot product of length k (any order) plus the epilogue.
+fn f32_noise_of(magnitude: f64, k: usize) -> f64 {
+    2.0 * (k as f64 + 4.0) * UNIT_ROUNDOFF_F32 * magnitude
+}
+
+/// Every variant × dtype × transpose for one shape and coefficient pair.
+fn check_all_combos<B: Backend>(
+    backend: &B,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    data_seed: u64,
+) -> Result<(), String> {
+    for &variant in gemm::ALL {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            let params = GemmParams {
+                shape: GemmShape {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                },
+                alpha,
+                beta,
+            };
+            check_case::<f32, B>(backend, variant, &params, data_seed)?;
+            check_case::<half::f16, B>(backend, variant, &params, data_seed)?;
+            check_case::<half::bf16, B>(backend, variant, &params, data_seed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Tile multiples and non-multiples of 16, 64 and 128, 1×1, single rows and columns, k = 1.
+const EDGE_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (64, 64, 16),
+    (128, 128, 8),
+    (65, 129, 17),
+    (1, 200, 3),
+    (200, 1, 130),
+    (17, 13, 1),
+];
+
+const COEFFICIENTS: &[(f32, f32)] = &[(1.0, 0.0), (-0.5, 1.0), (1.7, -0.75)];
+
+#[test]
+fn harness_edge_shapes_in_several_thread_orders() {
+    for seed in [0, 1, 2] {
+        let harness = CpuHarness::new(seed);
+        for (i, &(m, n, k)) in EDGE_SHAPES.iter().enumerate() {
+            let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
+            check_all_combos(&harness, m, n, k, alpha, beta, i as u64)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn harness_random_shapes(
+        m in 1usize..=150,
+        n in 1usize..=150,
+        k in 1usize..=48,
+        coefficients in 0usize..COEFFICIENTS.len(),
+        thread_order in 0u64..1000,
+        data_seed in any::<u64>(),
+    ) {
+        let (alpha, beta) = COEFFICIENTS[coefficients];
+        let harness = CpuHarness::new(thread_order);
+        if let Err(e) = check_all_combos(&harness, m, n, k, alpha, beta, data_seed) {
+            return Err(TestCaseError::fail(e));
+        }
+    }
+}
+
+#[test]
+fn gpu_matches_reference() {
+    let gpu = match GpuBackend::probe() {
+        Ok(gpu) => gpu,
+        Err(reason) => {
+            println!("GPU tests skipped: {reason}");
+            return;
+        }
+    };
+    println!("GPU tests on {}", gpu.name());
+    for &variant in gemm::ALL {
+        // The shared memory the driver reports must match what launch_config budgets.
+        let function = gpu.function(&gemm::kernel(variant, DType::F32)).unwrap();
+        assert_eq!(
+            function.shared_size_bytes().unwrap() as u32,
+            variant.static_shared_bytes(),
+            "{variant:?}"
+        );
+    }
+    for (i, &(m, n, k)) in EDGE_SHAPES.iter().enumerate() {
+        let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
+        check_all_combos(&gpu, m, n, k, alpha, beta, i as u64).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for case in 0..12 {
+        let (m, n, k) = (
+            rng.random_range(1..700),
+            rng.random_range(1..700),
+            rng.random_range(1..300),
+        );
+        let (alpha, beta) = COEFFICIENTS[case % COEFFICIENTS.len()];
+        check_all_combos(&gpu, m, n, k, alpha, beta, case as u64).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
