@@ -25,6 +25,9 @@ pub enum Error {
     Arg(String),
     #[error("adapter mismatch: {0}")]
     Mismatch(String),
+    /// A kernel launch or the device behind it failed.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernels::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

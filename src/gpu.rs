@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    LaunchConfig, PushKernelArg,
 };
 
 use crate::kernels::{Backend, Element, Kernel, KernelArg, KernelError, LaunchDims};
@@ -18,10 +18,7 @@ pub mod ptx {
 
     /// The PTX of `cuda/<family>.cu`, when nvcc built it.
     pub fn get(family: &str) -> Option<&'static str> {
-        FAMILIES
-            .iter()
-            .find(|(f, _)| *f == family)
-            .map(|(_, ptx)| *ptx)
+        FAMILIES.iter().find(|(f, _)| *f == family).map(|(_, ptx)| *ptx)
     }
 }
 
@@ -71,8 +68,8 @@ impl GpuBackend {
     }
 
     fn open_device_0() -> Result<GpuBackend, KernelError> {
-        let count = CudaContext::device_count()
-            .map_err(|e| KernelError::Unavailable(format!("cuInit failed: {e:?}")))?;
+        let count =
+            CudaContext::device_count().map_err(|e| KernelError::Unavailable(format!("cuInit failed: {e:?}")))?;
         if count < 1 {
             return Err(KernelError::Unavailable("no CUDA device".into()));
         }
@@ -119,20 +116,13 @@ impl GpuBackend {
     }
 
     pub fn record(&self, event: &CudaEvent) -> Result<(), KernelError> {
-        event
-            .record(&self.stream)
-            .map_err(driver_error("recording an event"))
+        event.record(&self.stream).map_err(driver_error("recording an event"))
     }
 
     /// The loaded function, loading its family's PTX module on first use (the driver
     /// JIT-compiles PTX for this GPU then).
     pub fn function(&self, kernel: &Kernel) -> Result<CudaFunction, KernelError> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .expect("function cache")
-            .get(kernel.name)
-        {
+        if let Some(f) = self.functions.lock().expect("function cache").get(kernel.name) {
             return Ok(f.clone());
         }
         let module = {
@@ -141,18 +131,12 @@ impl GpuBackend {
                 Some(m) => m.clone(),
                 None => {
                     let ptx = ptx::get(kernel.family).ok_or_else(|| {
-                        KernelError::Unavailable(format!(
-                            "no PTX for cuda/{}.cu in this build",
-                            kernel.family
-                        ))
+                        KernelError::Unavailable(format!("no PTX for cuda/{}.cu in this build", kernel.family))
                     })?;
                     let module = self
                         .context
                         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                        .map_err(driver_error(format!(
-                            "loading the PTX of cuda/{}.cu",
-                            kernel.family
-                        )))?;
+                        .map_err(driver_error(format!("loading the PTX of cuda/{}.cu", kernel.family)))?;
                     modules.insert(kernel.family, module.clone());
                     module
                 }
@@ -178,15 +162,11 @@ impl Backend for GpuBackend {
     }
 
     fn upload<T: Element>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelError> {
-        self.stream
-            .clone_htod(host)
-            .map_err(driver_error("copy to device"))
+        self.stream.clone_htod(host).map_err(driver_error("copy to device"))
     }
 
     fn download<T: Element>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
-        self.stream
-            .clone_dtoh(buffer)
-            .map_err(driver_error("copy to host"))
+        self.stream.clone_dtoh(buffer).map_err(driver_error("copy to host"))
     }
 
     fn buffer_len<T: Element>(&self, buffer: &CudaSlice<T>) -> usize {
@@ -204,12 +184,7 @@ impl Backend for GpuBackend {
         KernelArg::Ptr(address)
     }
 
-    unsafe fn launch(
-        &self,
-        kernel: &Kernel,
-        dims: &LaunchDims,
-        args: &[KernelArg],
-    ) -> Result<(), KernelError> {
+    unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
         let function = self.function(kernel)?;
         let mut builder = self.stream.launch_builder(&function);
         for arg in args {
@@ -227,14 +202,11 @@ impl Backend for GpuBackend {
         // SAFETY: the caller guarantees the arguments match the kernel and the buffers cover
         // what it touches (`Backend::launch` contract); `args` outlives the launch call, which
         // copies the argument values.
-        unsafe { builder.launch(config) }
-            .map_err(driver_error(format!("launching {}", kernel.name)))?;
+        unsafe { builder.launch(config) }.map_err(driver_error(format!("launching {}", kernel.name)))?;
         Ok(())
     }
 
     fn synchronize(&self) -> Result<(), KernelError> {
-        self.stream
-            .synchronize()
-            .map_err(driver_error("synchronize"))
+        self.stream.synchronize().map_err(driver_error("synchronize"))
     }
 }

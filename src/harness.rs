@@ -58,11 +58,7 @@ impl<T: Element> HostBuffer<T> {
     fn guards_intact(&self) -> bool {
         let (before, rest) = self.storage.split_at(GUARD_ELEMENTS);
         let after = &rest[self.len..];
-        let poisoned = |zone: &[T]| {
-            bytemuck::cast_slice::<T, u8>(zone)
-                .iter()
-                .all(|&b| b == 0xff)
-        };
+        let poisoned = |zone: &[T]| bytemuck::cast_slice::<T, u8>(zone).iter().all(|&b| b == 0xff);
         poisoned(before) && poisoned(after)
     }
 }
@@ -106,12 +102,7 @@ impl Backend for CpuHarness {
         KernelArg::Ptr(buffer.storage[GUARD_ELEMENTS..].as_mut_ptr() as u64)
     }
 
-    unsafe fn launch(
-        &self,
-        kernel: &Kernel,
-        dims: &LaunchDims,
-        args: &[KernelArg],
-    ) -> Result<(), KernelError> {
+    unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
         let launch = HarnessLaunch {
             grid: dims.grid,
             block: dims.block,

@@ -20,27 +20,15 @@ use rand_chacha::ChaCha8Rng;
 const UNIT_ROUNDOFF_F32: f64 = 1.0 / (1u64 << 24) as f64;
 
 fn random_values<T: Element>(rng: &mut ChaCha8Rng, len: usize) -> Vec<T> {
-    (0..len)
-        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
-        .collect()
+    (0..len).map(|_| T::from_f32(rng.random_range(-1.0f32..1.0))).collect()
 }
 
 /// op(A)/op(B) element accessors for a shape: (m, k) and (k, n).
 fn op_a<T: Element>(s: &GemmShape, a: &[T], i: usize, p: usize) -> f32 {
-    if s.trans_a {
-        a[p * s.m + i]
-    } else {
-        a[i * s.k + p]
-    }
-    .to_f32()
+    if s.trans_a { a[p * s.m + i] } else { a[i * s.k + p] }.to_f32()
 }
 fn op_b<T: Element>(s: &GemmShape, b: &[T], p: usize, j: usize) -> f32 {
-    if s.trans_b {
-        b[j * s.k + p]
-    } else {
-        b[p * s.n + j]
-    }
-    .to_f32()
+    if s.trans_b { b[j * s.k + p] } else { b[p * s.n + j] }.to_f32()
 }
 
 /// `|α|·Σ|a||b| + |β||c|` per element (m, n): the scale of the rounding errors.
@@ -160,8 +148,7 @@ fn check_case<T: Element, B: Backend>(
     let dev_a = backend.upload(&a).map_err(|e| context(&e))?;
     let dev_b = backend.upload(&b).map_err(|e| context(&e))?;
     let mut dev_c = backend.upload(&c).map_err(|e| context(&e))?;
-    gemm::launch::<T, B>(backend, variant, params, &dev_a, &dev_b, &mut dev_c)
-        .map_err(|e| context(&e))?;
+    gemm::launch::<T, B>(backend, variant, params, &dev_a, &dev_b, &mut dev_c).map_err(|e| context(&e))?;
     let out: Vec<f64> = backend
         .download(&dev_c)
         .map_err(|e| context(&e))?
@@ -176,16 +163,9 @@ fn check_case<T: Element, B: Backend>(
         compare(&out, &want, f32_noise).map_err(|e| context(&e))?;
         return Ok(());
     }
-    let kernel_err =
-        compare(&out, &want, |i| ulp::<T>(want[i]) + f32_noise(i)).map_err(|e| context(&e))?;
-    let cpu_err = compare(&low_precision_cpu(params, &a, &b, &c), &want, |_| {
-        f64::INFINITY
-    })
-    .expect("no bound");
-    let floor = mags
-        .iter()
-        .map(|&m| f32_noise_of(m, s.k))
-        .fold(0.0, f64::max);
+    let kernel_err = compare(&out, &want, |i| ulp::<T>(want[i]) + f32_noise(i)).map_err(|e| context(&e))?;
+    let cpu_err = compare(&low_precision_cpu(params, &a, &b, &c), &want, |_| f64::INFINITY).expect("no bound");
+    let floor = mags.iter().map(|&m| f32_noise_of(m, s.k)).fold(0.0, f64::max);
     if kernel_err > 2.0 * cpu_err + floor {
         return Err(context(&format!(
             "max error {kernel_err:.3e} exceeds twice the CPU's low-precision error {cpu_err:.3e}"
@@ -249,8 +229,7 @@ fn harness_edge_shapes_in_several_thread_orders() {
         let harness = CpuHarness::new(seed);
         for (i, &(m, n, k)) in EDGE_SHAPES.iter().enumerate() {
             let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
-            check_all_combos(&harness, m, n, k, alpha, beta, i as u64)
-                .unwrap_or_else(|e| panic!("{e}"));
+            check_all_combos(&harness, m, n, k, alpha, beta, i as u64).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }

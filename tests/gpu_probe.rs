@@ -9,10 +9,7 @@ fn probe_returns_a_clean_result() {
     match GpuBackend::probe() {
         Ok(gpu) => {
             use lora_compose::kernels::Backend;
-            assert!(
-                ptx::get("gemm").is_some(),
-                "a GPU backend needs the GEMM PTX"
-            );
+            assert!(ptx::get("gemm").is_some(), "a GPU backend needs the GEMM PTX");
             println!("GPU found: {}", gpu.name());
         }
         Err(KernelError::Unavailable(reason)) => {

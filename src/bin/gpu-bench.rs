@@ -105,12 +105,8 @@ fn bench<T: Element>(
 ) -> Result<(f64, String), KernelError> {
     let GemmShape { m, n, k, .. } = params.shape;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let a: Vec<T> = (0..m * k)
-        .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
-        .collect();
-    let b: Vec<T> = (0..k * n)
-        .map(|_| T::from_f32(rng.random_range(-1.0..1.0)))
-        .collect();
+    let a: Vec<T> = (0..m * k).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let b: Vec<T> = (0..k * n).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
     let dev_a = gpu.upload(&a)?;
     let dev_b = gpu.upload(&b)?;
     let mut dev_c = gpu.upload(&vec![T::poison(); m * n])?;
@@ -137,13 +133,7 @@ fn bench<T: Element>(
 
 /// Compares sampled elements of C with f64 dot products; tolerance: one ulp of T plus the f32
 /// accumulation bound `2(k + 4)·2⁻²⁴·Σ|a||b|`.
-fn check_samples<T: Element>(
-    params: &GemmParams,
-    a: &[T],
-    b: &[T],
-    c: &[T],
-    rng: &mut ChaCha8Rng,
-) -> String {
+fn check_samples<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T], rng: &mut ChaCha8Rng) -> String {
     let GemmShape { m, n, k, .. } = params.shape;
     let mut worst: f64 = 0.0;
     for _ in 0..CHECKED_ELEMENTS {

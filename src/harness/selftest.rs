@@ -32,12 +32,7 @@ fn ptr_mut<T>(v: &mut [T]) -> KernelArg {
     KernelArg::Ptr(v.as_mut_ptr() as u64)
 }
 
-fn run(
-    seed: u64,
-    kernel: &Kernel,
-    dims: LaunchDims,
-    args: &[KernelArg],
-) -> Result<(), KernelError> {
+fn run(seed: u64, kernel: &Kernel, dims: LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
     // SAFETY: every test passes buffers of one element per thread (or the documented size)
     // in the kernel's parameter order.
     unsafe { CpuHarness::new(seed).launch(kernel, &dims, args) }
@@ -59,13 +54,7 @@ fn warp_sum_over_full_and_partial_warps() {
     let x = input(threads);
     for seed in SEEDS {
         let mut out = vec![f32::NAN; threads];
-        run(
-            seed,
-            &k,
-            one_block(threads as u32, 0),
-            &[ptr(&x), ptr_mut(&mut out)],
-        )
-        .unwrap();
+        run(seed, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut out)]).unwrap();
         let full: f32 = x[..32].iter().sum();
         assert!(out[..32].iter().all(|&v| v == full), "{out:?}");
         // Lanes past the partial warp hold no value: the xor partners 8..31 are absent, so
@@ -81,13 +70,7 @@ fn shuffles_match_cuda_semantics() {
     let x = input(threads);
     for seed in SEEDS {
         let mut out = vec![f32::NAN; 4 * threads];
-        run(
-            seed,
-            &k,
-            one_block(threads as u32, 0),
-            &[ptr(&x), ptr_mut(&mut out)],
-        )
-        .unwrap();
+        run(seed, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut out)]).unwrap();
         for t in 0..threads {
             let (warp, lane) = (t / 32 * 32, t % 32);
             assert_eq!(out[4 * t], x[warp + (lane + 3) % 32], "shfl t={t}");
@@ -109,13 +92,7 @@ fn votes_over_full_and_partial_warps() {
         .map(|t| if t >= 32 || t % 2 == 0 { 1.0 } else { -1.0 })
         .collect();
     let mut votes = vec![0u32; 6];
-    run(
-        2,
-        &k,
-        one_block(threads as u32, 0),
-        &[ptr(&x), ptr_mut(&mut votes)],
-    )
-    .unwrap();
+    run(2, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut votes)]).unwrap();
     assert_eq!(votes, vec![0x5555_5555, 1, 0, 0xff, 1, 1]);
 }
 
@@ -143,13 +120,7 @@ fn dynamic_shared_memory_with_barrier() {
     for seed in SEEDS {
         let mut out = vec![f32::NAN; threads];
         let dims = one_block(threads as u32, 4 * threads as u32);
-        run(
-            seed,
-            &k,
-            dims,
-            &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(1)],
-        )
-        .unwrap();
+        run(seed, &k, dims, &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(1)]).unwrap();
         let reversed: Vec<f32> = x.iter().rev().copied().collect();
         assert_eq!(out, reversed);
     }
@@ -163,52 +134,25 @@ fn missing_barrier_reads_poison() {
     for seed in SEEDS {
         let mut out = vec![0.0f32; threads];
         let dims = one_block(threads as u32, 4 * threads as u32);
-        run(
-            seed,
-            &k,
-            dims,
-            &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(0)],
-        )
-        .unwrap();
-        assert!(
-            out.iter().any(|v| v.is_nan()),
-            "seed {seed}: the race went unnoticed"
-        );
+        run(seed, &k, dims, &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(0)]).unwrap();
+        assert!(out.iter().any(|v| v.is_nan()), "seed {seed}: the race went unnoticed");
     }
 }
 
 #[test]
 fn barrier_divergence_is_an_error_not_a_hang() {
-    let k = kernel(
-        "selftest_barrier_divergence",
-        e::lc_run_selftest_barrier_divergence,
-    );
+    let k = kernel("selftest_barrier_divergence", e::lc_run_selftest_barrier_divergence);
     let mut out = vec![0.0f32; 64];
-    let err = run(
-        0,
-        &k,
-        one_block(64, 0),
-        &[ptr_mut(&mut out), KernelArg::I32(5)],
-    )
-    .unwrap_err();
+    let err = run(0, &k, one_block(64, 0), &[ptr_mut(&mut out), KernelArg::I32(5)]).unwrap_err();
     assert!(err.to_string().contains("barrier divergence"), "{err}");
     // No thread exits early: fine.
-    run(
-        0,
-        &k,
-        one_block(64, 0),
-        &[ptr_mut(&mut out), KernelArg::I32(0)],
-    )
-    .unwrap();
+    run(0, &k, one_block(64, 0), &[ptr_mut(&mut out), KernelArg::I32(0)]).unwrap();
     assert!(out.iter().all(|&v| v == 1.0));
 }
 
 #[test]
 fn warp_divergence_is_an_error() {
-    let k = kernel(
-        "selftest_warp_divergence",
-        e::lc_run_selftest_warp_divergence,
-    );
+    let k = kernel("selftest_warp_divergence", e::lc_run_selftest_warp_divergence);
     let mut out = vec![0.0f32; 32];
     let err = run(1, &k, one_block(32, 0), &[ptr_mut(&mut out)]).unwrap_err();
     assert!(err.to_string().contains("warp divergence"), "{err}");

@@ -93,12 +93,7 @@ pub struct GemmParams {
 /// Grid and block of `variant` for `shape`. Pure; panics on a shape the kernels cannot take
 /// (m or n zero, or past the grid limits) — [`launch`] checks those first and returns errors.
 pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
-    assert!(
-        shape.m >= 1 && shape.n >= 1,
-        "empty output {}×{}",
-        shape.m,
-        shape.n
-    );
+    assert!(shape.m >= 1 && shape.n >= 1, "empty output {}×{}", shape.m, shape.n);
     let (tile_m, tile_n, block) = match variant.tile() {
         None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
         Some(t) => {
@@ -180,9 +175,7 @@ fn check_shape<T: Element, B: Backend>(
         ("C", backend.buffer_len(c), m * n),
     ] {
         if len != want {
-            return Err(error(format!(
-                "{what} has {len} elements, {m}×{n}×{k} needs {want}"
-            )));
+            return Err(error(format!("{what} has {len} elements, {m}×{n}×{k} needs {want}")));
         }
     }
     if m.div_ceil(16) > super::MAX_GRID_YZ as usize {
@@ -232,10 +225,8 @@ pub fn reference<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T]) -> 
         trans_a,
         trans_b,
     } = params.shape;
-    let op_a =
-        |i: usize, p: usize| f64::from(if trans_a { a[p * m + i] } else { a[i * k + p] }.to_f32()); // (m, k)
-    let op_b =
-        |p: usize, j: usize| f64::from(if trans_b { b[j * k + p] } else { b[p * n + j] }.to_f32()); // (k, n)
+    let op_a = |i: usize, p: usize| f64::from(if trans_a { a[p * m + i] } else { a[i * k + p] }.to_f32()); // (m, k)
+    let op_b = |p: usize, j: usize| f64::from(if trans_b { b[j * k + p] } else { b[p * n + j] }.to_f32()); // (k, n)
     let mut out = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -318,9 +309,6 @@ mod tests {
             alpha: 1.0,
             beta: 1.0,
         };
-        assert_eq!(
-            flops_bytes(&params, DType::BF16),
-            (16.0, 2.0 * (4.0 + 4.0 + 8.0))
-        );
+        assert_eq!(flops_bytes(&params, DType::BF16), (16.0, 2.0 * (4.0 + 4.0 + 8.0)));
     }
 }

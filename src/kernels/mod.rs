@@ -45,15 +45,9 @@ impl LaunchDims {
             "block {:?} has {threads} threads (1..=1024)",
             self.block
         );
+        assert!(self.grid.iter().all(|&g| g >= 1), "empty grid {:?}", self.grid);
         assert!(
-            self.grid.iter().all(|&g| g >= 1),
-            "empty grid {:?}",
-            self.grid
-        );
-        assert!(
-            self.grid[0] <= i32::MAX as u32
-                && self.grid[1] <= MAX_GRID_YZ
-                && self.grid[2] <= MAX_GRID_YZ,
+            self.grid[0] <= i32::MAX as u32 && self.grid[1] <= MAX_GRID_YZ && self.grid[2] <= MAX_GRID_YZ,
             "grid {:?} exceeds the CUDA limits",
             self.grid
         );
@@ -146,8 +140,7 @@ impl Element for half::bf16 {
 
 /// `extern "C"` launch entry of one kernel in the CPU harness (`LC_HARNESS_ENTRY`): the launch
 /// and, like `cuLaunchKernel`, one pointer per kernel argument. Returns 0 or 1 on error.
-pub type HarnessEntry =
-    unsafe extern "C" fn(*const crate::harness::HarnessLaunch, *const *mut c_void) -> i32;
+pub type HarnessEntry = unsafe extern "C" fn(*const crate::harness::HarnessLaunch, *const *mut c_void) -> i32;
 
 /// One compiled kernel: its name in the family's PTX module and its CPU-harness entry.
 #[derive(Clone, Copy, Debug)]
@@ -176,19 +169,13 @@ pub enum KernelError {
     Driver { context: String, message: String },
     /// The CPU harness stopped a launch: barrier divergence, a bad warp mask, …
     #[error("CPU harness, kernel {kernel}: {message}")]
-    Harness {
-        kernel: &'static str,
-        message: String,
-    },
+    Harness { kernel: &'static str, message: String },
     /// A kernel wrote outside a buffer (caught by the harness's guard zones).
     #[error("out-of-bounds write: {0}")]
     OutOfBounds(String),
     /// Buffers that do not match the shape, or a shape the kernel cannot take.
     #[error("{kernel}: {message}")]
-    Argument {
-        kernel: &'static str,
-        message: String,
-    },
+    Argument { kernel: &'static str, message: String },
 }
 
 /// Where kernels run. Buffers live on the backend; kernel arguments are raw addresses.
@@ -212,12 +199,7 @@ pub trait Backend {
     /// `arg_in`/`arg_out` of a live buffer of this backend that covers every element the kernel
     /// touches for these arguments, and buffers written through are not read through another
     /// argument. Family launchers check this against the shape before calling.
-    unsafe fn launch(
-        &self,
-        kernel: &Kernel,
-        dims: &LaunchDims,
-        args: &[KernelArg],
-    ) -> Result<(), KernelError>;
+    unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError>;
 
     /// Waits for every launch so far (a no-op on the CPU).
     fn synchronize(&self) -> Result<(), KernelError>;
