@@ -23,6 +23,10 @@ pub enum Error {
         tensor: String,
         msg: String,
     },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
     #[error("shape mismatch: {0}")]
     Shape(String),
     #[error("invalid argument: {0}")]
