@@ -508,6 +508,7 @@ fn bad_adapter_files_fail_cleanly() {
         drop_layer(d, "enc.1.dense");
     });
     t.merge_fails(&[&good1, &fewer_layers], &[], "enc.1.dense");
+    t.merge_fails(&[&fewer_layers, &good1], &[], "enc.1.dense");
 }
 
 /// Renames tensor `from` to `to`.
