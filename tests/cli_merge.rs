@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_lora-compose");
 
 /// (module path, d_in, d_out)
-const LAYERS: [(&str, usize, usize); 3] = [("enc.0.query", 7, 5), ("enc.0.value", 7, 7), ("enc.1.dense", 7, 11)];
+const LAYERS: [(&str, usize, usize); 3] = [
+    ("enc.0.query", 7, 5),
+    ("enc.0.value", 7, 7),
+    ("enc.1.dense", 7, 11),
+];
 
 /// One test adapter, described independently of the crate: per layer its rank and scale.
 struct Spec {
@@ -70,18 +74,39 @@ fn write_adapter(dir: &Path, spec: &Spec, seed: u64) -> Factors {
     for (path, d_in, d_out) in LAYERS {
         let (r, _) = spec.rank_alpha(path);
         // Round through f32 so the reference uses exactly the stored values.
-        let mut draw = |n: usize| (0..n).map(|_| f64::from(rng.random_range(-1.0f32..1.0))).collect::<Vec<_>>();
+        let mut draw = |n: usize| {
+            (0..n)
+                .map(|_| f64::from(rng.random_range(-1.0f32..1.0)))
+                .collect::<Vec<_>>()
+        };
         let a = draw(r * d_in);
         let b = draw(d_out * r);
-        tensors.push((format!("base_model.model.{path}.lora_A.weight"), vec![r, d_in], f32_bytes(&a)));
-        tensors.push((format!("base_model.model.{path}.lora_B.weight"), vec![d_out, r], f32_bytes(&b)));
+        tensors.push((
+            format!("base_model.model.{path}.lora_A.weight"),
+            vec![r, d_in],
+            f32_bytes(&a),
+        ));
+        tensors.push((
+            format!("base_model.model.{path}.lora_B.weight"),
+            vec![d_out, r],
+            f32_bytes(&b),
+        ));
         factors.insert(path.to_string(), (a, b, r));
     }
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
-    fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     factors
 }
 
@@ -98,17 +123,27 @@ fn product(a: &[f64], b: &[f64], r: usize, d_in: usize, d_out: usize) -> Vec<f64
 
 /// ΔW of a merged adapter on disk, recomputed here from its raw tensors and config.
 fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
-    let config: Value = serde_json::from_str(&fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
     let r = config["r"].as_u64().unwrap() as f64;
     let alpha = config["lora_alpha"].as_f64().unwrap();
-    let scale = if config["use_rslora"].as_bool().unwrap_or(false) { alpha / r.sqrt() } else { alpha / r };
-    assert!(config["rank_pattern"].as_object().is_none_or(|m| m.is_empty()));
+    let scale = if config["use_rslora"].as_bool().unwrap_or(false) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    assert_eq!(config["rank_pattern"].as_object().map_or(0, |m| m.len()), 0);
     let bytes = fs::read(dir.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let read = |name: &str| -> (Vec<f64>, Vec<usize>) {
         let t = st.tensor(name).unwrap();
         assert_eq!(t.dtype(), Dtype::F32);
-        let v = t.data().chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect();
         (v, t.shape().to_vec())
     };
     LAYERS
@@ -117,7 +152,10 @@ fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
             let (a, sa) = read(&format!("base_model.model.{path}.lora_A.weight"));
             let (b, sb) = read(&format!("base_model.model.{path}.lora_B.weight"));
             assert_eq!((sa[1], sb[0], sa[0]), (d_in, d_out, sb[1]), "{path}");
-            let dw = product(&a, &b, sa[0], d_in, d_out).into_iter().map(|x| scale * x).collect();
+            let dw = product(&a, &b, sa[0], d_in, d_out)
+                .into_iter()
+                .map(|x| scale * x)
+                .collect();
             (path.to_string(), dw)
         })
         .collect()
@@ -132,7 +170,10 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
         .zip(want)
         .map(|(g, w)| (g - w).abs())
         .enumerate()
-        .fold((0, 0.0), |best, (i, e)| if e > best.1 { (i, e) } else { best });
+        .fold(
+            (0, 0.0),
+            |best, (i, e)| if e > best.1 { (i, e) } else { best },
+        );
     assert!(
         err <= 1e-5 * peak && peak > 0.0,
         "{what}: worst |Δ| {err:e} at {worst} (got {}, want {}), max|ref| {peak:e}",
@@ -151,9 +192,24 @@ fn dir_str(p: &Path) -> &str {
 
 fn mixed_specs() -> Vec<Spec> {
     vec![
-        Spec { r: 2, alpha: 4.0, rslora: false, value_override: None },
-        Spec { r: 5, alpha: 3.0, rslora: true, value_override: None },
-        Spec { r: 3, alpha: 7.0, rslora: false, value_override: Some((4, 2.0)) },
+        Spec {
+            r: 2,
+            alpha: 4.0,
+            rslora: false,
+            value_override: None,
+        },
+        Spec {
+            r: 5,
+            alpha: 3.0,
+            rslora: true,
+            value_override: None,
+        },
+        Spec {
+            r: 3,
+            alpha: 7.0,
+            rslora: false,
+            value_override: Some((4, 2.0)),
+        },
     ]
 }
 
@@ -177,7 +233,11 @@ fn merge_cat_equals_weighted_product_sum() {
             args.extend(["--weights", label]);
         }
         let res = run(&args);
-        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
         let w = weights.unwrap_or([1.0 / 3.0; 3]);
         let got = merged_delta(&out);
         for (path, d_in, d_out) in LAYERS {
@@ -192,8 +252,13 @@ fn merge_cat_equals_weighted_product_sum() {
             assert_close(&got[path], &want, &format!("cat {label} {path}"));
         }
         // PEFT's global rank for cat: Σ_i (largest rank of adapter i) = 2 + 5 + 4.
-        let config: Value = serde_json::from_str(&fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
-        assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(11), Some(11.0)));
+        let config: Value =
+            serde_json::from_str(&fs::read_to_string(out.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (config["r"].as_u64(), config["lora_alpha"].as_f64()),
+            (Some(11), Some(11.0))
+        );
     }
 }
 
@@ -201,9 +266,24 @@ fn merge_cat_equals_weighted_product_sum() {
 fn merge_linear_equals_peft_factor_sum() {
     let tmp = tempfile::tempdir().unwrap();
     let specs = [
-        Spec { r: 4, alpha: 8.0, rslora: false, value_override: None },
-        Spec { r: 4, alpha: 3.0, rslora: true, value_override: None },
-        Spec { r: 4, alpha: 1.0, rslora: false, value_override: None },
+        Spec {
+            r: 4,
+            alpha: 8.0,
+            rslora: false,
+            value_override: None,
+        },
+        Spec {
+            r: 4,
+            alpha: 3.0,
+            rslora: true,
+            value_override: None,
+        },
+        Spec {
+            r: 4,
+            alpha: 1.0,
+            rslora: false,
+            value_override: None,
+        },
     ];
     let factors: Vec<Factors> = specs
         .iter()
@@ -212,12 +292,31 @@ fn merge_linear_equals_peft_factor_sum() {
         .collect();
     let w = [0.6, -0.9, 0.0];
     let out = tmp.path().join("lin");
-    let (a0, a1, a2) = (tmp.path().join("a0"), tmp.path().join("a1"), tmp.path().join("a2"));
+    let (a0, a1, a2) = (
+        tmp.path().join("a0"),
+        tmp.path().join("a1"),
+        tmp.path().join("a2"),
+    );
     let res = run(&[
-        "merge", "--mode", "linear", "--weights", "0.6,-0.9,0", "--out", dir_str(&out),
-        "--adapter", dir_str(&a0), "--adapter", dir_str(&a1), "--adapter", dir_str(&a2),
+        "merge",
+        "--mode",
+        "linear",
+        "--weights",
+        "0.6,-0.9,0",
+        "--out",
+        dir_str(&out),
+        "--adapter",
+        dir_str(&a0),
+        "--adapter",
+        dir_str(&a1),
+        "--adapter",
+        dir_str(&a2),
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let got = merged_delta(&out);
     for (path, d_in, d_out) in LAYERS {
         // (Σ_i √|c_i| B_i)(Σ_j sgn(c_j) √|c_j| A_j), c_i = w_i s_i
@@ -226,10 +325,20 @@ fn merge_linear_equals_peft_factor_sum() {
         for (i, spec) in specs.iter().enumerate() {
             let c = w[i] * spec.scale(path);
             let (a, b, _) = &factors[i][path];
-            a_sum.iter_mut().zip(a).for_each(|(s, x)| *s += c.signum() * c.abs().sqrt() * x);
-            b_sum.iter_mut().zip(b).for_each(|(s, x)| *s += c.abs().sqrt() * x);
+            a_sum
+                .iter_mut()
+                .zip(a)
+                .for_each(|(s, x)| *s += c.signum() * c.abs().sqrt() * x);
+            b_sum
+                .iter_mut()
+                .zip(b)
+                .for_each(|(s, x)| *s += c.abs().sqrt() * x);
         }
-        assert_close(&got[path], &product(&a_sum, &b_sum, 4, d_in, d_out), &format!("linear {path}"));
+        assert_close(
+            &got[path],
+            &product(&a_sum, &b_sum, 4, d_in, d_out),
+            &format!("linear {path}"),
+        );
     }
 }
 
@@ -239,16 +348,31 @@ fn write_base(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     let mut tensors = BTreeMap::new();
     for (k, (layer, d_in, d_out)) in LAYERS.iter().enumerate() {
-        let w: Vec<f32> = (0..d_in * d_out).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let w: Vec<f32> = (0..d_in * d_out)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
         let (dtype, bytes) = if k == 2 {
-            (Dtype::BF16, w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
+            (
+                Dtype::BF16,
+                w.iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            )
         } else {
             (Dtype::F32, w.iter().flat_map(|x| x.to_le_bytes()).collect())
         };
-        tensors.insert(format!("model.{layer}.weight"), (dtype, vec![*d_out, *d_in], bytes));
-        tensors.insert(format!("model.{layer}.bias"), (Dtype::F32, vec![*d_out], vec![0u8; 4 * d_out]));
+        tensors.insert(
+            format!("model.{layer}.weight"),
+            (dtype, vec![*d_out, *d_in], bytes),
+        );
+        tensors.insert(
+            format!("model.{layer}.bias"),
+            (Dtype::F32, vec![*d_out], vec![0u8; 4 * d_out]),
+        );
     }
-    let emb: Vec<u8> = (0..12u16).flat_map(|i| half::f16::from_f32(f32::from(i)).to_le_bytes()).collect();
+    let emb: Vec<u8> = (0..12u16)
+        .flat_map(|i| half::f16::from_f32(f32::from(i)).to_le_bytes())
+        .collect();
     tensors.insert("model.embed.weight".into(), (Dtype::F16, vec![3, 4], emb));
     let views: Vec<_> = tensors
         .iter()
@@ -260,8 +384,14 @@ fn write_base(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
 
 fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| f64::from(half::bf16::from_le_bytes([c[0], c[1]]).to_f32())).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f64::from(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -278,12 +408,31 @@ fn fold_into_base_is_w_plus_delta() {
     let base_path = tmp.path().join("base.safetensors");
     let base = write_base(&base_path);
     let out = tmp.path().join("folded.safetensors");
-    let (a0, a1, a2) = (tmp.path().join("a0"), tmp.path().join("a1"), tmp.path().join("a2"));
+    let (a0, a1, a2) = (
+        tmp.path().join("a0"),
+        tmp.path().join("a1"),
+        tmp.path().join("a2"),
+    );
     let res = run(&[
-        "merge", "--weights", "1,0.5,-2", "--base", dir_str(&base_path), "--out", dir_str(&out),
-        "--adapter", dir_str(&a0), "--adapter", dir_str(&a1), "--adapter", dir_str(&a2),
+        "merge",
+        "--weights",
+        "1,0.5,-2",
+        "--base",
+        dir_str(&base_path),
+        "--out",
+        dir_str(&out),
+        "--adapter",
+        dir_str(&a0),
+        "--adapter",
+        dir_str(&a1),
+        "--adapter",
+        dir_str(&a2),
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let w = [1.0, 0.5, -2.0];
     let bytes = fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -291,7 +440,10 @@ fn fold_into_base_is_w_plus_delta() {
     for (name, (dtype, shape, data)) in &base {
         let t = st.tensor(name).unwrap();
         assert_eq!((t.dtype(), t.shape()), (*dtype, shape.as_slice()), "{name}");
-        let Some(&(path, d_in, d_out)) = LAYERS.iter().find(|l| *name == format!("model.{}.weight", l.0)) else {
+        let Some(&(path, d_in, d_out)) = LAYERS
+            .iter()
+            .find(|l| *name == format!("model.{}.weight", l.0))
+        else {
             assert_eq!(t.data(), data.as_slice(), "{name} must be copied unchanged");
             continue;
         };
@@ -299,13 +451,22 @@ fn fold_into_base_is_w_plus_delta() {
         for (i, spec) in specs.iter().enumerate() {
             let (a, b, r) = &factors[i][path];
             let c = w[i] * spec.scale(path);
-            want.iter_mut().zip(product(a, b, *r, d_in, d_out)).for_each(|(dst, x)| *dst += c * x);
+            want.iter_mut()
+                .zip(product(a, b, *r, d_in, d_out))
+                .for_each(|(dst, x)| *dst += c * x);
         }
         let got = decode(*dtype, t.data());
         if *dtype == Dtype::BF16 {
             // bf16 has 8 significant bits: compare to the reference rounded the same way.
-            let rounded: Vec<f64> = want.iter().map(|&x| f64::from(half::bf16::from_f64(x).to_f32())).collect();
-            let off = got.iter().zip(&rounded).filter(|(g, r)| (*g - *r).abs() > 1e-2 * r.abs().max(1e-3)).count();
+            let rounded: Vec<f64> = want
+                .iter()
+                .map(|&x| f64::from(half::bf16::from_f64(x).to_f32()))
+                .collect();
+            let off = got
+                .iter()
+                .zip(&rounded)
+                .filter(|(g, r)| (*g - *r).abs() > 1e-2 * r.abs().max(1e-3))
+                .count();
             assert_eq!(off, 0, "{name}: elements off by more than one bf16 ulp");
         } else {
             assert_close(&got, &want, name);
@@ -339,9 +500,15 @@ fn assert_fails(args: &[&str], out_dir: &Path, needle: &str) {
     let res = run(args);
     let stderr = String::from_utf8_lossy(&res.stderr);
     let code = res.status.code();
-    assert!(matches!(code, Some(1 | 2)), "{args:?}: exit {code:?}, stderr: {stderr}");
+    assert!(
+        matches!(code, Some(1 | 2)),
+        "{args:?}: exit {code:?}, stderr: {stderr}"
+    );
     assert!(stderr.starts_with("error"), "{args:?}: stderr: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: stderr lacks `{needle}`: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(snapshot(out_dir), before, "{args:?}: out folder changed");
 }
@@ -397,13 +564,29 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32
     let mut tensors = Vec::new();
     for (name, view) in st.iter() {
         let mut shape = view.shape().to_vec();
-        let mut values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         edit(name, &mut shape, &mut values);
-        tensors.push((name.to_string(), shape, values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+        tensors.push((
+            name.to_string(),
+            shape,
+            values
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ));
     }
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -425,16 +608,28 @@ fn bad_adapter_files_fail_cleanly() {
     let missing = t.path("does-not-exist");
     t.merge_fails(&[&missing, &good1], &[], "does-not-exist");
 
-    let no_config = t.variant("no_config", |d| fs::remove_file(d.join("adapter_config.json")).unwrap());
+    let no_config = t.variant("no_config", |d| {
+        fs::remove_file(d.join("adapter_config.json")).unwrap()
+    });
     t.merge_fails(&[&no_config], &[], "no_config/adapter_config.json");
 
     let only_bin = t.variant("only_bin", |d| {
-        fs::rename(d.join("adapter_model.safetensors"), d.join("adapter_model.bin")).unwrap()
+        fs::rename(
+            d.join("adapter_model.safetensors"),
+            d.join("adapter_model.bin"),
+        )
+        .unwrap()
     });
     t.merge_fails(&[&only_bin], &[], "adapter_model.bin");
 
-    let garbage = t.variant("garbage", |d| fs::write(d.join("adapter_model.safetensors"), b"not a tensor file").unwrap());
-    t.merge_fails(&[&garbage, &good1], &[], "garbage/adapter_model.safetensors");
+    let garbage = t.variant("garbage", |d| {
+        fs::write(d.join("adapter_model.safetensors"), b"not a tensor file").unwrap()
+    });
+    t.merge_fails(
+        &[&garbage, &good1],
+        &[],
+        "garbage/adapter_model.safetensors",
+    );
 
     let truncated = t.variant("truncated", |d| {
         let f = d.join("adapter_model.safetensors");
@@ -449,22 +644,40 @@ fn bad_adapter_files_fail_cleanly() {
         bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         fs::write(&f, bytes).unwrap();
     });
-    t.merge_fails(&[&huge_header], &[], "huge_header/adapter_model.safetensors");
+    t.merge_fails(
+        &[&huge_header],
+        &[],
+        "huge_header/adapter_model.safetensors",
+    );
 
-    let bad_json = t.variant("bad_json", |d| fs::write(d.join("adapter_config.json"), "{\"r\": 2,").unwrap());
+    let bad_json = t.variant("bad_json", |d| {
+        fs::write(d.join("adapter_config.json"), "{\"r\": 2,").unwrap()
+    });
     t.merge_fails(&[&bad_json], &[], "bad_json/adapter_config.json");
 
     let no_r = t.variant("no_r", |d| edit_config(d, |c| drop(c.remove("r"))));
     t.merge_fails(&[&no_r], &[], "missing field `r`");
 
-    let no_alpha = t.variant("no_alpha", |d| edit_config(d, |c| drop(c.remove("lora_alpha"))));
+    let no_alpha = t.variant("no_alpha", |d| {
+        edit_config(d, |c| drop(c.remove("lora_alpha")))
+    });
     t.merge_fails(&[&no_alpha], &[], "lora_alpha");
 
-    let wrong_r = t.variant("wrong_r", |d| edit_config(d, |c| drop(c.insert("r".into(), json!(3)))));
+    let wrong_r = t.variant("wrong_r", |d| {
+        edit_config(d, |c| drop(c.insert("r".into(), json!(3))))
+    });
     t.merge_fails(&[&wrong_r], &[], QUERY_A);
 
-    let bad_pattern = t.variant("bad_pattern", |d| edit_config(d, |c| drop(c.insert("rank_pattern".into(), json!({"value": 7})))));
-    t.merge_fails(&[&bad_pattern], &[], "base_model.model.enc.0.value.lora_A.weight");
+    let bad_pattern = t.variant("bad_pattern", |d| {
+        edit_config(d, |c| {
+            drop(c.insert("rank_pattern".into(), json!({"value": 7})))
+        })
+    });
+    t.merge_fails(
+        &[&bad_pattern],
+        &[],
+        "base_model.model.enc.0.value.lora_A.weight",
+    );
 
     // A has 2 rows, B gets 3 columns.
     let ab_mismatch = t.variant("ab_mismatch", |d| {
@@ -477,10 +690,14 @@ fn bad_adapter_files_fail_cleanly() {
     });
     t.merge_fails(&[&ab_mismatch], &[], QUERY_B);
 
-    let missing_b = t.variant("missing_b", |d| filter_tensors(d, |n| (n != QUERY_B).then(|| n.to_string())));
+    let missing_b = t.variant("missing_b", |d| {
+        filter_tensors(d, |n| (n != QUERY_B).then(|| n.to_string()))
+    });
     t.merge_fails(&[&missing_b], &[], QUERY_B);
 
-    let unknown = t.variant("unknown", |d| rewrite_keys(d, QUERY_B, "base_model.model.enc.0.query.lora_X.weight"));
+    let unknown = t.variant("unknown", |d| {
+        rewrite_keys(d, QUERY_B, "base_model.model.enc.0.query.lora_X.weight")
+    });
     t.merge_fails(&[&unknown], &[], "lora_X");
 
     for (label, bad) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
@@ -513,18 +730,29 @@ fn bad_adapter_files_fail_cleanly() {
 
 /// Renames tensor `from` to `to`.
 fn rewrite_keys(dir: &Path, from: &str, to: &str) {
-    filter_tensors(dir, |name| Some(if name == from { to.to_string() } else { name.to_string() }));
+    filter_tensors(dir, |name| {
+        Some(if name == from {
+            to.to_string()
+        } else {
+            name.to_string()
+        })
+    });
 }
 
 fn drop_layer(dir: &Path, layer: &str) {
-    filter_tensors(dir, |name| (!name.contains(&format!(".{layer}."))).then(|| name.to_string()));
+    filter_tensors(dir, |name| {
+        (!name.contains(&format!(".{layer}."))).then(|| name.to_string())
+    });
 }
 
 fn filter_tensors(dir: &Path, rename: impl Fn(&str) -> Option<String>) {
     let file = dir.join("adapter_model.safetensors");
     let bytes = fs::read(&file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<_> = st.iter().filter_map(|(n, v)| rename(n).map(|n| (n, v))).collect();
+    let kept: Vec<_> = st
+        .iter()
+        .filter_map(|(n, v)| rename(n).map(|n| (n, v)))
+        .collect();
     let out = safetensors::serialize(kept, None).unwrap();
     fs::write(&file, out).unwrap();
 }
@@ -533,16 +761,34 @@ fn filter_tensors(dir: &Path, rename: impl Fn(&str) -> Option<String>) {
 fn bad_arguments_fail_cleanly() {
     let t = BadInputs::new();
     let (g0, g1) = (t.path("good0"), t.path("good1"));
-    t.merge_fails(&[&g0, &g1], &["--weights", "1,2,3"], "--weights has 3 values but 2 adapters");
+    t.merge_fails(
+        &[&g0, &g1],
+        &["--weights", "1,2,3"],
+        "--weights has 3 values but 2 adapters",
+    );
     t.merge_fails(&[&g0, &g1], &["--weights", "1,NaN"], "NaN");
     t.merge_fails(&[&g0, &g1], &["--weights", "1,inf"], "inf");
     t.merge_fails(&[&g0, &g1], &["--weights", "1,abc"], "abc");
     t.merge_fails(&[&g0, &g1], &["--mode", "svd"], "svd");
-    t.merge_fails(&[&g0, &t.path("good2")], &["--mode", "linear"], "enc.0.query");
+    t.merge_fails(
+        &[&g0, &t.path("good2")],
+        &["--mode", "linear"],
+        "enc.0.query",
+    );
     // An existing file where an adapter directory should go.
     let out_dir = t.path("out");
     let file_out = out_dir.join("folded.safetensors");
-    assert_fails(&["merge", "--adapter", dir_str(&g0), "--out", dir_str(&file_out)], &out_dir, "folded.safetensors");
+    assert_fails(
+        &[
+            "merge",
+            "--adapter",
+            dir_str(&g0),
+            "--out",
+            dir_str(&file_out),
+        ],
+        &out_dir,
+        "folded.safetensors",
+    );
 }
 
 #[test]
@@ -553,7 +799,15 @@ fn bad_base_fails_cleanly() {
     let out = out_dir.join("folded.safetensors");
     let fold = |base: &Path, needle: &str| {
         assert_fails(
-            &["merge", "--adapter", dir_str(&g0), "--base", dir_str(base), "--out", dir_str(&out)],
+            &[
+                "merge",
+                "--adapter",
+                dir_str(&g0),
+                "--base",
+                dir_str(base),
+                "--out",
+                dir_str(&out),
+            ],
             &out_dir,
             needle,
         )
@@ -566,7 +820,10 @@ fn bad_base_fails_cleanly() {
     let partial = t.path("partial.safetensors");
     let bytes = fs::read(t.path("base.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<_> = st.iter().filter(|(n, _)| *n != "model.enc.0.value.weight").collect();
+    let kept: Vec<_> = st
+        .iter()
+        .filter(|(n, _)| *n != "model.enc.0.value.weight")
+        .collect();
     fs::write(&partial, safetensors::serialize(kept, None).unwrap()).unwrap();
     fold(&partial, "enc.0.value");
     // A base whose query weight has the wrong shape.
@@ -574,7 +831,13 @@ fn bad_base_fails_cleanly() {
     let w = vec![0u8; 4 * 6 * 7];
     let reshaped: Vec<_> = st
         .iter()
-        .map(|(n, v)| if n == "model.enc.0.query.weight" { (n, TensorView::new(Dtype::F32, vec![6, 7], &w).unwrap()) } else { (n, v) })
+        .map(|(n, v)| {
+            if n == "model.enc.0.query.weight" {
+                (n, TensorView::new(Dtype::F32, vec![6, 7], &w).unwrap())
+            } else {
+                (n, v)
+            }
+        })
         .collect();
     fs::write(&wrong, safetensors::serialize(reshaped, None).unwrap()).unwrap();
     fold(&wrong, "model.enc.0.query.weight");
@@ -585,9 +848,24 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
     let t = BadInputs::new();
     let out_dir = t.path("out");
     let out = out_dir.join("adapter");
-    let res = run(&["merge", "--adapter", dir_str(&t.path("good0")), "--adapter", dir_str(&t.path("good1")), "--out", dir_str(&out)]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let names: Vec<String> = fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let res = run(&[
+        "merge",
+        "--adapter",
+        dir_str(&t.path("good0")),
+        "--adapter",
+        dir_str(&t.path("good1")),
+        "--out",
+        dir_str(&out),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let names: Vec<String> = fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(sorted, ["adapter", "folded.safetensors"]);
@@ -595,9 +873,19 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
     assert_eq!(merged.config.r, 2 + 5);
     let folded = out_dir.join("folded.safetensors");
     let res = run(&[
-        "merge", "--adapter", dir_str(&t.path("good0")), "--base", dir_str(&t.path("base.safetensors")), "--out", dir_str(&folded),
+        "merge",
+        "--adapter",
+        dir_str(&t.path("good0")),
+        "--base",
+        dir_str(&t.path("base.safetensors")),
+        "--out",
+        dir_str(&folded),
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     assert_eq!(fs::read_dir(&out_dir).unwrap().count(), 2);
     assert!(safetensors::SafeTensors::deserialize(&fs::read(&folded).unwrap()).is_ok());
 }
@@ -606,18 +894,47 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
 fn demo_adapters_then_merge_works_and_is_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["d1", "d2"] {
-        let res = run(&["demo-adapters", dir_str(&tmp.path().join(name)), "--n", "3", "--seed", "7"]);
-        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        let res = run(&[
+            "demo-adapters",
+            dir_str(&tmp.path().join(name)),
+            "--n",
+            "3",
+            "--seed",
+            "7",
+        ]);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
     }
     assert_eq!(
-        snapshot(&tmp.path().join("d1")).into_values().collect::<Vec<_>>(),
-        snapshot(&tmp.path().join("d2")).into_values().collect::<Vec<_>>()
+        snapshot(&tmp.path().join("d1"))
+            .into_values()
+            .collect::<Vec<_>>(),
+        snapshot(&tmp.path().join("d2"))
+            .into_values()
+            .collect::<Vec<_>>()
     );
     let d = tmp.path().join("d1");
     let res = run(&[
-        "merge", "--adapter", dir_str(&d.join("adapter_0")), "--adapter", dir_str(&d.join("adapter_1")),
-        "--adapter", dir_str(&d.join("adapter_2")), "--weights", "0.5,0.3,0.2",
-        "--base", dir_str(&d.join("base_model.safetensors")), "--out", dir_str(&d.join("merged.safetensors")),
+        "merge",
+        "--adapter",
+        dir_str(&d.join("adapter_0")),
+        "--adapter",
+        dir_str(&d.join("adapter_1")),
+        "--adapter",
+        dir_str(&d.join("adapter_2")),
+        "--weights",
+        "0.5,0.3,0.2",
+        "--base",
+        dir_str(&d.join("base_model.safetensors")),
+        "--out",
+        dir_str(&d.join("merged.safetensors")),
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
 }

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use lora_compose::merge::{fold_into_base, merge, Mode};
-use lora_compose::peft::{demo_adapters, demo_base, Adapter, Library, StoreDtype, CONFIG_FILE, WEIGHTS_FILE};
+use lora_compose::peft::{
+    demo_adapters, demo_base, Adapter, Library, StoreDtype, CONFIG_FILE, WEIGHTS_FILE,
+};
 use proptest::prelude::*;
 
 /// A valid adapter's two files, and a valid base model for it.
@@ -34,7 +36,10 @@ fn seeds() -> &'static Seeds {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
 }
 
 #[derive(Clone, Debug)]
@@ -49,9 +54,13 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (any::<usize>(), 1u8..).prop_map(|(at, xor)| Edit::Flip { at, xor }),
         // Digits, quotes and brackets are the bytes that change a JSON header's meaning.
-        (any::<usize>(), prop::sample::select(b"0123456789\"{}[],:-eE.x \x00\xff".to_vec()))
+        (
+            any::<usize>(),
+            prop::sample::select(b"0123456789\"{}[],:-eE.x \x00\xff".to_vec())
+        )
             .prop_map(|(at, byte)| Edit::Set { at, byte }),
-        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
         any::<usize>().prop_map(|keep| Edit::Truncate { keep }),
     ]
 }

@@ -29,11 +29,20 @@ fn round_trip_all_dtypes_keeps_values_config_and_scales() {
             let dir = tmp.path().join(format!("{dtype:?}-{}", original.name));
             original.save(&dir, dtype).unwrap();
             let loaded = Adapter::load(&dir).unwrap();
-            assert_eq!(loaded.config.to_json(), original.config.to_json(), "{dtype:?} {}", original.name);
+            assert_eq!(
+                loaded.config.to_json(),
+                original.config.to_json(),
+                "{dtype:?} {}",
+                original.name
+            );
             assert_eq!(loaded.layers.len(), original.layers.len());
             for (path, want) in &original.layers {
                 let got = &loaded.layers[path];
-                assert_eq!((got.r, got.d_in, got.d_out), (want.r, want.d_in, want.d_out), "{path}");
+                assert_eq!(
+                    (got.r, got.d_in, got.d_out),
+                    (want.r, want.d_in, want.d_out),
+                    "{path}"
+                );
                 assert_eq!((got.alpha, got.scale), (want.alpha, want.scale), "{path}");
                 let rounded_a: Vec<f32> = want.a.iter().map(|&x| round(x, dtype)).collect();
                 let rounded_b: Vec<f32> = want.b.iter().map(|&x| round(x, dtype)).collect();
@@ -48,7 +57,9 @@ fn round_trip_all_dtypes_keeps_values_config_and_scales() {
 fn scales_follow_rslora_and_patterns() {
     let tmp = tempfile::tempdir().unwrap();
     for adapter in demo_adapters(3, 5).unwrap() {
-        adapter.save(tmp.path().join(&adapter.name), StoreDtype::F32).unwrap();
+        adapter
+            .save(tmp.path().join(&adapter.name), StoreDtype::F32)
+            .unwrap();
     }
     // adapter_1: r 8, alpha 16, rank_pattern {"query": 3}, alpha_pattern {"layer.1.attention.self.query": 5}
     let a1 = Adapter::load(tmp.path().join("adapter_1")).unwrap();
@@ -76,8 +87,14 @@ fn write_tensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
 fn bytes_as(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
         Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -88,21 +105,35 @@ fn reads_peft_files_in_every_float_dtype_and_both_key_spellings() {
     // Values exactly representable in f16 and bf16, so every dtype reads back the same numbers.
     let a = [0.5f32, -1.25, 3.0, 0.0, 2.0, -0.75]; // (2, 3)
     let b = [1.0f32, -2.0, 0.25, 4.0]; // (2, 2)
-    for (dtype, key_style) in [(Dtype::F32, ""), (Dtype::F16, ".default"), (Dtype::BF16, "")] {
+    for (dtype, key_style) in [
+        (Dtype::F32, ""),
+        (Dtype::F16, ".default"),
+        (Dtype::BF16, ""),
+    ] {
         let dir = tmp.path().join(format!("{dtype:?}"));
         std::fs::create_dir(&dir).unwrap();
-        let config = json!({"r": 2, "lora_alpha": 6, "target_modules": "foo|bar", "peft_type": "LORA"});
+        let config =
+            json!({"r": 2, "lora_alpha": 6, "target_modules": "foo|bar", "peft_type": "LORA"});
         std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
         let ka = format!("base_model.model.blocks.0.foo.lora_A{key_style}.weight");
         let kb = format!("base_model.model.blocks.0.foo.lora_B{key_style}.weight");
         write_tensors(
             &dir.join("adapter_model.safetensors"),
-            &[(&ka, dtype, vec![2, 3], bytes_as(&a, dtype)), (&kb, dtype, vec![2, 2], bytes_as(&b, dtype))],
+            &[
+                (&ka, dtype, vec![2, 3], bytes_as(&a, dtype)),
+                (&kb, dtype, vec![2, 2], bytes_as(&b, dtype)),
+            ],
         );
         let loaded = Adapter::load(&dir).unwrap();
-        assert_eq!(loaded.config.target_modules, TargetModules::Regex("foo|bar".into()));
+        assert_eq!(
+            loaded.config.target_modules,
+            TargetModules::Regex("foo|bar".into())
+        );
         let layer = &loaded.layers["blocks.0.foo"];
-        assert_eq!((layer.r, layer.d_in, layer.d_out, layer.scale), (2, 3, 2, 3.0));
+        assert_eq!(
+            (layer.r, layer.d_in, layer.d_out, layer.scale),
+            (2, 3, 2, 3.0)
+        );
         assert_eq!(layer.a, a, "{dtype:?}");
         assert_eq!(layer.b, b, "{dtype:?}");
     }
@@ -112,7 +143,10 @@ fn reads_peft_files_in_every_float_dtype_and_both_key_spellings() {
 fn unknown_config_fields_survive_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let mut adapter = demo_adapters(1, 0).unwrap().remove(0);
-    adapter.config.raw.insert("zz_custom".into(), json!({"nested": [1, 2.5, "x"]}));
+    adapter
+        .config
+        .raw
+        .insert("zz_custom".into(), json!({"nested": [1, 2.5, "x"]}));
     adapter.config.raw.insert("aa_custom".into(), json!(null));
     adapter.save(tmp.path().join("a"), StoreDtype::F32).unwrap();
     let text = std::fs::read_to_string(tmp.path().join("a/adapter_config.json")).unwrap();
@@ -121,7 +155,10 @@ fn unknown_config_fields_survive_in_order() {
     let written = adapter.config.to_json();
     let want: Vec<&String> = written.as_object().unwrap().keys().collect();
     assert_eq!(keys, want);
-    assert_eq!(loaded.config.raw["zz_custom"], json!({"nested": [1, 2.5, "x"]}));
+    assert_eq!(
+        loaded.config.raw["zz_custom"],
+        json!({"nested": [1, 2.5, "x"]})
+    );
     // The file keeps insertion order, so `zz_custom` comes before `aa_custom`.
     assert!(text.find("zz_custom").unwrap() < text.find("aa_custom").unwrap());
 }
@@ -142,10 +179,20 @@ fn rank_pattern_regex_first_match_decides_the_expected_rank() {
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let mut tensors = Vec::new();
     let mut names = HashMap::new();
-    for (layer, r) in [("layers.0.q", 3usize), ("layers.1.q", 2), ("layers.1.qq", 4)] {
+    for (layer, r) in [
+        ("layers.0.q", 3usize),
+        ("layers.1.q", 2),
+        ("layers.1.qq", 4),
+    ] {
         names.insert(layer, r);
-        tensors.push((format!("base_model.model.{layer}.lora_A.weight"), vec![r, 5]));
-        tensors.push((format!("base_model.model.{layer}.lora_B.weight"), vec![6, r]));
+        tensors.push((
+            format!("base_model.model.{layer}.lora_A.weight"),
+            vec![r, 5],
+        ));
+        tensors.push((
+            format!("base_model.model.{layer}.lora_B.weight"),
+            vec![6, r],
+        ));
     }
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
@@ -154,8 +201,10 @@ fn rank_pattern_regex_first_match_decides_the_expected_rank() {
             (n, s, bytes_as(&vec![0.5; len], Dtype::F32))
         })
         .collect();
-    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> =
-        data.iter().map(|(n, s, b)| (n.as_str(), Dtype::F32, s.clone(), b.clone())).collect();
+    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = data
+        .iter()
+        .map(|(n, s, b)| (n.as_str(), Dtype::F32, s.clone(), b.clone()))
+        .collect();
     write_tensors(&dir.join("adapter_model.safetensors"), &refs);
     let loaded = Adapter::load(&dir).unwrap();
     for (layer, r) in names {
