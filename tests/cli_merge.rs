@@ -93,21 +93,17 @@ fn write_adapter(dir: &Path, spec: &Spec, seed: u64) -> Factors {
         ));
         factors.insert(path.to_string(), (a, b, r));
     }
+    write_f32_tensors(&dir.join("adapter_model.safetensors"), &tensors);
+    factors
+}
+
+/// Writes `(name, shape, f32 bytes)` with the `safetensors` crate.
+fn write_f32_tensors(file: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, s, b)| (n, TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
         .collect();
-    fs::write(
-        dir.join("adapter_model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    factors
+    fs::write(file, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// (d_out, d_in) row-major `Σ_k B[o,k] A[k,i]` in f64.
@@ -186,70 +182,91 @@ fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+fn run_ok(args: &[&str]) {
+    let res = run(args);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{args:?}: {stderr}");
+}
+
 fn dir_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+fn spec(r: usize, alpha: f64, rslora: bool) -> Spec {
+    Spec {
+        r,
+        alpha,
+        rslora,
+        value_override: None,
+    }
+}
+
 fn mixed_specs() -> Vec<Spec> {
-    vec![
-        Spec {
-            r: 2,
-            alpha: 4.0,
-            rslora: false,
-            value_override: None,
-        },
-        Spec {
-            r: 5,
-            alpha: 3.0,
-            rslora: true,
-            value_override: None,
-        },
-        Spec {
-            r: 3,
-            alpha: 7.0,
-            rslora: false,
-            value_override: Some((4, 2.0)),
-        },
-    ]
+    let patterned = Spec {
+        value_override: Some((4, 2.0)),
+        ..spec(3, 7.0, false)
+    };
+    vec![spec(2, 4.0, false), spec(5, 3.0, true), patterned]
+}
+
+/// Writes one adapter per spec as `root/a{i}`; returns their factors and directories.
+fn write_adapters(root: &Path, specs: &[Spec], seed: u64) -> (Vec<Factors>, Vec<PathBuf>) {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let dir = root.join(format!("a{i}"));
+            (write_adapter(&dir, s, seed + i as u64), dir)
+        })
+        .unzip()
+}
+
+/// `merge --adapter DIR …` followed by `extra`.
+fn merge_args<'a>(dirs: &'a [PathBuf], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["merge"];
+    for d in dirs {
+        args.extend(["--adapter", dir_str(d)]);
+    }
+    args.extend(extra);
+    args
+}
+
+/// `Σ_i w_i s_i B_i A_i` at one layer, (d_out, d_in), in f64.
+fn product_sum(
+    specs: &[Spec],
+    factors: &[Factors],
+    w: &[f64],
+    layer: (&str, usize, usize),
+) -> Vec<f64> {
+    let (path, d_in, d_out) = layer;
+    let mut sum = vec![0.0; d_out * d_in];
+    for (i, spec) in specs.iter().enumerate() {
+        let (a, b, r) = &factors[i][path];
+        let c = w[i] * spec.scale(path);
+        for (dst, x) in sum.iter_mut().zip(product(a, b, *r, d_in, d_out)) {
+            *dst += c * x;
+        }
+    }
+    sum
 }
 
 #[test]
 fn merge_cat_equals_weighted_product_sum() {
     let tmp = tempfile::tempdir().unwrap();
     let specs = mixed_specs();
-    let factors: Vec<Factors> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| write_adapter(&tmp.path().join(format!("a{i}")), s, i as u64))
-        .collect();
-    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("a{i}"))).collect();
+    let (factors, dirs) = write_adapters(tmp.path(), &specs, 0);
     for (weights, label) in [(Some([0.7, -1.3, 0.0]), "0.7,-1.3,0"), (None, "uniform")] {
         let out = tmp.path().join(format!("merged-{label}"));
-        let mut args = vec!["merge", "--out", dir_str(&out)];
-        for d in &dirs {
-            args.extend(["--adapter", dir_str(d)]);
-        }
+        let mut args = merge_args(&dirs, &["--out", dir_str(&out)]);
         if weights.is_some() {
             args.extend(["--weights", label]);
         }
-        let res = run(&args);
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
-        );
+        run_ok(&args);
         let w = weights.unwrap_or([1.0 / 3.0; 3]);
         let got = merged_delta(&out);
-        for (path, d_in, d_out) in LAYERS {
-            let mut want = vec![0.0; d_out * d_in];
-            for (i, spec) in specs.iter().enumerate() {
-                let (a, b, r) = &factors[i][path];
-                let c = w[i] * spec.scale(path);
-                for (dst, x) in want.iter_mut().zip(product(a, b, *r, d_in, d_out)) {
-                    *dst += c * x;
-                }
-            }
-            assert_close(&got[path], &want, &format!("cat {label} {path}"));
+        for layer in LAYERS {
+            let want = product_sum(&specs, &factors, &w, layer);
+            assert_close(&got[layer.0], &want, &format!("cat {label} {}", layer.0));
         }
         // PEFT's global rank for cat: Σ_i (largest rank of adapter i) = 2 + 5 + 4.
         let config: Value =
@@ -265,58 +282,19 @@ fn merge_cat_equals_weighted_product_sum() {
 #[test]
 fn merge_linear_equals_peft_factor_sum() {
     let tmp = tempfile::tempdir().unwrap();
-    let specs = [
-        Spec {
-            r: 4,
-            alpha: 8.0,
-            rslora: false,
-            value_override: None,
-        },
-        Spec {
-            r: 4,
-            alpha: 3.0,
-            rslora: true,
-            value_override: None,
-        },
-        Spec {
-            r: 4,
-            alpha: 1.0,
-            rslora: false,
-            value_override: None,
-        },
-    ];
-    let factors: Vec<Factors> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| write_adapter(&tmp.path().join(format!("a{i}")), s, 10 + i as u64))
-        .collect();
+    let specs = [spec(4, 8.0, false), spec(4, 3.0, true), spec(4, 1.0, false)];
+    let (factors, dirs) = write_adapters(tmp.path(), &specs, 10);
     let w = [0.6, -0.9, 0.0];
     let out = tmp.path().join("lin");
-    let (a0, a1, a2) = (
-        tmp.path().join("a0"),
-        tmp.path().join("a1"),
-        tmp.path().join("a2"),
-    );
-    let res = run(&[
-        "merge",
+    let extra = [
         "--mode",
         "linear",
         "--weights",
         "0.6,-0.9,0",
         "--out",
         dir_str(&out),
-        "--adapter",
-        dir_str(&a0),
-        "--adapter",
-        dir_str(&a1),
-        "--adapter",
-        dir_str(&a2),
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ];
+    run_ok(&merge_args(&dirs, &extra));
     let got = merged_delta(&out);
     for (path, d_in, d_out) in LAYERS {
         // (Σ_i √|c_i| B_i)(Σ_j sgn(c_j) √|c_j| A_j), c_i = w_i s_i
@@ -400,39 +378,19 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
 fn fold_into_base_is_w_plus_delta() {
     let tmp = tempfile::tempdir().unwrap();
     let specs = mixed_specs();
-    let factors: Vec<Factors> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| write_adapter(&tmp.path().join(format!("a{i}")), s, 20 + i as u64))
-        .collect();
+    let (factors, dirs) = write_adapters(tmp.path(), &specs, 20);
     let base_path = tmp.path().join("base.safetensors");
     let base = write_base(&base_path);
     let out = tmp.path().join("folded.safetensors");
-    let (a0, a1, a2) = (
-        tmp.path().join("a0"),
-        tmp.path().join("a1"),
-        tmp.path().join("a2"),
-    );
-    let res = run(&[
-        "merge",
+    let extra = [
         "--weights",
         "1,0.5,-2",
         "--base",
         dir_str(&base_path),
         "--out",
         dir_str(&out),
-        "--adapter",
-        dir_str(&a0),
-        "--adapter",
-        dir_str(&a1),
-        "--adapter",
-        dir_str(&a2),
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ];
+    run_ok(&merge_args(&dirs, &extra));
     let w = [1.0, 0.5, -2.0];
     let bytes = fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -440,21 +398,19 @@ fn fold_into_base_is_w_plus_delta() {
     for (name, (dtype, shape, data)) in &base {
         let t = st.tensor(name).unwrap();
         assert_eq!((t.dtype(), t.shape()), (*dtype, shape.as_slice()), "{name}");
-        let Some(&(path, d_in, d_out)) = LAYERS
+        let Some(&layer) = LAYERS
             .iter()
             .find(|l| *name == format!("model.{}.weight", l.0))
         else {
             assert_eq!(t.data(), data.as_slice(), "{name} must be copied unchanged");
             continue;
         };
-        let mut want = decode(*dtype, data);
-        for (i, spec) in specs.iter().enumerate() {
-            let (a, b, r) = &factors[i][path];
-            let c = w[i] * spec.scale(path);
-            want.iter_mut()
-                .zip(product(a, b, *r, d_in, d_out))
-                .for_each(|(dst, x)| *dst += c * x);
-        }
+        let delta = product_sum(&specs, &factors, &w, layer);
+        let want: Vec<f64> = decode(*dtype, data)
+            .iter()
+            .zip(delta)
+            .map(|(w, d)| w + d)
+            .collect();
         let got = decode(*dtype, t.data());
         if *dtype == Dtype::BF16 {
             // bf16 has 8 significant bits: compare to the reference rounded the same way.
@@ -579,16 +535,7 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32
                 .collect::<Vec<u8>>(),
         ));
     }
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    write_f32_tensors(&file, &tensors);
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
@@ -848,7 +795,7 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
     let t = BadInputs::new();
     let out_dir = t.path("out");
     let out = out_dir.join("adapter");
-    let res = run(&[
+    run_ok(&[
         "merge",
         "--adapter",
         dir_str(&t.path("good0")),
@@ -857,11 +804,6 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
         "--out",
         dir_str(&out),
     ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
     let names: Vec<String> = fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -872,7 +814,7 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
     let merged = Adapter::load(&out).unwrap();
     assert_eq!(merged.config.r, 2 + 5);
     let folded = out_dir.join("folded.safetensors");
-    let res = run(&[
+    run_ok(&[
         "merge",
         "--adapter",
         dir_str(&t.path("good0")),
@@ -881,11 +823,6 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
         "--out",
         dir_str(&folded),
     ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
     assert_eq!(fs::read_dir(&out_dir).unwrap().count(), 2);
     assert!(safetensors::SafeTensors::deserialize(&fs::read(&folded).unwrap()).is_ok());
 }
@@ -894,7 +831,7 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
 fn demo_adapters_then_merge_works_and_is_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["d1", "d2"] {
-        let res = run(&[
+        run_ok(&[
             "demo-adapters",
             dir_str(&tmp.path().join(name)),
             "--n",
@@ -902,11 +839,6 @@ fn demo_adapters_then_merge_works_and_is_deterministic() {
             "--seed",
             "7",
         ]);
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
-        );
     }
     assert_eq!(
         snapshot(&tmp.path().join("d1"))
@@ -917,7 +849,7 @@ fn demo_adapters_then_merge_works_and_is_deterministic() {
             .collect::<Vec<_>>()
     );
     let d = tmp.path().join("d1");
-    let res = run(&[
+    run_ok(&[
         "merge",
         "--adapter",
         dir_str(&d.join("adapter_0")),
@@ -932,9 +864,4 @@ fn demo_adapters_then_merge_works_and_is_deterministic() {
         "--out",
         dir_str(&d.join("merged.safetensors")),
     ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
 }
