@@ -214,3 +214,56 @@ fn rank_pattern_regex_first_match_decides_the_expected_rank() {
     assert_eq!(loaded.layers["layers.0.q"].scale, 8.0 / 3.0);
     assert_eq!(loaded.layers["layers.1.qq"].scale, 2.0); // "q" is not a dot-suffix of "qq"
 }
+
+#[test]
+fn unsupported_dtype_and_bad_config_values_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("f64");
+    std::fs::create_dir(&dir).unwrap();
+    let config = json!({"r": 1, "lora_alpha": 1, "target_modules": ["q"]});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let a: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_tensors(
+        &dir.join("adapter_model.safetensors"),
+        &[
+            (
+                "base_model.model.q.lora_A.weight",
+                Dtype::F64,
+                vec![1, 2],
+                a,
+            ),
+            (
+                "base_model.model.q.lora_B.weight",
+                Dtype::F32,
+                vec![1, 1],
+                bytes_as(&[1.0], Dtype::F32),
+            ),
+        ],
+    );
+    let err = Adapter::load(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("base_model.model.q.lora_A.weight") && err.contains("F64"),
+        "{err}"
+    );
+
+    for (field, value, needle) in [
+        ("r", json!(0), "`r` must be a positive integer"),
+        (
+            "lora_alpha",
+            json!("8"),
+            "`lora_alpha` must be a finite number",
+        ),
+        ("target_modules", json!(3), "target_modules"),
+        ("rank_pattern", json!({"q(": 2}), "rank_pattern key `q(`"),
+        ("use_dora", json!(true), "DoRA"),
+    ] {
+        let mut config = config.clone();
+        config[field] = value;
+        std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+        let err = Adapter::load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("adapter_config.json") && err.contains(needle),
+            "{field}: {err}"
+        );
+    }
+}
