@@ -19,6 +19,10 @@ pub enum Error {
     Json { path: PathBuf, msg: String },
     #[error("{path}: tensor `{tensor}`: {msg}")]
     Tensor { path: PathBuf, tensor: String, msg: String },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
     #[error("shape mismatch: {0}")]
     Shape(String),
     #[error("invalid argument: {0}")]
