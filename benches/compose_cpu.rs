@@ -3,16 +3,20 @@
 //! criterion's `Gelem/s` reads as GFLOP/s.
 //!
 //! `cargo bench --bench compose_cpu`
+//!
+//! After criterion's runs, a ratio table: the ceiling GEMM and each composition call are timed
+//! in alternation, best of several rounds each, so a shared, noisy machine slows all of them
+//! alike and the ratios stay meaningful.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use lora_compose::compose::{fast, Mode, ModuleStack, Rows, Shape, Train};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// (T, d_in = d_out, N, r)
 const SHAPES: [(usize, usize, usize, usize); 3] = [(16, 768, 8, 16), (256, 768, 32, 16), (2048, 384, 64, 8)];
-const CEILING_N: usize = 2048;
+const CEILING_N: usize = 1024;
 
 fn rand_vec(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -89,9 +93,108 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Best wall time of `f` over `reps` calls.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn ratio_table() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (a, b) = (
+        rand_vec(&mut rng, CEILING_N * CEILING_N),
+        rand_vec(&mut rng, CEILING_N * CEILING_N),
+    );
+    let mut out = vec![0.0f32; CEILING_N * CEILING_N];
+    let ceiling_flops = 2.0 * (CEILING_N as f64).powi(3);
+    let mut ceiling = || {
+        best_of(8, || {
+            fast::matmul(
+                &mut out,
+                fast::View::new(&a, CEILING_N, CEILING_N),
+                fast::View::new(&b, CEILING_N, CEILING_N),
+                false,
+            )
+        })
+    };
+    println!("\n| shape (T, d, N, r) | pass | best time | GFLOP/s | of GEMM ceiling |");
+    println!("|---|---|---|---|---|");
+    let mut best_ceiling = f64::INFINITY;
+    for (t, d, n, r) in SHAPES {
+        let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..n)
+            .map(|_| (rand_vec(&mut rng, r * d), rand_vec(&mut rng, d * r), 2.0))
+            .collect();
+        let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
+        let modules = ModuleStack::from_modules(d, d, &refs).unwrap();
+        let (w, bias, x, gy) = (
+            rand_vec(&mut rng, d * d),
+            rand_vec(&mut rng, d),
+            rand_vec(&mut rng, t * d),
+            rand_vec(&mut rng, t * d),
+        );
+        let coeffs = vec![1.0 / n as f32; n];
+        let sample_of = vec![0usize; t];
+        let rows = Rows {
+            sample_of: &sample_of,
+            n_samples: 1,
+        };
+        let layer = fast::Layer {
+            w: &w,
+            bias: Some(&bias),
+            modules: &modules,
+            mode: Mode::Product,
+        };
+        let shape = Shape {
+            t,
+            d_in: d,
+            d_out: d,
+            r_total: n * r,
+        };
+        let (_, cache) = fast::forward(&layer, &x, &coeffs, rows).unwrap();
+        let reps = (2e9 / shape.forward_flops()).clamp(3.0, 200.0) as usize;
+        let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            best_ceiling = best_ceiling.min(ceiling());
+            fwd = fwd.min(best_of(reps, || {
+                drop(fast::forward(&layer, &x, &coeffs, rows).unwrap())
+            }));
+            bwd = bwd.min(best_of(reps, || {
+                drop(fast::backward(&layer, &x, &cache, &coeffs, rows, &gy, Train::ALL).unwrap())
+            }));
+        }
+        let ceiling_rate = ceiling_flops / best_ceiling;
+        for (pass, secs, flops) in [
+            ("forward", fwd, shape.forward_flops()),
+            ("backward (all)", bwd, shape.backward_flops()),
+        ] {
+            println!(
+                "| ({t}, {d}, {n}, {r}) | {pass} | {:.3} ms | {:.1} | {:.0}% |",
+                secs * 1e3,
+                flops / secs / 1e9,
+                100.0 * flops / secs / ceiling_rate
+            );
+        }
+    }
+    println!(
+        "| {CEILING_N}³ f32 GEMM | ceiling | {:.1} ms | {:.1} | 100% |",
+        best_ceiling * 1e3,
+        ceiling_flops / best_ceiling / 1e9
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     targets = bench
 }
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ratio_table();
+}
