@@ -22,6 +22,75 @@ fn rand_vec(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// One composition call's inputs: product mode, one shared coefficient row.
+struct Setup {
+    shape: Shape,
+    modules: ModuleStack<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    x: Vec<f32>,
+    gy: Vec<f32>,
+    coeffs: Vec<f32>,
+    sample_of: Vec<usize>,
+}
+
+impl Setup {
+    fn new(rng: &mut ChaCha8Rng, (t, d, n, r): (usize, usize, usize, usize)) -> Self {
+        let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..n)
+            .map(|_| (rand_vec(rng, r * d), rand_vec(rng, d * r), 2.0))
+            .collect();
+        let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
+        Setup {
+            shape: Shape {
+                t,
+                d_in: d,
+                d_out: d,
+                r_total: n * r,
+            },
+            modules: ModuleStack::from_modules(d, d, &refs).unwrap(),
+            w: rand_vec(rng, d * d),
+            bias: rand_vec(rng, d),
+            x: rand_vec(rng, t * d),
+            gy: rand_vec(rng, t * d),
+            coeffs: vec![1.0 / n as f32; n],
+            sample_of: vec![0; t],
+        }
+    }
+
+    fn layer(&self) -> fast::Layer<'_> {
+        fast::Layer {
+            w: &self.w,
+            bias: Some(&self.bias),
+            modules: &self.modules,
+            mode: Mode::Product,
+        }
+    }
+
+    fn rows(&self) -> Rows<'_> {
+        Rows {
+            sample_of: &self.sample_of,
+            n_samples: 1,
+        }
+    }
+
+    fn forward(&self) -> (Vec<f32>, fast::Cache) {
+        fast::forward(&self.layer(), &self.x, &self.coeffs, self.rows()).unwrap()
+    }
+
+    fn backward(&self, cache: &fast::Cache) -> fast::Grads {
+        fast::backward(
+            &self.layer(),
+            &self.x,
+            cache,
+            &self.coeffs,
+            self.rows(),
+            &self.gy,
+            Train::ALL,
+        )
+        .unwrap()
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
 
@@ -45,49 +114,20 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     for (t, d, n, r) in SHAPES {
-        let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..n)
-            .map(|_| (rand_vec(&mut rng, r * d), rand_vec(&mut rng, d * r), 2.0))
-            .collect();
-        let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
-        let modules = ModuleStack::from_modules(d, d, &refs).unwrap();
-        let (w, bias, x, gy) = (
-            rand_vec(&mut rng, d * d),
-            rand_vec(&mut rng, d),
-            rand_vec(&mut rng, t * d),
-            rand_vec(&mut rng, t * d),
-        );
-        let coeffs = vec![1.0 / n as f32; n];
-        let sample_of = vec![0usize; t];
-        let rows = Rows {
-            sample_of: &sample_of,
-            n_samples: 1,
-        };
-        let layer = fast::Layer {
-            w: &w,
-            bias: Some(&bias),
-            modules: &modules,
-            mode: Mode::Product,
-        };
-        let shape = Shape {
-            t,
-            d_in: d,
-            d_out: d,
-            r_total: n * r,
-        };
+        let setup = Setup::new(&mut rng, (t, d, n, r));
+        let shape = setup.shape;
         let id = format!("T{t}_d{d}_N{n}_r{r} flop");
 
         let mut g = c.benchmark_group("compose_forward");
         g.throughput(Throughput::Elements(shape.forward_flops() as u64));
-        g.bench_function(BenchmarkId::from_parameter(&id), |bch| {
-            bch.iter(|| fast::forward(&layer, &x, &coeffs, rows).unwrap())
-        });
+        g.bench_function(BenchmarkId::from_parameter(&id), |bch| bch.iter(|| setup.forward()));
         g.finish();
 
-        let (_, cache) = fast::forward(&layer, &x, &coeffs, rows).unwrap();
+        let (_, cache) = setup.forward();
         let mut g = c.benchmark_group("compose_backward_all");
         g.throughput(Throughput::Elements(shape.backward_flops() as u64));
         g.bench_function(BenchmarkId::from_parameter(&id), |bch| {
-            bch.iter(|| fast::backward(&layer, &x, &cache, &coeffs, rows, &gy, Train::ALL).unwrap())
+            bch.iter(|| setup.backward(&cache))
         });
         g.finish();
     }
@@ -126,46 +166,15 @@ fn ratio_table() {
     println!("|---|---|---|---|---|");
     let mut best_ceiling = f64::INFINITY;
     for (t, d, n, r) in SHAPES {
-        let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..n)
-            .map(|_| (rand_vec(&mut rng, r * d), rand_vec(&mut rng, d * r), 2.0))
-            .collect();
-        let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
-        let modules = ModuleStack::from_modules(d, d, &refs).unwrap();
-        let (w, bias, x, gy) = (
-            rand_vec(&mut rng, d * d),
-            rand_vec(&mut rng, d),
-            rand_vec(&mut rng, t * d),
-            rand_vec(&mut rng, t * d),
-        );
-        let coeffs = vec![1.0 / n as f32; n];
-        let sample_of = vec![0usize; t];
-        let rows = Rows {
-            sample_of: &sample_of,
-            n_samples: 1,
-        };
-        let layer = fast::Layer {
-            w: &w,
-            bias: Some(&bias),
-            modules: &modules,
-            mode: Mode::Product,
-        };
-        let shape = Shape {
-            t,
-            d_in: d,
-            d_out: d,
-            r_total: n * r,
-        };
-        let (_, cache) = fast::forward(&layer, &x, &coeffs, rows).unwrap();
+        let setup = Setup::new(&mut rng, (t, d, n, r));
+        let shape = setup.shape;
+        let (_, cache) = setup.forward();
         let reps = (2e9 / shape.forward_flops()).clamp(3.0, 200.0) as usize;
         let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..3 {
             best_ceiling = best_ceiling.min(ceiling());
-            fwd = fwd.min(best_of(reps, || {
-                drop(fast::forward(&layer, &x, &coeffs, rows).unwrap())
-            }));
-            bwd = bwd.min(best_of(reps, || {
-                drop(fast::backward(&layer, &x, &cache, &coeffs, rows, &gy, Train::ALL).unwrap())
-            }));
+            fwd = fwd.min(best_of(reps, || drop(setup.forward())));
+            bwd = bwd.min(best_of(reps, || drop(setup.backward(&cache))));
         }
         let ceiling_rate = ceiling_flops / best_ceiling;
         for (pass, secs, flops) in [

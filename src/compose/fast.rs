@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::{check_call, Mode, ModuleStack, Rows, Train};
+use super::{GradsOf, LayerOf, Mode, ModuleStack, Rows, Train};
 use crate::{Error, Result};
 
 /// A strided matrix view: element (i, j) is `data[i·rs + j·cs]`.
@@ -108,15 +108,7 @@ pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
 }
 
 /// One composed layer's frozen parts (f32).
-#[derive(Clone, Copy, Debug)]
-pub struct Layer<'a> {
-    /// (d_out, d_in)
-    pub w: &'a [f32],
-    /// (d_out)
-    pub bias: Option<&'a [f32]>,
-    pub modules: &'a ModuleStack<f32>,
-    pub mode: Mode,
-}
+pub type Layer<'a> = LayerOf<'a, f32>;
 
 /// What the forward keeps for the backward.
 #[derive(Clone, Debug, Default)]
@@ -127,22 +119,8 @@ pub struct Cache {
     pub z: Vec<f32>,
 }
 
-/// Gradients; a field is empty when [`Train`] did not ask for it.
-#[derive(Clone, Debug, Default)]
-pub struct Grads {
-    /// (T, d_in)
-    pub dx: Vec<f32>,
-    /// (S, N), accumulated in f64 over tokens.
-    pub dc: Vec<f64>,
-    /// (R, d_in)
-    pub da_cat: Vec<f32>,
-    /// (d_out, R)
-    pub db_cat: Vec<f32>,
-    /// (d_out, d_in)
-    pub dw: Vec<f32>,
-    /// (d_out); empty without a bias.
-    pub dbias: Vec<f32>,
-}
+/// Gradients (f32; `∂C` in f64).
+pub type Grads = GradsOf<f32>;
 
 /// Per-sample diagonal of the product mode: `D[σ, j] = C[σ, i(j)] · s_i` (S, R).
 fn product_diag(m: &ModuleStack<f32>, c: &[f32], n_samples: usize) -> Vec<f32> {
@@ -274,15 +252,7 @@ fn mix_backward(m: &ModuleStack<f32>, mode: Mode, u: &[f32], h: &[f32], c: &[f32
 /// `c` is (S, N): the coefficients themselves.
 pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
     let m = layer.modules;
-    let t_len = check_call(
-        m,
-        layer.mode,
-        layer.w.len(),
-        layer.bias.map(|b| b.len()),
-        x.len(),
-        c.len(),
-        rows,
-    )?;
+    let t_len = layer.check(x.len(), c.len(), rows, None)?;
     let (d_in, d_out, r_total) = (m.d_in, m.d_out, m.total_rank());
     let xv = View::new(x, t_len, d_in);
 
@@ -317,22 +287,8 @@ pub fn backward(
     train: Train,
 ) -> Result<Grads> {
     let m = layer.modules;
-    let t_len = check_call(
-        m,
-        layer.mode,
-        layer.w.len(),
-        layer.bias.map(|b| b.len()),
-        x.len(),
-        c.len(),
-        rows,
-    )?;
+    let t_len = layer.check(x.len(), c.len(), rows, Some(g.len()))?;
     let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
-    if g.len() != t_len * d_out {
-        return Err(Error::Shape(format!(
-            "G has {} elements, expected {t_len}×{d_out}",
-            g.len()
-        )));
-    }
     if cache.u.len() != t_len * r_total || cache.z.len() != t_len * r_total {
         return Err(Error::Shape("the forward cache does not belong to this call".into()));
     }

@@ -300,9 +300,61 @@ impl Shape {
     }
 }
 
-/// Checks the shapes of one call: `w` (d_out × d_in), `bias` (d_out), `x` (T × d_in),
-/// `c` (S × N), token rows; returns T.
-pub(crate) fn check_call<T: Copy + Default>(
+/// One composed layer's frozen parts; `T` is f64 in [`reference`] and f32 in [`fast`].
+#[derive(Clone, Copy, Debug)]
+pub struct LayerOf<'a, T> {
+    /// (d_out, d_in)
+    pub w: &'a [T],
+    /// (d_out)
+    pub bias: Option<&'a [T]>,
+    pub modules: &'a ModuleStack<T>,
+    pub mode: Mode,
+}
+
+impl<T: Copy + Default> LayerOf<'_, T> {
+    /// Checks the shapes of one call — `x` (T × d_in), `c` (S × N), token rows, and `G`
+    /// (T × d_out) for a backward — and returns T.
+    pub(crate) fn check(&self, x_len: usize, c_len: usize, rows: Rows, g_len: Option<usize>) -> Result<usize> {
+        let m = self.modules;
+        let t = check_call(
+            m,
+            self.mode,
+            self.w.len(),
+            self.bias.map(|b| b.len()),
+            x_len,
+            c_len,
+            rows,
+        )?;
+        if let Some(g_len) = g_len {
+            if g_len != t * m.d_out {
+                return Err(Error::Shape(format!(
+                    "G has {g_len} elements, expected {t}×{}",
+                    m.d_out
+                )));
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Gradients of a scalar loss; a field is empty when [`Train`] did not ask for it.
+#[derive(Clone, Debug, Default)]
+pub struct GradsOf<T> {
+    /// (T, d_in)
+    pub dx: Vec<T>,
+    /// (S, N): one row per sample, accumulated in f64 over tokens; [`reduce_rows`] sums them.
+    pub dc: Vec<f64>,
+    /// (R, d_in), stacked like `A_cat`.
+    pub da_cat: Vec<T>,
+    /// (d_out, R), stacked like `B_cat`.
+    pub db_cat: Vec<T>,
+    /// (d_out, d_in)
+    pub dw: Vec<T>,
+    /// (d_out); empty without a bias.
+    pub dbias: Vec<T>,
+}
+
+fn check_call<T: Copy + Default>(
     modules: &ModuleStack<T>,
     mode: Mode,
     w_len: usize,

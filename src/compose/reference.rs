@@ -7,36 +7,14 @@
 // Index loops are the point here: each one is a Σ in DESIGN §2.
 #![allow(clippy::needless_range_loop)]
 
-use super::{check_call, Mode, ModuleStack, Rows, Train};
+use super::{GradsOf, LayerOf, Mode, ModuleStack, Rows, Train};
 use crate::Result;
 
 /// One composed layer's frozen parts (f64).
-#[derive(Clone, Copy, Debug)]
-pub struct Layer<'a> {
-    /// (d_out, d_in)
-    pub w: &'a [f64],
-    /// (d_out)
-    pub bias: Option<&'a [f64]>,
-    pub modules: &'a ModuleStack<f64>,
-    pub mode: Mode,
-}
+pub type Layer<'a> = LayerOf<'a, f64>;
 
-/// Gradients of a scalar loss; a field is empty when [`Train`] did not ask for it.
-#[derive(Clone, Debug, Default)]
-pub struct Grads {
-    /// (T, d_in)
-    pub dx: Vec<f64>,
-    /// (S, N): one row per sample; [`super::reduce_rows`] sums them.
-    pub dc: Vec<f64>,
-    /// (R, d_in), stacked like `A_cat`.
-    pub da_cat: Vec<f64>,
-    /// (d_out, R), stacked like `B_cat`.
-    pub db_cat: Vec<f64>,
-    /// (d_out, d_in)
-    pub dw: Vec<f64>,
-    /// (d_out); empty without a bias.
-    pub dbias: Vec<f64>,
-}
+/// Gradients (f64).
+pub type Grads = GradsOf<f64>;
 
 /// Module i's factors as index functions, with `A_i[j][k]` (r_i × d_in), `B_i[o][j]` (d_out × r_i).
 struct Module<'a> {
@@ -71,15 +49,7 @@ fn modules(m: &ModuleStack<f64>) -> Vec<Module<'_>> {
 /// `c` is (S, N): the coefficients themselves (see [`super::coefficients`]).
 pub fn forward(layer: &Layer, x: &[f64], c: &[f64], rows: Rows) -> Result<Vec<f64>> {
     let m = layer.modules;
-    let t_len = check_call(
-        m,
-        layer.mode,
-        layer.w.len(),
-        layer.bias.map(|b| b.len()),
-        x.len(),
-        c.len(),
-        rows,
-    )?;
+    let t_len = layer.check(x.len(), c.len(), rows, None)?;
     let (d_in, d_out, n) = (m.d_in, m.d_out, m.n());
     let mods = modules(m);
     let mut y = vec![0.0; t_len * d_out]; // (T, d_out)
@@ -131,22 +101,8 @@ pub fn forward(layer: &Layer, x: &[f64], c: &[f64], rows: Rows) -> Result<Vec<f6
 /// Gradients of `L = Σ G ∘ Y` (so `G = ∂L/∂Y`, (T, d_out)) with respect to what `train` asks.
 pub fn backward(layer: &Layer, x: &[f64], c: &[f64], rows: Rows, g: &[f64], train: Train) -> Result<Grads> {
     let m = layer.modules;
-    let t_len = check_call(
-        m,
-        layer.mode,
-        layer.w.len(),
-        layer.bias.map(|b| b.len()),
-        x.len(),
-        c.len(),
-        rows,
-    )?;
+    let t_len = layer.check(x.len(), c.len(), rows, Some(g.len()))?;
     let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
-    if g.len() != t_len * d_out {
-        return Err(crate::Error::Shape(format!(
-            "G has {} elements, expected {t_len}×{d_out}",
-            g.len()
-        )));
-    }
     let mods = modules(m);
     let mut gr = Grads {
         dx: vec![0.0; t_len * d_in],
