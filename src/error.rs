@@ -25,6 +25,8 @@ pub enum Error {
     Arg(String),
     #[error("adapter mismatch: {0}")]
     Mismatch(String),
+    #[error("bad input: {0}")]
+    Input(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
