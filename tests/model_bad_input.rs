@@ -155,7 +155,7 @@ fn empty_long_and_invalid_texts() {
     assert!(e.contains("text 1 is empty"), "{e}");
     // Longer than the 12 positions: cut to [CLS] + 10 pieces + [SEP], reported.
     let long = "the cat sat on the mat ".repeat(4);
-    let out = enc.embed(&[long.clone()], 12, 4).unwrap();
+    let out = enc.embed(std::slice::from_ref(&long), 12, 4).unwrap();
     assert_eq!(out.truncated, vec![(0, 26)]);
     let (ids, _) = enc.tokenize(&[long], 12).unwrap();
     assert_eq!(ids[0].len(), 12);
