@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lora_compose::compose::{fast, Mode, Param};
 use lora_compose::model::train::cross_entropy;
-use lora_compose::model::{bert, Batch, Composition, Config, Library, LoraModule, Model, Trainable};
+use lora_compose::model::{bert, Batch, Composition, Config, Model, Trainable};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -49,25 +49,6 @@ fn median_secs(mut f: impl FnMut(), reps: usize) -> f64 {
         .collect();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[reps / 2]
-}
-
-fn library(model: &Model<f32>, targets: &[&str], n: usize, r: usize, rng: &mut ChaCha8Rng) -> Library {
-    model
-        .resolve_targets(targets)
-        .unwrap()
-        .into_iter()
-        .map(|name| {
-            let l = model.linear(&name).unwrap();
-            let mods = (0..n)
-                .map(|_| LoraModule {
-                    a: (0..r * l.d_in).map(|_| rng.random_range(-0.05f32..0.05)).collect(),
-                    b: (0..l.d_out * r).map(|_| rng.random_range(-0.05f32..0.05)).collect(),
-                    scale: 2.0,
-                })
-                .collect();
-            (name, mods)
-        })
-        .collect()
 }
 
 fn minilm() -> Model<f32> {
@@ -135,7 +116,7 @@ fn bench(c: &mut Criterion) {
     ));
 
     // MiniLM forward + backward, 16 rank-8 modules on query and value, coefficients + head.
-    let lib = library(&model, &["query", "value"], 16, 8, &mut rng);
+    let lib = model.random_library(&["query", "value"], 16, 8, 0.05, 1).unwrap();
     let comp = Composition {
         mode: Mode::Product,
         param: Param::Softmax,

@@ -5,7 +5,7 @@ use lora_compose::check::{compare, Tol};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::model::checkpoint::{self, Parts};
 use lora_compose::model::train::{clip_grad_norm, cross_entropy, epoch_order, evaluate, lr_at, train_step, AdamW};
-use lora_compose::model::{Arch, Batch, Composition, Config, Library, LoraModule, Model, Pool, Trainable};
+use lora_compose::model::{Arch, Batch, Composition, Config, Library, Model, Pool, Trainable};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -18,23 +18,7 @@ fn vit(width: usize, labels: usize) -> Config {
 }
 
 fn library(model: &Model<f32>, targets: &[&str], n: usize, rank: usize, seed: u64) -> Library {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    model
-        .resolve_targets(targets)
-        .unwrap()
-        .into_iter()
-        .map(|name| {
-            let l = model.linear(&name).unwrap();
-            let mods = (0..n)
-                .map(|_| LoraModule {
-                    a: (0..rank * l.d_in).map(|_| rng.random_range(-0.3f32..0.3)).collect(),
-                    b: (0..l.d_out * rank).map(|_| rng.random_range(-0.3f32..0.3)).collect(),
-                    scale: 2.0,
-                })
-                .collect();
-            (name, mods)
-        })
-        .collect()
+    model.random_library(targets, n, rank, 0.3, seed).unwrap()
 }
 
 fn images(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {

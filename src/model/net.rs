@@ -408,6 +408,37 @@ impl<T: Real> Model<T> {
         Ok(())
     }
 
+    /// A synthetic library for the layers `targets` match: `n` modules of rank `rank` each,
+    /// factors uniform in ±`amplitude`, scale 2 — for benchmarks, tests and smoke runs.
+    pub fn random_library(
+        &self,
+        targets: &[&str],
+        n: usize,
+        rank: usize,
+        amplitude: f32,
+        seed: u64,
+    ) -> Result<Library> {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut lib = Library::new();
+        for name in self.resolve_targets(targets)? {
+            let l = self.linear(&name).expect("resolved above");
+            let mods = (0..n)
+                .map(|_| LoraModule {
+                    a: (0..rank * l.d_in)
+                        .map(|_| rng.random_range(-amplitude..amplitude))
+                        .collect(),
+                    b: (0..l.d_out * rank)
+                        .map(|_| rng.random_range(-amplitude..amplitude))
+                        .collect(),
+                    scale: 2.0,
+                })
+                .collect();
+            lib.insert(name, mods);
+        }
+        Ok(lib)
+    }
+
     /// Removes every adapter (LoRA and compositions).
     pub fn detach_adapters(&mut self) {
         for b in &mut self.blocks {
