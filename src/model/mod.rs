@@ -23,6 +23,7 @@
 //! ([`crate::compose::fast`], two GEMMs per layer on the `gemm` crate); `f64` runs its plain
 //! reference, so the hand-written backward can be held to f64 central differences.
 
+pub mod batch;
 pub mod bert;
 pub mod checkpoint;
 pub mod cli;
@@ -41,9 +42,10 @@ use serde::{Deserialize, Serialize};
 use crate::compose::{fast, reference, Mode, ModuleStack, Rows, Train};
 use crate::{Error, Result};
 
+pub use batch::Batch;
 pub use linear::{Adapter, Composition, Library, Linear, LoraModule};
 pub use net::{Embeddings, Model};
-pub use pass::{Batch, Tape};
+pub use pass::{Grads, Tape};
 
 /// The element type of a model: `f32` (fast path) or `f64` (reference path, for gradient checks).
 pub trait Real:

@@ -10,65 +10,9 @@ use super::layers::{
     AttnShape, LnCache,
 };
 use super::net::{Block, Embeddings, LayerNorm, Model};
-use super::{Arch, Linear, Pool, Real, Trainable};
+use super::{Arch, Batch, Linear, Pool, Real, Trainable};
 use crate::compose::Rows;
 use crate::{Error, Result};
-
-/// One batch of inputs, right-padded to a common length T.
-#[derive(Clone, Debug, Default)]
-pub struct Batch {
-    /// B
-    pub batch: usize,
-    /// T (ViT: patches + 1, set by the model)
-    pub seq: usize,
-    /// (B, T) token ids, BERT only.
-    pub ids: Vec<u32>,
-    /// (B, T) token-type ids, BERT only.
-    pub type_ids: Vec<u32>,
-    /// (B, T): true for real tokens.
-    pub mask: Vec<bool>,
-    /// (B, side, side) pixels, ViT only.
-    pub pixels: Vec<f32>,
-}
-
-impl Batch {
-    /// Token sequences (each non-empty), padded with id 0; token type 0 everywhere.
-    pub fn tokens<S: AsRef<[u32]>>(seqs: &[S]) -> Result<Batch> {
-        if let Some(i) = seqs.iter().position(|s| s.as_ref().is_empty()) {
-            return Err(Error::Arg(format!("sequence {i} of the batch has no tokens")));
-        }
-        let t = seqs.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
-        let mut b = Batch {
-            batch: seqs.len(),
-            seq: t,
-            ids: vec![0; seqs.len() * t],
-            type_ids: vec![0; seqs.len() * t],
-            mask: vec![false; seqs.len() * t],
-            pixels: Vec::new(),
-        };
-        for (i, s) in seqs.iter().enumerate() {
-            let s = s.as_ref();
-            b.ids[i * t..i * t + s.len()].copy_from_slice(s);
-            b.mask[i * t..i * t + s.len()].fill(true);
-        }
-        Ok(b)
-    }
-
-    /// Square 1-channel images, `side × side` each, row-major, one after another.
-    pub fn images(pixels: &[f32], side: usize) -> Result<Batch> {
-        if side == 0 || pixels.len() % (side * side) != 0 {
-            return Err(Error::Shape(format!(
-                "{} pixels are not a whole number of {side}×{side} images",
-                pixels.len()
-            )));
-        }
-        Ok(Batch {
-            batch: pixels.len() / (side * side),
-            pixels: pixels.to_vec(),
-            ..Batch::default()
-        })
-    }
-}
 
 /// Gradients by parameter name (see [`Model::params`]); parameters that did not train are absent.
 #[derive(Clone, Debug, Default)]
@@ -168,61 +112,6 @@ fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Ve
 }
 
 impl<T: Real> Model<T> {
-    fn check_batch(&self, batch: &Batch) -> Result<usize> {
-        let c = &self.config;
-        if batch.batch == 0 {
-            return Err(Error::Arg("empty batch".into()));
-        }
-        match c.arch {
-            Arch::Bert => {
-                let n = batch.batch * batch.seq;
-                if batch.ids.len() != n || batch.type_ids.len() != n || batch.mask.len() != n {
-                    return Err(Error::Shape(format!(
-                        "batch of {}×{} tokens has {} ids, {} type ids, {} mask entries",
-                        batch.batch,
-                        batch.seq,
-                        batch.ids.len(),
-                        batch.type_ids.len(),
-                        batch.mask.len()
-                    )));
-                }
-                if batch.seq > c.max_positions {
-                    return Err(Error::Arg(format!(
-                        "sequences of {} tokens exceed the model's {} positions",
-                        batch.seq, c.max_positions
-                    )));
-                }
-                if let Some(&id) = batch.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-                    return Err(Error::Arg(format!(
-                        "token id {id} is outside the vocabulary of {}",
-                        c.vocab_size
-                    )));
-                }
-                if let Some(&id) = batch.type_ids.iter().find(|&&id| id as usize >= c.type_vocab_size) {
-                    return Err(Error::Arg(format!(
-                        "token type {id} is outside the {} types",
-                        c.type_vocab_size
-                    )));
-                }
-                if let Some(b) = batch.mask.chunks(batch.seq.max(1)).position(|m| !m.iter().any(|&x| x)) {
-                    return Err(Error::Arg(format!("sequence {b} of the batch has no real tokens")));
-                }
-                Ok(batch.seq)
-            }
-            Arch::Vit => {
-                let side = c.image_size;
-                if batch.pixels.len() != batch.batch * side * side {
-                    return Err(Error::Shape(format!(
-                        "{} pixels for {} images of {side}×{side}",
-                        batch.pixels.len(),
-                        batch.batch
-                    )));
-                }
-                Ok(c.n_patches() + 1)
-            }
-        }
-    }
-
     /// Logits (B, num_labels) and the tape for [`Model::backward`].
     pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
         let mut tape = self.encode_taped(batch, true)?;
@@ -253,7 +142,7 @@ impl<T: Real> Model<T> {
     }
 
     fn encode_taped(&self, batch: &Batch, keep: bool) -> Result<Tape<T>> {
-        let t = self.check_batch(batch)?;
+        let t = batch.check(&self.config)?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
         let mask = match cfg.arch {

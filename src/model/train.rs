@@ -11,8 +11,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::pass::{Batch, Grads};
-use super::{Kind, Model, Real, Trainable};
+use super::pass::Grads;
+use super::{Batch, Kind, Model, Real, Trainable};
 use crate::{Error, Result};
 
 /// Mean cross-entropy over the batch of `logits` (B, L) against `labels` (B); returns the loss
