@@ -6,8 +6,9 @@
 //! Error budget of a central difference in f64 with step h: truncation h²/6·|L'''| plus
 //! rounding ≈ ε·|L|/h. With h = 1e-5, |L| ≈ 1 and |L'''| ≲ 1e2 on these well-conditioned tiny
 //! models, both are below 2e-9; the tolerance 1e-8 + 1e-6·|g| is ~5× that estimate (measured:
-//! worst error/bound ≤ 0.01, printed with --nocapture) and 10⁵ times smaller than a wrong Jacobian term: dropping the attention softmax's
-//! `− rowsum(P∘∂P)` makes every case here fail by errors of order 1e-1.
+//! worst error/bound ≤ 0.01, printed with --nocapture) and 10⁵ times smaller than a wrong
+//! Jacobian term: dropping the attention softmax's `− rowsum(P∘∂P)` makes every case here fail
+//! by errors of order 1e-1.
 
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::{Mode, Param};
