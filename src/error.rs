@@ -32,6 +32,8 @@ pub enum Error {
     /// A kernel launch or the device behind it failed.
     #[error(transparent)]
     Kernel(#[from] crate::kernels::KernelError),
+    #[error("bad input: {0}")]
+    Input(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -10,11 +10,14 @@
 //! - [`check`]: the one comparison helper every test uses.
 //! - [`peft`]: LoRA adapters in PEFT's on-disk layout, and module libraries.
 //! - [`merge`]: weighted composition written back as an adapter or folded into base weights.
+//! - [`model`]: a small ViT / BERT encoder whose linear layers carry compositions; forward,
+//!   hand-written backward, training pieces, all-MiniLM-L6-v2 weights and sentence embeddings.
 
 pub mod check;
 pub mod compose;
 pub mod error;
 pub mod merge;
+pub mod model;
 pub mod peft;
 // CUDA kernels: the launch interface, the GPU backend and the CPU execution harness.
 pub mod gpu;

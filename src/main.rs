@@ -1,4 +1,4 @@
-//! `lora-compose`: merge PEFT LoRA adapters, or write demo adapters to try it on.
+//! `lora-compose`: merge PEFT LoRA adapters, write demo adapters to try it on, embed sentences.
 //!
 //! Exit status: 0 on success, 1 for an error in the inputs or while writing (printed as
 //! `error: …`), 2 for a malformed command line (clap's usage errors).
@@ -24,6 +24,8 @@ enum Command {
     Merge(MergeArgs),
     /// Write N small random PEFT adapters and a matching base model into DIR.
     DemoAdapters(DemoArgs),
+    /// Sentence embeddings from all-MiniLM-L6-v2 (or a BERT of its layout): one JSON array per line.
+    Embed(lora_compose::model::cli::EmbedArgs),
 }
 
 #[derive(Args)]
@@ -116,9 +118,10 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Merge(args) => run_merge(args),
-        Command::DemoAdapters(args) => run_demo(args),
+    let result = match cli.command {
+        Command::Merge(args) => run_merge(&args),
+        Command::DemoAdapters(args) => run_demo(&args),
+        Command::Embed(args) => lora_compose::model::cli::run_embed(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

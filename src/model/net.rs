@@ -1,0 +1,487 @@
+//! The network's parameters: structure, seeded initialisation, names, adapters.
+//!
+//! Names follow Hugging Face's models (the safetensors of all-MiniLM-L6-v2 load by name), with
+//! adapters under PEFT's names (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) and a
+//! layer's composition values under `<layer>.compose_logits`.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::linear::{randn, Adapter, Composition, Library, Linear, LoraModule, GLOBAL_LOGITS};
+use super::{matches_target, Arch, Config, Kind, Real};
+use crate::{Error, Result};
+
+/// γ and β of one layer norm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNorm<T> {
+    pub name: String,
+    /// (D)
+    pub gamma: Vec<T>,
+    /// (D)
+    pub beta: Vec<T>,
+}
+
+impl<T: Real> LayerNorm<T> {
+    fn new(name: String, d: usize) -> Self {
+        LayerNorm {
+            name,
+            gamma: vec![T::one(); d],
+            beta: vec![T::zero(); d],
+        }
+    }
+    fn map<U: Real>(&self, f: impl Fn(T) -> U) -> LayerNorm<U> {
+        LayerNorm {
+            name: self.name.clone(),
+            gamma: self.gamma.iter().map(|&x| f(x)).collect(),
+            beta: self.beta.iter().map(|&x| f(x)).collect(),
+        }
+    }
+}
+
+/// One encoder block. BERT (post-LN): `ln1` follows attention, `ln2` the MLP. ViT (pre-LN):
+/// `ln1` precedes attention, `ln2` the MLP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block<T> {
+    pub query: Linear<T>,
+    pub key: Linear<T>,
+    pub value: Linear<T>,
+    pub attn_out: Linear<T>,
+    pub ln1: LayerNorm<T>,
+    pub ffn_in: Linear<T>,
+    pub ffn_out: Linear<T>,
+    pub ln2: LayerNorm<T>,
+}
+
+impl<T> Block<T> {
+    pub fn linears(&self) -> [&Linear<T>; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.ffn_in,
+            &self.ffn_out,
+        ]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear<T>; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.ffn_in,
+            &mut self.ffn_out,
+        ]
+    }
+}
+
+/// The input side of the network.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Embeddings<T> {
+    Bert {
+        /// (V, D)
+        word: Vec<T>,
+        /// (P, D)
+        position: Vec<T>,
+        /// (types, D)
+        token_type: Vec<T>,
+        ln: LayerNorm<T>,
+    },
+    Vit {
+        /// (D, p²): a 1-channel p×p convolution with stride p, as a linear layer on patches.
+        patch: Linear<T>,
+        /// (D)
+        cls: Vec<T>,
+        /// (patches + 1, D)
+        position: Vec<T>,
+    },
+}
+
+/// The whole network. See the module docs of [`crate::model`] for the math.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model<T> {
+    pub config: Config,
+    pub embeddings: Embeddings<T>,
+    pub blocks: Vec<Block<T>>,
+    /// ViT only: the layer norm after the last block.
+    pub final_ln: Option<LayerNorm<T>>,
+    /// (num_labels, D): `classifier`.
+    pub head: Linear<T>,
+    /// How composed layers mix their modules; `None` until a library is attached.
+    pub composition: Option<Composition>,
+    /// (N): the global composition row, when `composition.global`.
+    pub global_v: Vec<T>,
+}
+
+/// One named parameter: `D` is `&Vec<T>` or `&mut Vec<T>`.
+#[derive(Debug)]
+pub struct Param<'a, D> {
+    pub name: String,
+    pub kind: Kind,
+    pub shape: Vec<usize>,
+    pub data: D,
+    _life: std::marker::PhantomData<&'a ()>,
+}
+
+fn param<'a, D>(name: String, kind: Kind, shape: Vec<usize>, data: D) -> Param<'a, D> {
+    Param {
+        name,
+        kind,
+        shape,
+        data,
+        _life: std::marker::PhantomData,
+    }
+}
+
+/// Lists every parameter of a model in one fixed order (base, head, then adapters), borrowed
+/// shared or mutably (`$($m)?` is `mut` or nothing), so both views share one traversal.
+macro_rules! collect_params {
+    ($model:expr, $($m:tt)?) => {{
+        let model = $model;
+        let (d, types) = (model.config.hidden, model.config.type_vocab_size);
+        let (vocab, positions) = (model.config.vocab_size, model.config.max_positions);
+        let tokens = model.config.n_patches() + 1;
+        let mut base = Vec::new();
+        let mut adapters = Vec::new();
+        macro_rules! ln {
+            ($ln:expr) => {{
+                let LayerNorm { name, gamma, beta } = $ln;
+                base.push(param(format!("{name}.weight"), Kind::Base, vec![d], gamma));
+                base.push(param(format!("{name}.bias"), Kind::Base, vec![d], beta));
+            }};
+        }
+        macro_rules! lin {
+            ($lin:expr, $kind:expr) => {{
+                let Linear { name, d_in, d_out, w, b, modules, adapter } = $lin;
+                let (d_in, d_out) = (*d_in, *d_out);
+                base.push(param(format!("{name}.weight"), $kind, vec![d_out, d_in], w));
+                base.push(param(format!("{name}.bias"), $kind, vec![d_out], b));
+                let r = modules.total_rank();
+                match adapter {
+                    Adapter::None => {}
+                    Adapter::Lora => {
+                        adapters.push(param(format!("{name}.lora_A.weight"), Kind::LoraA, vec![r, d_in], & $($m)? modules.a_cat));
+                        adapters.push(param(format!("{name}.lora_B.weight"), Kind::LoraB, vec![d_out, r], & $($m)? modules.b_cat));
+                    }
+                    Adapter::Compose { v } => {
+                        if !v.is_empty() {
+                            let n = v.len();
+                            adapters.push(param(format!("{name}.compose_logits"), Kind::LayerCoeffs, vec![n], v));
+                        }
+                    }
+                }
+            }};
+        }
+        match & $($m)? model.embeddings {
+            Embeddings::Bert { word, position, token_type, ln } => {
+                base.push(param("embeddings.word_embeddings.weight".into(), Kind::Base, vec![vocab, d], word));
+                base.push(param("embeddings.position_embeddings.weight".into(), Kind::Base, vec![positions, d], position));
+                base.push(param("embeddings.token_type_embeddings.weight".into(), Kind::Base, vec![types, d], token_type));
+                ln!(ln);
+            }
+            Embeddings::Vit { patch, cls, position } => {
+                base.push(param("embeddings.cls_token".into(), Kind::Base, vec![d], cls));
+                base.push(param("embeddings.position_embeddings".into(), Kind::Base, vec![tokens, d], position));
+                lin!(patch, Kind::Base);
+            }
+        }
+        for blk in & $($m)? model.blocks {
+            let Block { query, key, value, attn_out, ln1, ffn_in, ffn_out, ln2 } = blk;
+            lin!(query, Kind::Base);
+            lin!(key, Kind::Base);
+            lin!(value, Kind::Base);
+            lin!(attn_out, Kind::Base);
+            ln!(ln1);
+            lin!(ffn_in, Kind::Base);
+            lin!(ffn_out, Kind::Base);
+            ln!(ln2);
+        }
+        if let Some(ln) = & $($m)? model.final_ln {
+            ln!(ln);
+        }
+        lin!(& $($m)? model.head, Kind::Head);
+        if model.composition.is_some_and(|c| c.global) {
+            let n = model.global_v.len();
+            adapters.push(param(GLOBAL_LOGITS.into(), Kind::GlobalCoeffs, vec![n], & $($m)? model.global_v));
+        }
+        base.extend(adapters);
+        base
+    }};
+}
+
+impl<T: Real> Model<T> {
+    /// A seeded random model: weights and embeddings `N(0, 0.02²)` (BERT's and ViT's
+    /// initializer range), biases 0, layer norms γ = 1, β = 0. No adapters.
+    pub fn init(config: Config, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (d, f, std) = (config.hidden, config.intermediate, 0.02);
+        let bert = config.arch == Arch::Bert;
+        let embeddings = if bert {
+            Embeddings::Bert {
+                word: randn(&mut rng, config.vocab_size * d, std),
+                position: randn(&mut rng, config.max_positions * d, std),
+                token_type: randn(&mut rng, config.type_vocab_size * d, std),
+                ln: LayerNorm::new("embeddings.LayerNorm".into(), d),
+            }
+        } else {
+            let p2 = config.patch_size * config.patch_size;
+            Embeddings::Vit {
+                patch: Linear::init("embeddings.patch_embeddings.projection", p2, d, std, &mut rng),
+                cls: randn(&mut rng, d, std),
+                position: randn(&mut rng, (config.n_patches() + 1) * d, std),
+            }
+        };
+        let blocks = (0..config.layers)
+            .map(|l| {
+                let p = format!("encoder.layer.{l}");
+                let att = if bert { "attention.self" } else { "attention.attention" };
+                let (ln1, ln2) = if bert {
+                    ("attention.output.LayerNorm", "output.LayerNorm")
+                } else {
+                    ("layernorm_before", "layernorm_after")
+                };
+                Block {
+                    query: Linear::init(format!("{p}.{att}.query"), d, d, std, &mut rng),
+                    key: Linear::init(format!("{p}.{att}.key"), d, d, std, &mut rng),
+                    value: Linear::init(format!("{p}.{att}.value"), d, d, std, &mut rng),
+                    attn_out: Linear::init(format!("{p}.attention.output.dense"), d, d, std, &mut rng),
+                    ln1: LayerNorm::new(format!("{p}.{ln1}"), d),
+                    ffn_in: Linear::init(format!("{p}.intermediate.dense"), d, f, std, &mut rng),
+                    ffn_out: Linear::init(format!("{p}.output.dense"), f, d, std, &mut rng),
+                    ln2: LayerNorm::new(format!("{p}.{ln2}"), d),
+                }
+            })
+            .collect();
+        Ok(Model {
+            final_ln: (!bert).then(|| LayerNorm::new("layernorm".into(), d)),
+            head: Linear::init("classifier", d, config.num_labels, std, &mut rng),
+            config,
+            embeddings,
+            blocks,
+            composition: None,
+            global_v: Vec::new(),
+        })
+    }
+
+    /// Every parameter in a fixed order: base (embeddings, blocks, final norm), head, adapters.
+    pub fn params(&self) -> Vec<Param<'_, &Vec<T>>> {
+        collect_params!(self,)
+    }
+
+    pub fn params_mut(&mut self) -> Vec<Param<'_, &mut Vec<T>>> {
+        collect_params!(self, mut)
+    }
+
+    /// The same model in another element type.
+    pub fn cast<U: Real>(&self) -> Model<U> {
+        let f = |x: T| U::of(x.into());
+        Model {
+            config: self.config.clone(),
+            embeddings: match &self.embeddings {
+                Embeddings::Bert {
+                    word,
+                    position,
+                    token_type,
+                    ln,
+                } => Embeddings::Bert {
+                    word: word.iter().map(|&x| f(x)).collect(),
+                    position: position.iter().map(|&x| f(x)).collect(),
+                    token_type: token_type.iter().map(|&x| f(x)).collect(),
+                    ln: ln.map(f),
+                },
+                Embeddings::Vit { patch, cls, position } => Embeddings::Vit {
+                    patch: patch.map(f),
+                    cls: cls.iter().map(|&x| f(x)).collect(),
+                    position: position.iter().map(|&x| f(x)).collect(),
+                },
+            },
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    query: b.query.map(f),
+                    key: b.key.map(f),
+                    value: b.value.map(f),
+                    attn_out: b.attn_out.map(f),
+                    ln1: b.ln1.map(f),
+                    ffn_in: b.ffn_in.map(f),
+                    ffn_out: b.ffn_out.map(f),
+                    ln2: b.ln2.map(f),
+                })
+                .collect(),
+            final_ln: self.final_ln.as_ref().map(|l| l.map(f)),
+            head: self.head.map(f),
+            composition: self.composition,
+            global_v: self.global_v.iter().map(|&x| f(x)).collect(),
+        }
+    }
+
+    /// Every block linear layer's PEFT module path, bottom to top.
+    pub fn layer_names(&self) -> Vec<String> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears().map(|l| l.name.clone()))
+            .collect()
+    }
+
+    pub fn linear(&self, path: &str) -> Option<&Linear<T>> {
+        self.blocks.iter().flat_map(|b| b.linears()).find(|l| l.name == path)
+    }
+
+    pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear<T>> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .find(|l| l.name == path)
+    }
+
+    /// Block layers matching PEFT-style targets (see [`super::matches_target`]); every target
+    /// must match at least one layer.
+    pub fn resolve_targets(&self, targets: &[&str]) -> Result<Vec<String>> {
+        let names = self.layer_names();
+        for t in targets {
+            if !names.iter().any(|n| matches_target(n, t)) {
+                return Err(Error::Arg(format!(
+                    "target `{t}` matches no linear layer (layers are named like `{}`)",
+                    names.first().map(String::as_str).unwrap_or("")
+                )));
+            }
+        }
+        Ok(names
+            .into_iter()
+            .filter(|n| targets.iter().any(|t| matches_target(n, t)))
+            .collect())
+    }
+
+    /// Attaches one trainable LoRA (rank r, scale alpha/r) to every layer the targets match.
+    /// Returns the layers' paths.
+    pub fn attach_lora(&mut self, targets: &[&str], rank: usize, alpha: f64, seed: u64) -> Result<Vec<String>> {
+        let paths = self.resolve_targets(targets)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for p in &paths {
+            self.linear_mut(p)
+                .expect("resolved above")
+                .attach_lora(rank, alpha, &mut rng)?;
+        }
+        Ok(paths)
+    }
+
+    /// Attaches a module library: each named layer gets its modules, frozen, mixed per `comp`.
+    /// Layers not in the library stay as they are. A global composition needs the same module
+    /// count N on every layer; its row starts uniform (softmax of zeros, or 1/N when raw).
+    pub fn attach_composition(&mut self, library: &Library, comp: Composition) -> Result<()> {
+        let mut n_global = None;
+        for (path, modules) in library {
+            let known = self.layer_names();
+            let lin = self.linear_mut(path).ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "module library names layer `{path}`, which this model does not have (it has e.g. `{}`)",
+                    known.first().map(String::as_str).unwrap_or("")
+                ))
+            })?;
+            if comp.global {
+                if let Some(n) = n_global.filter(|&n| n != modules.len()) {
+                    return Err(Error::Mismatch(format!(
+                        "a global composition needs equal module counts: layer `{path}` has {}, others {n}",
+                        modules.len()
+                    )));
+                }
+                n_global = Some(modules.len());
+            }
+            lin.attach_library(modules, comp)?;
+        }
+        self.composition = Some(comp);
+        self.global_v = match n_global {
+            Some(n) => {
+                let init = if comp.param == crate::compose::Param::Raw {
+                    1.0 / n as f64
+                } else {
+                    0.0
+                };
+                vec![T::of(init); n]
+            }
+            None => Vec::new(),
+        };
+        Ok(())
+    }
+
+    /// A synthetic library for the layers `targets` match: `n` modules of rank `rank` each,
+    /// factors uniform in ±`amplitude`, scale 2 — for benchmarks, tests and smoke runs.
+    pub fn random_library(
+        &self,
+        targets: &[&str],
+        n: usize,
+        rank: usize,
+        amplitude: f32,
+        seed: u64,
+    ) -> Result<Library> {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut lib = Library::new();
+        for name in self.resolve_targets(targets)? {
+            let l = self.linear(&name).expect("resolved above");
+            let mods = (0..n)
+                .map(|_| LoraModule {
+                    a: (0..rank * l.d_in)
+                        .map(|_| rng.random_range(-amplitude..amplitude))
+                        .collect(),
+                    b: (0..l.d_out * rank)
+                        .map(|_| rng.random_range(-amplitude..amplitude))
+                        .collect(),
+                    scale: 2.0,
+                })
+                .collect();
+            lib.insert(name, mods);
+        }
+        Ok(lib)
+    }
+
+    /// Removes every adapter (LoRA and compositions).
+    pub fn detach_adapters(&mut self) {
+        for b in &mut self.blocks {
+            for l in b.linears_mut() {
+                l.detach();
+            }
+        }
+        self.composition = None;
+        self.global_v.clear();
+    }
+
+    /// The trained LoRAs as library modules (f32), e.g. to compose later.
+    pub fn lora_modules(&self) -> Library {
+        let mut out = BTreeMap::new();
+        for l in self.blocks.iter().flat_map(|b| b.linears()) {
+            if l.adapter == Adapter::Lora {
+                out.insert(
+                    l.name.clone(),
+                    vec![LoraModule {
+                        a: l.modules.a_cat.iter().map(|&x| x.into() as f32).collect(),
+                        b: l.modules.b_cat.iter().map(|&x| x.into() as f32).collect(),
+                        scale: l.modules.scales[0].into() as f32,
+                    }],
+                );
+            }
+        }
+        out
+    }
+
+    /// Number of elements of the parameters that `trainable` trains.
+    pub fn trainable_count(&self, trainable: super::Trainable) -> usize {
+        self.params()
+            .iter()
+            .filter(|p| trainable.trains(p.kind) && !self.frozen_coeffs(p.kind))
+            .map(|p| p.data.len())
+            .sum()
+    }
+
+    /// Uniform compositions list their values but never train them.
+    pub(crate) fn frozen_coeffs(&self, kind: Kind) -> bool {
+        matches!(kind, Kind::LayerCoeffs | Kind::GlobalCoeffs)
+            && self
+                .composition
+                .is_none_or(|c| c.param == crate::compose::Param::Uniform)
+    }
+}

@@ -1,0 +1,563 @@
+//! Forward and hand-written backward of the whole network.
+//!
+//! The forward keeps a [`Tape`] of what each backward step needs; the backward walks it top
+//! down and stops below the lowest block that has anything to train.
+
+use std::collections::BTreeMap;
+
+use super::layers::{
+    add, attention_backward, attention_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
+    AttnShape, LnCache,
+};
+use super::net::{Block, Embeddings, LayerNorm, Model};
+use super::{Arch, Batch, Linear, Pool, Real, Trainable};
+use crate::compose::Rows;
+use crate::{Error, Result};
+
+/// Gradients by parameter name (see [`Model::params`]); parameters that did not train are absent.
+#[derive(Clone, Debug, Default)]
+pub struct Grads<T> {
+    pub map: BTreeMap<String, Vec<T>>,
+}
+
+impl<T: Real> Grads<T> {
+    /// Adds `g` into the gradient of `name` (creating it).
+    pub fn add(&mut self, name: &str, g: Vec<T>) {
+        match self.map.get_mut(name) {
+            Some(acc) => {
+                for (a, x) in acc.iter_mut().zip(g) {
+                    *a += x;
+                }
+            }
+            None => {
+                self.map.insert(name.to_string(), g);
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[T]> {
+        self.map.get(name).map(|v| v.as_slice())
+    }
+
+    /// The global L2 norm over every gradient, in f64.
+    pub fn norm(&self) -> f64 {
+        self.map
+            .values()
+            .flat_map(|v| v.iter())
+            .map(|&x| {
+                let x: f64 = x.into();
+                x * x
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+/// A linear layer's forward leftovers: its cache and the coefficients it used.
+struct LinTape<T: Real> {
+    cache: T::LinCache,
+    c: Vec<T>,
+}
+
+/// What one block keeps. ViT: `qkv_in = LN₁(x)`, `mlp_in = LN₂(h₁)`. BERT: `qkv_in = x`,
+/// `mlp_in = LN₁(x + attn)`.
+struct BlockTape<T: Real> {
+    qkv_in: Vec<T>,
+    ln1: LnCache<T>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    /// (B, H, T, T)
+    probs: Vec<T>,
+    ctx: Vec<T>,
+    mlp_in: Vec<T>,
+    ln2: LnCache<T>,
+    /// (B·T, F) before GELU
+    f1: Vec<T>,
+    /// (B·T, F) after GELU
+    g: Vec<T>,
+    /// query, key, value, attn_out, ffn_in, ffn_out
+    lin: Vec<LinTape<T>>,
+}
+
+/// Everything the backward needs from one forward.
+pub struct Tape<T: Real> {
+    batch: usize,
+    seq: usize,
+    mask: Vec<bool>,
+    ids: Vec<u32>,
+    type_ids: Vec<u32>,
+    /// ViT: (B·patches, p²)
+    patches: Vec<T>,
+    patch: Option<LinTape<T>>,
+    emb_ln: Option<LnCache<T>>,
+    blocks: Vec<BlockTape<T>>,
+    final_ln: Option<LnCache<T>>,
+    /// (B, D): the head's input
+    pooled: Vec<T>,
+    head: Option<LinTape<T>>,
+}
+
+fn add_into<T: Real>(acc: &mut [T], x: &[T]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a += x;
+    }
+}
+
+fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Vec<T>) {
+    if !dg.is_empty() {
+        grads.add(&format!("{}.weight", ln.name), dg);
+        grads.add(&format!("{}.bias", ln.name), db);
+    }
+}
+
+impl<T: Real> Model<T> {
+    /// Logits (B, num_labels) and the tape for [`Model::backward`].
+    pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
+        let mut tape = self.encode_taped(batch, true)?;
+        let zeros = vec![0usize; tape.batch];
+        let rows = Rows {
+            sample_of: &zeros,
+            n_samples: 1,
+        };
+        let (logits, cache) = self.head.forward(None, &tape.pooled, &[], rows)?;
+        tape.head = Some(LinTape { cache, c: Vec::new() });
+        Ok((logits, tape))
+    }
+
+    /// Logits (B, num_labels) without keeping a tape.
+    pub fn logits(&self, batch: &Batch) -> Result<Vec<T>> {
+        let pooled = self.encode(batch)?;
+        let zeros = vec![0usize; batch.batch];
+        let rows = Rows {
+            sample_of: &zeros,
+            n_samples: 1,
+        };
+        Ok(self.head.forward(None, &pooled, &[], rows)?.0)
+    }
+
+    /// The pooled encoder output (B, D), the head's input, without keeping a tape.
+    pub fn encode(&self, batch: &Batch) -> Result<Vec<T>> {
+        Ok(self.encode_taped(batch, false)?.pooled)
+    }
+
+    fn encode_taped(&self, batch: &Batch, keep: bool) -> Result<Tape<T>> {
+        let t = batch.check(&self.config)?;
+        let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
+        let comp = self.composition;
+        let mask = match cfg.arch {
+            Arch::Bert => batch.mask.clone(),
+            Arch::Vit => vec![true; b * t],
+        };
+        let zeros = vec![0usize; b * t];
+        let rows = |n: usize| Rows {
+            sample_of: &zeros[..n],
+            n_samples: 1,
+        };
+        let mut tape = Tape {
+            batch: b,
+            seq: t,
+            mask,
+            ids: batch.ids.clone(),
+            type_ids: batch.type_ids.clone(),
+            patches: Vec::new(),
+            patch: None,
+            emb_ln: None,
+            blocks: Vec::new(),
+            final_ln: None,
+            pooled: Vec::new(),
+            head: None,
+        };
+        // (B·T, D)
+        let mut h = vec![T::zero(); b * t * d];
+        match &self.embeddings {
+            Embeddings::Bert {
+                word,
+                position,
+                token_type,
+                ln,
+            } => {
+                for (r, row) in h.chunks_mut(d).enumerate() {
+                    let (id, tt, pos) = (batch.ids[r] as usize, batch.type_ids[r] as usize, r % t);
+                    let (we, pe, te) = (
+                        &word[id * d..][..d],
+                        &position[pos * d..][..d],
+                        &token_type[tt * d..][..d],
+                    );
+                    for j in 0..d {
+                        row[j] = we[j] + pe[j] + te[j];
+                    }
+                }
+                let (y, cache) = layernorm_forward(&h, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
+                h = y;
+                tape.emb_ln = Some(cache);
+            }
+            Embeddings::Vit { patch, cls, position } => {
+                let (p, side, np) = (cfg.patch_size, cfg.image_size, cfg.n_patches());
+                let grid = side / p;
+                // (B·patches, p²): patch (gy, gx) row-major, pixels row-major inside it.
+                let mut patches = vec![T::zero(); b * np * p * p];
+                for (pi, out) in patches.chunks_mut(p * p).enumerate() {
+                    let (img, k) = (pi / np, pi % np);
+                    let (gy, gx) = (k / grid, k % grid);
+                    for y in 0..p {
+                        for x in 0..p {
+                            out[y * p + x] =
+                                T::of(batch.pixels[img * side * side + (gy * p + y) * side + gx * p + x] as f64);
+                        }
+                    }
+                }
+                let (pe, cache) = patch.forward(None, &patches, &[], rows(b * np))?;
+                for img in 0..b {
+                    for tok in 0..t {
+                        let row = &mut h[(img * t + tok) * d..(img * t + tok + 1) * d];
+                        let src = if tok == 0 {
+                            &cls[..]
+                        } else {
+                            &pe[(img * np + tok - 1) * d..][..d]
+                        };
+                        for j in 0..d {
+                            row[j] = src[j] + position[tok * d + j];
+                        }
+                    }
+                }
+                if keep {
+                    tape.patches = patches;
+                    tape.patch = Some(LinTape { cache, c: Vec::new() });
+                }
+            }
+        }
+        let shape = AttnShape {
+            batch: b,
+            seq: t,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim(),
+        };
+        let pre = cfg.arch == Arch::Vit;
+        let lin = |l: &Linear<T>, x: &[T]| -> Result<(Vec<T>, LinTape<T>)> {
+            let c = l.coefficients(comp, &self.global_v);
+            let (y, cache) = l.forward(comp, x, &c, rows(b * t))?;
+            Ok((y, LinTape { cache, c }))
+        };
+        for blk in &self.blocks {
+            let x = h;
+            let (qkv_in, ln1) = if pre {
+                layernorm_forward(&x, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps)
+            } else {
+                (Vec::new(), LnCache::default())
+            };
+            let a_in = if pre { &qkv_in } else { &x };
+            let (q, tq) = lin(&blk.query, a_in)?;
+            let (k, tk) = lin(&blk.key, a_in)?;
+            let (v, tv) = lin(&blk.value, a_in)?;
+            let (ctx, probs) = attention_forward(&q, &k, &v, &tape.mask, shape);
+            let (o, to) = lin(&blk.attn_out, &ctx)?;
+            let h1 = add(&x, &o);
+            let (mlp_in, ln1, ln2_pre) = if pre {
+                let (y, c2) = layernorm_forward(&h1, &blk.ln2.gamma, &blk.ln2.beta, cfg.layer_norm_eps);
+                (y, ln1, Some(c2))
+            } else {
+                let (y, c1) = layernorm_forward(&h1, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps);
+                (y, c1, None)
+            };
+            let (f1, t1) = lin(&blk.ffn_in, &mlp_in)?;
+            let g = gelu_forward(&f1);
+            let (f2, t2) = lin(&blk.ffn_out, &g)?;
+            let (out, ln2) = if pre {
+                (add(&h1, &f2), ln2_pre.expect("pre-LN keeps LN₂"))
+            } else {
+                layernorm_forward(&add(&mlp_in, &f2), &blk.ln2.gamma, &blk.ln2.beta, cfg.layer_norm_eps)
+            };
+            if keep {
+                tape.blocks.push(BlockTape {
+                    qkv_in: if pre { qkv_in } else { x },
+                    ln1,
+                    q,
+                    k,
+                    v,
+                    probs,
+                    ctx,
+                    mlp_in,
+                    ln2,
+                    f1,
+                    g,
+                    lin: vec![tq, tk, tv, to, t1, t2],
+                });
+            }
+            h = out;
+        }
+        if let Some(ln) = &self.final_ln {
+            let (y, cache) = layernorm_forward(&h, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
+            h = y;
+            tape.final_ln = Some(cache);
+        }
+        // (B, D)
+        let mut pooled = vec![T::zero(); b * d];
+        for (img, out) in pooled.chunks_mut(d).enumerate() {
+            match cfg.pool {
+                Pool::Cls => out.copy_from_slice(&h[img * t * d..img * t * d + d]),
+                Pool::Mean => {
+                    let m = &tape.mask[img * t..(img + 1) * t];
+                    let n = m.iter().filter(|&&x| x).count();
+                    for (tok, _) in m.iter().enumerate().filter(|(_, &x)| x) {
+                        add_into(out, &h[(img * t + tok) * d..(img * t + tok + 1) * d]);
+                    }
+                    let inv = T::one() / T::of(n as f64);
+                    out.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+        }
+        tape.pooled = pooled;
+        Ok(tape)
+    }
+
+    /// Gradients of a loss whose gradient with respect to the logits is `dlogits` (B, labels),
+    /// for the parameters `trainable` selects.
+    pub fn backward(&self, tape: &Tape<T>, dlogits: &[T], trainable: Trainable) -> Result<Grads<T>> {
+        let (b, t, d, cfg) = (tape.batch, tape.seq, self.config.hidden, &self.config);
+        let head_tape = tape
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Arg("backward needs the tape of Model::forward".into()))?;
+        if dlogits.len() != b * cfg.num_labels {
+            return Err(Error::Shape(format!(
+                "∂logits has {} elements, expected {b}×{}",
+                dlogits.len(),
+                cfg.num_labels
+            )));
+        }
+        let comp = self.composition;
+        let mut grads = Grads::default();
+        let emb_trains = trainable.base;
+        let lowest = if emb_trains {
+            Some(0)
+        } else {
+            self.blocks
+                .iter()
+                .position(|blk| blk.linears().iter().any(|l| l.trains(trainable, comp, false)))
+        };
+        let zeros = vec![0usize; b * t.max(cfg.n_patches())];
+        let rows = |n: usize| Rows {
+            sample_of: &zeros[..n],
+            n_samples: 1,
+        };
+        let dpooled = self.head.backward(
+            None,
+            &[],
+            &tape.pooled,
+            &head_tape.cache,
+            &[],
+            rows(b),
+            dlogits,
+            trainable,
+            true,
+            lowest.is_some(),
+            &mut grads,
+        )?;
+        let Some(lowest) = lowest else {
+            return Ok(grads);
+        };
+        // (B·T, D)
+        let mut dh = vec![T::zero(); b * t * d];
+        for (img, g) in dpooled.chunks(d).enumerate() {
+            match cfg.pool {
+                Pool::Cls => dh[img * t * d..img * t * d + d].copy_from_slice(g),
+                Pool::Mean => {
+                    let m = &tape.mask[img * t..(img + 1) * t];
+                    let inv = T::one() / T::of(m.iter().filter(|&&x| x).count() as f64);
+                    for (tok, _) in m.iter().enumerate().filter(|(_, &x)| x) {
+                        for (o, &x) in dh[(img * t + tok) * d..(img * t + tok + 1) * d].iter_mut().zip(g) {
+                            *o = x * inv;
+                        }
+                    }
+                }
+            }
+        }
+        if let (Some(ln), Some(cache)) = (&self.final_ln, &tape.final_ln) {
+            let (dx, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, trainable.base);
+            ln_grads(&mut grads, ln, dg, db);
+            dh = dx;
+        }
+        if tape.blocks.len() != self.blocks.len() {
+            return Err(Error::Arg("the tape does not belong to this model".into()));
+        }
+        let shape = AttnShape {
+            batch: b,
+            seq: t,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim(),
+        };
+        for l in (lowest..self.blocks.len()).rev() {
+            let need_dx = l > lowest || emb_trains;
+            dh = self.block_backward(
+                &self.blocks[l],
+                &tape.blocks[l],
+                dh,
+                tape,
+                shape,
+                trainable,
+                need_dx,
+                &mut grads,
+            )?;
+        }
+        if emb_trains {
+            self.embeddings_backward(tape, dh, trainable, &mut grads)?;
+        }
+        Ok(grads)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        blk: &Block<T>,
+        bt: &BlockTape<T>,
+        dout: Vec<T>,
+        tape: &Tape<T>,
+        shape: AttnShape,
+        trainable: Trainable,
+        need_dx: bool,
+        grads: &mut Grads<T>,
+    ) -> Result<Vec<T>> {
+        let comp = self.composition;
+        let n = tape.batch * tape.seq;
+        let zeros = vec![0usize; n];
+        let rows = Rows {
+            sample_of: &zeros,
+            n_samples: 1,
+        };
+        let pre = self.config.arch == Arch::Vit;
+        let base = trainable.base;
+        let lin_bwd = |l: &Linear<T>, x: &[T], lt: &LinTape<T>, g: &[T], want_dx: bool, grads: &mut Grads<T>| {
+            l.backward(
+                comp,
+                &self.global_v,
+                x,
+                &lt.cache,
+                &lt.c,
+                rows,
+                g,
+                trainable,
+                false,
+                want_dx,
+                grads,
+            )
+        };
+        // MLP: ∂(h₁ or a) from the MLP branch and the residual.
+        let (dmlp_out, dresid) = if pre {
+            (dout.clone(), dout)
+        } else {
+            let (du, dg, db) = layernorm_backward(&dout, &blk.ln2.gamma, &bt.ln2, true, base);
+            ln_grads(grads, &blk.ln2, dg, db);
+            (du.clone(), du)
+        };
+        let dgelu = lin_bwd(&blk.ffn_out, &bt.g, &bt.lin[5], &dmlp_out, true, grads)?;
+        let df1 = gelu_backward(&bt.f1, &dgelu);
+        let dmlp_in = lin_bwd(&blk.ffn_in, &bt.mlp_in, &bt.lin[4], &df1, true, grads)?;
+        // ∂h₁ = ∂ of the attention residual's sum.
+        let dh1 = if pre {
+            let (dx, dg, db) = layernorm_backward(&dmlp_in, &blk.ln2.gamma, &bt.ln2, true, base);
+            ln_grads(grads, &blk.ln2, dg, db);
+            let mut dh1 = dresid;
+            add_into(&mut dh1, &dx);
+            dh1
+        } else {
+            let mut da = dresid;
+            add_into(&mut da, &dmlp_in);
+            let (dx, dg, db) = layernorm_backward(&da, &blk.ln1.gamma, &bt.ln1, true, base);
+            ln_grads(grads, &blk.ln1, dg, db);
+            dx
+        };
+        let dctx = lin_bwd(&blk.attn_out, &bt.ctx, &bt.lin[3], &dh1, true, grads)?;
+        let (dq, dk, dv) = attention_backward(&bt.q, &bt.k, &bt.v, &bt.probs, &tape.mask, &dctx, shape);
+        let want_qkv = need_dx || (pre && base);
+        let mut dqkv_in = lin_bwd(&blk.query, &bt.qkv_in, &bt.lin[0], &dq, want_qkv, grads)?;
+        let dxk = lin_bwd(&blk.key, &bt.qkv_in, &bt.lin[1], &dk, want_qkv, grads)?;
+        let dxv = lin_bwd(&blk.value, &bt.qkv_in, &bt.lin[2], &dv, want_qkv, grads)?;
+        if !want_qkv {
+            return Ok(Vec::new());
+        }
+        add_into(&mut dqkv_in, &dxk);
+        add_into(&mut dqkv_in, &dxv);
+        let mut dx = dh1;
+        if pre {
+            let (dln, dg, db) = layernorm_backward(&dqkv_in, &blk.ln1.gamma, &bt.ln1, need_dx, base);
+            ln_grads(grads, &blk.ln1, dg, db);
+            if !need_dx {
+                return Ok(Vec::new());
+            }
+            add_into(&mut dx, &dln);
+        } else {
+            add_into(&mut dx, &dqkv_in);
+        }
+        Ok(dx)
+    }
+
+    fn embeddings_backward(
+        &self,
+        tape: &Tape<T>,
+        dh: Vec<T>,
+        trainable: Trainable,
+        grads: &mut Grads<T>,
+    ) -> Result<()> {
+        let (b, t, d, cfg) = (tape.batch, tape.seq, self.config.hidden, &self.config);
+        match &self.embeddings {
+            Embeddings::Bert { ln, .. } => {
+                let cache = tape.emb_ln.as_ref().expect("BERT tapes keep the embedding norm");
+                let (de, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, true);
+                ln_grads(grads, ln, dg, db);
+                let mut dword = vec![T::zero(); cfg.vocab_size * d];
+                let mut dpos = vec![T::zero(); cfg.max_positions * d];
+                let mut dtype = vec![T::zero(); cfg.type_vocab_size * d];
+                for (r, g) in de.chunks(d).enumerate() {
+                    let (id, tt, pos) = (tape.ids[r] as usize, tape.type_ids[r] as usize, r % t);
+                    add_into(&mut dword[id * d..(id + 1) * d], g);
+                    add_into(&mut dpos[pos * d..(pos + 1) * d], g);
+                    add_into(&mut dtype[tt * d..(tt + 1) * d], g);
+                }
+                grads.add("embeddings.word_embeddings.weight", dword);
+                grads.add("embeddings.position_embeddings.weight", dpos);
+                grads.add("embeddings.token_type_embeddings.weight", dtype);
+            }
+            Embeddings::Vit { patch, .. } => {
+                let np = cfg.n_patches();
+                let mut dcls = vec![T::zero(); d];
+                let mut dpos = vec![T::zero(); t * d];
+                // (B·patches, D)
+                let mut dpe = vec![T::zero(); b * np * d];
+                for img in 0..b {
+                    for tok in 0..t {
+                        let g = &dh[(img * t + tok) * d..(img * t + tok + 1) * d];
+                        add_into(&mut dpos[tok * d..(tok + 1) * d], g);
+                        if tok == 0 {
+                            add_into(&mut dcls, g);
+                        } else {
+                            dpe[(img * np + tok - 1) * d..(img * np + tok) * d].copy_from_slice(g);
+                        }
+                    }
+                }
+                grads.add("embeddings.cls_token", dcls);
+                grads.add("embeddings.position_embeddings", dpos);
+                let pt = tape.patch.as_ref().expect("ViT tapes keep the patch layer");
+                let zeros = vec![0usize; b * np];
+                let rows = Rows {
+                    sample_of: &zeros,
+                    n_samples: 1,
+                };
+                patch.backward(
+                    None,
+                    &[],
+                    &tape.patches,
+                    &pt.cache,
+                    &pt.c,
+                    rows,
+                    &dpe,
+                    trainable,
+                    false,
+                    false,
+                    grads,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

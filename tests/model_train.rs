@@ -1,0 +1,284 @@
+//! Training pieces and the f32 fast path: f32 vs f64 model, cross-entropy gradient, schedule,
+//! clipping, AdamW, bit-identical seeded runs, checkpoints, and that a tiny model learns.
+
+use lora_compose::check::{compare, Tol};
+use lora_compose::compose::{Mode, Param};
+use lora_compose::model::checkpoint::{self, Parts};
+use lora_compose::model::train::{clip_grad_norm, cross_entropy, epoch_order, evaluate, lr_at, train_step, AdamW};
+use lora_compose::model::{Arch, Batch, Composition, Config, Library, Model, Pool, Trainable};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn vit(width: usize, labels: usize) -> Config {
+    Config {
+        image_size: 12,
+        patch_size: 4,
+        ..Config::vit(width, 2, 2, labels)
+    }
+}
+
+fn library(model: &Model<f32>, targets: &[&str], n: usize, rank: usize, seed: u64) -> Library {
+    model.random_library(targets, n, rank, 0.3, seed).unwrap()
+}
+
+fn images(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // Class k lights up quadrant k: learnable from a few examples.
+    let mut px = vec![0.0f32; n * 144];
+    let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..4)).collect();
+    for (i, &y) in labels.iter().enumerate() {
+        for p in 0..144 {
+            let (r, c) = (p / 12, p % 12);
+            let quad = (r / 6) * 2 + c / 6;
+            px[i * 144 + p] = rng.random_range(0.0f32..0.3) + if quad == y { 0.7 } else { 0.0 };
+        }
+    }
+    (px, labels)
+}
+
+fn composed_model(seed: u64) -> Model<f32> {
+    let mut m = Model::<f32>::init(vit(16, 4), seed).unwrap();
+    let lib = library(&m, &["query", "value"], 4, 2, seed);
+    m.attach_composition(
+        &lib,
+        Composition {
+            mode: Mode::Product,
+            param: Param::Softmax,
+            global: false,
+        },
+    )
+    .unwrap();
+    m.attach_lora(&["intermediate.dense"], 2, 4.0, seed).unwrap();
+    m
+}
+
+/// The f32 model (fused fast path, f32 element-wise ops) against the same model in f64 (the
+/// reference composed layer), forward and every gradient. f32 rounding (u = 6e-8) through ~40
+/// dependent operations and sums of ≤ 200 terms gives relative errors of order 1e-5 of each
+/// tensor's scale; the bound 1e-4·max|g| + 1e-3·|g| is 10× above that and far below the O(1)
+/// errors of a wrong term.
+#[test]
+fn f32_fast_path_matches_f64_reference_path() {
+    for arch in [Arch::Vit, Arch::Bert] {
+        let cfg = match arch {
+            Arch::Vit => vit(16, 4),
+            Arch::Bert => Config {
+                hidden: 16,
+                heads: 2,
+                intermediate: 32,
+                layers: 2,
+                vocab_size: 50,
+                max_positions: 16,
+                ..Config::minilm(4)
+            },
+        };
+        let mut m32 = Model::<f32>::init(cfg, 5).unwrap();
+        let lib = library(&m32, &["key", "attention.output.dense"], 3, 2, 5);
+        m32.attach_composition(
+            &lib,
+            Composition {
+                mode: Mode::Factor,
+                param: Param::Softmax,
+                global: false,
+            },
+        )
+        .unwrap();
+        m32.attach_lora(&["query", "intermediate.dense"], 2, 4.0, 5).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for p in m32.params_mut() {
+            for x in p.data.iter_mut() {
+                *x += rng.random_range(-0.2f32..0.2);
+            }
+        }
+        let batch = match arch {
+            Arch::Vit => Batch::images(&images(6, 1).0, 12).unwrap(),
+            Arch::Bert => {
+                let seqs: Vec<Vec<u32>> = [9usize, 4, 16, 1, 7, 12]
+                    .iter()
+                    .map(|&n| (0..n).map(|_| rng.random_range(0..50)).collect())
+                    .collect();
+                Batch::tokens(&seqs).unwrap()
+            }
+        };
+        let labels = [0, 1, 2, 3, 0, 1];
+        let m64: Model<f64> = m32.cast();
+        let (l32, t32) = m32.forward(&batch).unwrap();
+        let (l64, t64) = m64.forward(&batch).unwrap();
+        compare("logits", &l32, &l64, Tol::new(1e-4, 1e-3)).unwrap();
+        let (_, d32) = cross_entropy(&l32, &labels, 4).unwrap();
+        let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
+        let g32 = m32.backward(&t32, &d32, Trainable::ALL).unwrap();
+        let g64 = m64.backward(&t64, &d64, Trainable::ALL).unwrap();
+        assert_eq!(g32.map.len(), g64.map.len());
+        let scale_of = |name: &str| {
+            g64.get(name)
+                .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
+        };
+        for (name, want) in &g64.map {
+            // A bias's gradient Σ_t G_t can cancel to ~0 (exactly, for key biases: softmax
+            // ignores a shift shared by a whole row), so its rounding error scales with its
+            // terms, whose size the matching weight's gradient Σ_t G_t x_tᵀ shows.
+            let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
+            let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
+            compare(name, g32.get(name).unwrap(), want, Tol::new(1e-4 * scale, 1e-3))
+                .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_is_softmax_minus_onehot() {
+    let logits = [1.0f64, -2.0, 0.5, 3.0, 3.0, -1.0];
+    let labels = [2, 0];
+    let (loss, g) = cross_entropy(&logits, &labels, 3).unwrap();
+    let h = 1e-6;
+    for i in 0..logits.len() {
+        let (mut p, mut m) = (logits, logits);
+        p[i] += h;
+        m[i] -= h;
+        let fd = (cross_entropy(&p, &labels, 3).unwrap().0 - cross_entropy(&m, &labels, 3).unwrap().0) / (2.0 * h);
+        assert!((fd - g[i]).abs() < 1e-8, "{i}: {fd} vs {}", g[i]);
+    }
+    assert!(loss > 0.0);
+    assert!(cross_entropy(&logits, &[3, 0], 3).is_err());
+}
+
+#[test]
+fn schedule_clipping_and_data_order() {
+    assert!((lr_at(0, 100, 10, 1.0, 0.0) - 0.1).abs() < 1e-12);
+    assert!((lr_at(9, 100, 10, 1.0, 0.0) - 1.0).abs() < 1e-12);
+    assert!((lr_at(55, 100, 10, 1.0, 0.0) - 0.5).abs() < 1e-12);
+    assert!((lr_at(100, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
+    let mut g = lora_compose::model::pass::Grads::<f32>::default();
+    g.add("a", vec![3.0, 0.0]);
+    g.add("b", vec![4.0]);
+    assert!((clip_grad_norm(&mut g, 1.0) - 5.0).abs() < 1e-6);
+    assert!((g.norm() - 1.0).abs() < 1e-6);
+    let o = epoch_order(10, 3, 0);
+    let mut sorted = o.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+    assert_eq!(o, epoch_order(10, 3, 0));
+    assert_ne!(o, epoch_order(10, 3, 1));
+}
+
+/// AdamW's first step moves each weight by lr·sign(g) (bias-corrected moments), plus the
+/// decoupled decay lr·λ·w on matrices only.
+#[test]
+fn adamw_first_step() {
+    let mut m = Model::<f64>::init(vit(8, 2), 1).unwrap();
+    let before = m.clone();
+    let (px, labels) = images(4, 2);
+    let batch = Batch::images(&px, 12).unwrap();
+    let (logits, tape) = m.forward(&batch).unwrap();
+    let (_, dl) = cross_entropy(&logits, &labels.iter().map(|&y| y % 2).collect::<Vec<_>>(), 2).unwrap();
+    let grads = m.backward(&tape, &dl, Trainable::HEAD).unwrap();
+    let mut opt = AdamW::new(0.1);
+    opt.step(&mut m, &grads, 0.01).unwrap();
+    let (w0, w1, g) = (&before.head.w, &m.head.w, grads.get("classifier.weight").unwrap());
+    for i in 0..w0.len() {
+        let want = w0[i] - 0.01 * 0.1 * w0[i] - 0.01 * g[i] / (g[i].abs() + 1e-8);
+        assert!((w1[i] - want).abs() < 1e-9, "{i}");
+    }
+    let (b0, b1) = (&before.head.b, &m.head.b);
+    let gb = grads.get("classifier.bias").unwrap();
+    for i in 0..b0.len() {
+        assert!((b1[i] - (b0[i] - 0.01 * gb[i] / (gb[i].abs() + 1e-8))).abs() < 1e-9);
+    }
+    assert_eq!(m.blocks, before.blocks, "frozen blocks changed");
+}
+
+fn run(seed: u64, steps: usize, trainable: Trainable) -> (Model<f32>, Vec<f64>) {
+    let mut m = composed_model(seed);
+    let (px, labels) = images(32, seed);
+    let mut opt = AdamW::new(0.01);
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        let order = epoch_order(32, seed, step as u64);
+        let idx = &order[..16];
+        let bp: Vec<f32> = idx.iter().flat_map(|&i| px[i * 144..(i + 1) * 144].to_vec()).collect();
+        let by: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
+        let lr = lr_at(step, steps, 2, 1e-2, 1e-4);
+        let s = train_step(
+            &mut m,
+            &mut opt,
+            &Batch::images(&bp, 12).unwrap(),
+            &by,
+            trainable,
+            lr,
+            Some(1.0),
+        )
+        .unwrap();
+        losses.push(s.loss);
+    }
+    (m, losses)
+}
+
+#[test]
+fn same_seed_gives_bit_identical_runs() {
+    let (a, la) = run(7, 4, Trainable::ALL);
+    let (b, lb) = run(7, 4, Trainable::ALL);
+    assert_eq!(la, lb);
+    for (p, q) in a.params().iter().zip(b.params().iter()) {
+        assert!(
+            p.data
+                .iter()
+                .zip(q.data.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{}",
+            p.name
+        );
+    }
+    let (c, _) = run(8, 4, Trainable::ALL);
+    assert_ne!(a.head.w, c.head.w);
+}
+
+#[test]
+fn a_tiny_vit_learns_and_evaluates() {
+    let (m, losses) = run(3, 80, Trainable::ALL);
+    assert!(losses[79] < 0.5 * losses[0], "loss {} -> {}", losses[0], losses[79]);
+    let (px, labels) = images(48, 99);
+    let (acc, loss) = evaluate(&m, &labels, 20, |idx| {
+        let bp: Vec<f32> = idx.iter().flat_map(|&i| px[i * 144..(i + 1) * 144].to_vec()).collect();
+        Batch::images(&bp, 12)
+    })
+    .unwrap();
+    assert!(acc > 0.8 && loss.is_finite(), "accuracy {acc}, loss {loss}");
+    // Only the composition values and head move under COEFFS_HEAD.
+    let (m2, _) = run(3, 3, Trainable::COEFFS_HEAD);
+    let m0 = composed_model(3);
+    for (p, q) in m2.params().iter().zip(m0.params().iter()) {
+        let moved = p.data != q.data;
+        assert_eq!(moved, Trainable::COEFFS_HEAD.trains(p.kind), "{}", p.name);
+    }
+}
+
+#[test]
+fn checkpoints_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (trained, _) = run(5, 3, Trainable::ALL);
+    for (parts, file) in [
+        (Parts::ALL, "all.safetensors"),
+        (Parts::HEAD_ADAPTERS, "ha.safetensors"),
+    ] {
+        let path = dir.path().join(file);
+        checkpoint::save(&trained, &path, parts).unwrap();
+        let mut fresh = Model::<f32>::init(vit(16, 4), 5).unwrap();
+        if !parts.base {
+            fresh = {
+                let mut m = trained.clone();
+                m.detach_adapters();
+                m
+            };
+        }
+        assert_eq!(checkpoint::load(&mut fresh, &path).unwrap(), parts);
+        assert_eq!(fresh, trained, "{file}");
+    }
+    let mut other = Model::<f32>::init(vit(8, 4), 5).unwrap();
+    let err = checkpoint::load(&mut other, &dir.path().join("all.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("hidden: checkpoint 16, model 8"), "{err}");
+    // A trained LoRA exports as a library module that composes like the LoRA itself.
+    let lib = trained.lora_modules();
+    assert_eq!(lib.len(), 2);
+    let _ = Pool::Cls;
+}
