@@ -25,6 +25,9 @@ pub enum Error {
     Arg(String),
     #[error("adapter mismatch: {0}")]
     Mismatch(String),
+    /// The compute device: no usable GPU for `--device cuda`, or a kernel launch that failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -18,6 +18,7 @@ mod common;
 
 use common::*;
 use lora_compose::check::{compare, Tol};
+use lora_compose::compose::layer::{select, ComposedLayer, Device, DeviceChoice, KernelLayer};
 use lora_compose::compose::{reference, Mode, ModuleStack, Rows, Train};
 use lora_compose::gpu::GpuBackend;
 use lora_compose::harness::CpuHarness;
@@ -532,7 +533,7 @@ fn coeff_kind() -> impl Strategy<Value = CoeffKind> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn harness_random_cases(
         seed in any::<u64>(),
@@ -555,6 +556,102 @@ proptest! {
     }
 }
 
+/// The Cuda device's dispatch code (`KernelLayer`: base GEMMs + fused composition kernels) run
+/// over the CPU harness, and the Cpu device (`ComposedLayer` → `compose::fast`), against the f64
+/// reference of the whole layer, for every gradient subset.
+fn check_layer<B: Backend>(backend: &B, case: &Case) -> Result<(), String> {
+    let rows = Rows {
+        sample_of: &case.sample_of,
+        n_samples: case.n_samples,
+    };
+    let bias = case.with_bias.then(|| case.bias.clone());
+    let kernels = KernelLayer::new(backend, &case.w, bias.as_deref(), &case.modules).map_err(|e| e.to_string())?;
+    let cpu = ComposedLayer::new(
+        case.w.clone(),
+        bias.clone(),
+        case.modules.clone(),
+        Mode::Product,
+        &Device::Cpu,
+    )
+    .map_err(|e| e.to_string())?;
+    let run = |abs: bool| {
+        let f = |v: &[f32]| {
+            if abs {
+                v.iter().map(|x| f64::from(x.abs())).collect()
+            } else {
+                to_f64(v)
+            }
+        };
+        let m = case
+            .modules
+            .map(|x| if abs { f64::from(x.abs()) } else { f64::from(x) });
+        let (w, b, x, c, g) = (f(&case.w), f(&case.bias), f(&case.x), f(&case.c), f(&case.g));
+        let layer = reference::Layer {
+            w: &w,
+            bias: case.with_bias.then_some(&b[..]),
+            modules: &m,
+            mode: Mode::Product,
+        };
+        let y = reference::forward(&layer, &x, &c, rows).unwrap();
+        (y, reference::backward(&layer, &x, &c, rows, &g, Train::ALL).unwrap())
+    };
+    let ((y, gr), (y_abs, gr_abs)) = (run(false), run(true));
+    let tol = |abs: &[f64]| Tol::new(KAPPA * max_of(abs.iter().cloned()) + 1e-30, 0.0);
+    let (ky, kcache) = kernels
+        .forward(backend, &case.x, &case.c, rows)
+        .map_err(|e| e.to_string())?;
+    let (cy, ccache) = cpu.forward(&case.x, &case.c, rows).map_err(|e| e.to_string())?;
+    compare("kernel Y", &ky, &y, tol(&y_abs))?;
+    compare("cpu Y", &cy, &y, tol(&y_abs))?;
+    for train in [Train::ALL, Train::COEFFS, TRAINS[2]] {
+        let k = kernels
+            .backward(backend, &case.x, &kcache, &case.c, rows, &case.g, train)
+            .map_err(|e| e.to_string())?;
+        let c = cpu
+            .backward(&case.x, &ccache, &case.c, rows, &case.g, train)
+            .map_err(|e| e.to_string())?;
+        for (who, got) in [("kernel", &k), ("cpu", &c)] {
+            let pick = |want: bool, v: &[f64]| if want { v.to_vec() } else { Vec::new() };
+            let ctx = |m: String| format!("{who} {train:?}: {m}");
+            compare("dX", &got.dx, &pick(train.input, &gr.dx), tol(&gr_abs.dx)).map_err(ctx)?;
+            compare("dC", &got.dc, &pick(train.coeffs, &gr.dc), tol(&gr_abs.dc)).map_err(ctx)?;
+            compare("dA", &got.da_cat, &pick(train.modules, &gr.da_cat), tol(&gr_abs.da_cat)).map_err(ctx)?;
+            compare("dB", &got.db_cat, &pick(train.modules, &gr.db_cat), tol(&gr_abs.db_cat)).map_err(ctx)?;
+            compare("dW", &got.dw, &pick(train.base, &gr.dw), tol(&gr_abs.dw)).map_err(ctx)?;
+            let db = if train.base && case.with_bias {
+                gr.dbias.clone()
+            } else {
+                Vec::new()
+            };
+            compare("db", &got.dbias, &db, tol(&gr_abs.dbias)).map_err(ctx)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn composed_layer_cuda_dispatch_on_the_harness_and_cpu_device() {
+    for (i, case) in fixed_cases().iter().enumerate().skip(1).step_by(2) {
+        check_layer(&CpuHarness::new(i as u64), case).unwrap_or_else(|e| panic!("case {i}: {e}"));
+    }
+}
+
+#[test]
+fn device_selection() {
+    assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+    assert!("gpu".parse::<DeviceChoice>().is_err());
+    assert!(matches!(select(DeviceChoice::Cpu).unwrap(), Device::Cpu));
+    // auto never fails: CUDA when the probe succeeds, else the CPU.
+    let auto = select(DeviceChoice::Auto).unwrap();
+    match GpuBackend::probe() {
+        Ok(_) => assert!(matches!(auto, Device::Cuda(_))),
+        Err(_) => {
+            assert!(matches!(auto, Device::Cpu));
+            assert!(select(DeviceChoice::Cuda).is_err());
+        }
+    }
+}
+
 #[test]
 fn gpu_matches_reference() {
     let gpu = match GpuBackend::probe() {
@@ -565,6 +662,9 @@ fn gpu_matches_reference() {
         }
     };
     println!("GPU tests on {}", gpu.name());
+    for case in fixed_cases().iter().skip(1).step_by(2) {
+        check_layer(&gpu, case).unwrap_or_else(|e| panic!("{e}"));
+    }
     for (i, case) in fixed_cases().iter().enumerate() {
         check_all(&gpu, case, i as u64, &TRAINS).unwrap_or_else(|e| panic!("{e}"));
     }
