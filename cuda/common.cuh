@@ -128,6 +128,29 @@ __device__ __forceinline__ float diag(const float* C, int n_modules, const int* 
 // `TILE` in src/kernels/compose_fwd.rs.
 using ComposeTile = TileShape<32, 64, 16, 2, 4>;
 
+// Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one
+// split, out += acc (rounded once); with several, block z stores acc to work[z][row][col] for
+// sum_partials. Thread layout as in tile_mainloop.
+template <class S, typename T>
+__device__ __forceinline__ void add_tile_or_partial(const float (&acc)[S::TM][S::TN], int row0, int col0, int rows,
+                                                    int cols, T* __restrict__ out, float* __restrict__ work) {
+    const int tx = threadIdx.x % S::THREADS_N, ty = threadIdx.x / S::THREADS_N;
+    for (int i = 0; i < S::TM; ++i) {
+        const int r = row0 + ty + i * S::THREADS_M;
+        if (r >= rows) continue;
+        for (int q = 0; q < S::TN; ++q) {
+            const int c = col0 + tx + q * S::THREADS_N;
+            if (c >= cols) continue;
+            if (gridDim.z > 1) {
+                work[((size_t)blockIdx.z * rows + r) * cols + c] = acc[i][q];
+            } else {
+                T* o = out + (size_t)r * cols + c;
+                *o = from_f32<T>(to_f32(*o) + acc[i][q]);
+            }
+        }
+    }
+}
+
 // Sums split-K partials: out[r·ld + col_off + c] (=|+=) Σ_z work[(z·rows + r)·width + c], in
 // order z = 0, 1, … (deterministic). One thread per (r, c); 1-D grid.
 template <typename T>

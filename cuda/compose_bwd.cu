@@ -215,21 +215,7 @@ __device__ __forceinline__ void dx_tiled(const T* __restrict__ dU, const T* __re
     float acc[Tile::TM][Tile::TN] = {};
     lc::tile_mainloop<Tile>(acc, row0, col0, n_tokens, d_in, lc::split_begin(chunk), lc::split_end(chunk, j1 - j0),
                             lc::OuterRows<T>{dU, R, 0, j0}, lc::KRows<T>{A_cat, d_in, 0, j0});
-    const int tx = threadIdx.x % Tile::THREADS_N, ty = threadIdx.x / Tile::THREADS_N;
-    for (int i = 0; i < Tile::TM; ++i) {
-        const int t = row0 + ty + i * Tile::THREADS_M;
-        if (t >= n_tokens) continue;
-        for (int q = 0; q < Tile::TN; ++q) {
-            const int k = col0 + tx + q * Tile::THREADS_N;
-            if (k >= d_in) continue;
-            if (gridDim.z > 1) {
-                work[((size_t)blockIdx.z * n_tokens + t) * d_in + k] = acc[i][q];
-            } else {
-                T* dx = dX + (size_t)t * d_in + k;
-                *dx = lc::from_f32<T>(lc::to_f32(*dx) + acc[i][q]);
-            }
-        }
-    }
+    lc::add_tile_or_partial<Tile>(acc, row0, col0, n_tokens, d_in, dX, work);
 }
 
 // Variants 2 and 3. Grid (ceil(d_in / BN), ceil((j1 - j0) / BM)), block (256); K = T.

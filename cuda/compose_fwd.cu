@@ -118,21 +118,7 @@ __device__ __forceinline__ void expand_tiled(const T* __restrict__ Z, const T* _
     float acc[Tile::TM][Tile::TN] = {};
     lc::tile_mainloop<Tile>(acc, row0, col0, n_tokens, d_out, lc::split_begin(chunk), lc::split_end(chunk, j1 - j0),
                             lc::OuterRows<T>{Z, R, 0, j0}, lc::OuterRows<T>{B_cat, R, 0, j0});
-    const int tx = threadIdx.x % Tile::THREADS_N, ty = threadIdx.x / Tile::THREADS_N;
-    for (int i = 0; i < Tile::TM; ++i) {
-        const int t = row0 + ty + i * Tile::THREADS_M;
-        if (t >= n_tokens) continue;
-        for (int q = 0; q < Tile::TN; ++q) {
-            const int o = col0 + tx + q * Tile::THREADS_N;
-            if (o >= d_out) continue;
-            if (gridDim.z > 1) {
-                work[((size_t)blockIdx.z * n_tokens + t) * d_out + o] = acc[i][q];
-            } else {
-                T* y = Y + (size_t)t * d_out + o;
-                *y = lc::from_f32<T>(lc::to_f32(*y) + acc[i][q]);
-            }
-        }
-    }
+    lc::add_tile_or_partial<Tile>(acc, row0, col0, n_tokens, d_out, Y, work);
 }
 
 }  // namespace compose_fwd

@@ -232,6 +232,21 @@ fn err(context: &str) -> impl Fn(KernelError) -> String + '_ {
     move |e| format!("{context}: {e}")
 }
 
+/// The case's per-column tables, token rows and coefficients on `backend`.
+#[allow(clippy::type_complexity)]
+fn upload_tables<T: Element, B: Backend>(
+    backend: &B,
+    case: &Case,
+    p: &Prepared<T>,
+) -> Result<(Tables<B>, TokenRows<B>, B::Buffer<f32>), KernelError> {
+    let rows = Rows {
+        sample_of: &case.sample_of,
+        n_samples: case.n_samples,
+    };
+    let tables = Tables::upload(backend, &p.shape.ranks, &p.scales)?;
+    Ok((tables, TokenRows::upload(backend, rows)?, backend.upload(&case.c)?))
+}
+
 fn check_forward<T: Element, B: Backend>(
     backend: &B,
     variant: compose_fwd::Variant,
@@ -248,18 +263,12 @@ fn check_forward<T: Element, B: Backend>(
         s.ranks
     );
     let e = err(&ctx);
-    let rows = Rows {
-        sample_of: &case.sample_of,
-        n_samples: case.n_samples,
-    };
-    let tables = Tables::upload(backend, &s.ranks, &p.scales).map_err(&e)?;
-    let token_rows = TokenRows::upload(backend, rows).map_err(&e)?;
+    let (tables, token_rows, c) = upload_tables(backend, case, p).map_err(&e)?;
     let (x, a, b) = (
         backend.upload(&p.x).map_err(&e)?,
         backend.upload(&p.a_cat).map_err(&e)?,
         backend.upload(&p.b_cat).map_err(&e)?,
     );
-    let c = backend.upload(&case.c).map_err(&e)?;
     let mut u = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
     let mut z = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
     let mut y = backend.upload(&p.y0).map_err(&e)?;
@@ -339,15 +348,9 @@ fn check_backward<T: Element, B: Backend>(
         s.ranks
     );
     let e = err(&ctx);
-    let rows = Rows {
-        sample_of: &case.sample_of,
-        n_samples: case.n_samples,
-    };
-    let tables = Tables::upload(backend, &s.ranks, &p.scales).map_err(&e)?;
-    let token_rows = TokenRows::upload(backend, rows).map_err(&e)?;
+    let (tables, token_rows, c) = upload_tables(backend, case, p).map_err(&e)?;
     let up = |v: &[T]| backend.upload(v).map_err(&e);
     let (g, x, u, a, b) = (up(&p.g)?, up(&p.x)?, up(&p.u)?, up(&p.a_cat)?, up(&p.b_cat)?);
-    let c = backend.upload(&case.c).map_err(&e)?;
     let want_du = train.input || train.modules;
     let mut dc = backend.upload(&p.dc0).map_err(&e)?;
     let mut du = up(&vec![T::poison(); t * r])?;
@@ -662,6 +665,20 @@ fn gpu_matches_reference() {
         }
     };
     println!("GPU tests on {}", gpu.name());
+    // The shared memory the driver reports must match what launch_config budgets.
+    for (kernel, bytes) in [
+        (
+            compose_fwd::kernel(compose_fwd::Entry::ShrinkTiled, DType::BF16),
+            compose_fwd::TILE_SHARED_BYTES,
+        ),
+        (
+            compose_bwd::kernel(compose_bwd::Entry::CoeffGradTiled, DType::BF16),
+            compose_fwd::TILE_SHARED_BYTES + compose_bwd::EPILOGUE_SHARED_BYTES,
+        ),
+    ] {
+        let function = gpu.function(&kernel.unwrap()).unwrap();
+        assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
+    }
     for case in fixed_cases().iter().skip(1).step_by(2) {
         check_layer(&gpu, case).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -112,7 +112,7 @@ fn compare(got: &[f64], want: &[f64], bound: impl Fn(usize) -> f64) -> Result<f6
         max_abs = max_abs.max(err);
         max_rel = max_rel.max(err / w.abs().max(f64::MIN_POSITIVE));
         let ratio = err / bound(i);
-        if worst.map_or(true, |(_, r)| ratio > r) {
+        if worst.is_none_or(|(_, r)| ratio > r) {
             worst = Some((i, ratio));
         }
         if err > bound(i) && bad.len() < 4 {

@@ -388,13 +388,8 @@ impl<B: Backend> KernelLayer<B> {
             Self::gemm(backend, (d_out, d_in, t), (true, false), 0.0, &g_buf, &x_buf, &mut dw)?;
             grads.dw = backend.download(&dw)?;
             if self.bias.is_some() {
-                let mut acc = vec![0.0f64; d_out];
-                for row in g.chunks(d_out) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += f64::from(v);
-                    }
-                }
-                grads.dbias = acc.into_iter().map(|v| v as f32).collect();
+                // Σ_t G[t] in f64: the column sums of G.
+                grads.dbias = super::reduce_rows(g, d_out).into_iter().map(|v| v as f32).collect();
             }
         }
         Ok(grads)

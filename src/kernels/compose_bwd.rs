@@ -274,12 +274,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         (DaTiled, BF16) => ("compose_bwd_da_tiled_bf16", e::lc_run_compose_bwd_da_tiled_bf16),
         (DbTiled, F32) => ("compose_bwd_db_tiled_f32", e::lc_run_compose_bwd_db_tiled_f32),
         (DbTiled, BF16) => ("compose_bwd_db_tiled_bf16", e::lc_run_compose_bwd_db_tiled_bf16),
-        (_, DType::F16) => {
-            return Err(KernelError::Argument {
-                kernel: "compose_bwd",
-                message: "the composition kernels are built for f32 and bf16 storage".into(),
-            })
-        }
+        (_, DType::F16) => return Err(super::compose_fwd::not_built("compose_bwd")),
     };
     Ok(Kernel {
         family: "compose_bwd",

@@ -222,7 +222,8 @@ pub fn split_k(tiles: usize, k: usize) -> Split {
     if wanted <= 1 || k <= MIN_CHUNK {
         return Split::none(k);
     }
-    let chunk = k.div_ceil(wanted).next_multiple_of(TILE.bk).max(MIN_CHUNK);
+    // Rounded down to whole K steps, so that there are at least `wanted` splits.
+    let chunk = (k / wanted / TILE.bk * TILE.bk).max(MIN_CHUNK);
     let splits = k.div_ceil(chunk);
     if splits <= 1 {
         Split::none(k)
@@ -423,18 +424,21 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         (Entry::ExpandTiled, BF16) => ("compose_fwd_expand_tiled_bf16", e::lc_run_compose_fwd_expand_tiled_bf16),
         (Entry::SumPartials, F32) => ("compose_fwd_sum_partials_f32", e::lc_run_compose_fwd_sum_partials_f32),
         (Entry::SumPartials, BF16) => ("compose_fwd_sum_partials_bf16", e::lc_run_compose_fwd_sum_partials_bf16),
-        (_, DType::F16) => {
-            return Err(KernelError::Argument {
-                kernel: "compose_fwd",
-                message: "the composition kernels are built for f32 and bf16 storage".into(),
-            })
-        }
+        (_, DType::F16) => return Err(not_built("compose_fwd")),
     };
     Ok(Kernel {
         family: "compose_fwd",
         name,
         harness_entry,
     })
+}
+
+/// The composition families are built for f32 and bf16 storage only.
+pub(crate) fn not_built(family: &'static str) -> KernelError {
+    KernelError::Argument {
+        kernel: family,
+        message: "the composition kernels are built for f32 and bf16 storage".into(),
+    }
 }
 
 /// The forward's read-only operands.
@@ -706,12 +710,13 @@ mod tests {
         );
     }
 
+    // The tiles and the ∂C epilogue fit the static shared memory of every GPU.
+    const _: () = assert!(
+        TILE_SHARED_BYTES + super::super::compose_bwd::EPILOGUE_SHARED_BYTES <= super::super::MAX_STATIC_SHARED_BYTES
+    );
+
     #[test]
     fn tile_constants_match_the_thread_count() {
         assert_eq!(TILE_THREADS, 256);
-        assert!(
-            TILE_SHARED_BYTES + super::super::compose_bwd::EPILOGUE_SHARED_BYTES
-                <= super::super::MAX_STATIC_SHARED_BYTES
-        );
     }
 }
