@@ -40,4 +40,129 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// ---- tiled GEMM main loop shared by the composition kernels ----------------------------------
+//
+// acc[i][j] += Σ_{k ∈ [k_begin, k_end)} a(row, k) · b(col, k)  for this thread's TM×TN outputs,
+// row = row0 + ty + i·THREADS_M, col = col0 + tx + j·THREADS_N (tx = tid % THREADS_N,
+// ty = tid / THREADS_N): strided so that shared-memory reads are broadcasts or consecutive.
+// Both operands are addressed as (outer index, k) through loaders, so one loop serves every
+// layout: a loader says whether consecutive k are contiguous in memory (K_CONTIGUOUS) and the
+// tile fill walks memory in that order (coalesced). Out-of-range elements load as 0. Every
+// thread of the block must call it (two barriers per K step).
+template <int BM_, int BN_, int BK_, int TM_, int TN_>
+struct TileShape {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_;
+    static constexpr int THREADS_M = BM / TM, THREADS_N = BN / TN;
+    static constexpr int THREADS = THREADS_M * THREADS_N;
+    static constexpr int PAD = 4;  // keeps transposed tile stores off one bank
+};
+
+// Element (outer, k) of a row-major matrix whose rows are indexed by `outer`:
+// p[(outer + outer_off)·ld + k + k_off].
+template <typename T>
+struct OuterRows {
+    const T* p;
+    int ld, outer_off, k_off;
+    static constexpr bool K_CONTIGUOUS = true;
+    __device__ __forceinline__ float operator()(int outer, int k) const {
+        return to_f32(p[(size_t)(outer + outer_off) * ld + k + k_off]);
+    }
+};
+
+// Element (outer, k) of a row-major matrix whose rows are indexed by `k`:
+// p[(k + k_off)·ld + outer + outer_off].
+template <typename T>
+struct KRows {
+    const T* p;
+    int ld, outer_off, k_off;
+    static constexpr bool K_CONTIGUOUS = false;
+    __device__ __forceinline__ float operator()(int outer, int k) const {
+        return to_f32(p[(size_t)(k + k_off) * ld + outer + outer_off]);
+    }
+};
+
+template <class S, class LoadA, class LoadB>
+__device__ __forceinline__ void tile_mainloop(float (&acc)[S::TM][S::TN], int row0, int col0, int M, int N,
+                                              int k_begin, int k_end, const LoadA& load_a, const LoadB& load_b) {
+    SHARED(float, a_tile, [S::BK][S::BM + S::PAD]);  // a_tile[k][m] = a(row0 + m, k0 + k)
+    SHARED(float, b_tile, [S::BK][S::BN + S::PAD]);  // b_tile[k][n] = b(col0 + n, k0 + k)
+    const int tid = threadIdx.x;
+    const int tx = tid % S::THREADS_N, ty = tid / S::THREADS_N;
+    for (int k0 = k_begin; k0 < k_end; k0 += S::BK) {
+        for (int i = tid; i < S::BM * S::BK; i += S::THREADS) {
+            const int m = LoadA::K_CONTIGUOUS ? i / S::BK : i % S::BM;
+            const int k = LoadA::K_CONTIGUOUS ? i % S::BK : i / S::BM;
+            const int gm = row0 + m, gk = k0 + k;
+            a_tile[k][m] = (gm < M && gk < k_end) ? load_a(gm, gk) : 0.0f;
+        }
+        for (int i = tid; i < S::BN * S::BK; i += S::THREADS) {
+            const int n = LoadB::K_CONTIGUOUS ? i / S::BK : i % S::BN;
+            const int k = LoadB::K_CONTIGUOUS ? i % S::BK : i / S::BN;
+            const int gn = col0 + n, gk = k0 + k;
+            b_tile[k][n] = (gn < N && gk < k_end) ? load_b(gn, gk) : 0.0f;
+        }
+        __syncthreads();  // tiles complete before anyone reads them
+        for (int k = 0; k < S::BK; ++k) {
+            float a_frag[S::TM], b_frag[S::TN];
+            for (int i = 0; i < S::TM; ++i) a_frag[i] = a_tile[k][ty + i * S::THREADS_M];
+            for (int j = 0; j < S::TN; ++j) b_frag[j] = b_tile[k][tx + j * S::THREADS_N];
+            for (int i = 0; i < S::TM; ++i)
+                for (int j = 0; j < S::TN; ++j) acc[i][j] += a_frag[i] * b_frag[j];
+        }
+        __syncthreads();  // everyone done reading before the next K step overwrites the tiles
+    }
+}
+
+// Split-K: block z of gridDim.z covers k ∈ [z·chunk, min(K, (z + 1)·chunk)).
+__device__ __forceinline__ int split_begin(int chunk) { return blockIdx.z * chunk; }
+__device__ __forceinline__ int split_end(int chunk, int K) { return min(K, (int)(blockIdx.z + 1) * chunk); }
+
+// The composition's per-sample diagonal: D[σ, j] = C[σ, module_of[j]] · col_scale[j].
+__device__ __forceinline__ float diag(const float* C, int n_modules, const int* module_of, const float* col_scale,
+                                      int sample, int j) {
+    return C[(size_t)sample * n_modules + module_of[j]] * col_scale[j];
+}
+
+// The tile of every tiled composition kernel (cuda/compose_fwd.cu, cuda/compose_bwd.cu): 32 rows ×
+// 64 columns per block of 256 threads, K steps of 16, a 2×4 register block per thread. Mirrored by
+// `TILE` in src/kernels/compose_fwd.rs.
+using ComposeTile = TileShape<32, 64, 16, 2, 4>;
+
+// Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one
+// split, out += acc (rounded once); with several, block z stores acc to work[z][row][col] for
+// sum_partials. Thread layout as in tile_mainloop.
+template <class S, typename T>
+__device__ __forceinline__ void add_tile_or_partial(const float (&acc)[S::TM][S::TN], int row0, int col0, int rows,
+                                                    int cols, T* __restrict__ out, float* __restrict__ work) {
+    const int tx = threadIdx.x % S::THREADS_N, ty = threadIdx.x / S::THREADS_N;
+    for (int i = 0; i < S::TM; ++i) {
+        const int r = row0 + ty + i * S::THREADS_M;
+        if (r >= rows) continue;
+        for (int q = 0; q < S::TN; ++q) {
+            const int c = col0 + tx + q * S::THREADS_N;
+            if (c >= cols) continue;
+            if (gridDim.z > 1) {
+                work[((size_t)blockIdx.z * rows + r) * cols + c] = acc[i][q];
+            } else {
+                T* o = out + (size_t)r * cols + c;
+                *o = from_f32<T>(to_f32(*o) + acc[i][q]);
+            }
+        }
+    }
+}
+
+// Sums split-K partials: out[r·ld + col_off + c] (=|+=) Σ_z work[(z·rows + r)·width + c], in
+// order z = 0, 1, … (deterministic). One thread per (r, c); 1-D grid.
+template <typename T>
+__device__ __forceinline__ void sum_partials(const float* __restrict__ work, int splits, T* __restrict__ out, int rows,
+                                             int width, int ld, int col_off, int accumulate) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)rows * width) return;
+    const int r = (int)(idx / width), c = (int)(idx % width);
+    float acc = 0.0f;
+    for (int z = 0; z < splits; ++z) acc += work[((size_t)z * rows + r) * width + c];
+    T* o = out + (size_t)r * ld + col_off + c;
+    *o = from_f32<T>(accumulate ? to_f32(*o) + acc : acc);
+}
+
 }  // namespace lc

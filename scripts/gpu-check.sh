@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the bundle that scripts/build-gpu-bundle.sh made: the GPU probe,
-# the GPU GEMM tests (every variant × dtype × transpose against the f64 reference) and the GEMM
-# bench (CUDA events: ms, TFLOP/s, GB/s). Writes a short report to $OUT/report.md when OUT is
-# set, else ./gpu-report.md. Exits non-zero if a test or a bench check fails.
+# the GPU GEMM tests (every variant × dtype × transpose against the f64 reference), the GPU
+# composition tests (every forward/backward variant × f32/bf16 against the f64 reference, and the
+# composed layer's CUDA dispatch), and the bench (CUDA events: ms, TFLOP/s, GB/s; for the
+# composition kernels also the ratio to the lower bound and the issue's targets). Writes a short
+# report to $OUT/report.md when OUT is set, else ./gpu-report.md. Exits non-zero if a test or a
+# bench check fails.
 #
 # Usage: gpu-bundle/gpu-check.sh [--runs N]   (bench runs per configuration, default 20)
 set -uo pipefail
@@ -36,10 +39,11 @@ run_tests() {
 }
 run_tests gpu_probe || status=1
 run_tests gemm_kernels gpu_matches_reference || status=1
+run_tests compose_kernels gpu_matches_reference || status=1
 echo '```' >>"$report"
 
 echo >>"$report"
-echo "## GEMM bench" >>"$report"
+echo "## Bench (GEMM, composition)" >>"$report"
 bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
 # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1

@@ -34,6 +34,9 @@ pub enum Error {
     Kernel(#[from] crate::kernels::KernelError),
     #[error("bad input: {0}")]
     Input(String),
+    /// The compute device: no usable GPU for `--device cuda`, or a kernel launch that failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -198,6 +198,46 @@ pub(crate) mod entries {
         );
     }
 
+    pub(crate) mod compose_fwd {
+        harness_entries!(
+            lc_run_compose_fwd_shrink_naive_f32,
+            lc_run_compose_fwd_shrink_naive_bf16,
+            lc_run_compose_fwd_expand_naive_f32,
+            lc_run_compose_fwd_expand_naive_bf16,
+            lc_run_compose_fwd_shrink_tiled_f32,
+            lc_run_compose_fwd_shrink_tiled_bf16,
+            lc_run_compose_fwd_shrink_reduce_f32,
+            lc_run_compose_fwd_shrink_reduce_bf16,
+            lc_run_compose_fwd_expand_tiled_f32,
+            lc_run_compose_fwd_expand_tiled_bf16,
+            lc_run_compose_fwd_sum_partials_f32,
+            lc_run_compose_fwd_sum_partials_bf16,
+        );
+    }
+
+    pub(crate) mod compose_bwd {
+        harness_entries!(
+            lc_run_compose_bwd_hidden_naive_f32,
+            lc_run_compose_bwd_hidden_naive_bf16,
+            lc_run_compose_bwd_coeff_grad_naive_f32,
+            lc_run_compose_bwd_coeff_grad_naive_bf16,
+            lc_run_compose_bwd_dx_naive_f32,
+            lc_run_compose_bwd_dx_naive_bf16,
+            lc_run_compose_bwd_da_naive_f32,
+            lc_run_compose_bwd_da_naive_bf16,
+            lc_run_compose_bwd_db_naive_f32,
+            lc_run_compose_bwd_db_naive_bf16,
+            lc_run_compose_bwd_coeff_grad_tiled_f32,
+            lc_run_compose_bwd_coeff_grad_tiled_bf16,
+            lc_run_compose_bwd_dx_tiled_f32,
+            lc_run_compose_bwd_dx_tiled_bf16,
+            lc_run_compose_bwd_da_tiled_f32,
+            lc_run_compose_bwd_da_tiled_bf16,
+            lc_run_compose_bwd_db_tiled_f32,
+            lc_run_compose_bwd_db_tiled_bf16,
+        );
+    }
+
     #[cfg(test)]
     pub(crate) mod harness_selftest {
         harness_entries!(

@@ -2,13 +2,19 @@
 //! over a named table of shapes, and prints a markdown table: ms, TFLOP/s, GB/s. Each timed
 //! configuration is first checked on sampled output elements against an f64 dot product.
 //!
-//! Usage: `gpu-bench [--runs N]` (default 20 timed runs after 3 warm-ups).
+//! Then the composition kernels (every forward and backward variant) over DESIGN §3's shapes,
+//! with GB/s, TFLOP/s and the ratio to the lower bound from `flops_bytes`, and the issue's
+//! targets as measured ratios.
+//!
+//! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups).
 
 use std::process::ExitCode;
 
+use lora_compose::compose::{Rows, Train};
 use lora_compose::gpu::GpuBackend;
+use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
 use lora_compose::kernels::gemm::{self, GemmParams, GemmShape, Variant};
-use lora_compose::kernels::{Backend, DType, Element, KernelError};
+use lora_compose::kernels::{compose_bwd, Backend, DType, Element, KernelError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -36,10 +42,11 @@ fn main() -> ExitCode {
         "GEMM on {}, median of {runs} runs (CUDA events), beta = 0\n",
         gpu.name()
     );
+    let compose_only = std::env::args().any(|a| a == "--compose-only");
     println!("| shape | m×n×k | variant | dtype | ms | TFLOP/s | GB/s | check |");
     println!("|---|---|---|---|---:|---:|---:|---|");
     let mut failed = false;
-    for &(name, m, n, k) in SHAPES {
+    for &(name, m, n, k) in SHAPES.iter().filter(|_| !compose_only) {
         for &variant in gemm::ALL {
             for &dtype in DType::ALL {
                 let params = GemmParams {
@@ -81,6 +88,13 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+    }
+    match compose_bench(&gpu, runs) {
+        Ok(compose_failed) => failed |= compose_failed,
+        Err(e) => {
+            failed = true;
+            println!("composition bench error: {e}");
         }
     }
     if failed {
@@ -164,4 +178,352 @@ fn check_samples<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T], rng
     } else {
         format!("FAIL (worst sample {worst:.1}× its bound)")
     }
+}
+
+// ---- composition kernels ----------------------------------------------------------------------
+
+/// H200 limits (DESIGN §3, measured there): copy bandwidth and dense bf16 throughput. The lower
+/// bound of a call is `max(bytes / PEAK_BYTES_PER_S, flops / PEAK_FLOPS)` from `flops_bytes`.
+const PEAK_BYTES_PER_S: f64 = 4.3e12;
+const PEAK_FLOPS: f64 = 790e12;
+/// Written before every timed run (outside the timed interval) so that weights do not sit in
+/// the 60 MB L2 from the previous run.
+const L2_FLUSH_BYTES: usize = 256 << 20;
+/// Rank of every module in the bench (DESIGN §3).
+const RANK: usize = 16;
+/// (d, N, T): DESIGN §3's shapes at d = 4096 and the same at d = 768.
+fn compose_shapes() -> Vec<(usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for d in [4096, 768] {
+        for n in [8, 32, 128] {
+            for t in [1, 16, 256, 4096] {
+                shapes.push((d, n, t));
+            }
+        }
+    }
+    shapes
+}
+
+/// One timed composition call.
+struct Timing {
+    d: usize,
+    n: usize,
+    t: usize,
+    pass: &'static str,
+    variant: &'static str,
+    ms: f64,
+    flops: f64,
+    bytes: f64,
+}
+
+/// The backward timed: what learned composition needs (∂C and ∂X for the layer below), and ∂X
+/// alone for the ∂C overhead.
+const BWD_COEFFS_INPUT: Train = Train {
+    input: true,
+    coeffs: true,
+    modules: false,
+    base: false,
+};
+const BWD_INPUT: Train = Train {
+    input: true,
+    coeffs: false,
+    modules: false,
+    base: false,
+};
+
+fn driver<E: std::fmt::Debug>(context: &'static str) -> impl Fn(E) -> KernelError {
+    move |e| KernelError::Driver {
+        context: context.into(),
+        message: format!("{e:?}"),
+    }
+}
+
+/// Median milliseconds of `runs` calls of `launch`, each after an L2 flush, timed with events.
+fn time_runs(
+    gpu: &GpuBackend,
+    flush: &mut cudarc::driver::CudaSlice<u8>,
+    runs: usize,
+    mut launch: impl FnMut() -> Result<(), KernelError>,
+) -> Result<f64, KernelError> {
+    let (start, end) = (gpu.timing_event()?, gpu.timing_event()?);
+    for _ in 0..WARMUP_RUNS {
+        launch()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        gpu.stream().memset_zeros(flush).map_err(driver("L2 flush"))?;
+        gpu.record(&start)?;
+        launch()?;
+        gpu.record(&end)?;
+        times.push(f64::from(start.elapsed_ms(&end).map_err(driver("event timing"))?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<half::bf16> {
+    (0..len)
+        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)))
+        .collect()
+}
+
+/// Times every forward and backward variant on one shape (bf16 storage, one coefficient row).
+/// Each forward variant is first checked against the naive one on a fresh Y.
+fn bench_compose_shape(
+    gpu: &GpuBackend,
+    flush: &mut cudarc::driver::CudaSlice<u8>,
+    (d, n, t): (usize, usize, usize),
+    runs: usize,
+    out: &mut Vec<Timing>,
+) -> Result<String, KernelError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let ranks = vec![RANK; n];
+    let r = RANK * n;
+    let shape = Shape {
+        t,
+        d_in: d,
+        d_out: d,
+        n_samples: 1,
+        ranks: ranks.clone(),
+    };
+    let scale_x = 1.0;
+    let x = gpu.upload(&random_bf16(&mut rng, t * d, scale_x))?;
+    let a_cat = gpu.upload(&random_bf16(&mut rng, r * d, 1.0 / (d as f32).sqrt()))?;
+    let b_cat = gpu.upload(&random_bf16(&mut rng, d * r, 1.0 / (RANK as f32).sqrt()))?;
+    let g = gpu.upload(&random_bf16(&mut rng, t * d, 1.0))?;
+    let c = gpu.upload(&vec![1.0 / n as f32; n])?;
+    let sample_of = vec![0usize; t];
+    let rows = TokenRows::upload(
+        gpu,
+        Rows {
+            sample_of: &sample_of,
+            n_samples: 1,
+        },
+    )?;
+    let tables = Tables::upload(gpu, &ranks, &vec![2.0f32; n])?;
+    let zeros = |len: usize| gpu.upload(&vec![half::bf16::ZERO; len]);
+    let (mut u, mut z, mut y) = (zeros(t * r)?, zeros(t * r)?, zeros(t * d)?);
+    let work_len = compose_fwd::ALL
+        .iter()
+        .map(|&v| compose_fwd::workspace_len(v, &shape))
+        .chain(
+            [BWD_COEFFS_INPUT, BWD_INPUT]
+                .iter()
+                .flat_map(|&train| compose_bwd::ALL.iter().map(move |&v| (v, train)))
+                .map(|(v, train)| compose_bwd::workspace_len(v, &shape, train)),
+        )
+        .max()
+        .unwrap_or(1);
+    let mut work = gpu.upload(&vec![0.0f32; work_len])?;
+    let fwd_inputs = compose_fwd::Inputs {
+        x: &x,
+        a_cat: &a_cat,
+        b_cat: &b_cat,
+        c: &c,
+        rows: &rows,
+        tables: &tables,
+    };
+
+    // Check: every variant's Y against the naive variant's, from Y = 0.
+    let mut y_of = |variant, y: &mut cudarc::driver::CudaSlice<half::bf16>| -> Result<Vec<f32>, KernelError> {
+        gpu.stream().memset_zeros(y).map_err(driver("clear Y"))?;
+        let outputs = compose_fwd::Outputs {
+            u: Some(&mut u),
+            z: &mut z,
+            y,
+            work: &mut work,
+        };
+        compose_fwd::launch(gpu, variant, &shape, &fwd_inputs, outputs)?;
+        Ok(gpu.download(y)?.iter().map(|v| v.to_f32()).collect())
+    };
+    let y_naive = y_of(compose_fwd::Variant::Naive, &mut y)?;
+    let norm = y_naive
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let mut worst = 0.0f32;
+    for &variant in compose_fwd::ALL {
+        let yv = y_of(variant, &mut y)?;
+        let err = yv.iter().zip(&y_naive).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / norm;
+        worst = if err.is_nan() { f32::INFINITY } else { worst.max(err) };
+    }
+    // bf16 outputs; the loop rounds Y once per module. A gross-error check, the tests are exact.
+    let check = if worst <= 5e-2 {
+        format!("ok (max |ΔY| {worst:.1e} of max |Y|)")
+    } else {
+        format!("FAIL (max |ΔY| {worst:.1e} of max |Y|)")
+    };
+
+    for &variant in compose_fwd::ALL {
+        let ms = time_runs(gpu, flush, runs, || {
+            let outputs = compose_fwd::Outputs {
+                u: Some(&mut u),
+                z: &mut z,
+                y: &mut y,
+                work: &mut work,
+            };
+            compose_fwd::launch(gpu, variant, &shape, &fwd_inputs, outputs)
+        })?;
+        let (flops, bytes) = compose_fwd::flops_bytes(&shape, DType::BF16, true);
+        out.push(Timing {
+            d,
+            n,
+            t,
+            pass: "forward",
+            variant: variant.name(),
+            ms,
+            flops,
+            bytes,
+        });
+    }
+
+    let mut dc = gpu.upload(&vec![0.0f32; n])?;
+    let (mut du, mut dx) = (zeros(t * r)?, zeros(t * d)?);
+    let bwd_inputs = compose_bwd::Inputs {
+        g: &g,
+        x: &x,
+        u: &u,
+        a_cat: &a_cat,
+        b_cat: &b_cat,
+        c: &c,
+        rows: &rows,
+        tables: &tables,
+    };
+    let runs_of = compose_bwd::ALL
+        .iter()
+        .map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X"))
+        .chain([(compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X")]);
+    for (variant, train, pass) in runs_of {
+        let ms = time_runs(gpu, flush, runs, || {
+            let outputs = compose_bwd::Outputs {
+                dc: train.coeffs.then_some(&mut dc),
+                du: Some(&mut du),
+                dx: Some(&mut dx),
+                da_cat: None,
+                db_cat: None,
+                work: &mut work,
+            };
+            compose_bwd::launch(gpu, variant, &shape, train, &bwd_inputs, outputs)
+        })?;
+        let (flops, bytes) = compose_bwd::flops_bytes(&shape, DType::BF16, train);
+        out.push(Timing {
+            d,
+            n,
+            t,
+            pass,
+            variant: variant.name(),
+            ms,
+            flops,
+            bytes,
+        });
+    }
+    Ok(check)
+}
+
+/// Prints the composition table and the issue's targets as measured ratios; returns whether a
+/// check failed.
+fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
+    let mut flush = gpu
+        .stream()
+        .alloc_zeros::<u8>(L2_FLUSH_BYTES)
+        .map_err(driver("L2 flush buffer"))?;
+    println!(
+        "\nComposition kernels on {}, bf16, r = {RANK}, median of {runs} runs after an L2 flush\n",
+        gpu.name()
+    );
+    println!("| d | N | T | pass | variant | ms | GB/s | TFLOP/s | bound ms | % of bound | check |");
+    println!("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|");
+    let mut all = Vec::new();
+    let mut failed = false;
+    for shape in compose_shapes() {
+        let first = all.len();
+        let check = bench_compose_shape(gpu, &mut flush, shape, runs, &mut all)?;
+        failed |= check.starts_with("FAIL");
+        for tm in &all[first..] {
+            let seconds = tm.ms * 1e-3;
+            let bound = (tm.bytes / PEAK_BYTES_PER_S).max(tm.flops / PEAK_FLOPS);
+            println!(
+                "| {} | {} | {} | {} | {} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0}% | {check} |",
+                tm.d,
+                tm.n,
+                tm.t,
+                tm.pass,
+                tm.variant,
+                tm.ms,
+                tm.bytes / seconds / 1e9,
+                tm.flops / seconds / 1e12,
+                bound * 1e3,
+                100.0 * bound / seconds
+            );
+        }
+    }
+
+    // Targets (the issue), as measured ratios.
+    let find = |d: usize, n: usize, t: usize, pass: &str, variant: &str| {
+        all.iter()
+            .find(|tm| (tm.d, tm.n, tm.t, tm.pass, tm.variant) == (d, n, t, pass, variant))
+            .map(|tm| tm.ms)
+    };
+    println!("\n### Targets (measured)\n");
+    for d in [4096, 768] {
+        let worst_small_t = all
+            .iter()
+            .filter(|tm| tm.d == d && tm.t <= 16 && tm.pass == "forward" && tm.variant == "fused")
+            .map(|tm| (tm.bytes / PEAK_BYTES_PER_S) / (tm.ms * 1e-3))
+            .fold(f64::INFINITY, f64::min);
+        println!(
+            "- d = {d}, fused forward at T ≤ 16: worst {:.0}% of the memory bound (target ≥ 80%)",
+            100.0 * worst_small_t
+        );
+        // The measured bf16 GEMM throughput: the best GEMM variant on the base projection T×d×d.
+        let gemm_params = GemmParams {
+            shape: GemmShape {
+                m: 4096,
+                n: d,
+                k: d,
+                trans_a: false,
+                trans_b: true,
+            },
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let mut gemm_tflops: f64 = 0.0;
+        for &variant in gemm::ALL {
+            let (ms, _) = bench::<half::bf16>(gpu, variant, &gemm_params, runs)?;
+            gemm_tflops = gemm_tflops.max(gemm::flops_bytes(&gemm_params, DType::BF16).0 / (ms * 1e-3) / 1e12);
+        }
+        for n in [8, 32, 128] {
+            if let Some(tm) = all
+                .iter()
+                .find(|tm| (tm.d, tm.n, tm.t, tm.pass, tm.variant) == (d, n, 4096, "forward", "fused"))
+            {
+                let tflops = tm.flops / (tm.ms * 1e-3) / 1e12;
+                println!(
+                    "- d = {d}, N = {n}, T = 4096 fused forward: {tflops:.1} TFLOP/s = {:.0}% of the measured bf16 GEMM ({gemm_tflops:.1} TFLOP/s; target ≥ 50%)",
+                    100.0 * tflops / gemm_tflops
+                );
+            }
+        }
+        if let (Some(lp), Some(fu)) = (
+            find(d, 128, 16, "forward", "loop"),
+            find(d, 128, 16, "forward", "fused"),
+        ) {
+            println!(
+                "- d = {d}, N = 128, T = 16: the 2N-launch loop takes {:.1}× the fused forward (target ≥ 20×)",
+                lp / fu
+            );
+        }
+        for t in [16, 4096] {
+            if let (Some(both), Some(dx)) = (
+                find(d, 32, t, "backward ∂C+∂X", "fused"),
+                find(d, 32, t, "backward ∂X", "fused"),
+            ) {
+                println!(
+                    "- d = {d}, N = 32, T = {t}: ∂C adds {:.0}% to the fused backward of ∂X alone (target ≤ 15%)",
+                    100.0 * (both / dx - 1.0)
+                );
+            }
+        }
+    }
+    Ok(failed)
 }

@@ -21,6 +21,7 @@
 //!   multi-threaded, f32.
 
 pub mod fast;
+pub mod layer;
 pub mod reference;
 
 use crate::{Error, Result};

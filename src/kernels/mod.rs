@@ -8,6 +8,8 @@
 //! [`Backend`]), `flops_bytes`, and its plain f64 CPU reference. The launch configuration is
 //! computed once, in Rust, and given unchanged to either backend.
 
+pub mod compose_bwd;
+pub mod compose_fwd;
 pub mod gemm;
 
 use std::ffi::c_void;

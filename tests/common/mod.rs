@@ -127,29 +127,68 @@ pub fn make_case(
         Mode::Product => draw_ranks(&mut rng, n, mixed, 1024),
         Mode::Factor => draw_ranks(&mut rng, n, false, 1024),
     };
+    finish_case(&mut rng, t, d_in, d_out, &ranks, mode, assign, kind)
+}
+
+/// A case with the given module ranks (e.g. 128 modules of rank 1).
+#[allow(clippy::too_many_arguments)]
+pub fn make_case_with_ranks(
+    seed: u64,
+    t: usize,
+    d_in: usize,
+    d_out: usize,
+    ranks: &[usize],
+    mode: Mode,
+    assign: Assign,
+    kind: CoeffKind,
+) -> Case {
+    finish_case(
+        &mut ChaCha8Rng::seed_from_u64(seed),
+        t,
+        d_in,
+        d_out,
+        ranks,
+        mode,
+        assign,
+        kind,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_case(
+    rng: &mut ChaCha8Rng,
+    t: usize,
+    d_in: usize,
+    d_out: usize,
+    ranks: &[usize],
+    mode: Mode,
+    assign: Assign,
+    kind: CoeffKind,
+) -> Case {
+    let n = ranks.len();
     let mods: Vec<(Vec<f32>, Vec<f32>, f32)> = ranks
         .iter()
         .map(|&r| {
-            let a = randn(&mut rng, r * d_in, 1.0 / (d_in as f32).sqrt());
-            let b = randn(&mut rng, d_out * r, 1.0 / (r as f32).sqrt());
+            let a = randn(rng, r * d_in, 1.0 / (d_in as f32).sqrt());
+            let b = randn(rng, d_out * r, 1.0 / (r as f32).sqrt());
             let alpha = [1.0f32, 8.0, 16.0][rng.random_range(0..3)];
             (a, b, alpha / r as f32)
         })
         .collect();
     let refs: Vec<(&[f32], &[f32], f32)> = mods.iter().map(|(a, b, s)| (&a[..], &b[..], *s)).collect();
     let modules = ModuleStack::from_modules(d_in, d_out, &refs).unwrap();
-    let (sample_of, n_samples) = assign_rows(&mut rng, t, assign);
-    let c = coeffs(&mut rng, n_samples, n, kind);
+    let (sample_of, n_samples) = assign_rows(rng, t, assign);
+    let c = coeffs(rng, n_samples, n, kind);
     Case {
         t,
         d_in,
         d_out,
         mode,
         with_bias: rng.random_bool(0.5),
-        w: randn(&mut rng, d_out * d_in, 1.0 / (d_in as f32).sqrt()),
-        bias: randn(&mut rng, d_out, 1.0),
-        x: randn(&mut rng, t * d_in, 1.0),
-        g: randn(&mut rng, t * d_out, 1.0),
+        w: randn(rng, d_out * d_in, 1.0 / (d_in as f32).sqrt()),
+        bias: randn(rng, d_out, 1.0),
+        x: randn(rng, t * d_in, 1.0),
+        g: randn(rng, t * d_out, 1.0),
         modules,
         c,
         sample_of,

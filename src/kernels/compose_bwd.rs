@@ -1,0 +1,572 @@
+//! Composition backward: per-sample `∂C` fused with forming `H = G B_cat`, `∂U = H ∘ D`,
+//! `∂X += ∂U A_cat`, `∂A_cat = ∂Uᵀ X`, `∂B_cat = Gᵀ (U ∘ D)` (`cuda/compose_bwd.cu` has the
+//! shapes, the semantics and the variants). CPU reference: [`crate::compose::reference::backward`]
+//! and [`crate::compose::fast::backward`]. Shapes, tables and token rows are shared with
+//! [`super::compose_fwd`].
+
+use super::compose_fwd::{
+    check_len, check_tables, linear_dims, naive_dims, split_k, tiled_dims, Shape, Split, Tables, TokenRows, TILE,
+};
+use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use crate::compose::Train;
+
+pub use super::compose_fwd::Variant;
+/// Every variant: tests and benches iterate this list.
+pub const ALL: &[Variant] = super::compose_fwd::ALL;
+
+/// Static shared memory of `coeff_grad_tiled`'s epilogue: f32 `part[BM][BN + 1]`.
+pub const EPILOGUE_SHARED_BYTES: u32 = (4 * TILE.bm * (TILE.bn + 1)) as u32;
+
+/// Which buffer a split-K reduction finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// ∂U (T, R), overwritten.
+    DU,
+    /// ∂X (T, d_in), accumulated onto.
+    DX,
+}
+
+/// One launch of the backward, over rank columns `[j0, j1)` (modules `[i0, i1)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// H (f32, into the workspace) and, when `du`, ∂U.
+    HiddenNaive {
+        j0: usize,
+        j1: usize,
+        du: bool,
+    },
+    CoeffGradNaive {
+        i0: usize,
+        i1: usize,
+    },
+    DxNaive {
+        j0: usize,
+        j1: usize,
+    },
+    DaNaive {
+        j0: usize,
+        j1: usize,
+    },
+    DbNaive {
+        j0: usize,
+        j1: usize,
+    },
+    /// ∂C (when `dc`) and ∂U (when `du`) from an H tile held in registers.
+    CoeffGradTiled {
+        j0: usize,
+        j1: usize,
+        split: Split,
+        dc: bool,
+        du: bool,
+    },
+    SumPartials {
+        target: Target,
+        splits: usize,
+    },
+    DxTiled {
+        j0: usize,
+        j1: usize,
+        split: Split,
+    },
+    DaTiled {
+        j0: usize,
+        j1: usize,
+    },
+    DbTiled {
+        j0: usize,
+        j1: usize,
+    },
+}
+
+/// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
+/// `modules`: ∂A_cat and ∂B_cat; `base` is the GEMM family's), in stream order. Pure.
+pub fn launch_config(variant: Variant, shape: &Shape, train: Train) -> Vec<(Step, LaunchDims)> {
+    let want_du = train.input || train.modules;
+    if shape.is_empty() || !(want_du || train.coeffs) {
+        return Vec::new();
+    }
+    let (t, r, d_in, d_out) = (shape.t, shape.r_total(), shape.d_in, shape.d_out);
+    let mut steps = Vec::new();
+    match variant {
+        Variant::Naive => {
+            steps.push((
+                Step::HiddenNaive {
+                    j0: 0,
+                    j1: r,
+                    du: want_du,
+                },
+                naive_dims(t, r),
+            ));
+            if train.coeffs {
+                let n = shape.n();
+                steps.push((Step::CoeffGradNaive { i0: 0, i1: n }, linear_dims(shape.n_samples * n)));
+            }
+            if train.input {
+                steps.push((Step::DxNaive { j0: 0, j1: r }, naive_dims(t, d_in)));
+            }
+            if train.modules {
+                steps.push((Step::DaNaive { j0: 0, j1: r }, naive_dims(r, d_in)));
+                steps.push((Step::DbNaive { j0: 0, j1: r }, naive_dims(d_out, r)));
+            }
+        }
+        Variant::Loop => {
+            let off = shape.offsets();
+            for i in 0..shape.n() {
+                let (j0, j1) = (off[i], off[i + 1]);
+                if j0 == j1 {
+                    continue;
+                }
+                let (dc, du) = (train.coeffs, want_du);
+                let split = Split::none(d_out);
+                steps.push((
+                    Step::CoeffGradTiled { j0, j1, split, dc, du },
+                    tiled_dims(t, j1 - j0, 1),
+                ));
+                if train.input {
+                    let split = Split::none(j1 - j0);
+                    steps.push((Step::DxTiled { j0, j1, split }, tiled_dims(t, d_in, 1)));
+                }
+                if train.modules {
+                    steps.push((Step::DaTiled { j0, j1 }, tiled_dims(j1 - j0, d_in, 1)));
+                    steps.push((Step::DbTiled { j0, j1 }, tiled_dims(d_out, j1 - j0, 1)));
+                }
+            }
+        }
+        Variant::Fused => {
+            let tiles = r.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
+            let split = split_k(tiles, d_out);
+            let (dc, du) = (train.coeffs, want_du);
+            steps.push((
+                Step::CoeffGradTiled {
+                    j0: 0,
+                    j1: r,
+                    split,
+                    dc,
+                    du,
+                },
+                tiled_dims(t, r, split.splits),
+            ));
+            if du && split.splits > 1 {
+                let step = Step::SumPartials {
+                    target: Target::DU,
+                    splits: split.splits,
+                };
+                steps.push((step, linear_dims(t * r)));
+            }
+            if train.input {
+                let tiles = d_in.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
+                let split = split_k(tiles, r);
+                steps.push((Step::DxTiled { j0: 0, j1: r, split }, tiled_dims(t, d_in, split.splits)));
+                if split.splits > 1 {
+                    let step = Step::SumPartials {
+                        target: Target::DX,
+                        splits: split.splits,
+                    };
+                    steps.push((step, linear_dims(t * d_in)));
+                }
+            }
+            if train.modules {
+                steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
+                steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
+            }
+        }
+    }
+    steps
+}
+
+/// f32 elements of the workspace: H for the naive variant, split-K partials for the fused one;
+/// at least 1.
+pub fn workspace_len(variant: Variant, shape: &Shape, train: Train) -> usize {
+    let t = shape.t;
+    launch_config(variant, shape, train)
+        .iter()
+        .map(|(step, _)| match *step {
+            Step::HiddenNaive { .. } => t * shape.r_total(),
+            Step::CoeffGradTiled {
+                j0,
+                j1,
+                split,
+                du: true,
+                ..
+            } if split.splits > 1 => split.splits * t * (j1 - j0),
+            Step::DxTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
+            _ => 0,
+        })
+        .chain([1])
+        .max()
+        .unwrap_or(1)
+}
+
+/// Useful FLOPs and the fewest bytes of the gradients `train` asks for. H costs `2·T·d_out·R`
+/// (G and B_cat read, U read for ∂C); ∂X `2·T·R·d_in` (A_cat read, ∂X read and written); ∂A and
+/// ∂B `2·R·T·d_in + 2·d_out·T·R` (X read, ∂A and ∂B written).
+pub fn flops_bytes(shape: &Shape, dtype: DType, train: Train) -> (f64, f64) {
+    let (t, di, d_o, r) = (
+        shape.t as f64,
+        shape.d_in as f64,
+        shape.d_out as f64,
+        shape.r_total() as f64,
+    );
+    let mut flops = 2.0 * t * d_o * r;
+    let mut elems = t * d_o + d_o * r + t * r;
+    if train.input {
+        flops += 2.0 * t * r * di;
+        elems += r * di + 2.0 * t * di;
+    }
+    if train.modules {
+        flops += 2.0 * r * t * di + 2.0 * d_o * t * r;
+        elems += t * di + r * di + d_o * r;
+        if !train.input {
+            elems += r * di;
+        }
+    }
+    let small = 4.0 * (2.0 * shape.n_samples as f64 * shape.n() as f64 + t + 2.0 * r);
+    (flops, elems * dtype.size_bytes() as f64 + small)
+}
+
+/// The kernels of this family; storage f32 and bf16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    HiddenNaive,
+    CoeffGradNaive,
+    DxNaive,
+    DaNaive,
+    DbNaive,
+    CoeffGradTiled,
+    DxTiled,
+    DaTiled,
+    DbTiled,
+}
+
+/// The compiled kernel `compose_bwd_<entry>_<dtype>`, or an error for f16.
+pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
+    use crate::harness::entries::compose_bwd as e;
+    use DType::{BF16, F32};
+    use Entry::*;
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match (entry, dtype) {
+        (HiddenNaive, F32) => ("compose_bwd_hidden_naive_f32", e::lc_run_compose_bwd_hidden_naive_f32),
+        (HiddenNaive, BF16) => ("compose_bwd_hidden_naive_bf16", e::lc_run_compose_bwd_hidden_naive_bf16),
+        (CoeffGradNaive, F32) => (
+            "compose_bwd_coeff_grad_naive_f32",
+            e::lc_run_compose_bwd_coeff_grad_naive_f32,
+        ),
+        (CoeffGradNaive, BF16) => (
+            "compose_bwd_coeff_grad_naive_bf16",
+            e::lc_run_compose_bwd_coeff_grad_naive_bf16,
+        ),
+        (DxNaive, F32) => ("compose_bwd_dx_naive_f32", e::lc_run_compose_bwd_dx_naive_f32),
+        (DxNaive, BF16) => ("compose_bwd_dx_naive_bf16", e::lc_run_compose_bwd_dx_naive_bf16),
+        (DaNaive, F32) => ("compose_bwd_da_naive_f32", e::lc_run_compose_bwd_da_naive_f32),
+        (DaNaive, BF16) => ("compose_bwd_da_naive_bf16", e::lc_run_compose_bwd_da_naive_bf16),
+        (DbNaive, F32) => ("compose_bwd_db_naive_f32", e::lc_run_compose_bwd_db_naive_f32),
+        (DbNaive, BF16) => ("compose_bwd_db_naive_bf16", e::lc_run_compose_bwd_db_naive_bf16),
+        (CoeffGradTiled, F32) => (
+            "compose_bwd_coeff_grad_tiled_f32",
+            e::lc_run_compose_bwd_coeff_grad_tiled_f32,
+        ),
+        (CoeffGradTiled, BF16) => (
+            "compose_bwd_coeff_grad_tiled_bf16",
+            e::lc_run_compose_bwd_coeff_grad_tiled_bf16,
+        ),
+        (DxTiled, F32) => ("compose_bwd_dx_tiled_f32", e::lc_run_compose_bwd_dx_tiled_f32),
+        (DxTiled, BF16) => ("compose_bwd_dx_tiled_bf16", e::lc_run_compose_bwd_dx_tiled_bf16),
+        (DaTiled, F32) => ("compose_bwd_da_tiled_f32", e::lc_run_compose_bwd_da_tiled_f32),
+        (DaTiled, BF16) => ("compose_bwd_da_tiled_bf16", e::lc_run_compose_bwd_da_tiled_bf16),
+        (DbTiled, F32) => ("compose_bwd_db_tiled_f32", e::lc_run_compose_bwd_db_tiled_f32),
+        (DbTiled, BF16) => ("compose_bwd_db_tiled_bf16", e::lc_run_compose_bwd_db_tiled_bf16),
+        (_, DType::F16) => return Err(super::compose_fwd::not_built("compose_bwd")),
+    };
+    Ok(Kernel {
+        family: "compose_bwd",
+        name,
+        harness_entry,
+    })
+}
+
+/// The backward's read-only operands.
+pub struct Inputs<'a, T: Element, B: Backend> {
+    /// (T, d_out): ∂L/∂Y.
+    pub g: &'a B::Buffer<T>,
+    /// (T, d_in)
+    pub x: &'a B::Buffer<T>,
+    /// (T, R): the forward's unscaled U.
+    pub u: &'a B::Buffer<T>,
+    /// (R, d_in)
+    pub a_cat: &'a B::Buffer<T>,
+    /// (d_out, R)
+    pub b_cat: &'a B::Buffer<T>,
+    /// (S, N) f32
+    pub c: &'a B::Buffer<f32>,
+    pub rows: &'a TokenRows<B>,
+    pub tables: &'a Tables<B>,
+}
+
+/// The backward's outputs; each must be present exactly when `train` asks for it. ∂C (S, N, f32)
+/// and ∂X (T, d_in) are accumulated onto; ∂U (T, R, scratch needed for ∂X and ∂A_cat), ∂A_cat
+/// (R, d_in) and ∂B_cat (d_out, R) are overwritten. The f32 workspace holds at least
+/// [`workspace_len`] elements.
+pub struct Outputs<'a, T: Element, B: Backend> {
+    pub dc: Option<&'a mut B::Buffer<f32>>,
+    pub du: Option<&'a mut B::Buffer<T>>,
+    pub dx: Option<&'a mut B::Buffer<T>>,
+    pub da_cat: Option<&'a mut B::Buffer<T>>,
+    pub db_cat: Option<&'a mut B::Buffer<T>>,
+    pub work: &'a mut B::Buffer<f32>,
+}
+
+/// The gradients `train` asks for (except `base`), with `variant` (asynchronous on the GPU).
+pub fn launch<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    shape: &Shape,
+    train: Train,
+    inputs: &Inputs<T, B>,
+    outputs: Outputs<T, B>,
+) -> Result<(), KernelError> {
+    let name = kernel(Entry::CoeffGradTiled, T::DTYPE)?.name;
+    let (t, r, n, d_in, d_out) = (shape.t, shape.r_total(), shape.n(), shape.d_in, shape.d_out);
+    check_tables(
+        backend,
+        name,
+        shape,
+        backend.buffer_len(inputs.c),
+        inputs.rows,
+        inputs.tables,
+    )?;
+    for (what, len, want) in [
+        ("G", backend.buffer_len(inputs.g), t * d_out),
+        ("X", backend.buffer_len(inputs.x), t * d_in),
+        ("U", backend.buffer_len(inputs.u), t * r),
+        ("A_cat", backend.buffer_len(inputs.a_cat), r * d_in),
+        ("B_cat", backend.buffer_len(inputs.b_cat), d_out * r),
+    ] {
+        check_len(name, what, len, want, false)?;
+    }
+    let want_du = train.input || train.modules;
+    let present = |what: &str, given: bool, wanted: bool| {
+        if given == wanted {
+            Ok(())
+        } else {
+            Err(KernelError::Argument {
+                kernel: name,
+                message: format!(
+                    "{what} {} for {train:?}",
+                    if wanted { "is needed" } else { "is not computed" }
+                ),
+            })
+        }
+    };
+    present("∂C", outputs.dc.is_some(), train.coeffs)?;
+    present("∂U", outputs.du.is_some(), want_du)?;
+    present("∂X", outputs.dx.is_some(), train.input)?;
+    present("∂A_cat", outputs.da_cat.is_some(), train.modules)?;
+    present("∂B_cat", outputs.db_cat.is_some(), train.modules)?;
+    if let Some(dc) = &outputs.dc {
+        check_len(name, "∂C", backend.buffer_len(*dc), shape.n_samples * n, false)?;
+    }
+    for (what, buffer, want) in [
+        ("∂U", &outputs.du, t * r),
+        ("∂X", &outputs.dx, t * d_in),
+        ("∂A_cat", &outputs.da_cat, r * d_in),
+        ("∂B_cat", &outputs.db_cat, d_out * r),
+    ] {
+        if let Some(buffer) = buffer {
+            check_len(name, what, backend.buffer_len(*buffer), want, false)?;
+        }
+    }
+    check_len(
+        name,
+        "workspace",
+        backend.buffer_len(outputs.work),
+        workspace_len(variant, shape, train),
+        true,
+    )?;
+
+    let null = KernelArg::Ptr(0);
+    let Outputs {
+        dc,
+        du,
+        dx,
+        da_cat,
+        db_cat,
+        work,
+    } = outputs;
+    let (g, x, u) = (
+        backend.arg_in(inputs.g),
+        backend.arg_in(inputs.x),
+        backend.arg_in(inputs.u),
+    );
+    let (a_cat, b_cat, c) = (
+        backend.arg_in(inputs.a_cat),
+        backend.arg_in(inputs.b_cat),
+        backend.arg_in(inputs.c),
+    );
+    let sample_of = backend.arg_in(&inputs.rows.sample_of);
+    let tables = inputs.tables;
+    let (module_of, col_scale) = (backend.arg_in(&tables.module_of), backend.arg_in(&tables.col_scale));
+    let (mod_offsets, mod_scale) = (backend.arg_in(&tables.mod_offsets), backend.arg_in(&tables.mod_scale));
+    let dc = dc.map_or(null, |b| backend.arg_out(b));
+    let du = du.map_or(null, |b| backend.arg_out(b));
+    let dx = dx.map_or(null, |b| backend.arg_out(b));
+    let da = da_cat.map_or(null, |b| backend.arg_out(b));
+    let db = db_cat.map_or(null, |b| backend.arg_out(b));
+    let work = backend.arg_out(work);
+    let i = |v: usize| KernelArg::I32(v as i32);
+    for (step, dims) in launch_config(variant, shape, train) {
+        let (entry, args): (Entry, Vec<KernelArg>) = match step {
+            Step::HiddenNaive { j0, j1, du: want } => (
+                Entry::HiddenNaive,
+                vec![
+                    g,
+                    b_cat,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    work,
+                    if want { du } else { null },
+                    i(t),
+                    i(d_out),
+                    i(r),
+                    i(n),
+                    i(j0),
+                    i(j1),
+                ],
+            ),
+            Step::CoeffGradNaive { i0, i1 } => (
+                Entry::CoeffGradNaive,
+                vec![
+                    work,
+                    u,
+                    sample_of,
+                    mod_offsets,
+                    mod_scale,
+                    dc,
+                    i(t),
+                    i(r),
+                    i(n),
+                    i(shape.n_samples),
+                    i(i0),
+                    i(i1),
+                ],
+            ),
+            Step::DxNaive { j0, j1 } => (Entry::DxNaive, vec![du, a_cat, dx, i(t), i(r), i(d_in), i(j0), i(j1)]),
+            Step::DaNaive { j0, j1 } => (Entry::DaNaive, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
+            Step::DbNaive { j0, j1 } | Step::DbTiled { j0, j1 } => (
+                if matches!(step, Step::DbNaive { .. }) {
+                    Entry::DbNaive
+                } else {
+                    Entry::DbTiled
+                },
+                vec![
+                    g,
+                    u,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    db,
+                    i(t),
+                    i(r),
+                    i(d_out),
+                    i(n),
+                    i(j0),
+                    i(j1),
+                ],
+            ),
+            Step::CoeffGradTiled {
+                j0,
+                j1,
+                split,
+                dc: want_dc,
+                du: want_du,
+            } => (
+                Entry::CoeffGradTiled,
+                vec![
+                    g,
+                    b_cat,
+                    u,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    if want_dc { dc } else { null },
+                    if want_du { du } else { null },
+                    work,
+                    i(t),
+                    i(d_out),
+                    i(r),
+                    i(n),
+                    i(j0),
+                    i(j1),
+                    i(split.chunk),
+                ],
+            ),
+            Step::SumPartials { target, splits } => {
+                let (out, width, ld, accumulate) = match target {
+                    Target::DU => (du, r, r, 0),
+                    Target::DX => (dx, d_in, d_in, 1),
+                };
+                // The one reduction kernel lives in the forward family.
+                let kernel = super::compose_fwd::kernel(super::compose_fwd::Entry::SumPartials, T::DTYPE)?;
+                let args = [work, i(splits), out, i(t), i(width), i(ld), i(0), i(accumulate)];
+                // SAFETY: `compose_fwd_sum_partials` takes (work, splits, out, rows, width, ld,
+                // col_off, accumulate); the workspace holds `splits` × T × width partials
+                // (workspace_len) and `out` is ∂U (T × R) or ∂X (T × d_in), checked above.
+                unsafe { backend.launch(&kernel, &dims, &args)? };
+                continue;
+            }
+            Step::DxTiled { j0, j1, split } => (
+                Entry::DxTiled,
+                vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(j0), i(j1), i(split.chunk)],
+            ),
+            Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
+        };
+        // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
+        // cuda/compose_bwd.cu. Every buffer was checked above against the shape the kernels
+        // index; an output is null only where `train` does not ask for it, and the plan launches
+        // no kernel that writes or reads a null output (the tiled ∂C/∂U kernel skips null ones).
+        // Tables come from the same ranks, token samples were checked on upload, and output
+        // buffers are distinct and mutably borrowed.
+        unsafe { backend.launch(&kernel(entry, T::DTYPE)?, &dims, &args)? };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(t: usize, d: usize, ranks: Vec<usize>) -> Shape {
+        Shape {
+            t,
+            d_in: d,
+            d_out: d,
+            n_samples: 1,
+            ranks,
+        }
+    }
+
+    #[test]
+    fn coefficient_gradients_alone_write_no_du() {
+        let plan = launch_config(Variant::Fused, &shape(16, 4096, vec![16; 32]), Train::COEFFS);
+        assert!(plan.iter().all(|(s, _)| matches!(
+            s,
+            Step::CoeffGradTiled {
+                dc: true,
+                du: false,
+                ..
+            }
+        )));
+        assert_eq!(
+            workspace_len(Variant::Fused, &shape(16, 4096, vec![16; 32]), Train::COEFFS),
+            1
+        );
+    }
+
+    #[test]
+    fn loop_variant_launches_per_module() {
+        let plan = launch_config(Variant::Loop, &shape(16, 768, vec![16; 8]), Train::ALL);
+        assert_eq!(plan.len(), 4 * 8);
+    }
+}

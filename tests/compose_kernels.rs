@@ -1,0 +1,697 @@
+//! Every composition kernel variant (forward and backward) × storage (f32, bf16) against the f64
+//! reference of `compose::reference`: through the CPU harness always, in several thread orders,
+//! and through the GPU when one is present. The same test bodies serve both backends.
+//!
+//! Cases (tests/common): odd and prime sizes, N from 1 to 128, ranks {1, 3, 8, 16, 64} and
+//! mixed, coefficients random / zero / negative / one-hot, token rows all-same / all-distinct /
+//! uniform / zipf. Overwritten outputs (U, Z, ∂A_cat, ∂B_cat, ∂U, the workspace) are poisoned
+//! with NaN before each run; accumulated ones (Y, ∂X, ∂C) start from random values, so the
+//! accumulation itself is checked.
+//!
+//! Tolerances from the numerics, per output, normwise:
+//! - f32: `16·ε₃₂·max Σ|terms|` (the same bound as the CPU fast path, tests/compose_props.rs);
+//! - bf16: the kernel's largest error against f64 must be at most twice the largest error of
+//!   the same computation done on the CPU in bf16 (inputs in bf16, f32 accumulation, U, Z, ∂U
+//!   and each output rounded where the kernels round them), plus that f32 floor.
+
+mod common;
+
+use common::*;
+use lora_compose::check::{compare, Tol};
+use lora_compose::compose::layer::{select, ComposedLayer, Device, DeviceChoice, KernelLayer};
+use lora_compose::compose::{reference, Mode, ModuleStack, Rows, Train};
+use lora_compose::gpu::GpuBackend;
+use lora_compose::harness::CpuHarness;
+use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
+use lora_compose::kernels::{compose_bwd, Backend, DType, Element, KernelError};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const KAPPA: f64 = 16.0 * f32::EPSILON as f64;
+
+/// The gradient subsets the backward is checked with (`base` belongs to the GEMM family).
+const TRAINS: [Train; 3] = [
+    Train {
+        input: true,
+        coeffs: true,
+        modules: true,
+        base: false,
+    },
+    Train::COEFFS,
+    Train {
+        input: true,
+        coeffs: true,
+        modules: false,
+        base: false,
+    },
+];
+
+fn round<T: Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+fn f32s<T: Element>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+fn f64s<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| f64::from(x.to_f32())).collect()
+}
+fn rt<T: Element>(x: f32) -> f32 {
+    T::from_f32(x).to_f32()
+}
+
+/// One case in storage T: the operands as the kernels see them, plus the starting values of
+/// the accumulated outputs.
+struct Prepared<T> {
+    shape: Shape,
+    x: Vec<T>,
+    a_cat: Vec<T>,
+    b_cat: Vec<T>,
+    g: Vec<T>,
+    scales: Vec<f32>,
+    y0: Vec<T>,
+    dx0: Vec<T>,
+    dc0: Vec<f32>,
+    /// U as the forward stores it (the CPU mirror's), the backward's input.
+    u: Vec<T>,
+}
+
+fn prepare<T: Element>(case: &Case, seed: u64) -> Prepared<T> {
+    let m = &case.modules;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let shape = Shape {
+        t: case.t,
+        d_in: case.d_in,
+        d_out: case.d_out,
+        n_samples: case.n_samples,
+        ranks: m.ranks.clone(),
+    };
+    let (x, a_cat): (Vec<T>, Vec<T>) = (round(&case.x), round(&m.a_cat));
+    let u = mirror_u(&shape, &f32s(&x), &f32s(&a_cat))
+        .into_iter()
+        .map(T::from_f32)
+        .collect();
+    Prepared {
+        x,
+        a_cat,
+        b_cat: round(&m.b_cat),
+        g: round(&case.g),
+        scales: m.scales.clone(),
+        y0: round(&randn(&mut rng, case.t * case.d_out, 1.0)),
+        dx0: round(&randn(&mut rng, case.t * case.d_in, 1.0)),
+        dc0: randn(&mut rng, case.n_samples * m.n(), 1.0),
+        u,
+        shape,
+    }
+}
+
+/// f32 `X A_catᵀ`, sequential sums (before rounding to storage).
+fn mirror_u(s: &Shape, x: &[f32], a: &[f32]) -> Vec<f32> {
+    let (t, r, d_in) = (s.t, s.r_total(), s.d_in);
+    let mut u = vec![0.0f32; t * r];
+    for tt in 0..t {
+        for j in 0..r {
+            u[tt * r + j] = (0..d_in).map(|k| x[tt * d_in + k] * a[j * d_in + k]).sum();
+        }
+    }
+    u
+}
+
+/// `D[σ(t), j]` as the kernels form it: `C[σ, i(j)] · s_i` in f32.
+fn diag_of(s: &Shape, scales: &[f32], c: &[f32], sample_of: &[usize]) -> impl Fn(usize, usize) -> f32 {
+    let module_of: Vec<usize> = s.ranks.iter().enumerate().flat_map(|(i, &r)| vec![i; r]).collect();
+    let (n, c, sample_of, scales) = (s.n(), c.to_vec(), sample_of.to_vec(), scales.to_vec());
+    move |t, j| c[sample_of[t] * n + module_of[j]] * scales[module_of[j]]
+}
+
+/// The rank-column ranges after each of which an accumulated output (Y, ∂X) is rounded to
+/// storage: once for the fused kernels, after every module for the loop baseline (one launch
+/// per module, each adding onto the stored output, as serving systems do).
+fn rounding_groups(s: &Shape, variant: compose_fwd::Variant) -> Vec<(usize, usize)> {
+    let off = s.offsets();
+    match variant {
+        compose_fwd::Variant::Loop => off.windows(2).map(|w| (w[0], w[1])).filter(|(a, b)| a < b).collect(),
+        _ => vec![(0, s.r_total())],
+    }
+}
+
+/// Everything the f64 reference says, and the same computed on absolute values (for the
+/// normwise scale of each output).
+struct Want {
+    u: Vec<f64>,
+    z: Vec<f64>,
+    y: Vec<f64>,
+    grads: reference::Grads,
+    u_abs: Vec<f64>,
+    z_abs: Vec<f64>,
+    y_abs: Vec<f64>,
+    grads_abs: reference::Grads,
+}
+
+fn want_of<T: Element>(case: &Case, p: &Prepared<T>) -> Want {
+    let s = &p.shape;
+    let rows = Rows {
+        sample_of: &case.sample_of,
+        n_samples: case.n_samples,
+    };
+    let (t, r, d_in) = (s.t, s.r_total(), s.d_in);
+    let run = |abs: bool| {
+        let f = |v: Vec<f64>| if abs { v.iter().map(|x| x.abs()).collect() } else { v };
+        let (x, a, b, g) = (f(f64s(&p.x)), f(f64s(&p.a_cat)), f(f64s(&p.b_cat)), f(f64s(&p.g)));
+        let c = f(to_f64(&case.c));
+        let stack = ModuleStack {
+            d_in,
+            d_out: s.d_out,
+            ranks: s.ranks.clone(),
+            scales: f(to_f64(&p.scales)),
+            a_cat: a.clone(),
+            b_cat: b,
+        };
+        let w = vec![0.0; s.d_out * d_in];
+        let layer = reference::Layer {
+            w: &w,
+            bias: None,
+            modules: &stack,
+            mode: Mode::Product,
+        };
+        let y = reference::forward(&layer, &x, &c, rows).unwrap();
+        let grads = reference::backward(&layer, &x, &c, rows, &g, Train::ALL).unwrap();
+        // U = X A_catᵀ (T, R) and Z = U ∘ D, spelled out.
+        let mut u = vec![0.0; t * r];
+        let mut z = vec![0.0; t * r];
+        let off = s.offsets();
+        for tt in 0..t {
+            for i in 0..s.n() {
+                for j in off[i]..off[i + 1] {
+                    u[tt * r + j] = (0..d_in).map(|k| x[tt * d_in + k] * a[j * d_in + k]).sum();
+                    z[tt * r + j] = u[tt * r + j] * c[case.sample_of[tt] * s.n() + i] * stack.scales[i];
+                }
+            }
+        }
+        (u, z, y, grads)
+    };
+    let (u, z, y, grads) = run(false);
+    let (u_abs, z_abs, y_abs, grads_abs) = run(true);
+    Want {
+        u,
+        z,
+        y,
+        grads,
+        u_abs,
+        z_abs,
+        y_abs,
+        grads_abs,
+    }
+}
+
+fn max_of(v: impl IntoIterator<Item = f64>) -> f64 {
+    v.into_iter().fold(0.0, f64::max)
+}
+
+/// `|got − want| ≤ atol` elementwise, with atol = 16·ε₃₂·scale for f32 and, for bf16,
+/// 2 × (the CPU bf16 mirror's largest error) + that floor.
+fn judge<T: Element>(name: &str, got: &[f64], want: &[f64], mirror: &[f64], scale: f64) -> Result<(), String> {
+    let floor = KAPPA * scale + 1e-30;
+    let atol = if T::DTYPE == DType::F32 {
+        floor
+    } else {
+        let cpu_err = max_of(mirror.iter().zip(want).map(|(m, w)| (m - w).abs()));
+        2.0 * cpu_err + floor
+    };
+    compare(name, got, want, Tol::new(atol, 0.0)).map(|_| ())
+}
+
+fn plus(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+fn abs_plus(a: &[f64], b: &[f64]) -> f64 {
+    max_of(a.iter().zip(b).map(|(x, y)| x.abs() + y.abs()))
+}
+
+fn err(context: &str) -> impl Fn(KernelError) -> String + '_ {
+    move |e| format!("{context}: {e}")
+}
+
+/// The case's per-column tables, token rows and coefficients on `backend`.
+#[allow(clippy::type_complexity)]
+fn upload_tables<T: Element, B: Backend>(
+    backend: &B,
+    case: &Case,
+    p: &Prepared<T>,
+) -> Result<(Tables<B>, TokenRows<B>, B::Buffer<f32>), KernelError> {
+    let rows = Rows {
+        sample_of: &case.sample_of,
+        n_samples: case.n_samples,
+    };
+    let tables = Tables::upload(backend, &p.shape.ranks, &p.scales)?;
+    Ok((tables, TokenRows::upload(backend, rows)?, backend.upload(&case.c)?))
+}
+
+fn check_forward<T: Element, B: Backend>(
+    backend: &B,
+    variant: compose_fwd::Variant,
+    case: &Case,
+    p: &Prepared<T>,
+    w: &Want,
+) -> Result<(), String> {
+    let s = &p.shape;
+    let (t, r, d_out) = (s.t, s.r_total(), s.d_out);
+    let ctx = format!(
+        "{} forward {variant:?} {:?} ranks {:?}",
+        backend.name(),
+        T::DTYPE,
+        s.ranks
+    );
+    let e = err(&ctx);
+    let (tables, token_rows, c) = upload_tables(backend, case, p).map_err(&e)?;
+    let (x, a, b) = (
+        backend.upload(&p.x).map_err(&e)?,
+        backend.upload(&p.a_cat).map_err(&e)?,
+        backend.upload(&p.b_cat).map_err(&e)?,
+    );
+    let mut u = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
+    let mut z = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
+    let mut y = backend.upload(&p.y0).map_err(&e)?;
+    let mut work = backend
+        .upload(&vec![f32::NAN; compose_fwd::workspace_len(variant, s)])
+        .map_err(&e)?;
+    let inputs = compose_fwd::Inputs {
+        x: &x,
+        a_cat: &a,
+        b_cat: &b,
+        c: &c,
+        rows: &token_rows,
+        tables: &tables,
+    };
+    let outputs = compose_fwd::Outputs {
+        u: Some(&mut u),
+        z: &mut z,
+        y: &mut y,
+        work: &mut work,
+    };
+    compose_fwd::launch(backend, variant, s, &inputs, outputs).map_err(&e)?;
+    let (u, z, y) = (
+        backend.download(&u).map_err(&e)?,
+        backend.download(&z).map_err(&e)?,
+        backend.download(&y).map_err(&e)?,
+    );
+
+    // The CPU mirror in storage T.
+    let u32 = mirror_u(s, &f32s(&p.x), &f32s(&p.a_cat));
+    let d = diag_of(s, &p.scales, &case.c, &case.sample_of);
+    let mut z_m = vec![0.0f32; t * r];
+    for tt in 0..t {
+        for j in 0..r {
+            z_m[tt * r + j] = rt::<T>(u32[tt * r + j] * d(tt, j));
+        }
+    }
+    let (b32, y0) = (f32s(&p.b_cat), f32s(&p.y0));
+    let groups = rounding_groups(s, variant);
+    let mut y_m = vec![0.0f64; t * d_out];
+    for tt in 0..t {
+        for o in 0..d_out {
+            let mut y = y0[tt * d_out + o];
+            for &(j0, j1) in &groups {
+                let acc: f32 = (j0..j1).map(|j| z_m[tt * r + j] * b32[o * r + j]).sum();
+                y = rt::<T>(y + acc);
+            }
+            y_m[tt * d_out + o] = f64::from(y);
+        }
+    }
+    let u_m: Vec<f64> = u32.iter().map(|&v| f64::from(rt::<T>(v))).collect();
+    let z_m: Vec<f64> = z_m.iter().map(|&v| f64::from(v)).collect();
+    let y0 = f64s(&p.y0);
+    let want_y = plus(&y0, &w.y);
+    let check = || -> Result<(), String> {
+        judge::<T>("U", &f64s(&u), &w.u, &u_m, max_of(w.u_abs.iter().cloned()))?;
+        judge::<T>("Z", &f64s(&z), &w.z, &z_m, max_of(w.z_abs.iter().cloned()))?;
+        judge::<T>("Y", &f64s(&y), &want_y, &y_m, abs_plus(&y0, &w.y_abs))
+    };
+    check().map_err(|m| format!("{ctx}: {m}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_backward<T: Element, B: Backend>(
+    backend: &B,
+    variant: compose_bwd::Variant,
+    case: &Case,
+    p: &Prepared<T>,
+    w: &Want,
+    train: Train,
+) -> Result<(), String> {
+    let s = &p.shape;
+    let (t, r, n, d_in, d_out) = (s.t, s.r_total(), s.n(), s.d_in, s.d_out);
+    let ctx = format!(
+        "{} backward {variant:?} {:?} {train:?} ranks {:?}",
+        backend.name(),
+        T::DTYPE,
+        s.ranks
+    );
+    let e = err(&ctx);
+    let (tables, token_rows, c) = upload_tables(backend, case, p).map_err(&e)?;
+    let up = |v: &[T]| backend.upload(v).map_err(&e);
+    let (g, x, u, a, b) = (up(&p.g)?, up(&p.x)?, up(&p.u)?, up(&p.a_cat)?, up(&p.b_cat)?);
+    let want_du = train.input || train.modules;
+    let mut dc = backend.upload(&p.dc0).map_err(&e)?;
+    let mut du = up(&vec![T::poison(); t * r])?;
+    let mut dx = up(&p.dx0)?;
+    let mut da = up(&vec![T::poison(); r * d_in])?;
+    let mut db = up(&vec![T::poison(); d_out * r])?;
+    let mut work = backend
+        .upload(&vec![f32::NAN; compose_bwd::workspace_len(variant, s, train)])
+        .map_err(&e)?;
+    let inputs = compose_bwd::Inputs {
+        g: &g,
+        x: &x,
+        u: &u,
+        a_cat: &a,
+        b_cat: &b,
+        c: &c,
+        rows: &token_rows,
+        tables: &tables,
+    };
+    let outputs = compose_bwd::Outputs {
+        dc: train.coeffs.then_some(&mut dc),
+        du: want_du.then_some(&mut du),
+        dx: train.input.then_some(&mut dx),
+        da_cat: train.modules.then_some(&mut da),
+        db_cat: train.modules.then_some(&mut db),
+        work: &mut work,
+    };
+    compose_bwd::launch(backend, variant, s, train, &inputs, outputs).map_err(&e)?;
+
+    // The CPU mirror: H in f32, ∂U rounded to T, outputs rounded once.
+    let (g32, b32, u32, a32, x32) = (f32s(&p.g), f32s(&p.b_cat), f32s(&p.u), f32s(&p.a_cat), f32s(&p.x));
+    let d = diag_of(s, &p.scales, &case.c, &case.sample_of);
+    let module_of: Vec<usize> = s.ranks.iter().enumerate().flat_map(|(i, &r)| vec![i; r]).collect();
+    let mut h = vec![0.0f32; t * r];
+    let mut du_m = vec![0.0f32; t * r];
+    let mut dc_m: Vec<f32> = p.dc0.clone();
+    for tt in 0..t {
+        for j in 0..r {
+            h[tt * r + j] = (0..d_out).map(|o| g32[tt * d_out + o] * b32[o * r + j]).sum();
+            du_m[tt * r + j] = rt::<T>(h[tt * r + j] * d(tt, j));
+            let i = module_of[j];
+            dc_m[case.sample_of[tt] * n + i] += h[tt * r + j] * u32[tt * r + j] * p.scales[i];
+        }
+    }
+    let dx0 = f64s(&p.dx0);
+    let groups = rounding_groups(s, variant);
+    let check = |dc: Vec<f32>, dx: Vec<T>, da: Vec<T>, db: Vec<T>| -> Result<(), String> {
+        if train.coeffs {
+            let dc0: Vec<f64> = to_f64(&p.dc0);
+            let mirror = to_f64(&dc_m);
+            judge::<T>(
+                "dC",
+                &to_f64(&dc),
+                &plus(&dc0, &w.grads.dc),
+                &mirror,
+                abs_plus(&dc0, &w.grads_abs.dc),
+            )?;
+        }
+        if train.input {
+            let mut mirror = vec![0.0; t * d_in];
+            for tt in 0..t {
+                for k in 0..d_in {
+                    let mut dx = p.dx0[tt * d_in + k].to_f32();
+                    for &(j0, j1) in &groups {
+                        let acc: f32 = (j0..j1).map(|j| du_m[tt * r + j] * a32[j * d_in + k]).sum();
+                        dx = rt::<T>(dx + acc);
+                    }
+                    mirror[tt * d_in + k] = f64::from(dx);
+                }
+            }
+            judge::<T>(
+                "dX",
+                &f64s(&dx),
+                &plus(&dx0, &w.grads.dx),
+                &mirror,
+                abs_plus(&dx0, &w.grads_abs.dx),
+            )?;
+        }
+        if train.modules {
+            let mut mirror_a = vec![0.0; r * d_in];
+            for j in 0..r {
+                for k in 0..d_in {
+                    let acc: f32 = (0..t).map(|tt| du_m[tt * r + j] * x32[tt * d_in + k]).sum();
+                    mirror_a[j * d_in + k] = f64::from(rt::<T>(acc));
+                }
+            }
+            judge::<T>(
+                "dA_cat",
+                &f64s(&da),
+                &w.grads.da_cat,
+                &mirror_a,
+                max_of(w.grads_abs.da_cat.iter().cloned()),
+            )?;
+            let mut mirror_b = vec![0.0; d_out * r];
+            for o in 0..d_out {
+                for j in 0..r {
+                    let acc: f32 = (0..t)
+                        .map(|tt| g32[tt * d_out + o] * (u32[tt * r + j] * d(tt, j)))
+                        .sum();
+                    mirror_b[o * r + j] = f64::from(rt::<T>(acc));
+                }
+            }
+            judge::<T>(
+                "dB_cat",
+                &f64s(&db),
+                &w.grads.db_cat,
+                &mirror_b,
+                max_of(w.grads_abs.db_cat.iter().cloned()),
+            )?;
+        }
+        Ok(())
+    };
+    let (dc, dx) = (backend.download(&dc).map_err(&e)?, backend.download(&dx).map_err(&e)?);
+    let (da, db) = (backend.download(&da).map_err(&e)?, backend.download(&db).map_err(&e)?);
+    backend.download(&du).map_err(&e)?; // guard zones intact
+    check(dc, dx, da, db).map_err(|m| format!("{ctx}: {m}"))
+}
+
+/// Every variant × storage × gradient subset for one case on one backend.
+fn check_all<B: Backend>(backend: &B, case: &Case, seed: u64, trains: &[Train]) -> Result<(), String> {
+    fn one<T: Element, B: Backend>(backend: &B, case: &Case, seed: u64, trains: &[Train]) -> Result<(), String> {
+        let p = prepare::<T>(case, seed);
+        let w = want_of(case, &p);
+        for &variant in compose_fwd::ALL {
+            check_forward(backend, variant, case, &p, &w)?;
+        }
+        for &variant in compose_bwd::ALL {
+            for &train in trains {
+                check_backward(backend, variant, case, &p, &w, train)?;
+            }
+        }
+        Ok(())
+    }
+    one::<f32, B>(backend, case, seed, trains)?;
+    one::<half::bf16, B>(backend, case, seed, trains)
+}
+
+/// (seed, T, d_in, d_out, ranks, rows, coefficients): odd and prime sizes, N = 1 … 128, every
+/// rank of tests/common and mixed ranks, every row assignment and coefficient kind.
+fn fixed_cases() -> Vec<Case> {
+    use Assign::*;
+    use CoeffKind::*;
+    let p = Mode::Product;
+    let mixed = [1, 3, 8, 16, 64, 3, 1, 8];
+    vec![
+        make_case_with_ranks(1, 1, 1, 1, &[1], p, AllSame, Random),
+        make_case_with_ranks(2, 7, 13, 11, &[3, 1, 8], p, Uniform, Random),
+        make_case_with_ranks(3, 17, 33, 29, &mixed, p, Zipf, Negative),
+        make_case_with_ranks(4, 33, 67, 61, &[64; 4], p, AllDistinct, Random),
+        make_case_with_ranks(5, 40, 70, 65, &[16; 8], p, Uniform, OneHot),
+        make_case_with_ranks(6, 16, 31, 37, &[8; 16], p, AllSame, Zero),
+        make_case_with_ranks(7, 9, 17, 19, &[1; 128], p, Zipf, Random),
+        make_case_with_ranks(8, 3, 5, 70, &[1; 128], p, AllDistinct, Negative),
+        make_case_with_ranks(9, 35, 64, 33, &[16, 64, 3, 1, 16, 8, 64, 3, 1], p, AllSame, OneHot),
+    ]
+}
+
+#[test]
+fn harness_fixed_cases_in_several_thread_orders() {
+    for (i, case) in fixed_cases().iter().enumerate() {
+        for thread_order in [0, 1, 2 + i as u64] {
+            check_all(&CpuHarness::new(thread_order), case, i as u64, &TRAINS).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+fn assign() -> impl Strategy<Value = Assign> {
+    prop::sample::select(vec![
+        Assign::AllSame,
+        Assign::AllDistinct,
+        Assign::Uniform,
+        Assign::Zipf,
+    ])
+}
+
+fn coeff_kind() -> impl Strategy<Value = CoeffKind> {
+    prop::sample::select(vec![
+        CoeffKind::Random,
+        CoeffKind::Zero,
+        CoeffKind::Negative,
+        CoeffKind::OneHot,
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn harness_random_cases(
+        seed in any::<u64>(),
+        t in prop::sample::select(vec![1usize, 2, 5, 16, 17, 31, 40]),
+        d_in in 1usize..=70,
+        d_out in 1usize..=70,
+        n in 1usize..=24,
+        mixed in any::<bool>(),
+        rows in assign(),
+        kind in coeff_kind(),
+        thread_order in 0u64..1000,
+    ) {
+        let mut case = make_case(seed, t, d_in, d_out, n, Mode::Product, mixed, rows, kind);
+        // Keep R ≤ 256 so the harness stays quick.
+        if case.modules.total_rank() > 256 {
+            let ranks: Vec<usize> = case.modules.ranks.iter().map(|&r| r.min(8)).collect();
+            case = make_case_with_ranks(seed, t, d_in, d_out, &ranks, Mode::Product, rows, kind);
+        }
+        check_all(&CpuHarness::new(thread_order), &case, seed, &TRAINS[..1]).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// The Cuda device's dispatch code (`KernelLayer`: base GEMMs + fused composition kernels) run
+/// over the CPU harness, and the Cpu device (`ComposedLayer` → `compose::fast`), against the f64
+/// reference of the whole layer, for every gradient subset.
+fn check_layer<B: Backend>(backend: &B, case: &Case) -> Result<(), String> {
+    let rows = Rows {
+        sample_of: &case.sample_of,
+        n_samples: case.n_samples,
+    };
+    let bias = case.with_bias.then(|| case.bias.clone());
+    let kernels = KernelLayer::new(backend, &case.w, bias.as_deref(), &case.modules).map_err(|e| e.to_string())?;
+    let cpu = ComposedLayer::new(
+        case.w.clone(),
+        bias.clone(),
+        case.modules.clone(),
+        Mode::Product,
+        &Device::Cpu,
+    )
+    .map_err(|e| e.to_string())?;
+    let run = |abs: bool| {
+        let f = |v: &[f32]| {
+            if abs {
+                v.iter().map(|x| f64::from(x.abs())).collect()
+            } else {
+                to_f64(v)
+            }
+        };
+        let m = case
+            .modules
+            .map(|x| if abs { f64::from(x.abs()) } else { f64::from(x) });
+        let (w, b, x, c, g) = (f(&case.w), f(&case.bias), f(&case.x), f(&case.c), f(&case.g));
+        let layer = reference::Layer {
+            w: &w,
+            bias: case.with_bias.then_some(&b[..]),
+            modules: &m,
+            mode: Mode::Product,
+        };
+        let y = reference::forward(&layer, &x, &c, rows).unwrap();
+        (y, reference::backward(&layer, &x, &c, rows, &g, Train::ALL).unwrap())
+    };
+    let ((y, gr), (y_abs, gr_abs)) = (run(false), run(true));
+    let tol = |abs: &[f64]| Tol::new(KAPPA * max_of(abs.iter().cloned()) + 1e-30, 0.0);
+    let (ky, kcache) = kernels
+        .forward(backend, &case.x, &case.c, rows)
+        .map_err(|e| e.to_string())?;
+    let (cy, ccache) = cpu.forward(&case.x, &case.c, rows).map_err(|e| e.to_string())?;
+    compare("kernel Y", &ky, &y, tol(&y_abs))?;
+    compare("cpu Y", &cy, &y, tol(&y_abs))?;
+    for train in [Train::ALL, Train::COEFFS, TRAINS[2]] {
+        let k = kernels
+            .backward(backend, &case.x, &kcache, &case.c, rows, &case.g, train)
+            .map_err(|e| e.to_string())?;
+        let c = cpu
+            .backward(&case.x, &ccache, &case.c, rows, &case.g, train)
+            .map_err(|e| e.to_string())?;
+        for (who, got) in [("kernel", &k), ("cpu", &c)] {
+            let pick = |want: bool, v: &[f64]| if want { v.to_vec() } else { Vec::new() };
+            let ctx = |m: String| format!("{who} {train:?}: {m}");
+            compare("dX", &got.dx, &pick(train.input, &gr.dx), tol(&gr_abs.dx)).map_err(ctx)?;
+            compare("dC", &got.dc, &pick(train.coeffs, &gr.dc), tol(&gr_abs.dc)).map_err(ctx)?;
+            compare("dA", &got.da_cat, &pick(train.modules, &gr.da_cat), tol(&gr_abs.da_cat)).map_err(ctx)?;
+            compare("dB", &got.db_cat, &pick(train.modules, &gr.db_cat), tol(&gr_abs.db_cat)).map_err(ctx)?;
+            compare("dW", &got.dw, &pick(train.base, &gr.dw), tol(&gr_abs.dw)).map_err(ctx)?;
+            let db = if train.base && case.with_bias {
+                gr.dbias.clone()
+            } else {
+                Vec::new()
+            };
+            compare("db", &got.dbias, &db, tol(&gr_abs.dbias)).map_err(ctx)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn composed_layer_cuda_dispatch_on_the_harness_and_cpu_device() {
+    for (i, case) in fixed_cases().iter().enumerate().skip(1).step_by(2) {
+        check_layer(&CpuHarness::new(i as u64), case).unwrap_or_else(|e| panic!("case {i}: {e}"));
+    }
+}
+
+#[test]
+fn device_selection() {
+    assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+    assert!("gpu".parse::<DeviceChoice>().is_err());
+    assert!(matches!(select(DeviceChoice::Cpu).unwrap(), Device::Cpu));
+    // auto never fails: CUDA when the probe succeeds, else the CPU.
+    let auto = select(DeviceChoice::Auto).unwrap();
+    match GpuBackend::probe() {
+        Ok(_) => assert!(matches!(auto, Device::Cuda(_))),
+        Err(_) => {
+            assert!(matches!(auto, Device::Cpu));
+            assert!(select(DeviceChoice::Cuda).is_err());
+        }
+    }
+}
+
+#[test]
+fn gpu_matches_reference() {
+    let gpu = match GpuBackend::probe() {
+        Ok(gpu) => gpu,
+        Err(reason) => {
+            println!("GPU tests skipped: {reason}");
+            return;
+        }
+    };
+    println!("GPU tests on {}", gpu.name());
+    // The shared memory the driver reports must match what launch_config budgets.
+    for (kernel, bytes) in [
+        (
+            compose_fwd::kernel(compose_fwd::Entry::ShrinkTiled, DType::BF16),
+            compose_fwd::TILE_SHARED_BYTES,
+        ),
+        (
+            compose_bwd::kernel(compose_bwd::Entry::CoeffGradTiled, DType::BF16),
+            compose_fwd::TILE_SHARED_BYTES + compose_bwd::EPILOGUE_SHARED_BYTES,
+        ),
+    ] {
+        let function = gpu.function(&kernel.unwrap()).unwrap();
+        assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
+    }
+    for case in fixed_cases().iter().skip(1).step_by(2) {
+        check_layer(&gpu, case).unwrap_or_else(|e| panic!("{e}"));
+    }
+    for (i, case) in fixed_cases().iter().enumerate() {
+        check_all(&gpu, case, i as u64, &TRAINS).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Larger shapes than the harness can afford: split-K at real sizes, many modules.
+    for (seed, t, d, ranks) in [
+        (20, 16, 768, vec![16; 32]),
+        (21, 1, 1024, vec![16; 128]),
+        (22, 300, 257, vec![8, 64, 1, 16]),
+    ] {
+        let case = make_case_with_ranks(seed, t, d, d, &ranks, Mode::Product, Assign::Zipf, CoeffKind::Random);
+        check_all(&gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
