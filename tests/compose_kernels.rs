@@ -517,24 +517,6 @@ fn harness_fixed_cases_in_several_thread_orders() {
     }
 }
 
-fn assign() -> impl Strategy<Value = Assign> {
-    prop::sample::select(vec![
-        Assign::AllSame,
-        Assign::AllDistinct,
-        Assign::Uniform,
-        Assign::Zipf,
-    ])
-}
-
-fn coeff_kind() -> impl Strategy<Value = CoeffKind> {
-    prop::sample::select(vec![
-        CoeffKind::Random,
-        CoeffKind::Zero,
-        CoeffKind::Negative,
-        CoeffKind::OneHot,
-    ])
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]

@@ -91,24 +91,6 @@ fn tokens() -> impl Strategy<Value = usize> {
     prop::sample::select(vec![1usize, 2, 3, 7, 16, 17, 33])
 }
 
-fn assign() -> impl Strategy<Value = Assign> {
-    prop::sample::select(vec![
-        Assign::AllSame,
-        Assign::AllDistinct,
-        Assign::Uniform,
-        Assign::Zipf,
-    ])
-}
-
-fn coeff_kind() -> impl Strategy<Value = CoeffKind> {
-    prop::sample::select(vec![
-        CoeffKind::Random,
-        CoeffKind::Zero,
-        CoeffKind::Negative,
-        CoeffKind::OneHot,
-    ])
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 

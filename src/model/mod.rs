@@ -39,7 +39,7 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compose::{fast, reference, Mode, ModuleStack, Rows, Train};
+use crate::compose::{fast, reference, Rows, Train};
 use crate::{Error, Result};
 
 pub use batch::Batch;
@@ -85,32 +85,10 @@ pub trait Real:
 }
 
 /// One composed layer's frozen parts, whatever the element type.
-#[derive(Clone, Copy, Debug)]
-pub struct LinArgs<'a, T> {
-    /// (d_out, d_in)
-    pub w: &'a [T],
-    /// (d_out)
-    pub bias: Option<&'a [T]>,
-    pub modules: &'a ModuleStack<T>,
-    pub mode: Mode,
-}
+pub type LinArgs<'a, T> = crate::compose::LayerOf<'a, T>;
 
 /// Gradients of one composed layer; a field is empty when not asked for.
-#[derive(Clone, Debug, Default)]
-pub struct LinGrads<T> {
-    /// (T, d_in)
-    pub dx: Vec<T>,
-    /// (S, N)
-    pub dc: Vec<f64>,
-    /// (R, d_in)
-    pub da_cat: Vec<T>,
-    /// (d_out, R)
-    pub db_cat: Vec<T>,
-    /// (d_out, d_in)
-    pub dw: Vec<T>,
-    /// (d_out)
-    pub dbias: Vec<T>,
-}
+pub type LinGrads<T> = crate::compose::GradsOf<T>;
 
 impl Real for f32 {
     type LinCache = fast::Cache;

@@ -203,3 +203,22 @@ pub fn to_f64(v: &[f32]) -> Vec<f64> {
 pub fn abs64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| (x as f64).abs()).collect()
 }
+
+/// Proptest strategies over the assignment and coefficient kinds.
+pub fn assign() -> impl proptest::strategy::Strategy<Value = Assign> {
+    proptest::sample::select(vec![
+        Assign::AllSame,
+        Assign::AllDistinct,
+        Assign::Uniform,
+        Assign::Zipf,
+    ])
+}
+
+pub fn coeff_kind() -> impl proptest::strategy::Strategy<Value = CoeffKind> {
+    proptest::sample::select(vec![
+        CoeffKind::Random,
+        CoeffKind::Zero,
+        CoeffKind::Negative,
+        CoeffKind::OneHot,
+    ])
+}
