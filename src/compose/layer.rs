@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use super::fast::{self, Cache, Grads};
-use super::{check_call, Mode, ModuleStack, Rows, Train};
+use super::{Mode, ModuleStack, Rows, Train};
 use crate::gpu::GpuBackend;
 use crate::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
 use crate::kernels::gemm::{self, GemmParams, GemmShape};
@@ -154,8 +154,7 @@ impl ComposedLayer {
     pub fn forward(&self, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
         match self.kernels_for(x.len()) {
             Some((gpu, k)) => {
-                let bias_len = self.bias.as_ref().map(Vec::len);
-                check_call(&self.modules, self.mode, self.w.len(), bias_len, x.len(), c.len(), rows)?;
+                self.fast_layer().check(x.len(), c.len(), rows, None)?;
                 k.forward(gpu, x, c, rows).map_err(device_error)
             }
             None => fast::forward(&self.fast_layer(), x, c, rows),
@@ -166,16 +165,8 @@ impl ComposedLayer {
     pub fn backward(&self, x: &[f32], cache: &Cache, c: &[f32], rows: Rows, g: &[f32], train: Train) -> Result<Grads> {
         match self.kernels_for(x.len()) {
             Some((gpu, k)) => {
-                let bias_len = self.bias.as_ref().map(Vec::len);
-                let t = check_call(&self.modules, self.mode, self.w.len(), bias_len, x.len(), c.len(), rows)?;
+                let t = self.fast_layer().check(x.len(), c.len(), rows, Some(g.len()))?;
                 let r = self.modules.total_rank();
-                if g.len() != t * self.modules.d_out {
-                    return Err(Error::Shape(format!(
-                        "G has {} elements, expected {t}×{}",
-                        g.len(),
-                        self.modules.d_out
-                    )));
-                }
                 if cache.u.len() != t * r {
                     return Err(Error::Shape("the forward cache does not belong to this call".into()));
                 }
@@ -188,7 +179,7 @@ impl ComposedLayer {
 
 /// A product-mode layer's weights on a kernel backend, and the launches of its forward and
 /// backward: the GEMM family for the base, the fused composition kernels for the modules.
-/// Arguments are checked by the caller ([`ComposedLayer`] uses `check_call`), and every
+/// Arguments are checked by the caller ([`ComposedLayer`] uses `LayerOf::check`), and every
 /// dimension (T, R, d_in, d_out) is non-zero: device buffers are never empty.
 pub struct KernelLayer<B: Backend> {
     d_in: usize,
