@@ -88,6 +88,11 @@ fn missing(path: &Path, e: std::io::Error) -> Error {
 /// The file's bytes, gunzipped when they start with the gzip magic.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| missing(path, e))?;
+    gunzip_if_gz(path, raw)
+}
+
+/// `raw` gunzipped when it starts with the gzip magic, else as it is; `path` names it in errors.
+pub fn gunzip_if_gz(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])

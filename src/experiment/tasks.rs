@@ -8,7 +8,7 @@
 //! class, labels mapped to 0..C, pixels as u8.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::TensorView;
@@ -236,13 +236,7 @@ pub fn save_bundle(path: &Path, tasks: &[TaskData]) -> Result<()> {
 /// Reads what [`save_bundle`] wrote.
 pub fn load_bundle(path: &Path) -> Result<Vec<TaskData>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(&raw[..])
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::File {
-            path: path.into(),
-            msg: format!("corrupt gzip: {e}"),
-        })?;
+    let bytes = super::data::gunzip_if_gz(path, raw)?;
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let specs: Vec<TaskSpec> = header
