@@ -16,6 +16,7 @@
 pub mod check;
 pub mod compose;
 pub mod error;
+pub mod experiment;
 pub mod merge;
 pub mod model;
 pub mod peft;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use lora_compose::experiment;
 use lora_compose::merge::{self, Mode};
 use lora_compose::peft::{self, Library, StoreDtype};
 use lora_compose::{Error, Result};
@@ -15,7 +16,10 @@ use lora_compose::{Error, Result};
 #[command(name = "lora-compose", version, about = "Compose pre-trained LoRA modules")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no subcommand: run the whole sweep instead of the reduced comparison.
+    #[arg(long)]
+    full: bool,
 }
 
 #[derive(Subcommand)]
@@ -26,6 +30,16 @@ enum Command {
     DemoAdapters(DemoArgs),
     /// Sentence embeddings from all-MiniLM-L6-v2 (or a BERT of its layout): one JSON array per line.
     Embed(lora_compose::model::cli::EmbedArgs),
+    /// Pretrain the tiny ViT on Fashion-MNIST train (needs scripts/fetch-assets.sh).
+    Pretrain(experiment::PretrainArgs),
+    /// Train the upstream LoRA library on MNIST tasks, in PEFT layout.
+    Upstream(experiment::UpstreamArgs),
+    /// Write the downstream tasks' pools and test sets into one compact file.
+    Prepare(experiment::PrepareArgs),
+    /// Few-shot comparison of methods × tasks × shots × seeds (resumable JSONL).
+    Fewshot(experiment::FewshotArgs),
+    /// Markdown table and SVG plots from the few-shot results.
+    Report(experiment::ReportArgs),
 }
 
 #[derive(Args)]
@@ -119,9 +133,15 @@ fn run_demo(args: &DemoArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Merge(args) => run_merge(&args),
-        Command::DemoAdapters(args) => run_demo(&args),
-        Command::Embed(args) => lora_compose::model::cli::run_embed(args),
+        Some(Command::Merge(args)) => run_merge(&args),
+        Some(Command::DemoAdapters(args)) => run_demo(&args),
+        Some(Command::Embed(args)) => lora_compose::model::cli::run_embed(args),
+        Some(Command::Pretrain(args)) => experiment::run_pretrain(args),
+        Some(Command::Upstream(args)) => experiment::run_upstream(args),
+        Some(Command::Prepare(args)) => experiment::run_prepare(args),
+        Some(Command::Fewshot(args)) => experiment::run_fewshot(args),
+        Some(Command::Report(args)) => experiment::run_report(args),
+        None => experiment::run_default(experiment::DefaultArgs { full: cli.full }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,644 @@
+//! The few-shot comparison: methods × downstream tasks × shots × seeds, one unit at a time.
+//!
+//! Every method gets the same gradient-step budget ([`FewshotArgs::steps`], full batch) and
+//! hyper-parameters fixed before any downstream result was seen ([`Method::lr`]). A unit's
+//! K-shot sample and the new head's initialisation depend only on (task, K, seed), so every
+//! method of a unit sees the same shots and starts from the same head.
+//!
+//! LoraHub-style search: the model's composed layers take one coefficient row per forward (no
+//! per-sample rows at the model level), so the evolution strategy evaluates its population
+//! candidate by candidate on the K-shot set (forward only).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::data::Images;
+use super::tasks::{self, TaskData};
+use super::{
+    accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, RANK, TARGETS,
+};
+use crate::compose::{Mode, Param};
+use crate::model::linear::Adapter as LinAdapter;
+use crate::model::train::{cross_entropy, lr_at, train_step, AdamW};
+use crate::model::{Composition, Library, Model, Trainable};
+use crate::{Error, Result};
+
+/// The compared methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Method {
+    /// Linear probe: only the new head trains.
+    Head,
+    /// Full fine-tuning.
+    Full,
+    /// A rank-4 LoRA on query/value from scratch, plus the head.
+    Lora,
+    /// Uniform composition of the library (c = 1/N), head trains.
+    Uniform,
+    /// Learned composition: softmax per layer, trained with the head (the study).
+    Learned,
+    /// Unconstrained per-layer coefficients (LoRA Soups / CAT), init 1/N.
+    Soups,
+    /// LoraHub-style: one global row, factor merge, found by an evolution strategy with an L1
+    /// penalty, bounded to ±1.5; the head trains before and after the search.
+    Lorahub,
+}
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::Head,
+        Method::Full,
+        Method::Lora,
+        Method::Uniform,
+        Method::Learned,
+        Method::Soups,
+        Method::Lorahub,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Head => "head only",
+            Method::Full => "full fine-tuning",
+            Method::Lora => "LoRA from scratch",
+            Method::Uniform => "uniform composition",
+            Method::Learned => "learned composition",
+            Method::Soups => "LoRA Soups (CAT)",
+            Method::Lorahub => "LoraHub (ES)",
+        }
+    }
+
+    /// Peak learning rate, fixed in advance.
+    pub fn lr(self) -> f64 {
+        match self {
+            Method::Full => 1e-3,
+            Method::Lora => 5e-3,
+            _ => 1e-2,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct FewshotArgs {
+    #[arg(long, default_value = "data/base.safetensors")]
+    pub base: PathBuf,
+    #[arg(long, default_value = "data/library")]
+    pub library: PathBuf,
+    #[arg(long, default_value = "data/downstream.safetensors.gz")]
+    pub data: PathBuf,
+    /// The results file (JSON lines); finished units in it are skipped.
+    #[arg(long, default_value = "results/fewshot.jsonl")]
+    pub out: PathBuf,
+    /// Task names (default: all in the data file).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Shots per class; 0 means the whole pool.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,0")]
+    pub shots: Vec<usize>,
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub methods: Vec<Method>,
+    /// Gradient steps per method (full batch).
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// LoraHub: candidates per generation and generations.
+    #[arg(long, default_value_t = 8)]
+    pub es_population: usize,
+    #[arg(long, default_value_t = 5)]
+    pub es_generations: usize,
+    /// Test images a class (the first ones of each task's test set; default all).
+    #[arg(long)]
+    pub test_per_class: Option<usize>,
+}
+
+/// One finished unit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UnitResult {
+    pub task: String,
+    pub kind: String,
+    pub method: Method,
+    /// Shots per class (0: the whole pool).
+    pub k: usize,
+    pub seed: u64,
+    /// Test accuracy; `None` when the run diverged.
+    pub accuracy: Option<f64>,
+    pub diverged: bool,
+    pub final_loss: f64,
+    pub trainable: usize,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub seconds: f64,
+    /// Learned coefficients by layer path (`global` for LoraHub), when the method has any.
+    #[serde(default)]
+    pub coeffs: BTreeMap<String, Vec<f64>>,
+}
+
+impl UnitResult {
+    fn key(&self) -> (String, Method, usize, u64) {
+        (self.task.clone(), self.method, self.k, self.seed)
+    }
+}
+
+/// Reads a results file; a line that does not parse is an error naming the file and line (the
+/// file is then left as it is).
+pub fn read_results(path: &Path) -> Result<Vec<UnitResult>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::Json {
+                path: path.into(),
+                msg: format!("line {}: {e} (fix or delete the file; it is not overwritten)", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// K images a class from the pool (all when K = 0), seeded by (task, K, seed).
+pub fn sample_shots(pool: &Images, n_classes: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ (k as u64) << 32);
+    let mut out = Vec::new();
+    for c in 0..n_classes {
+        let mut idx: Vec<usize> = (0..pool.len()).filter(|&i| pool.labels[i] as usize == c).collect();
+        rand::seq::SliceRandom::shuffle(&mut idx[..], &mut rng);
+        if k > 0 {
+            idx.truncate(k);
+        }
+        out.extend(idx);
+    }
+    out
+}
+
+struct Unit<'a> {
+    task: &'a TaskData,
+    k: usize,
+    seed: u64,
+    shots: Images,
+}
+
+fn coeff_rows(model: &Model<f32>) -> BTreeMap<String, Vec<f64>> {
+    let mut out = BTreeMap::new();
+    let Some(comp) = model.composition else { return out };
+    if comp.global {
+        let v: Vec<f64> = model.global_v.iter().map(|&x| x as f64).collect();
+        out.insert("global".into(), crate::compose::coefficients(comp.param, &v, v.len()));
+        return out;
+    }
+    for l in model.blocks.iter().flat_map(|b| b.linears()) {
+        if let LinAdapter::Compose { .. } = l.adapter {
+            let c: Vec<f64> = l
+                .coefficients(Some(comp), &model.global_v)
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            out.insert(l.name.clone(), c);
+        }
+    }
+    out
+}
+
+/// Full-batch training of what `trainable` selects for `steps` steps; returns the last loss
+/// (NaN or infinite when it diverged, and then it stops).
+fn fit(model: &mut Model<f32>, shots: &Images, trainable: Trainable, steps: usize, lr: f64) -> Result<f64> {
+    let idx: Vec<usize> = (0..shots.len()).collect();
+    let batch = batch_of(shots, &idx)?;
+    let labels = labels_of(shots, &idx);
+    let mut opt = AdamW::new(0.0);
+    let mut loss = f64::NAN;
+    for step in 0..steps {
+        loss = train_step(
+            model,
+            &mut opt,
+            &batch,
+            &labels,
+            trainable,
+            lr_at(step, steps, steps / 10 + 1, lr, lr * 0.1),
+            Some(1.0),
+        )?
+        .loss;
+        if !loss.is_finite() {
+            break;
+        }
+    }
+    Ok(loss)
+}
+
+fn loss_on(model: &Model<f32>, shots: &Images) -> Result<f64> {
+    let idx: Vec<usize> = (0..shots.len()).collect();
+    let logits = model.logits(&batch_of(shots, &idx)?)?;
+    Ok(cross_entropy(&logits, &labels_of(shots, &idx), model.config.num_labels)?.0)
+}
+
+/// LoraHub-style search over the global row: (μ, λ) evolution strategy, the best candidate so
+/// far kept, objective = few-shot loss + λ₁·mean|c|, coefficients clipped to ±1.5.
+fn lorahub_search(
+    model: &mut Model<f32>,
+    shots: &Images,
+    population: usize,
+    generations: usize,
+    seed: u64,
+) -> Result<()> {
+    const L1: f64 = 0.05;
+    const BOUND: f64 = 1.5;
+    let n = model.global_v.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10a4);
+    let objective = |m: &mut Model<f32>, c: &[f64]| -> Result<f64> {
+        for (v, &x) in m.global_v.iter_mut().zip(c) {
+            *v = x as f32;
+        }
+        let l1 = c.iter().map(|x| x.abs()).sum::<f64>() / n as f64;
+        Ok(loss_on(m, shots)? + L1 * l1)
+    };
+    let mut mean: Vec<f64> = model.global_v.iter().map(|&x| x as f64).collect();
+    let mut best = (objective(model, &mean)?, mean.clone());
+    let mut sigma = 0.3;
+    for _ in 0..generations {
+        let mut scored = Vec::with_capacity(population);
+        for _ in 0..population {
+            let c: Vec<f64> = mean
+                .iter()
+                .map(|&m| (m + sigma * super::super::model::linear::normal(&mut rng)).clamp(-BOUND, BOUND))
+                .collect();
+            let f = objective(model, &c)?;
+            if f.is_finite() {
+                scored.push((f, c));
+            }
+        }
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(top) = scored.first().filter(|t| t.0 < best.0) {
+            best = top.clone();
+        }
+        let elite = &scored[..scored.len().min(population.div_ceil(3))];
+        if !elite.is_empty() {
+            mean = (0..n)
+                .map(|j| elite.iter().map(|e| e.1[j]).sum::<f64>() / elite.len() as f64)
+                .collect();
+        }
+        sigma *= 0.8;
+        let _ = rng.random::<u32>();
+    }
+    objective(model, &best.1)?;
+    Ok(())
+}
+
+fn run_unit(
+    base: &Model<f32>,
+    library: &Library,
+    unit: &Unit<'_>,
+    method: Method,
+    args: &FewshotArgs,
+) -> Result<UnitResult> {
+    let started = Instant::now();
+    let n_classes = unit.task.spec.classes.len();
+    let mut model = base.clone();
+    new_head(&mut model, n_classes, unit.seed ^ (unit.k as u64) << 20);
+    let composition = |param, mode, global| Composition { mode, param, global };
+    let steps = args.steps;
+    let (trainable, loss) = match method {
+        Method::Head => (
+            Trainable::HEAD,
+            fit(&mut model, &unit.shots, Trainable::HEAD, steps, method.lr())?,
+        ),
+        Method::Full => (
+            Trainable::ALL,
+            fit(&mut model, &unit.shots, Trainable::ALL, steps, method.lr())?,
+        ),
+        Method::Lora => {
+            model.attach_lora(&TARGETS, RANK, ALPHA, unit.seed)?;
+            (
+                Trainable::LORA_HEAD,
+                fit(&mut model, &unit.shots, Trainable::LORA_HEAD, steps, method.lr())?,
+            )
+        }
+        Method::Uniform | Method::Learned | Method::Soups => {
+            let param = match method {
+                Method::Uniform => Param::Uniform,
+                Method::Learned => Param::Softmax,
+                _ => Param::Raw,
+            };
+            model.attach_composition(library, composition(param, Mode::Product, false))?;
+            let tr = if method == Method::Uniform {
+                Trainable::HEAD
+            } else {
+                Trainable::COEFFS_HEAD
+            };
+            (tr, fit(&mut model, &unit.shots, tr, steps, method.lr())?)
+        }
+        Method::Lorahub => {
+            model.attach_composition(library, composition(Param::Raw, Mode::Factor, true))?;
+            let first = fit(&mut model, &unit.shots, Trainable::HEAD, steps / 2, method.lr())?;
+            if first.is_finite() {
+                lorahub_search(
+                    &mut model,
+                    &unit.shots,
+                    args.es_population,
+                    args.es_generations,
+                    unit.seed,
+                )?;
+                (
+                    Trainable::COEFFS_HEAD,
+                    fit(&mut model, &unit.shots, Trainable::HEAD, steps - steps / 2, method.lr())?,
+                )
+            } else {
+                (Trainable::COEFFS_HEAD, first)
+            }
+        }
+    };
+    let diverged = !loss.is_finite();
+    let acc = if diverged {
+        None
+    } else {
+        Some(accuracy(&model, &unit.task.test)?)
+    };
+    // LoraHub's row is found without gradients but still fitted to the task: count it.
+    let trainable = match method {
+        Method::Lorahub => model.trainable_count(Trainable::HEAD) + model.global_v.len(),
+        _ => model.trainable_count(trainable),
+    };
+    Ok(UnitResult {
+        task: unit.task.spec.name.clone(),
+        kind: unit.task.spec.kind.name().into(),
+        method,
+        k: unit.k,
+        seed: unit.seed,
+        accuracy: acc,
+        diverged,
+        final_loss: loss,
+        trainable,
+        train_images: unit.shots.len(),
+        test_images: unit.task.test.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        coeffs: if method == Method::Uniform {
+            BTreeMap::new()
+        } else {
+            coeff_rows(&model)
+        },
+    })
+}
+
+pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
+    let started = Instant::now();
+    let base = load_base(&args.base)?;
+    let (_, library) = load_library(&args.library)?;
+    let mut all = tasks::load_bundle(&args.data)?;
+    if let Some(cap) = args.test_per_class {
+        for t in &mut all {
+            let mut seen = vec![0usize; t.spec.classes.len()];
+            let keep: Vec<usize> = (0..t.test.len())
+                .filter(|&i| {
+                    let c = &mut seen[t.test.labels[i] as usize];
+                    *c += 1;
+                    *c <= cap
+                })
+                .collect();
+            t.test = t.test.select(&keep);
+        }
+    }
+    let chosen: Vec<&TaskData> = if args.tasks.is_empty() {
+        all.iter().collect()
+    } else {
+        args.tasks
+            .iter()
+            .map(|t| {
+                all.iter().find(|d| &d.spec.name == t).ok_or_else(|| {
+                    let names: Vec<&str> = all.iter().map(|d| d.spec.name.as_str()).collect();
+                    Error::Arg(format!(
+                        "no task `{t}` in {} (it has {})",
+                        args.data.display(),
+                        names.join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let methods: Vec<Method> = if args.methods.is_empty() {
+        Method::ALL.to_vec()
+    } else {
+        args.methods.clone()
+    };
+    let mut results = read_results(&args.out)?;
+    let done: BTreeSet<_> = results.iter().map(UnitResult::key).collect();
+    let mut todo = Vec::new();
+    for task in &chosen {
+        for &k in &args.shots {
+            for seed in 0..args.seeds {
+                for &m in &methods {
+                    if !done.contains(&(task.spec.name.clone(), m, k, seed)) {
+                        todo.push((*task, k, seed, m));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "fewshot: {} units to run, {} already in {}",
+        todo.len(),
+        results.len(),
+        args.out.display()
+    );
+    let pb = progress(todo.len(), "fewshot");
+    // One (task, K, seed) group at a time: its methods run in parallel (each is mostly
+    // single-threaded at these sizes) and are saved together when the group finishes.
+    let mut groups: Vec<(&TaskData, usize, u64, Vec<Method>)> = Vec::new();
+    for (task, k, seed, m) in todo {
+        match groups.last_mut() {
+            Some(g) if std::ptr::eq(g.0, task) && g.1 == k && g.2 == seed => g.3.push(m),
+            _ => groups.push((task, k, seed, vec![m])),
+        }
+    }
+    for (task, k, seed, ms) in groups {
+        let idx = sample_shots(&task.pool, task.spec.classes.len(), k, seed);
+        let unit = Unit {
+            task,
+            k,
+            seed,
+            shots: task.pool.select(&idx),
+        };
+        pb.set_message(format!("{} K={k} seed {seed}", task.spec.name));
+        let done: Vec<UnitResult> = ms
+            .par_iter()
+            .map(|&m| run_unit(&base, &library, &unit, m, &args))
+            .collect::<Result<_>>()?;
+        for r in done {
+            if r.diverged {
+                say(
+                    &pb,
+                    format!(
+                        "{} K={k} seed {seed} {}: diverged (loss {})",
+                        r.task,
+                        r.method.name(),
+                        r.final_loss
+                    ),
+                );
+            }
+            results.push(r);
+        }
+        let text: String = results
+            .iter()
+            .map(|r| serde_json::to_string(r).expect("results serialise") + "\n")
+            .collect();
+        write_atomic(&args.out, text.as_bytes())?;
+        pb.inc(ms.len() as u64);
+    }
+    pb.finish_and_clear();
+    let dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    super::log_run(
+        dir,
+        "fewshot",
+        &args,
+        started,
+        serde_json::json!({"units": results.len()}),
+    )
+}
+
+/// `lora-compose` with no subcommand: the reduced comparison from the committed `data/`, then
+/// the report; `--full` runs the whole sweep.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct DefaultArgs {
+    #[arg(long)]
+    pub full: bool,
+}
+
+pub fn run_default(args: DefaultArgs) -> Result<()> {
+    let started = Instant::now();
+    let (out, fewshot) = if args.full {
+        (
+            PathBuf::from("results/full"),
+            FewshotArgs {
+                base: "data/base.safetensors".into(),
+                library: "data/library".into(),
+                data: "data/downstream.safetensors.gz".into(),
+                out: "results/full/fewshot.jsonl".into(),
+                tasks: Vec::new(),
+                shots: vec![1, 2, 4, 8, 16, 0],
+                seeds: 5,
+                methods: Vec::new(),
+                steps: 100,
+                es_population: 8,
+                es_generations: 5,
+                test_per_class: None,
+            },
+        )
+    } else {
+        (
+            PathBuf::from("results/default"),
+            FewshotArgs {
+                base: "data/base.safetensors".into(),
+                library: "data/library".into(),
+                data: "data/downstream.safetensors.gz".into(),
+                out: "results/default/fewshot.jsonl".into(),
+                tasks: DEFAULT_TASKS.iter().map(|s| s.to_string()).collect(),
+                shots: vec![1, 4, 16],
+                seeds: 3,
+                methods: Vec::new(),
+                steps: DEFAULT_STEPS,
+                es_population: 8,
+                es_generations: 3,
+                test_per_class: Some(DEFAULT_TEST_PER_CLASS),
+            },
+        )
+    };
+    run_fewshot(fewshot)?;
+    super::run_report(super::ReportArgs { dir: out })?;
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The reduced comparison's tasks and step budget (chosen for time, before seeing accuracies).
+pub const DEFAULT_TASKS: [&str; 2] = ["mnist-01567", "digits8x8-01234"];
+pub const DEFAULT_STEPS: usize = 40;
+pub const DEFAULT_TEST_PER_CLASS: usize = 60;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::data::PIXELS;
+    use crate::experiment::tasks::{downstream_tasks, save_bundle, upstream_tasks};
+    use crate::model::checkpoint;
+
+    /// A random base, a random 16-module library and a one-task bundle, run end to end with a
+    /// tiny budget: every method writes a line, a rerun skips them, a corrupt file is refused.
+    #[test]
+    fn fewshot_runs_resumes_and_refuses_corrupt_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |s: &str| dir.path().join(s);
+        let base = Model::<f32>::init(crate::experiment::vit_config(10), 1).unwrap();
+        checkpoint::save(&base, &p("base.safetensors"), checkpoint::Parts::ALL).unwrap();
+        for (i, spec) in upstream_tasks().iter().enumerate() {
+            let mut m = base.clone();
+            m.attach_lora(&TARGETS, RANK, ALPHA, i as u64).unwrap();
+            for b in &mut m.blocks {
+                for l in b.linears_mut() {
+                    l.modules
+                        .b_cat
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, x)| *x = ((j + i) % 7) as f32 * 0.01);
+                }
+            }
+            let a = crate::experiment::to_adapter(&m, &spec.name, serde_json::Value::Null).unwrap();
+            a.save(p("lib").join(&spec.name), crate::peft::StoreDtype::F32).unwrap();
+        }
+        let spec = downstream_tasks()[0].clone();
+        let img = |n: usize| Images {
+            pixels: (0..n * PIXELS).map(|i| ((i * 31) % 97) as f32 / 97.0).collect(),
+            labels: (0..n).map(|i| (i % 5) as u8).collect(),
+        };
+        save_bundle(
+            &p("d.gz"),
+            &[TaskData {
+                spec: spec.clone(),
+                pool: img(10),
+                test: img(5),
+            }],
+        )
+        .unwrap();
+        let args = FewshotArgs {
+            base: p("base.safetensors"),
+            library: p("lib"),
+            data: p("d.gz"),
+            out: p("r/fewshot.jsonl"),
+            tasks: vec![spec.name.clone()],
+            shots: vec![1],
+            seeds: 1,
+            methods: Vec::new(),
+            steps: 2,
+            es_population: 2,
+            es_generations: 1,
+            test_per_class: Some(1),
+        };
+        run_fewshot(args.clone()).unwrap();
+        let rs = read_results(&args.out).unwrap();
+        assert_eq!(rs.len(), 7);
+        assert!(rs
+            .iter()
+            .all(|r| r.train_images == 5 && r.test_images == 5 && r.accuracy.is_some()));
+        let learned = rs.iter().find(|r| r.method == Method::Learned).unwrap();
+        assert_eq!(learned.coeffs.len(), 8, "query and value of 4 layers");
+        let hub = rs.iter().find(|r| r.method == Method::Lorahub).unwrap();
+        assert_eq!(hub.coeffs["global"].len(), 16);
+        assert!(hub.trainable < learned.trainable);
+        let before = std::fs::read(&args.out).unwrap();
+        run_fewshot(args.clone()).unwrap();
+        assert_eq!(std::fs::read(&args.out).unwrap(), before, "a rerun redoes nothing");
+        std::fs::write(&args.out, "{not json\n").unwrap();
+        let err = run_fewshot(args.clone()).unwrap_err().to_string();
+        assert!(err.contains("fewshot.jsonl") && err.contains("line 1"), "{err}");
+        assert_eq!(std::fs::read(&args.out).unwrap(), b"{not json\n");
+    }
+}
