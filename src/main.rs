@@ -1,4 +1,4 @@
-//! `lora-compose`: merge PEFT LoRA adapters, write demo adapters to try it on, embed sentences.
+//! `lora-compose`: the few-shot experiment (no subcommand), adapter merging, demo adapters, embeddings.
 //!
 //! Exit status: 0 on success, 1 for an error in the inputs or while writing (printed as
 //! `error: …`), 2 for a malformed command line (clap's usage errors).
