@@ -119,6 +119,16 @@ pub struct Cache {
     pub z: Vec<f32>,
 }
 
+impl Cache {
+    /// Checks that this cache came from a forward over T tokens and total rank R.
+    pub fn check(&self, t: usize, r_total: usize) -> Result<()> {
+        if self.u.len() != t * r_total || self.z.len() != t * r_total {
+            return Err(Error::Shape("the forward cache does not belong to this call".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Gradients (f32; `∂C` in f64).
 pub type Grads = GradsOf<f32>;
 
@@ -289,9 +299,7 @@ pub fn backward(
     let m = layer.modules;
     let t_len = layer.check(x.len(), c.len(), rows, Some(g.len()))?;
     let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
-    if cache.u.len() != t_len * r_total || cache.z.len() != t_len * r_total {
-        return Err(Error::Shape("the forward cache does not belong to this call".into()));
-    }
+    cache.check(t_len, r_total)?;
     let (xv, gv) = (View::new(x, t_len, d_in), View::new(g, t_len, d_out));
     let a_cat = View::new(&m.a_cat, r_total, d_in);
     let b_cat = View::new(&m.b_cat, d_out, r_total);

@@ -166,10 +166,7 @@ impl ComposedLayer {
         match self.kernels_for(x.len()) {
             Some((gpu, k)) => {
                 let t = self.fast_layer().check(x.len(), c.len(), rows, Some(g.len()))?;
-                let r = self.modules.total_rank();
-                if cache.u.len() != t * r {
-                    return Err(Error::Shape("the forward cache does not belong to this call".into()));
-                }
+                cache.check(t, self.modules.total_rank())?;
                 k.backward(gpu, x, cache, c, rows, g, train).map_err(device_error)
             }
             None => fast::backward(&self.fast_layer(), x, cache, c, rows, g, train),
