@@ -1,13 +1,14 @@
 //! The few-shot comparison: methods × downstream tasks × shots × seeds, one unit at a time.
 //!
-//! Every method gets the same gradient-step budget ([`FewshotArgs::steps`], full batch) and
+//! Every method gets the same gradient-step budget ([`FewshotArgs::steps`]; full batch up to
+//! [`FewshotArgs::batch`] images, seeded minibatches of that size beyond) and
 //! hyper-parameters fixed before any downstream result was seen ([`Method::lr`]). A unit's
 //! K-shot sample and the new head's initialisation depend only on (task, K, seed), so every
 //! method of a unit sees the same shots and starts from the same head.
 //!
-//! LoraHub-style search: the model's composed layers take one coefficient row per forward (no
-//! per-sample rows at the model level), so the evolution strategy evaluates its population
-//! candidate by candidate on the K-shot set (forward only).
+//! LoraHub-style search: each generation of the evolution strategy is scored in one batched
+//! forward: the K-shot set repeated once per candidate, every composed layer taking one
+//! coefficient row per candidate through per-sample rows ([`Model::logits_population`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -104,9 +105,13 @@ pub struct FewshotArgs {
     pub seeds: u64,
     #[arg(long, value_delimiter = ',', value_enum)]
     pub methods: Vec<Method>,
-    /// Gradient steps per method (full batch).
+    /// Gradient steps per method.
     #[arg(long, default_value_t = 100)]
     pub steps: usize,
+    /// Largest batch: K-shot sets up to this size train full batch, larger ones (the whole
+    /// pool) in seeded shuffled minibatches of this size. Same step count either way.
+    #[arg(long, default_value_t = 80)]
+    pub batch: usize,
     /// LoraHub: candidates per generation and generations.
     #[arg(long, default_value_t = 8)]
     pub es_population: usize,
@@ -208,20 +213,49 @@ fn coeff_rows(model: &Model<f32>) -> BTreeMap<String, Vec<f64>> {
     out
 }
 
-/// Full-batch training of what `trainable` selects for `steps` steps; returns the last loss
-/// (NaN or infinite when it diverged, and then it stops).
-fn fit(model: &mut Model<f32>, shots: &Images, trainable: Trainable, steps: usize, lr: f64) -> Result<f64> {
-    let idx: Vec<usize> = (0..shots.len()).collect();
-    let batch = batch_of(shots, &idx)?;
-    let labels = labels_of(shots, &idx);
+/// Training of what `trainable` selects for `steps` steps: full batch when the shots fit in
+/// `batch`, else seeded shuffled minibatches of `batch` (the whole-pool runs). Returns the last
+/// loss (NaN or infinite when it diverged, and then it stops).
+fn fit(
+    model: &mut Model<f32>,
+    shots: &Images,
+    trainable: Trainable,
+    steps: usize,
+    lr: f64,
+    batch: usize,
+    seed: u64,
+) -> Result<f64> {
+    let n = shots.len();
+    let all: Vec<usize> = (0..n).collect();
+    let full = if n <= batch {
+        Some((batch_of(shots, &all)?, labels_of(shots, &all)))
+    } else {
+        None
+    };
     let mut opt = AdamW::new(0.0);
     let mut loss = f64::NAN;
+    let (mut order, mut pos, mut epoch) = (Vec::new(), usize::MAX, 0u64);
     for step in 0..steps {
+        let mini;
+        let (x, y) = match &full {
+            Some((x, y)) => (x, y),
+            None => {
+                if pos == usize::MAX || pos + batch > n {
+                    order = crate::model::train::epoch_order(n, seed ^ 0xba7c, epoch);
+                    epoch += 1;
+                    pos = 0;
+                }
+                let idx = &order[pos..pos + batch];
+                pos += batch;
+                mini = (batch_of(shots, idx)?, labels_of(shots, idx));
+                (&mini.0, &mini.1)
+            }
+        };
         loss = train_step(
             model,
             &mut opt,
-            &batch,
-            &labels,
+            x,
+            y,
             trainable,
             lr_at(step, steps, steps / 10 + 1, lr, lr * 0.1),
             Some(1.0),
@@ -234,14 +268,33 @@ fn fit(model: &mut Model<f32>, shots: &Images, trainable: Trainable, steps: usiz
     Ok(loss)
 }
 
+#[cfg(test)]
 fn loss_on(model: &Model<f32>, shots: &Images) -> Result<f64> {
     let idx: Vec<usize> = (0..shots.len()).collect();
     let logits = model.logits(&batch_of(shots, &idx)?)?;
     Ok(cross_entropy(&logits, &labels_of(shots, &idx), model.config.num_labels)?.0)
 }
 
+/// Few-shot loss of each candidate row in `values` (P × N), the whole population in one batched
+/// forward: the shots repeated P times, copy p running with row p (per-sample coefficient rows).
+fn population_losses(model: &Model<f32>, shots: &Images, values: &[f32]) -> Result<Vec<f64>> {
+    let n = model.global_v.len();
+    let p = values.len() / n;
+    let m = shots.len();
+    let idx: Vec<usize> = (0..p).flat_map(|_| 0..m).collect();
+    let candidate_of: Vec<usize> = (0..p).flat_map(|c| std::iter::repeat_n(c, m)).collect();
+    let logits = model.logits_population(&batch_of(shots, &idx)?, values, &candidate_of)?;
+    let labels = labels_of(shots, &(0..m).collect::<Vec<_>>());
+    let k = model.config.num_labels;
+    logits
+        .chunks(m * k)
+        .map(|l| Ok(cross_entropy(l, &labels, k)?.0))
+        .collect()
+}
+
 /// LoraHub-style search over the global row: (μ, λ) evolution strategy, the best candidate so
-/// far kept, objective = few-shot loss + λ₁·mean|c|, coefficients clipped to ±1.5.
+/// far kept, objective = few-shot loss + λ₁·mean|c|, coefficients clipped to ±1.5. Each
+/// generation's population is scored in one batched forward ([`population_losses`]).
 fn lorahub_search(
     model: &mut Model<f32>,
     shots: &Images,
@@ -253,28 +306,31 @@ fn lorahub_search(
     const BOUND: f64 = 1.5;
     let n = model.global_v.len();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10a4);
-    let objective = |m: &mut Model<f32>, c: &[f64]| -> Result<f64> {
-        for (v, &x) in m.global_v.iter_mut().zip(c) {
-            *v = x as f32;
-        }
-        let l1 = c.iter().map(|x| x.abs()).sum::<f64>() / n as f64;
-        Ok(loss_on(m, shots)? + L1 * l1)
+    let objectives = |m: &Model<f32>, cands: &[Vec<f64>]| -> Result<Vec<f64>> {
+        let values: Vec<f32> = cands.iter().flatten().map(|&x| x as f32).collect();
+        let losses = population_losses(m, shots, &values)?;
+        Ok(losses
+            .iter()
+            .zip(cands)
+            .map(|(l, c)| l + L1 * c.iter().map(|x| x.abs()).sum::<f64>() / n as f64)
+            .collect())
     };
     let mut mean: Vec<f64> = model.global_v.iter().map(|&x| x as f64).collect();
-    let mut best = (objective(model, &mean)?, mean.clone());
+    let mut best = (objectives(model, std::slice::from_ref(&mean))?[0], mean.clone());
     let mut sigma = 0.3;
     for _ in 0..generations {
-        let mut scored = Vec::with_capacity(population);
-        for _ in 0..population {
-            let c: Vec<f64> = mean
-                .iter()
-                .map(|&m| (m + sigma * super::super::model::linear::normal(&mut rng)).clamp(-BOUND, BOUND))
-                .collect();
-            let f = objective(model, &c)?;
-            if f.is_finite() {
-                scored.push((f, c));
-            }
-        }
+        let cands: Vec<Vec<f64>> = (0..population)
+            .map(|_| {
+                mean.iter()
+                    .map(|&m| (m + sigma * super::super::model::linear::normal(&mut rng)).clamp(-BOUND, BOUND))
+                    .collect()
+            })
+            .collect();
+        let mut scored: Vec<(f64, Vec<f64>)> = objectives(model, &cands)?
+            .into_iter()
+            .zip(cands)
+            .filter(|(f, _)| f.is_finite())
+            .collect();
         scored.sort_by(|a, b| a.0.total_cmp(&b.0));
         if let Some(top) = scored.first().filter(|t| t.0 < best.0) {
             best = top.clone();
@@ -288,7 +344,9 @@ fn lorahub_search(
         sigma *= 0.8;
         let _ = rng.random::<u32>();
     }
-    objective(model, &best.1)?;
+    for (v, &x) in model.global_v.iter_mut().zip(&best.1) {
+        *v = x as f32;
+    }
     Ok(())
 }
 
@@ -304,21 +362,29 @@ fn run_unit(
     let mut model = base.clone();
     new_head(&mut model, n_classes, unit.seed ^ (unit.k as u64) << 20);
     let composition = |param, mode, global| Composition { mode, param, global };
-    let steps = args.steps;
+    let (steps, bs, seed) = (args.steps, args.batch.max(1), unit.seed);
     let (trainable, loss) = match method {
         Method::Head => (
             Trainable::HEAD,
-            fit(&mut model, &unit.shots, Trainable::HEAD, steps, method.lr())?,
+            fit(&mut model, &unit.shots, Trainable::HEAD, steps, method.lr(), bs, seed)?,
         ),
         Method::Full => (
             Trainable::ALL,
-            fit(&mut model, &unit.shots, Trainable::ALL, steps, method.lr())?,
+            fit(&mut model, &unit.shots, Trainable::ALL, steps, method.lr(), bs, seed)?,
         ),
         Method::Lora => {
             model.attach_lora(&TARGETS, RANK, ALPHA, unit.seed)?;
             (
                 Trainable::LORA_HEAD,
-                fit(&mut model, &unit.shots, Trainable::LORA_HEAD, steps, method.lr())?,
+                fit(
+                    &mut model,
+                    &unit.shots,
+                    Trainable::LORA_HEAD,
+                    steps,
+                    method.lr(),
+                    bs,
+                    seed,
+                )?,
             )
         }
         Method::Uniform | Method::Learned | Method::Soups => {
@@ -333,11 +399,19 @@ fn run_unit(
             } else {
                 Trainable::COEFFS_HEAD
             };
-            (tr, fit(&mut model, &unit.shots, tr, steps, method.lr())?)
+            (tr, fit(&mut model, &unit.shots, tr, steps, method.lr(), bs, seed)?)
         }
         Method::Lorahub => {
             model.attach_composition(library, composition(Param::Raw, Mode::Factor, true))?;
-            let first = fit(&mut model, &unit.shots, Trainable::HEAD, steps / 2, method.lr())?;
+            let first = fit(
+                &mut model,
+                &unit.shots,
+                Trainable::HEAD,
+                steps / 2,
+                method.lr(),
+                bs,
+                seed,
+            )?;
             if first.is_finite() {
                 lorahub_search(
                     &mut model,
@@ -348,7 +422,15 @@ fn run_unit(
                 )?;
                 (
                     Trainable::COEFFS_HEAD,
-                    fit(&mut model, &unit.shots, Trainable::HEAD, steps - steps / 2, method.lr())?,
+                    fit(
+                        &mut model,
+                        &unit.shots,
+                        Trainable::HEAD,
+                        steps - steps / 2,
+                        method.lr(),
+                        bs,
+                        seed,
+                    )?,
                 )
             } else {
                 (Trainable::COEFFS_HEAD, first)
@@ -529,6 +611,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 seeds: 5,
                 methods: Vec::new(),
                 steps: 100,
+                batch: 80,
                 es_population: 8,
                 es_generations: 5,
                 test_per_class: None,
@@ -547,6 +630,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 seeds: 3,
                 methods: Vec::new(),
                 steps: DEFAULT_STEPS,
+                batch: 80,
                 es_population: 8,
                 es_generations: 3,
                 test_per_class: Some(DEFAULT_TEST_PER_CLASS),
@@ -570,6 +654,64 @@ mod tests {
     use crate::experiment::data::PIXELS;
     use crate::experiment::tasks::{downstream_tasks, save_bundle, upstream_tasks};
     use crate::model::checkpoint;
+
+    /// The batched population forward of the LoraHub search scores every candidate as a forward
+    /// with that candidate's row alone would, in both composition modes.
+    #[test]
+    fn population_forward_matches_one_candidate_at_a_time() {
+        use crate::model::{Composition, LoraModule};
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let base = Model::<f32>::init(crate::experiment::vit_config(3), 7).unwrap();
+        let n = 5;
+        let mut lib = Library::new();
+        for blk in &base.blocks {
+            for l in [&blk.query, &blk.value] {
+                let mods = (0..n)
+                    .map(|_| LoraModule {
+                        a: (0..RANK * l.d_in).map(|_| rng.random_range(-0.3..0.3)).collect(),
+                        b: (0..l.d_out * RANK).map(|_| rng.random_range(-0.3..0.3)).collect(),
+                        scale: 2.0,
+                    })
+                    .collect();
+                lib.insert(l.name.clone(), mods);
+            }
+        }
+        let shots = Images {
+            pixels: (0..7 * PIXELS).map(|_| rng.random_range(0.0..1.0)).collect(),
+            labels: (0..7).map(|i| (i % 3) as u8).collect(),
+        };
+        for (mode, param) in [(Mode::Factor, Param::Raw), (Mode::Product, Param::Softmax)] {
+            let mut model = base.clone();
+            model
+                .attach_composition(
+                    &lib,
+                    Composition {
+                        mode,
+                        param,
+                        global: true,
+                    },
+                )
+                .unwrap();
+            let values: Vec<f32> = (0..4 * n).map(|_| rng.random_range(-1.5..1.5)).collect();
+            let got = population_losses(&model, &shots, &values).unwrap();
+            assert_eq!(got.len(), 4);
+            for (p, row) in values.chunks(n).enumerate() {
+                model.global_v.copy_from_slice(row);
+                let want = loss_on(&model, &shots).unwrap();
+                assert!(
+                    (got[p] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{mode:?} candidate {p}: batched {} vs alone {want}",
+                    got[p]
+                );
+            }
+            assert!(
+                got.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-3),
+                "candidates differ: {got:?}"
+            );
+        }
+        let err = base.logits_population(&batch_of(&shots, &[0]).unwrap(), &[0.0; 5], &[0]);
+        assert!(err.is_err(), "no composition attached");
+    }
 
     /// A random base, a random 16-module library and a one-task bundle, run end to end with a
     /// tiny budget: every method writes a line, a rerun skips them, a corrupt file is refused.
@@ -618,6 +760,7 @@ mod tests {
             seeds: 1,
             methods: Vec::new(),
             steps: 2,
+            batch: 80,
             es_population: 2,
             es_generations: 1,
             test_per_class: Some(1),

@@ -9,6 +9,7 @@ use super::layers::{
     add, attention_backward, attention_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
     AttnShape, LnCache,
 };
+use super::linear::Adapter;
 use super::net::{Block, Embeddings, LayerNorm, Model};
 use super::{Arch, Batch, Linear, Pool, Real, Trainable};
 use crate::compose::Rows;
@@ -98,6 +99,14 @@ pub struct Tape<T: Real> {
     head: Option<LinTape<T>>,
 }
 
+/// A population forward's coefficient rows (P × N, parametrised) and each image's row.
+#[derive(Clone, Copy)]
+struct Population<'a, T> {
+    coeffs: &'a [T],
+    candidate_of: &'a [usize],
+    n_candidates: usize,
+}
+
 fn add_into<T: Real>(acc: &mut [T], x: &[T]) {
     for (a, &x) in acc.iter_mut().zip(x) {
         *a += x;
@@ -114,7 +123,7 @@ fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Ve
 impl<T: Real> Model<T> {
     /// Logits (B, num_labels) and the tape for [`Model::backward`].
     pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
-        let mut tape = self.encode_taped(batch, true)?;
+        let mut tape = self.encode_taped(batch, true, None)?;
         let zeros = vec![0usize; tape.batch];
         let rows = Rows {
             sample_of: &zeros,
@@ -138,10 +147,62 @@ impl<T: Real> Model<T> {
 
     /// The pooled encoder output (B, D), the head's input, without keeping a tape.
     pub fn encode(&self, batch: &Batch) -> Result<Vec<T>> {
-        Ok(self.encode_taped(batch, false)?.pooled)
+        Ok(self.encode_taped(batch, false, None)?.pooled)
     }
 
-    fn encode_taped(&self, batch: &Batch, keep: bool) -> Result<Tape<T>> {
+    /// Logits (B, num_labels) of a whole population of global composition rows in one forward:
+    /// image `i` of `batch` runs with the values `values[candidate_of[i]·N..][..N]` (the
+    /// counterpart of [`Model::global_v`], before the parametrisation) through per-sample
+    /// coefficient rows in every composed layer. Needs a global composition.
+    pub fn logits_population(&self, batch: &Batch, values: &[T], candidate_of: &[usize]) -> Result<Vec<T>> {
+        let comp = match self.composition {
+            Some(c) if c.global => c,
+            _ => {
+                return Err(Error::Arg(
+                    "a population forward needs a global composition (LoraHub-style)".into(),
+                ))
+            }
+        };
+        let n = self.global_v.len();
+        if n == 0 || values.len() % n != 0 {
+            return Err(Error::Shape(format!(
+                "population values have {} elements, not a multiple of N = {n}",
+                values.len()
+            )));
+        }
+        let p = values.len() / n;
+        if candidate_of.len() != batch.batch {
+            return Err(Error::Shape(format!(
+                "candidate_of has {} entries for a batch of {}",
+                candidate_of.len(),
+                batch.batch
+            )));
+        }
+        if let Some((i, &c)) = candidate_of.iter().enumerate().find(|(_, &c)| c >= p) {
+            return Err(Error::Arg(format!("image {i} names candidate {c} of {p}")));
+        }
+        let coeffs: Vec<T> = values
+            .chunks(n)
+            .flat_map(|row| {
+                let row: Vec<f64> = row.iter().map(|&x| x.into()).collect();
+                crate::compose::coefficients(comp.param, &row, n).into_iter().map(T::of)
+            })
+            .collect();
+        let pop = Population {
+            coeffs: &coeffs,
+            candidate_of,
+            n_candidates: p,
+        };
+        let pooled = self.encode_taped(batch, false, Some(pop))?.pooled;
+        let zeros = vec![0usize; batch.batch];
+        let rows = Rows {
+            sample_of: &zeros,
+            n_samples: 1,
+        };
+        Ok(self.head.forward(None, &pooled, &[], rows)?.0)
+    }
+
+    fn encode_taped(&self, batch: &Batch, keep: bool, pop: Option<Population<'_, T>>) -> Result<Tape<T>> {
         let t = batch.check(&self.config)?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
@@ -234,7 +295,20 @@ impl<T: Real> Model<T> {
             head_dim: cfg.head_dim(),
         };
         let pre = cfg.arch == Arch::Vit;
+        // Per-token candidate rows for a population forward (global composition only).
+        let pop_rows: Vec<usize> = match &pop {
+            Some(p) => p.candidate_of.iter().flat_map(|&c| std::iter::repeat_n(c, t)).collect(),
+            None => Vec::new(),
+        };
         let lin = |l: &Linear<T>, x: &[T]| -> Result<(Vec<T>, LinTape<T>)> {
+            if let (Some(p), Adapter::Compose { .. }) = (&pop, &l.adapter) {
+                let rows = Rows {
+                    sample_of: &pop_rows,
+                    n_samples: p.n_candidates,
+                };
+                let (y, cache) = l.forward(comp, x, p.coeffs, rows)?;
+                return Ok((y, LinTape { cache, c: Vec::new() }));
+            }
             let c = l.coefficients(comp, &self.global_v);
             let (y, cache) = l.forward(comp, x, &c, rows(b * t))?;
             Ok((y, LinTape { cache, c }))
