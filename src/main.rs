@@ -20,6 +20,9 @@ struct Cli {
     /// With no subcommand: run the whole sweep instead of the reduced comparison.
     #[arg(long)]
     full: bool,
+    /// With no subcommand: where the model runs (cpu, cuda or auto).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: lora_compose::compose::layer::DeviceChoice,
 }
 
 #[derive(Subcommand)]
@@ -141,7 +144,10 @@ fn main() -> ExitCode {
         Some(Command::Prepare(args)) => experiment::run_prepare(args),
         Some(Command::Fewshot(args)) => experiment::run_fewshot(args),
         Some(Command::Report(args)) => experiment::run_report(args),
-        None => experiment::run_default(experiment::DefaultArgs { full: cli.full }),
+        None => experiment::run_default(experiment::DefaultArgs {
+            full: cli.full,
+            device: cli.device,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,8 +18,8 @@ mod common;
 
 use common::*;
 use lora_compose::check::{compare, Tol};
-use lora_compose::compose::layer::{select, ComposedLayer, Device, DeviceChoice, KernelLayer};
-use lora_compose::compose::{reference, Mode, ModuleStack, Rows, Train};
+use lora_compose::compose::layer::{select, ComposedLayer, Device, DeviceChoice};
+use lora_compose::compose::{reference, LayerOf, Mode, ModuleStack, Rows, Train};
 use lora_compose::gpu::GpuBackend;
 use lora_compose::harness::CpuHarness;
 use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
@@ -541,24 +541,25 @@ proptest! {
     }
 }
 
-/// The Cuda device's dispatch code (`KernelLayer`: base GEMMs + fused composition kernels) run
-/// over the CPU harness, and the Cpu device (`ComposedLayer` → `compose::fast`), against the f64
-/// reference of the whole layer, for every gradient subset.
-fn check_layer<B: Backend>(backend: &B, case: &Case) -> Result<(), String> {
+/// `ComposedLayer` on a kernel device (its `KernelLayer` dispatch: base GEMMs + fused
+/// composition kernels; on the CPU harness or a GPU) and on the Cpu device (`compose::fast`),
+/// against the f64 reference of the whole layer, for every gradient subset.
+fn check_layer(device: &Device, case: &Case) -> Result<(), String> {
     let rows = Rows {
         sample_of: &case.sample_of,
         n_samples: case.n_samples,
     };
     let bias = case.with_bias.then(|| case.bias.clone());
-    let kernels = KernelLayer::new(backend, &case.w, bias.as_deref(), &case.modules).map_err(|e| e.to_string())?;
-    let cpu = ComposedLayer::new(
-        case.w.clone(),
-        bias.clone(),
-        case.modules.clone(),
-        Mode::Product,
-        &Device::Cpu,
-    )
-    .map_err(|e| e.to_string())?;
+    let layer = LayerOf {
+        w: &case.w,
+        bias: bias.as_deref(),
+        modules: &case.modules,
+        mode: Mode::Product,
+    };
+    let kernels = ComposedLayer::new(&layer, device).map_err(|e| e.to_string())?;
+    assert!(kernels.is_resident(), "{device:?} holds the weights");
+    let cpu = ComposedLayer::new(&layer, &Device::Cpu).map_err(|e| e.to_string())?;
+    assert!(!cpu.is_resident());
     let run = |abs: bool| {
         let f = |v: &[f32]| {
             if abs {
@@ -583,17 +584,17 @@ fn check_layer<B: Backend>(backend: &B, case: &Case) -> Result<(), String> {
     let ((y, gr), (y_abs, gr_abs)) = (run(false), run(true));
     let tol = |abs: &[f64]| Tol::new(KAPPA * max_of(abs.iter().cloned()) + 1e-30, 0.0);
     let (ky, kcache) = kernels
-        .forward(backend, &case.x, &case.c, rows)
+        .forward(&layer, &case.x, &case.c, rows)
         .map_err(|e| e.to_string())?;
-    let (cy, ccache) = cpu.forward(&case.x, &case.c, rows).map_err(|e| e.to_string())?;
+    let (cy, ccache) = cpu.forward(&layer, &case.x, &case.c, rows).map_err(|e| e.to_string())?;
     compare("kernel Y", &ky, &y, tol(&y_abs))?;
     compare("cpu Y", &cy, &y, tol(&y_abs))?;
     for train in [Train::ALL, Train::COEFFS, TRAINS[2]] {
         let k = kernels
-            .backward(backend, &case.x, &kcache, &case.c, rows, &case.g, train)
+            .backward(&layer, &case.x, &kcache, &case.c, rows, &case.g, train)
             .map_err(|e| e.to_string())?;
         let c = cpu
-            .backward(&case.x, &ccache, &case.c, rows, &case.g, train)
+            .backward(&layer, &case.x, &ccache, &case.c, rows, &case.g, train)
             .map_err(|e| e.to_string())?;
         for (who, got) in [("kernel", &k), ("cpu", &c)] {
             let pick = |want: bool, v: &[f64]| if want { v.to_vec() } else { Vec::new() };
@@ -617,8 +618,35 @@ fn check_layer<B: Backend>(backend: &B, case: &Case) -> Result<(), String> {
 #[test]
 fn composed_layer_cuda_dispatch_on_the_harness_and_cpu_device() {
     for (i, case) in fixed_cases().iter().enumerate().skip(1).step_by(2) {
-        check_layer(&CpuHarness::new(i as u64), case).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        check_layer(&Device::Harness(CpuHarness::new(i as u64)), case).unwrap_or_else(|e| panic!("case {i}: {e}"));
     }
+}
+
+/// A layer without modules (R = 0) on a kernel device runs only the base GEMMs, and a layer
+/// used with other weights than the ones it holds is refused.
+#[test]
+fn composed_layer_without_modules_and_stale_weights() {
+    let case = make_case_with_ranks(5, 7, 13, 9, &[], Mode::Product, Assign::Uniform, CoeffKind::Random);
+    check_layer(&Device::Harness(CpuHarness::new(2)), &case).unwrap();
+    let with = make_case_with_ranks(6, 7, 13, 9, &[3, 1], Mode::Product, Assign::Uniform, CoeffKind::Random);
+    fn layer(c: &Case) -> LayerOf<'_, f32> {
+        LayerOf {
+            w: &c.w,
+            bias: None,
+            modules: &c.modules,
+            mode: Mode::Product,
+        }
+    }
+    let placed = ComposedLayer::new(&layer(&case), &Device::Harness(CpuHarness::new(0))).unwrap();
+    let rows = Rows {
+        sample_of: &with.sample_of,
+        n_samples: with.n_samples,
+    };
+    let err = placed
+        .forward(&layer(&with), &with.x, &with.c, rows)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sync"), "{err}");
 }
 
 #[test]
@@ -661,11 +689,13 @@ fn gpu_matches_reference() {
         let function = gpu.function(&kernel.unwrap()).unwrap();
         assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
     }
+    let gpu = std::sync::Arc::new(gpu);
     for case in fixed_cases().iter().skip(1).step_by(2) {
-        check_layer(&gpu, case).unwrap_or_else(|e| panic!("{e}"));
+        check_layer(&Device::Cuda(gpu.clone()), case).unwrap_or_else(|e| panic!("{e}"));
     }
+    let gpu = gpu.as_ref();
     for (i, case) in fixed_cases().iter().enumerate() {
-        check_all(&gpu, case, i as u64, &TRAINS).unwrap_or_else(|e| panic!("{e}"));
+        check_all(gpu, case, i as u64, &TRAINS).unwrap_or_else(|e| panic!("{e}"));
     }
     // Larger shapes than the harness can afford: split-K at real sizes, many modules.
     for (seed, t, d, ranks) in [
@@ -674,6 +704,6 @@ fn gpu_matches_reference() {
         (22, 300, 257, vec![8, 64, 1, 16]),
     ] {
         let case = make_case_with_ranks(seed, t, d, d, &ranks, Mode::Product, Assign::Zipf, CoeffKind::Random);
-        check_all(&gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+        check_all(gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
     }
 }

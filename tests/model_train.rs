@@ -267,7 +267,7 @@ fn checkpoints_round_trip() {
         if !parts.base {
             fresh = {
                 let mut m = trained.clone();
-                m.detach_adapters();
+                m.detach_adapters().unwrap();
                 m
             };
         }

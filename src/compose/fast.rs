@@ -312,7 +312,8 @@ pub fn backward(
         let (du, dc_tok) = mix_backward(m, layer.mode, &cache.u, &h, c, rows);
         if train.coeffs {
             gr.dc = vec![0.0f64; rows.n_samples * n];
-            for (t, row) in dc_tok.chunks(n).enumerate() {
+            // Without modules dc_tok is empty (and chunks of 0 are not allowed).
+            for (t, row) in dc_tok.chunks(n.max(1)).enumerate() {
                 let s = rows.sample_of[t];
                 for (acc, &x) in gr.dc[s * n..(s + 1) * n].iter_mut().zip(row) {
                     *acc += x;

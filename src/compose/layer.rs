@@ -1,28 +1,35 @@
 //! The composed linear layer the transformer uses: one type, one API (forward, backward, which
-//! parameters train), two implementations behind a device chosen once for the model
+//! parameters train), several implementations behind a device chosen once for the model
 //! (`--device cpu|cuda|auto`):
 //!
 //! - [`Device::Cpu`]: [`super::fast`], the fused two-GEMM CPU path;
 //! - [`Device::Cuda`]: the GEMM family for the base (`X Wᵀ + b`, `G W`, `Gᵀ X`) and the fused
 //!   composition kernels (`kernels::compose_fwd`, `kernels::compose_bwd`) for the modules, through
-//!   the launch interface. The dispatch code ([`KernelLayer`]) is generic over
-//!   [`Backend`], so tests run it unchanged on the CPU execution harness.
+//!   the launch interface;
+//! - [`Device::Harness`]: the same kernel dispatch ([`KernelLayer`], generic over [`Backend`])
+//!   on the CPU execution harness — slow, for tests: it runs the CUDA path of a whole model
+//!   without a GPU.
 //!
-//! Factor mode (LoraHub's block mix, equal ranks) has no kernel yet: a Cuda layer in factor mode
-//! runs on the CPU fast path.
+//! The host weights are the master copy (the optimizer updates them on the host); a
+//! [`ComposedLayer`] holds the device's resident copy and is refreshed with
+//! [`ComposedLayer::sync`] after they change. Activations cross to the device and back on every
+//! call. Factor mode (LoraHub's block mix, equal ranks) has no kernel yet: such a layer runs on
+//! the CPU fast path whatever the device.
 
 use std::sync::Arc;
 
 use super::fast::{self, Cache, Grads};
-use super::{Mode, ModuleStack, Rows, Train};
+use super::{LayerOf, Mode, ModuleStack, Rows, Train};
 use crate::gpu::GpuBackend;
+use crate::harness::CpuHarness;
 use crate::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
 use crate::kernels::gemm::{self, GemmParams, GemmShape};
 use crate::kernels::{compose_bwd, Backend, KernelError};
 use crate::{Error, Result};
 
 /// What the user asked for (`--device`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     Cpu,
     Cuda,
@@ -43,10 +50,24 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 /// Where every composed layer of a model runs.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub enum Device {
+    #[default]
     Cpu,
     Cuda(Arc<GpuBackend>),
+    /// The CUDA path's kernels on the CPU execution harness (tests; slow).
+    Harness(CpuHarness),
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            (Device::Harness(a), Device::Harness(b)) => a.seed == b.seed,
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -54,7 +75,14 @@ impl std::fmt::Debug for Device {
         match self {
             Device::Cpu => write!(f, "Cpu"),
             Device::Cuda(gpu) => write!(f, "Cuda({})", gpu.name()),
+            Device::Harness(h) => write!(f, "Harness(seed {})", h.seed),
         }
+    }
+}
+
+impl Device {
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
     }
 }
 
@@ -79,105 +107,208 @@ fn device_error(e: KernelError) -> Error {
     Error::Device(e.to_string())
 }
 
-/// One composed linear layer: frozen base `W` (d_out × d_in) and bias, the stacked modules, the
-/// mode, and where it runs.
+/// A layer's weights resident on a kernel device (shared by clones of the layer until one of
+/// them syncs new weights).
+#[derive(Clone)]
+enum Resident {
+    /// Nothing on a device: the CPU fast path runs (CPU device, or factor mode).
+    Host,
+    Cuda(Arc<GpuBackend>, Arc<KernelLayer<GpuBackend>>),
+    Harness(CpuHarness, Arc<KernelLayer<CpuHarness>>),
+}
+
+/// What a resident copy was made from; a call with other host weights is refused.
+#[derive(Clone, Debug, PartialEq)]
+struct Signature {
+    d_in: usize,
+    d_out: usize,
+    ranks: Vec<usize>,
+    mode: Mode,
+    bias: bool,
+}
+
+impl Signature {
+    fn of(l: &LayerOf<'_, f32>) -> Signature {
+        Signature {
+            d_in: l.modules.d_in,
+            d_out: l.modules.d_out,
+            ranks: l.modules.ranks.clone(),
+            mode: l.mode,
+            bias: l.bias.is_some(),
+        }
+    }
+}
+
+/// One composed linear layer on its device: `Y = X Wᵀ + b + Σ_i C[σ(t), i] s_i B_i A_i x_t`.
+///
+/// The host weights (`W`, `b`, the module stack, the mode) are passed to every call as a
+/// [`LayerOf`]; on a kernel device this holds their resident copy, made by [`ComposedLayer::new`]
+/// and refreshed by [`ComposedLayer::sync`] whenever the host weights change (the model does this
+/// after every optimizer step and adapter change). A call whose layer differs in shape, ranks,
+/// mode or bias from the resident copy is an error, not a silent use of stale weights.
+#[derive(Clone)]
 pub struct ComposedLayer {
-    pub w: Vec<f32>,
-    pub bias: Option<Vec<f32>>,
-    pub modules: ModuleStack<f32>,
-    pub mode: Mode,
     device: Device,
-    /// The weights on the GPU, for a Cuda layer in product mode.
-    kernels: Option<KernelLayer<GpuBackend>>,
+    resident: Resident,
+    signature: Option<Signature>,
+}
+
+impl Default for ComposedLayer {
+    fn default() -> Self {
+        ComposedLayer::cpu()
+    }
+}
+
+impl std::fmt::Debug for ComposedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let resident = match self.resident {
+            Resident::Host => "host",
+            _ => "device",
+        };
+        write!(f, "ComposedLayer({:?}, weights on {resident})", self.device)
+    }
+}
+
+/// Layers compare equal when they run on the same device (the weights are the caller's).
+impl PartialEq for ComposedLayer {
+    fn eq(&self, other: &ComposedLayer) -> bool {
+        self.device == other.device
+    }
 }
 
 impl ComposedLayer {
-    pub fn new(
-        w: Vec<f32>,
-        bias: Option<Vec<f32>>,
-        modules: ModuleStack<f32>,
-        mode: Mode,
-        device: &Device,
-    ) -> Result<Self> {
-        modules.check_mode(mode)?;
-        let (d_in, d_out) = (modules.d_in, modules.d_out);
-        if w.len() != d_out * d_in {
-            return Err(Error::Shape(format!(
-                "W has {} elements, expected {d_out}×{d_in}",
-                w.len()
-            )));
+    /// A layer on the CPU: nothing resident, every call runs [`fast`].
+    pub fn cpu() -> ComposedLayer {
+        ComposedLayer {
+            device: Device::Cpu,
+            resident: Resident::Host,
+            signature: None,
         }
-        if let Some(b) = bias.as_ref().filter(|b| b.len() != d_out) {
-            return Err(Error::Shape(format!("bias has {} elements, expected {d_out}", b.len())));
-        }
-        let kernels = match (device, mode) {
-            (Device::Cuda(gpu), Mode::Product) => {
-                Some(KernelLayer::new(gpu.as_ref(), &w, bias.as_deref(), &modules).map_err(device_error)?)
-            }
-            _ => None,
-        };
-        Ok(ComposedLayer {
-            w,
-            bias,
-            modules,
-            mode,
+    }
+
+    /// `layer` placed on `device`: on a kernel device in product mode its weights are uploaded.
+    pub fn new(layer: &LayerOf<'_, f32>, device: &Device) -> Result<ComposedLayer> {
+        let mut out = ComposedLayer {
             device: device.clone(),
-            kernels,
-        })
+            resident: Resident::Host,
+            signature: None,
+        };
+        out.sync(layer)?;
+        Ok(out)
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// The kernels for this call, unless it is degenerate (no tokens, rank columns or features:
-    /// nothing for a kernel to do, and nothing to allocate on the device).
-    fn kernels_for(&self, x_len: usize) -> Option<(&GpuBackend, &KernelLayer<GpuBackend>)> {
-        let m = &self.modules;
-        match (&self.device, &self.kernels) {
-            (Device::Cuda(gpu), Some(k)) if x_len > 0 && m.total_rank() > 0 && m.d_out > 0 => Some((gpu.as_ref(), k)),
-            _ => None,
-        }
+    /// Whether the weights live on a device (false on the CPU and for factor-mode layers).
+    pub fn is_resident(&self) -> bool {
+        !matches!(self.resident, Resident::Host)
     }
 
-    fn fast_layer(&self) -> fast::Layer<'_> {
-        fast::Layer {
-            w: &self.w,
-            bias: self.bias.as_deref(),
-            modules: &self.modules,
-            mode: self.mode,
+    /// Replaces the resident copy by `layer`'s current weights (nothing to do on the CPU).
+    pub fn sync(&mut self, layer: &LayerOf<'_, f32>) -> Result<()> {
+        layer.modules.check_mode(layer.mode)?;
+        let (d_in, d_out) = (layer.modules.d_in, layer.modules.d_out);
+        if layer.w.len() != d_out * d_in {
+            return Err(Error::Shape(format!(
+                "W has {} elements, expected {d_out}×{d_in}",
+                layer.w.len()
+            )));
         }
-    }
-
-    /// `Y = X Wᵀ + b + Σ_i C[σ(t), i] s_i B_i A_i x_t` (T × d_out) and what the backward needs.
-    /// `c` is (S, N): the coefficients themselves.
-    pub fn forward(&self, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
-        match self.kernels_for(x.len()) {
-            Some((gpu, k)) => {
-                self.fast_layer().check(x.len(), c.len(), rows, None)?;
-                k.forward(gpu, x, c, rows).map_err(device_error)
+        if let Some(b) = layer.bias.filter(|b| b.len() != d_out) {
+            return Err(Error::Shape(format!("bias has {} elements, expected {d_out}", b.len())));
+        }
+        let (w, bias, m) = (layer.w, layer.bias, layer.modules);
+        self.resident = match (&self.device, layer.mode) {
+            (Device::Cpu, _) | (_, Mode::Factor) => Resident::Host,
+            (Device::Cuda(gpu), Mode::Product) => Resident::Cuda(
+                gpu.clone(),
+                Arc::new(KernelLayer::new(gpu.as_ref(), w, bias, m).map_err(device_error)?),
+            ),
+            (Device::Harness(h), Mode::Product) => {
+                Resident::Harness(*h, Arc::new(KernelLayer::new(h, w, bias, m).map_err(device_error)?))
             }
-            None => fast::forward(&self.fast_layer(), x, c, rows),
+        };
+        self.signature = Some(Signature::of(layer));
+        Ok(())
+    }
+
+    /// The resident copy's signature must be `layer`'s.
+    fn check_resident(&self, layer: &LayerOf<'_, f32>) -> Result<()> {
+        let now = Signature::of(layer);
+        match &self.signature {
+            Some(s) if *s == now => Ok(()),
+            Some(s) => Err(Error::Device(format!(
+                "the layer changed since its weights went to {:?} ({s:?} then, {now:?} now); sync it first",
+                self.device
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// Whether a call of `x_len` input elements has work for the kernels (an empty call has
+    /// nothing to launch and nothing to allocate on the device).
+    fn launches(&self, layer: &LayerOf<'_, f32>, x_len: usize) -> bool {
+        let m = layer.modules;
+        x_len > 0 && m.d_in > 0 && m.d_out > 0
+    }
+
+    fn fast_layer<'a>(layer: &LayerOf<'a, f32>) -> fast::Layer<'a> {
+        fast::Layer {
+            w: layer.w,
+            bias: layer.bias,
+            modules: layer.modules,
+            mode: layer.mode,
+        }
+    }
+
+    /// `Y` (T × d_out) and what the backward needs. `c` is (S, N): the coefficients themselves.
+    pub fn forward(&self, layer: &LayerOf<'_, f32>, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
+        if matches!(self.resident, Resident::Host) || !self.launches(layer, x.len()) {
+            return fast::forward(&Self::fast_layer(layer), x, c, rows);
+        }
+        self.check_resident(layer)?;
+        layer.check(x.len(), c.len(), rows, None)?;
+        match &self.resident {
+            Resident::Cuda(gpu, k) => k.forward(gpu.as_ref(), x, c, rows),
+            Resident::Harness(h, k) => k.forward(h, x, c, rows),
+            Resident::Host => unreachable!("handled above"),
+        }
+        .map_err(device_error)
     }
 
     /// Gradients of a loss with `G = ∂L/∂Y`, only those `train` asks for.
-    pub fn backward(&self, x: &[f32], cache: &Cache, c: &[f32], rows: Rows, g: &[f32], train: Train) -> Result<Grads> {
-        match self.kernels_for(x.len()) {
-            Some((gpu, k)) => {
-                let t = self.fast_layer().check(x.len(), c.len(), rows, Some(g.len()))?;
-                cache.check(t, self.modules.total_rank())?;
-                k.backward(gpu, x, cache, c, rows, g, train).map_err(device_error)
-            }
-            None => fast::backward(&self.fast_layer(), x, cache, c, rows, g, train),
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        layer: &LayerOf<'_, f32>,
+        x: &[f32],
+        cache: &Cache,
+        c: &[f32],
+        rows: Rows,
+        g: &[f32],
+        train: Train,
+    ) -> Result<Grads> {
+        if matches!(self.resident, Resident::Host) || !self.launches(layer, x.len()) {
+            return fast::backward(&Self::fast_layer(layer), x, cache, c, rows, g, train);
         }
+        self.check_resident(layer)?;
+        let t = layer.check(x.len(), c.len(), rows, Some(g.len()))?;
+        cache.check(t, layer.modules.total_rank())?;
+        match &self.resident {
+            Resident::Cuda(gpu, k) => k.backward(gpu.as_ref(), x, cache, c, rows, g, train),
+            Resident::Harness(h, k) => k.backward(h, x, cache, c, rows, g, train),
+            Resident::Host => unreachable!("handled above"),
+        }
+        .map_err(device_error)
     }
 }
 
 /// A product-mode layer's weights on a kernel backend, and the launches of its forward and
 /// backward: the GEMM family for the base, the fused composition kernels for the modules.
-/// Arguments are checked by the caller ([`ComposedLayer`] uses `LayerOf::check`), and every
-/// dimension (T, R, d_in, d_out) is non-zero: device buffers are never empty.
+/// Arguments are checked by the caller ([`ComposedLayer`] uses `LayerOf::check`), and T, d_in
+/// and d_out are non-zero. A layer without modules (R = 0) launches only the base GEMMs.
 pub struct KernelLayer<B: Backend> {
     d_in: usize,
     d_out: usize,
@@ -282,6 +413,9 @@ impl<B: Backend> KernelLayer<B> {
             &self.w,
             &mut y,
         )?;
+        if r == 0 {
+            return Ok((backend.download(&y)?, Cache::default()));
+        }
         let c_buf = backend.upload(c)?;
         let token_rows = TokenRows::upload(backend, rows)?;
         let mut u = backend.upload(&vec![0.0f32; t * r])?;
@@ -331,6 +465,16 @@ impl<B: Backend> KernelLayer<B> {
             Self::gemm(backend, (t, d_in, d_out), (false, false), 0.0, &g_buf, &self.w, &mut dx)?;
         }
         let lora = Train { base: false, ..train };
+        if r == 0 {
+            // No modules: only the base GEMMs have work.
+            if train.input {
+                grads.dx = backend.download(&dx)?;
+            }
+            if train.base {
+                self.base_grads(backend, t, &x_buf, &g_buf, g, &mut grads)?;
+            }
+            return Ok(grads);
+        }
         let mut dc = backend.upload(&vec![0.0f32; rows.n_samples * n])?;
         let mut da = backend.upload(&vec![0.0f32; r * d_in])?;
         let mut db = backend.upload(&vec![0.0f32; d_out * r])?;
@@ -372,14 +516,28 @@ impl<B: Backend> KernelLayer<B> {
             grads.db_cat = backend.download(&db)?;
         }
         if train.base {
-            let mut dw = backend.upload(&vec![0.0f32; d_out * d_in])?;
-            Self::gemm(backend, (d_out, d_in, t), (true, false), 0.0, &g_buf, &x_buf, &mut dw)?;
-            grads.dw = backend.download(&dw)?;
-            if self.bias.is_some() {
-                // Σ_t G[t] in f64: the column sums of G.
-                grads.dbias = super::reduce_rows(g, d_out).into_iter().map(|v| v as f32).collect();
-            }
+            self.base_grads(backend, t, &x_buf, &g_buf, g, &mut grads)?;
         }
         Ok(grads)
+    }
+
+    /// `∂W = Gᵀ X` on the backend and `∂b = Σ_t G[t]` (in f64, on the host).
+    fn base_grads(
+        &self,
+        backend: &B,
+        t: usize,
+        x_buf: &B::Buffer<f32>,
+        g_buf: &B::Buffer<f32>,
+        g: &[f32],
+        grads: &mut Grads,
+    ) -> std::result::Result<(), KernelError> {
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let mut dw = backend.upload(&vec![0.0f32; d_out * d_in])?;
+        Self::gemm(backend, (d_out, d_in, t), (true, false), 0.0, g_buf, x_buf, &mut dw)?;
+        grads.dw = backend.download(&dw)?;
+        if self.bias.is_some() {
+            grads.dbias = super::reduce_rows(g, d_out).into_iter().map(|v| v as f32).collect();
+        }
+        Ok(())
     }
 }

@@ -25,6 +25,7 @@ use super::tasks::{self, TaskData};
 use super::{
     accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, RANK, TARGETS,
 };
+use crate::compose::layer::{select, DeviceChoice};
 use crate::compose::{Mode, Param};
 use crate::model::linear::Adapter as LinAdapter;
 use crate::model::train::{cross_entropy, lr_at, train_step, AdamW};
@@ -120,6 +121,10 @@ pub struct FewshotArgs {
     /// Test images a class (the first ones of each task's test set; default all).
     #[arg(long)]
     pub test_per_class: Option<usize>,
+    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
+    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 /// One finished unit.
@@ -360,7 +365,7 @@ fn run_unit(
     let started = Instant::now();
     let n_classes = unit.task.spec.classes.len();
     let mut model = base.clone();
-    new_head(&mut model, n_classes, unit.seed ^ (unit.k as u64) << 20);
+    new_head(&mut model, n_classes, unit.seed ^ (unit.k as u64) << 20)?;
     let composition = |param, mode, global| Composition { mode, param, global };
     let (steps, bs, seed) = (args.steps, args.batch.max(1), unit.seed);
     let (trainable, loss) = match method {
@@ -471,7 +476,9 @@ fn run_unit(
 
 pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     let started = Instant::now();
-    let base = load_base(&args.base)?;
+    super::code_version();
+    let mut base = load_base(&args.base)?;
+    base.to_device(&select(args.device)?)?;
     let (_, library) = load_library(&args.library)?;
     let mut all = tasks::load_bundle(&args.data)?;
     if let Some(cap) = args.test_per_class {
@@ -594,6 +601,10 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
 pub struct DefaultArgs {
     #[arg(long)]
     pub full: bool,
+    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
+    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 pub fn run_default(args: DefaultArgs) -> Result<()> {
@@ -615,6 +626,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_population: 8,
                 es_generations: 5,
                 test_per_class: None,
+                device: args.device,
             },
         )
     } else {
@@ -634,6 +646,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_population: 8,
                 es_generations: 3,
                 test_per_class: Some(DEFAULT_TEST_PER_CLASS),
+                device: args.device,
             },
         )
     };
@@ -764,6 +777,7 @@ mod tests {
             es_population: 2,
             es_generations: 1,
             test_per_class: Some(1),
+            device: DeviceChoice::Cpu,
         };
         run_fewshot(args.clone()).unwrap();
         let rs = read_results(&args.out).unwrap();

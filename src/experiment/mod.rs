@@ -27,6 +27,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::compose::layer::{select, DeviceChoice};
 use crate::model::train::{evaluate, lr_at, train_step, AdamW};
 use crate::model::{checkpoint, Batch, Config, Library, Linear, LoraModule, Model, Trainable};
 use crate::peft::{Adapter, AdapterConfig, LoraLayer, StoreDtype, TargetModules};
@@ -61,18 +62,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The code version: crate version and, when run from a git checkout, the commit.
+/// The code version: crate version and, when run from a git checkout, the commit (`-dirty`
+/// with uncommitted changes). Taken once, at the first call — every step calls it when it
+/// starts, so a commit made while a long run goes on does not relabel it.
 pub fn code_version() -> String {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match commit {
-        Some(c) => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
-        None => env!("CARGO_PKG_VERSION").to_string(),
-    }
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let commit = std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty", "--abbrev=12"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            match commit {
+                Some(c) => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
+                None => env!("CARGO_PKG_VERSION").to_string(),
+            }
+        })
+        .clone()
 }
 
 /// Appends one run record (command, config, version, timings) to `<dir>/runs.jsonl`.
@@ -142,11 +150,13 @@ pub(crate) fn accuracy(model: &Model<f32>, images: &Images) -> Result<f64> {
     Ok(evaluate(model, &labels, 256, |idx| batch_of(images, idx))?.0)
 }
 
-/// Replaces the model's head by a fresh seeded one of `n` classes.
-pub(crate) fn new_head(model: &mut Model<f32>, n: usize, seed: u64) {
+/// Replaces the model's head by a fresh seeded one of `n` classes, on the model's device.
+pub(crate) fn new_head(model: &mut Model<f32>, n: usize, seed: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4ead);
     model.head = Linear::init("classifier", model.config.hidden, n, 0.02, &mut rng);
     model.config.num_labels = n;
+    let device = model.device().clone();
+    model.head.place(None, &device)
 }
 
 /// Loads the pretrained base (10-class Fashion-MNIST head).
@@ -234,10 +244,15 @@ pub struct PretrainArgs {
     /// Where the run log goes.
     #[arg(long, default_value = "results")]
     pub log_dir: PathBuf,
+    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
+    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 pub fn run_pretrain(args: PretrainArgs) -> Result<()> {
     let started = Instant::now();
+    code_version();
     if args.out.exists() {
         load_base(&args.out)?;
         eprintln!(
@@ -251,6 +266,7 @@ pub fn run_pretrain(args: PretrainArgs) -> Result<()> {
     let train = data::load_idx_pair(&fm, "train")?;
     let test = data::load_idx_pair(&fm, "t10k")?;
     let mut model = Model::<f32>::init(vit_config(10), args.seed)?;
+    model.to_device(&select(args.device)?)?;
     let pb = progress(args.steps, "pretrain");
     let loss = train_minibatch(
         &mut model,
@@ -301,6 +317,10 @@ pub struct UpstreamArgs {
     pub seed: u64,
     #[arg(long, default_value = "results")]
     pub log_dir: PathBuf,
+    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
+    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
 }
 
 /// A model's trained LoRAs as one PEFT adapter named `name`.
@@ -339,6 +359,7 @@ pub(crate) fn to_adapter(model: &Model<f32>, name: &str, extra: serde_json::Valu
 
 pub fn run_upstream(args: UpstreamArgs) -> Result<()> {
     let started = Instant::now();
+    code_version();
     let specs = tasks::upstream_tasks();
     let todo: Vec<&TaskSpec> = specs
         .iter()
@@ -346,7 +367,8 @@ pub fn run_upstream(args: UpstreamArgs) -> Result<()> {
         .collect();
     let mut accs = serde_json::Map::new();
     if !todo.is_empty() {
-        let base = load_base(&args.base)?;
+        let mut base = load_base(&args.base)?;
+        base.to_device(&select(args.device)?)?;
         let mnist = data::load_mnist_json(&data::assets_dir().join("mnist"))?;
         let [up_train, up_test, _, _] = tasks::mnist_split(mnist.len());
         std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
@@ -360,7 +382,7 @@ pub fn run_upstream(args: UpstreamArgs) -> Result<()> {
             let test = tasks::task_images(&mnist, &up_test, spec, usize::MAX);
             let mut model = base.clone();
             let seed = args.seed + i as u64;
-            new_head(&mut model, spec.classes.len(), seed);
+            new_head(&mut model, spec.classes.len(), seed)?;
             model.attach_lora(&TARGETS, RANK, ALPHA, seed)?;
             let loss = train_minibatch(
                 &mut model,
@@ -470,3 +492,35 @@ pub fn run_prepare(args: PrepareArgs) -> Result<()> {
 
 pub use methods::{run_default, run_fewshot, DefaultArgs, FewshotArgs};
 pub use report::{run_report, ReportArgs};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An existing checkpoint that does not load is reported by name and left as it is (never
+    /// retrained over); one that loads is kept.
+    #[test]
+    fn pretrain_refuses_a_corrupt_checkpoint_and_keeps_a_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("base.safetensors");
+        let args = PretrainArgs {
+            out: out.clone(),
+            steps: 1,
+            batch: 2,
+            lr: 1e-3,
+            seed: 0,
+            log_dir: dir.path().join("logs"),
+            device: DeviceChoice::Cpu,
+        };
+        std::fs::write(&out, b"not a checkpoint").unwrap();
+        let err = run_pretrain(args.clone()).unwrap_err().to_string();
+        assert!(err.contains("base.safetensors"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"not a checkpoint");
+        let model = Model::<f32>::init(vit_config(10), 3).unwrap();
+        checkpoint::save(&model, &out, checkpoint::Parts::ALL).unwrap();
+        let before = std::fs::read(&out).unwrap();
+        run_pretrain(args).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), before);
+        assert_eq!(load_base(&out).unwrap(), model);
+    }
+}

@@ -149,7 +149,7 @@ pub fn load_base_weights<T: Real>(model: &mut Model<T>, path: &Path) -> Result<(
             *d = T::of(x as f64);
         }
     }
-    Ok(())
+    model.sync_device()
 }
 
 /// Loads `config.json` and `model.safetensors` from `dir` into an f32 model with a head of

@@ -205,6 +205,7 @@ pub fn load<T: Real>(model: &mut Model<T>, path: &Path) -> Result<Parts> {
             msg: "matches no parameter of this model".into(),
         });
     }
+    model.sync_device()?;
     Ok(parts)
 }
 
@@ -215,7 +216,7 @@ fn attach_saved_adapters<T: Real>(
     meta: &HashMap<String, String>,
 ) -> Result<()> {
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
-    model.detach_adapters();
+    model.detach_adapters()?;
     let lora: BTreeMap<String, f32> = match meta.get("lora") {
         Some(s) => serde_json::from_str(s).map_err(|e| bad(format!("lora: {e}")))?,
         None => BTreeMap::new(),

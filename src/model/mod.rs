@@ -19,9 +19,12 @@
 //! for the ViT, as in Hugging Face's models), and can carry a composition of frozen modules
 //! (the crate's composed layer, [`crate::compose`]) or one trainable LoRA.
 //!
-//! The network is generic over [`Real`]: `f32` runs the composed layer's fused fast path
-//! ([`crate::compose::fast`], two GEMMs per layer on the `gemm` crate); `f64` runs its plain
-//! reference, so the hand-written backward can be held to f64 central differences.
+//! The network is generic over [`Real`]: `f32` runs every linear layer through the crate's
+//! composed layer ([`ComposedLayer`]) on the model's device — the fused CPU fast path
+//! ([`crate::compose::fast`], two GEMMs per layer on the `gemm` crate) or the CUDA kernels
+//! (`--device cuda`, or the CPU execution harness in tests), chosen once with
+//! [`Model::to_device`]; `f64` runs the layer's plain reference on the CPU, so the hand-written
+//! backward can be held to f64 central differences.
 
 pub mod batch;
 pub mod bert;
@@ -39,6 +42,7 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compose::layer::{ComposedLayer, Device};
 use crate::compose::{fast, reference, Rows, Train};
 use crate::{Error, Result};
 
@@ -68,13 +72,23 @@ pub trait Real:
     fn of(x: f64) -> Self;
     fn erf(self) -> Self;
 
-    /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`, (T, d_out).
-    fn linear_forward(l: LinArgs<Self>, x: &[Self], c: &[Self], rows: Rows) -> Result<(Vec<Self>, Self::LinCache)>;
+    /// The layer `l` placed on `device` (its weights uploaded on a kernel device).
+    fn place(l: LinArgs<Self>, device: &Device) -> Result<ComposedLayer>;
+
+    /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`, (T, d_out), on the device `on` holds.
+    fn linear_forward(
+        l: LinArgs<Self>,
+        on: &ComposedLayer,
+        x: &[Self],
+        c: &[Self],
+        rows: Rows,
+    ) -> Result<(Vec<Self>, Self::LinCache)>;
 
     /// Gradients of the composed layer given `G = ∂L/∂Y`; only what `train` asks is filled in.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         l: LinArgs<Self>,
+        on: &ComposedLayer,
         x: &[Self],
         cache: &Self::LinCache,
         c: &[Self],
@@ -99,11 +113,21 @@ impl Real for f32 {
     fn erf(self) -> Self {
         libm::erff(self)
     }
-    fn linear_forward(l: LinArgs<f32>, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, fast::Cache)> {
-        fast::forward(&fast_layer(l), x, c, rows)
+    fn place(l: LinArgs<f32>, device: &Device) -> Result<ComposedLayer> {
+        ComposedLayer::new(&l, device)
+    }
+    fn linear_forward(
+        l: LinArgs<f32>,
+        on: &ComposedLayer,
+        x: &[f32],
+        c: &[f32],
+        rows: Rows,
+    ) -> Result<(Vec<f32>, fast::Cache)> {
+        on.forward(&l, x, c, rows)
     }
     fn linear_backward(
         l: LinArgs<f32>,
+        on: &ComposedLayer,
         x: &[f32],
         cache: &fast::Cache,
         c: &[f32],
@@ -111,7 +135,7 @@ impl Real for f32 {
         g: &[f32],
         train: Train,
     ) -> Result<LinGrads<f32>> {
-        let gr = fast::backward(&fast_layer(l), x, cache, c, rows, g, train)?;
+        let gr = on.backward(&l, x, cache, c, rows, g, train)?;
         Ok(LinGrads {
             dx: gr.dx,
             dc: gr.dc,
@@ -120,15 +144,6 @@ impl Real for f32 {
             dw: gr.dw,
             dbias: gr.dbias,
         })
-    }
-}
-
-fn fast_layer(l: LinArgs<'_, f32>) -> fast::Layer<'_> {
-    fast::Layer {
-        w: l.w,
-        bias: l.bias,
-        modules: l.modules,
-        mode: l.mode,
     }
 }
 
@@ -141,11 +156,28 @@ impl Real for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
-    fn linear_forward(l: LinArgs<f64>, x: &[f64], c: &[f64], rows: Rows) -> Result<(Vec<f64>, ())> {
+    /// f64 models (the gradient checks' reference path) run on the CPU only.
+    fn place(_: LinArgs<f64>, device: &Device) -> Result<ComposedLayer> {
+        if device.is_cpu() {
+            Ok(ComposedLayer::cpu())
+        } else {
+            Err(Error::Device(format!(
+                "f64 models run the CPU reference only, not on {device:?}"
+            )))
+        }
+    }
+    fn linear_forward(
+        l: LinArgs<f64>,
+        _on: &ComposedLayer,
+        x: &[f64],
+        c: &[f64],
+        rows: Rows,
+    ) -> Result<(Vec<f64>, ())> {
         Ok((reference::forward(&ref_layer(l), x, c, rows)?, ()))
     }
     fn linear_backward(
         l: LinArgs<f64>,
+        _on: &ComposedLayer,
         x: &[f64],
         _cache: &(),
         c: &[f64],

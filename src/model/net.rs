@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::linear::{randn, Adapter, Composition, Library, Linear, LoraModule, GLOBAL_LOGITS};
 use super::{matches_target, Arch, Config, Kind, Real};
+use crate::compose::layer::Device;
 use crate::{Error, Result};
 
 /// γ and β of one layer norm.
@@ -78,6 +79,9 @@ impl<T> Block<T> {
 }
 
 /// The input side of the network.
+// One per model: the size difference between the variants (the ViT's patch projection is a
+// whole linear layer) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Embeddings<T> {
     Bert {
@@ -113,6 +117,8 @@ pub struct Model<T> {
     pub composition: Option<Composition>,
     /// (N): the global composition row, when `composition.global`.
     pub global_v: Vec<T>,
+    /// Where every linear layer runs ([`Model::to_device`]); the CPU until moved.
+    device: Device,
 }
 
 /// One named parameter: `D` is `&Vec<T>` or `&mut Vec<T>`.
@@ -154,7 +160,7 @@ macro_rules! collect_params {
         }
         macro_rules! lin {
             ($lin:expr, $kind:expr) => {{
-                let Linear { name, d_in, d_out, w, b, modules, adapter } = $lin;
+                let Linear { name, d_in, d_out, w, b, modules, adapter, .. } = $lin;
                 let (d_in, d_out) = (*d_in, *d_out);
                 base.push(param(format!("{name}.weight"), $kind, vec![d_out, d_in], w));
                 base.push(param(format!("{name}.bias"), $kind, vec![d_out], b));
@@ -263,7 +269,84 @@ impl<T: Real> Model<T> {
             blocks,
             composition: None,
             global_v: Vec::new(),
+            device: Device::Cpu,
         })
+    }
+
+    /// The device every linear layer runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs every linear layer on `device` from now on: on a kernel device their weights are
+    /// uploaded, and they are refreshed after every optimizer step and adapter change this
+    /// model makes. After editing weights directly, call [`Model::sync_device`]. f64 models run
+    /// on the CPU only.
+    pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        self.device = device.clone();
+        self.sync_device()
+    }
+
+    /// Re-places every linear layer on the model's device from its current host weights.
+    pub fn sync_device(&mut self) -> Result<()> {
+        let (comp, device) = (self.composition, self.device.clone());
+        for (l, _) in self.linears_mut_all() {
+            l.place(comp, &device)?;
+        }
+        Ok(())
+    }
+
+    /// Re-places the layers whose weights `trainable` updates (the optimizer step's
+    /// counterpart; coefficients are passed with every call and need nothing).
+    pub(crate) fn sync_trained(&mut self, trainable: super::Trainable) -> Result<()> {
+        if self.device.is_cpu() {
+            return Ok(());
+        }
+        let (comp, device) = (self.composition, self.device.clone());
+        for (l, head) in self.linears_mut_all() {
+            let own = if head { trainable.head } else { trainable.base };
+            if own || (l.adapter == Adapter::Lora && trainable.lora) {
+                l.place(comp, &device)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every linear layer is placed on the model's device (a layer replaced by assignment,
+    /// like a new head, must be placed before use).
+    pub(crate) fn check_placement(&self) -> Result<()> {
+        let patch = match &self.embeddings {
+            Embeddings::Vit { patch, .. } => Some(patch),
+            Embeddings::Bert { .. } => None,
+        };
+        let all = patch
+            .into_iter()
+            .chain(self.blocks.iter().flat_map(|b| b.linears()))
+            .chain(std::iter::once(&self.head));
+        for l in all {
+            if l.placed.device() != &self.device {
+                return Err(Error::Device(format!(
+                    "layer {} runs on {:?} but the model on {:?}; call Model::sync_device after replacing a layer",
+                    l.name,
+                    l.placed.device(),
+                    self.device
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every linear layer, with whether it is the head.
+    fn linears_mut_all(&mut self) -> Vec<(&mut Linear<T>, bool)> {
+        let mut out = Vec::new();
+        if let Embeddings::Vit { patch, .. } = &mut self.embeddings {
+            out.push((patch, false));
+        }
+        for b in &mut self.blocks {
+            out.extend(b.linears_mut().into_iter().map(|l| (l, false)));
+        }
+        out.push((&mut self.head, true));
+        out
     }
 
     /// Every parameter in a fixed order: base (embeddings, blocks, final norm), head, adapters.
@@ -316,6 +399,7 @@ impl<T: Real> Model<T> {
             head: self.head.map(f),
             composition: self.composition,
             global_v: self.global_v.iter().map(|&x| f(x)).collect(),
+            device: Device::Cpu,
         }
     }
 
@@ -366,6 +450,7 @@ impl<T: Real> Model<T> {
                 .expect("resolved above")
                 .attach_lora(rank, alpha, &mut rng)?;
         }
+        self.sync_device()?;
         Ok(paths)
     }
 
@@ -405,7 +490,7 @@ impl<T: Real> Model<T> {
             }
             None => Vec::new(),
         };
-        Ok(())
+        self.sync_device()
     }
 
     /// A synthetic library for the layers `targets` match: `n` modules of rank `rank` each,
@@ -440,7 +525,7 @@ impl<T: Real> Model<T> {
     }
 
     /// Removes every adapter (LoRA and compositions).
-    pub fn detach_adapters(&mut self) {
+    pub fn detach_adapters(&mut self) -> Result<()> {
         for b in &mut self.blocks {
             for l in b.linears_mut() {
                 l.detach();
@@ -448,6 +533,7 @@ impl<T: Real> Model<T> {
         }
         self.composition = None;
         self.global_v.clear();
+        self.sync_device()
     }
 
     /// The trained LoRAs as library modules (f32), e.g. to compose later.

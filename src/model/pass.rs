@@ -204,6 +204,7 @@ impl<T: Real> Model<T> {
 
     fn encode_taped(&self, batch: &Batch, keep: bool, pop: Option<Population<'_, T>>) -> Result<Tape<T>> {
         let t = batch.check(&self.config)?;
+        self.check_placement()?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
         let mask = match cfg.arch {

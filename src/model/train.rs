@@ -169,6 +169,7 @@ pub fn train_step<T: Real>(
         None => grads.norm(),
     };
     opt.step(model, &grads, lr)?;
+    model.sync_trained(trainable)?;
     Ok(StepStats { loss, grad_norm })
 }
 

@@ -97,7 +97,7 @@ pub fn assign_rows(rng: &mut ChaCha8Rng, t: usize, assign: Assign) -> (Vec<usize
 pub fn coeffs(rng: &mut ChaCha8Rng, s: usize, n: usize, kind: CoeffKind) -> Vec<f32> {
     (0..s)
         .flat_map(|_| {
-            let hot = rng.random_range(0..n);
+            let hot = rng.random_range(0..n.max(1));
             (0..n)
                 .map(|i| match kind {
                     CoeffKind::Random => normal(rng),

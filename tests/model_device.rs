@@ -1,0 +1,215 @@
+//! The transformer on a kernel device: every linear layer through `ComposedLayer`'s CUDA
+//! dispatch (base GEMMs + fused composition kernels), run here on the CPU execution harness
+//! (`Device::Harness`) — the same launches a GPU gets with `--device cuda`.
+//!
+//! Checked against the f64 reference model (forward and every gradient), and over training
+//! steps against the same model on the CPU device (which catches weights left stale on the
+//! device after an optimizer step).
+
+use lora_compose::check::{compare, Tol};
+use lora_compose::compose::layer::Device;
+use lora_compose::compose::{Mode, Param};
+use lora_compose::harness::CpuHarness;
+use lora_compose::model::train::{cross_entropy, train_step, AdamW};
+use lora_compose::model::{Arch, Batch, Composition, Config, Linear, Model, Trainable};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn vit(width: usize, labels: usize) -> Config {
+    Config {
+        image_size: 12,
+        patch_size: 4,
+        ..Config::vit(width, 2, 2, labels)
+    }
+}
+
+fn bert() -> Config {
+    Config {
+        hidden: 16,
+        heads: 2,
+        intermediate: 32,
+        layers: 2,
+        vocab_size: 50,
+        max_positions: 16,
+        ..Config::minilm(4)
+    }
+}
+
+fn images(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut px = vec![0.0f32; n * 144];
+    let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..4)).collect();
+    for (i, &y) in labels.iter().enumerate() {
+        for p in 0..144 {
+            let (r, c) = (p / 12, p % 12);
+            let quad = (r / 6) * 2 + c / 6;
+            px[i * 144 + p] = rng.random_range(0.0f32..0.3) + if quad == y { 0.7 } else { 0.0 };
+        }
+    }
+    (px, labels)
+}
+
+fn harness(seed: u64) -> Device {
+    Device::Harness(CpuHarness::new(seed))
+}
+
+/// A model with a product composition (per-layer softmax) on key and attention output, a LoRA
+/// on query and the first MLP layer, and perturbed weights (so no gradient is trivially zero).
+fn adapted(cfg: Config, seed: u64) -> Model<f32> {
+    let mut m = Model::<f32>::init(cfg, seed).unwrap();
+    let lib = m
+        .random_library(&["key", "attention.output.dense"], 3, 2, 0.3, seed)
+        .unwrap();
+    m.attach_composition(
+        &lib,
+        Composition {
+            mode: Mode::Product,
+            param: Param::Softmax,
+            global: false,
+        },
+    )
+    .unwrap();
+    m.attach_lora(&["query", "intermediate.dense"], 2, 4.0, seed).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 77);
+    for p in m.params_mut() {
+        for x in p.data.iter_mut() {
+            *x += rng.random_range(-0.2f32..0.2);
+        }
+    }
+    m.sync_device().unwrap();
+    m
+}
+
+/// Forward and every gradient of the kernel-device model against the f64 reference model, with
+/// the bound of the CPU fast path's own test (tests/model_train.rs): 1e-4·max|g| + 1e-3·|g|.
+#[test]
+fn kernel_device_model_matches_f64_reference() {
+    for arch in [Arch::Vit, Arch::Bert] {
+        let cfg = match arch {
+            Arch::Vit => vit(16, 4),
+            Arch::Bert => bert(),
+        };
+        let cpu = adapted(cfg, 5);
+        let m64: Model<f64> = cpu.cast();
+        let mut dev = cpu.clone();
+        dev.to_device(&harness(3)).unwrap();
+        let names: Vec<String> = dev.layer_names();
+        for name in &names {
+            let l = dev.linear(name).unwrap();
+            assert!(l.placed.is_resident(), "{name} holds its weights on the device");
+        }
+        assert!(dev.head.placed.is_resident());
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let batch = match arch {
+            Arch::Vit => Batch::images(&images(6, 1).0, 12).unwrap(),
+            Arch::Bert => {
+                let seqs: Vec<Vec<u32>> = [9usize, 4, 16, 1, 7, 12]
+                    .iter()
+                    .map(|&n| (0..n).map(|_| rng.random_range(0..50)).collect())
+                    .collect();
+                Batch::tokens(&seqs).unwrap()
+            }
+        };
+        let labels = [0, 1, 2, 3, 0, 1];
+        let (l32, t32) = dev.forward(&batch).unwrap();
+        let (l64, t64) = m64.forward(&batch).unwrap();
+        compare("logits", &l32, &l64, Tol::new(1e-4, 1e-3)).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
+        let (_, d32) = cross_entropy(&l32, &labels, 4).unwrap();
+        let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
+        for trainable in [Trainable::ALL, Trainable::LORA_HEAD, Trainable::COEFFS_HEAD] {
+            let g32 = dev.backward(&t32, &d32, trainable).unwrap();
+            let g64 = m64.backward(&t64, &d64, trainable).unwrap();
+            assert_eq!(g32.map.len(), g64.map.len());
+            let scale_of = |name: &str| {
+                g64.get(name)
+                    .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
+            };
+            for (name, want) in &g64.map {
+                let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
+                let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
+                compare(name, g32.get(name).unwrap(), want, Tol::new(1e-4 * scale, 1e-3))
+                    .unwrap_or_else(|e| panic!("{arch:?} {trainable:?}: {e}"));
+            }
+        }
+    }
+}
+
+/// Full fine-tuning, then LoRA training, on the kernel device and on the CPU from the same
+/// start: the losses of every step agree. A device copy left stale after an optimizer step
+/// (the kernels still running the first weights) breaks this by far more than rounding.
+#[test]
+fn training_on_the_kernel_device_tracks_the_cpu() {
+    let mut cpu = adapted(vit(16, 4), 8);
+    let mut dev = cpu.clone();
+    dev.to_device(&harness(1)).unwrap();
+    let (px, labels) = images(8, 2);
+    let batch = Batch::images(&px, 12).unwrap();
+    for (trainable, lr, steps) in [(Trainable::ALL, 3e-2, 4), (Trainable::LORA_HEAD, 5e-2, 3)] {
+        let (mut oc, mut od) = (AdamW::new(0.01), AdamW::new(0.01));
+        let mut first = None;
+        for step in 0..steps {
+            let lc = train_step(&mut cpu, &mut oc, &batch, &labels, trainable, lr, Some(1.0))
+                .unwrap()
+                .loss;
+            let ld = train_step(&mut dev, &mut od, &batch, &labels, trainable, lr, Some(1.0))
+                .unwrap()
+                .loss;
+            let first = *first.get_or_insert(lc);
+            assert!(
+                (lc - ld).abs() <= 1e-4 * lc.abs(),
+                "{trainable:?} step {step}: cpu loss {lc}, kernel-device loss {ld}"
+            );
+            if step == steps - 1 {
+                assert!(lc < first, "{trainable:?}: the loss went down ({first} → {lc})");
+            }
+        }
+    }
+}
+
+/// A layer replaced by assignment (a new head) is refused until it is placed on the model's
+/// device; f64 models stay on the CPU.
+#[test]
+fn replaced_layers_must_be_placed_and_f64_stays_on_the_cpu() {
+    let mut dev = adapted(vit(16, 4), 3);
+    dev.to_device(&harness(0)).unwrap();
+    let batch = Batch::images(&images(2, 4).0, 12).unwrap();
+    dev.logits(&batch).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    dev.head = Linear::init("classifier", 16, 3, 0.02, &mut rng);
+    dev.config.num_labels = 3;
+    let err = dev.logits(&batch).unwrap_err().to_string();
+    assert!(err.contains("classifier") && err.contains("sync_device"), "{err}");
+    dev.sync_device().unwrap();
+    assert_eq!(dev.logits(&batch).unwrap().len(), 2 * 3);
+    let mut m64: Model<f64> = dev.cast();
+    assert_eq!(m64.device(), &Device::Cpu);
+    let err = m64.to_device(&harness(0)).unwrap_err().to_string();
+    assert!(err.contains("f64"), "{err}");
+}
+
+/// The LoraHub population forward (per-sample coefficient rows, one candidate per image) on
+/// the kernel device matches the CPU device.
+#[test]
+fn population_forward_on_the_kernel_device() {
+    let mut cpu = Model::<f32>::init(vit(16, 4), 4).unwrap();
+    let lib = cpu.random_library(&["query", "value"], 4, 2, 0.3, 4).unwrap();
+    cpu.attach_composition(
+        &lib,
+        Composition {
+            mode: Mode::Product,
+            param: Param::Raw,
+            global: true,
+        },
+    )
+    .unwrap();
+    let mut dev = cpu.clone();
+    dev.to_device(&harness(2)).unwrap();
+    let batch = Batch::images(&images(6, 5).0, 12).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let values: Vec<f32> = (0..3 * 4).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+    let candidate_of = [2, 0, 1, 1, 2, 0];
+    let want = cpu.logits_population(&batch, &values, &candidate_of).unwrap();
+    let got = dev.logits_population(&batch, &values, &candidate_of).unwrap();
+    let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    compare("population logits", &got, &want64, Tol::new(1e-5, 1e-4)).unwrap();
+}
