@@ -2,7 +2,7 @@
 # Runs on the GPU machine from the bundle that scripts/build-gpu-bundle.sh made: the GPU probe,
 # the GPU GEMM tests (every variant × dtype × transpose against the f64 reference), the GPU
 # composition tests (every forward/backward variant × f32/bf16 against the f64 reference, and the
-# composed layer's CUDA dispatch), and the bench (CUDA events: ms, TFLOP/s, GB/s; for the
+# composed layer's CUDA dispatch), the transformer on --device cuda against its f64 model, and the bench (CUDA events: ms, TFLOP/s, GB/s; for the
 # composition kernels also the ratio to the lower bound and the targets). Writes a short
 # report to $OUT/report.md when OUT is set, else ./gpu-report.md. Exits non-zero if a test or a
 # bench check fails.
@@ -40,6 +40,7 @@ run_tests() {
 run_tests gpu_probe || status=1
 run_tests gemm_kernels gpu_matches_reference || status=1
 run_tests compose_kernels gpu_matches_reference || status=1
+run_tests model_device gpu_model_matches_reference || status=1
 echo '```' >>"$report"
 
 echo >>"$report"

@@ -7,7 +7,7 @@
 //! device after an optimizer step).
 
 use lora_compose::check::{compare, Tol};
-use lora_compose::compose::layer::Device;
+use lora_compose::compose::layer::{select, Device, DeviceChoice};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::harness::CpuHarness;
 use lora_compose::model::train::{cross_entropy, train_step, AdamW};
@@ -84,6 +84,22 @@ fn adapted(cfg: Config, seed: u64) -> Model<f32> {
 /// the bound of the CPU fast path's own test (tests/model_train.rs): 1e-4·max|g| + 1e-3·|g|.
 #[test]
 fn kernel_device_model_matches_f64_reference() {
+    check_against_reference(&harness(3));
+}
+
+/// The same on the GPU (`--device cuda`), when there is one (scripts/gpu-check.sh runs it).
+#[test]
+fn gpu_model_matches_reference() {
+    match select(DeviceChoice::Cuda) {
+        Ok(gpu) => {
+            println!("GPU tests on {gpu:?}");
+            check_against_reference(&gpu);
+        }
+        Err(reason) => println!("GPU tests skipped: {reason}"),
+    }
+}
+
+fn check_against_reference(device: &Device) {
     for arch in [Arch::Vit, Arch::Bert] {
         let cfg = match arch {
             Arch::Vit => vit(16, 4),
@@ -92,7 +108,7 @@ fn kernel_device_model_matches_f64_reference() {
         let cpu = adapted(cfg, 5);
         let m64: Model<f64> = cpu.cast();
         let mut dev = cpu.clone();
-        dev.to_device(&harness(3)).unwrap();
+        dev.to_device(device).unwrap();
         let names: Vec<String> = dev.layer_names();
         for name in &names {
             let l = dev.linear(name).unwrap();
