@@ -121,6 +121,11 @@ pub struct FewshotArgs {
     /// Test images a class (the first ones of each task's test set; default all).
     #[arg(long)]
     pub test_per_class: Option<usize>,
+    /// Compose only the library modules whose upstream task name contains one of these
+    /// (`-id`: the 4 plain-MNIST modules; `-id,invert`: 8); default all 16. Use a
+    /// separate --out for each choice.
+    #[arg(long, value_delimiter = ',')]
+    pub modules: Vec<String>,
     /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
     /// an error without a usable GPU) or auto (cuda when available, else cpu).
     #[arg(long, value_enum, default_value = "cpu")]
@@ -147,6 +152,9 @@ pub struct UnitResult {
     /// Learned coefficients by layer path (`global` for LoraHub), when the method has any.
     #[serde(default)]
     pub coeffs: BTreeMap<String, Vec<f64>>,
+    /// Library modules composed (0 for methods without a library, and in older files).
+    #[serde(default)]
+    pub modules: usize,
 }
 
 impl UnitResult {
@@ -471,6 +479,12 @@ fn run_unit(
         } else {
             coeff_rows(&model)
         },
+        modules: match method {
+            Method::Uniform | Method::Learned | Method::Soups | Method::Lorahub => {
+                library.values().next().map_or(0, Vec::len)
+            }
+            _ => 0,
+        },
     })
 }
 
@@ -479,7 +493,30 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     super::code_version();
     let mut base = load_base(&args.base)?;
     base.to_device(&select(args.device)?)?;
-    let (_, library) = load_library(&args.library)?;
+    let (names, mut library) = load_library(&args.library)?;
+    if !args.modules.is_empty() {
+        let keep: Vec<usize> = (0..names.len())
+            .filter(|&i| args.modules.iter().any(|m| names[i].contains(m.as_str())))
+            .collect();
+        if keep.is_empty() {
+            return Err(Error::Arg(format!(
+                "--modules {}: no library module's name contains any of them (they are {})",
+                args.modules.join(","),
+                names.join(", ")
+            )));
+        }
+        let kept: Vec<&str> = keep.iter().map(|&i| names[i].as_str()).collect();
+        eprintln!(
+            "composing {} of {} modules: {}",
+            keep.len(),
+            names.len(),
+            kept.join(", ")
+        );
+        for mods in library.values_mut() {
+            *mods = keep.iter().map(|&i| mods[i].clone()).collect();
+        }
+    }
+    let n_modules = library.values().next().map_or(0, Vec::len);
     let mut all = tasks::load_bundle(&args.data)?;
     if let Some(cap) = args.test_per_class {
         for t in &mut all {
@@ -517,6 +554,13 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
         args.methods.clone()
     };
     let mut results = read_results(&args.out)?;
+    if let Some(r) = results.iter().find(|r| r.modules != 0 && r.modules != n_modules) {
+        return Err(Error::Arg(format!(
+            "{} holds runs that composed {} modules, this one composes {n_modules}; use another --out",
+            args.out.display(),
+            r.modules
+        )));
+    }
     let done: BTreeSet<_> = results.iter().map(UnitResult::key).collect();
     let mut todo = Vec::new();
     for task in &chosen {
@@ -626,6 +670,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_population: 8,
                 es_generations: 5,
                 test_per_class: None,
+                modules: Vec::new(),
                 device: args.device,
             },
         )
@@ -646,6 +691,7 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_population: 8,
                 es_generations: 3,
                 test_per_class: Some(DEFAULT_TEST_PER_CLASS),
+                modules: Vec::new(),
                 device: args.device,
             },
         )
@@ -777,6 +823,7 @@ mod tests {
             es_population: 2,
             es_generations: 1,
             test_per_class: Some(1),
+            modules: Vec::new(),
             device: DeviceChoice::Cpu,
         };
         run_fewshot(args.clone()).unwrap();
@@ -793,6 +840,32 @@ mod tests {
         let before = std::fs::read(&args.out).unwrap();
         run_fewshot(args.clone()).unwrap();
         assert_eq!(std::fs::read(&args.out).unwrap(), before, "a rerun redoes nothing");
+        // A sub-library into the same file is refused; into its own file it composes 4 modules.
+        let sub = FewshotArgs {
+            modules: vec!["-id".into()],
+            methods: vec![Method::Learned],
+            ..args.clone()
+        };
+        let err = run_fewshot(sub.clone()).unwrap_err().to_string();
+        assert!(err.contains("16 modules") && err.contains("composes 4"), "{err}");
+        let sub = FewshotArgs {
+            out: p("r/identity.jsonl"),
+            ..sub
+        };
+        run_fewshot(sub.clone()).unwrap();
+        let rs = read_results(&sub.out).unwrap();
+        assert_eq!(rs.len(), 1);
+        assert_eq!((rs[0].modules, rs[0].coeffs.values().next().unwrap().len()), (4, 4));
+        let err = run_fewshot(FewshotArgs {
+            modules: vec!["nothing".into()],
+            ..sub
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("mnist-01234-id,") || err.contains("mnist-01234-id "),
+            "{err}"
+        );
         std::fs::write(&args.out, "{not json\n").unwrap();
         let err = run_fewshot(args.clone()).unwrap_err().to_string();
         assert!(err.contains("fewshot.jsonl") && err.contains("line 1"), "{err}");

@@ -329,6 +329,7 @@ mod tests {
             test_images: 100,
             seconds: 0.1,
             coeffs: Default::default(),
+            modules: 0,
         };
         let rs = vec![
             r(Method::Head, Some(0.5)),
