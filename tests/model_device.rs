@@ -6,48 +6,17 @@
 //! steps against the same model on the CPU device (which catches weights left stale on the
 //! device after an optimizer step).
 
+mod model_common;
+
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::layer::{select, Device, DeviceChoice};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::harness::CpuHarness;
 use lora_compose::model::train::{cross_entropy, train_step, AdamW};
 use lora_compose::model::{Arch, Batch, Composition, Config, Linear, Model, Trainable};
+use model_common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn vit(width: usize, labels: usize) -> Config {
-    Config {
-        image_size: 12,
-        patch_size: 4,
-        ..Config::vit(width, 2, 2, labels)
-    }
-}
-
-fn bert() -> Config {
-    Config {
-        hidden: 16,
-        heads: 2,
-        intermediate: 32,
-        layers: 2,
-        vocab_size: 50,
-        max_positions: 16,
-        ..Config::minilm(4)
-    }
-}
-
-fn images(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut px = vec![0.0f32; n * 144];
-    let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..4)).collect();
-    for (i, &y) in labels.iter().enumerate() {
-        for p in 0..144 {
-            let (r, c) = (p / 12, p % 12);
-            let quad = (r / 6) * 2 + c / 6;
-            px[i * 144 + p] = rng.random_range(0.0f32..0.3) + if quad == y { 0.7 } else { 0.0 };
-        }
-    }
-    (px, labels)
-}
 
 fn harness(seed: u64) -> Device {
     Device::Harness(CpuHarness::new(seed))
@@ -81,7 +50,7 @@ fn adapted(cfg: Config, seed: u64) -> Model<f32> {
 }
 
 /// Forward and every gradient of the kernel-device model against the f64 reference model, with
-/// the bound of the CPU fast path's own test (tests/model_train.rs): 1e-4·max|g| + 1e-3·|g|.
+/// the bound of the CPU fast path's own test (tests/model_train.rs, `compare_grads`).
 #[test]
 fn kernel_device_model_matches_f64_reference() {
     check_against_reference(&harness(3));
@@ -116,16 +85,7 @@ fn check_against_reference(device: &Device) {
         }
         assert!(dev.head.placed.is_resident());
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let batch = match arch {
-            Arch::Vit => Batch::images(&images(6, 1).0, 12).unwrap(),
-            Arch::Bert => {
-                let seqs: Vec<Vec<u32>> = [9usize, 4, 16, 1, 7, 12]
-                    .iter()
-                    .map(|&n| (0..n).map(|_| rng.random_range(0..50)).collect())
-                    .collect();
-                Batch::tokens(&seqs).unwrap()
-            }
-        };
+        let batch = six_inputs(arch, &mut rng);
         let labels = [0, 1, 2, 3, 0, 1];
         let (l32, t32) = dev.forward(&batch).unwrap();
         let (l64, t64) = m64.forward(&batch).unwrap();
@@ -135,17 +95,7 @@ fn check_against_reference(device: &Device) {
         for trainable in [Trainable::ALL, Trainable::LORA_HEAD, Trainable::COEFFS_HEAD] {
             let g32 = dev.backward(&t32, &d32, trainable).unwrap();
             let g64 = m64.backward(&t64, &d64, trainable).unwrap();
-            assert_eq!(g32.map.len(), g64.map.len());
-            let scale_of = |name: &str| {
-                g64.get(name)
-                    .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
-            };
-            for (name, want) in &g64.map {
-                let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
-                let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
-                compare(name, g32.get(name).unwrap(), want, Tol::new(1e-4 * scale, 1e-3))
-                    .unwrap_or_else(|e| panic!("{arch:?} {trainable:?}: {e}"));
-            }
+            compare_grads(&g32, &g64, &format!("{arch:?} {trainable:?}"));
         }
     }
 }

@@ -1,39 +1,19 @@
 //! Training pieces and the f32 fast path: f32 vs f64 model, cross-entropy gradient, schedule,
 //! clipping, AdamW, bit-identical seeded runs, checkpoints, and that a tiny model learns.
 
+mod model_common;
+
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::model::checkpoint::{self, Parts};
 use lora_compose::model::train::{clip_grad_norm, cross_entropy, epoch_order, evaluate, lr_at, train_step, AdamW};
-use lora_compose::model::{Arch, Batch, Composition, Config, Library, Model, Pool, Trainable};
+use lora_compose::model::{Arch, Batch, Composition, Library, Model, Pool, Trainable};
+use model_common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn vit(width: usize, labels: usize) -> Config {
-    Config {
-        image_size: 12,
-        patch_size: 4,
-        ..Config::vit(width, 2, 2, labels)
-    }
-}
-
 fn library(model: &Model<f32>, targets: &[&str], n: usize, rank: usize, seed: u64) -> Library {
     model.random_library(targets, n, rank, 0.3, seed).unwrap()
-}
-
-fn images(n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    // Class k lights up quadrant k: learnable from a few examples.
-    let mut px = vec![0.0f32; n * 144];
-    let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..4)).collect();
-    for (i, &y) in labels.iter().enumerate() {
-        for p in 0..144 {
-            let (r, c) = (p / 12, p % 12);
-            let quad = (r / 6) * 2 + c / 6;
-            px[i * 144 + p] = rng.random_range(0.0f32..0.3) + if quad == y { 0.7 } else { 0.0 };
-        }
-    }
-    (px, labels)
 }
 
 fn composed_model(seed: u64) -> Model<f32> {
@@ -62,15 +42,7 @@ fn f32_fast_path_matches_f64_reference_path() {
     for arch in [Arch::Vit, Arch::Bert] {
         let cfg = match arch {
             Arch::Vit => vit(16, 4),
-            Arch::Bert => Config {
-                hidden: 16,
-                heads: 2,
-                intermediate: 32,
-                layers: 2,
-                vocab_size: 50,
-                max_positions: 16,
-                ..Config::minilm(4)
-            },
+            Arch::Bert => bert(),
         };
         let mut m32 = Model::<f32>::init(cfg, 5).unwrap();
         let lib = library(&m32, &["key", "attention.output.dense"], 3, 2, 5);
@@ -90,16 +62,7 @@ fn f32_fast_path_matches_f64_reference_path() {
                 *x += rng.random_range(-0.2f32..0.2);
             }
         }
-        let batch = match arch {
-            Arch::Vit => Batch::images(&images(6, 1).0, 12).unwrap(),
-            Arch::Bert => {
-                let seqs: Vec<Vec<u32>> = [9usize, 4, 16, 1, 7, 12]
-                    .iter()
-                    .map(|&n| (0..n).map(|_| rng.random_range(0..50)).collect())
-                    .collect();
-                Batch::tokens(&seqs).unwrap()
-            }
-        };
+        let batch = six_inputs(arch, &mut rng);
         let labels = [0, 1, 2, 3, 0, 1];
         let m64: Model<f64> = m32.cast();
         let (l32, t32) = m32.forward(&batch).unwrap();
@@ -109,20 +72,7 @@ fn f32_fast_path_matches_f64_reference_path() {
         let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
         let g32 = m32.backward(&t32, &d32, Trainable::ALL).unwrap();
         let g64 = m64.backward(&t64, &d64, Trainable::ALL).unwrap();
-        assert_eq!(g32.map.len(), g64.map.len());
-        let scale_of = |name: &str| {
-            g64.get(name)
-                .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
-        };
-        for (name, want) in &g64.map {
-            // A bias's gradient Σ_t G_t can cancel to ~0 (exactly, for key biases: softmax
-            // ignores a shift shared by a whole row), so its rounding error scales with its
-            // terms, whose size the matching weight's gradient Σ_t G_t x_tᵀ shows.
-            let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
-            let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
-            compare(name, g32.get(name).unwrap(), want, Tol::new(1e-4 * scale, 1e-3))
-                .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
-        }
+        compare_grads(&g32, &g64, &format!("{arch:?}"));
     }
 }
 
