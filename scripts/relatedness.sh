@@ -22,3 +22,7 @@ for lib in id invert; do
     "$bin" report --dir "$dir" >/dev/null
     echo "wrote $dir/report.md"
 done
+if [[ -f results/full/fewshot.jsonl ]]; then
+    python3 scripts/relatedness-table.py >results/relatedness/table.md
+    echo "wrote results/relatedness/table.md"
+fi
