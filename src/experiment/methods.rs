@@ -158,7 +158,7 @@ pub struct UnitResult {
 }
 
 impl UnitResult {
-    fn key(&self) -> (String, Method, usize, u64) {
+    pub(crate) fn key(&self) -> (String, Method, usize, u64) {
         (self.task.clone(), self.method, self.k, self.seed)
     }
 }
@@ -553,7 +553,7 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     } else {
         args.methods.clone()
     };
-    let mut results = read_results(&args.out)?;
+    let results = read_results(&args.out)?;
     if let Some(r) = results.iter().find(|r| r.modules != 0 && r.modules != n_modules) {
         return Err(Error::Arg(format!(
             "{} holds runs that composed {} modules, this one composes {n_modules}; use another --out",
@@ -581,8 +581,10 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
         args.out.display()
     );
     let pb = progress(todo.len(), "fewshot");
+    let saved = std::sync::Mutex::new(results);
     // One (task, K, seed) group at a time: its methods run in parallel (each is mostly
-    // single-threaded at these sizes) and are saved together when the group finishes.
+    // single-threaded at these sizes), and each is saved as soon as it finishes, so an
+    // interrupted run loses only the units still running.
     let mut groups: Vec<(&TaskData, usize, u64, Vec<Method>)> = Vec::new();
     for (task, k, seed, m) in todo {
         match groups.last_mut() {
@@ -599,11 +601,8 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
             shots: task.pool.select(&idx),
         };
         pb.set_message(format!("{} K={k} seed {seed}", task.spec.name));
-        let done: Vec<UnitResult> = ms
-            .par_iter()
-            .map(|&m| run_unit(&base, &library, &unit, m, &args))
-            .collect::<Result<_>>()?;
-        for r in done {
+        ms.par_iter().try_for_each(|&m| -> Result<()> {
+            let r = run_unit(&base, &library, &unit, m, &args)?;
             if r.diverged {
                 say(
                     &pb,
@@ -615,16 +614,19 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
                     ),
                 );
             }
-            results.push(r);
-        }
-        let text: String = results
-            .iter()
-            .map(|r| serde_json::to_string(r).expect("results serialise") + "\n")
-            .collect();
-        write_atomic(&args.out, text.as_bytes())?;
-        pb.inc(ms.len() as u64);
+            let mut all = saved.lock().unwrap_or_else(|e| e.into_inner());
+            all.push(r);
+            let text: String = all
+                .iter()
+                .map(|r| serde_json::to_string(r).expect("results serialise") + "\n")
+                .collect();
+            write_atomic(&args.out, text.as_bytes())?;
+            pb.inc(1);
+            Ok(())
+        })?;
     }
     pb.finish_and_clear();
+    let results = saved.into_inner().unwrap_or_else(|e| e.into_inner());
     let dir = args
         .out
         .parent()

@@ -279,7 +279,9 @@ pub fn plot_coeffs(results: &[UnitResult], path: &Path) -> Result<bool> {
 
 pub fn run_report(args: ReportArgs) -> Result<()> {
     let path = args.dir.join("fewshot.jsonl");
-    let results = read_results(&path)?;
+    let mut results = read_results(&path)?;
+    // Units are saved in the order they finish; sums over them should not depend on it.
+    results.sort_by_key(UnitResult::key);
     if results.is_empty() {
         return Err(Error::File {
             path,
