@@ -409,21 +409,18 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
     use crate::harness::entries::compose_fwd as e;
     use DType::{BF16, F32};
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (entry, dtype) {
-        (Entry::ShrinkNaive, F32) => ("compose_fwd_shrink_naive_f32", e::lc_run_compose_fwd_shrink_naive_f32),
-        (Entry::ShrinkNaive, BF16) => ("compose_fwd_shrink_naive_bf16", e::lc_run_compose_fwd_shrink_naive_bf16),
-        (Entry::ExpandNaive, F32) => ("compose_fwd_expand_naive_f32", e::lc_run_compose_fwd_expand_naive_f32),
-        (Entry::ExpandNaive, BF16) => ("compose_fwd_expand_naive_bf16", e::lc_run_compose_fwd_expand_naive_bf16),
-        (Entry::ShrinkTiled, F32) => ("compose_fwd_shrink_tiled_f32", e::lc_run_compose_fwd_shrink_tiled_f32),
-        (Entry::ShrinkTiled, BF16) => ("compose_fwd_shrink_tiled_bf16", e::lc_run_compose_fwd_shrink_tiled_bf16),
-        (Entry::ShrinkReduce, F32) => ("compose_fwd_shrink_reduce_f32", e::lc_run_compose_fwd_shrink_reduce_f32),
-        (Entry::ShrinkReduce, BF16) => (
-            "compose_fwd_shrink_reduce_bf16",
-            e::lc_run_compose_fwd_shrink_reduce_bf16,
-        ),
-        (Entry::ExpandTiled, F32) => ("compose_fwd_expand_tiled_f32", e::lc_run_compose_fwd_expand_tiled_f32),
-        (Entry::ExpandTiled, BF16) => ("compose_fwd_expand_tiled_bf16", e::lc_run_compose_fwd_expand_tiled_bf16),
-        (Entry::SumPartials, F32) => ("compose_fwd_sum_partials_f32", e::lc_run_compose_fwd_sum_partials_f32),
-        (Entry::SumPartials, BF16) => ("compose_fwd_sum_partials_bf16", e::lc_run_compose_fwd_sum_partials_bf16),
+        (Entry::ShrinkNaive, F32) => kernel_entry!(e::lc_run_compose_fwd_shrink_naive_f32),
+        (Entry::ShrinkNaive, BF16) => kernel_entry!(e::lc_run_compose_fwd_shrink_naive_bf16),
+        (Entry::ExpandNaive, F32) => kernel_entry!(e::lc_run_compose_fwd_expand_naive_f32),
+        (Entry::ExpandNaive, BF16) => kernel_entry!(e::lc_run_compose_fwd_expand_naive_bf16),
+        (Entry::ShrinkTiled, F32) => kernel_entry!(e::lc_run_compose_fwd_shrink_tiled_f32),
+        (Entry::ShrinkTiled, BF16) => kernel_entry!(e::lc_run_compose_fwd_shrink_tiled_bf16),
+        (Entry::ShrinkReduce, F32) => kernel_entry!(e::lc_run_compose_fwd_shrink_reduce_f32),
+        (Entry::ShrinkReduce, BF16) => kernel_entry!(e::lc_run_compose_fwd_shrink_reduce_bf16),
+        (Entry::ExpandTiled, F32) => kernel_entry!(e::lc_run_compose_fwd_expand_tiled_f32),
+        (Entry::ExpandTiled, BF16) => kernel_entry!(e::lc_run_compose_fwd_expand_tiled_bf16),
+        (Entry::SumPartials, F32) => kernel_entry!(e::lc_run_compose_fwd_sum_partials_f32),
+        (Entry::SumPartials, BF16) => kernel_entry!(e::lc_run_compose_fwd_sum_partials_bf16),
         (_, DType::F16) => return Err(not_built("compose_fwd")),
     };
     Ok(Kernel {

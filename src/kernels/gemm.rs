@@ -133,15 +133,15 @@ pub fn flops_bytes(params: &GemmParams, dtype: DType) -> (f64, f64) {
 pub fn kernel(variant: Variant, dtype: DType) -> Kernel {
     use crate::harness::entries::gemm as e;
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (variant, dtype) {
-        (Variant::Naive, DType::F32) => ("gemm_naive_f32", e::lc_run_gemm_naive_f32),
-        (Variant::Naive, DType::F16) => ("gemm_naive_f16", e::lc_run_gemm_naive_f16),
-        (Variant::Naive, DType::BF16) => ("gemm_naive_bf16", e::lc_run_gemm_naive_bf16),
-        (Variant::Tiled64, DType::F32) => ("gemm_tiled64_f32", e::lc_run_gemm_tiled64_f32),
-        (Variant::Tiled64, DType::F16) => ("gemm_tiled64_f16", e::lc_run_gemm_tiled64_f16),
-        (Variant::Tiled64, DType::BF16) => ("gemm_tiled64_bf16", e::lc_run_gemm_tiled64_bf16),
-        (Variant::Tiled128, DType::F32) => ("gemm_tiled128_f32", e::lc_run_gemm_tiled128_f32),
-        (Variant::Tiled128, DType::F16) => ("gemm_tiled128_f16", e::lc_run_gemm_tiled128_f16),
-        (Variant::Tiled128, DType::BF16) => ("gemm_tiled128_bf16", e::lc_run_gemm_tiled128_bf16),
+        (Variant::Naive, DType::F32) => kernel_entry!(e::lc_run_gemm_naive_f32),
+        (Variant::Naive, DType::F16) => kernel_entry!(e::lc_run_gemm_naive_f16),
+        (Variant::Naive, DType::BF16) => kernel_entry!(e::lc_run_gemm_naive_bf16),
+        (Variant::Tiled64, DType::F32) => kernel_entry!(e::lc_run_gemm_tiled64_f32),
+        (Variant::Tiled64, DType::F16) => kernel_entry!(e::lc_run_gemm_tiled64_f16),
+        (Variant::Tiled64, DType::BF16) => kernel_entry!(e::lc_run_gemm_tiled64_bf16),
+        (Variant::Tiled128, DType::F32) => kernel_entry!(e::lc_run_gemm_tiled128_f32),
+        (Variant::Tiled128, DType::F16) => kernel_entry!(e::lc_run_gemm_tiled128_f16),
+        (Variant::Tiled128, DType::BF16) => kernel_entry!(e::lc_run_gemm_tiled128_bf16),
     };
     Kernel {
         family: "gemm",
@@ -246,6 +246,15 @@ pub fn reference<T: Element>(params: &GemmParams, a: &[T], b: &[T], c: &[T]) -> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Names come from the harness symbols (`kernel_entry!`): the PTX name is the symbol
+    /// without `lc_run_`, as `extern "C" __global__` names it in cuda/*.cu.
+    #[test]
+    fn kernel_names_match_the_cuda_entries() {
+        assert_eq!(kernel(Variant::Tiled128, DType::BF16).name, "gemm_tiled128_bf16");
+        let k = super::super::compose_bwd::kernel(super::super::compose_bwd::Entry::CoeffGradTiled, DType::F32);
+        assert_eq!(k.unwrap().name, "compose_bwd_coeff_grad_tiled_f32");
+    }
 
     proptest! {
         // The grid covers every output element, with no block entirely outside C, and every

@@ -8,6 +8,17 @@
 //! [`Backend`]), `flops_bytes`, and its plain f64 CPU reference. The launch configuration is
 //! computed once, in Rust, and given unchanged to either backend.
 
+/// `(PTX name, harness entry)` of one kernel, both from its harness symbol
+/// `lc_run_<name>` (`LC_HARNESS_ENTRY` in cuda/harness/), so the two cannot disagree.
+macro_rules! kernel_entry {
+    ($module:ident :: $symbol:ident) => {
+        (
+            &stringify!($symbol)["lc_run_".len()..],
+            $module::$symbol as $crate::kernels::HarnessEntry,
+        )
+    };
+}
+
 pub mod compose_bwd;
 pub mod compose_fwd;
 pub mod gemm;
