@@ -20,9 +20,9 @@ struct Cli {
     /// With no subcommand: run the whole sweep instead of the reduced comparison.
     #[arg(long)]
     full: bool,
-    /// With no subcommand: where the model runs (cpu, cuda or auto).
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: lora_compose::compose::layer::DeviceChoice,
+    // With no subcommand: where the model runs.
+    #[command(flatten)]
+    device: lora_compose::compose::layer::DeviceArg,
 }
 
 #[derive(Subcommand)]

@@ -175,7 +175,7 @@ fn empty_long_and_invalid_texts() {
         files: vec![file],
         max_tokens: 12,
         batch_size: 4,
-        device: lora_compose::compose::layer::DeviceChoice::Cpu,
+        device: lora_compose::compose::layer::DeviceArg::CPU,
     };
     assert!(err_of(run_embed(args.clone())).contains("invalid UTF-8"));
     let e = err_of(run_embed(EmbedArgs { files: vec![], ..args }));

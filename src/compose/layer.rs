@@ -49,6 +49,27 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// `--device`, for every command that runs a model (`#[command(flatten)]`).
+#[derive(clap::Args, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceArg {
+    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
+    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    #[arg(long = "device", value_name = "DEVICE", value_enum, default_value = "cpu")]
+    #[serde(rename = "device")]
+    pub choice: DeviceChoice,
+}
+
+impl DeviceArg {
+    pub const CPU: DeviceArg = DeviceArg {
+        choice: DeviceChoice::Cpu,
+    };
+
+    /// The device asked for (see [`select`]).
+    pub fn select(self) -> Result<Device> {
+        select(self.choice)
+    }
+}
+
 /// Where every composed layer of a model runs.
 #[derive(Clone, Default)]
 pub enum Device {

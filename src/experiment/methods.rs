@@ -25,7 +25,7 @@ use super::tasks::{self, TaskData};
 use super::{
     accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, RANK, TARGETS,
 };
-use crate::compose::layer::{select, DeviceChoice};
+use crate::compose::layer::DeviceArg;
 use crate::compose::{Mode, Param};
 use crate::model::linear::Adapter as LinAdapter;
 use crate::model::train::{cross_entropy, lr_at, train_step, AdamW};
@@ -126,10 +126,9 @@ pub struct FewshotArgs {
     /// separate --out for each choice.
     #[arg(long, value_delimiter = ',')]
     pub modules: Vec<String>,
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArg,
 }
 
 /// One finished unit.
@@ -492,7 +491,7 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     let started = Instant::now();
     super::code_version();
     let mut base = load_base(&args.base)?;
-    base.to_device(&select(args.device)?)?;
+    base.to_device(&args.device.select()?)?;
     let (names, mut library) = load_library(&args.library)?;
     if !args.modules.is_empty() {
         let keep: Vec<usize> = (0..names.len())
@@ -647,10 +646,9 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
 pub struct DefaultArgs {
     #[arg(long)]
     pub full: bool,
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArg,
 }
 
 pub fn run_default(args: DefaultArgs) -> Result<()> {
@@ -826,7 +824,7 @@ mod tests {
             es_generations: 1,
             test_per_class: Some(1),
             modules: Vec::new(),
-            device: DeviceChoice::Cpu,
+            device: DeviceArg::CPU,
         };
         run_fewshot(args.clone()).unwrap();
         let rs = read_results(&args.out).unwrap();

@@ -27,7 +27,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::compose::layer::{select, DeviceChoice};
+use crate::compose::layer::DeviceArg;
 use crate::model::train::{evaluate, lr_at, train_step, AdamW};
 use crate::model::{checkpoint, Batch, Config, Library, Linear, LoraModule, Model, Trainable};
 use crate::peft::{Adapter, AdapterConfig, LoraLayer, StoreDtype, TargetModules};
@@ -244,10 +244,9 @@ pub struct PretrainArgs {
     /// Where the run log goes.
     #[arg(long, default_value = "results")]
     pub log_dir: PathBuf,
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArg,
 }
 
 pub fn run_pretrain(args: PretrainArgs) -> Result<()> {
@@ -266,7 +265,7 @@ pub fn run_pretrain(args: PretrainArgs) -> Result<()> {
     let train = data::load_idx_pair(&fm, "train")?;
     let test = data::load_idx_pair(&fm, "t10k")?;
     let mut model = Model::<f32>::init(vit_config(10), args.seed)?;
-    model.to_device(&select(args.device)?)?;
+    model.to_device(&args.device.select()?)?;
     let pb = progress(args.steps, "pretrain");
     let loss = train_minibatch(
         &mut model,
@@ -317,10 +316,9 @@ pub struct UpstreamArgs {
     pub seed: u64,
     #[arg(long, default_value = "results")]
     pub log_dir: PathBuf,
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArg,
 }
 
 /// A model's trained LoRAs as one PEFT adapter named `name`.
@@ -368,7 +366,7 @@ pub fn run_upstream(args: UpstreamArgs) -> Result<()> {
     let mut accs = serde_json::Map::new();
     if !todo.is_empty() {
         let mut base = load_base(&args.base)?;
-        base.to_device(&select(args.device)?)?;
+        base.to_device(&args.device.select()?)?;
         let mnist = data::load_mnist_json(&data::assets_dir().join("mnist"))?;
         let [up_train, up_test, _, _] = tasks::mnist_split(mnist.len());
         std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
@@ -510,7 +508,7 @@ mod tests {
             lr: 1e-3,
             seed: 0,
             log_dir: dir.path().join("logs"),
-            device: DeviceChoice::Cpu,
+            device: DeviceArg::CPU,
         };
         std::fs::write(&out, b"not a checkpoint").unwrap();
         let err = run_pretrain(args.clone()).unwrap_err().to_string();

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::bert::Encoder;
-use crate::compose::layer::{select, DeviceChoice};
+use crate::compose::layer::DeviceArg;
 use crate::{Error, Result};
 
 /// Sentence embeddings (mean over real tokens, L2-normalised), one JSON array per text and line.
@@ -28,10 +28,8 @@ pub struct EmbedArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 /// Reads one text per non-blank line, rejecting invalid UTF-8 with its line number.
@@ -58,7 +56,7 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
         return Err(Error::Arg("nothing to embed: pass --text or --file".into()));
     }
     let mut encoder = Encoder::load(&args.model)?;
-    encoder.model.to_device(&select(args.device)?)?;
+    encoder.model.to_device(&args.device.select()?)?;
     let out = encoder.embed(&texts, args.max_tokens, args.batch_size)?;
     for &(i, n) in &out.truncated {
         eprintln!(
