@@ -138,28 +138,6 @@ enum Resident {
     Harness(CpuHarness, Arc<KernelLayer<CpuHarness>>),
 }
 
-/// What a resident copy was made from; a call with other host weights is refused.
-#[derive(Clone, Debug, PartialEq)]
-struct Signature {
-    d_in: usize,
-    d_out: usize,
-    ranks: Vec<usize>,
-    mode: Mode,
-    bias: bool,
-}
-
-impl Signature {
-    fn of(l: &LayerOf<'_, f32>) -> Signature {
-        Signature {
-            d_in: l.modules.d_in,
-            d_out: l.modules.d_out,
-            ranks: l.modules.ranks.clone(),
-            mode: l.mode,
-            bias: l.bias.is_some(),
-        }
-    }
-}
-
 /// One composed linear layer on its device: `Y = X Wᵀ + b + Σ_i C[σ(t), i] s_i B_i A_i x_t`.
 ///
 /// The host weights (`W`, `b`, the module stack, the mode) are passed to every call as a
@@ -171,7 +149,6 @@ impl Signature {
 pub struct ComposedLayer {
     device: Device,
     resident: Resident,
-    signature: Option<Signature>,
 }
 
 impl Default for ComposedLayer {
@@ -203,7 +180,6 @@ impl ComposedLayer {
         ComposedLayer {
             device: Device::Cpu,
             resident: Resident::Host,
-            signature: None,
         }
     }
 
@@ -212,7 +188,6 @@ impl ComposedLayer {
         let mut out = ComposedLayer {
             device: device.clone(),
             resident: Resident::Host,
-            signature: None,
         };
         out.sync(layer)?;
         Ok(out)
@@ -251,21 +226,30 @@ impl ComposedLayer {
                 Resident::Harness(*h, Arc::new(KernelLayer::new(h, w, bias, m).map_err(device_error)?))
             }
         };
-        self.signature = Some(Signature::of(layer));
         Ok(())
     }
 
-    /// The resident copy's signature must be `layer`'s.
+    /// The resident copy must have been made from a layer of `layer`'s shape, ranks, mode and
+    /// bias.
     fn check_resident(&self, layer: &LayerOf<'_, f32>) -> Result<()> {
-        let now = Signature::of(layer);
-        match &self.signature {
-            Some(s) if *s == now => Ok(()),
-            Some(s) => Err(Error::Device(format!(
-                "the layer changed since its weights went to {:?} ({s:?} then, {now:?} now); sync it first",
-                self.device
-            ))),
-            None => Ok(()),
+        let holds = match &self.resident {
+            Resident::Host => true,
+            Resident::Cuda(_, k) => k.holds(layer),
+            Resident::Harness(_, k) => k.holds(layer),
+        };
+        if holds {
+            return Ok(());
         }
+        let m = layer.modules;
+        Err(Error::Device(format!(
+            "the layer changed since its weights went to {:?} (now {}×{}, ranks {:?}, {:?}, bias {}); sync it first",
+            self.device,
+            m.d_out,
+            m.d_in,
+            m.ranks,
+            layer.mode,
+            layer.bias.is_some()
+        )))
     }
 
     /// Whether a call of `x_len` input elements has work for the kernels (an empty call has
@@ -367,6 +351,16 @@ impl<B: Backend> KernelLayer<B> {
             b_cat: backend.upload(&nonempty(&modules.b_cat))?,
             tables: Tables::upload(backend, &modules.ranks, &modules.scales)?,
         })
+    }
+
+    /// Whether these are the device weights of a layer shaped like `layer` (product mode, the
+    /// same dimensions, ranks and bias).
+    fn holds(&self, layer: &LayerOf<'_, f32>) -> bool {
+        let m = layer.modules;
+        layer.mode == Mode::Product
+            && (self.d_in, self.d_out) == (m.d_in, m.d_out)
+            && self.ranks == m.ranks
+            && self.bias.is_some() == layer.bias.is_some()
     }
 
     fn shape(&self, t: usize, n_samples: usize) -> Shape {
