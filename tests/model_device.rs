@@ -179,3 +179,27 @@ fn population_forward_on_the_kernel_device() {
     let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
     compare("population logits", &got, &want64, Tol::new(1e-5, 1e-4)).unwrap();
 }
+
+/// Adapters attached after the move to the device (as the experiment does: base on the
+/// device, then a LoRA or a library per run) are placed there by the attach itself.
+#[test]
+fn adapters_attached_on_the_device() {
+    let base = Model::<f32>::init(vit(16, 4), 12).unwrap();
+    let mut dev = base.clone();
+    dev.to_device(&harness(4)).unwrap();
+    let lib = base.random_library(&["value"], 3, 2, 0.3, 12).unwrap();
+    let comp = Composition {
+        mode: Mode::Product,
+        param: Param::Raw,
+        global: false,
+    };
+    let batch = Batch::images(&images(3, 6).0, 12).unwrap();
+    let mut cpu = base.clone();
+    for m in [&mut cpu, &mut dev] {
+        m.attach_composition(&lib, comp).unwrap();
+        m.attach_lora(&["query"], 2, 4.0, 3).unwrap();
+    }
+    let want: Vec<f64> = cpu.logits(&batch).unwrap().iter().map(|&x| x as f64).collect();
+    compare("logits", &dev.logits(&batch).unwrap(), &want, Tol::new(1e-5, 1e-4)).unwrap();
+    assert!(dev.linear(&dev.layer_names()[2]).unwrap().placed.is_resident());
+}

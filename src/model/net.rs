@@ -296,6 +296,15 @@ impl<T: Real> Model<T> {
         Ok(())
     }
 
+    /// Re-places the block layers `paths` (after their adapters changed).
+    fn place_blocks(&mut self, paths: &[String]) -> Result<()> {
+        let (comp, device) = (self.composition, self.device.clone());
+        for p in paths {
+            self.linear_mut(p).expect("a block layer").place(comp, &device)?;
+        }
+        Ok(())
+    }
+
     /// Re-places the layers whose weights `trainable` updates (the optimizer step's
     /// counterpart; coefficients are passed with every call and need nothing).
     pub(crate) fn sync_trained(&mut self, trainable: super::Trainable) -> Result<()> {
@@ -450,7 +459,7 @@ impl<T: Real> Model<T> {
                 .expect("resolved above")
                 .attach_lora(rank, alpha, &mut rng)?;
         }
-        self.sync_device()?;
+        self.place_blocks(&paths)?;
         Ok(paths)
     }
 
@@ -490,7 +499,8 @@ impl<T: Real> Model<T> {
             }
             None => Vec::new(),
         };
-        self.sync_device()
+        let paths: Vec<String> = library.keys().cloned().collect();
+        self.place_blocks(&paths)
     }
 
     /// A synthetic library for the layers `targets` match: `n` modules of rank `rank` each,
