@@ -67,3 +67,118 @@ extern "C" __global__ void selftest_warp_divergence(float* out) {
     const int t = threadIdx.x;
     if (t % 32 < 16) out[t] = __shfl_sync(0xffffffffu, (float)t, 0);
 }
+
+// ---- the memory checker (cuda/harness/memcheck.cpp) ------------------------------------------
+
+// Every thread of every block adds 1 to count[0]: with atomicAdd (atomic = 1) or a plain
+// read-modify-write (a lost-update race the checker must report).
+extern "C" __global__ void selftest_increments(int* count, int atomic) {
+    if (atomic)
+        atomicAdd(count, 1);
+    else
+        count[0] += 1;
+}
+
+// atomicMax, atomicMin, atomicExch and atomicCAS on one address each: ops[0] = max of the thread
+// indices, ops[1] = min, ops[2] = some thread index, ops[3] = the one thread whose CAS from -1
+// succeeded (each thread adds its index + 1 to claims[0] when its CAS wins).
+extern "C" __global__ void selftest_atomic_ops(int* ops, int* claims) {
+    const int t = threadIdx.x;
+    atomicMax(&ops[0], t);
+    atomicMin(&ops[1], t);
+    atomicExch(&ops[2], t);
+    if (atomicCAS(&ops[3], -1, t) == -1) atomicAdd(&claims[0], t + 1);
+}
+
+// out[t] = in[min(t, n - 1)] for t < n + extra: extra = 1 overruns `out` by one element.
+extern "C" __global__ void selftest_copy(const float* in, float* out, int n, int extra) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n + extra) out[t] = in[t < n ? t : n - 1];
+}
+
+// Writes through a pointer the kernel receives as const.
+extern "C" __global__ void selftest_write_input(const float* in, float* out) {
+    out[threadIdx.x] = in[threadIdx.x];
+    const_cast<float*>(in)[threadIdx.x] = 0.0f;
+}
+
+// Each block writes its own tile out[b·blockDim ..]; with `neighbour` = 1 it also writes the next
+// block's tile (a race between blocks: blocks never synchronise).
+extern "C" __global__ void selftest_block_tiles(float* out, int neighbour) {
+    const int b = blockIdx.x, t = threadIdx.x, n = blockDim.x;
+    out[b * n + t] = (float)b;
+    if (neighbour && b + 1 < (int)gridDim.x) out[(b + 1) * n + t] = (float)b;
+}
+
+// Stages in[t] in a 64-element shared array at index t + past (past = 1 writes one element past
+// it for the last thread), then out[t] = tile[t] after a barrier.
+extern "C" __global__ void selftest_shared_past_end(const float* in, float* out, int past) {
+    SHARED(float, tile, [64]);
+    const int t = threadIdx.x;
+    tile[t + past] = in[t];
+    __syncthreads();
+    out[t] = tile[t];
+}
+
+// Lane 0 of each warp writes flag[warp]; after __syncwarp (sync = 1) or without (0), lane 1 reads
+// it: a warp-synchronous exchange. `cross` = 1 has lane 1 of the *next* warp read it instead, which
+// __syncwarp does not order (only __syncthreads would).
+extern "C" __global__ void selftest_warp_handoff(float* out, int sync, int cross) {
+    SHARED(float, flag, [32]);
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32, warps = blockDim.x / 32;
+    if (lane == 0) flag[warp] = (float)warp;
+    if (sync) __syncwarp();
+    const int source = cross ? (warp + warps - 1) % warps : warp;
+    if (lane == 1) out[warp] = flag[source];
+}
+
+// Partial masks: each half-warp shuffles and votes among its own 16 lanes only.
+// out[2t] = value of the next lane in t's half (wrapping), out[2t + 1] = ballot of in > 0 in the half.
+extern "C" __global__ void selftest_half_warps(const float* in, float* out) {
+    const int t = threadIdx.x, lane = t % 32;
+    const unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+    const int base = lane < 16 ? 0 : 16;
+    const float v = in[t];
+    out[2 * t] = __shfl_sync(half, v, base + (lane - base + 1) % 16);
+    out[2 * t + 1] = (float)__ballot_sync(half, v > 0.0f);
+}
+
+// mode 0: lane 5 calls a shuffle whose mask leaves it out; mode 1: lanes 0-15 sync with the full
+// mask while lanes 16-31 use their half only (mismatched warp synchronisation).
+extern "C" __global__ void selftest_bad_masks(float* out, int mode) {
+    const int lane = threadIdx.x % 32;
+    float v = (float)lane;
+    if (mode == 0) {
+        v = __shfl_sync(lane == 5 ? 0x0000ffdfu : 0xffffffffu, v, 0);
+    } else {
+        v = __shfl_sync(lane < 16 ? 0xffffffffu : 0xffff0000u, v, 0);
+    }
+    out[threadIdx.x] = v;
+}
+
+// Threads below 16 wait at one __syncthreads, the others at another (a divergent barrier).
+extern "C" __global__ void selftest_divergent_barriers(float* out) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1.0f;
+}
+
+// out[t] = workspace[t] + 1, the workspace written first only when `fill` = 1.
+extern "C" __global__ void selftest_workspace(float* workspace, float* out, int fill) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (fill) workspace[t] = (float)t;
+    out[t] = workspace[t] + 1.0f;
+}
+
+// Threads below 32 fill their element of a 64-element shared array; after a barrier every
+// thread reads its own (threads 32 and up read elements nobody wrote).
+extern "C" __global__ void selftest_shared_unwritten(float* out) {
+    SHARED(float, tile, [64]);
+    const int t = threadIdx.x;
+    if (t < 32) tile[t] = (float)t;
+    __syncthreads();
+    out[t] = tile[t];
+}

@@ -10,7 +10,7 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 
-use crate::kernels::{Backend, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use crate::kernels::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar};
 
 /// The PTX that build.rs compiled, per kernel family (`ptx::get("gemm")`).
 pub mod ptx {
@@ -35,6 +35,7 @@ pub struct GpuBackend {
     stream: Arc<CudaStream>,
     device_name: String,
     compute_capability: (i32, i32),
+    sm_count: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
@@ -89,8 +90,12 @@ impl GpuBackend {
                 ptx::COMPUTE_CAP
             )));
         }
+        let sm_count = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error("multiprocessor count"))?;
         let stream = context.default_stream();
         Ok(GpuBackend {
+            sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
             context,
             stream,
             device_name,
@@ -154,32 +159,42 @@ impl GpuBackend {
 }
 
 impl Backend for GpuBackend {
-    type Buffer<T: Element> = CudaSlice<T>;
+    type Buffer<T: Scalar> = CudaSlice<T>;
 
     fn name(&self) -> String {
         let (major, minor) = self.compute_capability;
         format!("{} (sm_{major}{minor})", self.device_name)
     }
 
-    fn upload<T: Element>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelError> {
+    fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelError> {
         self.stream.clone_htod(host).map_err(driver_error("copy to device"))
     }
 
-    fn download<T: Element>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>, KernelError> {
+        // SAFETY: the memory is uninitialised; callers hand it only to kernels that write an
+        // element before reading it (the harness checks exactly this).
+        unsafe { self.stream.alloc::<T>(len) }.map_err(driver_error("allocate on device"))
+    }
+
+    fn download<T: Scalar>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
         self.stream.clone_dtoh(buffer).map_err(driver_error("copy to host"))
     }
 
-    fn buffer_len<T: Element>(&self, buffer: &CudaSlice<T>) -> usize {
+    fn buffer_len<T: Scalar>(&self, buffer: &CudaSlice<T>) -> usize {
         buffer.len()
     }
 
-    fn arg_in<T: Element>(&self, buffer: &CudaSlice<T>) -> KernelArg {
+    fn arg_in<T: Scalar>(&self, buffer: &CudaSlice<T>) -> KernelArg {
         // One stream: the returned synchronisation guard has nothing to order.
         let (address, _sync) = buffer.device_ptr(&self.stream);
         KernelArg::Ptr(address)
     }
 
-    fn arg_out<T: Element>(&self, buffer: &mut CudaSlice<T>) -> KernelArg {
+    fn arg_out<T: Scalar>(&self, buffer: &mut CudaSlice<T>) -> KernelArg {
         let (address, _sync) = buffer.device_ptr_mut(&self.stream);
         KernelArg::Ptr(address)
     }

@@ -1,10 +1,12 @@
 //! The CPU backend: kernels from `cuda/*.cu` compiled as C++ (by `build.rs`) and run by the
 //! execution harness in `cuda/harness/` — fibers per thread with real `__syncthreads`, warp
-//! shuffles, poisoned shared memory and a seeded thread order (`cuda/README.md`).
+//! shuffles, a seeded thread and block order, and a memory checker that sees every access a
+//! kernel makes (bounds, initialisation, races within and between blocks; `cuda/README.md`).
 
 use std::ffi::{c_char, c_void, CStr};
+use std::ptr::NonNull;
 
-use crate::kernels::{Backend, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use crate::kernels::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, HARNESS_SM_COUNT};
 
 /// Mirrors `lc_harness::LaunchDims` in `cuda/harness/cuda_cpu.h`.
 #[repr(C)]
@@ -23,11 +25,15 @@ extern "C" {
     fn lc_harness_f16_bits_to_f32(bits: u16) -> f32;
     fn lc_harness_f32_to_bf16_bits(x: f32) -> u16;
     fn lc_harness_bf16_bits_to_f32(bits: u16) -> f32;
+    fn lc_harness_alloc(bytes: usize) -> *mut c_void;
+    fn lc_harness_free(p: *mut c_void);
+    fn lc_harness_mark_written(p: *mut c_void, bytes: usize);
+    fn lc_harness_is_written(p: *const c_void, bytes: usize) -> i32;
 }
 
 /// Runs kernels on the calling thread. `seed` picks the order in which a block's threads run
-/// between barriers (and the block order): 0 forward, 1 reverse, anything else a seeded
-/// permutation per block and barrier interval. Tests run several seeds.
+/// between barriers and the order of the blocks: 0 forward, 1 reverse, anything else a seeded
+/// permutation. Tests run several seeds.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuHarness {
     pub seed: u64,
@@ -39,67 +45,118 @@ impl CpuHarness {
     }
 }
 
-/// Poisoned elements on either side of every harness buffer.
-pub const GUARD_ELEMENTS: usize = 64;
-
-/// A harness buffer: the data between two guard zones of poison (NaN). A kernel that reads out
-/// of bounds reads NaN; one that writes out of bounds is caught when the buffer is downloaded.
-#[derive(Clone, Debug)]
+/// Harness device memory: an allocation in the harness's device arena, where the memory
+/// checker knows its bounds and which of its elements have been written. Fresh memory from
+/// [`Backend::alloc`] holds the poison pattern (0xff bytes: NaN for floats, −1 for integers) and
+/// counts as unwritten until the host or a kernel writes it.
+#[derive(Debug)]
 pub struct HostBuffer<T> {
-    storage: Vec<T>,
+    ptr: NonNull<T>,
     len: usize,
 }
 
-impl<T: Element> HostBuffer<T> {
-    pub fn as_slice(&self) -> &[T] {
-        &self.storage[GUARD_ELEMENTS..GUARD_ELEMENTS + self.len]
+// SAFETY: a HostBuffer owns its allocation like a Vec; the arena is process-wide.
+unsafe impl<T: Send> Send for HostBuffer<T> {}
+// SAFETY: shared references only read.
+unsafe impl<T: Sync> Sync for HostBuffer<T> {}
+
+impl<T: Scalar> HostBuffer<T> {
+    /// `len` elements of poisoned, unwritten harness memory.
+    pub fn uninit(len: usize) -> Result<Self, KernelError> {
+        let bytes = std::mem::size_of::<T>() * len;
+        // SAFETY: a plain allocation call; the result is checked for null.
+        let p = unsafe { lc_harness_alloc(bytes) };
+        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(|| {
+            KernelError::Unavailable(format!("CPU harness: device arena cannot hold {bytes} more bytes"))
+        })?;
+        // SAFETY: the allocation holds `bytes` writable bytes; writes from the host do not
+        // count as initialisation (only lc_harness_mark_written does).
+        unsafe { std::ptr::write_bytes(ptr.as_ptr().cast::<u8>(), 0xff, bytes) };
+        Ok(HostBuffer { ptr, len })
     }
 
-    fn guards_intact(&self) -> bool {
-        let (before, rest) = self.storage.split_at(GUARD_ELEMENTS);
-        let after = &rest[self.len..];
-        let poisoned = |zone: &[T]| bytemuck::cast_slice::<T, u8>(zone).iter().all(|&b| b == 0xff);
-        poisoned(before) && poisoned(after)
+    /// A copy of `host`, written by the host.
+    pub fn from_slice(host: &[T]) -> Result<Self, KernelError> {
+        let mut buffer = Self::uninit(host.len())?;
+        buffer.as_mut_slice().copy_from_slice(host);
+        // SAFETY: the range is this allocation's.
+        unsafe { lc_harness_mark_written(buffer.ptr.as_ptr().cast(), std::mem::size_of_val(host)) };
+        Ok(buffer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements; unwritten ones hold the poison pattern.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: `len` initialised (poison or data) elements owned by this buffer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as in as_slice, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Whether the host or a kernel has written every element.
+    pub fn is_written(&self) -> bool {
+        // SAFETY: the range is this allocation's.
+        unsafe { lc_harness_is_written(self.ptr.as_ptr().cast(), std::mem::size_of::<T>() * self.len) != 0 }
+    }
+}
+
+impl<T: Scalar> Clone for HostBuffer<T> {
+    /// A copy written by the host, unwritten elements included (poison, as on the device).
+    fn clone(&self) -> Self {
+        HostBuffer::from_slice(self.as_slice()).expect("harness arena has room for a copy")
+    }
+}
+
+impl<T> Drop for HostBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from lc_harness_alloc and is freed once.
+        unsafe { lc_harness_free(self.ptr.as_ptr().cast()) };
     }
 }
 
 impl Backend for CpuHarness {
-    type Buffer<T: Element> = HostBuffer<T>;
+    type Buffer<T: Scalar> = HostBuffer<T>;
 
     fn name(&self) -> String {
         format!("cpu-harness (thread order seed {})", self.seed)
     }
 
-    fn upload<T: Element>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
-        let mut storage = vec![T::zeroed(); host.len() + 2 * GUARD_ELEMENTS];
-        bytemuck::cast_slice_mut::<T, u8>(&mut storage).fill(0xff);
-        storage[GUARD_ELEMENTS..GUARD_ELEMENTS + host.len()].copy_from_slice(host);
-        Ok(HostBuffer {
-            storage,
-            len: host.len(),
-        })
+    fn sm_count(&self) -> usize {
+        HARNESS_SM_COUNT
     }
 
-    fn download<T: Element>(&self, buffer: &HostBuffer<T>) -> Result<Vec<T>, KernelError> {
-        if !buffer.guards_intact() {
-            return Err(KernelError::OutOfBounds(format!(
-                "a kernel wrote into the guard zone of a {}-element buffer",
-                buffer.len
-            )));
-        }
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
+        HostBuffer::from_slice(host)
+    }
+
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<HostBuffer<T>, KernelError> {
+        HostBuffer::uninit(len)
+    }
+
+    fn download<T: Scalar>(&self, buffer: &HostBuffer<T>) -> Result<Vec<T>, KernelError> {
         Ok(buffer.as_slice().to_vec())
     }
 
-    fn buffer_len<T: Element>(&self, buffer: &HostBuffer<T>) -> usize {
+    fn buffer_len<T: Scalar>(&self, buffer: &HostBuffer<T>) -> usize {
         buffer.len
     }
 
-    fn arg_in<T: Element>(&self, buffer: &HostBuffer<T>) -> KernelArg {
-        KernelArg::Ptr(buffer.storage[GUARD_ELEMENTS..].as_ptr() as u64)
+    fn arg_in<T: Scalar>(&self, buffer: &HostBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.ptr.as_ptr() as u64)
     }
 
-    fn arg_out<T: Element>(&self, buffer: &mut HostBuffer<T>) -> KernelArg {
-        KernelArg::Ptr(buffer.storage[GUARD_ELEMENTS..].as_mut_ptr() as u64)
+    fn arg_out<T: Scalar>(&self, buffer: &mut HostBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.ptr.as_ptr() as u64)
     }
 
     unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
@@ -126,7 +183,8 @@ impl Backend for CpuHarness {
             .collect();
         let params: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr().cast()).collect();
         // SAFETY: `launch` and `params` outlive the call, which is synchronous; the caller
-        // guarantees (this function's contract) that the arguments fit the kernel.
+        // guarantees (this function's contract) that the arguments fit the kernel. Pointer
+        // arguments that are not harness buffers are refused before the kernel runs.
         let status = unsafe { (kernel.harness_entry)(&launch, params.as_ptr()) };
         if status == 0 {
             return Ok(());
@@ -248,6 +306,18 @@ pub(crate) mod entries {
             lc_run_selftest_reverse,
             lc_run_selftest_barrier_divergence,
             lc_run_selftest_warp_divergence,
+            lc_run_selftest_increments,
+            lc_run_selftest_atomic_ops,
+            lc_run_selftest_copy,
+            lc_run_selftest_write_input,
+            lc_run_selftest_block_tiles,
+            lc_run_selftest_shared_past_end,
+            lc_run_selftest_warp_handoff,
+            lc_run_selftest_half_warps,
+            lc_run_selftest_bad_masks,
+            lc_run_selftest_divergent_barriers,
+            lc_run_selftest_workspace,
+            lc_run_selftest_shared_unwritten,
         );
     }
 }

@@ -3,10 +3,15 @@
 // cuda/common.cuh, and only when __CUDACC__ is not defined. cuda/README.md lists what is
 // supported and how the harness exposes races.
 //
-// Execution model: a launch runs its blocks one after another on the calling OS thread; each
-// block's threads are fibers that run until they reach a barrier (__syncthreads, a warp
-// shuffle/vote, __syncwarp) or exit. Between barriers the fibers run in a seeded order. All
-// harness state is thread-local, so independent launches may run on several OS threads.
+// Execution model: a launch runs its blocks one after another, in a seeded order, on the calling
+// OS thread; each block's threads are fibers that run until they reach a barrier (__syncthreads,
+// a warp shuffle/vote, __syncwarp) or exit. Between barriers the fibers run in a seeded order.
+// All harness state is thread-local, so independent launches may run on several OS threads.
+//
+// Memory checking: kernels are compiled with GCC's -fsanitize=thread instrumentation (build.rs),
+// and memcheck.cpp receives every load and store: device memory lives in one arena of
+// allocations (lc_harness_alloc), shared memory in another, and each access is checked for
+// bounds, initialisation and races against shadow memory (cuda/README.md).
 #pragma once
 #ifdef __CUDACC__
 #error "cuda_cpu.h is the CPU harness; nvcc builds use the real CUDA headers"
@@ -43,11 +48,16 @@ namespace lc_harness {
 // What a fiber is waiting for when it hands control back to the block scheduler.
 enum class Wait : int { Running, BlockBarrier, WarpSync, Exited };
 
-// The part of a fiber that kernels see (through threadIdx and the warp intrinsics).
+// The part of a fiber that kernels (threadIdx, the warp intrinsics) and the memory checker see.
 struct FiberView {
     uint3 thread_idx;
-    unsigned lane;  // linear thread index % 32
-    unsigned warp;  // linear thread index / 32
+    unsigned tid;   // linear thread index in the block
+    unsigned lane;  // tid % 32
+    unsigned warp;  // tid / 32
+    // Happens-before clock over the lanes of this thread's warp: vc[l] is the newest epoch of
+    // lane l that this thread has synchronised with through warp syncs; vc[lane] is this
+    // thread's own epoch, stamped on its accesses (memcheck.cpp, DESIGN §6).
+    uint32_t vc[32];
 };
 
 extern __thread FiberView* t_current;
@@ -58,6 +68,8 @@ extern __thread dim3 t_grid_dim;
 // Hands control back to the scheduler until the barrier `wait` is released.
 // `warp_mask` is the participating-lane mask of a warp-level barrier.
 void yield_to_scheduler(Wait wait, unsigned warp_mask);
+// A __syncthreads at call site `site` ("file:line").
+void block_barrier(const char* site);
 // Ends the launch with an error (reported to Rust through lc_harness_last_error).
 [[noreturn]] void fail(const char* message);
 
@@ -66,16 +78,6 @@ void yield_to_scheduler(Wait wait, unsigned warp_mask);
 uint64_t* warp_slots_for_write();
 const uint64_t* warp_slots_for_read();
 
-void* dynamic_shared();
-// Fills `bytes` at `p` with the poison pattern (0xFF bytes: NaN for f32/f16/bf16, -1 for ints).
-void poison(void* p, size_t bytes);
-
-// Static shared arrays register themselves (SHARED macro) so they are re-poisoned at the start
-// of every block; registration poisons them for the block in which they first appear.
-struct SharedRegistration {
-    SharedRegistration(void* p, size_t bytes);
-};
-
 // ---- launch -------------------------------------------------------------------------------
 // Mirrors `HarnessLaunch` in src/harness.rs (repr(C)).
 struct LaunchDims {
@@ -83,18 +85,44 @@ struct LaunchDims {
     uint32_t block[3];
     uint32_t dynamic_shared_bytes;
     uint32_t reserved;
-    uint64_t seed;  // thread order between barriers: 0 forward, 1 reverse, else random
+    uint64_t seed;  // thread and block order: 0 forward, 1 reverse, else a seeded permutation
+};
+
+// What the memory checker knows of one kernel argument: pointers are checked against the
+// harness allocations (a write through a pointer to const is an error); scalars are ignored.
+struct ParamInfo {
+    uint64_t value;          // the pointer's address (0 for scalars)
+    uint32_t pointee_bytes;  // sizeof(*p), for offsets in elements
+    uint8_t is_pointer;
+    uint8_t is_const;
 };
 
 using Invoke = void (*)(void* ctx);
 // Runs the grid; returns 0, or 1 with the message available from lc_harness_last_error().
-int run_grid(const LaunchDims* dims, Invoke invoke, void* ctx);
+int run_grid(const char* kernel, const LaunchDims* dims, const ParamInfo* params, size_t n_params, Invoke invoke,
+             void* ctx);
 
 template <class T>
 T read_param(void* const p) {
     T value;
     std::memcpy(&value, p, sizeof(T));
     return value;
+}
+
+template <class A>
+ParamInfo describe_param(const A& value) {
+    ParamInfo info{0, 0, 0, 0};
+    if constexpr (std::is_pointer<A>::value) {
+        using E = typename std::remove_pointer<A>::type;
+        info.value = reinterpret_cast<uint64_t>(value);
+        if constexpr (std::is_void<E>::value)
+            info.pointee_bytes = 1;
+        else
+            info.pointee_bytes = sizeof(E);
+        info.is_pointer = 1;
+        info.is_const = std::is_const<E>::value ? 1 : 0;
+    }
+    return info;
 }
 
 template <class... Args, size_t... I>
@@ -104,14 +132,22 @@ std::tuple<Args...> unpack_params(void* const* params, std::index_sequence<I...>
 
 // Launches `kernel` like cuLaunchKernel: params[i] points at the i-th argument's value.
 template <class... Args>
-int launch(void (*kernel)(Args...), const LaunchDims* dims, void* const* params) {
+int launch(void (*kernel)(Args...), const char* name, const LaunchDims* dims, void* const* params) {
     struct Bound {
         void (*kernel)(Args...);
         std::tuple<Args...> args;
     };
     Bound bound{kernel, unpack_params<Args...>(params, std::index_sequence_for<Args...>{})};
+    ParamInfo infos[sizeof...(Args) + 1] = {};
+    std::apply(
+        [&infos](const Args&... a) {
+            size_t i = 0;
+            ((infos[i++] = describe_param(a)), ...);
+        },
+        bound.args);
     return run_grid(
-        dims, [](void* p) {
+        name, dims, infos, sizeof...(Args),
+        [](void* p) {
             auto* b = static_cast<Bound*>(p);
             std::apply(b->kernel, b->args);
         },
@@ -124,7 +160,7 @@ int launch(void (*kernel)(Args...), const LaunchDims* dims, void* const* params)
 #define LC_HARNESS_ENTRY(kernel)                                                        \
     extern "C" int lc_run_##kernel(const ::lc_harness::LaunchDims* dims,                \
                                    void* const* params) {                               \
-        return ::lc_harness::launch(kernel, dims, params);                               \
+        return ::lc_harness::launch(kernel, #kernel, dims, params);                      \
     }
 
 // ---- built-in variables -------------------------------------------------------------------
@@ -134,16 +170,29 @@ int launch(void (*kernel)(Args...), const LaunchDims* dims, void* const* params)
 #define gridDim (::lc_harness::t_grid_dim)
 
 // ---- shared memory ------------------------------------------------------------------------
-// Blocks run one after another on one OS thread, so a function-local static is per-block
-// storage. Plain __shared__ works but is not poisoned; kernels use SHARED / EXTERN_SHARED.
-#define __shared__ static thread_local
-#define SHARED(type, name, dims)         \
-    static thread_local type name dims; \
-    static thread_local ::lc_harness::SharedRegistration name##_registration(&name, sizeof(name))
+// Static shared arrays live in the harness's shared-memory arena (one per OS thread, since
+// blocks run one after another on it), each between red zones, so an access past an array is
+// caught; the array is poisoned and forgotten (unwritten) at the start of every block. A plain
+// __shared__ variable would escape the checker: kernels use SHARED / EXTERN_SHARED.
+namespace lc_harness {
+struct SharedSite {
+    SharedSite(const char* name, size_t bytes, size_t element_bytes);
+    void* address;
+};
+void* dynamic_shared();
+}  // namespace lc_harness
+#define __shared__ static_assert(false, "use SHARED(type, name, dims) or EXTERN_SHARED: plain __shared__ is unchecked");
+#define SHARED(type, name, dims)                                                                       \
+    static thread_local ::lc_harness::SharedSite name##_site(#name, sizeof(type dims), sizeof(type)); \
+    type(&name) dims = *reinterpret_cast<type(*) dims>(name##_site.address)
 #define EXTERN_SHARED(type, name) type* name = static_cast<type*>(::lc_harness::dynamic_shared())
 
 // ---- synchronisation ----------------------------------------------------------------------
-inline void __syncthreads() { ::lc_harness::yield_to_scheduler(::lc_harness::Wait::BlockBarrier, 0); }
+// A block barrier remembers its call site: threads of one block waiting at different
+// __syncthreads calls is an error (divergent barrier), as compute-sanitizer's synccheck says.
+#define LC_HARNESS_STR2(x) #x
+#define LC_HARNESS_STR(x) LC_HARNESS_STR2(x)
+#define __syncthreads() ::lc_harness::block_barrier(__FILE__ ":" LC_HARNESS_STR(__LINE__))
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     ::lc_harness::yield_to_scheduler(::lc_harness::Wait::WarpSync, mask);
 }
@@ -208,37 +257,28 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::lc_harnes
 inline int __any_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate != 0) != 0; }
 inline int __all_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate == 0) == 0; }
 
-// ---- atomics: fibers never run concurrently, so a plain read-modify-write is atomic --------
-template <class T>
-T atomicAdd(T* address, T value) {
-    T old = *address;
-    *address = old + value;
-    return old;
-}
-template <class T>
-T atomicMax(T* address, T value) {
-    T old = *address;
-    *address = old < value ? value : old;
-    return old;
-}
-template <class T>
-T atomicMin(T* address, T value) {
-    T old = *address;
-    *address = value < old ? value : old;
-    return old;
-}
-template <class T>
-T atomicExch(T* address, T value) {
-    T old = *address;
-    *address = value;
-    return old;
-}
-template <class T>
-T atomicCAS(T* address, T compare, T value) {
-    T old = *address;
-    if (old == compare) *address = value;
-    return old;
-}
+// ---- atomics ------------------------------------------------------------------------------
+// Real atomic read-modify-writes (memcheck.cpp), recorded as atomic accesses: two atomics on
+// one address never race, an atomic and a plain access between two barriers do. The overloads
+// are CUDA's; an atomic on another type does not compile, as under nvcc.
+int atomicAdd(int* address, int value);
+unsigned atomicAdd(unsigned* address, unsigned value);
+unsigned long long atomicAdd(unsigned long long* address, unsigned long long value);
+float atomicAdd(float* address, float value);
+double atomicAdd(double* address, double value);
+int atomicMax(int* address, int value);
+unsigned atomicMax(unsigned* address, unsigned value);
+unsigned long long atomicMax(unsigned long long* address, unsigned long long value);
+int atomicMin(int* address, int value);
+unsigned atomicMin(unsigned* address, unsigned value);
+unsigned long long atomicMin(unsigned long long* address, unsigned long long value);
+int atomicExch(int* address, int value);
+unsigned atomicExch(unsigned* address, unsigned value);
+unsigned long long atomicExch(unsigned long long* address, unsigned long long value);
+float atomicExch(float* address, float value);
+int atomicCAS(int* address, int compare, int value);
+unsigned atomicCAS(unsigned* address, unsigned compare, unsigned value);
+unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare, unsigned long long value);
 
 // ---- math ---------------------------------------------------------------------------------
 inline float __expf(float x) { return std::exp(x); }

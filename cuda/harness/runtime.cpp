@@ -1,6 +1,7 @@
-// CPU harness runtime: the block scheduler, fiber context switches, shared-memory poisoning and
-// error reporting behind cuda_cpu.h. See cuda/README.md for the execution model.
-#include "cuda_cpu.h"
+// CPU harness runtime: the block scheduler, fiber context switches, the happens-before clocks of
+// barriers and warp syncs, and error reporting behind cuda_cpu.h. Memory checking is in
+// memcheck.cpp. See cuda/README.md for the execution model.
+#include "internal.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -23,12 +24,11 @@ __thread FiberView* t_current = nullptr;
 __thread uint3 t_block_idx = {0, 0, 0};
 __thread dim3 t_block_dim = {1, 1, 1};
 __thread dim3 t_grid_dim = {1, 1, 1};
+__thread LaunchState* t_launch = nullptr;
 
 namespace {
 
 constexpr size_t kStackBytes = 64 * 1024;  // kernels keep tiles in shared memory, not on the stack
-constexpr size_t kMaxThreads = 1024;
-constexpr unsigned kMaxWarps = kMaxThreads / 32;
 
 // ---- context switch -------------------------------------------------------------------------
 #ifndef LC_HARNESS_USE_UCONTEXT
@@ -124,13 +124,9 @@ struct Fiber {
     FiberView view;
     Wait wait;
     unsigned warp_mask;
+    const char* barrier_site;  // the __syncthreads it waits at
     Context context;
     uint64_t inbox[32];  // this lane's copy of its warp's slots at the last warp sync
-};
-
-struct SharedArray {
-    void* address;
-    size_t bytes;
 };
 
 struct Runtime {
@@ -143,12 +139,11 @@ struct Runtime {
     void* invoke_ctx = nullptr;
     bool failed = false;
     std::string error;
-    std::vector<SharedArray> static_shared;
-    void* dynamic_shared = nullptr;
-    size_t dynamic_capacity = 0;
-    size_t dynamic_bytes = 0;
     uint64_t outbox[kMaxWarps][32];
     std::vector<unsigned> order;
+    std::vector<uint64_t> block_order;
+    LaunchState launch;
+    uint32_t stamps = 0;  // launch and block-run stamps, never 0
 };
 
 Runtime& runtime() {
@@ -204,11 +199,11 @@ void set_error(Runtime& rt, const std::string& message) {
     rt.error = message + where;
 }
 
-std::string thread_name(const Fiber& f) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "thread (%u,%u,%u)", f.view.thread_idx.x, f.view.thread_idx.y,
-                  f.view.thread_idx.z);
-    return buf;
+std::string thread_name(const Fiber& f) { return lc_harness::thread_name(f.view.tid); }
+
+uint32_t next_stamp(Runtime& rt) {
+    if (++rt.stamps == 0) ++rt.stamps;
+    return rt.stamps;
 }
 
 // Releases every group of lanes whose warp-level barrier is complete. Returns how many lanes
@@ -216,16 +211,18 @@ std::string thread_name(const Fiber& f) {
 size_t release_warp_syncs(Runtime& rt) {
     const size_t threads = rt.fibers.size();
     size_t released = 0;
+    for (const Fiber& f : rt.fibers) {
+        if (f.wait == Wait::WarpSync && !(f.warp_mask & (1u << f.view.lane))) {
+            set_error(rt, thread_name(f) + " calls a warp intrinsic with a mask that excludes its own lane");
+            return 0;
+        }
+    }
     for (Fiber& f : rt.fibers) {
         if (f.wait != Wait::WarpSync) continue;
         const unsigned mask = f.warp_mask;
         const unsigned base = f.view.warp * 32;
         const size_t lanes_here = threads - base < 32 ? threads - base : 32;
         const unsigned existing = lanes_here == 32 ? 0xffffffffu : ((1u << lanes_here) - 1);
-        if (!(mask & (1u << f.view.lane))) {
-            set_error(rt, thread_name(f) + " calls a warp intrinsic with a mask that excludes its own lane");
-            return 0;
-        }
         const unsigned group = mask & existing;
         for (unsigned l = 0; l < 32; ++l) {
             if (!(group & (1u << l))) continue;
@@ -243,10 +240,20 @@ size_t release_warp_syncs(Runtime& rt) {
         // poison.
         uint64_t deposited[32];
         for (unsigned l = 0; l < 32; ++l) deposited[l] = (group & (1u << l)) ? rt.outbox[f.view.warp][l] : ~uint64_t(0);
+        // A warp sync orders what each lane of the group did before it before what every lane
+        // of the group does after it: join the lanes' clocks, then each starts a new epoch.
+        uint32_t joined[32] = {};
+        for (unsigned l = 0; l < 32; ++l) {
+            if (!(group & (1u << l))) continue;
+            const uint32_t* vc = rt.fibers[base + l].view.vc;
+            for (unsigned k = 0; k < 32; ++k) joined[k] = std::max(joined[k], vc[k]);
+        }
         for (unsigned l = 0; l < 32; ++l) {
             if (!(group & (1u << l))) continue;
             Fiber& lane = rt.fibers[base + l];
             std::memcpy(lane.inbox, deposited, sizeof lane.inbox);
+            std::memcpy(lane.view.vc, joined, sizeof joined);
+            ++lane.view.vc[l];
             lane.wait = Wait::Running;
             ++released;
         }
@@ -269,6 +276,9 @@ bool run_block(Runtime& rt, uint64_t seed, uint64_t block) {
         t_current = nullptr;
         if (release_warp_syncs(rt) > 0) continue;
         if (rt.failed) return false;
+        // Every thread waits at __syncthreads or has exited: an unwritten read that no racing
+        // write explained by now is reported as such.
+        if (!memcheck_pending_ok()) return false;
         size_t at_barrier = 0;
         const Fiber* exited = nullptr;
         const Fiber* waiting = nullptr;
@@ -286,7 +296,19 @@ bool run_block(Runtime& rt, uint64_t seed, uint64_t block) {
                               " more) wait at __syncthreads while " + thread_name(*exited) + " has exited");
             return false;
         }
-        for (Fiber& f : rt.fibers) f.wait = Wait::Running;
+        for (const Fiber& f : rt.fibers) {
+            if (f.barrier_site != waiting->barrier_site && std::strcmp(f.barrier_site, waiting->barrier_site) != 0) {
+                set_error(rt, "divergent barrier: " + thread_name(f) + " waits at __syncthreads at " + f.barrier_site +
+                                  " while " + thread_name(*waiting) + " waits at " + waiting->barrier_site);
+                return false;
+            }
+        }
+        // Everything before the barrier is ordered before everything after it.
+        for (Fiber& f : rt.fibers) {
+            rt.launch.barrier_epoch[f.view.tid] = f.view.vc[f.view.lane];
+            ++f.view.vc[f.view.lane];
+            f.wait = Wait::Running;
+        }
     }
 }
 
@@ -304,6 +326,30 @@ void yield_to_scheduler(Wait wait, unsigned warp_mask) {
     switch_context(f->context, rt.scheduler);
 }
 
+void block_barrier(const char* site) {
+    Runtime& rt = runtime();
+    if (rt.running) rt.running->barrier_site = site;
+    yield_to_scheduler(Wait::BlockBarrier, 0);
+}
+
+void fail(const std::string& message) { fail(message.c_str()); }
+
+void set_launch_error(const std::string& message) { set_error(runtime(), message); }
+
+std::string block_name(uint32_t linear) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "(%u,%u,%u)", linear % t_grid_dim.x, (linear / t_grid_dim.x) % t_grid_dim.y,
+                  linear / (t_grid_dim.x * t_grid_dim.y));
+    return buf;
+}
+
+std::string thread_name(uint32_t tid) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "thread (%u,%u,%u)", tid % t_block_dim.x, (tid / t_block_dim.x) % t_block_dim.y,
+                  tid / (t_block_dim.x * t_block_dim.y));
+    return buf;
+}
+
 void fail(const char* message) {
     Runtime& rt = runtime();
     set_error(rt, message);
@@ -319,16 +365,49 @@ void fail(const char* message) {
 uint64_t* warp_slots_for_write() { return runtime().outbox[t_current->warp]; }
 const uint64_t* warp_slots_for_read() { return runtime().running->inbox; }
 
-void* dynamic_shared() { return runtime().dynamic_shared; }
-
-void poison(void* p, size_t bytes) { std::memset(p, 0xff, bytes); }
-
-SharedRegistration::SharedRegistration(void* p, size_t bytes) {
-    runtime().static_shared.push_back({p, bytes});
-    poison(p, bytes);
+namespace {
+// The order blocks run in: forward, reverse, or a seeded permutation.
+void order_blocks(Runtime& rt, uint64_t blocks, uint64_t seed) {
+    rt.block_order.resize(blocks);
+    for (uint64_t n = 0; n < blocks; ++n) rt.block_order[n] = seed == 1 ? blocks - 1 - n : n;
+    if (seed < 2) return;
+    uint64_t state = seed * 0xd1342543de82ef95ull + 0x2545f4914f6cdd1dull;
+    for (uint64_t i = blocks; i > 1; --i) std::swap(rt.block_order[i - 1], rt.block_order[mix(state) % i]);
 }
 
-int run_grid(const LaunchDims* dims, Invoke invoke, void* ctx) {
+int run_blocks(Runtime& rt, const LaunchDims* dims, uint64_t threads, uint64_t blocks) {
+    if (!memcheck_begin_launch(rt.launch)) return 1;
+    order_blocks(rt, blocks, dims->seed);
+    for (uint64_t n = 0; n < blocks; ++n) {
+        const uint64_t b = rt.block_order[n];
+        t_block_idx = {unsigned(b % dims->grid[0]), unsigned((b / dims->grid[0]) % dims->grid[1]),
+                       unsigned(b / (uint64_t(dims->grid[0]) * dims->grid[1]))};
+        rt.launch.block = uint32_t(b);
+        rt.launch.block_stamp = next_stamp(rt);
+        rt.launch.barrier_epoch.assign(threads, 0);
+        if (!shared_begin_block(dims->dynamic_shared_bytes)) return 1;
+        for (uint64_t t = 0; t < threads; ++t) {
+            Fiber& f = rt.fibers[t];
+            f.view.thread_idx = {unsigned(t % dims->block[0]), unsigned((t / dims->block[0]) % dims->block[1]),
+                                 unsigned(t / (uint64_t(dims->block[0]) * dims->block[1]))};
+            f.view.tid = unsigned(t);
+            f.view.lane = unsigned(t % 32);
+            f.view.warp = unsigned(t / 32);
+            std::memset(f.view.vc, 0, sizeof f.view.vc);
+            f.view.vc[f.view.lane] = 1;
+            f.wait = Wait::Running;
+            f.warp_mask = 0;
+            f.barrier_site = "";
+            init_context(f.context, stack_of(rt, t), kStackBytes);
+        }
+        if (!run_block(rt, dims->seed, b)) return 1;
+    }
+    return 0;
+}
+}  // namespace
+
+int run_grid(const char* kernel, const LaunchDims* dims, const ParamInfo* params, size_t n_params, Invoke invoke,
+             void* ctx) {
     Runtime& rt = runtime();
     rt.failed = false;
     rt.error.clear();
@@ -343,42 +422,22 @@ int run_grid(const LaunchDims* dims, Invoke invoke, void* ctx) {
         set_error(rt, "cannot map fiber stacks");
         return 1;
     }
-    const size_t shared_bytes = dims->dynamic_shared_bytes;
-    if (shared_bytes > rt.dynamic_capacity) {
-        std::free(rt.dynamic_shared);
-        rt.dynamic_capacity = (shared_bytes + 63) & ~size_t(63);
-        rt.dynamic_shared = std::aligned_alloc(64, rt.dynamic_capacity);
-    }
-    rt.dynamic_bytes = shared_bytes;
     rt.invoke = invoke;
     rt.invoke_ctx = ctx;
     rt.fibers.resize(threads);
     t_block_dim = {dims->block[0], dims->block[1], dims->block[2]};
     t_grid_dim = {dims->grid[0], dims->grid[1], dims->grid[2]};
-    for (uint64_t n = 0; n < blocks; ++n) {
-        // Odd seeds also reverse the block order.
-        const uint64_t b = (dims->seed & 1) ? blocks - 1 - n : n;
-        t_block_idx = {unsigned(b % dims->grid[0]), unsigned((b / dims->grid[0]) % dims->grid[1]),
-                       unsigned(b / (uint64_t(dims->grid[0]) * dims->grid[1]))};
-        for (const SharedArray& s : rt.static_shared) poison(s.address, s.bytes);
-        if (shared_bytes) poison(rt.dynamic_shared, shared_bytes);
-        for (uint64_t t = 0; t < threads; ++t) {
-            Fiber& f = rt.fibers[t];
-            f.view.thread_idx = {unsigned(t % dims->block[0]), unsigned((t / dims->block[0]) % dims->block[1]),
-                                 unsigned(t / (uint64_t(dims->block[0]) * dims->block[1]))};
-            f.view.lane = unsigned(t % 32);
-            f.view.warp = unsigned(t / 32);
-            f.wait = Wait::Running;
-            f.warp_mask = 0;
-            init_context(f.context, stack_of(rt, t), kStackBytes);
-        }
-        if (!run_block(rt, dims->seed, b)) {
-            rt.running = nullptr;
-            t_current = nullptr;
-            return 1;
-        }
-    }
-    return 0;
+    rt.launch.kernel = kernel;
+    rt.launch.params = params;
+    rt.launch.n_params = n_params;
+    rt.launch.stamp = next_stamp(rt);
+    t_launch = &rt.launch;
+    const int status = run_blocks(rt, dims, threads, blocks);
+    t_launch = nullptr;
+    memcheck_end_launch();
+    rt.running = nullptr;
+    t_current = nullptr;
+    return status;
 }
 
 }  // namespace lc_harness

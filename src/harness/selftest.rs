@@ -1,41 +1,66 @@
 //! Tests of the CPU harness itself, with the kernels in `cuda/harness_selftest.cu`: each
-//! feature gives the GPU's answer, and each error it promises (barrier divergence, warp
-//! divergence, a missing barrier) is reported.
+//! feature gives the GPU's answer, and each error it promises (races within and between blocks,
+//! lost atomics, out-of-bounds and uninitialised accesses, writes to inputs, barrier and warp
+//! divergence, bad warp masks) is reported, naming the kernel, the buffer and the threads.
 
 use super::entries::harness_selftest as e;
-use super::{CpuHarness, HarnessLaunch};
-use crate::kernels::{Backend, HarnessEntry, Kernel, KernelArg, KernelError, LaunchDims};
+use super::{CpuHarness, HarnessLaunch, HostBuffer};
+use crate::kernels::{Backend, KernelArg, KernelError, LaunchDims, Scalar};
 
 const SEEDS: [u64; 4] = [0, 1, 2, 3];
 
-fn kernel(name: &'static str, harness_entry: HarnessEntry) -> Kernel {
-    Kernel {
+/// The selftest kernel `$name` (its harness entry `lc_run_$name`).
+macro_rules! k {
+    ($name:ident) => {
+        paste_kernel(stringify!($name), e::$name)
+    };
+}
+
+fn paste_kernel(symbol: &'static str, harness_entry: crate::kernels::HarnessEntry) -> crate::kernels::Kernel {
+    crate::kernels::Kernel {
         family: "harness_selftest",
-        name,
+        name: &symbol["lc_run_".len()..],
         harness_entry,
     }
 }
 
-fn one_block(threads: u32, dynamic_shared_bytes: u32) -> LaunchDims {
+fn grid(blocks: u32, threads: u32, dynamic_shared_bytes: u32) -> LaunchDims {
     LaunchDims {
-        grid: [1, 1, 1],
+        grid: [blocks, 1, 1],
         block: [threads, 1, 1],
         dynamic_shared_bytes,
     }
 }
 
-fn ptr<T>(v: &[T]) -> KernelArg {
-    KernelArg::Ptr(v.as_ptr() as u64)
+fn one_block(threads: u32, dynamic_shared_bytes: u32) -> LaunchDims {
+    grid(1, threads, dynamic_shared_bytes)
 }
 
-fn ptr_mut<T>(v: &mut [T]) -> KernelArg {
-    KernelArg::Ptr(v.as_mut_ptr() as u64)
+fn buf<T: Scalar>(v: &[T]) -> HostBuffer<T> {
+    HostBuffer::from_slice(v).unwrap()
 }
 
-fn run(seed: u64, kernel: &Kernel, dims: LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
-    // SAFETY: every test passes buffers of one element per thread (or the documented size)
-    // in the kernel's parameter order.
+fn arg<T: Scalar>(b: &HostBuffer<T>) -> KernelArg {
+    CpuHarness::default().arg_in(b)
+}
+
+fn i32_arg(v: i32) -> KernelArg {
+    KernelArg::I32(v)
+}
+
+fn run(seed: u64, kernel: &crate::kernels::Kernel, dims: LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
+    // SAFETY: every test passes harness buffers of the size its kernel's comment states, in the
+    // kernel's parameter order (the harness itself refuses any other pointer).
     unsafe { CpuHarness::new(seed).launch(kernel, &dims, args) }
+}
+
+/// The error of a launch that must fail, checked to contain every one of `words`.
+fn fails(result: Result<(), KernelError>, words: &[&str]) -> String {
+    let message = result.expect_err("the harness must report this launch").to_string();
+    for w in words {
+        assert!(message.contains(w), "missing {w:?} in: {message}");
+    }
+    message
 }
 
 fn input(threads: usize) -> Vec<f32> {
@@ -49,13 +74,14 @@ fn launch_struct_matches_the_cpp_layout() {
 
 #[test]
 fn warp_sum_over_full_and_partial_warps() {
-    let k = kernel("selftest_warp_sum", e::lc_run_selftest_warp_sum);
+    let k = k!(lc_run_selftest_warp_sum);
     let threads = 40; // one full warp and 8 lanes of a second
-    let x = input(threads);
+    let x = buf(&input(threads));
     for seed in SEEDS {
-        let mut out = vec![f32::NAN; threads];
-        run(seed, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut out)]).unwrap();
-        let full: f32 = x[..32].iter().sum();
+        let out = buf(&vec![f32::NAN; threads]);
+        run(seed, &k, one_block(threads as u32, 0), &[arg(&x), arg(&out)]).unwrap();
+        let out = out.as_slice();
+        let full: f32 = x.as_slice()[..32].iter().sum();
         assert!(out[..32].iter().all(|&v| v == full), "{out:?}");
         // Lanes past the partial warp hold no value: the xor partners 8..31 are absent, so
         // the harness hands back poison (NaN), which a kernel must not rely on.
@@ -65,103 +91,375 @@ fn warp_sum_over_full_and_partial_warps() {
 
 #[test]
 fn shuffles_match_cuda_semantics() {
-    let k = kernel("selftest_shuffles", e::lc_run_selftest_shuffles);
+    let k = k!(lc_run_selftest_shuffles);
     let threads = 64;
-    let x = input(threads);
+    let xs = input(threads);
+    let x = buf(&xs);
     for seed in SEEDS {
-        let mut out = vec![f32::NAN; 4 * threads];
-        run(seed, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut out)]).unwrap();
+        let out = buf(&vec![f32::NAN; 4 * threads]);
+        run(seed, &k, one_block(threads as u32, 0), &[arg(&x), arg(&out)]).unwrap();
+        let out = out.as_slice();
         for t in 0..threads {
             let (warp, lane) = (t / 32 * 32, t % 32);
-            assert_eq!(out[4 * t], x[warp + (lane + 3) % 32], "shfl t={t}");
-            let down = if lane + 1 < 32 { x[t + 1] } else { x[t] };
+            assert_eq!(out[4 * t], xs[warp + (lane + 3) % 32], "shfl t={t}");
+            let down = if lane + 1 < 32 { xs[t + 1] } else { xs[t] };
             assert_eq!(out[4 * t + 1], down, "shfl_down t={t}");
-            let up = if lane >= 2 { x[t - 2] } else { x[t] };
+            let up = if lane >= 2 { xs[t - 2] } else { xs[t] };
             assert_eq!(out[4 * t + 2], up, "shfl_up t={t}");
-            assert_eq!(out[4 * t + 3], x[warp + lane / 8 * 8], "shfl width 8 t={t}");
+            assert_eq!(out[4 * t + 3], xs[warp + lane / 8 * 8], "shfl width 8 t={t}");
         }
     }
 }
 
 #[test]
 fn votes_over_full_and_partial_warps() {
-    let k = kernel("selftest_votes", e::lc_run_selftest_votes);
+    let k = k!(lc_run_selftest_votes);
     let threads = 40;
     // positive on even lanes of warp 0; everywhere in the partial warp 1
     let x: Vec<f32> = (0..threads)
         .map(|t| if t >= 32 || t % 2 == 0 { 1.0 } else { -1.0 })
         .collect();
-    let mut votes = vec![0u32; 6];
-    run(2, &k, one_block(threads as u32, 0), &[ptr(&x), ptr_mut(&mut votes)]).unwrap();
-    assert_eq!(votes, vec![0x5555_5555, 1, 0, 0xff, 1, 1]);
+    let (x, votes) = (buf(&x), buf(&[0u32; 6]));
+    run(2, &k, one_block(threads as u32, 0), &[arg(&x), arg(&votes)]).unwrap();
+    assert_eq!(votes.as_slice(), [0x5555_5555, 1, 0, 0xff, 1, 1]);
 }
 
 #[test]
-fn atomics_accumulate_every_thread() {
-    let k = kernel("selftest_atomics", e::lc_run_selftest_atomics);
+fn partial_masks_shuffle_and_vote_within_their_lanes() {
+    let k = k!(lc_run_selftest_half_warps);
+    let threads = 64;
+    let xs: Vec<f32> = (0..threads)
+        .map(|t| if t % 3 == 0 { 1.0 + t as f32 } else { -1.0 })
+        .collect();
+    let x = buf(&xs);
+    for seed in SEEDS {
+        let out = buf(&vec![f32::NAN; 2 * threads]);
+        run(seed, &k, one_block(threads as u32, 0), &[arg(&x), arg(&out)]).unwrap();
+        let out = out.as_slice();
+        for t in 0..threads {
+            let (warp, lane) = (t / 32 * 32, t % 32);
+            let base = if lane < 16 { 0 } else { 16 };
+            assert_eq!(out[2 * t], xs[warp + base + (lane - base + 1) % 16], "shfl t={t}");
+            let ballot: u32 = (0..32)
+                .filter(|&l| (l < 16) == (lane < 16) && xs[warp + l] > 0.0)
+                .map(|l| 1u32 << l)
+                .sum();
+            assert_eq!(out[2 * t + 1], ballot as f32, "ballot t={t}");
+        }
+    }
+}
+
+#[test]
+fn bad_warp_masks_are_errors() {
+    let k = k!(lc_run_selftest_bad_masks);
+    let out = buf(&[0.0f32; 32]);
+    fails(
+        run(0, &k, one_block(32, 0), &[arg(&out), i32_arg(0)]),
+        &["selftest_bad_masks", "thread (5,0,0)", "excludes its own lane"],
+    );
+    fails(
+        run(3, &k, one_block(32, 0), &[arg(&out), i32_arg(1)]),
+        &["warp divergence", "another mask"],
+    );
+}
+
+/// Atomics are atomic and recorded as such: every increment lands and no race is reported,
+/// within a block and across blocks; the same increments done with `+=` are reported.
+#[test]
+fn atomic_increments_land_and_plain_ones_are_races() {
+    let k = k!(lc_run_selftest_increments);
+    for (blocks, threads) in [(1, 256), (3, 64), (5, 1)] {
+        for seed in SEEDS {
+            let count = buf(&[0i32]);
+            run(seed, &k, grid(blocks, threads, 0), &[arg(&count), i32_arg(1)]).unwrap();
+            assert_eq!(count.as_slice()[0], (blocks * threads) as i32);
+            let count = buf(&[0i32]);
+            let across = if threads == 1 { "never synchronise" } else { "data race" };
+            fails(
+                run(seed, &k, grid(blocks, threads, 0), &[arg(&count), i32_arg(0)]),
+                &["selftest_increments", "data race on `count`[0]", across],
+            );
+        }
+    }
+}
+
+#[test]
+fn float_atomic_add_sums_every_thread() {
+    let k = k!(lc_run_selftest_atomics);
     let threads = 256;
-    let x = vec![0.5f32; threads];
-    let (mut total, mut count) = (vec![0.0f32], vec![0i32]);
+    let x = buf(&vec![0.5f32; threads]);
+    let (total, count) = (buf(&[0.0f32]), buf(&[0i32]));
     run(
         3,
         &k,
         one_block(threads as u32, 0),
-        &[ptr(&x), ptr_mut(&mut total), ptr_mut(&mut count)],
+        &[arg(&x), arg(&total), arg(&count)],
     )
     .unwrap();
-    assert_eq!((total[0], count[0]), (128.0, 256));
+    assert_eq!((total.as_slice()[0], count.as_slice()[0]), (128.0, 256));
+}
+
+#[test]
+fn atomic_max_min_exch_cas() {
+    let k = k!(lc_run_selftest_atomic_ops);
+    let threads = 96;
+    for seed in SEEDS {
+        let (ops, claims) = (buf(&[-1i32, 1000, -1, -1]), buf(&[0i32]));
+        run(seed, &k, one_block(threads, 0), &[arg(&ops), arg(&claims)]).unwrap();
+        let ops = ops.as_slice();
+        assert_eq!((ops[0], ops[1]), (threads as i32 - 1, 0));
+        assert!((0..threads as i32).contains(&ops[2]));
+        // exactly one CAS won, and it was the thread now stored
+        assert_eq!(claims.as_slice()[0], ops[3] + 1);
+    }
 }
 
 #[test]
 fn dynamic_shared_memory_with_barrier() {
-    let k = kernel("selftest_reverse", e::lc_run_selftest_reverse);
+    let k = k!(lc_run_selftest_reverse);
     let threads = 100;
-    let x = input(threads);
+    let xs = input(threads);
+    let x = buf(&xs);
     for seed in SEEDS {
-        let mut out = vec![f32::NAN; threads];
+        let out = buf(&vec![f32::NAN; threads]);
         let dims = one_block(threads as u32, 4 * threads as u32);
-        run(seed, &k, dims, &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(1)]).unwrap();
-        let reversed: Vec<f32> = x.iter().rev().copied().collect();
-        assert_eq!(out, reversed);
+        run(seed, &k, dims, &[arg(&x), arg(&out), i32_arg(1)]).unwrap();
+        let reversed: Vec<f32> = xs.iter().rev().copied().collect();
+        assert_eq!(out.as_slice(), reversed);
+    }
+}
+
+/// A removed barrier between a shared-memory write and another thread's read is a race in
+/// every thread order (not only in the orders that happen to read poison).
+#[test]
+fn missing_barrier_is_a_race() {
+    let k = k!(lc_run_selftest_reverse);
+    let threads = 100;
+    let x = buf(&input(threads));
+    for seed in SEEDS {
+        let out = buf(&vec![0.0f32; threads]);
+        let dims = one_block(threads as u32, 4 * threads as u32);
+        let message = fails(
+            run(seed, &k, dims, &[arg(&x), arg(&out), i32_arg(0)]),
+            &["data race on dynamic shared memory", "no __syncthreads"],
+        );
+        assert!(message.contains("write by") || message.contains("read by"), "{message}");
+    }
+    // Dynamic shared memory past the launched size.
+    let out = buf(&vec![0.0f32; threads]);
+    fails(
+        run(
+            0,
+            &k,
+            one_block(threads as u32, 4 * threads as u32 - 4),
+            &[arg(&x), arg(&out), i32_arg(1)],
+        ),
+        &["out-of-bounds shared-memory write", "launched with 396 bytes"],
+    );
+}
+
+#[test]
+fn warp_synchronous_handoff_needs_syncwarp() {
+    let k = k!(lc_run_selftest_warp_handoff);
+    for seed in SEEDS {
+        let out = buf(&[f32::NAN; 2]);
+        run(seed, &k, one_block(64, 0), &[arg(&out), i32_arg(1), i32_arg(0)]).unwrap();
+        assert_eq!(out.as_slice(), [0.0, 1.0]);
+        // Without __syncwarp the same lanes race, whichever runs first.
+        fails(
+            run(seed, &k, one_block(64, 0), &[arg(&out), i32_arg(0), i32_arg(0)]),
+            &["data race on shared `flag`"],
+        );
+        // __syncwarp does not order lanes of different warps.
+        fails(
+            run(seed, &k, one_block(64, 0), &[arg(&out), i32_arg(1), i32_arg(1)]),
+            &["data race on shared `flag`"],
+        );
+    }
+    // Who and why, in the forward order.
+    let out = buf(&[f32::NAN; 2]);
+    fails(
+        run(0, &k, one_block(64, 0), &[arg(&out), i32_arg(0), i32_arg(0)]),
+        &[
+            "data race on shared `flag`[0]",
+            "thread (0,0,0)",
+            "thread (1,0,0)",
+            "_sync intrinsic",
+        ],
+    );
+    fails(
+        run(0, &k, one_block(64, 0), &[arg(&out), i32_arg(1), i32_arg(1)]),
+        &[
+            "data race on shared `flag`[1]",
+            "write by thread (32,0,0)",
+            "read by thread (1,0,0)",
+            "no __syncthreads orders them",
+        ],
+    );
+}
+
+#[test]
+fn a_block_writing_its_neighbours_tile_is_a_race() {
+    let k = k!(lc_run_selftest_block_tiles);
+    for seed in SEEDS {
+        let out = buf(&vec![f32::NAN; 4 * 32]);
+        run(seed, &k, grid(4, 32, 0), &[arg(&out), i32_arg(0)]).unwrap();
+        fails(
+            run(seed, &k, grid(4, 32, 0), &[arg(&out), i32_arg(1)]),
+            &["data race on `out`[", "blocks of one launch never synchronise"],
+        );
     }
 }
 
 #[test]
-fn missing_barrier_reads_poison() {
-    let k = kernel("selftest_reverse", e::lc_run_selftest_reverse);
-    let threads = 100;
-    let x = input(threads);
-    for seed in SEEDS {
-        let mut out = vec![0.0f32; threads];
-        let dims = one_block(threads as u32, 4 * threads as u32);
-        run(seed, &k, dims, &[ptr(&x), ptr_mut(&mut out), KernelArg::I32(0)]).unwrap();
-        assert!(out.iter().any(|v| v.is_nan()), "seed {seed}: the race went unnoticed");
-    }
+fn shared_array_overrun_is_caught() {
+    let k = k!(lc_run_selftest_shared_past_end);
+    let x = buf(&input(64));
+    let out = buf(&[0.0f32; 64]);
+    run(2, &k, one_block(64, 0), &[arg(&x), arg(&out), i32_arg(0)]).unwrap();
+    assert_eq!(out.as_slice(), x.as_slice());
+    fails(
+        run(2, &k, one_block(64, 0), &[arg(&x), arg(&out), i32_arg(1)]),
+        &[
+            "out-of-bounds shared-memory write of 4 bytes",
+            "shared `tile`[64] (256 bytes)",
+        ],
+    );
+}
+
+#[test]
+fn global_overrun_is_caught_whatever_the_distance() {
+    let k = k!(lc_run_selftest_copy);
+    let n = 100;
+    let x = buf(&input(n));
+    let out = buf(&vec![f32::NAN; n]);
+    run(
+        0,
+        &k,
+        grid(4, 32, 0),
+        &[arg(&x), arg(&out), i32_arg(n as i32), i32_arg(0)],
+    )
+    .unwrap();
+    assert_eq!(out.as_slice(), x.as_slice());
+    fails(
+        run(
+            0,
+            &k,
+            grid(4, 32, 0),
+            &[arg(&x), arg(&out), i32_arg(n as i32), i32_arg(1)],
+        ),
+        &[
+            "out-of-bounds write of 4 bytes",
+            "`out`[100] (400-byte buffer): past the end",
+        ],
+    );
+    // Far past the end: no guard zone would cover it.
+    let small = buf(&vec![f32::NAN; 4]);
+    fails(
+        run(
+            1,
+            &k,
+            grid(4, 32, 0),
+            &[arg(&x), arg(&small), i32_arg(n as i32), i32_arg(0)],
+        ),
+        &["out-of-bounds write", "`out`["],
+    );
+}
+
+#[test]
+fn writes_to_inputs_are_caught() {
+    let k = k!(lc_run_selftest_write_input);
+    let (x, out) = (buf(&input(32)), buf(&[0.0f32; 32]));
+    fails(
+        run(0, &k, one_block(32, 0), &[arg(&x), arg(&out)]),
+        &["write of 4 bytes at `in`[0]", "only through pointers to const"],
+    );
+}
+
+#[test]
+fn uninitialised_device_memory_reads_are_caught() {
+    let k = k!(lc_run_selftest_workspace);
+    let harness = CpuHarness::default();
+    let out = buf(&[0.0f32; 64]);
+    // The kernel fills its workspace first: fine, and the workspace counts as written after.
+    let workspace: HostBuffer<f32> = harness.alloc(64).unwrap();
+    assert!(!workspace.is_written());
+    run(0, &k, grid(2, 32, 0), &[arg(&workspace), arg(&out), i32_arg(1)]).unwrap();
+    assert!(workspace.is_written());
+    assert_eq!(out.as_slice()[63], 64.0);
+    // A workspace the host did not fill and the kernel reads first.
+    let workspace: HostBuffer<f32> = harness.alloc(64).unwrap();
+    fails(
+        run(0, &k, grid(2, 32, 0), &[arg(&workspace), arg(&out), i32_arg(0)]),
+        &[
+            "uninitialised read of 4 bytes at `workspace`[",
+            "neither the host nor a kernel",
+        ],
+    );
+    // A read of shared memory nobody wrote, with no write racing it.
+    let k = k!(lc_run_selftest_shared_unwritten);
+    run(1, &k, one_block(32, 0), &[arg(&out)]).unwrap();
+    fails(
+        run(1, &k, one_block(64, 0), &[arg(&out)]),
+        &[
+            "uninitialised shared-memory read",
+            "shared `tile`[",
+            "no thread of this block has written it",
+        ],
+    );
+}
+
+#[test]
+fn pointers_that_are_not_harness_buffers_are_refused() {
+    let k = k!(lc_run_selftest_copy);
+    let host = vec![0.0f32; 8];
+    let out = buf(&[0.0f32; 8]);
+    fails(
+        run(
+            0,
+            &k,
+            one_block(8, 0),
+            &[KernelArg::Ptr(host.as_ptr() as u64), arg(&out), i32_arg(8), i32_arg(0)],
+        ),
+        &["`in` is not a harness buffer"],
+    );
 }
 
 #[test]
 fn barrier_divergence_is_an_error_not_a_hang() {
-    let k = kernel("selftest_barrier_divergence", e::lc_run_selftest_barrier_divergence);
-    let mut out = vec![0.0f32; 64];
-    let err = run(0, &k, one_block(64, 0), &[ptr_mut(&mut out), KernelArg::I32(5)]).unwrap_err();
-    assert!(err.to_string().contains("barrier divergence"), "{err}");
+    let k = k!(lc_run_selftest_barrier_divergence);
+    let out = buf(&[0.0f32; 64]);
+    fails(
+        run(0, &k, one_block(64, 0), &[arg(&out), i32_arg(5)]),
+        &["barrier divergence"],
+    );
     // No thread exits early: fine.
-    run(0, &k, one_block(64, 0), &[ptr_mut(&mut out), KernelArg::I32(0)]).unwrap();
-    assert!(out.iter().all(|&v| v == 1.0));
+    run(0, &k, one_block(64, 0), &[arg(&out), i32_arg(0)]).unwrap();
+    assert!(out.as_slice().iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn divergent_barriers_are_an_error() {
+    let k = k!(lc_run_selftest_divergent_barriers);
+    let out = buf(&[0.0f32; 32]);
+    fails(
+        run(1, &k, one_block(32, 0), &[arg(&out)]),
+        &["divergent barrier", "harness_selftest.cu:"],
+    );
 }
 
 #[test]
 fn warp_divergence_is_an_error() {
-    let k = kernel("selftest_warp_divergence", e::lc_run_selftest_warp_divergence);
-    let mut out = vec![0.0f32; 32];
-    let err = run(1, &k, one_block(32, 0), &[ptr_mut(&mut out)]).unwrap_err();
-    assert!(err.to_string().contains("warp divergence"), "{err}");
+    let k = k!(lc_run_selftest_warp_divergence);
+    let out = buf(&[0.0f32; 32]);
+    fails(run(1, &k, one_block(32, 0), &[arg(&out)]), &["warp divergence"]);
 }
 
 #[test]
 fn harness_survives_an_aborted_launch() {
     // After an error the abandoned fibers are dropped; the next launch on this thread works.
     barrier_divergence_is_an_error_not_a_hang();
+    atomic_increments_land_and_plain_ones_are_races();
     dynamic_shared_memory_with_barrier();
 }
 

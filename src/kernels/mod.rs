@@ -27,6 +27,9 @@ use std::ffi::c_void;
 
 /// Most threads in one block on every CUDA GPU.
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
+/// SM count the harness reports for split-K planning: an H200's (the GPU the plans and the
+/// napkin math in benches/README.md are written for), so harness runs exercise the same plans.
+pub const HARNESS_SM_COUNT: usize = 132;
 /// Static shared memory a block may use without opting in to more (48 KiB on every GPU).
 pub const MAX_STATIC_SHARED_BYTES: u32 = 48 * 1024;
 /// Largest grid extent in y and z (x allows 2^31 − 1).
@@ -100,8 +103,8 @@ impl DType {
     }
 }
 
-/// A storage element: `f32`, `half::f16` or `half::bf16` (same layout as the CUDA types).
-pub trait Element:
+/// Anything a device buffer holds: the storage elements and the `i32` index tables.
+pub trait Scalar:
     bytemuck::Pod
     + cudarc::driver::DeviceRepr
     + cudarc::driver::ValidAsZeroBits
@@ -111,6 +114,22 @@ pub trait Element:
     + std::fmt::Debug
     + 'static
 {
+}
+
+impl<T> Scalar for T where
+    T: bytemuck::Pod
+        + cudarc::driver::DeviceRepr
+        + cudarc::driver::ValidAsZeroBits
+        + Default
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static
+{
+}
+
+/// A storage element: `f32`, `half::f16` or `half::bf16` (same layout as the CUDA types).
+pub trait Element: Scalar {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     /// Rounds to nearest even, as the kernels' stores do.
@@ -180,12 +199,10 @@ pub enum KernelError {
     Unavailable(String),
     #[error("CUDA driver error in {context}: {message}")]
     Driver { context: String, message: String },
-    /// The CPU harness stopped a launch: barrier divergence, a bad warp mask, …
+    /// The CPU harness stopped a launch: a race, an out-of-bounds or uninitialised access,
+    /// barrier or warp divergence, a bad warp mask, …
     #[error("CPU harness, kernel {kernel}: {message}")]
     Harness { kernel: &'static str, message: String },
-    /// A kernel wrote outside a buffer (caught by the harness's guard zones).
-    #[error("out-of-bounds write: {0}")]
-    OutOfBounds(String),
     /// Buffers that do not match the shape, or a shape the kernel cannot take.
     #[error("{kernel}: {message}")]
     Argument { kernel: &'static str, message: String },
@@ -193,17 +210,24 @@ pub enum KernelError {
 
 /// Where kernels run. Buffers live on the backend; kernel arguments are raw addresses.
 pub trait Backend {
-    type Buffer<T: Element>;
+    type Buffer<T: Scalar>;
 
     /// For test and bench output: "cpu-harness (seed 3)", "NVIDIA H200 (sm_90)".
     fn name(&self) -> String;
-    fn upload<T: Element>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
-    fn download<T: Element>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError>;
-    fn buffer_len<T: Element>(&self, buffer: &Self::Buffer<T>) -> usize;
+    /// Streaming multiprocessors, for split-K plans: the device's own count on a GPU,
+    /// [`HARNESS_SM_COUNT`] on the harness.
+    fn sm_count(&self) -> usize;
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
+    /// `len` elements of uninitialised device memory, for outputs and workspaces that a kernel
+    /// writes before anything reads them. The harness tracks it as unwritten: a kernel that reads
+    /// an element before some kernel wrote it fails (initcheck).
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>, KernelError>;
+    fn download<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError>;
+    fn buffer_len<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> usize;
     /// The address a kernel reads through.
-    fn arg_in<T: Element>(&self, buffer: &Self::Buffer<T>) -> KernelArg;
+    fn arg_in<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> KernelArg;
     /// The address a kernel writes through.
-    fn arg_out<T: Element>(&self, buffer: &mut Self::Buffer<T>) -> KernelArg;
+    fn arg_out<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> KernelArg;
 
     /// Launches `kernel` over `dims` (asynchronously on the GPU).
     ///

@@ -1,0 +1,745 @@
+// The harness's memory checker: what compute-sanitizer's memcheck, initcheck and racecheck do on
+// a GPU, done on the CPU for every access a kernel makes (cuda/README.md, DESIGN §6).
+//
+// How accesses arrive: the kernel sources are compiled with GCC's -fsanitize=thread, which calls
+// __tsan_read4(addr), __tsan_write8(addr), … before every load and store that may touch memory
+// other than the thread's own locals. The ThreadSanitizer runtime is not linked; this file
+// defines those entry points. This file itself is not instrumented.
+//
+// Where memory lives:
+// - device memory: one arena of virtual memory (kArenaBytes, reserved without commit). Each
+//   allocation starts on a 64 KiB chunk and is followed by at least one unused chunk, so no
+//   access past one buffer lands in another; a per-chunk owner table finds an address's
+//   allocation in O(1). Each allocation has a per-granule "written" map (initcheck).
+// - shared memory: one arena per OS thread. The launch's dynamic shared memory sits at a fixed
+//   place; each SHARED array (one per call site) gets its own place, all between red zones.
+//
+// Shadow memory: a record per 2-byte granule (the smallest element, bf16/f16) remembering the
+// last write and the two most recent distinct readers (block, thread, epoch, atomic), valid for
+// one launch (device memory) or one block run (shared memory). An access by thread B conflicts
+// with a recorded access by thread A when one of them writes, not both are atomic, and A's
+// access is not ordered before B's: different blocks are never ordered; in one block, A's access
+// is ordered if A passed a __syncthreads since (barrier_epoch), or if A is in B's warp and B has
+// since synchronised with A through a warp sync / _sync intrinsic (B's vector clock).
+#include "internal.h"
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+namespace lc_harness {
+
+// Parameter names of every kernel, parsed from cuda/*.cu by build.rs: {pattern, "a,b,c"}.
+// A pattern ending in "##" matches that prefix followed by a dtype suffix; "family:*" matches
+// any kernel of the family that no other pattern matches (kernels named by a macro parameter).
+struct KernelParams {
+    const char* pattern;
+    const char* names;
+};
+#include "lc_kernel_params.inc"
+
+namespace {
+
+constexpr size_t kChunkShift = 16;
+constexpr size_t kChunkBytes = size_t(1) << kChunkShift;
+constexpr size_t kArenaBytes = size_t(16) << 30;
+constexpr size_t kChunks = kArenaBytes >> kChunkShift;
+constexpr unsigned kGranuleShift = 1;  // shadow per 2 bytes
+
+// ---- shadow records -------------------------------------------------------------------------
+enum : uint16_t { kValid = 1, kAtomic = 2 };
+enum : uint32_t { kManyReadBlocks = 1, kSharedWritten = 2 };
+
+struct Access {
+    uint32_t block;
+    uint32_t epoch;
+    uint16_t tid;
+    uint16_t flags;
+};
+
+struct Record {
+    uint32_t stamp;       // launch (device memory) or block run (shared memory) it belongs to
+    uint32_t read_block;  // 1 + first block that read it in this launch, 0 if none
+    uint32_t flags;
+    Access write, read1, read2;  // read1 is the most recent reader, read2 another thread
+};
+static_assert(sizeof(Record) == 48, "shadow record layout");
+
+enum class Kind { Read, Write, Atomic };
+
+// ---- device allocations -----------------------------------------------------------------------
+struct Allocation {
+    uintptr_t base;
+    size_t bytes;
+    size_t first_chunk, chunks;  // chunks includes the trailing unused one
+    std::atomic<uint8_t>* written;  // per granule
+};
+
+struct Arena {
+    uintptr_t base = 0;
+    std::mutex mutex;
+    std::map<size_t, size_t> free_chunks;  // first chunk -> count
+    std::atomic<Allocation*>* owner = nullptr;
+    std::vector<Record*> thread_shadows;  // every OS thread's shadow of the arena
+};
+
+uintptr_t g_arena_base = 0;  // 0 until the arena exists
+std::atomic<Allocation*>* g_owner = nullptr;
+
+Arena& arena() {
+    static Arena* a = [] {
+        auto* arena = new Arena;
+        void* p = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        void* owners = mmap(nullptr, kChunks * sizeof(std::atomic<Allocation*>), PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED || owners == MAP_FAILED) {
+            std::fprintf(stderr, "lc_harness: cannot reserve %zu GiB of address space for device memory\n",
+                         kArenaBytes >> 30);
+            std::abort();
+        }
+        arena->base = reinterpret_cast<uintptr_t>(p);
+        arena->owner = static_cast<std::atomic<Allocation*>*>(owners);  // zero pages: all null
+        arena->free_chunks[1] = kChunks - 1;  // chunk 0 stays unused: nothing precedes the first buffer
+        g_owner = arena->owner;
+        g_arena_base = arena->base;
+        return arena;
+    }();
+    return *a;
+}
+
+size_t granules(size_t bytes) { return (bytes + (size_t(1) << kGranuleShift) - 1) >> kGranuleShift; }
+
+// This OS thread's shadow of the device arena, reserved on first use and released at thread exit.
+struct ThreadShadow {
+    Record* records = nullptr;
+    ~ThreadShadow() {
+        if (!records) return;
+        Arena& a = arena();
+        std::lock_guard<std::mutex> lock(a.mutex);
+        for (auto& r : a.thread_shadows)
+            if (r == records) r = nullptr;
+        munmap(records, (kArenaBytes >> kGranuleShift) * sizeof(Record));
+    }
+};
+thread_local ThreadShadow t_shadow;
+
+Record* device_shadow() {
+    if (t_shadow.records) return t_shadow.records;
+    Arena& a = arena();
+    void* p = mmap(nullptr, (kArenaBytes >> kGranuleShift) * sizeof(Record), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        std::fprintf(stderr, "lc_harness: cannot reserve shadow memory for the device arena\n");
+        std::abort();
+    }
+    t_shadow.records = static_cast<Record*>(p);
+    std::lock_guard<std::mutex> lock(a.mutex);
+    a.thread_shadows.push_back(t_shadow.records);
+    return t_shadow.records;
+}
+
+// Returns the pages of [begin, end) to the system (they read as zero afterwards).
+void release_pages(uintptr_t begin, uintptr_t end) {
+    const uintptr_t page = 4096;
+    begin = (begin + page - 1) & ~(page - 1);
+    end &= ~(page - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+// ---- shared memory ----------------------------------------------------------------------------
+constexpr size_t kSharedArenaBytes = size_t(8) << 20;
+constexpr size_t kSharedUnitShift = 6;  // owner map per 64 bytes
+constexpr size_t kRedZone = 256;
+constexpr size_t kDynamicOffset = 4096;
+constexpr size_t kDynamicCapacity = size_t(256) << 10;  // more than any GPU's 227 KiB per block
+constexpr uint16_t kDynamicOwner = 0xffff;
+
+struct SiteInfo {
+    const char* name;
+    size_t offset, bytes, element_bytes;
+};
+
+struct SharedArena {
+    uintptr_t base = 0;
+    size_t next = kDynamicOffset + kDynamicCapacity + kRedZone;
+    size_t dynamic_bytes = 0;
+    std::vector<SiteInfo> sites;
+    std::vector<uint16_t> owner;  // per 64-byte unit: 0 red zone, site index + 1, or kDynamicOwner
+    Record* shadow = nullptr;
+
+    SharedArena() {
+        void* p = mmap(nullptr, kSharedArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        void* s = mmap(nullptr, (kSharedArenaBytes >> kGranuleShift) * sizeof(Record), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED || s == MAP_FAILED) {
+            std::fprintf(stderr, "lc_harness: cannot reserve the shared-memory arena\n");
+            std::abort();
+        }
+        base = reinterpret_cast<uintptr_t>(p);
+        shadow = static_cast<Record*>(s);
+        owner.assign(kSharedArenaBytes >> kSharedUnitShift, 0);
+        for (size_t u = kDynamicOffset >> kSharedUnitShift; u < (kDynamicOffset + kDynamicCapacity) >> kSharedUnitShift;
+             ++u)
+            owner[u] = kDynamicOwner;
+    }
+    ~SharedArena() {
+        munmap(reinterpret_cast<void*>(base), kSharedArenaBytes);
+        munmap(shadow, (kSharedArenaBytes >> kGranuleShift) * sizeof(Record));
+    }
+};
+
+SharedArena& shared_arena() {
+    static thread_local SharedArena a;
+    return a;
+}
+__thread SharedArena* t_shared = nullptr;  // set with the arena's first use on this thread
+
+// ---- per-launch view of the arguments ---------------------------------------------------------
+struct LaunchBuffer {
+    Allocation* allocation;
+    bool writable;  // some non-const pointer argument points into it
+};
+
+struct Checker {
+    std::string pending;  // the first unwritten read of this barrier interval, if any
+    std::vector<LaunchBuffer> buffers;
+    Allocation* last = nullptr;  // cache of the last buffer accessed
+    bool last_writable = false;
+    Record* shadow = nullptr;
+};
+thread_local Checker t_checker;
+
+const char* const* find_param_names(const char* kernel, size_t n_params) {
+    static thread_local std::map<std::string, std::vector<std::string>> cache_strings;
+    static thread_local std::map<std::string, std::vector<const char*>> cache;
+    auto hit = cache.find(kernel);
+    if (hit != cache.end()) return hit->second.size() == n_params ? hit->second.data() : nullptr;
+    const std::string name = kernel;
+    const KernelParams* exact = nullptr;
+    const KernelParams* suffixed = nullptr;
+    const KernelParams* family = nullptr;
+    for (const KernelParams& k : kKernelParams) {
+        const std::string pattern = k.pattern;
+        if (pattern == name) {
+            exact = &k;
+        } else if (pattern.size() > 2 && pattern.compare(pattern.size() - 2, 2, "##") == 0) {
+            const std::string prefix = pattern.substr(0, pattern.size() - 2);
+            const std::string rest = name.size() > prefix.size() ? name.substr(prefix.size()) : "";
+            if (name.compare(0, prefix.size(), prefix) == 0 && (rest == "f32" || rest == "f16" || rest == "bf16"))
+                suffixed = &k;
+        } else if (pattern.size() > 2 && pattern.compare(pattern.size() - 2, 2, ":*") == 0) {
+            const std::string prefix = pattern.substr(0, pattern.size() - 2) + "_";
+            if (name.compare(0, prefix.size(), prefix) == 0) family = &k;
+        }
+    }
+    const KernelParams* found = exact ? exact : suffixed ? suffixed : family;
+    std::vector<std::string>& strings = cache_strings[name];
+    std::vector<const char*>& names = cache[name];
+    if (found) {
+        std::string all = found->names;
+        size_t start = 0;
+        while (start <= all.size()) {
+            const size_t comma = all.find(',', start);
+            strings.push_back(all.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+            if (comma == std::string::npos) break;
+            start = comma + 1;
+        }
+        for (const std::string& s : strings) names.push_back(s.c_str());
+    }
+    return names.size() == n_params ? names.data() : nullptr;
+}
+
+// "`work`" or "argument 9".
+std::string param_label(const LaunchState& l, size_t i) {
+    if (l.param_names) return std::string("`") + l.param_names[i] + "`";
+    return "argument " + std::to_string(i);
+}
+
+// The argument through which `a` is best described: the one pointing into `alloc` at the
+// highest address <= a (or the lowest one when a lies before them all).
+std::string describe_device(const LaunchState& l, const Allocation* alloc, uintptr_t a) {
+    long best = -1;
+    for (size_t i = 0; i < l.n_params; ++i) {
+        const ParamInfo& p = l.params[i];
+        if (!p.is_pointer || p.value < alloc->base || p.value > alloc->base + alloc->bytes) continue;
+        if (best < 0) {
+            best = long(i);
+            continue;
+        }
+        const ParamInfo& b = l.params[best];
+        const bool p_below = p.value <= a, b_below = b.value <= a;
+        if ((p_below && (!b_below || p.value > b.value)) || (!p_below && !b_below && p.value < b.value))
+            best = long(i);
+    }
+    char buf[160];
+    if (best < 0) {
+        std::snprintf(buf, sizeof buf, "a %zu-byte harness buffer that is not an argument of this launch, byte %lld",
+                      alloc->bytes, (long long)(a - alloc->base));
+        return buf;
+    }
+    const ParamInfo& p = l.params[best];
+    const long long delta = (long long)a - (long long)p.value;
+    const long long element = delta >= 0 ? delta / p.pointee_bytes : -((-delta + p.pointee_bytes - 1) / p.pointee_bytes);
+    std::snprintf(buf, sizeof buf, "%s[%lld] (%zu-byte buffer)", param_label(l, best).c_str(), element, alloc->bytes);
+    return buf;
+}
+
+std::string describe_shared(uintptr_t a) {
+    SharedArena& s = *t_shared;
+    const size_t off = a - s.base;
+    char buf[160];
+    const uint16_t o = s.owner[off >> kSharedUnitShift];
+    if (o == kDynamicOwner) {
+        std::snprintf(buf, sizeof buf, "dynamic shared memory byte %zu (launched with %zu bytes)", off - kDynamicOffset,
+                      s.dynamic_bytes);
+        return buf;
+    }
+    // The site at or below the address (the red zone after an array belongs to it).
+    const SiteInfo* site = nullptr;
+    for (const SiteInfo& si : s.sites)
+        if (si.offset <= off && (!site || si.offset > site->offset)) site = &si;
+    if (!site) {
+        if (off >= kDynamicOffset) {
+            std::snprintf(buf, sizeof buf, "dynamic shared memory byte %zu (launched with %zu bytes)",
+                          off - kDynamicOffset, s.dynamic_bytes);
+        } else {
+            std::snprintf(buf, sizeof buf, "shared memory %zu bytes before the dynamic shared memory",
+                          kDynamicOffset - off);
+        }
+        return buf;
+    }
+    std::snprintf(buf, sizeof buf, "shared `%s`[%zu] (%zu bytes)", site->name, (off - site->offset) / site->element_bytes,
+                  site->bytes);
+    return buf;
+}
+
+std::string who(const Access& x) { return thread_name(x.tid) + " of block " + block_name(x.block); }
+
+const char* verb(Kind k) { return k == Kind::Read ? "read" : k == Kind::Write ? "write" : "atomic"; }
+
+[[noreturn]] void report_race(const std::string& where, const std::string& earlier, bool other_block, bool same_warp,
+                              Kind kind, const Access& me) {
+    const char* why = other_block ? "blocks of one launch never synchronise"
+                      : same_warp ? "no __syncthreads, __syncwarp or _sync intrinsic orders them"
+                                  : "no __syncthreads orders them";
+    fail(std::string("data race on ") + where + ": " + earlier + ", then " + verb(kind) + " by " + who(me) + " (" +
+         why + ")");
+}
+
+[[noreturn]] void report_race(const std::string& where, const Access& earlier, bool earlier_write, Kind kind,
+                              const Access& me) {
+    const char* what = (earlier.flags & kAtomic) ? "atomic" : earlier_write ? "write" : "read";
+    report_race(where, std::string(what) + " by " + who(earlier), earlier.block != me.block,
+                earlier.tid / 32 == me.tid / 32, kind, me);
+}
+
+// Is `x` (an earlier access of this launch) ordered before the current thread's access?
+inline bool ordered(const LaunchState& l, const Access& x, const Access& me) {
+    if (x.block != me.block) return false;
+    if (x.tid == me.tid) return true;
+    if (x.epoch <= l.barrier_epoch[x.tid]) return true;
+    const FiberView* f = t_current;
+    return x.tid / 32 == f->warp && x.epoch <= f->vc[x.tid % 32];
+}
+
+inline bool same_thread(const Access& x, const Access& me) {
+    return (x.flags & kValid) && x.block == me.block && x.tid == me.tid;
+}
+
+// Checks and records one granule.
+inline void check_granule(const LaunchState& l, Record& r, uint32_t stamp, Kind kind, const Access& me,
+                          uintptr_t a, bool shared) {
+    if (r.stamp != stamp) r = Record{stamp, 0, 0, {}, {}, {}};
+    const bool atomic = kind == Kind::Atomic;
+    auto conflicts = [&](const Access& x) {
+        return (x.flags & kValid) && !same_thread(x, me) && !(atomic && (x.flags & kAtomic)) && !ordered(l, x, me);
+    };
+    auto where = [&]() { return shared ? describe_shared(a) : describe_device(l, t_checker.last, a); };
+    if (conflicts(r.write)) report_race(where(), r.write, true, kind, me);
+    if (kind != Kind::Read) {
+        if (conflicts(r.read1)) report_race(where(), r.read1, false, kind, me);
+        if (conflicts(r.read2)) report_race(where(), r.read2, false, kind, me);
+        // Reads by other blocks of this launch whose thread records were since replaced.
+        if (!shared && r.read_block && ((r.flags & kManyReadBlocks) || r.read_block != me.block + 1)) {
+            const std::string earlier = r.read_block != me.block + 1
+                                            ? "read by block " + block_name(r.read_block - 1)
+                                            : std::string("reads by several blocks");
+            report_race(where(), earlier, true, false, kind, me);
+        }
+        r.write = me;
+        r.read1 = Access{};
+        r.read2 = Access{};
+        if (shared) r.flags |= kSharedWritten;
+        return;
+    }
+    if (same_thread(r.read1, me)) {
+        r.read1.epoch = me.epoch;
+    } else {
+        if (!same_thread(r.read2, me)) r.read2 = r.read1;
+        r.read1 = me;
+    }
+    if (!shared) {
+        if (r.read_block == 0)
+            r.read_block = me.block + 1;
+        else if (r.read_block != me.block + 1)
+            r.flags |= kManyReadBlocks;
+    }
+}
+
+[[noreturn]] void report_null(uintptr_t a, size_t size, Kind kind) {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "%s of %zu bytes at address %#llx: a null pointer", verb(kind), size,
+                  (unsigned long long)a);
+    fail(buf);
+}
+
+void device_access(const LaunchState& l, uintptr_t a, size_t size, Kind kind) {
+    Checker& c = t_checker;
+    const size_t chunk = (a - g_arena_base) >> kChunkShift;
+    Allocation* alloc = g_owner[chunk].load(std::memory_order_relaxed);
+    char buf[96];
+    if (!alloc || a < alloc->base || a + size > alloc->base + alloc->bytes) {
+        // Name the nearest allocation: the owner of this chunk (whose tail this is) or of the
+        // next used chunk (whose head lies past the address).
+        Allocation* near = alloc;
+        for (size_t k = chunk + 1; !near && k < kChunks && k < chunk + 4096; ++k)
+            near = g_owner[k].load(std::memory_order_relaxed);
+        for (size_t k = chunk; !near && k-- > 0 && k + 4096 > chunk;) near = g_owner[k].load(std::memory_order_relaxed);
+        std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at ", verb(kind), size);
+        if (!near) fail(std::string(buf) + "an address inside the device arena that no buffer owns");
+        c.last = near;
+        const char* where = a >= near->base + near->bytes ? ": past the end of the buffer"
+                            : a < near->base              ? ": before the start of the buffer"
+                                                          : ": across the end of the buffer";
+        fail(std::string(buf) + describe_device(l, near, a) + where);
+    }
+    if (alloc != c.last) {
+        bool found = false;
+        for (const LaunchBuffer& b : c.buffers)
+            if (b.allocation == alloc) {
+                c.last_writable = b.writable;
+                found = true;
+            }
+        c.last = alloc;
+        if (!found) {
+            std::snprintf(buf, sizeof buf, "%s of %zu bytes at ", verb(kind), size);
+            fail(std::string(buf) + describe_device(l, alloc, a) +
+                 ": the kernel was not given this buffer (a stale or computed pointer)");
+        }
+    }
+    if (kind != Kind::Read && !c.last_writable) {
+        std::snprintf(buf, sizeof buf, "%s of %zu bytes at ", verb(kind), size);
+        fail(std::string(buf) + describe_device(l, alloc, a) +
+             ": the kernel receives this buffer only through pointers to const (an input)");
+    }
+    const size_t g0 = (a - alloc->base) >> kGranuleShift;
+    const size_t g1 = (a + size - 1 - alloc->base) >> kGranuleShift;
+    if (kind != Kind::Write && c.pending.empty()) {
+        for (size_t g = g0; g <= g1; ++g)
+            if (!alloc->written[g].load(std::memory_order_relaxed)) {
+                std::snprintf(buf, sizeof buf, "uninitialised %s of %zu bytes at ", verb(kind), size);
+                c.pending = std::string(buf) + describe_device(l, alloc, a) + " by " +
+                            thread_name(t_current->tid) + ": neither the host nor a kernel has written it";
+                break;
+            }
+    }
+    const FiberView* f = t_current;
+    const Access me{l.block, f->vc[f->lane], uint16_t(f->tid), uint16_t(kValid | (kind == Kind::Atomic ? kAtomic : 0))};
+    Record* shadow = c.shadow + ((a - g_arena_base) >> kGranuleShift);
+    for (size_t g = g0; g <= g1; ++g) check_granule(l, shadow[g - g0], l.stamp, kind, me, a, false);
+    if (kind != Kind::Read)
+        for (size_t g = g0; g <= g1; ++g) alloc->written[g].store(1, std::memory_order_relaxed);
+}
+
+void shared_access(const LaunchState& l, uintptr_t a, size_t size, Kind kind) {
+    SharedArena& s = *t_shared;
+    const size_t off = a - s.base, end = off + size;
+    char buf[96];
+    const uint16_t o = s.owner[off >> kSharedUnitShift];
+    bool inside = false;
+    if (o == kDynamicOwner)
+        inside = end <= kDynamicOffset + s.dynamic_bytes;
+    else if (o != 0)
+        inside = end <= s.sites[o - 1].offset + s.sites[o - 1].bytes;
+    if (!inside) {
+        std::snprintf(buf, sizeof buf, "out-of-bounds shared-memory %s of %zu bytes at ", verb(kind), size);
+        fail(std::string(buf) + describe_shared(a) + ": past the end of the array");
+    }
+    const FiberView* f = t_current;
+    const Access me{l.block, f->vc[f->lane], uint16_t(f->tid), uint16_t(kValid | (kind == Kind::Atomic ? kAtomic : 0))};
+    const size_t g0 = off >> kGranuleShift, g1 = (end - 1) >> kGranuleShift;
+    for (size_t g = g0; g <= g1; ++g) {
+        Record& r = s.shadow[g];
+        if (kind != Kind::Write && t_checker.pending.empty() &&
+            (r.stamp != l.block_stamp || !(r.flags & kSharedWritten))) {
+            std::snprintf(buf, sizeof buf, "uninitialised shared-memory %s of %zu bytes at ", verb(kind), size);
+            t_checker.pending = std::string(buf) + describe_shared(a) + " by " + thread_name(t_current->tid) +
+                                ": no thread of this block has written it";
+        }
+        check_granule(l, r, l.block_stamp, kind, me, a, true);
+    }
+}
+
+inline void on_access(const void* p, size_t size, Kind kind) {
+    const LaunchState* l = t_launch;
+    if (!l || size == 0) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - g_arena_base < kArenaBytes) {
+        device_access(*l, a, size, kind);
+    } else if (t_shared && a - t_shared->base < kSharedArenaBytes) {
+        shared_access(*l, a, size, kind);
+    } else if (a < 65536) {
+        report_null(a, size, kind);
+    }
+    // Anything else is the thread's own memory (stack, harness state): not device memory.
+}
+
+}  // namespace
+
+// ---- scheduler interface ------------------------------------------------------------------
+bool memcheck_begin_launch(LaunchState& l) {
+    Arena& a = arena();
+    (void)a;
+    Checker& c = t_checker;
+    c.buffers.clear();
+    c.pending.clear();
+    c.last = nullptr;
+    c.shadow = device_shadow();
+    l.param_names = find_param_names(l.kernel, l.n_params);
+    for (size_t i = 0; i < l.n_params; ++i) {
+        const ParamInfo& p = l.params[i];
+        if (!p.is_pointer || p.value == 0) continue;
+        const uintptr_t v = p.value;
+        Allocation* alloc = v - g_arena_base < kArenaBytes ? g_owner[(v - g_arena_base) >> kChunkShift].load() : nullptr;
+        if (!alloc || v < alloc->base || v > alloc->base + alloc->bytes) {
+            set_launch_error(param_label(l, i) +
+                             " is not a harness buffer (pointers passed to a kernel come from lc_harness_alloc)");
+            return false;
+        }
+        bool seen = false;
+        for (LaunchBuffer& b : c.buffers)
+            if (b.allocation == alloc) {
+                b.writable |= !p.is_const;
+                seen = true;
+            }
+        if (!seen) c.buffers.push_back({alloc, !p.is_const});
+    }
+    return true;
+}
+
+bool memcheck_pending_ok() {
+    if (t_checker.pending.empty()) return true;
+    set_launch_error(t_checker.pending);
+    return false;
+}
+
+void memcheck_end_launch() {
+    t_checker.pending.clear();
+    t_checker.buffers.clear();
+    t_checker.last = nullptr;
+}
+
+bool shared_begin_block(size_t dynamic_bytes) {
+    SharedArena& s = shared_arena();
+    t_shared = &s;
+    if (dynamic_bytes > kDynamicCapacity) {
+        set_launch_error("dynamic shared memory of " + std::to_string(dynamic_bytes) + " bytes exceeds the harness's " +
+                         std::to_string(kDynamicCapacity));
+        return false;
+    }
+    s.dynamic_bytes = dynamic_bytes;
+    std::memset(reinterpret_cast<void*>(s.base + kDynamicOffset), 0xff, dynamic_bytes);
+    for (const SiteInfo& site : s.sites) std::memset(reinterpret_cast<void*>(s.base + site.offset), 0xff, site.bytes);
+    return true;
+}
+
+void* dynamic_shared() { return reinterpret_cast<void*>(shared_arena().base + kDynamicOffset); }
+
+SharedSite::SharedSite(const char* name, size_t bytes, size_t element_bytes) {
+    SharedArena& s = shared_arena();
+    t_shared = &s;
+    const size_t offset = (s.next + 63) & ~size_t(63);
+    if (offset + bytes + kRedZone > kSharedArenaBytes) {
+        std::fprintf(stderr, "lc_harness: shared-memory arena full at array `%s`\n", name);
+        std::abort();
+    }
+    s.next = offset + bytes + kRedZone;
+    s.sites.push_back({name, offset, bytes, element_bytes});
+    const uint16_t id = uint16_t(s.sites.size());
+    for (size_t u = offset >> kSharedUnitShift; u < (offset + bytes + 63) >> kSharedUnitShift; ++u) s.owner[u] = id;
+    address = reinterpret_cast<void*>(s.base + offset);
+    std::memset(address, 0xff, bytes);  // poisoned, and unwritten for the running block
+}
+
+}  // namespace lc_harness
+
+using lc_harness::Kind;
+
+// ---- the ThreadSanitizer entry points GCC's instrumentation calls --------------------------
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+#define LC_TSAN_ACCESS(n)                                                                              \
+    void __tsan_read##n(void* p) { lc_harness::on_access(p, n, Kind::Read); }                          \
+    void __tsan_write##n(void* p) { lc_harness::on_access(p, n, Kind::Write); }                        \
+    void __tsan_unaligned_read##n(void* p) { lc_harness::on_access(p, n, Kind::Read); }                \
+    void __tsan_unaligned_write##n(void* p) { lc_harness::on_access(p, n, Kind::Write); }              \
+    void __tsan_volatile_read##n(void* p) { lc_harness::on_access(p, n, Kind::Read); }                 \
+    void __tsan_volatile_write##n(void* p) { lc_harness::on_access(p, n, Kind::Write); }               \
+    void __tsan_unaligned_volatile_read##n(void* p) { lc_harness::on_access(p, n, Kind::Read); }       \
+    void __tsan_unaligned_volatile_write##n(void* p) { lc_harness::on_access(p, n, Kind::Write); }
+LC_TSAN_ACCESS(1)
+LC_TSAN_ACCESS(2)
+LC_TSAN_ACCESS(4)
+LC_TSAN_ACCESS(8)
+LC_TSAN_ACCESS(16)
+#undef LC_TSAN_ACCESS
+void __tsan_read_range(void* p, unsigned long size) { lc_harness::on_access(p, size, Kind::Read); }
+void __tsan_write_range(void* p, unsigned long size) { lc_harness::on_access(p, size, Kind::Write); }
+}
+
+// ---- atomics: checked as atomic accesses, then done atomically -----------------------------
+namespace {
+template <class T, class Op>
+T atomic_update(T* address, Op op) {
+    lc_harness::on_access(address, sizeof(T), Kind::Atomic);
+    T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(address, &old, op(old), false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+template <class F>
+F atomic_update_float(F* address, F value, bool exchange) {
+    using Bits = typename std::conditional<sizeof(F) == 4, uint32_t, uint64_t>::type;
+    lc_harness::on_access(address, sizeof(F), Kind::Atomic);
+    Bits* bits = reinterpret_cast<Bits*>(address);
+    Bits old = __atomic_load_n(bits, __ATOMIC_RELAXED);
+    for (;;) {
+        F old_value;
+        std::memcpy(&old_value, &old, sizeof(F));
+        const F new_value = exchange ? value : old_value + value;
+        Bits next;
+        std::memcpy(&next, &new_value, sizeof(F));
+        if (__atomic_compare_exchange_n(bits, &old, next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old_value;
+    }
+}
+}  // namespace
+
+#define LC_INT_ATOMICS(T)                                                                                  \
+    T atomicAdd(T* a, T v) { return atomic_update(a, [v](T old) { return T(old + v); }); }                 \
+    T atomicMax(T* a, T v) { return atomic_update(a, [v](T old) { return old < v ? v : old; }); }          \
+    T atomicMin(T* a, T v) { return atomic_update(a, [v](T old) { return v < old ? v : old; }); }          \
+    T atomicExch(T* a, T v) { return atomic_update(a, [v](T) { return v; }); }                             \
+    T atomicCAS(T* a, T compare, T v) {                                                                    \
+        lc_harness::on_access(a, sizeof(T), Kind::Atomic);                                                 \
+        T expected = compare;                                                                              \
+        __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);           \
+        return expected;                                                                                   \
+    }
+LC_INT_ATOMICS(int)
+LC_INT_ATOMICS(unsigned)
+using lc_ull = unsigned long long;
+LC_INT_ATOMICS(lc_ull)
+#undef LC_INT_ATOMICS
+float atomicAdd(float* a, float v) { return atomic_update_float(a, v, false); }
+double atomicAdd(double* a, double v) { return atomic_update_float(a, v, false); }
+float atomicExch(float* a, float v) { return atomic_update_float(a, v, true); }
+
+// ---- device memory for Rust (src/harness.rs) ----------------------------------------------
+extern "C" void* lc_harness_alloc(size_t bytes) {
+    using namespace lc_harness;
+    Arena& a = arena();
+    const size_t data_chunks = bytes == 0 ? 1 : (bytes + kChunkBytes - 1) >> kChunkShift;
+    const size_t need = data_chunks + 1;  // + an unused chunk after it
+    auto* alloc = new Allocation{};
+    alloc->bytes = bytes;
+    alloc->written = new std::atomic<uint8_t>[granules(bytes) + 1]();
+    {
+        std::lock_guard<std::mutex> lock(a.mutex);
+        auto it = a.free_chunks.begin();
+        while (it != a.free_chunks.end() && it->second < need) ++it;
+        if (it == a.free_chunks.end()) {
+            delete[] alloc->written;
+            delete alloc;
+            return nullptr;
+        }
+        const size_t first = it->first, count = it->second;
+        a.free_chunks.erase(it);
+        if (count > need) a.free_chunks[first + need] = count - need;
+        alloc->first_chunk = first;
+        alloc->chunks = need;
+        alloc->base = a.base + (first << kChunkShift);
+        for (size_t k = first; k < first + need; ++k) a.owner[k].store(alloc, std::memory_order_relaxed);
+    }
+    return reinterpret_cast<void*>(alloc->base);
+}
+
+extern "C" void lc_harness_free(void* p) {
+    using namespace lc_harness;
+    if (!p) return;
+    Arena& a = arena();
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> lock(a.mutex);
+    Allocation* alloc = a.owner[(address - a.base) >> kChunkShift].load(std::memory_order_relaxed);
+    if (!alloc || alloc->base != address) {
+        std::fprintf(stderr, "lc_harness_free: %p is not a harness allocation\n", p);
+        std::abort();
+    }
+    const uintptr_t begin = alloc->base, end = begin + (alloc->chunks << kChunkShift);
+    release_pages(begin, end);
+    for (Record* shadow : a.thread_shadows) {
+        if (!shadow) continue;
+        release_pages(reinterpret_cast<uintptr_t>(shadow + ((begin - a.base) >> kGranuleShift)),
+                      reinterpret_cast<uintptr_t>(shadow + ((end - a.base) >> kGranuleShift)));
+    }
+    for (size_t k = alloc->first_chunk; k < alloc->first_chunk + alloc->chunks; ++k)
+        a.owner[k].store(nullptr, std::memory_order_relaxed);
+    // Return the chunks, merged with free neighbours.
+    size_t first = alloc->first_chunk, count = alloc->chunks;
+    auto next = a.free_chunks.lower_bound(first);
+    if (next != a.free_chunks.end() && next->first == first + count) {
+        count += next->second;
+        next = a.free_chunks.erase(next);
+    }
+    if (next != a.free_chunks.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second == first) {
+            first = prev->first;
+            count += prev->second;
+            a.free_chunks.erase(prev);
+        }
+    }
+    a.free_chunks[first] = count;
+    delete[] alloc->written;
+    delete alloc;
+}
+
+// Marks [p, p + bytes) as written by the host (an upload); p must lie in one allocation.
+extern "C" void lc_harness_mark_written(void* p, size_t bytes) {
+    using namespace lc_harness;
+    if (bytes == 0) return;
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    Allocation* alloc = g_owner[(address - g_arena_base) >> kChunkShift].load(std::memory_order_relaxed);
+    const size_t g0 = (address - alloc->base) >> kGranuleShift, g1 = (address + bytes - 1 - alloc->base) >> kGranuleShift;
+    for (size_t g = g0; g <= g1; ++g) alloc->written[g].store(1, std::memory_order_relaxed);
+}
+
+// Whether every granule of [p, p + bytes) has been written (by the host or a kernel).
+extern "C" int lc_harness_is_written(const void* p, size_t bytes) {
+    using namespace lc_harness;
+    if (bytes == 0) return 1;
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    Allocation* alloc = g_owner[(address - g_arena_base) >> kChunkShift].load(std::memory_order_relaxed);
+    const size_t g0 = (address - alloc->base) >> kGranuleShift, g1 = (address + bytes - 1 - alloc->base) >> kGranuleShift;
+    for (size_t g = g0; g <= g1; ++g)
+        if (!alloc->written[g].load(std::memory_order_relaxed)) return 0;
+    return 1;
+}
