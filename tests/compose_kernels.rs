@@ -272,8 +272,9 @@ fn check_forward<T: Element, B: Backend>(
     let mut u = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
     let mut z = backend.upload(&vec![T::poison(); t * r]).map_err(&e)?;
     let mut y = backend.upload(&p.y0).map_err(&e)?;
+    // Uninitialised: the harness fails a kernel that reads workspace it did not write.
     let mut work = backend
-        .upload(&vec![f32::NAN; compose_fwd::workspace_len(variant, s)])
+        .alloc::<f32>(compose_fwd::workspace_len(variant, s, backend.sm_count()))
         .map_err(&e)?;
     let inputs = compose_fwd::Inputs {
         x: &x,
@@ -357,8 +358,9 @@ fn check_backward<T: Element, B: Backend>(
     let mut dx = up(&p.dx0)?;
     let mut da = up(&vec![T::poison(); r * d_in])?;
     let mut db = up(&vec![T::poison(); d_out * r])?;
+    // Uninitialised: the harness fails a kernel that reads workspace it did not write.
     let mut work = backend
-        .upload(&vec![f32::NAN; compose_bwd::workspace_len(variant, s, train)])
+        .alloc::<f32>(compose_bwd::workspace_len(variant, s, train, backend.sm_count()))
         .map_err(&e)?;
     let inputs = compose_bwd::Inputs {
         g: &g,

@@ -305,12 +305,12 @@ fn bench_compose_shape(
     let (mut u, mut z, mut y) = (zeros(t * r)?, zeros(t * r)?, zeros(t * d)?);
     let work_len = compose_fwd::ALL
         .iter()
-        .map(|&v| compose_fwd::workspace_len(v, &shape))
+        .map(|&v| compose_fwd::workspace_len(v, &shape, gpu.sm_count()))
         .chain(
             [BWD_COEFFS_INPUT, BWD_INPUT]
                 .iter()
                 .flat_map(|&train| compose_bwd::ALL.iter().map(move |&v| (v, train)))
-                .map(|(v, train)| compose_bwd::workspace_len(v, &shape, train)),
+                .map(|(v, train)| compose_bwd::workspace_len(v, &shape, train, gpu.sm_count())),
         )
         .max()
         .unwrap_or(1);

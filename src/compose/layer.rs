@@ -433,9 +433,9 @@ impl<B: Backend> KernelLayer<B> {
         }
         let c_buf = backend.upload(c)?;
         let token_rows = TokenRows::upload(backend, rows)?;
-        let mut u = backend.upload(&vec![0.0f32; t * r])?;
-        let mut z = backend.upload(&vec![0.0f32; t * r])?;
-        let mut work = backend.upload(&vec![0.0f32; compose_fwd::workspace_len(VARIANT, &shape)])?;
+        let mut u = backend.alloc::<f32>(t * r)?;
+        let mut z = backend.alloc::<f32>(t * r)?;
+        let mut work = backend.alloc::<f32>(compose_fwd::workspace_len(VARIANT, &shape, backend.sm_count()))?;
         let inputs = compose_fwd::Inputs {
             x: &x_buf,
             a_cat: &self.a_cat,
@@ -498,8 +498,9 @@ impl<B: Backend> KernelLayer<B> {
             let u = backend.upload(&cache.u)?;
             let c_buf = backend.upload(c)?;
             let token_rows = TokenRows::upload(backend, rows)?;
-            let mut du = backend.upload(&vec![0.0f32; t * r])?;
-            let mut work = backend.upload(&vec![0.0f32; compose_bwd::workspace_len(VARIANT, &shape, lora)])?;
+            let mut du = backend.alloc::<f32>(t * r)?;
+            let mut work =
+                backend.alloc::<f32>(compose_bwd::workspace_len(VARIANT, &shape, lora, backend.sm_count()))?;
             let inputs = compose_bwd::Inputs {
                 g: &g_buf,
                 x: &x_buf,

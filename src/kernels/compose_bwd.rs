@@ -80,7 +80,7 @@ pub enum Step {
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
 /// `modules`: ∂A_cat and ∂B_cat; `base` is the GEMM family's), in stream order. Pure.
-pub fn launch_config(variant: Variant, shape: &Shape, train: Train) -> Vec<(Step, LaunchDims)> {
+pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: usize) -> Vec<(Step, LaunchDims)> {
     let want_du = train.input || train.modules;
     if shape.is_empty() || !(want_du || train.coeffs) {
         return Vec::new();
@@ -134,7 +134,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train) -> Vec<(Step
         }
         Variant::Fused => {
             let tiles = r.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
-            let split = split_k(tiles, d_out);
+            let split = split_k(tiles, d_out, sm_count);
             let (dc, du) = (train.coeffs, want_du);
             steps.push((
                 Step::CoeffGradTiled {
@@ -155,7 +155,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train) -> Vec<(Step
             }
             if train.input {
                 let tiles = d_in.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
-                let split = split_k(tiles, r);
+                let split = split_k(tiles, r, sm_count);
                 steps.push((Step::DxTiled { j0: 0, j1: r, split }, tiled_dims(t, d_in, split.splits)));
                 if split.splits > 1 {
                     let step = Step::SumPartials {
@@ -176,9 +176,9 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train) -> Vec<(Step
 
 /// f32 elements of the workspace: H for the naive variant, split-K partials for the fused one;
 /// at least 1.
-pub fn workspace_len(variant: Variant, shape: &Shape, train: Train) -> usize {
+pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: usize) -> usize {
     let t = shape.t;
-    launch_config(variant, shape, train)
+    launch_config(variant, shape, train, sm_count)
         .iter()
         .map(|(step, _)| match *step {
             Step::HiddenNaive { .. } => t * shape.r_total(),
@@ -366,7 +366,7 @@ pub fn launch<T: Element, B: Backend>(
         name,
         "workspace",
         backend.buffer_len(outputs.work),
-        workspace_len(variant, shape, train),
+        workspace_len(variant, shape, train, backend.sm_count()),
         true,
     )?;
 
@@ -400,7 +400,7 @@ pub fn launch<T: Element, B: Backend>(
     let db = db_cat.map_or(null, |b| backend.arg_out(b));
     let work = backend.arg_out(work);
     let i = |v: usize| KernelArg::I32(v as i32);
-    for (step, dims) in launch_config(variant, shape, train) {
+    for (step, dims) in launch_config(variant, shape, train, backend.sm_count()) {
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
             Step::HiddenNaive { j0, j1, du: want } => (
                 Entry::HiddenNaive,
@@ -524,6 +524,7 @@ pub fn launch<T: Element, B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::HARNESS_SM_COUNT;
 
     fn shape(t: usize, d: usize, ranks: Vec<usize>) -> Shape {
         Shape {
@@ -537,7 +538,12 @@ mod tests {
 
     #[test]
     fn coefficient_gradients_alone_write_no_du() {
-        let plan = launch_config(Variant::Fused, &shape(16, 4096, vec![16; 32]), Train::COEFFS);
+        let plan = launch_config(
+            Variant::Fused,
+            &shape(16, 4096, vec![16; 32]),
+            Train::COEFFS,
+            HARNESS_SM_COUNT,
+        );
         assert!(plan.iter().all(|(s, _)| matches!(
             s,
             Step::CoeffGradTiled {
@@ -547,14 +553,24 @@ mod tests {
             }
         )));
         assert_eq!(
-            workspace_len(Variant::Fused, &shape(16, 4096, vec![16; 32]), Train::COEFFS),
+            workspace_len(
+                Variant::Fused,
+                &shape(16, 4096, vec![16; 32]),
+                Train::COEFFS,
+                HARNESS_SM_COUNT
+            ),
             1
         );
     }
 
     #[test]
     fn loop_variant_launches_per_module() {
-        let plan = launch_config(Variant::Loop, &shape(16, 768, vec![16; 8]), Train::ALL);
+        let plan = launch_config(
+            Variant::Loop,
+            &shape(16, 768, vec![16; 8]),
+            Train::ALL,
+            HARNESS_SM_COUNT,
+        );
         assert_eq!(plan.len(), 4 * 8);
     }
 }

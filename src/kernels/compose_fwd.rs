@@ -59,8 +59,9 @@ pub const TILE_SHARED_BYTES: u32 = (4 * TILE.bk * (TILE.bm + 4) + 4 * TILE.bk * 
 const NAIVE_BLOCK: u32 = 16;
 /// 1-D kernels (reductions): threads per block.
 const LINEAR_BLOCK: u32 = 256;
-/// A split-K plan aims for at least this many blocks: two per SM of an H200 (132 SMs).
-pub const TARGET_BLOCKS: usize = 2 * 132;
+/// A split-K plan aims for at least this many blocks per SM of the device it runs on
+/// ([`Backend::sm_count`]).
+pub const BLOCKS_PER_SM: usize = 2;
 /// The shortest K range one split covers (two K steps of the tile).
 const MIN_CHUNK: usize = 2 * TILE.bk;
 
@@ -124,12 +125,11 @@ impl Shape {
     }
 }
 
-/// int32 values carried in an f32 buffer, bit for bit: the launch interface types buffers by
-/// storage element, and the kernels read these as `const int*`.
-pub fn index_table(values: &[usize]) -> Vec<f32> {
+/// An index table as the kernels read it (`const int*`).
+pub fn index_table(values: &[usize]) -> Vec<i32> {
     values
         .iter()
-        .map(|&v| f32::from_bits(u32::try_from(v).expect("index fits int32") & 0x7fff_ffff))
+        .map(|&v| i32::try_from(v).expect("index fits int32"))
         .collect()
 }
 
@@ -138,9 +138,9 @@ pub fn index_table(values: &[usize]) -> Vec<f32> {
 /// bounds by construction.
 pub struct Tables<B: Backend> {
     pub ranks: Vec<usize>,
-    pub module_of: B::Buffer<f32>,
+    pub module_of: B::Buffer<i32>,
     pub col_scale: B::Buffer<f32>,
-    pub mod_offsets: B::Buffer<f32>,
+    pub mod_offsets: B::Buffer<i32>,
     pub mod_scale: B::Buffer<f32>,
 }
 
@@ -156,12 +156,12 @@ impl<B: Backend> Tables<B> {
             offsets.push(offsets[i] + r);
         }
         // Buffers of zero elements are still valid allocations to point at.
-        let nonempty = |mut v: Vec<f32>| {
+        fn nonempty<T: Default>(mut v: Vec<T>) -> Vec<T> {
             if v.is_empty() {
-                v.push(0.0);
+                v.push(T::default());
             }
             v
-        };
+        }
         Ok(Tables {
             ranks: ranks.to_vec(),
             module_of: backend.upload(&nonempty(index_table(&module_of)))?,
@@ -175,7 +175,7 @@ impl<B: Backend> Tables<B> {
 /// Token → coefficient row on the device (int32), checked against `n_samples` on upload: the
 /// kernels index C with it.
 pub struct TokenRows<B: Backend> {
-    pub sample_of: B::Buffer<f32>,
+    pub sample_of: B::Buffer<i32>,
     pub n_samples: usize,
     pub len: usize,
 }
@@ -188,7 +188,7 @@ impl<B: Backend> TokenRows<B> {
         })?;
         let mut table = index_table(rows.sample_of);
         if table.is_empty() {
-            table.push(0.0);
+            table.push(0);
         }
         Ok(TokenRows {
             sample_of: backend.upload(&table)?,
@@ -215,10 +215,10 @@ impl Split {
     }
 }
 
-/// Split K so that `tiles` output tiles become at least [`TARGET_BLOCKS`] blocks, each split
-/// covering at least two K steps.
-pub fn split_k(tiles: usize, k: usize) -> Split {
-    let wanted = TARGET_BLOCKS.div_ceil(tiles.max(1));
+/// Split K so that `tiles` output tiles become at least [`BLOCKS_PER_SM`] blocks per SM of a
+/// device with `sm_count` SMs, each split covering at least two K steps.
+pub fn split_k(tiles: usize, k: usize, sm_count: usize) -> Split {
+    let wanted = (BLOCKS_PER_SM * sm_count.max(1)).div_ceil(tiles.max(1));
     if wanted <= 1 || k <= MIN_CHUNK {
         return Split::none(k);
     }
@@ -312,7 +312,7 @@ pub enum Step {
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
 /// launch limits. Empty for an empty shape.
-pub fn launch_config(variant: Variant, shape: &Shape) -> Vec<(Step, LaunchDims)> {
+pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(Step, LaunchDims)> {
     if shape.is_empty() {
         return Vec::new();
     }
@@ -338,7 +338,7 @@ pub fn launch_config(variant: Variant, shape: &Shape) -> Vec<(Step, LaunchDims)>
         }
         Variant::Fused => {
             let tiles = r.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
-            let split = split_k(tiles, shape.d_in);
+            let split = split_k(tiles, shape.d_in, sm_count);
             steps.push((
                 Step::ShrinkTiled { j0: 0, j1: r, split },
                 tiled_dims(t, r, split.splits),
@@ -348,7 +348,7 @@ pub fn launch_config(variant: Variant, shape: &Shape) -> Vec<(Step, LaunchDims)>
                 steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
             }
             let tiles = shape.d_out.div_ceil(TILE.bn) * t.div_ceil(TILE.bm);
-            let split = split_k(tiles, r);
+            let split = split_k(tiles, r, sm_count);
             steps.push((
                 Step::ExpandTiled { j0: 0, j1: r, split },
                 tiled_dims(t, shape.d_out, split.splits),
@@ -363,9 +363,9 @@ pub fn launch_config(variant: Variant, shape: &Shape) -> Vec<(Step, LaunchDims)>
 }
 
 /// f32 elements of the workspace `variant` needs for `shape` (split-K partials); at least 1.
-pub fn workspace_len(variant: Variant, shape: &Shape) -> usize {
+pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize {
     let t = shape.t;
-    launch_config(variant, shape)
+    launch_config(variant, shape, sm_count)
         .iter()
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
@@ -546,7 +546,7 @@ pub fn launch<T: Element, B: Backend>(
         name,
         "workspace",
         backend.buffer_len(outputs.work),
-        workspace_len(variant, shape),
+        workspace_len(variant, shape, backend.sm_count()),
         true,
     )?;
 
@@ -564,7 +564,7 @@ pub fn launch<T: Element, B: Backend>(
     let (z, y, work) = (backend.arg_out(z), backend.arg_out(y), backend.arg_out(work));
     let i = |v: usize| KernelArg::I32(v as i32);
     let n = shape.n();
-    for (step, dims) in launch_config(variant, shape) {
+    for (step, dims) in launch_config(variant, shape, backend.sm_count()) {
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
             Step::ShrinkNaive { j0, j1 } => (
                 Entry::ShrinkNaive,
@@ -651,6 +651,7 @@ pub fn launch<T: Element, B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::HARNESS_SM_COUNT;
     use proptest::prelude::*;
 
     fn shape(t: usize, d: usize, ranks: Vec<usize>) -> Shape {
@@ -666,23 +667,26 @@ mod tests {
     #[test]
     fn loop_variant_launches_two_kernels_per_module() {
         let s = shape(16, 4096, vec![16; 128]);
-        assert_eq!(launch_config(Variant::Loop, &s).len(), 256);
-        assert_eq!(launch_config(Variant::Naive, &s).len(), 2);
+        assert_eq!(launch_config(Variant::Loop, &s, HARNESS_SM_COUNT).len(), 256);
+        assert_eq!(launch_config(Variant::Naive, &s, HARNESS_SM_COUNT).len(), 2);
     }
 
     #[test]
     fn fused_splits_k_when_the_tiles_cannot_fill_the_gpu() {
         // Decode: T = 16, R = 512 → 8 shrink tiles: split d_in = 4096.
         let s = shape(16, 4096, vec![16; 32]);
-        let plan = launch_config(Variant::Fused, &s);
+        let plan = launch_config(Variant::Fused, &s, HARNESS_SM_COUNT);
         let Step::ShrinkTiled { split, .. } = plan[0].0 else {
             panic!("{plan:?}")
         };
-        assert!(split.splits > 1 && split.splits * 8 >= TARGET_BLOCKS, "{split:?}");
+        assert!(
+            split.splits > 1 && split.splits * 8 >= BLOCKS_PER_SM * HARNESS_SM_COUNT,
+            "{split:?}"
+        );
         assert!(matches!(plan[1].0, Step::ShrinkReduce { .. }));
         // Prefill: T = 4096 has tiles enough.
         let s = shape(4096, 4096, vec![16; 32]);
-        assert!(launch_config(Variant::Fused, &s)
+        assert!(launch_config(Variant::Fused, &s, HARNESS_SM_COUNT)
             .iter()
             .all(|(step, dims)| dims.grid[2] == 1 && !matches!(step, Step::ShrinkReduce { .. })));
     }
@@ -690,7 +694,7 @@ mod tests {
     proptest! {
         #[test]
         fn split_covers_k_exactly(tiles in 1usize..400, k in 0usize..10_000) {
-            let s = split_k(tiles, k);
+            let s = split_k(tiles, k, HARNESS_SM_COUNT);
             prop_assert!(s.splits >= 1 && s.chunk >= 1);
             prop_assert!(s.chunk * s.splits >= k, "{s:?}");
             prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
@@ -699,12 +703,8 @@ mod tests {
     }
 
     #[test]
-    fn index_tables_keep_their_bits() {
-        let v = index_table(&[0, 1, 7, 123_456]);
-        assert_eq!(
-            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            vec![0, 1, 7, 123_456]
-        );
+    fn index_tables_are_int32() {
+        assert_eq!(index_table(&[0, 1, 7, 123_456]), vec![0i32, 1, 7, 123_456]);
     }
 
     // The tiles and the ∂C epilogue fit the static shared memory of every GPU.
