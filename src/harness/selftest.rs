@@ -354,7 +354,7 @@ fn global_overrun_is_caught_whatever_the_distance() {
         ],
     );
     // Far past the end: no guard zone would cover it.
-    let small = buf(&vec![f32::NAN; 4]);
+    let small = buf(&[f32::NAN; 4]);
     fails(
         run(
             1,
@@ -412,7 +412,7 @@ fn uninitialised_device_memory_reads_are_caught() {
 #[test]
 fn pointers_that_are_not_harness_buffers_are_refused() {
     let k = k!(lc_run_selftest_copy);
-    let host = vec![0.0f32; 8];
+    let host = [0.0f32; 8];
     let out = buf(&[0.0f32; 8]);
     fails(
         run(
