@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use lora_compose::check::{compare, compare_with, Tol};
 use lora_compose::peft::Adapter;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -151,22 +152,12 @@ fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
         .collect()
 }
 
-/// Per element `|x − ref| ≤ 1e-5 · max|ref|`, reporting the worst element.
+/// Per element `|x − ref| ≤ 1e-5 · max|ref|` through the crate's comparison helper; the
+/// reference must not be all zero (the bound would then be exact equality with zero).
 fn assert_close(got: &[f64], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
     let peak = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .enumerate()
-        .fold((0, 0.0), |best, (i, e)| if e > best.1 { (i, e) } else { best });
-    assert!(
-        err <= 1e-5 * peak && peak > 0.0,
-        "{what}: worst |Δ| {err:e} at {worst} (got {}, want {}), max|ref| {peak:e}",
-        got[worst],
-        want[worst]
-    );
+    assert!(peak > 0.0, "{what}: the reference is all zero");
+    compare(what, got, want, Tol::new(1e-5 * peak, 0.0)).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn run(args: &[&str]) -> Output {
@@ -379,12 +370,8 @@ fn fold_into_base_is_w_plus_delta() {
                 .iter()
                 .map(|&x| f64::from(half::bf16::from_f64(x).to_f32()))
                 .collect();
-            let off = got
-                .iter()
-                .zip(&rounded)
-                .filter(|(g, r)| (*g - *r).abs() > 1e-2 * r.abs().max(1e-3))
-                .count();
-            assert_eq!(off, 0, "{name}: elements off by more than one bf16 ulp");
+            compare_with(name, &got, &rounded, |i| 1e-2 * rounded[i].abs().max(1e-3))
+                .unwrap_or_else(|e| panic!("off by more than 1e-2·max(|ref|, 1e-3), about one bf16 ulp: {e}"));
         } else {
             assert_close(&got, &want, name);
         }
