@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use lora_compose::check::{compare, compare_with, Tol};
 use lora_compose::peft::Adapter;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -113,6 +114,23 @@ fn product(a: &[f64], b: &[f64], r: usize, d_in: usize, d_out: usize) -> Vec<f64
     out
 }
 
+/// Every tensor of an f32 safetensors file: name → (values, shape).
+fn read_f32_tensors(file: &Path) -> BTreeMap<String, (Vec<f64>, Vec<usize>)> {
+    let bytes = fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), Dtype::F32, "{name}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+                .collect();
+            (name.to_string(), (v, t.shape().to_vec()))
+        })
+        .collect()
+}
+
 /// ΔW of a merged adapter on disk, recomputed here from its raw tensors and config.
 fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
     let config: Value = serde_json::from_str(&fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
@@ -124,18 +142,8 @@ fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
         alpha / r
     };
     assert_eq!(config["rank_pattern"].as_object().map_or(0, |m| m.len()), 0);
-    let bytes = fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let read = |name: &str| -> (Vec<f64>, Vec<usize>) {
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::F32);
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
-            .collect();
-        (v, t.shape().to_vec())
-    };
+    let tensors = read_f32_tensors(&dir.join("adapter_model.safetensors"));
+    let read = |name: &str| tensors[name].clone();
     LAYERS
         .iter()
         .map(|&(path, d_in, d_out)| {
@@ -151,22 +159,66 @@ fn merged_delta(dir: &Path) -> BTreeMap<String, Vec<f64>> {
         .collect()
 }
 
-/// Per element `|x − ref| ≤ 1e-5 · max|ref|`, reporting the worst element.
-fn assert_close(got: &[f64], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let peak = want.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .enumerate()
-        .fold((0, 0.0), |best, (i, e)| if e > best.1 { (i, e) } else { best });
-    assert!(
-        err <= 1e-5 * peak && peak > 0.0,
-        "{what}: worst |Δ| {err:e} at {worst} (got {}, want {}), max|ref| {peak:e}",
-        got[worst],
-        want[worst]
+/// One adapter layer as read back here: A (r×d_in), B (d_out×r), r, and its scale.
+type ReadLayer = (Vec<f64>, Vec<f64>, usize, f64);
+
+/// An adapter directory read with `serde_json` and `safetensors` only: module path → layer. r is
+/// A's row count, checked against `r` / `rank_pattern`; the scale is alpha / r (alpha / √r with
+/// rsLoRA), alpha from `lora_alpha` or the `alpha_pattern` entry that names the path. Pattern
+/// keys are taken as literal dot-suffixes of the path, which the keys this file meets are.
+fn read_adapter(dir: &Path) -> BTreeMap<String, ReadLayer> {
+    let config: Value = serde_json::from_str(&fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let pattern = |field: &str, path: &str| {
+        let entries = config[field].as_object()?;
+        for key in entries.keys() {
+            let plain = key.chars().all(|c| c.is_ascii_alphanumeric() || "._".contains(c));
+            assert!(
+                plain,
+                "{field} key `{key}`: this reader takes keys as literal dot-suffixes"
+            );
+        }
+        entries
+            .iter()
+            .find(|(key, _)| path == key.as_str() || path.ends_with(&format!(".{key}")))
+            .map(|(_, v)| v.as_f64().unwrap())
+    };
+    let tensors = read_f32_tensors(&dir.join("adapter_model.safetensors"));
+    let mut layers = BTreeMap::new();
+    for (name, (a, shape_a)) in &tensors {
+        let Some(path) = name
+            .strip_prefix("base_model.model.")
+            .and_then(|n| n.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let (b, shape_b) = &tensors[&format!("base_model.model.{path}.lora_B.weight")];
+        let r = shape_a[0];
+        assert_eq!(shape_b[1], r, "{path}");
+        let r_config = pattern("rank_pattern", path).unwrap_or_else(|| config["r"].as_f64().unwrap());
+        assert_eq!(r as f64, r_config, "{path}: rank of the tensors vs the config");
+        let alpha = pattern("alpha_pattern", path).unwrap_or_else(|| config["lora_alpha"].as_f64().unwrap());
+        let scale = if config["use_rslora"].as_bool().unwrap_or(false) {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        layers.insert(path.to_string(), (a.clone(), b.clone(), r, scale));
+    }
+    assert_eq!(
+        layers.len() * 2,
+        tensors.len(),
+        "{}: only lora_A/lora_B pairs",
+        dir.display()
     );
+    layers
+}
+
+/// Per element `|x − ref| ≤ 1e-5 · max|ref|` through the crate's comparison helper; the
+/// reference must not be all zero (the bound would then be exact equality with zero).
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    let peak = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert!(peak > 0.0, "{what}: the reference is all zero");
+    compare(what, got, want, Tol::new(1e-5 * peak, 0.0)).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn run(args: &[&str]) -> Output {
@@ -379,12 +431,8 @@ fn fold_into_base_is_w_plus_delta() {
                 .iter()
                 .map(|&x| f64::from(half::bf16::from_f64(x).to_f32()))
                 .collect();
-            let off = got
-                .iter()
-                .zip(&rounded)
-                .filter(|(g, r)| (*g - *r).abs() > 1e-2 * r.abs().max(1e-3))
-                .count();
-            assert_eq!(off, 0, "{name}: elements off by more than one bf16 ulp");
+            compare_with(name, &got, &rounded, |i| 1e-2 * rounded[i].abs().max(1e-3))
+                .unwrap_or_else(|e| panic!("off by more than 1e-2·max(|ref|, 1e-3), about one bf16 ulp: {e}"));
         } else {
             assert_close(&got, &want, name);
         }
@@ -736,7 +784,7 @@ fn success_replaces_existing_output_and_leaves_no_temp_files() {
 }
 
 #[test]
-fn demo_adapters_then_merge_works_and_is_deterministic() {
+fn demo_adapters_are_deterministic_and_fold_as_w_plus_delta() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["d1", "d2"] {
         run_ok(&[
@@ -768,4 +816,31 @@ fn demo_adapters_then_merge_works_and_is_deterministic() {
         "--out",
         dir_str(&d.join("merged.safetensors")),
     ]);
+    // The folded model: W + Σ_i w_i s_i B_i A_i on every adapted layer (the demo adapters have
+    // mixed ranks, rsLoRA and rank/alpha patterns), every other tensor copied unchanged.
+    let w = [0.5, 0.3, 0.2];
+    let adapters: Vec<_> = (0..3).map(|i| read_adapter(&d.join(format!("adapter_{i}")))).collect();
+    let base = read_f32_tensors(&d.join("base_model.safetensors"));
+    let folded = read_f32_tensors(&d.join("merged.safetensors"));
+    assert!(folded.keys().eq(base.keys()), "the folded file has the base's tensors");
+    let mut adapted = 0;
+    for (name, (w0, shape)) in &base {
+        let (got, got_shape) = &folded[name];
+        assert_eq!(got_shape, shape, "{name}");
+        let Some(path) = name.strip_suffix(".weight").filter(|p| adapters[0].contains_key(*p)) else {
+            assert_eq!(got, w0, "{name} must be copied unchanged");
+            continue;
+        };
+        let (d_out, d_in) = (shape[0], shape[1]);
+        let mut want = w0.clone();
+        for (wi, adapter) in w.iter().zip(&adapters) {
+            let (a, b, r, scale) = &adapter[path];
+            for (dst, x) in want.iter_mut().zip(product(a, b, *r, d_in, d_out)) {
+                *dst += wi * scale * x;
+            }
+        }
+        assert_close(got, &want, name);
+        adapted += 1;
+    }
+    assert_eq!(adapted, adapters[0].len(), "every adapted layer has a base weight");
 }

@@ -1,19 +1,20 @@
 //! The GPU probe never panics: without a driver, a device or PTX it returns an error that says
-//! which. On a machine with a GPU and a PTX build it opens the device.
+//! which (`probe_returns_a_clean_result`, run everywhere). On a GPU machine the ignored
+//! `probe_opens_the_gpu` must open the device: `--ignored` runs it (gpu-bundle/gpu-check.sh
+//! does), and it fails where the probe does.
 
 use lora_compose::gpu::{ptx, GpuBackend};
-use lora_compose::kernels::KernelError;
+use lora_compose::kernels::{Backend, KernelError};
 
 #[test]
 fn probe_returns_a_clean_result() {
     match GpuBackend::probe() {
         Ok(gpu) => {
-            use lora_compose::kernels::Backend;
             assert!(ptx::get("gemm").is_some(), "a GPU backend needs the GEMM PTX");
             println!("GPU found: {}", gpu.name());
         }
         Err(KernelError::Unavailable(reason)) => {
-            println!("GPU tests skipped: {reason}");
+            println!("no GPU (the probe returned a clean error): {reason}");
             if !ptx::BUILT_WITH_PTX {
                 assert!(reason.contains("built without PTX"), "{reason}");
             }
@@ -22,6 +23,14 @@ fn probe_returns_a_clean_result() {
             panic!("probe failed with a driver error on a machine that has a driver: {other}")
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
+fn probe_opens_the_gpu() {
+    let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
+    assert!(ptx::get("gemm").is_some(), "a GPU backend needs the GEMM PTX");
+    println!("GPU found: {}", gpu.name());
 }
 
 #[test]

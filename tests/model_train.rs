@@ -7,7 +7,7 @@ use lora_compose::check::{compare, Tol};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::model::checkpoint::{self, Parts};
 use lora_compose::model::train::{clip_grad_norm, cross_entropy, epoch_order, evaluate, lr_at, train_step, AdamW};
-use lora_compose::model::{Arch, Batch, Composition, Library, Model, Pool, Trainable};
+use lora_compose::model::{Adapter, Arch, Batch, Composition, Library, Model, Trainable};
 use model_common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -16,18 +16,17 @@ fn library(model: &Model<f32>, targets: &[&str], n: usize, rank: usize, seed: u6
     model.random_library(targets, n, rank, 0.3, seed).unwrap()
 }
 
+/// The composition of [`composed_model`].
+const COMPOSITION: Composition = Composition {
+    mode: Mode::Product,
+    param: Param::Softmax,
+    global: false,
+};
+
 fn composed_model(seed: u64) -> Model<f32> {
     let mut m = Model::<f32>::init(vit(16, 4), seed).unwrap();
     let lib = library(&m, &["query", "value"], 4, 2, seed);
-    m.attach_composition(
-        &lib,
-        Composition {
-            mode: Mode::Product,
-            param: Param::Softmax,
-            global: false,
-        },
-    )
-    .unwrap();
+    m.attach_composition(&lib, COMPOSITION).unwrap();
     m.attach_lora(&["intermediate.dense"], 2, 4.0, seed).unwrap();
     m
 }
@@ -227,8 +226,44 @@ fn checkpoints_round_trip() {
     let mut other = Model::<f32>::init(vit(8, 4), 5).unwrap();
     let err = checkpoint::load(&mut other, &dir.path().join("all.safetensors")).unwrap_err();
     assert!(err.to_string().contains("hidden: checkpoint 16, model 8"), "{err}");
-    // A trained LoRA exports as a library module that composes like the LoRA itself.
+    // A trained LoRA exports as a library module that composes like the LoRA itself: a
+    // one-module composition has c = softmax([v]) = 1, so the model with the exported modules in
+    // place of the LoRAs holds the same f32 weights and gives the same logits. Only the order of
+    // f32 sums may differ between the two layer kinds' paths: 16·ε₃₂·max|logit| (the f32 bound
+    // of the composition kernels, tests/compose_kernels.rs) allows that and no real difference —
+    // the LoRAs themselves move the logits by > 1000× as much (checked below).
     let lib = trained.lora_modules();
     assert_eq!(lib.len(), 2);
-    let _ = Pool::Cls;
+    let mut composed = trained.clone();
+    composed.attach_composition(&lib, COMPOSITION).unwrap();
+    for path in lib.keys() {
+        let adapter = &composed.linear(path).unwrap().adapter;
+        assert!(matches!(adapter, Adapter::Compose { .. }), "{path}: {adapter:?}");
+    }
+    let batch = Batch::images(&images(6, 11).0, 12).unwrap();
+    let want = trained.logits(&batch).unwrap();
+    let peak = want.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+    let tol = Tol::new(16.0 * f64::from(f32::EPSILON) * peak, 0.0);
+    compare(
+        "logits, exported LoRA composed",
+        &composed.logits(&batch).unwrap(),
+        &want,
+        tol,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut without = trained.clone();
+    for path in lib.keys() {
+        without.linear_mut(path).unwrap().detach();
+    }
+    without.sync_device().unwrap();
+    let moved = compare(
+        "",
+        &without.logits(&batch).unwrap(),
+        &want,
+        Tol::new(1000.0 * tol.atol, 0.0),
+    );
+    assert!(
+        moved.is_err(),
+        "the LoRAs barely change the logits, so this check is weak"
+    );
 }

@@ -453,14 +453,17 @@ mod tests {
         assert_eq!(parts, split(103, 7, &[0.5, 0.2]));
     }
 
-    /// Reads the real assets when `scripts/fetch-assets.sh` has fetched them.
+    /// Reads the real assets that `scripts/fetch-assets.sh` fetches; fails without them.
     #[test]
-    fn real_assets_if_present() {
+    #[ignore = "needs the data sets in assets/: scripts/fetch-assets.sh, then cargo test --release --lib real_assets -- --ignored"]
+    fn real_assets() {
         let dir = assets_dir();
-        if !dir.join("mnist").join("0.json").exists() {
-            eprintln!("skipped: no assets/ (run scripts/fetch-assets.sh)");
-            return;
-        }
+        assert!(
+            dir.join("mnist").join("0.json").exists(),
+            "needs the data sets in {}: run scripts/fetch-assets.sh, then \
+             cargo test --release --lib real_assets -- --ignored",
+            dir.display()
+        );
         let s = Sources::load(&dir).unwrap();
         assert_eq!(s.fashion_train.len(), 60_000);
         assert_eq!(s.fashion_test.len(), 10_000);
