@@ -205,14 +205,18 @@ struct LaunchBuffer {
     bool writable;  // some non-const pointer argument points into it
 };
 
+// Per OS thread: the launch's buffers, and (as __thread plain data, read on every access without
+// a thread_local initialisation guard) the last buffer accessed, the device shadow and whether an
+// unwritten read is pending.
 struct Checker {
     std::string pending;  // the first unwritten read of this barrier interval, if any
     std::vector<LaunchBuffer> buffers;
-    Allocation* last = nullptr;  // cache of the last buffer accessed
-    bool last_writable = false;
-    Record* shadow = nullptr;
 };
 thread_local Checker t_checker;
+__thread Allocation* t_last = nullptr;
+__thread bool t_last_writable = false;
+__thread Record* t_device_shadow = nullptr;
+__thread bool t_pending = false;
 
 const char* const* find_param_names(const char* kernel, size_t n_params) {
     static thread_local std::map<std::string, std::vector<std::string>> cache_strings;
@@ -359,7 +363,7 @@ inline void check_granule(const LaunchState& l, Record& r, uint32_t stamp, Kind 
     auto conflicts = [&](const Access& x) {
         return (x.flags & kValid) && !same_thread(x, me) && !(atomic && (x.flags & kAtomic)) && !ordered(l, x, me);
     };
-    auto where = [&]() { return shared ? describe_shared(a) : describe_device(l, t_checker.last, a); };
+    auto where = [&]() { return shared ? describe_shared(a) : describe_device(l, t_last, a); };
     if (conflicts(r.write)) report_race(where(), r.write, true, kind, me);
     if (kind != Kind::Read) {
         if (conflicts(r.read1)) report_race(where(), r.read1, false, kind, me);
@@ -399,7 +403,6 @@ inline void check_granule(const LaunchState& l, Record& r, uint32_t stamp, Kind 
 }
 
 void device_access(const LaunchState& l, uintptr_t a, size_t size, Kind kind) {
-    Checker& c = t_checker;
     const size_t chunk = (a - g_arena_base) >> kChunkShift;
     Allocation* alloc = g_owner[chunk].load(std::memory_order_relaxed);
     char buf[96];
@@ -412,45 +415,46 @@ void device_access(const LaunchState& l, uintptr_t a, size_t size, Kind kind) {
         for (size_t k = chunk; !near && k-- > 0 && k + 4096 > chunk;) near = g_owner[k].load(std::memory_order_relaxed);
         std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at ", verb(kind), size);
         if (!near) fail(std::string(buf) + "an address inside the device arena that no buffer owns");
-        c.last = near;
+        t_last = near;
         const char* where = a >= near->base + near->bytes ? ": past the end of the buffer"
                             : a < near->base              ? ": before the start of the buffer"
                                                           : ": across the end of the buffer";
         fail(std::string(buf) + describe_device(l, near, a) + where);
     }
-    if (alloc != c.last) {
+    if (alloc != t_last) {
         bool found = false;
-        for (const LaunchBuffer& b : c.buffers)
+        for (const LaunchBuffer& b : t_checker.buffers)
             if (b.allocation == alloc) {
-                c.last_writable = b.writable;
+                t_last_writable = b.writable;
                 found = true;
             }
-        c.last = alloc;
+        t_last = alloc;
         if (!found) {
             std::snprintf(buf, sizeof buf, "%s of %zu bytes at ", verb(kind), size);
             fail(std::string(buf) + describe_device(l, alloc, a) +
                  ": the kernel was not given this buffer (a stale or computed pointer)");
         }
     }
-    if (kind != Kind::Read && !c.last_writable) {
+    if (kind != Kind::Read && !t_last_writable) {
         std::snprintf(buf, sizeof buf, "%s of %zu bytes at ", verb(kind), size);
         fail(std::string(buf) + describe_device(l, alloc, a) +
              ": the kernel receives this buffer only through pointers to const (an input)");
     }
     const size_t g0 = (a - alloc->base) >> kGranuleShift;
     const size_t g1 = (a + size - 1 - alloc->base) >> kGranuleShift;
-    if (kind != Kind::Write && c.pending.empty()) {
+    if (kind != Kind::Write && !t_pending) {
         for (size_t g = g0; g <= g1; ++g)
             if (!alloc->written[g].load(std::memory_order_relaxed)) {
                 std::snprintf(buf, sizeof buf, "uninitialised %s of %zu bytes at ", verb(kind), size);
-                c.pending = std::string(buf) + describe_device(l, alloc, a) + " by " +
-                            thread_name(t_current->tid) + ": neither the host nor a kernel has written it";
+                t_checker.pending = std::string(buf) + describe_device(l, alloc, a) + " by " +
+                                    thread_name(t_current->tid) + ": neither the host nor a kernel has written it";
+                t_pending = true;
                 break;
             }
     }
     const FiberView* f = t_current;
     const Access me{l.block, f->vc[f->lane], uint16_t(f->tid), uint16_t(kValid | (kind == Kind::Atomic ? kAtomic : 0))};
-    Record* shadow = c.shadow + ((a - g_arena_base) >> kGranuleShift);
+    Record* shadow = t_device_shadow + ((a - g_arena_base) >> kGranuleShift);
     for (size_t g = g0; g <= g1; ++g) check_granule(l, shadow[g - g0], l.stamp, kind, me, a, false);
     if (kind != Kind::Read)
         for (size_t g = g0; g <= g1; ++g) alloc->written[g].store(1, std::memory_order_relaxed);
@@ -475,11 +479,12 @@ void shared_access(const LaunchState& l, uintptr_t a, size_t size, Kind kind) {
     const size_t g0 = off >> kGranuleShift, g1 = (end - 1) >> kGranuleShift;
     for (size_t g = g0; g <= g1; ++g) {
         Record& r = s.shadow[g];
-        if (kind != Kind::Write && t_checker.pending.empty() &&
+        if (kind != Kind::Write && !t_pending &&
             (r.stamp != l.block_stamp || !(r.flags & kSharedWritten))) {
             std::snprintf(buf, sizeof buf, "uninitialised shared-memory %s of %zu bytes at ", verb(kind), size);
             t_checker.pending = std::string(buf) + describe_shared(a) + " by " + thread_name(t_current->tid) +
                                 ": no thread of this block has written it";
+            t_pending = true;
         }
         check_granule(l, r, l.block_stamp, kind, me, a, true);
     }
@@ -508,8 +513,9 @@ bool memcheck_begin_launch(LaunchState& l) {
     Checker& c = t_checker;
     c.buffers.clear();
     c.pending.clear();
-    c.last = nullptr;
-    c.shadow = device_shadow();
+    t_pending = false;
+    t_last = nullptr;
+    t_device_shadow = device_shadow();
     l.param_names = find_param_names(l.kernel, l.n_params);
     for (size_t i = 0; i < l.n_params; ++i) {
         const ParamInfo& p = l.params[i];
@@ -533,15 +539,16 @@ bool memcheck_begin_launch(LaunchState& l) {
 }
 
 bool memcheck_pending_ok() {
-    if (t_checker.pending.empty()) return true;
+    if (!t_pending) return true;
     set_launch_error(t_checker.pending);
     return false;
 }
 
 void memcheck_end_launch() {
     t_checker.pending.clear();
+    t_pending = false;
     t_checker.buffers.clear();
-    t_checker.last = nullptr;
+    t_last = nullptr;
 }
 
 bool shared_begin_block(size_t dynamic_bytes) {
