@@ -10,7 +10,7 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 
-use crate::kernels::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar};
+use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar};
 
 /// The PTX that build.rs compiled, per kernel family (`ptx::get("gemm")`).
 pub mod ptx {

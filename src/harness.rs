@@ -6,18 +6,8 @@
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 
-use crate::kernels::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, HARNESS_SM_COUNT};
-
-/// Mirrors `lc_harness::LaunchDims` in `cuda/harness/cuda_cpu.h`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct HarnessLaunch {
-    pub grid: [u32; 3],
-    pub block: [u32; 3],
-    pub dynamic_shared_bytes: u32,
-    pub reserved: u32,
-    pub seed: u64,
-}
+pub use crate::launch::HarnessLaunch;
+use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, HARNESS_SM_COUNT};
 
 extern "C" {
     fn lc_harness_last_error() -> *const c_char;
@@ -229,71 +219,18 @@ pub fn bf16_bits_to_f32(bits: u16) -> f32 {
     unsafe { lc_harness_bf16_bits_to_f32(bits) }
 }
 
-/// The `extern "C"` entries that `LC_HARNESS_ENTRY` defines in `cuda/harness/<family>_host.cpp`.
+/// The `extern "C"` entries of the harness's own test kernels (`cuda/harness_selftest.cu`).
+#[cfg(test)]
 pub(crate) mod entries {
     macro_rules! harness_entries {
         ($($entry:ident),* $(,)?) => {
             extern "C" {
                 $(pub(crate) fn $entry(
-                    launch: *const super::super::HarnessLaunch,
+                    launch: *const crate::launch::HarnessLaunch,
                     params: *const *mut std::ffi::c_void,
                 ) -> i32;)*
             }
         };
-    }
-
-    pub(crate) mod gemm {
-        harness_entries!(
-            lc_run_gemm_naive_f32,
-            lc_run_gemm_naive_f16,
-            lc_run_gemm_naive_bf16,
-            lc_run_gemm_tiled64_f32,
-            lc_run_gemm_tiled64_f16,
-            lc_run_gemm_tiled64_bf16,
-            lc_run_gemm_tiled128_f32,
-            lc_run_gemm_tiled128_f16,
-            lc_run_gemm_tiled128_bf16,
-        );
-    }
-
-    pub(crate) mod compose_fwd {
-        harness_entries!(
-            lc_run_compose_fwd_shrink_naive_f32,
-            lc_run_compose_fwd_shrink_naive_bf16,
-            lc_run_compose_fwd_expand_naive_f32,
-            lc_run_compose_fwd_expand_naive_bf16,
-            lc_run_compose_fwd_shrink_tiled_f32,
-            lc_run_compose_fwd_shrink_tiled_bf16,
-            lc_run_compose_fwd_shrink_reduce_f32,
-            lc_run_compose_fwd_shrink_reduce_bf16,
-            lc_run_compose_fwd_expand_tiled_f32,
-            lc_run_compose_fwd_expand_tiled_bf16,
-            lc_run_compose_fwd_sum_partials_f32,
-            lc_run_compose_fwd_sum_partials_bf16,
-        );
-    }
-
-    pub(crate) mod compose_bwd {
-        harness_entries!(
-            lc_run_compose_bwd_hidden_naive_f32,
-            lc_run_compose_bwd_hidden_naive_bf16,
-            lc_run_compose_bwd_coeff_grad_naive_f32,
-            lc_run_compose_bwd_coeff_grad_naive_bf16,
-            lc_run_compose_bwd_dx_naive_f32,
-            lc_run_compose_bwd_dx_naive_bf16,
-            lc_run_compose_bwd_da_naive_f32,
-            lc_run_compose_bwd_da_naive_bf16,
-            lc_run_compose_bwd_db_naive_f32,
-            lc_run_compose_bwd_db_naive_bf16,
-            lc_run_compose_bwd_coeff_grad_tiled_f32,
-            lc_run_compose_bwd_coeff_grad_tiled_bf16,
-            lc_run_compose_bwd_dx_tiled_f32,
-            lc_run_compose_bwd_dx_tiled_bf16,
-            lc_run_compose_bwd_da_tiled_f32,
-            lc_run_compose_bwd_da_tiled_bf16,
-            lc_run_compose_bwd_db_tiled_f32,
-            lc_run_compose_bwd_db_tiled_bf16,
-        );
     }
 
     #[cfg(test)]

@@ -24,5 +24,6 @@ pub mod peft;
 pub mod gpu;
 pub mod harness;
 pub mod kernels;
+pub mod launch;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@
 
 use super::entries::harness_selftest as e;
 use super::{CpuHarness, HarnessLaunch, HostBuffer};
-use crate::kernels::{Backend, KernelArg, KernelError, LaunchDims, Scalar};
+use crate::launch::{Backend, HarnessEntry, Kernel, KernelArg, KernelError, LaunchDims, Scalar};
 
 const SEEDS: [u64; 4] = [0, 1, 2, 3];
 
@@ -16,8 +16,8 @@ macro_rules! k {
     };
 }
 
-fn paste_kernel(symbol: &'static str, harness_entry: crate::kernels::HarnessEntry) -> crate::kernels::Kernel {
-    crate::kernels::Kernel {
+fn paste_kernel(symbol: &'static str, harness_entry: HarnessEntry) -> Kernel {
+    Kernel {
         family: "harness_selftest",
         name: &symbol["lc_run_".len()..],
         harness_entry,
@@ -48,7 +48,7 @@ fn i32_arg(v: i32) -> KernelArg {
     KernelArg::I32(v)
 }
 
-fn run(seed: u64, kernel: &crate::kernels::Kernel, dims: LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
+fn run(seed: u64, kernel: &Kernel, dims: LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
     // SAFETY: every test passes harness buffers of the size its kernel's comment states, in the
     // kernel's parameter order (the harness itself refuses any other pointer).
     unsafe { CpuHarness::new(seed).launch(kernel, &dims, args) }

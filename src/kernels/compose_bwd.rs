@@ -240,7 +240,7 @@ pub enum Entry {
 
 /// The compiled kernel `compose_bwd_<entry>_<dtype>`, or an error for f16.
 pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
-    use crate::harness::entries::compose_bwd as e;
+    use super::entries::compose_bwd as e;
     use DType::{BF16, F32};
     use Entry::*;
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (entry, dtype) {

@@ -131,7 +131,7 @@ pub fn flops_bytes(params: &GemmParams, dtype: DType) -> (f64, f64) {
 
 /// The compiled kernel of `variant` for storage `dtype` (`gemm_<variant>_<dtype>`).
 pub fn kernel(variant: Variant, dtype: DType) -> Kernel {
-    use crate::harness::entries::gemm as e;
+    use super::entries::gemm as e;
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (variant, dtype) {
         (Variant::Naive, DType::F32) => kernel_entry!(e::lc_run_gemm_naive_f32),
         (Variant::Naive, DType::F16) => kernel_entry!(e::lc_run_gemm_naive_f16),

@@ -1,0 +1,333 @@
+//! What both composition families (`compose_fwd`, `compose_bwd`) share: the variants, the tile,
+//! the problem [`Shape`], the per-column and per-module [`Tables`], the checked token → sample
+//! [`TokenRows`], the split-K plan, the launch grids and the argument checks.
+
+use super::{Backend, KernelError, LaunchDims};
+use crate::compose::Rows;
+
+/// The kernel variants, in the order of `cuda/compose_fwd.cu`'s numbered list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// One thread per output element; two launches.
+    Naive,
+    /// Per module one shrink and one expand launch (2N launches): the serving-system baseline.
+    Loop,
+    /// All modules as one rank-R product: tiled shrink with the scale epilogue, tiled expand,
+    /// split-K when the tiles cannot fill the GPU.
+    Fused,
+}
+
+/// Every variant: tests and benches iterate this list.
+pub const ALL: &[Variant] = &[Variant::Naive, Variant::Loop, Variant::Fused];
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Naive => "naive",
+            Variant::Loop => "loop",
+            Variant::Fused => "fused",
+        }
+    }
+}
+
+/// Block tile of every tiled composition kernel: `lc::ComposeTile` in `cuda/common.cuh`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub tm: usize,
+    pub tn: usize,
+}
+
+pub const TILE: Tile = Tile {
+    bm: 32,
+    bn: 64,
+    bk: 16,
+    tm: 2,
+    tn: 4,
+};
+/// Threads of a tiled block: (BM/TM)·(BN/TN); `__launch_bounds__(256)` in the `.cu` files.
+pub const TILE_THREADS: u32 = ((TILE.bm / TILE.tm) * (TILE.bn / TILE.tn)) as u32;
+/// Static shared memory of the tiled main loop: f32 `a_tile[BK][BM + 4]` and `b_tile[BK][BN + 4]`.
+pub const TILE_SHARED_BYTES: u32 = (4 * TILE.bk * (TILE.bm + 4) + 4 * TILE.bk * (TILE.bn + 4)) as u32;
+/// Naive kernels: 16×16 threads, one per output element.
+const NAIVE_BLOCK: u32 = 16;
+/// 1-D kernels (reductions): threads per block.
+const LINEAR_BLOCK: u32 = 256;
+/// A split-K plan aims for at least this many blocks per SM of the device it runs on
+/// ([`Backend::sm_count`]).
+pub const BLOCKS_PER_SM: usize = 2;
+/// The shortest K range one split covers (two K steps of the tile).
+const MIN_CHUNK: usize = 2 * TILE.bk;
+
+/// One composed-layer call: T tokens, `n_samples` coefficient rows, modules of `ranks`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub t: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub n_samples: usize,
+    pub ranks: Vec<usize>,
+}
+
+impl Shape {
+    pub fn n(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// R = Σ r_i.
+    pub fn r_total(&self) -> usize {
+        self.ranks.iter().sum()
+    }
+
+    /// Start of each module's columns in the stacked rank dimension, plus R at the end.
+    pub fn offsets(&self) -> Vec<usize> {
+        std::iter::once(0)
+            .chain(self.ranks.iter().scan(0, |acc, &r| {
+                *acc += r;
+                Some(*acc)
+            }))
+            .collect()
+    }
+
+    /// Nothing to compute: no tokens, no rank columns, or an empty side.
+    pub fn is_empty(&self) -> bool {
+        self.t == 0 || self.r_total() == 0 || self.d_in == 0 || self.d_out == 0
+    }
+
+    /// Every dimension and the products that index buffers fit the kernels' int32 arithmetic
+    /// and the grid limits.
+    pub(crate) fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
+        let big = [
+            self.t * self.d_in.max(self.d_out).max(self.r_total()),
+            self.r_total() * self.d_in.max(self.d_out),
+            self.n_samples * self.n(),
+        ];
+        if big.iter().any(|&v| v > i32::MAX as usize) {
+            return Err(KernelError::Argument {
+                kernel,
+                message: format!("{self:?}: too large for int32 indexing"),
+            });
+        }
+        let rows = self.t.max(self.d_out).max(self.r_total());
+        if rows.div_ceil(NAIVE_BLOCK as usize) > super::MAX_GRID_YZ as usize {
+            return Err(KernelError::Argument {
+                kernel,
+                message: format!("{self:?}: exceeds the grid limit"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An index table as the kernels read it (`const int*`).
+pub fn index_table(values: &[usize]) -> Vec<i32> {
+    values
+        .iter()
+        .map(|&v| i32::try_from(v).expect("index fits int32"))
+        .collect()
+}
+
+/// Per rank column `module_of[j]` (int32) and `col_scale[j] = s_i`; per module `mod_offsets`
+/// (N + 1, int32) and `mod_scale` (N). Built from the ranks, so the kernels' lookups stay in
+/// bounds by construction.
+pub struct Tables<B: Backend> {
+    pub ranks: Vec<usize>,
+    pub module_of: B::Buffer<i32>,
+    pub col_scale: B::Buffer<f32>,
+    pub mod_offsets: B::Buffer<i32>,
+    pub mod_scale: B::Buffer<f32>,
+}
+
+impl<B: Backend> Tables<B> {
+    pub fn upload(backend: &B, ranks: &[usize], scales: &[f32]) -> Result<Self, KernelError> {
+        assert_eq!(ranks.len(), scales.len(), "one scale per module");
+        let mut module_of = Vec::new();
+        let mut col_scale = Vec::new();
+        let mut offsets = vec![0];
+        for (i, (&r, &s)) in ranks.iter().zip(scales).enumerate() {
+            module_of.extend(std::iter::repeat_n(i, r));
+            col_scale.extend(std::iter::repeat_n(s, r));
+            offsets.push(offsets[i] + r);
+        }
+        // Buffers of zero elements are still valid allocations to point at.
+        fn nonempty<T: Default>(mut v: Vec<T>) -> Vec<T> {
+            if v.is_empty() {
+                v.push(T::default());
+            }
+            v
+        }
+        Ok(Tables {
+            ranks: ranks.to_vec(),
+            module_of: backend.upload(&nonempty(index_table(&module_of)))?,
+            col_scale: backend.upload(&nonempty(col_scale))?,
+            mod_offsets: backend.upload(&index_table(&offsets))?,
+            mod_scale: backend.upload(&nonempty(scales.to_vec()))?,
+        })
+    }
+}
+
+/// Token → coefficient row on the device (int32), checked against `n_samples` on upload: the
+/// kernels index C with it.
+pub struct TokenRows<B: Backend> {
+    pub sample_of: B::Buffer<i32>,
+    pub n_samples: usize,
+    pub len: usize,
+}
+
+impl<B: Backend> TokenRows<B> {
+    pub fn upload(backend: &B, rows: Rows) -> Result<Self, KernelError> {
+        rows.check(rows.sample_of.len()).map_err(|e| KernelError::Argument {
+            kernel: "compose",
+            message: e.to_string(),
+        })?;
+        let mut table = index_table(rows.sample_of);
+        if table.is_empty() {
+            table.push(0);
+        }
+        Ok(TokenRows {
+            sample_of: backend.upload(&table)?,
+            n_samples: rows.n_samples,
+            len: rows.sample_of.len(),
+        })
+    }
+}
+
+/// K split into `splits` chunks of `chunk` (a multiple of the tile's K step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub chunk: usize,
+    pub splits: usize,
+}
+
+impl Split {
+    /// The whole of K in one block.
+    pub fn none(k: usize) -> Split {
+        Split {
+            chunk: k.max(1),
+            splits: 1,
+        }
+    }
+}
+
+/// Split K so that `tiles` output tiles become at least [`BLOCKS_PER_SM`] blocks per SM of a
+/// device with `sm_count` SMs, each split covering at least two K steps.
+pub fn split_k(tiles: usize, k: usize, sm_count: usize) -> Split {
+    let wanted = (BLOCKS_PER_SM * sm_count.max(1)).div_ceil(tiles.max(1));
+    if wanted <= 1 || k <= MIN_CHUNK {
+        return Split::none(k);
+    }
+    // Rounded down to whole K steps, so that there are at least `wanted` splits.
+    let chunk = (k / wanted / TILE.bk * TILE.bk).max(MIN_CHUNK);
+    let splits = k.div_ceil(chunk);
+    if splits <= 1 {
+        Split::none(k)
+    } else {
+        Split { chunk, splits }
+    }
+}
+
+/// Grid of a tiled kernel over a (rows, cols) output with `splits` K chunks.
+pub(crate) fn tiled_dims(rows: usize, cols: usize, splits: usize) -> LaunchDims {
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(cols.div_ceil(TILE.bn)).expect("grid x fits u32"),
+            u32::try_from(rows.div_ceil(TILE.bm)).expect("grid y fits u32"),
+            u32::try_from(splits).expect("grid z fits u32"),
+        ],
+        block: [TILE_THREADS, 1, 1],
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(TILE_SHARED_BYTES + super::compose_bwd::EPILOGUE_SHARED_BYTES);
+    dims
+}
+
+/// Grid of a naive kernel: one 16×16 block per 16×16 outputs, x over `cols`.
+pub(crate) fn naive_dims(rows: usize, cols: usize) -> LaunchDims {
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(cols.div_ceil(NAIVE_BLOCK as usize)).expect("grid x fits u32"),
+            u32::try_from(rows.div_ceil(NAIVE_BLOCK as usize)).expect("grid y fits u32"),
+            1,
+        ],
+        block: [NAIVE_BLOCK, NAIVE_BLOCK, 1],
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(0);
+    dims
+}
+
+/// Grid of a 1-D kernel over `n` elements.
+pub(crate) fn linear_dims(n: usize) -> LaunchDims {
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(n.div_ceil(LINEAR_BLOCK as usize)).expect("grid x fits u32"),
+            1,
+            1,
+        ],
+        block: [LINEAR_BLOCK, 1, 1],
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(0);
+    dims
+}
+
+/// The composition families are built for f32 and bf16 storage only.
+pub(crate) fn not_built(family: &'static str) -> KernelError {
+    KernelError::Argument {
+        kernel: family,
+        message: "the composition kernels are built for f32 and bf16 storage".into(),
+    }
+}
+
+/// `Err(Argument)` unless `len` is `want` (or at least `want` when `at_least`).
+pub(crate) fn check_len(
+    kernel: &'static str,
+    what: &str,
+    len: usize,
+    want: usize,
+    at_least: bool,
+) -> Result<(), KernelError> {
+    let ok = if at_least { len >= want } else { len == want };
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::Argument {
+            kernel,
+            message: format!(
+                "{what} has {len} elements, needs {}{want}",
+                if at_least { "at least " } else { "" }
+            ),
+        })
+    }
+}
+
+/// Checks the tables and token rows against the shape: lengths the kernels index.
+pub(crate) fn check_tables<B: Backend>(
+    backend: &B,
+    kernel: &'static str,
+    shape: &Shape,
+    c_len: usize,
+    rows: &TokenRows<B>,
+    tables: &Tables<B>,
+) -> Result<(), KernelError> {
+    shape.check(kernel)?;
+    if tables.ranks != shape.ranks {
+        return Err(KernelError::Argument {
+            kernel,
+            message: format!("tables for ranks {:?}, shape has {:?}", tables.ranks, shape.ranks),
+        });
+    }
+    if rows.len != shape.t || rows.n_samples != shape.n_samples {
+        return Err(KernelError::Argument {
+            kernel,
+            message: format!(
+                "token rows for {} tokens and {} samples, shape has {} and {}",
+                rows.len, rows.n_samples, shape.t, shape.n_samples
+            ),
+        });
+    }
+    debug_assert!(backend.buffer_len(&rows.sample_of) >= shape.t);
+    check_len(kernel, "C", c_len, shape.n_samples * shape.n(), false)
+}

@@ -1,0 +1,67 @@
+//! The `extern "C"` launch entries that `LC_HARNESS_ENTRY` defines in
+//! `cuda/harness/<family>_host.cpp`, one module per kernel family (used through `kernel_entry!`).
+
+macro_rules! harness_entries {
+    ($($entry:ident),* $(,)?) => {
+        extern "C" {
+            $(pub(crate) fn $entry(
+                launch: *const crate::launch::HarnessLaunch,
+                params: *const *mut std::ffi::c_void,
+            ) -> i32;)*
+        }
+    };
+}
+
+pub(crate) mod gemm {
+    harness_entries!(
+        lc_run_gemm_naive_f32,
+        lc_run_gemm_naive_f16,
+        lc_run_gemm_naive_bf16,
+        lc_run_gemm_tiled64_f32,
+        lc_run_gemm_tiled64_f16,
+        lc_run_gemm_tiled64_bf16,
+        lc_run_gemm_tiled128_f32,
+        lc_run_gemm_tiled128_f16,
+        lc_run_gemm_tiled128_bf16,
+    );
+}
+
+pub(crate) mod compose_fwd {
+    harness_entries!(
+        lc_run_compose_fwd_shrink_naive_f32,
+        lc_run_compose_fwd_shrink_naive_bf16,
+        lc_run_compose_fwd_expand_naive_f32,
+        lc_run_compose_fwd_expand_naive_bf16,
+        lc_run_compose_fwd_shrink_tiled_f32,
+        lc_run_compose_fwd_shrink_tiled_bf16,
+        lc_run_compose_fwd_shrink_reduce_f32,
+        lc_run_compose_fwd_shrink_reduce_bf16,
+        lc_run_compose_fwd_expand_tiled_f32,
+        lc_run_compose_fwd_expand_tiled_bf16,
+        lc_run_compose_fwd_sum_partials_f32,
+        lc_run_compose_fwd_sum_partials_bf16,
+    );
+}
+
+pub(crate) mod compose_bwd {
+    harness_entries!(
+        lc_run_compose_bwd_hidden_naive_f32,
+        lc_run_compose_bwd_hidden_naive_bf16,
+        lc_run_compose_bwd_coeff_grad_naive_f32,
+        lc_run_compose_bwd_coeff_grad_naive_bf16,
+        lc_run_compose_bwd_dx_naive_f32,
+        lc_run_compose_bwd_dx_naive_bf16,
+        lc_run_compose_bwd_da_naive_f32,
+        lc_run_compose_bwd_da_naive_bf16,
+        lc_run_compose_bwd_db_naive_f32,
+        lc_run_compose_bwd_db_naive_bf16,
+        lc_run_compose_bwd_coeff_grad_tiled_f32,
+        lc_run_compose_bwd_coeff_grad_tiled_bf16,
+        lc_run_compose_bwd_dx_tiled_f32,
+        lc_run_compose_bwd_dx_tiled_bf16,
+        lc_run_compose_bwd_da_tiled_f32,
+        lc_run_compose_bwd_da_tiled_bf16,
+        lc_run_compose_bwd_db_tiled_f32,
+        lc_run_compose_bwd_db_tiled_bf16,
+    );
+}

@@ -1,0 +1,235 @@
+//! The launch interface both backends implement and every kernel family uses (DESIGN §3–4):
+//! launch dimensions and their limits, the element types, a kernel's identity, its arguments, the
+//! errors, the [`Backend`] trait, and the ABI of the CPU harness's launch entries. A leaf module:
+//! [`crate::gpu`] (cudarc), [`crate::harness`] (the CPU execution harness) and
+//! [`crate::kernels`] (the families) all depend on it and on nothing of each other.
+
+use std::ffi::c_void;
+
+/// Mirrors `lc_harness::LaunchDims` in `cuda/harness/cuda_cpu.h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HarnessLaunch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub dynamic_shared_bytes: u32,
+    pub reserved: u32,
+    pub seed: u64,
+}
+
+/// Most threads in one block on every CUDA GPU.
+pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
+/// SM count the harness reports for split-K planning: an H200's (the GPU the plans and the
+/// napkin math in benches/README.md are written for), so harness runs exercise the same plans.
+pub const HARNESS_SM_COUNT: usize = 132;
+/// Static shared memory a block may use without opting in to more (48 KiB on every GPU).
+pub const MAX_STATIC_SHARED_BYTES: u32 = 48 * 1024;
+/// Largest grid extent in y and z (x allows 2^31 − 1).
+pub const MAX_GRID_YZ: u32 = 65_535;
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub dynamic_shared_bytes: u32,
+}
+
+impl LaunchDims {
+    pub fn threads_per_block(&self) -> u32 {
+        self.block.iter().product()
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.grid.iter().map(|&g| u64::from(g)).product()
+    }
+
+    /// Panics unless the launch fits every CUDA GPU: 1..=1024 threads, a non-empty grid within
+    /// the grid limits, and static plus dynamic shared memory within 48 KiB.
+    pub fn assert_valid(&self, static_shared_bytes: u32) {
+        let threads = self.threads_per_block();
+        assert!(
+            (1..=MAX_THREADS_PER_BLOCK).contains(&threads),
+            "block {:?} has {threads} threads (1..=1024)",
+            self.block
+        );
+        assert!(self.grid.iter().all(|&g| g >= 1), "empty grid {:?}", self.grid);
+        assert!(
+            self.grid[0] <= i32::MAX as u32 && self.grid[1] <= MAX_GRID_YZ && self.grid[2] <= MAX_GRID_YZ,
+            "grid {:?} exceeds the CUDA limits",
+            self.grid
+        );
+        let shared = u64::from(static_shared_bytes) + u64::from(self.dynamic_shared_bytes);
+        assert!(
+            shared <= u64::from(MAX_STATIC_SHARED_BYTES),
+            "{shared} bytes of shared memory exceed the 48 KiB default"
+        );
+    }
+}
+
+/// Storage type of a kernel's tensors; accumulation is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub const ALL: &'static [DType] = &[DType::F32, DType::F16, DType::BF16];
+
+    /// Suffix of the kernel names in `cuda/*.cu` (`gemm_naive_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Anything a device buffer holds: the storage elements and the `i32` index tables.
+pub trait Scalar:
+    bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
+}
+
+impl<T> Scalar for T where
+    T: bytemuck::Pod
+        + cudarc::driver::DeviceRepr
+        + cudarc::driver::ValidAsZeroBits
+        + Default
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static
+{
+}
+
+/// A storage element: `f32`, `half::f16` or `half::bf16` (same layout as the CUDA types).
+pub trait Element: Scalar {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest even, as the kernels' stores do.
+    fn from_f32(x: f32) -> Self;
+    /// A NaN, for poisoning outputs so that unwritten elements fail the comparison.
+    fn poison() -> Self {
+        Self::from_f32(f32::NAN)
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// `extern "C"` launch entry of one kernel in the CPU harness (`LC_HARNESS_ENTRY`): the launch
+/// and, like `cuLaunchKernel`, one pointer per kernel argument. Returns 0 or 1 on error.
+pub type HarnessEntry = unsafe extern "C" fn(*const HarnessLaunch, *const *mut c_void) -> i32;
+
+/// One compiled kernel: its name in the family's PTX module and its CPU-harness entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// `cuda/<family>.cu`
+    pub family: &'static str,
+    /// The `extern "C" __global__` function name.
+    pub name: &'static str,
+    pub harness_entry: HarnessEntry,
+}
+
+/// A kernel argument by value: buffers as raw addresses (device or host), scalars as is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// No usable GPU: driver library missing, no device, or the crate was built without PTX.
+    #[error("GPU unavailable: {0}")]
+    Unavailable(String),
+    #[error("CUDA driver error in {context}: {message}")]
+    Driver { context: String, message: String },
+    /// The CPU harness stopped a launch: a race, an out-of-bounds or uninitialised access,
+    /// barrier or warp divergence, a bad warp mask, …
+    #[error("CPU harness, kernel {kernel}: {message}")]
+    Harness { kernel: &'static str, message: String },
+    /// Buffers that do not match the shape, or a shape the kernel cannot take.
+    #[error("{kernel}: {message}")]
+    Argument { kernel: &'static str, message: String },
+}
+
+/// Where kernels run. Buffers live on the backend; kernel arguments are raw addresses.
+pub trait Backend {
+    type Buffer<T: Scalar>;
+
+    /// For test and bench output: "cpu-harness (seed 3)", "NVIDIA H200 (sm_90)".
+    fn name(&self) -> String;
+    /// Streaming multiprocessors, for split-K plans: the device's own count on a GPU,
+    /// [`HARNESS_SM_COUNT`] on the harness.
+    fn sm_count(&self) -> usize;
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
+    /// `len` elements of uninitialised device memory, for outputs and workspaces that a kernel
+    /// writes before anything reads them. The harness tracks it as unwritten: a kernel that reads
+    /// an element before some kernel wrote it fails (initcheck).
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>, KernelError>;
+    fn download<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError>;
+    fn buffer_len<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> usize;
+    /// The address a kernel reads through.
+    fn arg_in<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> KernelArg;
+    /// The address a kernel writes through.
+    fn arg_out<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> KernelArg;
+
+    /// Launches `kernel` over `dims` (asynchronously on the GPU).
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameters in number and type, every `Ptr` comes from
+    /// `arg_in`/`arg_out` of a live buffer of this backend that covers every element the kernel
+    /// touches for these arguments, and buffers written through are not read through another
+    /// argument. Family launchers check this against the shape before calling.
+    unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError>;
+
+    /// Waits for every launch so far (a no-op on the CPU).
+    fn synchronize(&self) -> Result<(), KernelError>;
+}
