@@ -65,3 +65,26 @@ pub(crate) mod compose_bwd {
         lc_run_compose_bwd_db_tiled_bf16,
     );
 }
+
+pub(crate) mod layernorm {
+    harness_entries!(
+        lc_run_layernorm_fwd_naive_f32,
+        lc_run_layernorm_fwd_warp_f32,
+        lc_run_layernorm_fwd_block_f32,
+        lc_run_layernorm_dx_naive_f32,
+        lc_run_layernorm_dx_warp_f32,
+        lc_run_layernorm_dx_block_f32,
+        lc_run_layernorm_params_naive_f32,
+        lc_run_layernorm_params_partial_f32,
+        lc_run_layernorm_params_sum_f32,
+        lc_run_layernorm_fwd_naive_bf16,
+        lc_run_layernorm_fwd_warp_bf16,
+        lc_run_layernorm_fwd_block_bf16,
+        lc_run_layernorm_dx_naive_bf16,
+        lc_run_layernorm_dx_warp_bf16,
+        lc_run_layernorm_dx_block_bf16,
+        lc_run_layernorm_params_naive_bf16,
+        lc_run_layernorm_params_partial_bf16,
+        lc_run_layernorm_params_sum_bf16,
+    );
+}

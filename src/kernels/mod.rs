@@ -24,5 +24,6 @@ pub mod compose_common;
 pub mod compose_fwd;
 mod entries;
 pub mod gemm;
+pub mod layernorm;
 
 pub use crate::launch::*;
