@@ -66,6 +66,25 @@ pub(crate) mod compose_bwd {
     );
 }
 
+pub(crate) mod elementwise {
+    harness_entries!(
+        lc_run_elementwise_gelu_bias_fwd_f32,
+        lc_run_elementwise_gelu_bias_bwd_f32,
+        lc_run_elementwise_add_f32,
+        lc_run_elementwise_add_acc_f32,
+        lc_run_elementwise_bias_grad_naive_f32,
+        lc_run_elementwise_bias_grad_partial_f32,
+        lc_run_elementwise_bias_grad_sum_f32,
+        lc_run_elementwise_gelu_bias_fwd_bf16,
+        lc_run_elementwise_gelu_bias_bwd_bf16,
+        lc_run_elementwise_add_bf16,
+        lc_run_elementwise_add_acc_bf16,
+        lc_run_elementwise_bias_grad_naive_bf16,
+        lc_run_elementwise_bias_grad_partial_bf16,
+        lc_run_elementwise_bias_grad_sum_bf16,
+    );
+}
+
 pub(crate) mod layernorm {
     harness_entries!(
         lc_run_layernorm_fwd_naive_f32,
