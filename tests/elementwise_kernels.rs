@@ -43,7 +43,9 @@ fn f64s<T: Element>(v: &[T]) -> Vec<f64> {
 }
 
 fn random<T: Element>(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<T> {
-    (0..n).map(|_| T::from_f32(scale * rng.random_range(-1.0f32..1.0))).collect()
+    (0..n)
+        .map(|_| T::from_f32(scale * rng.random_range(-1.0f32..1.0)))
+        .collect()
 }
 
 /// One ulp of T at |x|.
@@ -59,7 +61,13 @@ fn ulp<T: Element>(x: f64) -> f64 {
 
 /// f32 bound per element for f32 storage; for bf16, one ulp plus the f32 bound per element and at
 /// most twice the CPU's low-precision error (`cpu`, already rounded to T) overall.
-fn check_output<T: Element>(name: &str, got: &[f64], want: &[f64], cpu: &[f64], f32_bounds: &[f64]) -> Result<(), String> {
+fn check_output<T: Element>(
+    name: &str,
+    got: &[f64],
+    want: &[f64],
+    cpu: &[f64],
+    f32_bounds: &[f64],
+) -> Result<(), String> {
     if T::DTYPE == DType::F32 {
         compare_with(name, got, want, |i| f32_bounds[i])?;
         return Ok(());
@@ -94,8 +102,13 @@ fn check_gelu<T: Element, B: Backend>(backend: &B, shape: &RowsShape, seed: u64)
     let RowsShape { rows, d } = *shape;
     let n = rows * d;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (x, b, dy): (Vec<T>, Vec<T>, Vec<T>) = (random(&mut rng, n, 4.0), random(&mut rng, d, 1.0), random(&mut rng, n, 1.0));
-    let context = |e: &dyn std::fmt::Display| format!("{} GELU {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE);
+    let (x, b, dy): (Vec<T>, Vec<T>, Vec<T>) = (
+        random(&mut rng, n, 4.0),
+        random(&mut rng, d, 1.0),
+        random(&mut rng, n, 1.0),
+    );
+    let context =
+        |e: &dyn std::fmt::Display| format!("{} GELU {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE);
     let run = || -> Result<(Vec<T>, Vec<T>), KernelError> {
         let (dev_x, dev_b, dev_dy) = (backend.upload(&x)?, backend.upload(&b)?, backend.upload(&dy)?);
         let mut y = backend.upload(&vec![T::poison(); n])?;
@@ -112,10 +125,14 @@ fn check_gelu<T: Element, B: Backend>(backend: &B, shape: &RowsShape, seed: u64)
     let h = |i: usize| x64[i] + b64[i % d];
     let size = |i: usize| h(i).abs() + x64[i].abs() + b64[i % d].abs();
     let y_bounds: Vec<f64> = (0..n).map(|i| 8.0 * UNIT_ROUNDOFF_F32 * size(i) + 1e-30).collect();
-    let dx_bounds: Vec<f64> = (0..n).map(|i| 8.0 * UNIT_ROUNDOFF_F32 * dy64[i].abs() * (1.0 + size(i)) + 1e-30).collect();
+    let dx_bounds: Vec<f64> = (0..n)
+        .map(|i| 8.0 * UNIT_ROUNDOFF_F32 * dy64[i].abs() * (1.0 + size(i)) + 1e-30)
+        .collect();
     let h32 = |i: usize| x[i].to_f32() + b[i % d].to_f32();
     let cpu_y: Vec<f64> = (0..n).map(|i| round::<T>(cpu_gelu(h32(i)))).collect();
-    let cpu_dx: Vec<f64> = (0..n).map(|i| round::<T>(dy[i].to_f32() * cpu_gelu_grad(h32(i)))).collect();
+    let cpu_dx: Vec<f64> = (0..n)
+        .map(|i| round::<T>(dy[i].to_f32() * cpu_gelu_grad(h32(i))))
+        .collect();
     check_output::<T>("y", &f64s(&y), &want_y, &cpu_y, &y_bounds).map_err(|e| context(&e))?;
     check_output::<T>("dx", &f64s(&dx), &want_dx, &cpu_dx, &dx_bounds).map_err(|e| context(&e))?;
     Ok(())
@@ -137,7 +154,9 @@ fn check_adds<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Resul
     let (out, acc) = run().map_err(|e| context(&e))?;
     let (a64, b64) = (f64s(&a), f64s(&b));
     let want = elementwise::reference_add(&a64, &b64);
-    let bounds: Vec<f64> = (0..n).map(|i| 2.0 * UNIT_ROUNDOFF_F32 * (a64[i].abs() + b64[i].abs()) + 1e-30).collect();
+    let bounds: Vec<f64> = (0..n)
+        .map(|i| 2.0 * UNIT_ROUNDOFF_F32 * (a64[i].abs() + b64[i].abs()) + 1e-30)
+        .collect();
     let cpu: Vec<f64> = (0..n).map(|i| round::<T>(a[i].to_f32() + b[i].to_f32())).collect();
     check_output::<T>("out", &f64s(&out), &want, &cpu, &bounds).map_err(|e| context(&e))?;
     check_output::<T>("out (accumulated)", &f64s(&acc), &want, &cpu, &bounds).map_err(|e| context(&e))?;
@@ -145,19 +164,32 @@ fn check_adds<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Resul
 }
 
 /// The bias gradient of `variant` on `backend`; returns ∂b for the determinism check.
-fn check_bias_grad<T: Element, B: Backend>(backend: &B, variant: Variant, shape: &RowsShape, seed: u64) -> Result<Vec<T>, String> {
+fn check_bias_grad<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    shape: &RowsShape,
+    seed: u64,
+) -> Result<Vec<T>, String> {
     let RowsShape { rows, d } = *shape;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb1a5);
     let dy: Vec<T> = random(&mut rng, rows * d, 1.0);
     let context = |e: &dyn std::fmt::Display| {
-        format!("{} bias grad {variant:?} {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE)
+        format!(
+            "{} bias grad {variant:?} {:?} {shape:?} seed {seed}: {e}",
+            backend.name(),
+            T::DTYPE
+        )
     };
     let run = || -> Result<Vec<T>, KernelError> {
         let dev_dy = backend.upload(&dy)?;
         let mut db = backend.upload(&vec![T::poison(); d])?;
         // Unwritten: the harness fails a kernel that reads the workspace before writing it.
         let work_len = elementwise::workspace_len(variant, shape);
-        let mut work = if work_len > 0 { Some(backend.alloc::<f32>(work_len)?) } else { None };
+        let mut work = if work_len > 0 {
+            Some(backend.alloc::<f32>(work_len)?)
+        } else {
+            None
+        };
         elementwise::launch_bias_grad::<T, B>(backend, variant, shape, &dev_dy, &mut db, work.as_mut())?;
         backend.download(&db)
     };
@@ -170,7 +202,9 @@ fn check_bias_grad<T: Element, B: Backend>(backend: &B, variant: Variant, shape:
             2.0 * (rows as f64 + 8.0) * UNIT_ROUNDOFF_F32 * magnitude + 1e-30
         })
         .collect();
-    let cpu: Vec<f64> = (0..d).map(|j| round::<T>((0..rows).map(|r| dy[r * d + j].to_f32()).sum())).collect();
+    let cpu: Vec<f64> = (0..d)
+        .map(|j| round::<T>((0..rows).map(|r| dy[r * d + j].to_f32()).sum()))
+        .collect();
     check_output::<T>("db", &f64s(&db), &want, &cpu, &bounds).map_err(|e| context(&e))?;
     Ok(db)
 }
@@ -194,8 +228,11 @@ fn reference_backward_matches_finite_differences() {
     for (i, &(rows, d)) in [(1, 1), (1, 7), (3, 17), (5, 4)].iter().enumerate() {
         let shape = RowsShape { rows, d };
         let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
-        let (x, b, dy): (Vec<f32>, Vec<f32>, Vec<f32>) =
-            (random(&mut rng, rows * d, 4.0), random(&mut rng, d, 1.0), random(&mut rng, rows * d, 1.0));
+        let (x, b, dy): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            random(&mut rng, rows * d, 4.0),
+            random(&mut rng, d, 1.0),
+            random(&mut rng, rows * d, 1.0),
+        );
         let (x, b, dy) = (f64s(&x), f64s(&b), f64s(&dy));
         let loss = |x: &[f64], b: &[f64]| -> f64 {
             let y = elementwise::reference_gelu_bias_forward(&shape, x, b);
@@ -214,8 +251,12 @@ fn reference_backward_matches_finite_differences() {
         let fd_b: Vec<f64> = (0..d).map(|k| central(&b, k, &|v| loss(&x, v))).collect();
         // Truncation O(h²·|gelu'''|) and cancellation ~1e-16·|L|/h: both far below 1e-7 here.
         let tol = Tol::new(1e-7, 1e-7);
-        compare("dx", &dx, &fd_x, tol).map_err(|e| format!("{shape:?}: {e}")).unwrap();
-        compare("db", &db, &fd_b, tol).map_err(|e| format!("{shape:?}: {e}")).unwrap();
+        compare("dx", &dx, &fd_x, tol)
+            .map_err(|e| format!("{shape:?}: {e}"))
+            .unwrap();
+        compare("db", &db, &fd_b, tol)
+            .map_err(|e| format!("{shape:?}: {e}"))
+            .unwrap();
     }
 }
 
@@ -235,12 +276,17 @@ fn harness_bias_grad_is_deterministic() {
     let shape = RowsShape { rows: 300, d: 65 };
     for &variant in elementwise::ALL {
         let bits = |seed: u64| -> Vec<u32> {
-            let db = check_bias_grad::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5).unwrap_or_else(|e| panic!("{e}"));
+            let db =
+                check_bias_grad::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5).unwrap_or_else(|e| panic!("{e}"));
             db.iter().map(|v| v.to_bits()).collect()
         };
         let first = bits(0);
         for seed in [1, 2, 3] {
-            assert_eq!(bits(seed), first, "{variant:?}: ∂b differs between thread orders 0 and {seed}");
+            assert_eq!(
+                bits(seed),
+                first,
+                "{variant:?}: ∂b differs between thread orders 0 and {seed}"
+            );
         }
     }
 }
@@ -250,8 +296,13 @@ fn harness_bias_grad_is_deterministic() {
 fn gpu_matches_reference() {
     let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
     println!("GPU tests on {}", gpu.name());
-    let partial = gpu.function(&elementwise::kernel(Entry::BiasGradPartial, DType::F32).unwrap()).unwrap();
-    assert_eq!(partial.shared_size_bytes().unwrap() as u32, elementwise::PARTIAL_SHARED_BYTES);
+    let partial = gpu
+        .function(&elementwise::kernel(Entry::BiasGradPartial, DType::F32).unwrap())
+        .unwrap();
+    assert_eq!(
+        partial.shared_size_bytes().unwrap() as u32,
+        elementwise::PARTIAL_SHARED_BYTES
+    );
     for (i, &(rows, d)) in SHAPES.iter().enumerate() {
         check_all(&gpu, &RowsShape { rows, d }, i as u64).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -118,12 +118,22 @@ fn cpu_f32_backward<T: Element>(shape: &LnShape, inp: &Inputs<T>, mean: &[f32], 
             dbeta[j] += f(&inp.dy, r * d + j);
         }
     }
-    [dx, dgamma.into_iter().map(round).collect(), dbeta.into_iter().map(round).collect()]
+    [
+        dx,
+        dgamma.into_iter().map(round).collect(),
+        dbeta.into_iter().map(round).collect(),
+    ]
 }
 
 /// Checks one output: the f32 bound per element for f32 storage; for bf16, one ulp plus the f32
 /// bound per element and at most twice the CPU's low-precision error overall.
-fn check_output<T: Element>(name: &str, got: &[f64], want: &[f64], cpu: &[f64], f32_bounds: &[f64]) -> Result<(), String> {
+fn check_output<T: Element>(
+    name: &str,
+    got: &[f64],
+    want: &[f64],
+    cpu: &[f64],
+    f32_bounds: &[f64],
+) -> Result<(), String> {
     if T::DTYPE == DType::F32 {
         compare_with(name, got, want, |i| f32_bounds[i])?;
         return Ok(());
@@ -141,11 +151,20 @@ fn check_output<T: Element>(name: &str, got: &[f64], want: &[f64], cpu: &[f64], 
 
 /// The forward of `variant` on `backend` against the reference; returns the kernel's mean and
 /// rstd for the backward's determinism check.
-fn check_forward<T: Element, B: Backend>(backend: &B, variant: Variant, shape: &LnShape, seed: u64) -> Result<(), String> {
+fn check_forward<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    shape: &LnShape,
+    seed: u64,
+) -> Result<(), String> {
     let LnShape { rows, d } = *shape;
     let inp = inputs::<T>(shape, seed);
     let context = |e: &dyn std::fmt::Display| {
-        format!("{} forward {variant:?} {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE)
+        format!(
+            "{} forward {variant:?} {:?} {shape:?} seed {seed}: {e}",
+            backend.name(),
+            T::DTYPE
+        )
     };
     let run = || -> Result<[Vec<f64>; 3], lora_compose::kernels::KernelError> {
         let x = backend.upload(&inp.x)?;
@@ -154,14 +173,22 @@ fn check_forward<T: Element, B: Backend>(backend: &B, variant: Variant, shape: &
         let mut y = backend.upload(&vec![T::poison(); rows * d])?;
         let mut mean = backend.upload(&vec![f32::NAN; rows])?;
         let mut rstd = backend.upload(&vec![f32::NAN; rows])?;
-        layernorm::launch_forward::<T, B>(backend, variant, shape, EPS, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd)?;
-        Ok([f64s(&backend.download(&y)?), f64s(&backend.download(&mean)?), f64s(&backend.download(&rstd)?)])
+        layernorm::launch_forward::<T, B>(
+            backend, variant, shape, EPS, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd,
+        )?;
+        Ok([
+            f64s(&backend.download(&y)?),
+            f64s(&backend.download(&mean)?),
+            f64s(&backend.download(&rstd)?),
+        ])
     };
     let [y, mean, rstd] = run().map_err(|e| context(&e))?;
 
     let (x, gamma, beta) = (f64s(&inp.x), f64s(&inp.gamma), f64s(&inp.beta));
     let [want_y, want_mean, want_rstd] = layernorm::reference_forward(shape, &x, &gamma, &beta, f64::from(EPS));
-    let mean_abs: Vec<f64> = (0..rows).map(|r| x[r * d..(r + 1) * d].iter().map(|v| v.abs()).sum::<f64>() / d as f64).collect();
+    let mean_abs: Vec<f64> = (0..rows)
+        .map(|r| x[r * d..(r + 1) * d].iter().map(|v| v.abs()).sum::<f64>() / d as f64)
+        .collect();
     let y_bounds: Vec<f64> = (0..rows * d)
         .map(|i| {
             let (r, j) = (i / d, i % d);
@@ -181,11 +208,20 @@ fn check_forward<T: Element, B: Backend>(backend: &B, variant: Variant, shape: &
 /// The backward of `variant` on `backend` against the reference, given the reference's
 /// statistics rounded to f32 (as the forward saves them). Returns ∂γ's bits, for the
 /// determinism check.
-fn check_backward<T: Element, B: Backend>(backend: &B, variant: Variant, shape: &LnShape, seed: u64) -> Result<Vec<T>, String> {
+fn check_backward<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    shape: &LnShape,
+    seed: u64,
+) -> Result<Vec<T>, String> {
     let LnShape { rows, d } = *shape;
     let inp = inputs::<T>(shape, seed);
     let context = |e: &dyn std::fmt::Display| {
-        format!("{} backward {variant:?} {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE)
+        format!(
+            "{} backward {variant:?} {:?} {shape:?} seed {seed}: {e}",
+            backend.name(),
+            T::DTYPE
+        )
     };
     let (x, gamma, beta, dy) = (f64s(&inp.x), f64s(&inp.gamma), f64s(&inp.beta), f64s(&inp.dy));
     let [_, mean64, rstd64] = layernorm::reference_forward(shape, &x, &gamma, &beta, f64::from(EPS));
@@ -203,12 +239,30 @@ fn check_backward<T: Element, B: Backend>(backend: &B, variant: Variant, shape: 
         let mut dbeta = backend.upload(&vec![T::poison(); d])?;
         // Unwritten: the harness fails a kernel that reads the workspace before writing it.
         let work_len = layernorm::workspace_len(variant, shape);
-        let mut work = if work_len > 0 { Some(backend.alloc::<f32>(work_len)?) } else { None };
+        let mut work = if work_len > 0 {
+            Some(backend.alloc::<f32>(work_len)?)
+        } else {
+            None
+        };
         layernorm::launch_backward::<T, B>(
-            backend, variant, shape, &dev_dy, &dev_x, &dev_gamma, &dev_mean, &dev_rstd, &mut dx, &mut dgamma,
-            &mut dbeta, work.as_mut(),
+            backend,
+            variant,
+            shape,
+            &dev_dy,
+            &dev_x,
+            &dev_gamma,
+            &dev_mean,
+            &dev_rstd,
+            &mut dx,
+            &mut dgamma,
+            &mut dbeta,
+            work.as_mut(),
         )?;
-        Ok([backend.download(&dx)?, backend.download(&dgamma)?, backend.download(&dbeta)?])
+        Ok([
+            backend.download(&dx)?,
+            backend.download(&dgamma)?,
+            backend.download(&dbeta)?,
+        ])
     };
     let [dx, dgamma, dbeta] = run().map_err(|e| context(&e))?;
 
@@ -271,7 +325,9 @@ fn reference_backward_matches_finite_differences() {
             minus[at] -= h;
             (eval(&plus) - eval(&minus)) / (2.0 * h)
         };
-        let fd_x: Vec<f64> = (0..x.len()).map(|k| central(&x, k, &|v| loss(v, &gamma, &beta))).collect();
+        let fd_x: Vec<f64> = (0..x.len())
+            .map(|k| central(&x, k, &|v| loss(v, &gamma, &beta)))
+            .collect();
         let fd_gamma: Vec<f64> = (0..d).map(|k| central(&gamma, k, &|v| loss(&x, v, &beta))).collect();
         let fd_beta: Vec<f64> = (0..d).map(|k| central(&beta, k, &|v| loss(&x, &gamma, v))).collect();
         // Central differences: truncation O(h²) and cancellation ~1e-16·|L|/h, both below 1e-6
@@ -300,12 +356,17 @@ fn harness_param_grads_are_deterministic() {
     let shape = LnShape { rows: 300, d: 65 };
     for &variant in layernorm::ALL {
         let bits = |seed: u64| -> Vec<u32> {
-            let grads = check_backward::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5).unwrap_or_else(|e| panic!("{e}"));
+            let grads =
+                check_backward::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5).unwrap_or_else(|e| panic!("{e}"));
             grads.iter().map(|g| g.to_bits()).collect()
         };
         let first = bits(0);
         for seed in [1, 2, 3] {
-            assert_eq!(bits(seed), first, "{variant:?}: ∂γ differs between thread orders 0 and {seed}");
+            assert_eq!(
+                bits(seed),
+                first,
+                "{variant:?}: ∂γ differs between thread orders 0 and {seed}"
+            );
         }
     }
 }
@@ -317,11 +378,22 @@ fn gpu_matches_reference() {
     println!("GPU tests on {}", gpu.name());
     for &variant in layernorm::ALL {
         // The shared memory the driver reports must match what launch_config budgets.
-        let function = gpu.function(&layernorm::kernel(Entry::Forward(variant), DType::F32).unwrap()).unwrap();
-        assert_eq!(function.shared_size_bytes().unwrap() as u32, variant.row_shared_bytes(), "{variant:?}");
+        let function = gpu
+            .function(&layernorm::kernel(Entry::Forward(variant), DType::F32).unwrap())
+            .unwrap();
+        assert_eq!(
+            function.shared_size_bytes().unwrap() as u32,
+            variant.row_shared_bytes(),
+            "{variant:?}"
+        );
     }
-    let partial = gpu.function(&layernorm::kernel(Entry::ParamsPartial, DType::BF16).unwrap()).unwrap();
-    assert_eq!(partial.shared_size_bytes().unwrap() as u32, layernorm::PARAM_PARTIAL_SHARED_BYTES);
+    let partial = gpu
+        .function(&layernorm::kernel(Entry::ParamsPartial, DType::BF16).unwrap())
+        .unwrap();
+    assert_eq!(
+        partial.shared_size_bytes().unwrap() as u32,
+        layernorm::PARAM_PARTIAL_SHARED_BYTES
+    );
     for (i, &(rows, d)) in SHAPES.iter().enumerate() {
         check_all(&gpu, &LnShape { rows, d }, i as u64).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -56,8 +56,12 @@ pub enum Entry {
 pub enum Step {
     Naive,
     /// `chunks` partials of [`CHUNK_ROWS`] rows each into the workspace.
-    Partial { chunks: usize },
-    Sum { chunks: usize },
+    Partial {
+        chunks: usize,
+    },
+    Sum {
+        chunks: usize,
+    },
 }
 
 fn linear_dims(n: usize) -> LaunchDims {
@@ -410,7 +414,10 @@ mod tests {
     fn kernel_names_match_the_cuda_entries() {
         let k = kernel(Entry::BiasGradPartial, DType::BF16).unwrap();
         assert_eq!(k.name, "elementwise_bias_grad_partial_bf16");
-        assert_eq!(kernel(Entry::AddAcc, DType::F32).unwrap().name, "elementwise_add_acc_f32");
+        assert_eq!(
+            kernel(Entry::AddAcc, DType::F32).unwrap().name,
+            "elementwise_add_acc_f32"
+        );
         assert!(kernel(Entry::Add, DType::F16).is_err());
     }
 

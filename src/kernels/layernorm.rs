@@ -73,9 +73,13 @@ pub enum Step {
     /// ∂γ, ∂β in one kernel (variant 1).
     ParamsNaive,
     /// Row-chunk partials of ∂γ, ∂β into the workspace: `chunks` of [`PARAM_CHUNK_ROWS`] rows.
-    ParamsPartial { chunks: usize },
+    ParamsPartial {
+        chunks: usize,
+    },
     /// The partials of each column added in chunk order.
-    ParamsSum { chunks: usize },
+    ParamsSum {
+        chunks: usize,
+    },
 }
 
 fn grid_1d(units: usize, per_block: u32) -> [u32; 3] {
