@@ -296,6 +296,20 @@ pub(crate) mod entries {
         );
     }
 
+    pub(crate) mod loss {
+        harness_entries!(
+            lc_run_loss_pool_fwd_f32,
+            lc_run_loss_pool_fwd_bf16,
+            lc_run_loss_pool_bwd_f32,
+            lc_run_loss_pool_bwd_bf16,
+            lc_run_loss_xent_row_f32,
+            lc_run_loss_xent_row_bf16,
+            lc_run_loss_xent_warp_f32,
+            lc_run_loss_xent_warp_bf16,
+            lc_run_loss_xent_mean_f32,
+        );
+    }
+
     #[cfg(test)]
     pub(crate) mod harness_selftest {
         harness_entries!(

@@ -22,6 +22,7 @@ macro_rules! kernel_entry {
 pub mod compose_bwd;
 pub mod compose_fwd;
 pub mod gemm;
+pub mod loss;
 
 use std::ffi::c_void;
 
