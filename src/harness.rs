@@ -310,6 +310,27 @@ pub(crate) mod entries {
         );
     }
 
+    pub(crate) mod optim {
+        harness_entries!(
+            lc_run_optim_adamw_f32,
+            lc_run_optim_adamw_bf16,
+            lc_run_optim_sq_partials_f32,
+            lc_run_optim_sq_partials_bf16,
+            lc_run_optim_clip_scale_f32,
+            lc_run_optim_clip_scale_bf16,
+            lc_run_optim_norm_finish_f32,
+        );
+    }
+
+    pub(crate) mod coeffs {
+        harness_entries!(
+            lc_run_coeffs_softmax_row_f32,
+            lc_run_coeffs_softmax_warp_f32,
+            lc_run_coeffs_softmax_bwd_row_f32,
+            lc_run_coeffs_softmax_bwd_warp_f32,
+        );
+    }
+
     #[cfg(test)]
     pub(crate) mod harness_selftest {
         harness_entries!(

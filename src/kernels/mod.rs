@@ -19,10 +19,12 @@ macro_rules! kernel_entry {
     };
 }
 
+pub mod coeffs;
 pub mod compose_bwd;
 pub mod compose_fwd;
 pub mod gemm;
 pub mod loss;
+pub mod optim;
 
 use std::ffi::c_void;
 
