@@ -328,16 +328,14 @@ pub fn adamw_reference(
     };
     for s in spans {
         let decay = if s.decay { hp.weight_decay } else { 0.0 };
-        for i in s.offset..s.offset + s.len {
-            let g = grads[i];
-            let m = &mut out.m[i];
-            let v = &mut out.v[i];
+        let r = s.offset..s.offset + s.len;
+        let params = out.params[r.clone()].iter_mut();
+        let moments = out.m[r.clone()].iter_mut().zip(out.v[r.clone()].iter_mut());
+        for ((x, &g), (m, v)) in params.zip(&grads[r]).zip(moments) {
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;
-            let mut x = out.params[i];
-            x -= hp.lr * decay * x;
-            x -= hp.lr * (*m / c1) / ((*v / c2).sqrt() + hp.eps);
-            out.params[i] = x;
+            *x -= hp.lr * decay * *x;
+            *x -= hp.lr * (*m / c1) / ((*v / c2).sqrt() + hp.eps);
         }
     }
     out
