@@ -165,4 +165,36 @@ __device__ __forceinline__ void sum_partials(const float* __restrict__ work, int
     *o = from_f32<T>(accumulate ? to_f32(*o) + acc : acc);
 }
 
+
+// ---- warp and block reductions (loss, optim, coeffs) -----------------------------------------
+//
+// Butterfly over a full warp: every lane of the warp must call it (mask 0xffffffff) and every
+// lane gets the result. The order of the additions is fixed, so the result is deterministic.
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+}
+
+// Sum over a block of THREADS (a power of two) threads, each contributing `x`: a tree in shared
+// memory in a fixed order (deterministic). Every thread must call it and every thread gets the
+// sum. `scratch` holds THREADS floats; it ends with a barrier, so it may be reused right after.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+    static_assert((THREADS & (THREADS - 1)) == 0, "THREADS must be a power of two");
+    const int tid = threadIdx.x;
+    scratch[tid] = x;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half >>= 1) {
+        if (tid < half) scratch[tid] += scratch[tid + half];
+        __syncthreads();
+    }
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
 }  // namespace lc

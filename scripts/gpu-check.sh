@@ -60,6 +60,9 @@ run_tests gemm_kernels --ignored || status=1
 run_tests compose_kernels --ignored || status=1
 run_tests layernorm_kernels --ignored || status=1
 run_tests elementwise_kernels --ignored || status=1
+run_tests loss_kernels --ignored || status=1
+run_tests optim_kernels --ignored || status=1
+run_tests coeffs_kernels --ignored || status=1
 run_tests model_device --ignored || status=1
 echo '```' >>"$report"
 

@@ -107,3 +107,38 @@ pub(crate) mod layernorm {
         lc_run_layernorm_params_sum_bf16,
     );
 }
+
+pub(crate) mod loss {
+    harness_entries!(
+        lc_run_loss_pool_fwd_f32,
+        lc_run_loss_pool_fwd_bf16,
+        lc_run_loss_pool_bwd_f32,
+        lc_run_loss_pool_bwd_bf16,
+        lc_run_loss_xent_row_f32,
+        lc_run_loss_xent_row_bf16,
+        lc_run_loss_xent_warp_f32,
+        lc_run_loss_xent_warp_bf16,
+        lc_run_loss_xent_mean_f32,
+    );
+}
+
+pub(crate) mod optim {
+    harness_entries!(
+        lc_run_optim_adamw_f32,
+        lc_run_optim_adamw_bf16,
+        lc_run_optim_sq_partials_f32,
+        lc_run_optim_sq_partials_bf16,
+        lc_run_optim_clip_scale_f32,
+        lc_run_optim_clip_scale_bf16,
+        lc_run_optim_norm_finish_f32,
+    );
+}
+
+pub(crate) mod coeffs {
+    harness_entries!(
+        lc_run_coeffs_softmax_row_f32,
+        lc_run_coeffs_softmax_warp_f32,
+        lc_run_coeffs_softmax_bwd_row_f32,
+        lc_run_coeffs_softmax_bwd_warp_f32,
+    );
+}

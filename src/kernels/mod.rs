@@ -19,6 +19,7 @@ macro_rules! kernel_entry {
     };
 }
 
+pub mod coeffs;
 pub mod compose_bwd;
 pub mod compose_common;
 pub mod compose_fwd;
@@ -26,5 +27,7 @@ pub mod elementwise;
 mod entries;
 pub mod gemm;
 pub mod layernorm;
+pub mod loss;
+pub mod optim;
 
 pub use crate::launch::*;
