@@ -165,7 +165,6 @@ __device__ __forceinline__ void sum_partials(const float* __restrict__ work, int
     *o = from_f32<T>(accumulate ? to_f32(*o) + acc : acc);
 }
 
-
 // ---- warp and block reductions (loss, optim, coeffs) -----------------------------------------
 //
 // Butterfly over a full warp: every lane of the warp must call it (mask 0xffffffff) and every
