@@ -30,7 +30,6 @@
 
 namespace layernorm {
 
-constexpr unsigned FULL_MASK = 0xffffffffu;
 constexpr int WARP = 32;
 // Threads per block of every variant but params_partial. Mirrored by `THREADS` in
 // src/kernels/layernorm.rs.
@@ -40,15 +39,10 @@ constexpr int WARPS = THREADS / WARP;
 // `PARAM_ROW_THREADS` in src/kernels/layernorm.rs.
 constexpr int PARAM_ROW_THREADS = 8;
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
 // Sum of `v` over the block's 256 threads, identical in every thread. Every thread must call it;
 // `partial` is a WARPS-float shared array, free again when it returns.
 __device__ __forceinline__ float block_sum(float v, float* partial) {
-    v = warp_sum(v);
+    v = lc::warp_sum(v);
     if (threadIdx.x % WARP == 0) partial[threadIdx.x / WARP] = v;
     __syncthreads();  // every warp's sum is in `partial`
     float total = 0.0f;
@@ -67,7 +61,7 @@ struct PerThread {
 struct PerWarp {
     __device__ __forceinline__ int first() const { return threadIdx.x % WARP; }
     __device__ __forceinline__ int stride() const { return WARP; }
-    __device__ __forceinline__ float reduce(float v) const { return warp_sum(v); }
+    __device__ __forceinline__ float reduce(float v) const { return lc::warp_sum(v); }
 };
 struct PerBlock {
     float* partial;
