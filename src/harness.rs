@@ -222,20 +222,9 @@ pub fn bf16_bits_to_f32(bits: u16) -> f32 {
 /// The `extern "C"` entries of the harness's own test kernels (`cuda/harness_selftest.cu`).
 #[cfg(test)]
 pub(crate) mod entries {
-    macro_rules! harness_entries {
-        ($($entry:ident),* $(,)?) => {
-            extern "C" {
-                $(pub(crate) fn $entry(
-                    launch: *const crate::launch::HarnessLaunch,
-                    params: *const *mut std::ffi::c_void,
-                ) -> i32;)*
-            }
-        };
-    }
-
     #[cfg(test)]
     pub(crate) mod harness_selftest {
-        harness_entries!(
+        crate::launch::harness_entries!(
             lc_run_selftest_warp_sum,
             lc_run_selftest_shuffles,
             lc_run_selftest_votes,

@@ -166,6 +166,20 @@ impl Element for half::bf16 {
 /// and, like `cuLaunchKernel`, one pointer per kernel argument. Returns 0 or 1 on error.
 pub type HarnessEntry = unsafe extern "C" fn(*const HarnessLaunch, *const *mut c_void) -> i32;
 
+/// Declares the `extern "C"` launch entries `lc_run_<kernel>` that `LC_HARNESS_ENTRY` defines in
+/// `cuda/harness/<family>_host.cpp`, each a [`HarnessEntry`].
+macro_rules! harness_entries {
+    ($($entry:ident),* $(,)?) => {
+        extern "C" {
+            $(pub(crate) fn $entry(
+                launch: *const $crate::launch::HarnessLaunch,
+                params: *const *mut std::ffi::c_void,
+            ) -> i32;)*
+        }
+    };
+}
+pub(crate) use harness_entries;
+
 /// One compiled kernel: its name in the family's PTX module and its CPU-harness entry.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {

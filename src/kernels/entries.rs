@@ -1,19 +1,8 @@
 //! The `extern "C"` launch entries that `LC_HARNESS_ENTRY` defines in
 //! `cuda/harness/<family>_host.cpp`, one module per kernel family (used through `kernel_entry!`).
 
-macro_rules! harness_entries {
-    ($($entry:ident),* $(,)?) => {
-        extern "C" {
-            $(pub(crate) fn $entry(
-                launch: *const crate::launch::HarnessLaunch,
-                params: *const *mut std::ffi::c_void,
-            ) -> i32;)*
-        }
-    };
-}
-
 pub(crate) mod gemm {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_gemm_naive_f32,
         lc_run_gemm_naive_f16,
         lc_run_gemm_naive_bf16,
@@ -27,7 +16,7 @@ pub(crate) mod gemm {
 }
 
 pub(crate) mod compose_fwd {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_compose_fwd_shrink_naive_f32,
         lc_run_compose_fwd_shrink_naive_bf16,
         lc_run_compose_fwd_expand_naive_f32,
@@ -44,7 +33,7 @@ pub(crate) mod compose_fwd {
 }
 
 pub(crate) mod compose_bwd {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_compose_bwd_hidden_naive_f32,
         lc_run_compose_bwd_hidden_naive_bf16,
         lc_run_compose_bwd_coeff_grad_naive_f32,
@@ -67,7 +56,7 @@ pub(crate) mod compose_bwd {
 }
 
 pub(crate) mod elementwise {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_elementwise_gelu_bias_fwd_f32,
         lc_run_elementwise_gelu_bias_bwd_f32,
         lc_run_elementwise_add_f32,
@@ -86,7 +75,7 @@ pub(crate) mod elementwise {
 }
 
 pub(crate) mod layernorm {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_layernorm_fwd_naive_f32,
         lc_run_layernorm_fwd_warp_f32,
         lc_run_layernorm_fwd_block_f32,
@@ -109,7 +98,7 @@ pub(crate) mod layernorm {
 }
 
 pub(crate) mod loss {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_loss_pool_fwd_f32,
         lc_run_loss_pool_fwd_bf16,
         lc_run_loss_pool_bwd_f32,
@@ -123,7 +112,7 @@ pub(crate) mod loss {
 }
 
 pub(crate) mod optim {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_optim_adamw_f32,
         lc_run_optim_adamw_bf16,
         lc_run_optim_sq_partials_f32,
@@ -135,7 +124,7 @@ pub(crate) mod optim {
 }
 
 pub(crate) mod coeffs {
-    harness_entries!(
+    crate::launch::harness_entries!(
         lc_run_coeffs_softmax_row_f32,
         lc_run_coeffs_softmax_warp_f32,
         lc_run_coeffs_softmax_bwd_row_f32,
