@@ -5,9 +5,9 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_len, check_tables, linear_dims, naive_dims, split_k, tiled_dims, Shape, Split, Tables, TokenRows, TILE,
+    check_tables, linear_dims, naive_dims, split_k, tiled_dims, Shape, Split, Tables, TokenRows, TILE,
 };
-use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
 
 pub use super::compose_fwd::Variant;

@@ -2,7 +2,7 @@
 //! the problem [`Shape`], the per-column and per-module [`Tables`], the checked token → sample
 //! [`TokenRows`], the split-K plan, the launch grids and the argument checks.
 
-use super::{Backend, KernelError, LaunchDims};
+use super::{check_len, Backend, KernelError, LaunchDims};
 use crate::compose::Rows;
 
 /// The kernel variants, in the order of `cuda/compose_fwd.cu`'s numbered list.
@@ -278,28 +278,6 @@ pub(crate) fn not_built(family: &'static str) -> KernelError {
     KernelError::Argument {
         kernel: family,
         message: "the composition kernels are built for f32 and bf16 storage".into(),
-    }
-}
-
-/// `Err(Argument)` unless `len` is `want` (or at least `want` when `at_least`).
-pub(crate) fn check_len(
-    kernel: &'static str,
-    what: &str,
-    len: usize,
-    want: usize,
-    at_least: bool,
-) -> Result<(), KernelError> {
-    let ok = if at_least { len >= want } else { len == want };
-    if ok {
-        Ok(())
-    } else {
-        Err(KernelError::Argument {
-            kernel,
-            message: format!(
-                "{what} has {len} elements, needs {}{want}",
-                if at_least { "at least " } else { "" }
-            ),
-        })
     }
 }
 

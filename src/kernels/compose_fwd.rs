@@ -6,7 +6,7 @@
 //! here.
 
 pub use super::compose_common::*;
-use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 
 /// One launch of the forward: which kernel, over which rank columns `[j0, j1)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! [`reference_add`], [`reference_bias_grad`] (the model's versions are
 //! `crate::model::layers::{gelu_forward, gelu_backward, add}`).
 
-use super::compose_common::check_len;
+use super::check_len;
 use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims, MAX_GRID_YZ};
 
 /// Variants of the bias gradient, in the order of `cuda/elementwise.cu`'s numbered list (the maps

@@ -222,7 +222,7 @@ fn check_shape(kernel: &'static str, shape: &LnShape, lens: &[(&str, usize, usiz
         return Err(error(format!("{rows} rows exceed the ∂γ/∂β grid limit")));
     }
     for &(what, len, want) in lens {
-        super::compose_common::check_len(kernel, what, len, want, false)?;
+        super::check_len(kernel, what, len, want, false)?;
     }
     Ok(())
 }

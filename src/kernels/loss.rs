@@ -4,7 +4,7 @@
 //! [`cross_entropy_reference`] — plain f64 statements of what the CPU model computes
 //! (src/model/pass.rs pooling, [`crate::model::train::cross_entropy`]).
 
-use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use super::{check_lens, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 
 /// Pooling variants, in the order of `cuda/loss.cu`'s list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -185,15 +185,6 @@ fn argument(kernel: &Kernel, message: String) -> KernelError {
     }
 }
 
-fn check_lens(kernel: &Kernel, lens: &[(&str, usize, usize)]) -> Result<(), KernelError> {
-    for &(what, len, want) in lens {
-        if len != want {
-            return Err(argument(kernel, format!("{what} has {len} elements, needs {want}")));
-        }
-    }
-    Ok(())
-}
-
 fn check_pool_shape(kernel: &Kernel, shape: &PoolShape) -> Result<(), KernelError> {
     let PoolShape { batch, seq, hidden, .. } = *shape;
     if batch == 0 || seq == 0 || hidden == 0 {
@@ -226,7 +217,7 @@ pub fn pool_forward<T: Element, B: Backend>(
     check_pool_shape(&kernel, shape)?;
     let PoolShape { batch, seq, hidden, .. } = *shape;
     check_lens(
-        &kernel,
+        kernel.name,
         &[
             ("h", backend.buffer_len(h), batch * seq * hidden),
             ("mask", backend.buffer_len(mask), batch * seq),
@@ -262,7 +253,7 @@ pub fn pool_backward<T: Element, B: Backend>(
     check_pool_shape(&kernel, shape)?;
     let PoolShape { batch, seq, hidden, .. } = *shape;
     check_lens(
-        &kernel,
+        kernel.name,
         &[
             ("dpooled", backend.buffer_len(dpooled), batch * hidden),
             ("mask", backend.buffer_len(mask), batch * seq),
@@ -352,7 +343,7 @@ pub fn cross_entropy<T: Element, B: Backend>(
         ));
     }
     check_lens(
-        &kernel,
+        kernel.name,
         &[
             ("logits", backend.buffer_len(logits), batch * classes),
             ("labels", labels.len, batch),

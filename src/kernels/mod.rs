@@ -31,3 +31,31 @@ pub mod loss;
 pub mod optim;
 
 pub use crate::launch::*;
+
+/// `Err(Argument)` unless `len` is `want` (or at least `want` when `at_least`).
+pub(crate) fn check_len(
+    kernel: &'static str,
+    what: &str,
+    len: usize,
+    want: usize,
+    at_least: bool,
+) -> Result<(), KernelError> {
+    let ok = if at_least { len >= want } else { len == want };
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::Argument {
+            kernel,
+            message: format!(
+                "{what} has {len} elements, needs {}{want}",
+                if at_least { "at least " } else { "" }
+            ),
+        })
+    }
+}
+
+/// [`check_len`] for each `(what, len, want)`: every buffer exactly as long as the shape needs.
+pub(crate) fn check_lens(kernel: &'static str, lens: &[(&str, usize, usize)]) -> Result<(), KernelError> {
+    lens.iter()
+        .try_for_each(|&(what, len, want)| check_len(kernel, what, len, want, false))
+}

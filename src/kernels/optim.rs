@@ -3,7 +3,7 @@
 //! variants). CPU references: [`adamw_reference`], [`clip_reference`] — the formulas of
 //! [`crate::model::train::AdamW::step`] and [`crate::model::train::clip_grad_norm`] in f64.
 
-use super::{Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
+use super::{check_lens, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 
 /// The kernels, in the order of `cuda/optim.cu`'s list (one variant each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,18 +157,6 @@ fn kernel_for(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
     })
 }
 
-fn check_lens(kernel: &Kernel, lens: &[(&str, usize, usize)]) -> Result<(), KernelError> {
-    for &(what, len, want) in lens {
-        if len != want {
-            return Err(KernelError::Argument {
-                kernel: kernel.name,
-                message: format!("{what} has {len} elements, needs {want}"),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Hyper-parameters of one AdamW step; `step` counts from 1 (the CPU model increments before use).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamParams {
@@ -208,7 +196,7 @@ pub fn adamw<G: Element, B: Backend>(
     }
     let n = table.total_len;
     check_lens(
-        &kernel,
+        kernel.name,
         &[
             ("params", backend.buffer_len(params), n),
             ("grads", backend.buffer_len(grads), n),
@@ -255,7 +243,7 @@ pub fn clip_grad_norm<G: Element, B: Backend>(
 ) -> Result<(), KernelError> {
     let sq = kernel_for(Entry::SqPartials, G::DTYPE)?;
     check_lens(
-        &sq,
+        sq.name,
         &[
             ("grads", backend.buffer_len(grads), table.total_len),
             ("partials", backend.buffer_len(partials), table.partials_len()),
