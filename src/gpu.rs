@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PushKernelArg,
 };
 
-use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar};
+use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, Traffic};
 
 /// The PTX that build.rs compiled, per kernel family (`ptx::get("gemm")`).
 pub mod ptx {
@@ -30,6 +32,31 @@ fn driver_error(context: impl Into<String>) -> impl FnOnce(DriverError) -> Kerne
     }
 }
 
+/// GPU memory: elements `offset..offset + len` of one allocation, which views share (it is
+/// freed when the last buffer using it is dropped).
+pub struct GpuBuffer<T> {
+    allocation: Arc<CudaSlice<T>>,
+    offset: usize,
+    len: usize,
+}
+
+impl<T> GpuBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address of the first element (one stream: the synchronisation guard cudarc
+    /// returns has nothing to order).
+    fn address(&self, stream: &Arc<CudaStream>) -> u64 {
+        let (base, _sync) = self.allocation.device_ptr(stream);
+        base + (self.offset * std::mem::size_of::<T>()) as u64
+    }
+}
+
 pub struct GpuBackend {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -38,6 +65,9 @@ pub struct GpuBackend {
     sm_count: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    to_device: AtomicU64,
+    to_host: AtomicU64,
+    copies: AtomicU64,
 }
 
 impl GpuBackend {
@@ -102,6 +132,9 @@ impl GpuBackend {
             compute_capability,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            to_device: AtomicU64::new(0),
+            to_host: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
         })
     }
 
@@ -158,8 +191,25 @@ impl GpuBackend {
     }
 }
 
+impl GpuBackend {
+    fn count(&self, to_device: usize, to_host: usize) {
+        self.to_device.fetch_add(to_device as u64, Ordering::Relaxed);
+        self.to_host.fetch_add(to_host as u64, Ordering::Relaxed);
+        self.copies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wrap<T>(slice: CudaSlice<T>) -> GpuBuffer<T> {
+        let len = slice.len();
+        GpuBuffer {
+            allocation: Arc::new(slice),
+            offset: 0,
+            len,
+        }
+    }
+}
+
 impl Backend for GpuBackend {
-    type Buffer<T: Scalar> = CudaSlice<T>;
+    type Buffer<T: Scalar> = GpuBuffer<T>;
 
     fn name(&self) -> String {
         let (major, minor) = self.compute_capability;
@@ -170,33 +220,87 @@ impl Backend for GpuBackend {
         self.sm_count
     }
 
-    fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>, KernelError> {
-        self.stream.clone_htod(host).map_err(driver_error("copy to device"))
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<GpuBuffer<T>, KernelError> {
+        self.count(std::mem::size_of_val(host), 0);
+        let slice = self.stream.clone_htod(host).map_err(driver_error("copy to device"))?;
+        Ok(Self::wrap(slice))
     }
 
-    fn alloc<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>, KernelError> {
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<GpuBuffer<T>, KernelError> {
         // SAFETY: the memory is uninitialised; callers hand it only to kernels that write an
         // element before reading it (the harness checks exactly this).
-        unsafe { self.stream.alloc::<T>(len) }.map_err(driver_error("allocate on device"))
+        let slice = unsafe { self.stream.alloc::<T>(len) }.map_err(driver_error("allocate on device"))?;
+        Ok(Self::wrap(slice))
     }
 
-    fn download<T: Scalar>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
-        self.stream.clone_dtoh(buffer).map_err(driver_error("copy to host"))
+    fn download<T: Scalar>(&self, buffer: &GpuBuffer<T>) -> Result<Vec<T>, KernelError> {
+        self.count(0, std::mem::size_of::<T>() * buffer.len);
+        let view = buffer.allocation.slice(buffer.offset..buffer.offset + buffer.len);
+        self.stream.clone_dtoh(&view).map_err(driver_error("copy to host"))
     }
 
-    fn buffer_len<T: Scalar>(&self, buffer: &CudaSlice<T>) -> usize {
-        buffer.len()
+    fn upload_into<T: Scalar>(&self, buffer: &mut GpuBuffer<T>, host: &[T]) -> Result<(), KernelError> {
+        if host.len() != buffer.len {
+            return Err(KernelError::Argument {
+                kernel: "upload_into",
+                message: format!("{} host elements for a buffer of {}", host.len(), buffer.len),
+            });
+        }
+        self.count(std::mem::size_of_val(host), 0);
+        let address = buffer.address(&self.stream);
+        // SAFETY: `address` is the start of `buffer.len` elements of T in a live allocation of
+        // this stream; from pageable host memory the call returns only once `host` has been
+        // staged, so `host` may be dropped after it.
+        unsafe { cudarc::driver::result::memcpy_htod_async(address, host, self.stream.cu_stream()) }
+            .map_err(driver_error("copy to device"))
     }
 
-    fn arg_in<T: Scalar>(&self, buffer: &CudaSlice<T>) -> KernelArg {
-        // One stream: the returned synchronisation guard has nothing to order.
-        let (address, _sync) = buffer.device_ptr(&self.stream);
-        KernelArg::Ptr(address)
+    fn zero<T: Scalar>(&self, buffer: &mut GpuBuffer<T>) -> Result<(), KernelError> {
+        let address = buffer.address(&self.stream);
+        // SAFETY: `len · size_of::<T>()` bytes from `address` belong to the buffer; zero bits
+        // are a valid T (Scalar: ValidAsZeroBits).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                address,
+                0,
+                buffer.len * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(driver_error("memset"))
     }
 
-    fn arg_out<T: Scalar>(&self, buffer: &mut CudaSlice<T>) -> KernelArg {
-        let (address, _sync) = buffer.device_ptr_mut(&self.stream);
-        KernelArg::Ptr(address)
+    fn view<T: Scalar>(&self, parent: &GpuBuffer<T>, offset: usize, len: usize) -> GpuBuffer<T> {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= parent.len),
+            "view {offset}..{offset}+{len} of a buffer of {}",
+            parent.len
+        );
+        GpuBuffer {
+            allocation: parent.allocation.clone(),
+            offset: parent.offset + offset,
+            len,
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        Traffic {
+            to_device: self.to_device.load(Ordering::Relaxed),
+            to_host: self.to_host.load(Ordering::Relaxed),
+            copies: self.copies.load(Ordering::Relaxed),
+        }
+    }
+
+    fn buffer_len<T: Scalar>(&self, buffer: &GpuBuffer<T>) -> usize {
+        buffer.len
+    }
+
+    fn arg_in<T: Scalar>(&self, buffer: &GpuBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.address(&self.stream))
+    }
+
+    fn arg_out<T: Scalar>(&self, buffer: &mut GpuBuffer<T>) -> KernelArg {
+        KernelArg::Ptr(buffer.address(&self.stream))
     }
 
     unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {

@@ -5,9 +5,10 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 pub use crate::launch::HarnessLaunch;
-use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, HARNESS_SM_COUNT};
+use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, Traffic, HARNESS_SM_COUNT};
 
 extern "C" {
     fn lc_harness_last_error() -> *const c_char;
@@ -35,17 +36,50 @@ impl CpuHarness {
     }
 }
 
+/// One allocation in the harness's device arena, freed when the last buffer using it is dropped.
+#[derive(Debug)]
+struct Allocation(NonNull<c_void>);
+
+// SAFETY: the arena is process-wide; the allocation is only freed in Drop, once.
+unsafe impl Send for Allocation {}
+// SAFETY: as above; the handle itself is never written through.
+unsafe impl Sync for Allocation {}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from lc_harness_alloc and is freed once, here.
+        unsafe { lc_harness_free(self.0.as_ptr()) };
+    }
+}
+
+thread_local! {
+    /// Host↔device traffic of this thread's harness buffers ([`Backend::traffic`]).
+    static TRAFFIC: std::cell::Cell<Traffic> = const { std::cell::Cell::new(Traffic { to_device: 0, to_host: 0, copies: 0 }) };
+}
+
+fn count(to_device: usize, to_host: usize) {
+    TRAFFIC.with(|t| {
+        let mut now = t.get();
+        now.to_device += to_device as u64;
+        now.to_host += to_host as u64;
+        now.copies += 1;
+        t.set(now);
+    });
+}
+
 /// Harness device memory: an allocation in the harness's device arena, where the memory
-/// checker knows its bounds and which of its elements have been written. Fresh memory from
-/// [`Backend::alloc`] holds the poison pattern (0xff bytes: NaN for floats, −1 for integers) and
-/// counts as unwritten until the host or a kernel writes it.
+/// checker knows its bounds and which of its elements have been written, or a view of part of
+/// one ([`Backend::view`]). Fresh memory from [`Backend::alloc`] holds the poison pattern (0xff
+/// bytes: NaN for floats, −1 for integers) and counts as unwritten until the host or a kernel
+/// writes it.
 #[derive(Debug)]
 pub struct HostBuffer<T> {
     ptr: NonNull<T>,
     len: usize,
+    allocation: Arc<Allocation>,
 }
 
-// SAFETY: a HostBuffer owns its allocation like a Vec; the arena is process-wide.
+// SAFETY: a HostBuffer owns (a share of) its allocation like a Vec; the arena is process-wide.
 unsafe impl<T: Send> Send for HostBuffer<T> {}
 // SAFETY: shared references only read.
 unsafe impl<T: Sync> Sync for HostBuffer<T> {}
@@ -56,22 +90,33 @@ impl<T: Scalar> HostBuffer<T> {
         let bytes = std::mem::size_of::<T>() * len;
         // SAFETY: a plain allocation call; the result is checked for null.
         let p = unsafe { lc_harness_alloc(bytes) };
-        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(|| {
+        let raw = NonNull::new(p).ok_or_else(|| {
             KernelError::Unavailable(format!("CPU harness: device arena cannot hold {bytes} more bytes"))
         })?;
+        let ptr = raw.cast::<T>();
         // SAFETY: the allocation holds `bytes` writable bytes; writes from the host do not
         // count as initialisation (only lc_harness_mark_written does).
         unsafe { std::ptr::write_bytes(ptr.as_ptr().cast::<u8>(), 0xff, bytes) };
-        Ok(HostBuffer { ptr, len })
+        Ok(HostBuffer {
+            ptr,
+            len,
+            allocation: Arc::new(Allocation(raw)),
+        })
     }
 
     /// A copy of `host`, written by the host.
     pub fn from_slice(host: &[T]) -> Result<Self, KernelError> {
         let mut buffer = Self::uninit(host.len())?;
-        buffer.as_mut_slice().copy_from_slice(host);
-        // SAFETY: the range is this allocation's.
-        unsafe { lc_harness_mark_written(buffer.ptr.as_ptr().cast(), std::mem::size_of_val(host)) };
+        buffer.write(host);
         Ok(buffer)
+    }
+
+    /// Copies `host` in and marks it written (as a host-to-device copy does).
+    fn write(&mut self, host: &[T]) {
+        assert_eq!(host.len(), self.len, "copy of {} elements into a buffer of {}", host.len(), self.len);
+        self.as_mut_slice().copy_from_slice(host);
+        // SAFETY: the range is this buffer's.
+        unsafe { lc_harness_mark_written(self.ptr.as_ptr().cast(), std::mem::size_of_val(host)) };
     }
 
     pub fn len(&self) -> usize {
@@ -84,33 +129,28 @@ impl<T: Scalar> HostBuffer<T> {
 
     /// The elements; unwritten ones hold the poison pattern.
     pub fn as_slice(&self) -> &[T] {
-        // SAFETY: `len` initialised (poison or data) elements owned by this buffer.
+        // SAFETY: `len` initialised (poison or data) elements of this buffer's allocation.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: as in as_slice, and `&mut self` is unique.
+        // SAFETY: as in as_slice; `&mut self` is unique among the references the crate makes
+        // (views of one allocation are handed to kernels one launch at a time).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
     /// Whether the host or a kernel has written every element.
     pub fn is_written(&self) -> bool {
-        // SAFETY: the range is this allocation's.
+        // SAFETY: the range is this buffer's.
         unsafe { lc_harness_is_written(self.ptr.as_ptr().cast(), std::mem::size_of::<T>() * self.len) != 0 }
     }
 }
 
 impl<T: Scalar> Clone for HostBuffer<T> {
-    /// A copy written by the host, unwritten elements included (poison, as on the device).
+    /// A copy in a new allocation, written by the host, unwritten elements included (poison, as
+    /// on the device).
     fn clone(&self) -> Self {
         HostBuffer::from_slice(self.as_slice()).expect("harness arena has room for a copy")
-    }
-}
-
-impl<T> Drop for HostBuffer<T> {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from lc_harness_alloc and is freed once.
-        unsafe { lc_harness_free(self.ptr.as_ptr().cast()) };
     }
 }
 
@@ -126,7 +166,48 @@ impl Backend for CpuHarness {
     }
 
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
+        count(std::mem::size_of_val(host), 0);
         HostBuffer::from_slice(host)
+    }
+
+    fn upload_into<T: Scalar>(&self, buffer: &mut HostBuffer<T>, host: &[T]) -> Result<(), KernelError> {
+        if host.len() != buffer.len {
+            return Err(KernelError::Argument {
+                kernel: "upload_into",
+                message: format!("{} host elements for a buffer of {}", host.len(), buffer.len),
+            });
+        }
+        count(std::mem::size_of_val(host), 0);
+        buffer.write(host);
+        Ok(())
+    }
+
+    fn zero<T: Scalar>(&self, buffer: &mut HostBuffer<T>) -> Result<(), KernelError> {
+        let len = buffer.len;
+        // SAFETY: `len` elements of this buffer; all-zero bits are a valid T (Scalar:
+        // ValidAsZeroBits).
+        unsafe { std::ptr::write_bytes(buffer.ptr.as_ptr(), 0, len) };
+        // SAFETY: the range is this buffer's.
+        unsafe { lc_harness_mark_written(buffer.ptr.as_ptr().cast(), std::mem::size_of::<T>() * len) };
+        Ok(())
+    }
+
+    fn view<T: Scalar>(&self, parent: &HostBuffer<T>, offset: usize, len: usize) -> HostBuffer<T> {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= parent.len),
+            "view {offset}..{offset}+{len} of a buffer of {}",
+            parent.len
+        );
+        HostBuffer {
+            // SAFETY: inside the parent's elements (checked above).
+            ptr: unsafe { NonNull::new_unchecked(parent.ptr.as_ptr().add(offset)) },
+            len,
+            allocation: parent.allocation.clone(),
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        TRAFFIC.with(|t| t.get())
     }
 
     fn alloc<T: Scalar>(&self, len: usize) -> Result<HostBuffer<T>, KernelError> {
@@ -134,6 +215,7 @@ impl Backend for CpuHarness {
     }
 
     fn download<T: Scalar>(&self, buffer: &HostBuffer<T>) -> Result<Vec<T>, KernelError> {
+        count(0, std::mem::size_of::<T>() * buffer.len);
         Ok(buffer.as_slice().to_vec())
     }
 

@@ -214,7 +214,32 @@ pub enum KernelError {
     Argument { kernel: &'static str, message: String },
 }
 
+/// Bytes a backend has moved between host and device memory (uploads and downloads; kernels,
+/// views and [`Backend::zero`] move nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_device: u64,
+    pub to_host: u64,
+    /// Number of copies in either direction.
+    pub copies: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            to_device: self.to_device - earlier.to_device,
+            to_host: self.to_host - earlier.to_host,
+            copies: self.copies - earlier.copies,
+        }
+    }
+}
+
 /// Where kernels run. Buffers live on the backend; kernel arguments are raw addresses.
+///
+/// A buffer is an allocation or a *view* of part of one ([`Backend::view`]): views share the
+/// allocation (it is freed when the last of them is dropped), so a model can keep every
+/// parameter in one flat buffer for the optimizer and hand each kernel its own parameter.
 pub trait Backend {
     type Buffer<T: Scalar>;
 
@@ -229,6 +254,17 @@ pub trait Backend {
     /// an element before some kernel wrote it fails (initcheck).
     fn alloc<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>, KernelError>;
     fn download<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError>;
+    /// Copies `host` into `buffer` (of the same length), reusing its memory.
+    fn upload_into<T: Scalar>(&self, buffer: &mut Self::Buffer<T>, host: &[T]) -> Result<(), KernelError>;
+    /// Sets every element to zero bits on the device (no host copy).
+    fn zero<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> Result<(), KernelError>;
+    /// Elements `offset..offset + len` of `parent`, sharing its memory. Panics when the range is
+    /// not inside `parent`. The harness checks bounds per allocation, as compute-sanitizer does:
+    /// a kernel given a view may touch the rest of its allocation unreported.
+    fn view<T: Scalar>(&self, parent: &Self::Buffer<T>, offset: usize, len: usize) -> Self::Buffer<T>;
+    /// Host↔device bytes moved so far: by this backend on a GPU, by the calling thread on the
+    /// harness (whose launches and copies all run on the calling thread).
+    fn traffic(&self) -> Traffic;
     fn buffer_len<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> usize;
     /// The address a kernel reads through.
     fn arg_in<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> KernelArg;

@@ -11,7 +11,7 @@
 use std::process::ExitCode;
 
 use lora_compose::compose::{Rows, Train};
-use lora_compose::gpu::GpuBackend;
+use lora_compose::gpu::{GpuBackend, GpuBuffer};
 use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
 use lora_compose::kernels::gemm::{self, GemmParams, GemmShape, Variant};
 use lora_compose::kernels::{compose_bwd, Backend, DType, Element, KernelError};
@@ -241,7 +241,7 @@ fn driver<E: std::fmt::Debug>(context: &'static str) -> impl Fn(E) -> KernelErro
 /// Median milliseconds of `runs` calls of `launch`, each after an L2 flush, timed with events.
 fn time_runs(
     gpu: &GpuBackend,
-    flush: &mut cudarc::driver::CudaSlice<u8>,
+    flush: &mut GpuBuffer<u8>,
     runs: usize,
     mut launch: impl FnMut() -> Result<(), KernelError>,
 ) -> Result<f64, KernelError> {
@@ -251,7 +251,7 @@ fn time_runs(
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
-        gpu.stream().memset_zeros(flush).map_err(driver("L2 flush"))?;
+        gpu.zero(flush)?;
         gpu.record(&start)?;
         launch()?;
         gpu.record(&end)?;
@@ -271,7 +271,7 @@ fn random_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<half::bf16> 
 /// Each forward variant is first checked against the naive one on a fresh Y.
 fn bench_compose_shape(
     gpu: &GpuBackend,
-    flush: &mut cudarc::driver::CudaSlice<u8>,
+    flush: &mut GpuBuffer<u8>,
     (d, n, t): (usize, usize, usize),
     runs: usize,
     out: &mut Vec<Timing>,
@@ -325,8 +325,8 @@ fn bench_compose_shape(
     };
 
     // Check: every variant's Y against the naive variant's, from Y = 0.
-    let mut y_of = |variant, y: &mut cudarc::driver::CudaSlice<half::bf16>| -> Result<Vec<f32>, KernelError> {
-        gpu.stream().memset_zeros(y).map_err(driver("clear Y"))?;
+    let mut y_of = |variant, y: &mut GpuBuffer<half::bf16>| -> Result<Vec<f32>, KernelError> {
+        gpu.zero(y)?;
         let outputs = compose_fwd::Outputs {
             u: Some(&mut u),
             z: &mut z,
@@ -423,10 +423,8 @@ fn bench_compose_shape(
 /// Prints the composition table and the targets as measured ratios; returns whether a
 /// check failed.
 fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
-    let mut flush = gpu
-        .stream()
-        .alloc_zeros::<u8>(L2_FLUSH_BYTES)
-        .map_err(driver("L2 flush buffer"))?;
+    let mut flush = gpu.alloc::<u8>(L2_FLUSH_BYTES)?;
+    gpu.zero(&mut flush)?;
     println!(
         "\nComposition kernels on {}, bf16, r = {RANK}, median of {runs} runs after an L2 flush\n",
         gpu.name()
