@@ -5,11 +5,12 @@
 //     gelu_bias_bwd   ∂x[r,j] = ∂y[r,j] · (Φ(h) + h · φ(h)),   φ(h) = exp(−h²/2) / √(2π)
 //     add             out[i] = a[i] + b[i]
 //     add_acc         out[i] = out[i] + a[i]
+//     bias_add        y[r,j] = y[r,j] + b[j]        (a linear layer's bias after its GEMM)
 //     bias_grad       ∂b[j] = Σ_r ∂y[r,j]
 //
 // Shapes, row-major: x, y, ∂y, ∂x (rows, D); b, ∂b (D); a, b, out of add/add_acc (n). Storage T is
 // float or __nv_bfloat16, arithmetic f32 (erff, expf), one rounding per stored element. y, ∂x, out
-// (add) and ∂b are overwritten; add_acc accumulates onto out. The forward stores nothing beside y:
+// (add) and ∂b are overwritten; add_acc and bias_add accumulate onto out and y. The forward stores nothing beside y:
 // the backward recomputes h = x + b from the same inputs (x is the GEMM output, kept anyway), so
 // h is exact in f32 and never rounded to T. ∂b of the fused bias is bias_grad over the ∂x that
 // gelu_bias_bwd wrote. bias_grad is deterministic: fixed-order sums, no float atomics.
@@ -68,6 +69,12 @@ template <typename T>
 __device__ __forceinline__ void add_acc(const T* __restrict__ a, T* __restrict__ out, int n) {
     const long long i = element_index();
     if (i < n) out[i] = lc::from_f32<T>(lc::to_f32(out[i]) + lc::to_f32(a[i]));
+}
+
+template <typename T>
+__device__ __forceinline__ void bias_add(const T* __restrict__ b, T* __restrict__ y, int rows, int D) {
+    const long long i = element_index();
+    if (i < (long long)rows * D) y[i] = lc::from_f32<T>(lc::to_f32(y[i]) + lc::to_f32(b[i % D]));
 }
 
 // Variant 1. 1-D grid over D.
@@ -133,6 +140,10 @@ __device__ __forceinline__ void bias_grad_sum(const float* __restrict__ work, T*
     extern "C" __global__ void __launch_bounds__(256) elementwise_add_acc_##suffix(const T* __restrict__ a,            \
                                                                                    T* __restrict__ out, int n) {      \
         elementwise::add_acc<T>(a, out, n);                                                                            \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) elementwise_bias_add_##suffix(                                   \
+        const T* __restrict__ b, T* __restrict__ y, int rows, int D) {                                                \
+        elementwise::bias_add<T>(b, y, rows, D);                                                                       \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) elementwise_bias_grad_naive_##suffix(                            \
         const T* __restrict__ dy, T* __restrict__ db, int rows, int D) {                                              \

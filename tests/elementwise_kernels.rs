@@ -163,6 +163,30 @@ fn check_adds<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Resul
     Ok(())
 }
 
+/// bias_add (y += b broadcast over rows) on `backend`.
+fn check_bias_add<T: Element, B: Backend>(backend: &B, shape: &RowsShape, seed: u64) -> Result<(), String> {
+    let RowsShape { rows, d } = *shape;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb1a);
+    let (y0, b): (Vec<T>, Vec<T>) = (random(&mut rng, rows * d, 3.0), random(&mut rng, d, 3.0));
+    let context =
+        |e: &dyn std::fmt::Display| format!("{} bias add {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE);
+    let run = || -> Result<Vec<T>, KernelError> {
+        let dev_b = backend.upload(&b)?;
+        let mut y = backend.upload(&y0)?;
+        elementwise::launch_bias_add::<T, B>(backend, shape, &dev_b, &mut y)?;
+        backend.download(&y)
+    };
+    let y = run().map_err(|e| context(&e))?;
+    let (y64, b64) = (f64s(&y0), f64s(&b));
+    let want = elementwise::reference_bias_add(shape, &y64, &b64);
+    let bounds: Vec<f64> = (0..rows * d)
+        .map(|i| 2.0 * UNIT_ROUNDOFF_F32 * (y64[i].abs() + b64[i % d].abs()) + 1e-30)
+        .collect();
+    let cpu: Vec<f64> = (0..rows * d).map(|i| round::<T>(y0[i].to_f32() + b[i % d].to_f32())).collect();
+    check_output::<T>("y", &f64s(&y), &want, &cpu, &bounds).map_err(|e| context(&e))?;
+    Ok(())
+}
+
 /// The bias gradient of `variant` on `backend`; returns ∂b for the determinism check.
 fn check_bias_grad<T: Element, B: Backend>(
     backend: &B,
@@ -214,6 +238,8 @@ fn check_all<B: Backend>(backend: &B, shape: &RowsShape, seed: u64) -> Result<()
     check_gelu::<half::bf16, B>(backend, shape, seed)?;
     check_adds::<f32, B>(backend, shape.rows * shape.d, seed)?;
     check_adds::<half::bf16, B>(backend, shape.rows * shape.d, seed)?;
+    check_bias_add::<f32, B>(backend, shape, seed)?;
+    check_bias_add::<half::bf16, B>(backend, shape, seed)?;
     for &variant in elementwise::ALL {
         check_bias_grad::<f32, B>(backend, variant, shape, seed)?;
         check_bias_grad::<half::bf16, B>(backend, variant, shape, seed)?;

@@ -46,6 +46,7 @@ pub enum Entry {
     GeluBiasBackward,
     Add,
     AddAcc,
+    BiasAdd,
     BiasGradNaive,
     BiasGradPartial,
     BiasGradSum,
@@ -131,6 +132,7 @@ pub fn flops_bytes(entry: Entry, shape: &RowsShape, dtype: DType) -> (f64, f64) 
         Entry::GeluBiasForward => (15.0 * n, (2.0 * n + d) * size),
         Entry::GeluBiasBackward => (30.0 * n, (3.0 * n + d) * size),
         Entry::Add | Entry::AddAcc => (n, 3.0 * n * size),
+        Entry::BiasAdd => (n, (2.0 * n + d) * size),
         Entry::BiasGradNaive | Entry::BiasGradPartial | Entry::BiasGradSum => (n, (n + d) * size),
     }
 }
@@ -147,6 +149,8 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         (Entry::Add, DType::BF16) => kernel_entry!(e::lc_run_elementwise_add_bf16),
         (Entry::AddAcc, DType::F32) => kernel_entry!(e::lc_run_elementwise_add_acc_f32),
         (Entry::AddAcc, DType::BF16) => kernel_entry!(e::lc_run_elementwise_add_acc_bf16),
+        (Entry::BiasAdd, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_add_f32),
+        (Entry::BiasAdd, DType::BF16) => kernel_entry!(e::lc_run_elementwise_bias_add_bf16),
         (Entry::BiasGradNaive, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_grad_naive_f32),
         (Entry::BiasGradNaive, DType::BF16) => kernel_entry!(e::lc_run_elementwise_bias_grad_naive_bf16),
         (Entry::BiasGradPartial, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_grad_partial_f32),
@@ -293,6 +297,36 @@ pub fn launch_add_acc<T: Element, B: Backend>(
     // SAFETY: the arguments follow elementwise_add_acc's parameters (a, out, n); `check` verified
     // both hold n elements and n fits i32; out is mutably borrowed, so it is not `a`.
     unsafe { backend.launch(&kernel, &map_config(n), &args) }
+}
+
+/// `y[r, j] += b[j]` over (rows, d): a linear layer's bias after its GEMM.
+pub fn launch_bias_add<T: Element, B: Backend>(
+    backend: &B,
+    shape: &RowsShape,
+    b: &B::Buffer<T>,
+    y: &mut B::Buffer<T>,
+) -> Result<(), KernelError> {
+    let kernel = kernel(Entry::BiasAdd, T::DTYPE)?;
+    let n = shape.rows * shape.d;
+    check(
+        kernel.name,
+        shape,
+        &[("b", backend.buffer_len(b), shape.d), ("y", backend.buffer_len(y), n)],
+    )?;
+    let args = [
+        backend.arg_in(b),
+        backend.arg_out(y),
+        KernelArg::I32(shape.rows as i32),
+        KernelArg::I32(shape.d as i32),
+    ];
+    // SAFETY: the arguments follow elementwise_bias_add's parameters (b, y, rows, D); `check`
+    // verified b holds d and y rows·d elements, within i32; y is mutably borrowed, so not b.
+    unsafe { backend.launch(&kernel, &map_config(n), &args) }
+}
+
+/// `y[r, j] + b[j]`, the reference of [`launch_bias_add`].
+pub fn reference_bias_add(shape: &RowsShape, y: &[f64], b: &[f64]) -> Vec<f64> {
+    y.iter().enumerate().map(|(i, &v)| v + b[i % shape.d]).collect()
 }
 
 /// `∂b[j] = Σ_rows ∂y[r, j]` with `variant`, ∂b (d) overwritten. `work` holds
