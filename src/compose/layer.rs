@@ -1,6 +1,7 @@
-//! The composed linear layer the transformer uses: one type, one API (forward, backward, which
-//! parameters train), several implementations behind a device chosen once for the model
-//! (`--device cpu|cuda|auto`):
+//! The device choice (`--device cpu|cuda|auto`) and one composed linear layer on a device, on its
+//! own: one type, one API (forward, backward, which parameters train), several implementations.
+//! (The transformer does not use it: on a kernel device the whole model is resident there,
+//! `crate::model::resident`.)
 //!
 //! - [`Device::Cpu`]: [`super::fast`], the fused two-GEMM CPU path;
 //! - [`Device::Cuda`]: the GEMM family for the base (`X Wᵀ + b`, `G W`, `Gᵀ X`) and the fused
@@ -13,8 +14,8 @@
 //! The host weights are the master copy (the optimizer updates them on the host); a
 //! [`ComposedLayer`] holds the device's resident copy and is refreshed with
 //! [`ComposedLayer::sync`] after they change. Activations cross to the device and back on every
-//! call. Factor mode (LoraHub's block mix, equal ranks) has no kernel yet: such a layer runs on
-//! the CPU fast path whatever the device.
+//! call. Factor mode runs on the CPU fast path here whatever the device (the resident model runs
+//! it with `kernels::compose_factor`).
 
 use std::sync::Arc;
 
@@ -52,8 +53,11 @@ impl std::str::FromStr for DeviceChoice {
 /// `--device`, for every command that runs a model (`#[command(flatten)]`).
 #[derive(clap::Args, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceArg {
-    /// Where the model's linear layers run: cpu (the fused CPU path), cuda (the CUDA kernels;
-    /// an error without a usable GPU) or auto (cuda when available, else cpu).
+    /// Where the model runs. cpu: everything on the CPU (the fused composed layer on the `gemm`
+    /// crate). cuda: the whole model on GPU 0 — weights, optimizer state, activations and
+    /// gradients stay in GPU memory and every forward, backward and AdamW op is a CUDA kernel;
+    /// the CPU reads and tokenizes data, uploads each batch, and writes results (an error without
+    /// a usable GPU). auto: cuda when a GPU is usable, else cpu.
     #[arg(long = "device", value_name = "DEVICE", value_enum, default_value = "cpu")]
     #[serde(rename = "device")]
     pub choice: DeviceChoice,
@@ -70,7 +74,7 @@ impl DeviceArg {
     }
 }
 
-/// Where every composed layer of a model runs.
+/// Where a model (or a standalone composed layer) runs.
 #[derive(Clone, Default)]
 pub enum Device {
     #[default]

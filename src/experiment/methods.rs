@@ -277,6 +277,9 @@ fn fit(
             break;
         }
     }
+    // The weights trained on the device come back to the host copy (coefficient heatmaps and
+    // the composed adapter read it).
+    model.sync_host()?;
     Ok(loss)
 }
 
@@ -359,7 +362,8 @@ fn lorahub_search(
     for (v, &x) in model.global_v.iter_mut().zip(&best.1) {
         *v = x as f32;
     }
-    Ok(())
+    // The host row changed: the device copy takes it.
+    model.sync_device()
 }
 
 fn run_unit(

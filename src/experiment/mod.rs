@@ -153,10 +153,10 @@ pub(crate) fn accuracy(model: &Model<f32>, images: &Images) -> Result<f64> {
 /// Replaces the model's head by a fresh seeded one of `n` classes, on the model's device.
 pub(crate) fn new_head(model: &mut Model<f32>, n: usize, seed: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4ead);
+    model.sync_host()?;
     model.head = Linear::init("classifier", model.config.hidden, n, 0.02, &mut rng);
     model.config.num_labels = n;
-    let device = model.device().clone();
-    model.head.place(None, &device)
+    model.sync_device()
 }
 
 /// Loads the pretrained base (10-class Fashion-MNIST head).
@@ -222,6 +222,9 @@ pub(crate) fn train_minibatch(
             }
         }
     }
+    // The weights trained on the device come back to the host copy, which checkpoints,
+    // adapters and reports read.
+    model.sync_host()?;
     Ok(last)
 }
 

@@ -138,6 +138,7 @@ pub(crate) fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<Safe
 /// Loads every base weight of `model` from a Hugging Face BERT `model.safetensors`; other
 /// tensors in the file (pooler, position ids) are ignored.
 pub fn load_base_weights<T: Real>(model: &mut Model<T>, path: &Path) -> Result<()> {
+    model.sync_host()?;
     let bytes = read_file(path)?;
     let st = parse_safetensors(path, &bytes)?;
     for p in model.params_mut() {

@@ -84,6 +84,11 @@ fn le_bytes<T: Real>(v: &[T]) -> Vec<u8> {
 
 /// Writes the chosen parts of `model` to `path`.
 pub fn save<T: Real>(model: &Model<T>, path: &Path, parts: Parts) -> Result<()> {
+    if model.resident.is_stale() {
+        return Err(Error::Device(
+            "the model trained on the device since its host weights were refreshed; call Model::sync_host before saving".into(),
+        ));
+    }
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = model
         .params()
         .into_iter()
@@ -150,6 +155,7 @@ pub fn save<T: Real>(model: &Model<T>, path: &Path, parts: Parts) -> Result<()> 
 /// Loads a checkpoint written by [`save`] into `model`, whose config must match the saved one.
 /// With adapters, the model's adapters are replaced by the checkpoint's. Returns the parts read.
 pub fn load<T: Real>(model: &mut Model<T>, path: &Path) -> Result<Parts> {
+    model.sync_host()?;
     let bytes = read_file(path)?;
     let st = parse_safetensors(path, &bytes)?;
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };

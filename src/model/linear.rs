@@ -14,7 +14,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::pass::Grads;
 use super::{LinArgs, Real, Trainable};
-use crate::compose::layer::{ComposedLayer, Device};
 use crate::compose::{coefficients, coefficients_backward, Mode, ModuleStack, Param, Rows, Train};
 use crate::{Error, Result};
 
@@ -68,10 +67,6 @@ pub struct Linear<T> {
     /// Empty, one LoRA, or the library (see [`Adapter`]).
     pub modules: ModuleStack<T>,
     pub adapter: Adapter<T>,
-    /// Where the layer runs, with its weights' resident copy on a kernel device; set by
-    /// [`crate::model::Model::to_device`] and refreshed by `Model::sync_device` after the host
-    /// weights change.
-    pub placed: ComposedLayer,
 }
 
 /// A standard normal draw (Box–Muller).
@@ -107,7 +102,6 @@ impl<T: Real> Linear<T> {
             b: vec![T::zero(); d_out],
             modules: empty_stack(d_in, d_out),
             adapter: Adapter::None,
-            placed: ComposedLayer::cpu(),
         }
     }
 
@@ -126,7 +120,6 @@ impl<T: Real> Linear<T> {
                     v: v.iter().map(|&x| f(x)).collect(),
                 },
             },
-            placed: ComposedLayer::cpu(),
         }
     }
 
@@ -202,12 +195,6 @@ impl<T: Real> Linear<T> {
         }
     }
 
-    /// Places the layer on `device` (its current weights and, for a composition, `comp`'s mode).
-    pub fn place(&mut self, comp: Option<Composition>, device: &Device) -> Result<()> {
-        self.placed = T::place(self.args(comp), device)?;
-        Ok(())
-    }
-
     pub(crate) fn args(&self, comp: Option<Composition>) -> LinArgs<'_, T> {
         LinArgs {
             w: &self.w,
@@ -222,7 +209,7 @@ impl<T: Real> Linear<T> {
 
     /// Y (T, d_out) for X (T, d_in) with coefficients `c` (1, N).
     pub fn forward(&self, comp: Option<Composition>, x: &[T], c: &[T], rows: Rows) -> Result<(Vec<T>, T::LinCache)> {
-        T::linear_forward(self.args(comp), &self.placed, x, c, rows)
+        T::linear_forward(self.args(comp), x, c, rows)
     }
 
     /// Whether any of this layer's parameters train under `trainable` (`base` says whether W, b
@@ -263,7 +250,7 @@ impl<T: Real> Linear<T> {
             modules: matches!(self.adapter, Adapter::Lora) && trainable.lora,
             base: if head { trainable.head } else { trainable.base },
         };
-        let gr = T::linear_backward(self.args(comp), &self.placed, x, cache, c, rows, g, train)?;
+        let gr = T::linear_backward(self.args(comp), x, cache, c, rows, g, train)?;
         if train.base {
             grads.add(&format!("{}.weight", self.name), gr.dw);
             grads.add(&format!("{}.bias", self.name), gr.dbias);

@@ -19,12 +19,14 @@
 //! for the ViT, as in Hugging Face's models), and can carry a composition of frozen modules
 //! (the crate's composed layer, [`crate::compose`]) or one trainable LoRA.
 //!
-//! The network is generic over [`Real`]: `f32` runs every linear layer through the crate's
-//! composed layer ([`ComposedLayer`]) on the model's device — the fused CPU fast path
-//! ([`crate::compose::fast`], two GEMMs per layer on the `gemm` crate) or the CUDA kernels
-//! (`--device cuda`, or the CPU execution harness in tests), chosen once with
-//! [`Model::to_device`]; `f64` runs the layer's plain reference on the CPU, so the hand-written
-//! backward can be held to f64 central differences.
+//! The network is generic over [`Real`]. On the CPU, `f32` runs every linear layer through the
+//! crate's fused composed layer ([`crate::compose::fast`], two GEMMs per layer on the `gemm`
+//! crate) and `f64` through its plain reference, so the hand-written backward can be held to
+//! f64 central differences. [`Model::to_device`] with a kernel device (`--device cuda`, or the
+//! CPU execution harness in tests) moves the whole f32 model there: weights, optimizer state,
+//! activations and gradients stay in device buffers and every op is a kernel of `cuda/`
+//! ([`resident`]); only the batch goes up and the loss (or the logits, or the pooled output)
+//! comes down.
 
 pub mod batch;
 pub mod bert;
@@ -34,6 +36,7 @@ pub mod layers;
 pub mod linear;
 pub mod net;
 pub mod pass;
+pub(crate) mod resident;
 pub mod train;
 
 use std::fmt::Debug;
@@ -42,7 +45,6 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compose::layer::{ComposedLayer, Device};
 use crate::compose::{fast, reference, Rows, Train};
 use crate::{Error, Result};
 
@@ -72,23 +74,14 @@ pub trait Real:
     fn of(x: f64) -> Self;
     fn erf(self) -> Self;
 
-    /// The layer `l` placed on `device` (its weights uploaded on a kernel device).
-    fn place(l: LinArgs<Self>, device: &Device) -> Result<ComposedLayer>;
-
-    /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`, (T, d_out), on the device `on` holds.
-    fn linear_forward(
-        l: LinArgs<Self>,
-        on: &ComposedLayer,
-        x: &[Self],
-        c: &[Self],
-        rows: Rows,
-    ) -> Result<(Vec<Self>, Self::LinCache)>;
+    /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`, (T, d_out), on the CPU: the fused fast path for
+    /// f32, the plain reference for f64. (A model on a kernel device runs
+    /// [`resident`] instead; this trait is numeric only.)
+    fn linear_forward(l: LinArgs<Self>, x: &[Self], c: &[Self], rows: Rows) -> Result<(Vec<Self>, Self::LinCache)>;
 
     /// Gradients of the composed layer given `G = ∂L/∂Y`; only what `train` asks is filled in.
-    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         l: LinArgs<Self>,
-        on: &ComposedLayer,
         x: &[Self],
         cache: &Self::LinCache,
         c: &[Self],
@@ -113,21 +106,11 @@ impl Real for f32 {
     fn erf(self) -> Self {
         libm::erff(self)
     }
-    fn place(l: LinArgs<f32>, device: &Device) -> Result<ComposedLayer> {
-        ComposedLayer::new(&l, device)
-    }
-    fn linear_forward(
-        l: LinArgs<f32>,
-        on: &ComposedLayer,
-        x: &[f32],
-        c: &[f32],
-        rows: Rows,
-    ) -> Result<(Vec<f32>, fast::Cache)> {
-        on.forward(&l, x, c, rows)
+    fn linear_forward(l: LinArgs<f32>, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, fast::Cache)> {
+        fast::forward(&fast_layer(l), x, c, rows)
     }
     fn linear_backward(
         l: LinArgs<f32>,
-        on: &ComposedLayer,
         x: &[f32],
         cache: &fast::Cache,
         c: &[f32],
@@ -135,7 +118,7 @@ impl Real for f32 {
         g: &[f32],
         train: Train,
     ) -> Result<LinGrads<f32>> {
-        let gr = on.backward(&l, x, cache, c, rows, g, train)?;
+        let gr = fast::backward(&fast_layer(l), x, cache, c, rows, g, train)?;
         Ok(LinGrads {
             dx: gr.dx,
             dc: gr.dc,
@@ -144,6 +127,15 @@ impl Real for f32 {
             dw: gr.dw,
             dbias: gr.dbias,
         })
+    }
+}
+
+fn fast_layer(l: LinArgs<'_, f32>) -> fast::Layer<'_> {
+    fast::Layer {
+        w: l.w,
+        bias: l.bias,
+        modules: l.modules,
+        mode: l.mode,
     }
 }
 
@@ -156,19 +148,8 @@ impl Real for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
-    /// f64 models (the gradient checks' reference path) run on the CPU only.
-    fn place(_: LinArgs<f64>, device: &Device) -> Result<ComposedLayer> {
-        if device.is_cpu() {
-            Ok(ComposedLayer::cpu())
-        } else {
-            Err(Error::Device(format!(
-                "f64 models run the CPU reference only, not on {device:?}"
-            )))
-        }
-    }
     fn linear_forward(
         l: LinArgs<f64>,
-        _on: &ComposedLayer,
         x: &[f64],
         c: &[f64],
         rows: Rows,
@@ -177,7 +158,6 @@ impl Real for f64 {
     }
     fn linear_backward(
         l: LinArgs<f64>,
-        _on: &ComposedLayer,
         x: &[f64],
         _cache: &(),
         c: &[f64],

@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::linear::{randn, Adapter, Composition, Library, Linear, LoraModule, GLOBAL_LOGITS};
 use super::{matches_target, Arch, Config, Kind, Real};
+use super::resident::ResidentSlot;
 use crate::compose::layer::Device;
 use crate::{Error, Result};
 
@@ -104,7 +105,7 @@ pub enum Embeddings<T> {
 }
 
 /// The whole network. See the module docs of [`crate::model`] for the math.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Model<T> {
     pub config: Config,
     pub embeddings: Embeddings<T>,
@@ -117,8 +118,35 @@ pub struct Model<T> {
     pub composition: Option<Composition>,
     /// (N): the global composition row, when `composition.global`.
     pub global_v: Vec<T>,
-    /// Where every linear layer runs ([`Model::to_device`]); the CPU until moved.
+    /// Where the model runs ([`Model::to_device`]); the CPU until moved.
     device: Device,
+    /// The device copy on a kernel device ([`super::resident`]).
+    pub(crate) resident: ResidentSlot,
+}
+
+impl<T: Real> Clone for Model<T> {
+    /// A copy on the same device, with its own device copy (uploaded on first use). A model
+    /// trained on the device is cloned with its current weights (downloaded for the copy).
+    fn clone(&self) -> Self {
+        let mut out = Model {
+            config: self.config.clone(),
+            embeddings: self.embeddings.clone(),
+            blocks: self.blocks.clone(),
+            final_ln: self.final_ln.clone(),
+            head: self.head.clone(),
+            composition: self.composition,
+            global_v: self.global_v.clone(),
+            device: self.device.clone(),
+            resident: ResidentSlot::default(),
+        };
+        if self.resident.is_stale() {
+            match self.download_params() {
+                Ok(Some(flat)) => out.write_params(&flat),
+                _ => out.resident.host_stale.store(true, std::sync::atomic::Ordering::Relaxed),
+            }
+        }
+        out
+    }
 }
 
 /// One named parameter: `D` is `&Vec<T>` or `&mut Vec<T>`.
@@ -270,92 +298,78 @@ impl<T: Real> Model<T> {
             composition: None,
             global_v: Vec::new(),
             device: Device::Cpu,
+            resident: ResidentSlot::default(),
         })
     }
 
-    /// The device every linear layer runs on.
+    /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Runs every linear layer on `device` from now on: on a kernel device their weights are
-    /// uploaded, and they are refreshed after every optimizer step and adapter change this
-    /// model makes. After editing weights directly, call [`Model::sync_device`]. f64 models run
+    /// Runs the model on `device` from now on. On a kernel device (CUDA, or the CPU harness)
+    /// the whole model goes there now: weights, and later the optimizer's moments, activations
+    /// and gradients, all in device buffers; training steps update the device copy only (see
+    /// [`Model::sync_host`]). Structural changes (adapters attached or removed) re-upload it on
+    /// next use; after editing host weights directly, call [`Model::sync_device`]. f64 models run
     /// on the CPU only.
     pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        if !device.is_cpu() && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() {
+            return Err(Error::Device(format!(
+                "f64 models run the CPU reference only, not on {device:?}"
+            )));
+        }
+        self.sync_host()?;
         self.device = device.clone();
         self.sync_device()
     }
 
-    /// Re-places every linear layer on the model's device from its current host weights.
+    /// Replaces the device copy by the current host weights (after editing them directly).
     pub fn sync_device(&mut self) -> Result<()> {
-        let (comp, device) = (self.composition, self.device.clone());
-        for (l, _) in self.linears_mut_all() {
-            l.place(comp, &device)?;
-        }
+        self.resident.clear();
+        self.resident.with(self, |_| Ok(()))?;
         Ok(())
     }
 
-    /// Re-places the block layers `paths` (after their adapters changed).
-    fn place_blocks(&mut self, paths: &[String]) -> Result<()> {
-        let (comp, device) = (self.composition, self.device.clone());
-        for p in paths {
-            self.linear_mut(p).expect("a block layer").place(comp, &device)?;
-        }
-        Ok(())
-    }
-
-    /// Re-places the layers whose weights `trainable` updates (the optimizer step's
-    /// counterpart; coefficients are passed with every call and need nothing).
-    pub(crate) fn sync_trained(&mut self, trainable: super::Trainable) -> Result<()> {
-        if self.device.is_cpu() {
+    /// Copies the device's weights back into the host copy after training on the device (a
+    /// no-op on the CPU or when nothing changed there). Checkpoints, `lora_modules` and the
+    /// experiment's reports read the host copy.
+    pub fn sync_host(&mut self) -> Result<()> {
+        if !self.resident.is_stale() {
             return Ok(());
         }
-        let (comp, device) = (self.composition, self.device.clone());
-        for (l, head) in self.linears_mut_all() {
-            let own = if head { trainable.head } else { trainable.base };
-            if own || (l.adapter == Adapter::Lora && trainable.lora) {
-                l.place(comp, &device)?;
-            }
+        if let Some(flat) = self.download_params()? {
+            self.write_params(&flat);
         }
+        self.resident.host_stale.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Every linear layer is placed on the model's device (a layer replaced by assignment,
-    /// like a new head, must be placed before use).
-    pub(crate) fn check_placement(&self) -> Result<()> {
-        let patch = match &self.embeddings {
-            Embeddings::Vit { patch, .. } => Some(patch),
-            Embeddings::Bert { .. } => None,
-        };
-        let all = patch
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(|b| b.linears()))
-            .chain(std::iter::once(&self.head));
-        for l in all {
-            if l.placed.device() != &self.device {
-                return Err(Error::Device(format!(
-                    "layer {} runs on {:?} but the model on {:?}; call Model::sync_device after replacing a layer",
-                    l.name,
-                    l.placed.device(),
-                    self.device
-                )));
-            }
+    /// The device's flat parameters ([`Model::params`] order), when on a kernel device.
+    fn download_params(&self) -> Result<Option<Vec<f32>>> {
+        // A stale host copy cannot rebuild the device copy, so only an existing one is read.
+        if !self.resident.is_stale() {
+            return Ok(None);
         }
-        Ok(())
+        self.resident
+            .with(self, |state| super::resident::on_device!(state, |be, dm| dm.download_params(be)))
     }
 
-    /// Every linear layer, with whether it is the head.
-    fn linears_mut_all(&mut self) -> Vec<(&mut Linear<T>, bool)> {
-        let mut out = Vec::new();
-        if let Embeddings::Vit { patch, .. } = &mut self.embeddings {
-            out.push((patch, false));
+    fn write_params(&mut self, flat: &[f32]) {
+        let mut at = 0;
+        for p in self.params_mut() {
+            for x in p.data.iter_mut() {
+                *x = T::of(flat[at] as f64);
+                at += 1;
+            }
         }
-        for b in &mut self.blocks {
-            out.extend(b.linears_mut().into_iter().map(|l| (l, false)));
-        }
-        out.push((&mut self.head, true));
-        out
+    }
+
+    /// Before a structural change: the host copy made current, the device copy dropped.
+    fn invalidate_device(&mut self) -> Result<()> {
+        self.sync_host()?;
+        self.resident.clear();
+        Ok(())
     }
 
     /// Every parameter in a fixed order: base (embeddings, blocks, final norm), head, adapters.
@@ -409,6 +423,7 @@ impl<T: Real> Model<T> {
             composition: self.composition,
             global_v: self.global_v.iter().map(|&x| f(x)).collect(),
             device: Device::Cpu,
+            resident: ResidentSlot::default(),
         }
     }
 
@@ -453,13 +468,13 @@ impl<T: Real> Model<T> {
     /// Returns the layers' paths.
     pub fn attach_lora(&mut self, targets: &[&str], rank: usize, alpha: f64, seed: u64) -> Result<Vec<String>> {
         let paths = self.resolve_targets(targets)?;
+        self.invalidate_device()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for p in &paths {
             self.linear_mut(p)
                 .expect("resolved above")
                 .attach_lora(rank, alpha, &mut rng)?;
         }
-        self.place_blocks(&paths)?;
         Ok(paths)
     }
 
@@ -467,6 +482,7 @@ impl<T: Real> Model<T> {
     /// Layers not in the library stay as they are. A global composition needs the same module
     /// count N on every layer; its row starts uniform (softmax of zeros, or 1/N when raw).
     pub fn attach_composition(&mut self, library: &Library, comp: Composition) -> Result<()> {
+        self.invalidate_device()?;
         let mut n_global = None;
         for (path, modules) in library {
             let known = self.layer_names();
@@ -499,8 +515,7 @@ impl<T: Real> Model<T> {
             }
             None => Vec::new(),
         };
-        let paths: Vec<String> = library.keys().cloned().collect();
-        self.place_blocks(&paths)
+        Ok(())
     }
 
     /// A synthetic library for the layers `targets` match: `n` modules of rank `rank` each,
@@ -536,6 +551,7 @@ impl<T: Real> Model<T> {
 
     /// Removes every adapter (LoRA and compositions).
     pub fn detach_adapters(&mut self) -> Result<()> {
+        self.invalidate_device()?;
         for b in &mut self.blocks {
             for l in b.linears_mut() {
                 l.detach();
@@ -543,7 +559,7 @@ impl<T: Real> Model<T> {
         }
         self.composition = None;
         self.global_v.clear();
-        self.sync_device()
+        Ok(())
     }
 
     /// The trained LoRAs as library modules (f32), e.g. to compose later.

@@ -12,6 +12,7 @@ use super::layers::{
 use super::linear::Adapter;
 use super::net::{Block, Embeddings, LayerNorm, Model};
 use super::{Arch, Batch, Linear, Pool, Real, Trainable};
+use super::resident::{on_device, Plan, Population as DevPopulation};
 use crate::compose::Rows;
 use crate::{Error, Result};
 
@@ -97,6 +98,32 @@ pub struct Tape<T: Real> {
     /// (B, D): the head's input
     pooled: Vec<T>,
     head: Option<LinTape<T>>,
+    /// On a kernel device the tape is the device's activations of forward number `generation`.
+    on_device: Option<u64>,
+}
+
+impl<T: Real> Tape<T> {
+    fn device(batch: &Batch, seq: usize, generation: u64) -> Tape<T> {
+        Tape {
+            batch: batch.batch,
+            seq,
+            mask: Vec::new(),
+            ids: batch.ids.clone(),
+            type_ids: Vec::new(),
+            patches: Vec::new(),
+            patch: None,
+            emb_ln: None,
+            blocks: Vec::new(),
+            final_ln: None,
+            pooled: Vec::new(),
+            head: None,
+            on_device: Some(generation),
+        }
+    }
+}
+
+fn to_t<T: Real>(v: Vec<f32>) -> Vec<T> {
+    v.into_iter().map(|x| T::of(x as f64)).collect()
 }
 
 /// A population forward's coefficient rows (P × N, parametrised) and each image's row.
@@ -123,6 +150,19 @@ fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Ve
 impl<T: Real> Model<T> {
     /// Logits (B, num_labels) and the tape for [`Model::backward`].
     pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
+        if !self.device().is_cpu() {
+            let t = batch.check(&self.config)?;
+            let (logits, generation) = self
+                .resident
+                .with(self, |st| {
+                    on_device!(st, |be, dm| {
+                        dm.forward(be, batch, t, None)?;
+                        Ok((dm.download_logits(be)?, dm.generation()))
+                    })
+                })?
+                .expect("a kernel device");
+            return Ok((to_t(logits), Tape::device(batch, t, generation)));
+        }
         let mut tape = self.encode_taped(batch, true, None)?;
         let zeros = vec![0usize; tape.batch];
         let rows = Rows {
@@ -136,6 +176,19 @@ impl<T: Real> Model<T> {
 
     /// Logits (B, num_labels) without keeping a tape.
     pub fn logits(&self, batch: &Batch) -> Result<Vec<T>> {
+        if !self.device().is_cpu() {
+            let t = batch.check(&self.config)?;
+            let logits = self
+                .resident
+                .with(self, |st| {
+                    on_device!(st, |be, dm| {
+                        dm.forward(be, batch, t, None)?;
+                        dm.download_logits(be)
+                    })
+                })?
+                .expect("a kernel device");
+            return Ok(to_t(logits));
+        }
         let pooled = self.encode(batch)?;
         let zeros = vec![0usize; batch.batch];
         let rows = Rows {
@@ -147,6 +200,19 @@ impl<T: Real> Model<T> {
 
     /// The pooled encoder output (B, D), the head's input, without keeping a tape.
     pub fn encode(&self, batch: &Batch) -> Result<Vec<T>> {
+        if !self.device().is_cpu() {
+            let t = batch.check(&self.config)?;
+            let pooled = self
+                .resident
+                .with(self, |st| {
+                    on_device!(st, |be, dm| {
+                        dm.forward(be, batch, t, None)?;
+                        dm.download_pooled(be)
+                    })
+                })?
+                .expect("a kernel device");
+            return Ok(to_t(pooled));
+        }
         Ok(self.encode_taped(batch, false, None)?.pooled)
     }
 
@@ -188,6 +254,26 @@ impl<T: Real> Model<T> {
                 crate::compose::coefficients(comp.param, &row, n).into_iter().map(T::of)
             })
             .collect();
+        if !self.device().is_cpu() {
+            let t = batch.check(&self.config)?;
+            let c32: Vec<f32> = coeffs.iter().map(|&x| Into::<f64>::into(x) as f32).collect();
+            let token_candidate: Vec<usize> = candidate_of.iter().flat_map(|&c| std::iter::repeat_n(c, t)).collect();
+            let logits = self
+                .resident
+                .with(self, |st| {
+                    on_device!(st, |be, dm| {
+                        let pop = DevPopulation {
+                            coeffs: &c32,
+                            token_candidate: &token_candidate,
+                            candidates: p,
+                        };
+                        dm.forward(be, batch, t, Some(pop))?;
+                        dm.download_logits(be)
+                    })
+                })?
+                .expect("a kernel device");
+            return Ok(to_t(logits));
+        }
         let pop = Population {
             coeffs: &coeffs,
             candidate_of,
@@ -204,7 +290,6 @@ impl<T: Real> Model<T> {
 
     fn encode_taped(&self, batch: &Batch, keep: bool, pop: Option<Population<'_, T>>) -> Result<Tape<T>> {
         let t = batch.check(&self.config)?;
-        self.check_placement()?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
         let mask = match cfg.arch {
@@ -229,6 +314,7 @@ impl<T: Real> Model<T> {
             final_ln: None,
             pooled: Vec::new(),
             head: None,
+            on_device: None,
         };
         // (B·T, D)
         let mut h = vec![T::zero(); b * t * d];
@@ -389,6 +475,9 @@ impl<T: Real> Model<T> {
     /// Gradients of a loss whose gradient with respect to the logits is `dlogits` (B, labels),
     /// for the parameters `trainable` selects.
     pub fn backward(&self, tape: &Tape<T>, dlogits: &[T], trainable: Trainable) -> Result<Grads<T>> {
+        if let Some(generation) = tape.on_device {
+            return self.device_backward(tape, generation, dlogits, trainable);
+        }
         let (b, t, d, cfg) = (tape.batch, tape.seq, self.config.hidden, &self.config);
         let head_tape = tape
             .head
@@ -479,6 +568,54 @@ impl<T: Real> Model<T> {
             self.embeddings_backward(tape, dh, trainable, &mut grads)?;
         }
         Ok(grads)
+    }
+
+    /// What the backward reaches under `trainable`: the lowest block with anything to train
+    /// (every block when the base trains, for the embeddings below them).
+    pub(crate) fn backward_plan(&self, trainable: Trainable) -> Plan {
+        let comp = self.composition;
+        let lowest = if trainable.base {
+            Some(0)
+        } else {
+            self.blocks
+                .iter()
+                .position(|blk| blk.linears().iter().any(|l| l.trains(trainable, comp, false)))
+        };
+        Plan { trainable, lowest }
+    }
+
+    fn device_backward(&self, tape: &Tape<T>, generation: u64, dlogits: &[T], trainable: Trainable) -> Result<Grads<T>> {
+        let labels = self.config.num_labels;
+        if dlogits.len() != tape.batch * labels {
+            return Err(Error::Shape(format!(
+                "∂logits has {} elements, expected {}×{labels}",
+                dlogits.len(),
+                tape.batch
+            )));
+        }
+        let plan = self.backward_plan(trainable);
+        let d32: Vec<f32> = dlogits.iter().map(|&x| Into::<f64>::into(x) as f32).collect();
+        let grads = self
+            .resident
+            .with(self, |st| {
+                on_device!(st, |be, dm| {
+                    if dm.generation() != generation {
+                        return Err(Error::Arg(
+                            "the tape is not the device's latest forward (another forward ran since)".into(),
+                        ));
+                    }
+                    dm.set_dlogits(be, &d32)?;
+                    dm.prepare_backward(be, &tape.ids, &plan)?;
+                    dm.backward(be, &plan)?;
+                    dm.download_grads(be, self, trainable)
+                })
+            })?
+            .expect("a kernel device");
+        let mut out = Grads::default();
+        for (name, g) in grads {
+            out.map.insert(name, to_t(g));
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -12,6 +12,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::pass::Grads;
+use super::resident::on_device;
+use crate::kernels::optim::AdamParams;
 use super::{Batch, Kind, Model, Real, Trainable};
 use crate::{Error, Result};
 
@@ -76,9 +78,14 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     step: u64,
-    /// first and second moments by parameter name, in f64
+    /// first and second moments by parameter name, in f64 (on the CPU; a model on a kernel
+    /// device keeps its moments there, tagged with `id`)
     moments: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+    /// Tells the device which optimizer its moments belong to: a new optimizer starts from zero.
+    id: u64,
 }
+
+static OPTIMIZERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl AdamW {
     pub fn new(weight_decay: f64) -> Self {
@@ -89,6 +96,7 @@ impl AdamW {
             weight_decay,
             step: 0,
             moments: BTreeMap::new(),
+            id: OPTIMIZERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -96,8 +104,19 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every parameter that has a gradient.
+    /// One update of every parameter that has a gradient, on the host copy (a model on a kernel
+    /// device is brought back to the host first and re-uploaded after; [`train_step`] updates a
+    /// device model on the device instead).
     pub fn step<T: Real>(&mut self, model: &mut Model<T>, grads: &Grads<T>, lr: f64) -> Result<()> {
+        model.sync_host()?;
+        self.step_host(model, grads, lr)?;
+        if !model.device().is_cpu() {
+            model.sync_device()?;
+        }
+        Ok(())
+    }
+
+    fn step_host<T: Real>(&mut self, model: &mut Model<T>, grads: &Grads<T>, lr: f64) -> Result<()> {
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
@@ -160,6 +179,9 @@ pub fn train_step<T: Real>(
     lr: f64,
     clip: Option<f64>,
 ) -> Result<StepStats> {
+    if !model.device().is_cpu() {
+        return device_train_step(model, opt, batch, labels, trainable, lr, clip);
+    }
     let (logits, tape) = model.forward(batch)?;
     let (loss, dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
     let mut grads = model.backward(&tape, &dlogits, trainable)?;
@@ -168,9 +190,59 @@ pub fn train_step<T: Real>(
         Some(c) => clip_grad_norm(&mut grads, c),
         None => grads.norm(),
     };
-    opt.step(model, &grads, lr)?;
-    model.sync_trained(trainable)?;
+    opt.step_host(model, &grads, lr)?;
     Ok(StepStats { loss, grad_norm })
+}
+
+/// [`train_step`] on a kernel device: the batch and labels go up, every op runs there, and the
+/// loss, the gradient norm and the clipping scale come down in one copy.
+fn device_train_step<T: Real>(
+    model: &mut Model<T>,
+    opt: &mut AdamW,
+    batch: &Batch,
+    labels: &[usize],
+    trainable: Trainable,
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<StepStats> {
+    let t = batch.check(&model.config)?;
+    if labels.len() != batch.batch {
+        return Err(Error::Shape(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
+    }
+    let classes = model.config.num_labels;
+    if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
+        return Err(Error::Arg(format!("label {y} of example {i} is not below {classes}")));
+    }
+    let plan = model.backward_plan(trainable);
+    opt.step += 1;
+    let hp = AdamParams {
+        lr,
+        beta1: opt.beta1,
+        beta2: opt.beta2,
+        eps: opt.eps,
+        weight_decay: opt.weight_decay,
+        step: opt.step,
+    };
+    let key = (trainable.base, trainable.head, trainable.lora, trainable.coeffs);
+    let model_ref: &Model<T> = model;
+    let stats = model_ref
+        .resident
+        .with(model_ref, |st| {
+            on_device!(st, |be, dm| {
+                dm.forward(be, batch, t, None)?;
+                dm.loss(be, labels)?;
+                dm.prepare_backward(be, &batch.ids, &plan)?;
+                dm.backward(be, &plan)?;
+                let spans = dm.spans(model_ref, trainable);
+                dm.step(be, spans, key, hp, clip, opt.id)
+            })
+        })?
+        .expect("a kernel device");
+    model.resident.host_stale.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(StepStats {
+        loss: f64::from(stats[0]),
+        grad_norm: f64::from(stats[1]),
+    })
 }
 
 /// Accuracy and mean cross-entropy over examples, `batch_size` at a time; `make_batch` builds
