@@ -67,7 +67,7 @@ run_tests model_device --ignored || status=1
 echo '```' >>"$report"
 
 echo >>"$report"
-echo "## Bench (GEMM, composition)" >>"$report"
+echo "## Bench (GEMM, composition, whole model)" >>"$report"
 bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
 # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1

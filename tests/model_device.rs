@@ -322,10 +322,13 @@ fn bert_training_on_the_kernel_device_tracks_the_cpu() {
             );
         }
     }
-    // The trained weights come back to the host copy.
+    // The trained weights come back to the host copy. The key bias is left out: softmax is
+    // invariant to it, so its gradient is rounding noise on both devices, which AdamW's
+    // normalisation turns into steps of about the learning rate in unrelated directions.
     dev.sync_host().unwrap();
     let (pc, pd) = (cpu.params(), dev.params());
-    for (a, b) in pc.iter().zip(&pd) {
+    assert_eq!(pc.len(), pd.len());
+    for (a, b) in pc.iter().zip(&pd).filter(|(a, _)| !a.name.ends_with("attention.self.key.bias")) {
         let want: Vec<f64> = a.data.iter().map(|&x| x as f64).collect();
         compare(&a.name, b.data, &want, Tol::new(1e-4, 1e-3)).unwrap();
     }

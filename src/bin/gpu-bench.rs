@@ -32,7 +32,7 @@ const CHECKED_ELEMENTS: usize = 64;
 fn main() -> ExitCode {
     let runs = parse_runs().unwrap_or(20);
     let gpu = match GpuBackend::probe() {
-        Ok(gpu) => gpu,
+        Ok(gpu) => std::sync::Arc::new(gpu),
         Err(reason) => {
             println!("GPU bench skipped: {reason}");
             return ExitCode::SUCCESS;
@@ -96,6 +96,10 @@ fn main() -> ExitCode {
             failed = true;
             println!("composition bench error: {e}");
         }
+    }
+    if let Err(e) = model_bench(gpu, runs.min(10)) {
+        failed = true;
+        println!("whole-model bench error: {e}");
     }
     if failed {
         ExitCode::FAILURE
@@ -524,4 +528,75 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
         }
     }
     Ok(failed)
+}
+
+/// Median wall milliseconds of `runs` calls of `f` after one warm-up (each call ends with a copy
+/// to the host, so it has finished on the GPU).
+fn wall_ms(runs: usize, mut f: impl FnMut() -> lora_compose::Result<()>) -> lora_compose::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = std::time::Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The whole model resident on the GPU (f32): a ViT training step (the default run's ViT, batch
+/// 128, every parameter, AdamW) and the MiniLM forward (batch 64 × 128 tokens) without adapters
+/// and with N = 8, 32, 128 rank-8 modules composed on query, value, attention output and both FFN
+/// layers; the composition's overhead as a ratio of the plain forward.
+fn model_bench(gpu: std::sync::Arc<GpuBackend>, runs: usize) -> lora_compose::Result<()> {
+    use lora_compose::compose::layer::Device;
+    use lora_compose::compose::{Mode, Param};
+    use lora_compose::model::train::{train_step, AdamW};
+    use lora_compose::model::{Batch, Composition, Config, Model, Trainable};
+    let device = Device::Cuda(gpu.clone());
+    println!("\n## Whole model on {} (f32, median of {runs} runs, wall clock)\n", gpu.name());
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+
+    let mut vit = Model::<f32>::init(Config::vit(64, 4, 4, 10), 1)?;
+    vit.to_device(&device)?;
+    let pixels: Vec<f32> = (0..128 * 28 * 28).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let labels: Vec<usize> = (0..128).map(|i| i % 10).collect();
+    let images = Batch::images(&pixels, 28)?;
+    let mut opt = AdamW::new(0.01);
+    let ms = wall_ms(runs, || {
+        train_step(&mut vit, &mut opt, &images, &labels, Trainable::ALL, 1e-3, Some(1.0)).map(|_| ())
+    })?;
+    println!("- ViT (width 64, 4 blocks) training step, batch 128: {ms:.2} ms");
+
+    let (batch, seq) = (64, 128);
+    let seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..seq).map(|_| rng.random_range(1000u32..30000)).collect())
+        .collect();
+    let tokens = Batch::tokens(&seqs)?;
+    let targets = ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+    let base = Model::<f32>::init(Config::minilm(2), 2)?;
+    let mut plain_ms = None;
+    for n in [0usize, 8, 32, 128] {
+        let mut m = base.clone();
+        if n > 0 {
+            let lib = m.random_library(&targets, n, 8, 0.01, 3)?;
+            m.attach_composition(
+                &lib,
+                Composition {
+                    mode: Mode::Product,
+                    param: Param::Softmax,
+                    global: false,
+                },
+            )?;
+        }
+        m.to_device(&device)?;
+        let ms = wall_ms(runs, || m.logits(&tokens).map(|_| ()))?;
+        let plain = *plain_ms.get_or_insert(ms);
+        println!(
+            "- MiniLM forward, {batch} × {seq} tokens, N = {n}: {ms:.2} ms, {:.0} tokens/s, {:.2}× the plain forward",
+            (batch * seq) as f64 / (ms * 1e-3),
+            ms / plain
+        );
+    }
+    Ok(())
 }

@@ -873,7 +873,7 @@ fn lin_backward<B: Backend>(
         elementwise::launch_bias_grad::<f32, B>(be, BIAS_GRAD, &shape, g, db, work.as_mut())?;
     }
     let want_dx = dx.is_some();
-    let [s0, s1, s2, _] = scratch;
+    let [s0, s1, s2, s3] = scratch;
     match &l.adapter {
         DevAdapter::None => Ok(()),
         DevAdapter::Lora {
@@ -968,6 +968,10 @@ fn lin_backward<B: Backend>(
                     let mut h = part(be, s0, t * r);
                     let mut du = part(be, s1, t * r);
                     let mut work = part(be, s2, compose_factor::workspace_len(FACTOR, &shape).max(1));
+                    // The factor kernels overwrite ∂C; the model accumulates it (a global row
+                    // sums every layer's), so it goes through scratch and is added on.
+                    let mut dc_layer = part(be, s3, shape.n());
+                    let dc = if train.coeffs { dc } else { None };
                     compose_factor::backward::<f32, B>(
                         be,
                         FACTOR,
@@ -981,11 +985,15 @@ fn lin_backward<B: Backend>(
                         rows,
                         tables,
                         dx.map(|(d, _)| d),
-                        if train.coeffs { dc } else { None },
+                        dc.is_some().then_some(&mut dc_layer),
                         &mut h,
                         &mut du,
                         &mut work,
-                    )
+                    )?;
+                    match dc {
+                        Some(dc) => elementwise::launch_add_acc::<f32, B>(be, &dc_layer, dc),
+                        None => Ok(()),
+                    }
                 }
             }
         }
@@ -1164,7 +1172,8 @@ impl<B: Backend> DeviceModel<B> {
         let acts = acts.as_mut().expect("allocated by upload_batch");
         let (b, t) = (acts.batch, acts.seq);
         let rows = b * t;
-        let global_c = global.as_ref().map(|g| &g.c);
+        // A raw global row is its own coefficients.
+        let global_c = global.as_ref().map(|g| if param == Param::Raw { &g.v } else { &g.c });
         let (pop_c, rows_ref) = match &pop {
             Some((c, r)) => (Some(c), r),
             None => (None, &acts.rows0),
@@ -1419,7 +1428,7 @@ impl<B: Backend> DeviceModel<B> {
                 }
             }
         }
-        let global_c = global.as_ref().map(|g| &g.c);
+        let global_c = global.as_ref().map(|g| if param == Param::Raw { &g.v } else { &g.c });
         let lin_train = |l: &DevLinear<B>, head: bool| LinTrain {
             base: if head { tr.head } else { tr.base },
             modules: matches!(l.adapter, DevAdapter::Lora { .. }) && tr.lora,
