@@ -28,6 +28,7 @@ use lora_compose::gpu::GpuBackend;
 use lora_compose::harness::CpuHarness;
 use lora_compose::kernels::compose_factor::{self, Shape, Tables, TokenRows, Variant};
 use lora_compose::kernels::{Backend, DType, Element, KernelError};
+use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -81,7 +82,10 @@ fn prepare<T: Element>(case: &Case, seed: u64) -> Prepared<T> {
         ranks: m.ranks.clone(),
     };
     let (x, a_cat): (Vec<T>, Vec<T>) = (round(&case.x), round(&m.a_cat));
-    let u = mirror_u(&shape, &f32s(&x), &f32s(&a_cat)).into_iter().map(T::from_f32).collect();
+    let u = mirror_u(&shape, &f32s(&x), &f32s(&a_cat))
+        .into_iter()
+        .map(T::from_f32)
+        .collect();
     Prepared {
         r: m.ranks.first().copied().unwrap_or(0),
         x,
@@ -169,7 +173,9 @@ fn want_of<T: Element>(p: &Prepared<T>) -> Want {
                 u[tt * big_r + j] = (0..d_in).map(|k| x[tt * d_in + k] * a[j * d_in + k]).sum();
             }
             for q in 0..r {
-                let v: f64 = (0..n).map(|i| ct[i] * stack.scales[i] * u[tt * big_r + i * r + q]).sum();
+                let v: f64 = (0..n)
+                    .map(|i| ct[i] * stack.scales[i] * u[tt * big_r + i * r + q])
+                    .sum();
                 for j in 0..n {
                     z[tt * big_r + j * r + q] = ct[j] * v;
                 }
@@ -221,7 +227,12 @@ fn upload_tables<T: Element, B: Backend>(
     Ok((tables, TokenRows::upload(backend, rows)?, backend.upload(&p.c)?))
 }
 
-fn check_forward<T: Element, B: Backend>(backend: &B, variant: Variant, p: &Prepared<T>, w: &Want) -> Result<(), String> {
+fn check_forward<T: Element, B: Backend>(
+    backend: &B,
+    variant: Variant,
+    p: &Prepared<T>,
+    w: &Want,
+) -> Result<(), String> {
     let s = &p.shape;
     let (t, n, r, big_r, d_out) = (s.t, s.n(), p.r, s.r_total(), s.d_out);
     let ctx = format!(
@@ -238,13 +249,19 @@ fn check_forward<T: Element, B: Backend>(backend: &B, variant: Variant, p: &Prep
     let mut u = up(&vec![T::poison(); t * big_r])?;
     let mut z = up(&vec![T::poison(); t * big_r])?;
     let mut y = up(&p.y0)?;
-    compose_factor::forward(backend, variant, s, &x, &a, &b, &c, &rows, &tables, &mut u, &mut z, &mut y).map_err(&e)?;
+    compose_factor::forward(
+        backend, variant, s, &x, &a, &b, &c, &rows, &tables, &mut u, &mut z, &mut y,
+    )
+    .map_err(&e)?;
     let dl = |v: &B::Buffer<T>| backend.download(v).map(|v| kernel_tol::wide(&v)).map_err(&e);
     let (u, z, y) = (dl(&u)?, dl(&z)?, dl(&y)?);
 
     // The CPU mirror in storage T: U, Z and Y rounded where the kernels round them.
     let (b32, y0) = (f32s(&p.b_cat), f32s(&p.y0));
-    let u_m: Vec<f32> = mirror_u(s, &f32s(&p.x), &f32s(&p.a_cat)).into_iter().map(rt::<T>).collect();
+    let u_m: Vec<f32> = mirror_u(s, &f32s(&p.x), &f32s(&p.a_cat))
+        .into_iter()
+        .map(rt::<T>)
+        .collect();
     let mut z_m = vec![0.0f32; t * big_r];
     for tt in 0..t {
         let ct = &p.c[p.sample_of[tt] * n..(p.sample_of[tt] + 1) * n];
@@ -351,7 +368,13 @@ fn check_backward<T: Element, B: Backend>(
     }
     let check = || -> Result<(), String> {
         if want_dc {
-            judge::<T>("dC", &to_f64(&dc), &w.dc, &to_f64(&dc_m), max_of(w.dc_abs.iter().cloned()))?;
+            judge::<T>(
+                "dC",
+                &to_f64(&dc),
+                &w.dc,
+                &to_f64(&dc_m),
+                max_of(w.dc_abs.iter().cloned()),
+            )?;
         } else if dc.iter().any(|v| !v.is_nan()) {
             return Err("dC was written although not asked for".into());
         }
@@ -483,6 +506,25 @@ fn harness_fixed_cases_in_several_thread_orders() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn harness_random_cases(
+        seed in any::<u64>(),
+        t in prop::sample::select(vec![1usize, 2, 5, 16, 17, 33]),
+        d_in in 1usize..=40,
+        d_out in 1usize..=40,
+        n in 1usize..=8,
+        r in prop::sample::select(vec![1usize, 2, 3, 4, 8, 16, 33]),
+        rows in assign(),
+        kind in coeff_kind(),
+        thread_order in 0u64..1000,
+    ) {
+        let case = make_case_with_ranks(seed, t, d_in, d_out, &vec![r; n], Mode::Factor, rows, kind);
+        check_all(&CpuHarness::new(thread_order), &case, seed).map_err(TestCaseError::fail)?;
+    }
+}
+
 /// ∂C is a fixed-order reduction: the same bits in every thread and block order.
 #[test]
 fn harness_dc_is_deterministic() {
@@ -491,12 +533,17 @@ fn harness_dc_is_deterministic() {
     let w = want_of(&p);
     for &variant in compose_factor::ALL {
         let bits = |seed: u64| -> Vec<u32> {
-            let dc = check_backward(&CpuHarness::new(seed), variant, &p, &w, false, true).unwrap_or_else(|e| panic!("{e}"));
+            let dc =
+                check_backward(&CpuHarness::new(seed), variant, &p, &w, false, true).unwrap_or_else(|e| panic!("{e}"));
             dc.iter().map(|v| v.to_bits()).collect()
         };
         let first = bits(0);
         for seed in [1, 2, 3] {
-            assert_eq!(bits(seed), first, "{variant:?}: ∂C differs between thread orders 0 and {seed}");
+            assert_eq!(
+                bits(seed),
+                first,
+                "{variant:?}: ∂C differs between thread orders 0 and {seed}"
+            );
         }
     }
 }
@@ -510,7 +557,12 @@ fn unequal_ranks_are_rejected() {
     let (t, big_r) = (p.shape.t, p.shape.r_total());
     let (tables, rows, c) = upload_tables(&backend, &p).unwrap();
     let up = |v: &[f32]| backend.upload(v).unwrap();
-    let (x, a, b, g) = (up(&f32s(&p.x)), up(&f32s(&p.a_cat)), up(&f32s(&p.b_cat)), up(&f32s(&p.g)));
+    let (x, a, b, g) = (
+        up(&f32s(&p.x)),
+        up(&f32s(&p.a_cat)),
+        up(&f32s(&p.b_cat)),
+        up(&f32s(&p.g)),
+    );
     let (mut u, mut z, mut y) = (up(&vec![0.0; t * big_r]), up(&vec![0.0; t * big_r]), up(&f32s(&p.y0)));
     for &variant in compose_factor::ALL {
         let message = compose_factor::forward(
@@ -560,7 +612,9 @@ fn gpu_matches_reference() {
         (Entry::MixBackward(Variant::Warp), compose_factor::WARP_MIX_SHARED_BYTES),
         (Entry::MixBackward(Variant::Naive), 0),
     ] {
-        let function = gpu.function(&compose_factor::kernel(entry, DType::BF16).unwrap()).unwrap();
+        let function = gpu
+            .function(&compose_factor::kernel(entry, DType::BF16).unwrap())
+            .unwrap();
         assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes, "{entry:?}");
     }
     for (i, case) in fixed_cases().iter().enumerate() {
@@ -568,7 +622,16 @@ fn gpu_matches_reference() {
     }
     // Larger than the harness can afford: many tokens and samples, N·r past one warp row.
     for (seed, t, d, n, r) in [(40, 300, 257, 8, 16), (41, 1000, 96, 32, 4), (42, 5, 1024, 3, 64)] {
-        let case = make_case_with_ranks(seed, t, d, d + 3, &vec![r; n], Mode::Factor, Assign::Zipf, CoeffKind::Random);
+        let case = make_case_with_ranks(
+            seed,
+            t,
+            d,
+            d + 3,
+            &vec![r; n],
+            Mode::Factor,
+            Assign::Zipf,
+            CoeffKind::Random,
+        );
         check_all(&gpu, &case, seed).unwrap_or_else(|e| panic!("{e}"));
     }
 }

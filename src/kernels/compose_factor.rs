@@ -5,8 +5,8 @@
 //! (`Mode::Factor`, the f64 specification) and [`crate::compose::fast`] (`mix`, `mix_backward`:
 //! the same GEMM–mix–GEMM structure).
 
-pub use super::compose_common::{Shape, Tables, TokenRows};
 use super::compose_common::{check_tables, linear_dims, naive_dims, not_built};
+pub use super::compose_common::{Shape, Tables, TokenRows};
 use super::gemm::{self, GemmParams, GemmShape};
 use super::{check_len, check_lens, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 
