@@ -55,6 +55,21 @@ pub(crate) mod compose_bwd {
     );
 }
 
+pub(crate) mod compose_factor {
+    crate::launch::harness_entries!(
+        lc_run_compose_factor_mix_fwd_naive_f32,
+        lc_run_compose_factor_mix_fwd_naive_bf16,
+        lc_run_compose_factor_mix_fwd_warp_f32,
+        lc_run_compose_factor_mix_fwd_warp_bf16,
+        lc_run_compose_factor_mix_bwd_naive_f32,
+        lc_run_compose_factor_mix_bwd_naive_bf16,
+        lc_run_compose_factor_mix_bwd_warp_f32,
+        lc_run_compose_factor_mix_bwd_warp_bf16,
+        lc_run_compose_factor_coeff_grad_naive_f32,
+        lc_run_compose_factor_coeff_grad_warp_f32,
+    );
+}
+
 pub(crate) mod elementwise {
     crate::launch::harness_entries!(
         lc_run_elementwise_gelu_bias_fwd_f32,

@@ -22,6 +22,7 @@ macro_rules! kernel_entry {
 pub mod coeffs;
 pub mod compose_bwd;
 pub mod compose_common;
+pub mod compose_factor;
 pub mod compose_fwd;
 pub mod elementwise;
 mod entries;
