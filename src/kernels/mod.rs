@@ -24,6 +24,7 @@ pub mod compose_bwd;
 pub mod compose_common;
 pub mod compose_fwd;
 pub mod elementwise;
+pub mod embedding;
 mod entries;
 pub mod gemm;
 pub mod layernorm;
