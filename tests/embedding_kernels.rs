@@ -36,14 +36,11 @@ const BERT_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
 
 /// (batch, side, patch, hidden): the task's 28/7 and 12/4, one patch per image, a side that
 /// patches do not divide (the last pixel rows and columns are unused).
-const VIT_SHAPES: &[(usize, usize, usize, usize)] = &[
-    (2, 28, 7, 40),
-    (3, 12, 4, 100),
-    (2, 4, 4, 7),
-    (1, 13, 4, 33),
-];
+const VIT_SHAPES: &[(usize, usize, usize, usize)] = &[(2, 28, 7, 40), (3, 12, 4, 100), (2, 4, 4, 7), (1, 13, 4, 33)];
 
-fn bert_shape(&(batch, seq, hidden, vocab, positions, types): &(usize, usize, usize, usize, usize, usize)) -> BertShape {
+fn bert_shape(
+    &(batch, seq, hidden, vocab, positions, types): &(usize, usize, usize, usize, usize, usize),
+) -> BertShape {
     BertShape {
         rows: batch * seq,
         seq,
@@ -255,7 +252,9 @@ fn check_bert_backward<T: Element, B: Backend>(
     }
     for (k, name) in ["dword", "dposition", "dtoken_type"].iter().enumerate() {
         let cpu: Vec<f64> = cpu[k].iter().map(|&v| stored::<T>(v)).collect();
-        let bounds: Vec<f64> = (0..mag[k].len()).map(|i| f32_bound(count[k][i / d], mag[k][i])).collect();
+        let bounds: Vec<f64> = (0..mag[k].len())
+            .map(|i| f32_bound(count[k][i / d], mag[k][i]))
+            .collect();
         check_output(name, &grads[k], &want[k], &cpu, &bounds).map_err(|e| context(&e))?;
     }
     Ok(grads)
@@ -288,7 +287,11 @@ fn check_vit_patches<T: Element, B: Backend>(backend: &B, shape: &VitShape, seed
     let inp = vit_inputs::<T>(shape, seed);
     let n = shape.batch * shape.patches() * shape.patch * shape.patch;
     let context = |e: &dyn std::fmt::Display| {
-        format!("{} vit_patches {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE)
+        format!(
+            "{} vit_patches {:?} {shape:?} seed {seed}: {e}",
+            backend.name(),
+            T::DTYPE
+        )
     };
     let run = || -> Result<Vec<T>, KernelError> {
         let pixels = backend.upload(&inp.pixels)?;
@@ -310,7 +313,11 @@ fn check_vit_assemble<T: Element, B: Backend>(backend: &B, shape: &VitShape, see
     let inp = vit_inputs::<T>(shape, seed);
     let (b, np, t, d) = (shape.batch, shape.patches(), shape.tokens(), shape.hidden);
     let context = |e: &dyn std::fmt::Display| {
-        format!("{} vit_assemble {:?} {shape:?} seed {seed}: {e}", backend.name(), T::DTYPE)
+        format!(
+            "{} vit_assemble {:?} {shape:?} seed {seed}: {e}",
+            backend.name(),
+            T::DTYPE
+        )
     };
     let run = || -> Result<Vec<T>, KernelError> {
         let pe = backend.upload(&inp.pe)?;
@@ -428,7 +435,10 @@ fn reference_backwards_are_adjoints_of_the_forwards() {
             dot(&de, &out),
             dot(&dword, &word) + dot(&dpos, &position) + dot(&dtype, &token_type),
         );
-        assert!((lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()), "{shape:?}: {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()),
+            "{shape:?}: {lhs} vs {rhs}"
+        );
         assert!(dpos[shape.seq * shape.hidden..].iter().all(|&v| v == 0.0));
     }
     for (i, s) in VIT_SHAPES.iter().enumerate() {
@@ -438,7 +448,10 @@ fn reference_backwards_are_adjoints_of_the_forwards() {
         let h = embedding::reference_vit_assemble(&shape, &pe, &cls, &position);
         let [dpe, dcls, dpos] = embedding::reference_vit_assemble_backward(&shape, &dh);
         let (lhs, rhs) = (dot(&dh, &h), dot(&dpe, &pe) + dot(&dcls, &cls) + dot(&dpos, &position));
-        assert!((lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()), "{shape:?}: {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()),
+            "{shape:?}: {lhs} vs {rhs}"
+        );
     }
 }
 
@@ -487,28 +500,45 @@ fn harness_gradients_are_deterministic() {
         grads.iter().map(|g| g.iter().map(|v| v.to_bits()).collect()).collect()
     };
     let bert = |seed: u64, variant: Variant| {
-        bits(&check_bert_backward::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5).unwrap_or_else(|e| panic!("{e}")))
+        bits(
+            &check_bert_backward::<f32, _>(&CpuHarness::new(seed), variant, &shape, 5)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     };
     let first = bert(0, Variant::Naive);
     for seed in [1, 2, 3] {
         for &variant in embedding::ALL {
-            assert_eq!(bert(seed, variant), first, "{variant:?}: thread order {seed} differs from naive, order 0");
+            assert_eq!(
+                bert(seed, variant),
+                first,
+                "{variant:?}: thread order {seed} differs from naive, order 0"
+            );
         }
     }
     let vit_shape = vit_shape(&(3, 12, 4, 100));
     let vit = |seed: u64| {
-        bits(&check_vit_assemble_backward::<f32, _>(&CpuHarness::new(seed), &vit_shape, 5).unwrap_or_else(|e| panic!("{e}")))
+        bits(
+            &check_vit_assemble_backward::<f32, _>(&CpuHarness::new(seed), &vit_shape, 5)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     };
     let first = vit(0);
     for seed in [1, 2, 3] {
-        assert_eq!(vit(seed), first, "∂cls, ∂position differ between thread orders 0 and {seed}");
+        assert_eq!(
+            vit(seed),
+            first,
+            "∂cls, ∂position differ between thread orders 0 and {seed}"
+        );
     }
 }
 
 fn expect_argument_error(result: Result<(), KernelError>, needle: &str) {
     match result {
         Err(KernelError::Argument { message, .. }) => {
-            assert!(message.contains(needle), "error {message:?} does not mention {needle:?}")
+            assert!(
+                message.contains(needle),
+                "error {message:?} does not mention {needle:?}"
+            )
         }
         other => panic!("expected an argument error mentioning {needle:?}, got {other:?}"),
     }
@@ -548,7 +578,11 @@ fn launchers_reject_wrong_shapes_and_lengths() {
         embedding::bert_forward::<f32, _>(&h, &shape, &ids, &types, &position, &position, &token_type, &mut out),
         "word has 24 elements, needs 20",
     );
-    let long_seq = BertShape { seq: 6, positions: 5, ..shape };
+    let long_seq = BertShape {
+        seq: 6,
+        positions: 5,
+        ..shape
+    };
     expect_argument_error(
         embedding::bert_forward::<f32, _>(&h, &long_seq, &ids, &types, &word, &position, &token_type, &mut out),
         "exceed the 5 positions",
@@ -643,10 +677,7 @@ fn gpu_matches_reference() {
     let dtype = gpu
         .function(&embedding::kernel(Entry::BertDtokenType, DType::BF16).unwrap())
         .unwrap();
-    assert_eq!(
-        dtype.shared_size_bytes().unwrap() as u32,
-        embedding::DTYPE_SHARED_BYTES
-    );
+    assert_eq!(dtype.shared_size_bytes().unwrap() as u32, embedding::DTYPE_SHARED_BYTES);
     for (i, s) in BERT_SHAPES.iter().enumerate() {
         check_all_bert(&gpu, &bert_shape(s), i as u64).unwrap_or_else(|e| panic!("{e}"));
     }

@@ -261,7 +261,10 @@ pub fn vit_assemble_flops_bytes(shape: &VitShape, dtype: DType) -> (f64, f64) {
         shape.tokens() as f64,
         shape.hidden as f64,
     );
-    (b * t * d, (b * np * d + d + t * d + b * t * d) * dtype.size_bytes() as f64)
+    (
+        b * t * d,
+        (b * np * d + d + t * d + b * t * d) * dtype.size_bytes() as f64,
+    )
 }
 
 /// Useful FLOPs and the fewest bytes of the assembly backward: ∂h read once (one add per
@@ -273,7 +276,10 @@ pub fn vit_assemble_backward_flops_bytes(shape: &VitShape, dtype: DType) -> (f64
         shape.tokens() as f64,
         shape.hidden as f64,
     );
-    (b * t * d, (b * t * d + b * np * d + d + t * d) * dtype.size_bytes() as f64)
+    (
+        b * t * d,
+        (b * t * d + b * np * d + d + t * d) * dtype.size_bytes() as f64,
+    )
 }
 
 /// The compiled kernel of `entry` for storage `dtype` (`embedding_<kernel>_<dtype>`).
@@ -332,10 +338,14 @@ fn check_bert_shape(kernel: &'static str, shape: &BertShape) -> Result<(), Kerne
         return Err(error(format!("empty BERT embedding shape {shape:?}")));
     }
     if rows % seq != 0 {
-        return Err(error(format!("{rows} rows are not a whole number of sequences of {seq}")));
+        return Err(error(format!(
+            "{rows} rows are not a whole number of sequences of {seq}"
+        )));
     }
     if seq > positions {
-        return Err(error(format!("sequences of {seq} tokens exceed the {positions} positions")));
+        return Err(error(format!(
+            "sequences of {seq} tokens exceed the {positions} positions"
+        )));
     }
     let fits = [rows, vocab + 1, positions, types]
         .iter()
@@ -363,7 +373,9 @@ fn check_vit_shape(kernel: &'static str, shape: &VitShape) -> Result<(), KernelE
         return Err(error(format!("empty ViT embedding shape {shape:?}")));
     }
     if patch > side {
-        return Err(error(format!("patches of {patch}×{patch} do not fit {side}×{side} images")));
+        return Err(error(format!(
+            "patches of {patch}×{patch} do not fit {side}×{side} images"
+        )));
     }
     let (np, t) = (shape.patches(), shape.tokens());
     let fits = fits_i32(batch.checked_mul(side).and_then(|n| n.checked_mul(side)))
@@ -573,7 +585,11 @@ pub fn vit_patches<T: Element, B: Backend>(
         kernel.name,
         &[
             ("pixels", backend.buffer_len(pixels), batch * side * side),
-            ("patches", backend.buffer_len(patches), batch * shape.patches() * patch * patch),
+            (
+                "patches",
+                backend.buffer_len(patches),
+                batch * shape.patches() * patch * patch,
+            ),
         ],
     )?;
     let args = [
@@ -717,7 +733,9 @@ pub fn reference_bert_backward(shape: &BertShape, ids: &[u32], type_ids: &[u32],
 
 /// The patch extraction reference: patches (batch·np, patch²) from pixels (batch, side, side).
 pub fn reference_vit_patches(shape: &VitShape, pixels: &[f64]) -> Vec<f64> {
-    let VitShape { batch, side, patch: p, .. } = *shape;
+    let VitShape {
+        batch, side, patch: p, ..
+    } = *shape;
     let (np, grid) = (shape.patches(), side / p);
     assert_eq!(pixels.len(), batch * side * side);
     let mut patches = vec![0.0; batch * np * p * p]; // (B·np, p²)
