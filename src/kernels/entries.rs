@@ -148,3 +148,24 @@ pub(crate) mod coeffs {
         lc_run_coeffs_softmax_bwd_warp_f32,
     );
 }
+
+pub(crate) mod embedding {
+    crate::launch::harness_entries!(
+        lc_run_embedding_bert_fwd_f32,
+        lc_run_embedding_bert_dword_naive_f32,
+        lc_run_embedding_bert_dword_indexed_f32,
+        lc_run_embedding_bert_dpos_f32,
+        lc_run_embedding_bert_dtype_f32,
+        lc_run_embedding_vit_patches_f32,
+        lc_run_embedding_vit_assemble_f32,
+        lc_run_embedding_vit_assemble_bwd_f32,
+        lc_run_embedding_bert_fwd_bf16,
+        lc_run_embedding_bert_dword_naive_bf16,
+        lc_run_embedding_bert_dword_indexed_bf16,
+        lc_run_embedding_bert_dpos_bf16,
+        lc_run_embedding_bert_dtype_bf16,
+        lc_run_embedding_vit_patches_bf16,
+        lc_run_embedding_vit_assemble_bf16,
+        lc_run_embedding_vit_assemble_bwd_bf16,
+    );
+}

@@ -25,6 +25,7 @@ pub mod compose_common;
 pub mod compose_factor;
 pub mod compose_fwd;
 pub mod elementwise;
+pub mod embedding;
 mod entries;
 pub mod gemm;
 pub mod layernorm;
