@@ -20,8 +20,9 @@ bundle=gpu-bundle
 rm -rf "$bundle"
 mkdir -p "$bundle/lib"
 
-# Test executables (GEMM, composition, layer norm, element-wise, loss, optimizer, coefficient kernels, probe, model): cargo names them <test>-<hash>; keep the test name.
+# Test executables (GEMM, composition, layer norm, attention, element-wise, loss, optimizer, coefficient kernels, probe, model): cargo names them <test>-<hash>; keep the test name.
 cargo test --release --no-run --message-format=json --test gemm_kernels --test compose_kernels --test layernorm_kernels \
+    --test attention_kernels \
     --test elementwise_kernels --test loss_kernels --test optim_kernels --test coeffs_kernels \
     --test gpu_probe --test model_device \
     | python3 -c 'import json, sys
@@ -32,7 +33,7 @@ for line in sys.stdin:
     | while read -r name exe; do cp "$exe" "$bundle/$name"; done
 cargo build --release --bin gpu-bench
 cp "$CARGO_TARGET_DIR/release/gpu-bench" "$bundle/"
-for exe in gemm_kernels compose_kernels layernorm_kernels elementwise_kernels loss_kernels optim_kernels coeffs_kernels \
+for exe in gemm_kernels compose_kernels layernorm_kernels attention_kernels elementwise_kernels loss_kernels optim_kernels coeffs_kernels \
     gpu_probe model_device gpu-bench; do
     [[ -x "$bundle/$exe" ]] || { echo "error: $exe was not built" >&2; exit 1; }
     strip --strip-debug "$bundle/$exe"

@@ -59,6 +59,7 @@ run_tests gpu_probe --include-ignored || status=1
 run_tests gemm_kernels --ignored || status=1
 run_tests compose_kernels --ignored || status=1
 run_tests layernorm_kernels --ignored || status=1
+run_tests attention_kernels --ignored || status=1
 run_tests elementwise_kernels --ignored || status=1
 run_tests loss_kernels --ignored || status=1
 run_tests optim_kernels --ignored || status=1
