@@ -55,7 +55,11 @@ const ANY: RealTokens = (1, usize::MAX);
 fn random_mask(rng: &mut ChaCha8Rng, batch: usize, seq: usize, real: RealTokens) -> Vec<i32> {
     let mut mask = vec![0; batch * seq];
     for b in 0..batch {
-        let n = if b == 1 { 0 } else { rng.random_range(real.0.min(seq)..=real.1.min(seq)) };
+        let n = if b == 1 {
+            0
+        } else {
+            rng.random_range(real.0.min(seq)..=real.1.min(seq))
+        };
         let scattered = b != 1 && real == ANY && rng.random_bool(0.3);
         for t in 0..seq {
             let real = if scattered { rng.random_bool(0.6) } else { t < n };
@@ -124,7 +128,10 @@ fn head_math(shape: &AttnShape, scale: f64, q: &[f64], k: &[f64], mask: &[i32], 
         if hm.m[i] == f64::NEG_INFINITY {
             continue;
         }
-        let z: f64 = (0..t).filter(|&j| real(j)).map(|j| (hm.s[i * t + j] - hm.m[i]).exp()).sum();
+        let z: f64 = (0..t)
+            .filter(|&j| real(j))
+            .map(|j| (hm.s[i * t + j] - hm.m[i]).exp())
+            .sum();
         hm.lse[i] = hm.m[i] + z.ln();
         for j in (0..t).filter(|&j| real(j)) {
             hm.p[i * t + j] = (hm.s[i * t + j] - hm.lse[i]).exp();
@@ -165,7 +172,10 @@ fn bounds(shape: &AttnShape, scale: f64, x: [&[f64]; 4], ctx: &[f64], mask: &[i3
                 if hm.m[i] == f64::NEG_INFINITY {
                     continue; // exact zeros and −∞
                 }
-                let e_i = (0..t).filter(|&j| hm.p[i * t + j] > 0.0).map(|j| hm.eps[i * t + j]).fold(0.0, f64::max);
+                let e_i = (0..t)
+                    .filter(|&j| hm.p[i * t + j] > 0.0)
+                    .map(|j| hm.eps[i * t + j])
+                    .fold(0.0, f64::max);
                 out.lse[(b * shape.heads + h) * t + i] =
                     2.0 * (e_i + (hm.m[i].abs() + hm.lse[i].abs() + 2.0 * tf + 16.0) * U32);
                 let dot_i: f64 = (0..dh).map(|c| g[row(i) + c] * ctx[row(i) + c]).sum();
@@ -202,12 +212,7 @@ fn bounds(shape: &AttnShape, scale: f64, x: [&[f64]; 4], ctx: &[f64], mask: &[i3
 
 /// The kernels' math on the CPU in f32 (two-pass softmax), each output rounded to T: ctx; and
 /// ∂Q, ∂K, ∂V given the stored ctx and f32 lse.
-fn cpu_low_precision<T: Element>(
-    shape: &AttnShape,
-    inp: &Inputs<T>,
-    ctx_t: &[T],
-    lse32: &[f32],
-) -> [Vec<f64>; 4] {
+fn cpu_low_precision<T: Element>(shape: &AttnShape, inp: &Inputs<T>, ctx_t: &[T], lse32: &[f32]) -> [Vec<f64>; 4] {
     let (t, d, dh) = (shape.seq, shape.width(), shape.head_dim);
     let n = shape.rows() * d;
     let f = |x: &[T], i: usize| x[i].to_f32();
@@ -221,7 +226,10 @@ fn cpu_low_precision<T: Element>(
             };
             for i in 0..t {
                 let s: Vec<f32> = (0..t).map(|j| dot(&inp.q, &inp.k, i, j) * inp.scale).collect();
-                let m = (0..t).filter(|&j| real(j)).map(|j| s[j]).fold(f32::NEG_INFINITY, f32::max);
+                let m = (0..t)
+                    .filter(|&j| real(j))
+                    .map(|j| s[j])
+                    .fold(f32::NEG_INFINITY, f32::max);
                 if m == f32::NEG_INFINITY {
                     continue;
                 }
@@ -475,7 +483,8 @@ fn harness_long_sequences() {
 #[test]
 fn harness_results_are_deterministic() {
     let s = shape(2, 37, 2, 20);
-    let bits = |seed: u64| check_case::<f32, _>(&CpuHarness::new(seed), &s, 5, 2.0, ANY).unwrap_or_else(|e| panic!("{e}"));
+    let bits =
+        |seed: u64| check_case::<f32, _>(&CpuHarness::new(seed), &s, 5, 2.0, ANY).unwrap_or_else(|e| panic!("{e}"));
     let first = bits(0);
     for seed in [1, 2, 3] {
         assert!(bits(seed) == first, "results differ between thread orders 0 and {seed}");
@@ -503,18 +512,49 @@ fn bad_arguments_are_errors() {
     let one = h.upload(&[1i32]).unwrap();
     let mut out = h.alloc::<f32>(129).unwrap();
     let mut lse1 = h.alloc::<f32>(1).unwrap();
-    let err =
-        attention::forward::<f32, _>(&h, Variant::Tiled, &wide_head, 0.1, &y, &y, &y, &one, &mut out, &mut lse1)
-            .expect_err("head_dim 129");
+    let err = attention::forward::<f32, _>(
+        &h,
+        Variant::Tiled,
+        &wide_head,
+        0.1,
+        &y,
+        &y,
+        &y,
+        &one,
+        &mut out,
+        &mut lse1,
+    )
+    .expect_err("head_dim 129");
     assert!(err.to_string().contains("head_dim 129 exceeds 128"), "{err}");
-    let (mut dq, mut dk, mut dv) = (h.alloc::<f32>(n).unwrap(), h.alloc::<f32>(n).unwrap(), h.alloc::<f32>(n).unwrap());
+    let (mut dq, mut dk, mut dv) = (
+        h.alloc::<f32>(n).unwrap(),
+        h.alloc::<f32>(n).unwrap(),
+        h.alloc::<f32>(n).unwrap(),
+    );
     let lse_in = h.upload(&[0.0f32; 12]).unwrap();
     let mut work = h.alloc::<f32>(11).unwrap();
     let err = attention::backward::<f32, _>(
-        &h, Variant::Tiled, &s, 0.5, &x, &x, &x, &mask, &x, &lse_in, &x, &mut dq, &mut dk, &mut dv, &mut work,
+        &h,
+        Variant::Tiled,
+        &s,
+        0.5,
+        &x,
+        &x,
+        &x,
+        &mask,
+        &x,
+        &lse_in,
+        &x,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &mut work,
     )
     .expect_err("short workspace");
-    assert!(err.to_string().contains("work has 11 elements, needs at least 12"), "{err}");
+    assert!(
+        err.to_string().contains("work has 11 elements, needs at least 12"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -524,7 +564,12 @@ fn gpu_matches_reference() {
     println!("GPU tests on {}", gpu.name());
     // No static shared memory: the tiled kernels' is all dynamic, sized by the launch config.
     for &variant in attention::ALL {
-        for entry in [Entry::Forward(variant), Entry::Dq(variant), Entry::Dkv(variant), Entry::Dot] {
+        for entry in [
+            Entry::Forward(variant),
+            Entry::Dq(variant),
+            Entry::Dkv(variant),
+            Entry::Dot,
+        ] {
             let function = gpu.function(&attention::kernel(entry, DType::BF16).unwrap()).unwrap();
             assert_eq!(function.shared_size_bytes().unwrap(), 0, "{entry:?}");
         }
@@ -539,6 +584,5 @@ fn gpu_matches_reference() {
         (2, 512, 2, 128, 1.0, (512, 512)),
         (16, 50, 4, 24, 2.0, ANY),
     ];
-    check_shapes(&gpu, model_shapes, 9)
-        .unwrap_or_else(|e| panic!("{e}"));
+    check_shapes(&gpu, model_shapes, 9).unwrap_or_else(|e| panic!("{e}"));
 }

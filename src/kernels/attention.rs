@@ -460,7 +460,10 @@ fn reference_probs(
     for i in 0..t {
         let qi = row(q, i);
         let s: Vec<f64> = (0..t).map(|j| dot(&qi, &keys[j]) * scale).collect(); // (T)
-        let m = (0..t).filter(|&j| real[j]).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
+        let m = (0..t)
+            .filter(|&j| real[j])
+            .map(|j| s[j])
+            .fold(f64::NEG_INFINITY, f64::max);
         if m == f64::NEG_INFINITY {
             continue; // no real key: P row 0, lse −∞
         }
