@@ -22,7 +22,7 @@ mkdir -p "$bundle/lib"
 
 # Test executables (GEMM, composition, factor composition, layer norm, embedding, attention, element-wise, loss, optimizer, coefficient kernels, probe, model): cargo names them <test>-<hash>; keep the test name.
 cargo test --release --no-run --message-format=json --test gemm_kernels --test compose_kernels --test compose_factor_kernels \
-    --test layernorm_kernels --test embedding_kernels \
+    --test layernorm_kernels --test embedding_kernels --test attention_kernels \
     --test elementwise_kernels --test loss_kernels --test optim_kernels --test coeffs_kernels \
     --test gpu_probe --test model_device \
     | python3 -c 'import json, sys
@@ -33,7 +33,7 @@ for line in sys.stdin:
     | while read -r name exe; do cp "$exe" "$bundle/$name"; done
 cargo build --release --bin gpu-bench
 cp "$CARGO_TARGET_DIR/release/gpu-bench" "$bundle/"
-for exe in gemm_kernels compose_kernels compose_factor_kernels layernorm_kernels embedding_kernels elementwise_kernels loss_kernels optim_kernels coeffs_kernels \
+for exe in gemm_kernels compose_kernels compose_factor_kernels layernorm_kernels embedding_kernels attention_kernels elementwise_kernels loss_kernels optim_kernels coeffs_kernels \
     gpu_probe model_device gpu-bench; do
     [[ -x "$bundle/$exe" ]] || { echo "error: $exe was not built" >&2; exit 1; }
     strip --strip-debug "$bundle/$exe"

@@ -61,6 +61,7 @@ run_tests compose_kernels --ignored || status=1
 run_tests compose_factor_kernels --ignored || status=1
 run_tests layernorm_kernels --ignored || status=1
 run_tests embedding_kernels --ignored || status=1
+run_tests attention_kernels --ignored || status=1
 run_tests elementwise_kernels --ignored || status=1
 run_tests loss_kernels --ignored || status=1
 run_tests optim_kernels --ignored || status=1

@@ -169,3 +169,22 @@ pub(crate) mod embedding {
         lc_run_embedding_vit_assemble_bwd_bf16,
     );
 }
+
+pub(crate) mod attention {
+    crate::launch::harness_entries!(
+        lc_run_attention_fwd_naive_f32,
+        lc_run_attention_fwd_tiled_f32,
+        lc_run_attention_bwd_dot_f32,
+        lc_run_attention_dq_naive_f32,
+        lc_run_attention_dq_tiled_f32,
+        lc_run_attention_dkv_naive_f32,
+        lc_run_attention_dkv_tiled_f32,
+        lc_run_attention_fwd_naive_bf16,
+        lc_run_attention_fwd_tiled_bf16,
+        lc_run_attention_bwd_dot_bf16,
+        lc_run_attention_dq_naive_bf16,
+        lc_run_attention_dq_tiled_bf16,
+        lc_run_attention_dkv_naive_bf16,
+        lc_run_attention_dkv_tiled_bf16,
+    );
+}

@@ -19,6 +19,7 @@ macro_rules! kernel_entry {
     };
 }
 
+pub mod attention;
 pub mod coeffs;
 pub mod compose_bwd;
 pub mod compose_common;
