@@ -113,7 +113,13 @@ impl<T: Scalar> HostBuffer<T> {
 
     /// Copies `host` in and marks it written (as a host-to-device copy does).
     fn write(&mut self, host: &[T]) {
-        assert_eq!(host.len(), self.len, "copy of {} elements into a buffer of {}", host.len(), self.len);
+        assert_eq!(
+            host.len(),
+            self.len,
+            "copy of {} elements into a buffer of {}",
+            host.len(),
+            self.len
+        );
         self.as_mut_slice().copy_from_slice(host);
         // SAFETY: the range is this buffer's.
         unsafe { lc_harness_mark_written(self.ptr.as_ptr().cast(), std::mem::size_of_val(host)) };

@@ -182,7 +182,9 @@ fn check_bias_add<T: Element, B: Backend>(backend: &B, shape: &RowsShape, seed: 
     let bounds: Vec<f64> = (0..rows * d)
         .map(|i| 2.0 * UNIT_ROUNDOFF_F32 * (y64[i].abs() + b64[i % d].abs()) + 1e-30)
         .collect();
-    let cpu: Vec<f64> = (0..rows * d).map(|i| round::<T>(y0[i].to_f32() + b[i % d].to_f32())).collect();
+    let cpu: Vec<f64> = (0..rows * d)
+        .map(|i| round::<T>(y0[i].to_f32() + b[i % d].to_f32()))
+        .collect();
     check_output::<T>("y", &f64s(&y), &want, &cpu, &bounds).map_err(|e| context(&e))?;
     Ok(())
 }

@@ -135,7 +135,10 @@ fn replaced_layers_must_be_placed_and_f64_stays_on_the_cpu() {
     dev.head = Linear::init("classifier", 16, 3, 0.02, &mut rng);
     dev.config.num_labels = 3;
     let err = dev.logits(&batch).unwrap_err().to_string();
-    assert!(err.contains("classifier.weight") && err.contains("sync_device"), "{err}");
+    assert!(
+        err.contains("classifier.weight") && err.contains("sync_device"),
+        "{err}"
+    );
     dev.sync_device().unwrap();
     assert_eq!(dev.logits(&batch).unwrap().len(), 2 * 3);
     let mut m64: Model<f64> = dev.cast();
@@ -230,7 +233,9 @@ fn factor_global_and_uniform_compositions_match_f64_reference() {
             Arch::Bert => bert(),
         };
         let mut cpu = Model::<f32>::init(cfg, 21).unwrap();
-        let lib = cpu.random_library(&["query", "value", "output.dense"], 3, 2, 0.3, 21).unwrap();
+        let lib = cpu
+            .random_library(&["query", "value", "output.dense"], 3, 2, 0.3, 21)
+            .unwrap();
         cpu.attach_composition(&lib, comp).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(23);
         for p in cpu.params_mut() {
@@ -276,8 +281,14 @@ fn a_step_moves_only_the_batch_and_the_loss() {
         train_step(&mut dev, &mut opt, &batch, &labels, trainable, 1e-2, Some(1.0)).unwrap();
         let moved = be.traffic() - before;
         let up = (px.len() * 4 + labels.len() * 4) as u64;
-        assert_eq!(moved.to_device, up, "{trainable:?}: pixels and labels go up, nothing else: {moved:?}");
-        assert_eq!(moved.to_host, 12, "{trainable:?}: loss, norm and scale come down: {moved:?}");
+        assert_eq!(
+            moved.to_device, up,
+            "{trainable:?}: pixels and labels go up, nothing else: {moved:?}"
+        );
+        assert_eq!(
+            moved.to_host, 12,
+            "{trainable:?}: loss, norm and scale come down: {moved:?}"
+        );
         assert_eq!(moved.copies, 3, "{trainable:?}: {moved:?}");
     }
     let mut bert_dev = adapted(bert(), 4);
@@ -328,7 +339,11 @@ fn bert_training_on_the_kernel_device_tracks_the_cpu() {
     dev.sync_host().unwrap();
     let (pc, pd) = (cpu.params(), dev.params());
     assert_eq!(pc.len(), pd.len());
-    for (a, b) in pc.iter().zip(&pd).filter(|(a, _)| !a.name.ends_with("attention.self.key.bias")) {
+    for (a, b) in pc
+        .iter()
+        .zip(&pd)
+        .filter(|(a, _)| !a.name.ends_with("attention.self.key.bias"))
+    {
         let want: Vec<f64> = a.data.iter().map(|&x| x as f64).collect();
         compare(&a.name, b.data, &want, Tol::new(1e-4, 1e-3)).unwrap();
     }

@@ -554,7 +554,10 @@ fn model_bench(gpu: std::sync::Arc<GpuBackend>, runs: usize) -> lora_compose::Re
     use lora_compose::model::train::{train_step, AdamW};
     use lora_compose::model::{Batch, Composition, Config, Model, Trainable};
     let device = Device::Cuda(gpu.clone());
-    println!("\n## Whole model on {} (f32, median of {runs} runs, wall clock)\n", gpu.name());
+    println!(
+        "\n## Whole model on {} (f32, median of {runs} runs, wall clock)\n",
+        gpu.name()
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(5);
 
     let mut vit = Model::<f32>::init(Config::vit(64, 4, 4, 10), 1)?;
@@ -573,7 +576,13 @@ fn model_bench(gpu: std::sync::Arc<GpuBackend>, runs: usize) -> lora_compose::Re
         .map(|_| (0..seq).map(|_| rng.random_range(1000u32..30000)).collect())
         .collect();
     let tokens = Batch::tokens(&seqs)?;
-    let targets = ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+    let targets = [
+        "query",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ];
     let base = Model::<f32>::init(Config::minilm(2), 2)?;
     let mut plain_ms = None;
     for n in [0usize, 8, 32, 128] {

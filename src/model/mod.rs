@@ -148,12 +148,7 @@ impl Real for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
-    fn linear_forward(
-        l: LinArgs<f64>,
-        x: &[f64],
-        c: &[f64],
-        rows: Rows,
-    ) -> Result<(Vec<f64>, ())> {
+    fn linear_forward(l: LinArgs<f64>, x: &[f64], c: &[f64], rows: Rows) -> Result<(Vec<f64>, ())> {
         Ok((reference::forward(&ref_layer(l), x, c, rows)?, ()))
     }
     fn linear_backward(

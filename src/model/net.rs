@@ -10,8 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::linear::{randn, Adapter, Composition, Library, Linear, LoraModule, GLOBAL_LOGITS};
-use super::{matches_target, Arch, Config, Kind, Real};
 use super::resident::ResidentSlot;
+use super::{matches_target, Arch, Config, Kind, Real};
 use crate::compose::layer::Device;
 use crate::{Error, Result};
 
@@ -142,7 +142,10 @@ impl<T: Real> Clone for Model<T> {
         if self.resident.is_stale() {
             match self.download_params() {
                 Ok(Some(flat)) => out.write_params(&flat),
-                _ => out.resident.host_stale.store(true, std::sync::atomic::Ordering::Relaxed),
+                _ => out
+                    .resident
+                    .host_stale
+                    .store(true, std::sync::atomic::Ordering::Relaxed),
             }
         }
         out
@@ -341,7 +344,9 @@ impl<T: Real> Model<T> {
         if let Some(flat) = self.download_params()? {
             self.write_params(&flat);
         }
-        self.resident.host_stale.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.resident
+            .host_stale
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -351,8 +356,9 @@ impl<T: Real> Model<T> {
         if !self.resident.is_stale() {
             return Ok(None);
         }
-        self.resident
-            .with(self, |state| super::resident::on_device!(state, |be, dm| dm.download_params(be)))
+        self.resident.with(self, |state| {
+            super::resident::on_device!(state, |be, dm| dm.download_params(be))
+        })
     }
 
     fn write_params(&mut self, flat: &[f32]) {

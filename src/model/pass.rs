@@ -11,8 +11,8 @@ use super::layers::{
 };
 use super::linear::Adapter;
 use super::net::{Block, Embeddings, LayerNorm, Model};
-use super::{Arch, Batch, Linear, Pool, Real, Trainable};
 use super::resident::{on_device, Plan, Population as DevPopulation};
+use super::{Arch, Batch, Linear, Pool, Real, Trainable};
 use crate::compose::Rows;
 use crate::{Error, Result};
 
@@ -584,7 +584,13 @@ impl<T: Real> Model<T> {
         Plan { trainable, lowest }
     }
 
-    fn device_backward(&self, tape: &Tape<T>, generation: u64, dlogits: &[T], trainable: Trainable) -> Result<Grads<T>> {
+    fn device_backward(
+        &self,
+        tape: &Tape<T>,
+        generation: u64,
+        dlogits: &[T],
+        trainable: Trainable,
+    ) -> Result<Grads<T>> {
         let labels = self.config.num_labels;
         if dlogits.len() != tape.batch * labels {
             return Err(Error::Shape(format!(

@@ -33,8 +33,8 @@ use crate::kernels::compose_common::{Shape as CompShape, Tables, TokenRows};
 use crate::kernels::loss::{Labels, PoolMode, PoolShape, PoolVariant, XentShape, XentVariant};
 use crate::kernels::optim::{AdamParams, TensorSpan, TensorTable};
 use crate::kernels::{
-    attention, coeffs, compose_bwd, compose_factor, compose_fwd, elementwise, embedding, gemm, layernorm, loss,
-    optim, Backend, KernelError,
+    attention, coeffs, compose_bwd, compose_factor, compose_fwd, elementwise, embedding, gemm, layernorm, loss, optim,
+    Backend, KernelError,
 };
 use crate::{Error, Result};
 
@@ -299,7 +299,9 @@ impl<B: Backend> DeviceModel<B> {
         be.zero(&mut grad)?;
         let by_name: HashMap<&str, &Slot> = slots.iter().map(|s| (s.name.as_str(), s)).collect();
         let view = |buf: &Buf<B>, name: &str| -> Buf<B> {
-            let s = by_name.get(name).unwrap_or_else(|| panic!("parameter {name} in the layout"));
+            let s = by_name
+                .get(name)
+                .unwrap_or_else(|| panic!("parameter {name} in the layout"));
             be.view(buf, s.offset, s.len)
         };
         let ln = |l: &LayerNorm<T>| DevLn {
@@ -546,7 +548,9 @@ impl<B: Backend> DeviceModel<B> {
             emb: alloc(if vit { 1 } else { rows * d })?,
             emb_mean: alloc(rows)?,
             emb_rstd: alloc(rows)?,
-            h: (0..=self.blocks.len()).map(|_| alloc(rows * d)).collect::<KResult<_>>()?,
+            h: (0..=self.blocks.len())
+                .map(|_| alloc(rows * d))
+                .collect::<KResult<_>>()?,
             blocks,
             hf: alloc(rows * d)?,
             meanf: alloc(rows)?,
@@ -593,10 +597,16 @@ impl<B: Backend> DeviceModel<B> {
         need = need.max(ln(rows));
         for width in [d, f, self.labels.max(1)] {
             for r in [rows, batch, batch * self.n_patches().max(1)] {
-                need = need.max(elementwise::workspace_len(BIAS_GRAD, &elementwise::RowsShape { rows: r, d: width }));
+                need = need.max(elementwise::workspace_len(
+                    BIAS_GRAD,
+                    &elementwise::RowsShape { rows: r, d: width },
+                ));
             }
         }
-        need = need.max(attention::backward_workspace_len(ATTENTION, &self.attn_shape(batch, seq)));
+        need = need.max(attention::backward_workspace_len(
+            ATTENTION,
+            &self.attn_shape(batch, seq),
+        ));
         let sm = be.sm_count();
         let all = Train {
             input: true,
@@ -722,11 +732,7 @@ fn comp_shape<B: Backend>(l: &DevLinear<B>, t: usize, n_samples: usize, ranks: &
 }
 
 /// The coefficient buffer (S, N) and the sample count a composed layer uses in this forward.
-fn coeff_buffer<'a, B: Backend>(
-    coeffs: &'a Coeffs<B>,
-    param: Param,
-    global_c: Option<&'a Buf<B>>,
-) -> &'a Buf<B> {
+fn coeff_buffer<'a, B: Backend>(coeffs: &'a Coeffs<B>, param: Param, global_c: Option<&'a Buf<B>>) -> &'a Buf<B> {
     match coeffs {
         Coeffs::Uniform { c } => c,
         Coeffs::Layer { v, c, .. } => {
@@ -785,7 +791,15 @@ fn lin_forward<B: Backend>(
             coeffs,
         } => match pop_c {
             Some(c) => (a_cat, b_cat, tables, ranks, c, *mode, rows.n_samples),
-            None => (a_cat, b_cat, tables, ranks, coeff_buffer(coeffs, param, global_c), *mode, 1),
+            None => (
+                a_cat,
+                b_cat,
+                tables,
+                ranks,
+                coeff_buffer(coeffs, param, global_c),
+                *mode,
+                1,
+            ),
         },
     };
     let rows0;
@@ -809,7 +823,11 @@ fn lin_forward<B: Backend>(
     let mut z = part(be, s0, t * r);
     match mode {
         Mode::Product => {
-            let mut work = part(be, s1, compose_fwd::workspace_len(COMPOSE, &shape, be.sm_count()).max(1));
+            let mut work = part(
+                be,
+                s1,
+                compose_fwd::workspace_len(COMPOSE, &shape, be.sm_count()).max(1),
+            );
             let inputs = compose_fwd::Inputs {
                 x,
                 a_cat,
@@ -826,7 +844,9 @@ fn lin_forward<B: Backend>(
             };
             compose_fwd::launch(be, COMPOSE, &shape, &inputs, outputs)
         }
-        Mode::Factor => compose_factor::forward::<f32, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y),
+        Mode::Factor => {
+            compose_factor::forward::<f32, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
+        }
     }
 }
 
@@ -897,7 +917,11 @@ fn lin_backward<B: Backend>(
             };
             let r = shape.r_total();
             let mut du = part(be, s0, t * r);
-            let mut work = part(be, s1, compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1));
+            let mut work = part(
+                be,
+                s1,
+                compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
+            );
             let (mut da_v, mut db_v) = (alias(be, da), alias(be, db));
             let inputs = compose_bwd::Inputs {
                 g,
@@ -943,7 +967,11 @@ fn lin_backward<B: Backend>(
                         base: false,
                     };
                     let mut du = part(be, s0, t * r);
-                    let mut work = part(be, s1, compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1));
+                    let mut work = part(
+                        be,
+                        s1,
+                        compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
+                    );
                     let inputs = compose_bwd::Inputs {
                         g,
                         x,
@@ -1295,7 +1323,17 @@ impl<B: Backend> DeviceModel<B> {
         }
         let top = blocks.len();
         if let Some(ln) = final_ln {
-            ln_forward(be, ln, eps, rows, d, &acts.h[top], &mut acts.hf, &mut acts.meanf, &mut acts.rstdf)?;
+            ln_forward(
+                be,
+                ln,
+                eps,
+                rows,
+                d,
+                &acts.h[top],
+                &mut acts.hf,
+                &mut acts.meanf,
+                &mut acts.rstdf,
+            )?;
         }
         let last = if final_ln.is_some() { &acts.hf } else { &acts.h[top] };
         let pshape = PoolShape {
@@ -1388,7 +1426,8 @@ impl<B: Backend> DeviceModel<B> {
         let coeffs_train = tr.coeffs && param != Param::Uniform;
         let (d, pre) = (self.hidden, self.arch == Arch::Vit);
         let np = self.n_patches();
-        let (vocab, positions, types, image, psize) = (self.vocab, self.positions, self.types, self.image, self.patch_size);
+        let (vocab, positions, types, image, psize) =
+            (self.vocab, self.positions, self.types, self.image, self.patch_size);
         let pool = self.pool;
         let attn_scale = 1.0 / ((d / self.heads) as f32).sqrt();
         let (b, t) = self.acts.as_ref().map(|a| (a.batch, a.seq)).expect("a forward ran");
@@ -1471,10 +1510,28 @@ impl<B: Backend> DeviceModel<B> {
             hidden: d,
             mode: pool_mode(pool),
         };
-        loss::pool_backward::<f32, B>(be, PoolVariant::Column, &pshape, &acts.dpooled, &acts.mask, &mut acts.d[0])?;
+        loss::pool_backward::<f32, B>(
+            be,
+            PoolVariant::Column,
+            &pshape,
+            &acts.dpooled,
+            &acts.mask,
+            &mut acts.d[0],
+        )?;
         if let Some(ln) = final_ln {
             let [d0, d1, ..] = &mut acts.d;
-            ln_backward(be, ln, rows, d, d0, &acts.h[top], &acts.meanf, &acts.rstdf, d1, &acts.scratch[3])?;
+            ln_backward(
+                be,
+                ln,
+                rows,
+                d,
+                d0,
+                &acts.h[top],
+                &acts.meanf,
+                &acts.rstdf,
+                d1,
+                &acts.scratch[3],
+            )?;
             std::mem::swap(d0, d1);
         }
         for l in (lowest..top).rev() {
@@ -1507,7 +1564,9 @@ impl<B: Backend> DeviceModel<B> {
             let u_of = |l: &DevLinear<B>| l.u_slot.map(|i| &acts.u[i]);
             let dc_of = |l: &DevLinear<B>| -> Option<Buf<B>> {
                 match &l.adapter {
-                    DevAdapter::Compose { coeffs: Coeffs::Global, .. } => global_dc.as_ref().map(|g| alias(be, g)),
+                    DevAdapter::Compose {
+                        coeffs: Coeffs::Global, ..
+                    } => global_dc.as_ref().map(|g| alias(be, g)),
                     DevAdapter::Compose { coeffs, .. } => dc_target(coeffs),
                     _ => None,
                 }
@@ -1519,11 +1578,39 @@ impl<B: Backend> DeviceModel<B> {
                 std::mem::swap(d0, d1);
             }
             let mut dc = dc_of(l2);
-            lin_backward(be, l2, param, g, d0, rows, u_of(l2), Some((df0, 0.0)), lin_train(l2, false), dc.as_mut(), global_c, r0, sc)?;
+            lin_backward(
+                be,
+                l2,
+                param,
+                g,
+                d0,
+                rows,
+                u_of(l2),
+                Some((df0, 0.0)),
+                lin_train(l2, false),
+                dc.as_mut(),
+                global_c,
+                r0,
+                sc,
+            )?;
             let fshape = elementwise::RowsShape { rows, d: l1.d_out };
             elementwise::launch_gelu_bias_backward::<f32, B>(be, &fshape, df0, f1, &l1.b, df1)?;
             let mut dc = dc_of(l1);
-            lin_backward(be, l1, param, mlp_in, df1, rows, u_of(l1), Some((d2, 0.0)), lin_train(l1, false), dc.as_mut(), global_c, r0, sc)?;
+            lin_backward(
+                be,
+                l1,
+                param,
+                mlp_in,
+                df1,
+                rows,
+                u_of(l1),
+                Some((d2, 0.0)),
+                lin_train(l1, false),
+                dc.as_mut(),
+                global_c,
+                r0,
+                sc,
+            )?;
             // ∂h₁ (the attention residual's sum) into d0.
             if pre {
                 ln_backward(be, &blk.ln2, rows, d, d2, h1, mean2, rstd2, d3, &sc[3])?;
@@ -1534,7 +1621,21 @@ impl<B: Backend> DeviceModel<B> {
                 std::mem::swap(d0, d3);
             }
             let mut dc = dc_of(lo);
-            lin_backward(be, lo, param, ctx, d0, rows, u_of(lo), Some((d4, 0.0)), lin_train(lo, false), dc.as_mut(), global_c, r0, sc)?;
+            lin_backward(
+                be,
+                lo,
+                param,
+                ctx,
+                d0,
+                rows,
+                u_of(lo),
+                Some((d4, 0.0)),
+                lin_train(lo, false),
+                dc.as_mut(),
+                global_c,
+                r0,
+                sc,
+            )?;
             let work_len = attention::backward_workspace_len(ATTENTION, &ashape);
             let mut work = part(be, &sc[3], work_len.max(1));
             attention::backward::<f32, B>(
@@ -1545,7 +1646,21 @@ impl<B: Backend> DeviceModel<B> {
             for (lin, dy, beta) in [(lq, &*d5, 0.0f32), (lk, &*d6, 1.0), (lv, &*d7, 1.0)] {
                 let mut dc = dc_of(lin);
                 let dx = if want_qkv { Some((&mut *d2, beta)) } else { None };
-                lin_backward(be, lin, param, a_in, dy, rows, u_of(lin), dx, lin_train(lin, false), dc.as_mut(), global_c, r0, sc)?;
+                lin_backward(
+                    be,
+                    lin,
+                    param,
+                    a_in,
+                    dy,
+                    rows,
+                    u_of(lin),
+                    dx,
+                    lin_train(lin, false),
+                    dc.as_mut(),
+                    global_c,
+                    r0,
+                    sc,
+                )?;
             }
             if !want_qkv {
                 continue;
@@ -1570,7 +1685,18 @@ impl<B: Backend> DeviceModel<B> {
                     ..
                 } => {
                     let [d0, d1, ..] = &mut acts.d;
-                    ln_backward(be, ln, rows, d, d0, &acts.emb, &acts.emb_mean, &acts.emb_rstd, d1, &acts.scratch[3])?;
+                    ln_backward(
+                        be,
+                        ln,
+                        rows,
+                        d,
+                        d0,
+                        &acts.emb,
+                        &acts.emb_mean,
+                        &acts.emb_rstd,
+                        d1,
+                        &acts.scratch[3],
+                    )?;
                     let shape = embedding::BertShape {
                         rows,
                         seq: t,
@@ -1579,9 +1705,21 @@ impl<B: Backend> DeviceModel<B> {
                         positions,
                         types,
                     };
-                    let index = acts.token_index.as_ref().expect("prepare_backward uploaded the token index");
+                    let index = acts
+                        .token_index
+                        .as_ref()
+                        .expect("prepare_backward uploaded the token index");
                     let (mut dw, mut dp, mut dt) = (alias(be, dword), alias(be, dposition), alias(be, dtoken_type));
-                    embedding::bert_backward::<f32, B>(be, &shape, index, &acts.type_ids, d1, &mut dw, &mut dp, &mut dt)?;
+                    embedding::bert_backward::<f32, B>(
+                        be,
+                        &shape,
+                        index,
+                        &acts.type_ids,
+                        d1,
+                        &mut dw,
+                        &mut dp,
+                        &mut dt,
+                    )?;
                 }
                 DevEmb::Vit {
                     patch, dcls, dposition, ..
@@ -1670,7 +1808,14 @@ impl<B: Backend> DeviceModel<B> {
             let table = &self.tables[&key];
             let mut partials = be.alloc::<f32>(table.partials_len())?;
             let mut norm_scale = be.view(&acts.stats, 1, 2);
-            optim::clip_grad_norm::<f32, B>(be, table, &mut self.grad, clip.map(|c| c as f32), &mut partials, &mut norm_scale)?;
+            optim::clip_grad_norm::<f32, B>(
+                be,
+                table,
+                &mut self.grad,
+                clip.map(|c| c as f32),
+                &mut partials,
+                &mut norm_scale,
+            )?;
             if self.moments.as_ref().is_none_or(|m| m.2 != optimizer) {
                 let (mut m, mut v) = (be.alloc::<f32>(total)?, be.alloc::<f32>(total)?);
                 be.zero(&mut m)?;
@@ -1762,7 +1907,11 @@ impl PartialEq for ResidentSlot {
 impl std::fmt::Debug for ResidentSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let held = self.state.lock().map(|s| s.is_some()).unwrap_or(false);
-        write!(f, "ResidentSlot(on device: {held}, host stale: {})", self.host_stale.load(Ordering::Relaxed))
+        write!(
+            f,
+            "ResidentSlot(on device: {held}, host stale: {})",
+            self.host_stale.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -1788,7 +1937,10 @@ impl ResidentSlot {
         if device.is_cpu() {
             return Ok(None);
         }
-        let mut guard = self.state.lock().map_err(|_| Error::Device("device state lock poisoned".into()))?;
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| Error::Device("device state lock poisoned".into()))?;
         let sig = signature(model);
         if let Some((_, held)) = guard.as_ref() {
             if *held != sig {

@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::pass::Grads;
 use super::resident::on_device;
-use crate::kernels::optim::AdamParams;
 use super::{Batch, Kind, Model, Real, Trainable};
+use crate::kernels::optim::AdamParams;
 use crate::{Error, Result};
 
 /// Mean cross-entropy over the batch of `logits` (B, L) against `labels` (B); returns the loss
@@ -207,7 +207,11 @@ fn device_train_step<T: Real>(
 ) -> Result<StepStats> {
     let t = batch.check(&model.config)?;
     if labels.len() != batch.batch {
-        return Err(Error::Shape(format!("{} labels for a batch of {}", labels.len(), batch.batch)));
+        return Err(Error::Shape(format!(
+            "{} labels for a batch of {}",
+            labels.len(),
+            batch.batch
+        )));
     }
     let classes = model.config.num_labels;
     if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
@@ -238,7 +242,10 @@ fn device_train_step<T: Real>(
             })
         })?
         .expect("a kernel device");
-    model.resident.host_stale.store(true, std::sync::atomic::Ordering::Relaxed);
+    model
+        .resident
+        .host_stale
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(StepStats {
         loss: f64::from(stats[0]),
         grad_norm: f64::from(stats[1]),
