@@ -122,6 +122,13 @@ impl<T: Real> Tape<T> {
     }
 }
 
+/// What a device forward brings back.
+#[derive(Clone, Copy)]
+enum Want {
+    Logits,
+    Pooled,
+}
+
 fn to_t<T: Real>(v: Vec<f32>) -> Vec<T> {
     v.into_iter().map(|x| T::of(x as f64)).collect()
 }
@@ -148,20 +155,39 @@ fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Ve
 }
 
 impl<T: Real> Model<T> {
+    /// On a kernel device: the forward of `batch` (with a population's rows when given), and the
+    /// logits or the pooled output downloaded, with the tape naming this forward. `None` on the
+    /// CPU.
+    fn device_forward(
+        &self,
+        batch: &Batch,
+        pop: Option<DevPopulation>,
+        want: Want,
+    ) -> Result<Option<(Vec<T>, Tape<T>)>> {
+        if self.device().is_cpu() {
+            return Ok(None);
+        }
+        let t = batch.check(&self.config)?;
+        let (out, generation) = self
+            .resident
+            .with(self, |st| {
+                on_device!(st, |be, dm| {
+                    dm.forward(be, batch, t, pop)?;
+                    let out = match want {
+                        Want::Logits => dm.download_logits(be)?,
+                        Want::Pooled => dm.download_pooled(be)?,
+                    };
+                    Ok((out, dm.generation()))
+                })
+            })?
+            .expect("a kernel device");
+        Ok(Some((to_t(out), Tape::device(batch, t, generation))))
+    }
+
     /// Logits (B, num_labels) and the tape for [`Model::backward`].
     pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
-        if !self.device().is_cpu() {
-            let t = batch.check(&self.config)?;
-            let (logits, generation) = self
-                .resident
-                .with(self, |st| {
-                    on_device!(st, |be, dm| {
-                        dm.forward(be, batch, t, None)?;
-                        Ok((dm.download_logits(be)?, dm.generation()))
-                    })
-                })?
-                .expect("a kernel device");
-            return Ok((to_t(logits), Tape::device(batch, t, generation)));
+        if let Some((logits, tape)) = self.device_forward(batch, None, Want::Logits)? {
+            return Ok((logits, tape));
         }
         let mut tape = self.encode_taped(batch, true, None)?;
         let zeros = vec![0usize; tape.batch];
@@ -176,18 +202,8 @@ impl<T: Real> Model<T> {
 
     /// Logits (B, num_labels) without keeping a tape.
     pub fn logits(&self, batch: &Batch) -> Result<Vec<T>> {
-        if !self.device().is_cpu() {
-            let t = batch.check(&self.config)?;
-            let logits = self
-                .resident
-                .with(self, |st| {
-                    on_device!(st, |be, dm| {
-                        dm.forward(be, batch, t, None)?;
-                        dm.download_logits(be)
-                    })
-                })?
-                .expect("a kernel device");
-            return Ok(to_t(logits));
+        if let Some((logits, _)) = self.device_forward(batch, None, Want::Logits)? {
+            return Ok(logits);
         }
         let pooled = self.encode(batch)?;
         let zeros = vec![0usize; batch.batch];
@@ -200,18 +216,8 @@ impl<T: Real> Model<T> {
 
     /// The pooled encoder output (B, D), the head's input, without keeping a tape.
     pub fn encode(&self, batch: &Batch) -> Result<Vec<T>> {
-        if !self.device().is_cpu() {
-            let t = batch.check(&self.config)?;
-            let pooled = self
-                .resident
-                .with(self, |st| {
-                    on_device!(st, |be, dm| {
-                        dm.forward(be, batch, t, None)?;
-                        dm.download_pooled(be)
-                    })
-                })?
-                .expect("a kernel device");
-            return Ok(to_t(pooled));
+        if let Some((pooled, _)) = self.device_forward(batch, None, Want::Pooled)? {
+            return Ok(pooled);
         }
         Ok(self.encode_taped(batch, false, None)?.pooled)
     }
@@ -258,21 +264,15 @@ impl<T: Real> Model<T> {
             let t = batch.check(&self.config)?;
             let c32: Vec<f32> = coeffs.iter().map(|&x| Into::<f64>::into(x) as f32).collect();
             let token_candidate: Vec<usize> = candidate_of.iter().flat_map(|&c| std::iter::repeat_n(c, t)).collect();
-            let logits = self
-                .resident
-                .with(self, |st| {
-                    on_device!(st, |be, dm| {
-                        let pop = DevPopulation {
-                            coeffs: &c32,
-                            token_candidate: &token_candidate,
-                            candidates: p,
-                        };
-                        dm.forward(be, batch, t, Some(pop))?;
-                        dm.download_logits(be)
-                    })
-                })?
+            let pop = DevPopulation {
+                coeffs: &c32,
+                token_candidate: &token_candidate,
+                candidates: p,
+            };
+            let (logits, _) = self
+                .device_forward(batch, Some(pop), Want::Logits)?
                 .expect("a kernel device");
-            return Ok(to_t(logits));
+            return Ok(logits);
         }
         let pop = Population {
             coeffs: &coeffs,

@@ -748,6 +748,7 @@ fn coeff_buffer<'a, B: Backend>(coeffs: &'a Coeffs<B>, param: Param, global_c: O
 
 /// `Y = X Wᵀ (+ b) + composition(X)` for T rows. The bias is left out when `bias` is false (the
 /// caller fuses it, as GELU does).
+#[allow(clippy::too_many_arguments)]
 fn lin_forward<B: Backend>(
     be: &B,
     l: &DevLinear<B>,
@@ -1068,6 +1069,7 @@ fn lf<B: Backend>(
     lin_forward(be, l, param, x, t, y, bias, ctx)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn ln_forward<B: Backend>(
     be: &B,
     ln: &DevLn<B>,
@@ -1802,10 +1804,10 @@ impl<B: Backend> DeviceModel<B> {
         let total = be.buffer_len(&self.theta);
         let acts = self.acts.as_mut().expect("a forward ran");
         if !spans.is_empty() {
-            if !self.tables.contains_key(&key) {
-                self.tables.insert(key, TensorTable::upload(be, &spans, total)?);
-            }
-            let table = &self.tables[&key];
+            let table = match self.tables.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(TensorTable::upload(be, &spans, total)?),
+            };
             let mut partials = be.alloc::<f32>(table.partials_len())?;
             let mut norm_scale = be.view(&acts.stats, 1, 2);
             optim::clip_grad_norm::<f32, B>(
@@ -1877,7 +1879,9 @@ pub(crate) use on_device;
 
 /// The parameters' names and lengths: a model whose structure changed after it went to the
 /// device no longer matches its device copy.
-fn signature<T: Real>(model: &Model<T>) -> Vec<(String, usize)> {
+type Signature = Vec<(String, usize)>;
+
+fn signature<T: Real>(model: &Model<T>) -> Signature {
     model.params().into_iter().map(|p| (p.name, p.data.len())).collect()
 }
 
@@ -1886,7 +1890,7 @@ fn signature<T: Real>(model: &Model<T>) -> Vec<(String, usize)> {
 /// own.
 #[derive(Default)]
 pub(crate) struct ResidentSlot {
-    state: Mutex<Option<(DeviceState, Vec<(String, usize)>)>>,
+    state: Mutex<Option<(DeviceState, Signature)>>,
     /// A training step on the device changed the weights since the host copy was refreshed.
     pub(crate) host_stale: AtomicBool,
 }
