@@ -778,6 +778,70 @@ mod tests {
 
     /// A random base, a random 16-module library and a one-task bundle, run end to end with a
     /// tiny budget: every method writes a line, a rerun skips them, a corrupt file is refused.
+    /// Every method of one unit on the kernel device (the CPU harness running the CUDA path)
+    /// gives the CPU's result: the model trains, searches (LoraHub's population forward and the
+    /// row written back), syncs its weights back to the host and is evaluated there.
+    #[test]
+    fn every_method_runs_on_the_kernel_device_as_on_the_cpu() {
+        use crate::compose::layer::Device;
+        let base = Model::<f32>::init(crate::experiment::vit_config(10), 1).unwrap();
+        let library = base.random_library(&TARGETS, 3, RANK, 0.05, 2).unwrap();
+        let img = |n: usize, salt: usize| Images {
+            pixels: (0..n * PIXELS).map(|i| ((i * 31 + salt) % 97) as f32 / 97.0).collect(),
+            labels: (0..n).map(|i| (i % 5) as u8).collect(),
+        };
+        let task = TaskData {
+            spec: downstream_tasks()[0].clone(),
+            pool: img(10, 0),
+            test: img(5, 7),
+        };
+        let unit = Unit {
+            task: &task,
+            k: 1,
+            seed: 3,
+            shots: img(5, 3),
+        };
+        let args = FewshotArgs {
+            base: PathBuf::new(),
+            library: PathBuf::new(),
+            data: PathBuf::new(),
+            out: PathBuf::new(),
+            tasks: Vec::new(),
+            shots: vec![1],
+            seeds: 1,
+            methods: Vec::new(),
+            steps: 4,
+            batch: 80,
+            es_population: 3,
+            es_generations: 1,
+            test_per_class: Some(1),
+            modules: Vec::new(),
+            device: DeviceArg::CPU,
+        };
+        let mut dev = base.clone();
+        dev.to_device(&Device::Harness(crate::harness::CpuHarness::new(1))).unwrap();
+        for method in Method::ALL {
+            let cpu = run_unit(&base, &library, &unit, method, &args).unwrap();
+            let gpu = run_unit(&dev, &library, &unit, method, &args).unwrap();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.abs().max(1e-3);
+            assert!(
+                close(cpu.final_loss, gpu.final_loss),
+                "{method:?}: final loss {} on the CPU, {} on the kernel device",
+                cpu.final_loss,
+                gpu.final_loss
+            );
+            assert_eq!(cpu.accuracy, gpu.accuracy, "{method:?}");
+            assert_eq!(cpu.trainable, gpu.trainable, "{method:?}");
+            for (layer, row) in &cpu.coeffs {
+                let got = &gpu.coeffs[layer];
+                assert!(
+                    row.iter().zip(got).all(|(&a, &b)| close(a, b)),
+                    "{method:?} {layer}: coefficients {row:?} on the CPU, {got:?} on the kernel device"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fewshot_runs_resumes_and_refuses_corrupt_results() {
         let dir = tempfile::tempdir().unwrap();
