@@ -784,7 +784,8 @@ mod tests {
     #[test]
     fn every_method_runs_on_the_kernel_device_as_on_the_cpu() {
         use crate::compose::layer::Device;
-        let base = Model::<f32>::init(crate::experiment::vit_config(10), 1).unwrap();
+        // A narrow ViT (the harness is slow); the default run's has width 64 and 4 blocks.
+        let base = Model::<f32>::init(crate::model::Config::vit(16, 2, 2, 10), 1).unwrap();
         let library = base.random_library(&TARGETS, 3, RANK, 0.05, 2).unwrap();
         let img = |n: usize, salt: usize| Images {
             pixels: (0..n * PIXELS).map(|i| ((i * 31 + salt) % 97) as f32 / 97.0).collect(),
