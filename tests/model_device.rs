@@ -366,7 +366,7 @@ fn bf16_reference(cpu: &Model<f32>) -> Model<f32> {
     for p in m.params_mut() {
         round(p.data);
     }
-    let mut round_modules = |l: &mut Linear<f32>| {
+    let round_modules = |l: &mut Linear<f32>| {
         round(&mut l.modules.a_cat);
         round(&mut l.modules.b_cat);
     };
@@ -391,14 +391,16 @@ fn max_err<A: Copy + Into<f64>>(got: &[A], want: &[f64]) -> f64 {
 /// the f64 model. Bound, per tensor, from the numerics (tests/kernel_tol `within_twice_cpu`):
 /// the device's largest error at most twice that of the bf16 CPU reference ([`bf16_reference`]:
 /// bf16 weights, every stored activation rounded where the kernels round it, f32 arithmetic),
-/// plus an f32 floor: the f32 CPU model's own largest error on that tensor (logits) or the
-/// absolute part of the f32 gradient bound of `compare_grads` (gradients). The reference's
-/// backward is f32 on its rounded forward: the bf16 rounding of the backward's own stores (∂
-/// activations, gradients) is not modelled, so for gradients this bound is tighter than the
-/// exact "same math" one.
+/// plus a floor: the f32 CPU model's own largest error on that tensor (logits), the absolute
+/// part of the f32 gradient bound of `compare_grads` (weight gradients), two bf16 unit
+/// roundoffs of the bias's scale (bias gradients, see below). The reference's backward rounds
+/// ∂logits, ∂pooled, the residual stream's ∂, each layer's ∂x, ∂ of GELU, LN, attention and
+/// the gradients themselves to bf16 where the kernels store them; inside one linear layer's
+/// backward it rounds ∂x once where the kernels may round twice.
 #[test]
 fn bf16_kernel_device_model_matches_f64_within_twice_the_cpu_bf16_error() {
     let device = harness(7);
+    let mut failures = Vec::new();
     for arch in [Arch::Vit, Arch::Bert] {
         let cfg = match arch {
             Arch::Vit => vit(16, 4),
@@ -418,7 +420,9 @@ fn bf16_kernel_device_model_matches_f64_within_twice_the_cpu_bf16_error() {
         let (lr, tr) = reference.forward(&batch).unwrap();
         let (l32, t32) = cpu.forward(&batch).unwrap();
         let floor = max_err(&l32, &l64);
-        within_twice_cpu(&format!("{arch:?} logits"), &wide(&ld), &l64, &wide(&lr), floor).unwrap();
+        if let Err(e) = within_twice_cpu(&format!("{arch:?} logits"), &wide(&ld), &l64, &wide(&lr), floor) {
+            failures.push(e);
+        }
         let (_, dd) = cross_entropy(&ld, &labels, 4).unwrap();
         let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
         let (_, dr) = cross_entropy(&lr, &labels, 4).unwrap();
@@ -433,10 +437,22 @@ fn bf16_kernel_device_model_matches_f64_within_twice_the_cpu_bf16_error() {
                 g64.get(name)
                     .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
             };
-            for (name, want) in &g64.map {
+            // The key biases' gradient vanishes in exact arithmetic (softmax ignores a shift
+            // shared by a row): on every device it is rounding noise of the ∂k terms it sums,
+            // whose size no tensor here shows. Left out, as in the f32 training test below.
+            for (name, want) in g64.map.iter().filter(|(n, _)| !n.ends_with("key.bias")) {
                 let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
                 let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
-                let floor = 1e-4 * scale;
+                // Biases are sums over every token of a stored bf16 ∂ whose rounding partly
+                // cancels, so their error scales with the terms, which the weight's gradient
+                // shows (as in `compare_grads`). The device rounds each linear layer's ∂x up to
+                // twice where the reference rounds once (the GEMM's output, then a composition's
+                // or LoRA's accumulation onto it): two bf16 unit roundoffs of that scale.
+                let floor = if name.ends_with(".bias") {
+                    2.0 * U_BF16 * scale
+                } else {
+                    1e-4 * scale
+                };
                 let (got, cpu_bf16) = (gd.get(name).unwrap(), gr.get(name).unwrap());
                 eprintln!(
                     "{arch:?} {trainable:?} {name}: device {:.2e}, cpu bf16 {:.2e}, cpu f32 {:.2e}, floor {floor:.1e}",
@@ -444,19 +460,30 @@ fn bf16_kernel_device_model_matches_f64_within_twice_the_cpu_bf16_error() {
                     max_err(cpu_bf16, want),
                     max_err(g32.get(name).unwrap(), want)
                 );
-                within_twice_cpu(&format!("{arch:?} {trainable:?} ∂{name}"), &wide(got), want, &wide(cpu_bf16), floor)
-                    .unwrap_or_else(|e| panic!("{e}"));
+                if let Err(e) = within_twice_cpu(
+                    &format!("{arch:?} {trainable:?} ∂{name}"),
+                    &wide(got),
+                    want,
+                    &wide(cpu_bf16),
+                    floor,
+                ) {
+                    failures.push(e);
+                }
             }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// bf16's unit roundoff (8 significant bits, round to nearest).
+const U_BF16: f64 = 1.0 / 512.0;
 
 /// Training with bf16 storage (f32 master weights and moments on the device) against the same
 /// training done on the CPU in bf16 (an f32 master model; each step's forward and backward on
 /// its bf16 reference [`bf16_reference`], the clipped gradients applied by AdamW to the f32
 /// master) and in f64: at every step the device's loss is within twice the CPU bf16 loss's
-/// distance from the f64 loss, plus the f32 CPU training's distance (the f32 floor). Losses go
-/// down.
+/// largest distance from the f64 loss up to that step, plus the f32 CPU training's distance
+/// (the f32 floor). Losses go down.
 #[test]
 fn bf16_training_on_the_kernel_device_tracks_cpu_bf16() {
     let cpu = adapted(vit(16, 4), 8);
@@ -470,6 +497,7 @@ fn bf16_training_on_the_kernel_device_tracks_cpu_bf16() {
     let (trainable, lr, clip) = (Trainable::ALL, 3e-2, 1.0);
     let (mut od, mut or, mut o32, mut o64) = (AdamW::new(0.01), AdamW::new(0.01), AdamW::new(0.01), AdamW::new(0.01));
     let mut losses = Vec::new();
+    let mut cpu_drift = 0.0f64;
     for step in 0..4 {
         let ld = train_step(&mut dev, &mut od, &batch, &labels, trainable, lr, Some(clip))
             .unwrap()
@@ -486,13 +514,16 @@ fn bf16_training_on_the_kernel_device_tracks_cpu_bf16() {
         let l64 = train_step(&mut m64, &mut o64, &batch, &labels, trainable, lr, Some(clip))
             .unwrap()
             .loss;
-        let bound = 2.0 * (lr_loss - l64).abs() + (l32 - l64).abs();
+        // The trajectories drift apart step by step; the bound is twice the CPU bf16 training's
+        // largest distance from the f64 one so far.
+        cpu_drift = cpu_drift.max((lr_loss - l64).abs());
+        let bound = 2.0 * cpu_drift + (l32 - l64).abs();
         eprintln!("step {step}: device {ld}, cpu bf16 {lr_loss}, f32 {l32}, f64 {l64}");
         assert!(
             (ld - l64).abs() <= bound,
-            "step {step}: bf16 device loss {ld} is {:.3e} from the f64 loss {l64}, more than twice the CPU bf16 loss's {:.3e} + the f32 floor {:.3e}",
+            "step {step}: bf16 device loss {ld} is {:.3e} from the f64 loss {l64}, more than twice the CPU bf16 loss's largest distance so far {:.3e} + the f32 floor {:.3e}",
             (ld - l64).abs(),
-            (lr_loss - l64).abs(),
+            cpu_drift,
             (l32 - l64).abs()
         );
         losses.push(ld);

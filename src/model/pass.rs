@@ -22,6 +22,14 @@ fn bf16_round<T: Real>(x: T) -> T {
     T::of(half::bf16::from_f64(x.into()).to_f64())
 }
 
+/// The gradients as stored in bf16 (under [`Model::set_round_activations`]).
+fn round_grads<T: Real>(on: bool, mut grads: Grads<T>) -> Grads<T> {
+    for g in grads.map.values_mut() {
+        *g = rounded(on, std::mem::take(g));
+    }
+    grads
+}
+
 fn rounded<T: Real>(on: bool, mut v: Vec<T>) -> Vec<T> {
     if on {
         v.iter_mut().for_each(|x| *x = bf16_round(*x));
@@ -601,6 +609,8 @@ impl<T: Real> Model<T> {
             )));
         }
         let comp = self.composition;
+        let r = self.round_activations;
+        let dlogits = &rounded(r, dlogits.to_vec())[..];
         let mut grads = Grads::default();
         let emb_trains = trainable.base;
         let lowest = if emb_trains {
@@ -629,8 +639,9 @@ impl<T: Real> Model<T> {
             &mut grads,
         )?;
         let Some(lowest) = lowest else {
-            return Ok(grads);
+            return Ok(round_grads(r, grads));
         };
+        let dpooled = rounded(r, dpooled);
         // (B·T, D)
         let mut dh = vec![T::zero(); b * t * d];
         for (img, g) in dpooled.chunks(d).enumerate() {
@@ -648,9 +659,9 @@ impl<T: Real> Model<T> {
             }
         }
         if let (Some(ln), Some(cache)) = (&self.final_ln, &tape.final_ln) {
-            let (dx, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, trainable.base);
+            let (dx, dg, db) = layernorm_backward(&rounded(r, dh), &ln.gamma, cache, true, trainable.base);
             ln_grads(&mut grads, ln, dg, db);
-            dh = dx;
+            dh = rounded(r, dx);
         }
         if tape.blocks.len() != self.blocks.len() {
             return Err(Error::Arg("the tape does not belong to this model".into()));
@@ -677,7 +688,7 @@ impl<T: Real> Model<T> {
         if emb_trains {
             self.embeddings_backward(tape, dh, trainable, &mut grads)?;
         }
-        Ok(grads)
+        Ok(round_grads(r, grads))
     }
 
     /// What the backward reaches under `trainable`: the lowest block with anything to train
@@ -755,6 +766,8 @@ impl<T: Real> Model<T> {
         };
         let pre = self.config.arch == Arch::Vit;
         let base = trainable.base;
+        // Under set_round_activations, every ∂ the bf16 kernels store is rounded here too.
+        let r = self.round_activations;
         let lin_bwd = |l: &Linear<T>, x: &[T], lt: &LinTape<T>, g: &[T], want_dx: bool, grads: &mut Grads<T>| {
             l.backward(
                 comp,
@@ -769,6 +782,7 @@ impl<T: Real> Model<T> {
                 want_dx,
                 grads,
             )
+            .map(|dx| rounded(r, dx))
         };
         // MLP: ∂(h₁ or a) from the MLP branch and the residual.
         let (dmlp_out, dresid) = if pre {
@@ -776,27 +790,29 @@ impl<T: Real> Model<T> {
         } else {
             let (du, dg, db) = layernorm_backward(&dout, &blk.ln2.gamma, &bt.ln2, true, base);
             ln_grads(grads, &blk.ln2, dg, db);
+            let du = rounded(r, du);
             (du.clone(), du)
         };
         let dgelu = lin_bwd(&blk.ffn_out, &bt.g, &bt.lin[5], &dmlp_out, true, grads)?;
-        let df1 = gelu_backward(&bt.f1, &dgelu);
+        let df1 = rounded(r, gelu_backward(&bt.f1, &dgelu));
         let dmlp_in = lin_bwd(&blk.ffn_in, &bt.mlp_in, &bt.lin[4], &df1, true, grads)?;
         // ∂h₁ = ∂ of the attention residual's sum.
         let dh1 = if pre {
             let (dx, dg, db) = layernorm_backward(&dmlp_in, &blk.ln2.gamma, &bt.ln2, true, base);
             ln_grads(grads, &blk.ln2, dg, db);
             let mut dh1 = dresid;
-            add_into(&mut dh1, &dx);
-            dh1
+            add_into(&mut dh1, &rounded(r, dx));
+            rounded(r, dh1)
         } else {
             let mut da = dresid;
             add_into(&mut da, &dmlp_in);
-            let (dx, dg, db) = layernorm_backward(&da, &blk.ln1.gamma, &bt.ln1, true, base);
+            let (dx, dg, db) = layernorm_backward(&rounded(r, da), &blk.ln1.gamma, &bt.ln1, true, base);
             ln_grads(grads, &blk.ln1, dg, db);
-            dx
+            rounded(r, dx)
         };
         let dctx = lin_bwd(&blk.attn_out, &bt.ctx, &bt.lin[3], &dh1, true, grads)?;
         let (dq, dk, dv) = attention_backward(&bt.q, &bt.k, &bt.v, &bt.probs, &tape.mask, &dctx, shape);
+        let (dq, dk, dv) = (rounded(r, dq), rounded(r, dk), rounded(r, dv));
         let want_qkv = need_dx || (pre && base);
         let mut dqkv_in = lin_bwd(&blk.query, &bt.qkv_in, &bt.lin[0], &dq, want_qkv, grads)?;
         let dxk = lin_bwd(&blk.key, &bt.qkv_in, &bt.lin[1], &dk, want_qkv, grads)?;
@@ -805,7 +821,9 @@ impl<T: Real> Model<T> {
             return Ok(Vec::new());
         }
         add_into(&mut dqkv_in, &dxk);
+        let mut dqkv_in = rounded(r, dqkv_in);
         add_into(&mut dqkv_in, &dxv);
+        let dqkv_in = rounded(r, dqkv_in);
         let mut dx = dh1;
         if pre {
             let (dln, dg, db) = layernorm_backward(&dqkv_in, &blk.ln1.gamma, &bt.ln1, need_dx, base);
@@ -813,11 +831,11 @@ impl<T: Real> Model<T> {
             if !need_dx {
                 return Ok(Vec::new());
             }
-            add_into(&mut dx, &dln);
+            add_into(&mut dx, &rounded(r, dln));
         } else {
             add_into(&mut dx, &dqkv_in);
         }
-        Ok(dx)
+        Ok(rounded(r, dx))
     }
 
     fn embeddings_backward(
@@ -832,6 +850,7 @@ impl<T: Real> Model<T> {
             Embeddings::Bert { ln, .. } => {
                 let cache = tape.emb_ln.as_ref().expect("BERT tapes keep the embedding norm");
                 let (de, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, true);
+                let de = rounded(self.round_activations, de);
                 ln_grads(grads, ln, dg, db);
                 let mut dword = vec![T::zero(); cfg.vocab_size * d];
                 let mut dpos = vec![T::zero(); cfg.max_positions * d];
