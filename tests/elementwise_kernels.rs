@@ -168,7 +168,15 @@ fn check_adds<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Resul
 /// `T::from_f32` (round to nearest even), ties and values past T's range included.
 fn check_cast<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xca57);
-    let special = [0.0f32, -0.0, 1.0, f32::MAX, -f32::MAX, f32::INFINITY, f32::MIN_POSITIVE / 3.0];
+    let special = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::MIN_POSITIVE / 3.0,
+    ];
     let src: Vec<f32> = (0..n)
         .map(|i| match i % 4 {
             // A tie of bf16 rounding: the 16 dropped bits exactly half an ulp.

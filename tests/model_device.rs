@@ -9,11 +9,11 @@
 mod kernel_tol;
 mod model_common;
 
+use kernel_tol::{wide, within_twice_cpu};
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::layer::{select, Device, DeviceChoice};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::harness::CpuHarness;
-use kernel_tol::{wide, within_twice_cpu};
 use lora_compose::kernels::DType;
 use lora_compose::model::train::{clip_grad_norm, cross_entropy, train_step, AdamW};
 use lora_compose::model::{Arch, Batch, Composition, Config, Linear, Model, Trainable};
@@ -383,7 +383,9 @@ fn bf16_reference(cpu: &Model<f32>) -> Model<f32> {
 /// Largest absolute error of `got` against `want`.
 fn max_err<A: Copy + Into<f64>>(got: &[A], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).fold(0.0, |m, (&g, &w)| m.max((g.into() - w).abs()))
+    got.iter()
+        .zip(want)
+        .fold(0.0, |m, (&g, &w)| m.max((g.into() - w).abs()))
 }
 
 /// bf16 storage on the kernel device (ViT and BERT, the adapted model: a product composition

@@ -819,7 +819,8 @@ mod tests {
             device: DeviceArg::CPU,
         };
         let mut dev = base.clone();
-        dev.to_device(&Device::Harness(crate::harness::CpuHarness::new(1))).unwrap();
+        dev.to_device(&Device::Harness(crate::harness::CpuHarness::new(1)))
+            .unwrap();
         for method in Method::ALL {
             let cpu = run_unit(&base, &library, &unit, method, &args).unwrap();
             let gpu = run_unit(&dev, &library, &unit, method, &args).unwrap();

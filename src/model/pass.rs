@@ -41,14 +41,7 @@ fn rounded<T: Real>(on: bool, mut v: Vec<T>) -> Vec<T> {
 /// `Y = r(X Wᵀ)`, `Y = r(Y + b)` when `bias`, then for a product composition or a LoRA
 /// `Z = r(U ∘ D)` with `U = X A_catᵀ` and `D[t, j] = C[σ(t), module_of j] · scale`, and
 /// `Y = r(Y + Z B_catᵀ)`; every sum in T. Factor compositions are not modelled.
-fn rounded_linear<T: Real>(
-    l: &Linear<T>,
-    mode: Mode,
-    x: &[T],
-    c: &[T],
-    rows: Rows,
-    bias: bool,
-) -> Result<Vec<T>> {
+fn rounded_linear<T: Real>(l: &Linear<T>, mode: Mode, x: &[T], c: &[T], rows: Rows, bias: bool) -> Result<Vec<T>> {
     let (d_in, d_out) = (l.d_in, l.d_out);
     let t_len = x.len() / d_in.max(1);
     let dot = |a: &[T], b: &[T]| a.iter().zip(b).fold(T::zero(), |acc, (&p, &q)| acc + p * q);
@@ -537,7 +530,11 @@ impl<T: Real> Model<T> {
             };
             // Rounding: the kernels store f1 without its bias, which GELU adds in f32.
             let (f1, t1) = lin_bias(&blk.ffn_in, &mlp_in, !round)?;
-            let f1 = if round { add(&f1, &blk.ffn_in.b.repeat(b * t)) } else { f1 };
+            let f1 = if round {
+                add(&f1, &blk.ffn_in.b.repeat(b * t))
+            } else {
+                f1
+            };
             let g = rounded(round, gelu_forward(&f1));
             let (f2, t2) = lin(&blk.ffn_out, &g)?;
             let (out, ln2) = if pre {

@@ -36,8 +36,8 @@ use crate::kernels::{
     attention, coeffs, compose_bwd, compose_factor, compose_fwd, elementwise, embedding, gemm, layernorm, loss, optim,
     Backend, KernelError,
 };
-use crate::{Error, Result};
 use crate::kernels::{DType, Element, Scalar};
+use crate::{Error, Result};
 use half::bf16;
 
 /// A buffer of the storage type E (weights, activations, gradients).
@@ -1821,16 +1821,7 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
                         .as_ref()
                         .expect("prepare_backward uploaded the token index");
                     let (mut dw, mut dp, mut dt) = (alias(be, dword), alias(be, dposition), alias(be, dtoken_type));
-                    embedding::bert_backward::<E, B>(
-                        be,
-                        &shape,
-                        index,
-                        &acts.type_ids,
-                        d1,
-                        &mut dw,
-                        &mut dp,
-                        &mut dt,
-                    )?;
+                    embedding::bert_backward::<E, B>(be, &shape, index, &acts.type_ids, d1, &mut dw, &mut dp, &mut dt)?;
                 }
                 DevEmb::Vit {
                     patch, dcls, dposition, ..
@@ -2092,7 +2083,9 @@ impl ResidentSlot {
                 ));
             }
             let state = match (device, model.storage()) {
-                (Device::Cuda(gpu), DType::F32) => DeviceState::Cuda(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?),
+                (Device::Cuda(gpu), DType::F32) => {
+                    DeviceState::Cuda(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?)
+                }
                 (Device::Cuda(gpu), DType::BF16) => {
                     DeviceState::CudaBf16(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?)
                 }
