@@ -7,8 +7,11 @@
 //     add_acc         out[i] = out[i] + a[i]
 //     bias_add        y[r,j] = y[r,j] + b[j]        (a linear layer's bias after its GEMM)
 //     bias_grad       ∂b[j] = Σ_r ∂y[r,j]
+//     cast            out[i] = T(src[i])            (src f32: the model's f32 master weights into
+//                                                     its T-typed working copy, f32 gradients into T)
 //
-// Shapes, row-major: x, y, ∂y, ∂x (rows, D); b, ∂b (D); a, b, out of add/add_acc (n). Storage T is
+// Shapes, row-major: x, y, ∂y, ∂x (rows, D); b, ∂b (D); a, b, out of add/add_acc and src, out of
+// cast (n). Storage T is
 // float or __nv_bfloat16, arithmetic f32 (erff, expf), one rounding per stored element. y, ∂x, out
 // (add) and ∂b are overwritten; add_acc and bias_add accumulate onto out and y. The forward stores nothing beside y:
 // the backward recomputes h = x + b from the same inputs (x is the GEMM output, kept anyway), so
@@ -75,6 +78,12 @@ template <typename T>
 __device__ __forceinline__ void bias_add(const T* __restrict__ b, T* __restrict__ y, int rows, int D) {
     const long long i = element_index();
     if (i < (long long)rows * D) y[i] = lc::from_f32<T>(lc::to_f32(y[i]) + lc::to_f32(b[i % D]));
+}
+
+template <typename T>
+__device__ __forceinline__ void cast(const float* __restrict__ src, T* __restrict__ out, int n) {
+    const long long i = element_index();
+    if (i < n) out[i] = lc::from_f32<T>(src[i]);
 }
 
 // Variant 1. 1-D grid over D.
@@ -144,6 +153,10 @@ __device__ __forceinline__ void bias_grad_sum(const float* __restrict__ work, T*
     extern "C" __global__ void __launch_bounds__(256) elementwise_bias_add_##suffix(                                   \
         const T* __restrict__ b, T* __restrict__ y, int rows, int D) {                                                \
         elementwise::bias_add<T>(b, y, rows, D);                                                                       \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) elementwise_cast_##suffix(const float* __restrict__ src,         \
+                                                                                T* __restrict__ out, int n) {         \
+        elementwise::cast<T>(src, out, n);                                                                             \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) elementwise_bias_grad_naive_##suffix(                            \
         const T* __restrict__ dy, T* __restrict__ db, int rows, int D) {                                              \

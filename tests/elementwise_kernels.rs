@@ -10,7 +10,8 @@
 //!   |gelu''| ≤ 0.8); add `2u·(|a| + |b|)`; bias gradient `2·(rows + 8)·u·Σ|∂y|` (any order);
 //! - bf16: the kernel's largest error against f64 at most twice the largest error of the same math
 //!   done on the CPU (f32 arithmetic with libm's erff/expf on the bf16 inputs, output rounded to
-//!   bf16) plus the f32 floor, and no element off by more than one bf16 ulp plus that floor.
+//!   bf16) plus the f32 floor, and no element off by more than one bf16 ulp plus that floor;
+//! - cast (f32 → T): bit-exact with `T::from_f32`.
 
 use lora_compose::check::{compare, compare_with, Tol};
 use lora_compose::gpu::GpuBackend;
@@ -163,6 +164,44 @@ fn check_adds<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Resul
     Ok(())
 }
 
+/// cast (f32 → T, out poisoned first) over n elements on `backend`: bit-exact with
+/// `T::from_f32` (round to nearest even), ties and values past T's range included.
+fn check_cast<T: Element, B: Backend>(backend: &B, n: usize, seed: u64) -> Result<(), String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xca57);
+    let special = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::MIN_POSITIVE / 3.0,
+    ];
+    let src: Vec<f32> = (0..n)
+        .map(|i| match i % 4 {
+            // A tie of bf16 rounding: the 16 dropped bits exactly half an ulp.
+            0 => f32::from_bits((rng.random::<u32>() & 0x7fff_0000 & !0x7f80_0000 | 0x3f80_0000) | 0x8000),
+            1 => special[(i / 4) % special.len()],
+            _ => 1e3 * rng.random_range(-1.0f32..1.0),
+        })
+        .collect();
+    let context = |e: &dyn std::fmt::Display| format!("{} cast {:?} n={n} seed {seed}: {e}", backend.name(), T::DTYPE);
+    let run = || -> Result<Vec<T>, KernelError> {
+        let dev_src = backend.upload(&src)?;
+        let mut out = backend.upload(&vec![T::poison(); n])?;
+        elementwise::launch_cast::<T, B>(backend, &dev_src, &mut out)?;
+        backend.download(&out)
+    };
+    let out = run().map_err(|e| context(&e))?;
+    for (i, (&x, got)) in src.iter().zip(&out).enumerate() {
+        let want = T::from_f32(x);
+        if bytemuck::bytes_of(got) != bytemuck::bytes_of(&want) {
+            return Err(context(&format!("out[{i}] = {got:?}, want {want:?} (from {x:e})")));
+        }
+    }
+    Ok(())
+}
+
 /// bias_add (y += b broadcast over rows) on `backend`.
 fn check_bias_add<T: Element, B: Backend>(backend: &B, shape: &RowsShape, seed: u64) -> Result<(), String> {
     let RowsShape { rows, d } = *shape;
@@ -240,6 +279,8 @@ fn check_all<B: Backend>(backend: &B, shape: &RowsShape, seed: u64) -> Result<()
     check_gelu::<half::bf16, B>(backend, shape, seed)?;
     check_adds::<f32, B>(backend, shape.rows * shape.d, seed)?;
     check_adds::<half::bf16, B>(backend, shape.rows * shape.d, seed)?;
+    check_cast::<f32, B>(backend, shape.rows * shape.d, seed)?;
+    check_cast::<half::bf16, B>(backend, shape.rows * shape.d, seed)?;
     check_bias_add::<f32, B>(backend, shape, seed)?;
     check_bias_add::<half::bf16, B>(backend, shape, seed)?;
     for &variant in elementwise::ALL {

@@ -6,13 +6,16 @@
 //! every trainable kind and composition mode), over training steps against the same model on
 //! the CPU device, and by the bytes the backend moves per step.
 
+mod kernel_tol;
 mod model_common;
 
+use kernel_tol::{wide, within_twice_cpu};
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::layer::{select, Device, DeviceChoice};
 use lora_compose::compose::{Mode, Param};
 use lora_compose::harness::CpuHarness;
-use lora_compose::model::train::{cross_entropy, train_step, AdamW};
+use lora_compose::kernels::DType;
+use lora_compose::model::train::{clip_grad_norm, cross_entropy, train_step, AdamW};
 use lora_compose::model::{Arch, Batch, Composition, Config, Linear, Model, Trainable};
 use model_common::*;
 use rand::{Rng, SeedableRng};
@@ -262,20 +265,25 @@ fn factor_global_and_uniform_compositions_match_f64_reference() {
     }
 }
 
-/// Per training step only the batch goes up (pixels; labels) and the loss comes down (with the
-/// gradient norm and the clipping scale: one copy of three f32); a BERT forward moves its ids,
+/// Per training step, with f32 or bf16 storage, only the batch goes up (pixels; labels) and the
+/// loss comes down (with the gradient norm and the clipping scale: one copy of three f32); a BERT forward moves its ids,
 /// token types and mask up and the logits down. Counted by the backend, on the second call of a
 /// shape (the first allocates that shape's buffers and uploads the constant ViT mask).
 #[test]
 fn a_step_moves_only_the_batch_and_the_loss() {
     use lora_compose::kernels::Backend;
     let be = CpuHarness::new(0);
-    let mut dev = adapted(vit(16, 4), 2);
-    dev.to_device(&Device::Harness(be)).unwrap();
     let (px, labels) = images(8, 3);
     let batch = Batch::images(&px, 12).unwrap();
-    let mut opt = AdamW::new(0.01);
-    for trainable in [Trainable::ALL, Trainable::COEFFS_HEAD] {
+    for (storage, trainable) in [
+        (DType::F32, Trainable::ALL),
+        (DType::F32, Trainable::COEFFS_HEAD),
+        (DType::BF16, Trainable::ALL),
+        (DType::BF16, Trainable::COEFFS_HEAD),
+    ] {
+        let mut dev = adapted(vit(16, 4), 2);
+        dev.to_device_storage(&Device::Harness(be), storage).unwrap();
+        let mut opt = AdamW::new(0.01);
         train_step(&mut dev, &mut opt, &batch, &labels, trainable, 1e-2, Some(1.0)).unwrap();
         let before = be.traffic();
         train_step(&mut dev, &mut opt, &batch, &labels, trainable, 1e-2, Some(1.0)).unwrap();
@@ -283,13 +291,13 @@ fn a_step_moves_only_the_batch_and_the_loss() {
         let up = (px.len() * 4 + labels.len() * 4) as u64;
         assert_eq!(
             moved.to_device, up,
-            "{trainable:?}: pixels and labels go up, nothing else: {moved:?}"
+            "{storage:?} {trainable:?}: pixels and labels go up, nothing else: {moved:?}"
         );
         assert_eq!(
             moved.to_host, 12,
-            "{trainable:?}: loss, norm and scale come down: {moved:?}"
+            "{storage:?} {trainable:?}: loss, norm and scale come down: {moved:?}"
         );
-        assert_eq!(moved.copies, 3, "{trainable:?}: {moved:?}");
+        assert_eq!(moved.copies, 3, "{storage:?} {trainable:?}: {moved:?}");
     }
     let mut bert_dev = adapted(bert(), 4);
     bert_dev.to_device(&Device::Harness(be)).unwrap();
@@ -347,4 +355,193 @@ fn bert_training_on_the_kernel_device_tracks_the_cpu() {
         let want: Vec<f64> = a.data.iter().map(|&x| x as f64).collect();
         compare(&a.name, b.data, &want, Tol::new(1e-4, 1e-3)).unwrap();
     }
+}
+
+/// The CPU reference of bf16 storage: `cpu`'s weights (trainable and frozen library factors)
+/// rounded to bf16 and every activation the bf16 kernels store rounded at the same points
+/// (`Model::set_round_activations`); arithmetic f32. "The same math done on the CPU in bf16".
+fn bf16_reference(cpu: &Model<f32>) -> Model<f32> {
+    let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    let mut m = cpu.clone();
+    for p in m.params_mut() {
+        round(p.data);
+    }
+    let round_modules = |l: &mut Linear<f32>| {
+        round(&mut l.modules.a_cat);
+        round(&mut l.modules.b_cat);
+    };
+    for blk in &mut m.blocks {
+        for l in blk.linears_mut() {
+            round_modules(l);
+        }
+    }
+    round_modules(&mut m.head);
+    m.set_round_activations(true);
+    m
+}
+
+/// Largest absolute error of `got` against `want`.
+fn max_err<A: Copy + Into<f64>>(got: &[A], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .fold(0.0, |m, (&g, &w)| m.max((g.into() - w).abs()))
+}
+
+/// bf16 storage on the kernel device (ViT and BERT, the adapted model: a product composition
+/// with softmax rows and two LoRAs): logits, and every gradient of ALL and COEFFS_HEAD, against
+/// the f64 model. Bound, per tensor, from the numerics (tests/kernel_tol `within_twice_cpu`):
+/// the device's largest error at most twice that of the bf16 CPU reference ([`bf16_reference`]:
+/// bf16 weights, every stored activation rounded where the kernels round it, f32 arithmetic),
+/// plus a floor: the f32 CPU model's own largest error on that tensor (logits), the absolute
+/// part of the f32 gradient bound of `compare_grads` (weight gradients), two bf16 unit
+/// roundoffs of the bias's scale (bias gradients, see below). The reference's backward rounds
+/// ∂logits, ∂pooled, the residual stream's ∂, each layer's ∂x, ∂ of GELU, LN, attention and
+/// the gradients themselves to bf16 where the kernels store them; inside one linear layer's
+/// backward it rounds ∂x once where the kernels may round twice.
+#[test]
+fn bf16_kernel_device_model_matches_f64_within_twice_the_cpu_bf16_error() {
+    let device = harness(7);
+    let mut failures = Vec::new();
+    for arch in [Arch::Vit, Arch::Bert] {
+        let cfg = match arch {
+            Arch::Vit => vit(16, 4),
+            Arch::Bert => bert(),
+        };
+        let cpu = adapted(cfg, 5);
+        let m64: Model<f64> = cpu.cast();
+        let reference = bf16_reference(&cpu);
+        let mut dev = cpu.clone();
+        dev.to_device_storage(&device, DType::BF16).unwrap();
+        assert_eq!(dev.storage(), DType::BF16);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let batch = six_inputs(arch, &mut rng);
+        let labels = [0, 1, 2, 3, 0, 1];
+        let (ld, td) = dev.forward(&batch).unwrap();
+        let (l64, t64) = m64.forward(&batch).unwrap();
+        let (lr, tr) = reference.forward(&batch).unwrap();
+        let (l32, t32) = cpu.forward(&batch).unwrap();
+        let floor = max_err(&l32, &l64);
+        if let Err(e) = within_twice_cpu(&format!("{arch:?} logits"), &wide(&ld), &l64, &wide(&lr), floor) {
+            failures.push(e);
+        }
+        let (_, dd) = cross_entropy(&ld, &labels, 4).unwrap();
+        let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
+        let (_, dr) = cross_entropy(&lr, &labels, 4).unwrap();
+        let (_, d32) = cross_entropy(&l32, &labels, 4).unwrap();
+        for trainable in [Trainable::ALL, Trainable::COEFFS_HEAD] {
+            let gd = dev.backward(&td, &dd, trainable).unwrap();
+            let g64 = m64.backward(&t64, &d64, trainable).unwrap();
+            let gr = reference.backward(&tr, &dr, trainable).unwrap();
+            let g32 = cpu.backward(&t32, &d32, trainable).unwrap();
+            assert_eq!(gd.map.len(), g64.map.len());
+            let scale_of = |name: &str| {
+                g64.get(name)
+                    .map_or(0.0, |g| g.iter().fold(0.0f64, |a, &x| a.max(x.abs())))
+            };
+            // The key biases' gradient vanishes in exact arithmetic (softmax ignores a shift
+            // shared by a row): on every device it is rounding noise of the ∂k terms it sums,
+            // whose size no tensor here shows. Left out, as in the f32 training test below.
+            for (name, want) in g64.map.iter().filter(|(n, _)| !n.ends_with("key.bias")) {
+                let weight = name.strip_suffix(".bias").map(|s| format!("{s}.weight"));
+                let scale = scale_of(name).max(weight.map_or(0.0, |w| scale_of(&w)));
+                // Biases are sums over every token of a stored bf16 ∂ whose rounding partly
+                // cancels, so their error scales with the terms, which the weight's gradient
+                // shows (as in `compare_grads`). The device rounds each linear layer's ∂x up to
+                // twice where the reference rounds once (the GEMM's output, then a composition's
+                // or LoRA's accumulation onto it): two bf16 unit roundoffs of that scale.
+                let floor = if name.ends_with(".bias") {
+                    2.0 * U_BF16 * scale
+                } else {
+                    1e-4 * scale
+                };
+                let (got, cpu_bf16) = (gd.get(name).unwrap(), gr.get(name).unwrap());
+                eprintln!(
+                    "{arch:?} {trainable:?} {name}: device {:.2e}, cpu bf16 {:.2e}, cpu f32 {:.2e}, floor {floor:.1e}",
+                    max_err(got, want),
+                    max_err(cpu_bf16, want),
+                    max_err(g32.get(name).unwrap(), want)
+                );
+                if let Err(e) = within_twice_cpu(
+                    &format!("{arch:?} {trainable:?} ∂{name}"),
+                    &wide(got),
+                    want,
+                    &wide(cpu_bf16),
+                    floor,
+                ) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// bf16's unit roundoff (8 significant bits, round to nearest).
+const U_BF16: f64 = 1.0 / 512.0;
+
+/// Training with bf16 storage (f32 master weights and moments on the device) against the same
+/// training done on the CPU in bf16 (an f32 master model; each step's forward and backward on
+/// its bf16 reference [`bf16_reference`], the clipped gradients applied by AdamW to the f32
+/// master) and in f64: at every step the device's loss is within twice the CPU bf16 loss's
+/// largest distance from the f64 loss up to that step, plus the f32 CPU training's distance
+/// (the f32 floor). Losses go down.
+#[test]
+fn bf16_training_on_the_kernel_device_tracks_cpu_bf16() {
+    let cpu = adapted(vit(16, 4), 8);
+    let mut dev = cpu.clone();
+    dev.to_device_storage(&harness(1), DType::BF16).unwrap();
+    let mut master = cpu.clone();
+    let mut m32 = cpu.clone();
+    let mut m64: Model<f64> = cpu.cast();
+    let (px, labels) = images(8, 2);
+    let batch = Batch::images(&px, 12).unwrap();
+    let (trainable, lr, clip) = (Trainable::ALL, 3e-2, 1.0);
+    let (mut od, mut or, mut o32, mut o64) = (AdamW::new(0.01), AdamW::new(0.01), AdamW::new(0.01), AdamW::new(0.01));
+    let mut losses = Vec::new();
+    let mut cpu_drift = 0.0f64;
+    for step in 0..4 {
+        let ld = train_step(&mut dev, &mut od, &batch, &labels, trainable, lr, Some(clip))
+            .unwrap()
+            .loss;
+        let reference = bf16_reference(&master);
+        let (logits, tape) = reference.forward(&batch).unwrap();
+        let (lr_loss, dl) = cross_entropy(&logits, &labels, 4).unwrap();
+        let mut grads = reference.backward(&tape, &dl, trainable).unwrap();
+        clip_grad_norm(&mut grads, clip);
+        or.step(&mut master, &grads, lr).unwrap();
+        let l32 = train_step(&mut m32, &mut o32, &batch, &labels, trainable, lr, Some(clip))
+            .unwrap()
+            .loss;
+        let l64 = train_step(&mut m64, &mut o64, &batch, &labels, trainable, lr, Some(clip))
+            .unwrap()
+            .loss;
+        // The trajectories drift apart step by step; the bound is twice the CPU bf16 training's
+        // largest distance from the f64 one so far.
+        cpu_drift = cpu_drift.max((lr_loss - l64).abs());
+        let bound = 2.0 * cpu_drift + (l32 - l64).abs();
+        eprintln!("step {step}: device {ld}, cpu bf16 {lr_loss}, f32 {l32}, f64 {l64}");
+        assert!(
+            (ld - l64).abs() <= bound,
+            "step {step}: bf16 device loss {ld} is {:.3e} from the f64 loss {l64}, more than twice the CPU bf16 loss's largest distance so far {:.3e} + the f32 floor {:.3e}",
+            (ld - l64).abs(),
+            cpu_drift,
+            (l32 - l64).abs()
+        );
+        losses.push(ld);
+    }
+    assert!(losses[3] < losses[0], "the loss went down: {losses:?}");
+    // The choice of storage survives a re-upload and a clone.
+    dev.sync_device().unwrap();
+    assert_eq!(dev.storage(), DType::BF16);
+    assert_eq!(dev.clone().storage(), DType::BF16);
+}
+
+/// f16 storage is refused with the supported list named.
+#[test]
+fn f16_storage_is_refused() {
+    let mut m = adapted(vit(16, 4), 1);
+    let err = m.to_device_storage(&harness(0), DType::F16).unwrap_err().to_string();
+    assert!(err.contains("f32") && err.contains("bf16"), "{err}");
+    assert_eq!(m.storage(), DType::F32);
 }

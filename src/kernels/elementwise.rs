@@ -1,5 +1,6 @@
 //! Element-wise ops: GELU (exact erf) fused with the bias add, forward and backward; the residual
-//! add (overwriting and accumulating); the deterministic bias gradient `∂b = Σ_rows ∂y`.
+//! add (overwriting and accumulating); the f32 → T cast; the deterministic bias gradient
+//! `∂b = Σ_rows ∂y`.
 //! `cuda/elementwise.cu` has the formulas, the shapes, the semantics and the variants. CPU
 //! references: [`reference_gelu_bias_forward`], [`reference_gelu_bias_backward`],
 //! [`reference_add`], [`reference_bias_grad`] (the model's versions are
@@ -47,6 +48,7 @@ pub enum Entry {
     Add,
     AddAcc,
     BiasAdd,
+    Cast,
     BiasGradNaive,
     BiasGradPartial,
     BiasGradSum,
@@ -133,6 +135,7 @@ pub fn flops_bytes(entry: Entry, shape: &RowsShape, dtype: DType) -> (f64, f64) 
         Entry::GeluBiasBackward => (30.0 * n, (3.0 * n + d) * size),
         Entry::Add | Entry::AddAcc => (n, 3.0 * n * size),
         Entry::BiasAdd => (n, (2.0 * n + d) * size),
+        Entry::Cast => (0.0, n * (4.0 + size)),
         Entry::BiasGradNaive | Entry::BiasGradPartial | Entry::BiasGradSum => (n, (n + d) * size),
     }
 }
@@ -151,6 +154,8 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         (Entry::AddAcc, DType::BF16) => kernel_entry!(e::lc_run_elementwise_add_acc_bf16),
         (Entry::BiasAdd, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_add_f32),
         (Entry::BiasAdd, DType::BF16) => kernel_entry!(e::lc_run_elementwise_bias_add_bf16),
+        (Entry::Cast, DType::F32) => kernel_entry!(e::lc_run_elementwise_cast_f32),
+        (Entry::Cast, DType::BF16) => kernel_entry!(e::lc_run_elementwise_cast_bf16),
         (Entry::BiasGradNaive, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_grad_naive_f32),
         (Entry::BiasGradNaive, DType::BF16) => kernel_entry!(e::lc_run_elementwise_bias_grad_naive_bf16),
         (Entry::BiasGradPartial, DType::F32) => kernel_entry!(e::lc_run_elementwise_bias_grad_partial_f32),
@@ -321,6 +326,24 @@ pub fn launch_bias_add<T: Element, B: Backend>(
     ];
     // SAFETY: the arguments follow elementwise_bias_add's parameters (b, y, rows, D); `check`
     // verified b holds d and y rows·d elements, within i32; y is mutably borrowed, so not b.
+    unsafe { backend.launch(&kernel, &map_config(n), &args) }
+}
+
+/// `out = T(src)` (n elements, rounded to nearest even), out overwritten: the model's f32
+/// master weights into its storage-typed working copy, f32 coefficient gradients into the
+/// storage-typed gradient buffer.
+pub fn launch_cast<T: Element, B: Backend>(
+    backend: &B,
+    src: &B::Buffer<f32>,
+    out: &mut B::Buffer<T>,
+) -> Result<(), KernelError> {
+    let kernel = kernel(Entry::Cast, T::DTYPE)?;
+    let n = backend.buffer_len(src);
+    let shape = RowsShape { rows: 1, d: n };
+    check(kernel.name, &shape, &[("out", backend.buffer_len(out), n)])?;
+    let args = [backend.arg_in(src), backend.arg_out(out), KernelArg::I32(n as i32)];
+    // SAFETY: the arguments follow elementwise_cast's parameters (src, out, n); `check` verified
+    // both hold n elements and n fits i32; out is mutably borrowed, so it is not src.
     unsafe { backend.launch(&kernel, &map_config(n), &args) }
 }
 

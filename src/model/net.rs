@@ -13,6 +13,7 @@ use super::linear::{randn, Adapter, Composition, Library, Linear, LoraModule, GL
 use super::resident::ResidentSlot;
 use super::{matches_target, Arch, Config, Kind, Real};
 use crate::compose::layer::Device;
+use crate::kernels::DType;
 use crate::{Error, Result};
 
 /// γ and β of one layer norm.
@@ -120,6 +121,11 @@ pub struct Model<T> {
     pub global_v: Vec<T>,
     /// Where the model runs ([`Model::to_device`]); the CPU until moved.
     device: Device,
+    /// The storage type of the device copy ([`Model::to_device_storage`]); f32 until chosen.
+    storage: DType,
+    /// Test switch of the CPU forward: every activation the bf16 kernels store rounded to bf16
+    /// at the same points ([`Model::set_round_activations`]).
+    pub(crate) round_activations: bool,
     /// The device copy on a kernel device ([`super::resident`]).
     pub(crate) resident: ResidentSlot,
 }
@@ -137,6 +143,8 @@ impl<T: Real> Clone for Model<T> {
             composition: self.composition,
             global_v: self.global_v.clone(),
             device: self.device.clone(),
+            storage: self.storage,
+            round_activations: self.round_activations,
             resident: ResidentSlot::default(),
         };
         if self.resident.is_stale() {
@@ -301,6 +309,8 @@ impl<T: Real> Model<T> {
             composition: None,
             global_v: Vec::new(),
             device: Device::Cpu,
+            storage: DType::F32,
+            round_activations: false,
             resident: ResidentSlot::default(),
         })
     }
@@ -317,6 +327,21 @@ impl<T: Real> Model<T> {
     /// next use; after editing host weights directly, call [`Model::sync_device`]. f64 models run
     /// on the CPU only.
     pub fn to_device(&mut self, device: &Device) -> Result<()> {
+        self.to_device_storage(device, DType::F32)
+    }
+
+    /// [`Model::to_device`] with the device copy stored as `storage`: [`DType::F32`], or
+    /// [`DType::BF16`] — weights (a bf16 working copy of f32 master weights, refreshed after
+    /// every optimizer step), gradients, activations and frozen libraries in bf16; kernels
+    /// accumulate in f32; coefficient rows, layer-norm statistics, attention's log-sum-exp, the
+    /// loss, the optimizer's moments and workspaces stay f32. The choice is kept across
+    /// [`Model::sync_device`] and clones. On the CPU the storage is recorded and has no effect.
+    pub fn to_device_storage(&mut self, device: &Device, storage: DType) -> Result<()> {
+        if storage == DType::F16 {
+            return Err(Error::Arg(
+                "f16 storage is not supported for the resident model (f32 and bf16 are)".into(),
+            ));
+        }
         if !device.is_cpu() && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() {
             return Err(Error::Device(format!(
                 "f64 models run the CPU reference only, not on {device:?}"
@@ -324,7 +349,23 @@ impl<T: Real> Model<T> {
         }
         self.sync_host()?;
         self.device = device.clone();
+        self.storage = storage;
         self.sync_device()
+    }
+
+    /// The storage type of the device copy (f32 unless [`Model::to_device_storage`] chose bf16).
+    pub fn storage(&self) -> DType {
+        self.storage
+    }
+
+    /// For tests of bf16 storage: when set, the CPU forward rounds every activation the bf16
+    /// kernels store (linear layers' GEMM, bias and composition outputs and their rank-R
+    /// intermediate Z, q, k, v, the attention context, residual sums, layer-norm outputs, GELU,
+    /// the embeddings, patches, the pooled output, the logits) to bf16 at the same points, so
+    /// that a CPU f32 model with bf16-rounded weights is "the same math done on the CPU in
+    /// bf16". The backward is unchanged (f32, on the rounded activations).
+    pub fn set_round_activations(&mut self, on: bool) {
+        self.round_activations = on;
     }
 
     /// Replaces the device copy by the current host weights (after editing them directly).
@@ -429,6 +470,8 @@ impl<T: Real> Model<T> {
             composition: self.composition,
             global_v: self.global_v.iter().map(|&x| f(x)).collect(),
             device: Device::Cpu,
+            storage: self.storage,
+            round_activations: self.round_activations,
             resident: ResidentSlot::default(),
         }
     }

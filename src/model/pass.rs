@@ -13,8 +13,80 @@ use super::linear::Adapter;
 use super::net::{Block, Embeddings, LayerNorm, Model};
 use super::resident::{on_device, Plan, Population as DevPopulation};
 use super::{Arch, Batch, Linear, Pool, Real, Trainable};
-use crate::compose::Rows;
+use crate::compose::{Mode, Rows};
 use crate::{Error, Result};
+
+/// `x` through bf16 (round to nearest even, as the kernels' stores): the CPU forward's rounding
+/// points under [`Model::set_round_activations`].
+fn bf16_round<T: Real>(x: T) -> T {
+    T::of(half::bf16::from_f64(x.into()).to_f64())
+}
+
+/// The gradients as stored in bf16 (under [`Model::set_round_activations`]).
+fn round_grads<T: Real>(on: bool, mut grads: Grads<T>) -> Grads<T> {
+    for g in grads.map.values_mut() {
+        *g = rounded(on, std::mem::take(g));
+    }
+    grads
+}
+
+fn rounded<T: Real>(on: bool, mut v: Vec<T>) -> Vec<T> {
+    if on {
+        v.iter_mut().for_each(|x| *x = bf16_round(*x));
+    }
+    v
+}
+
+/// A linear layer's output as the bf16 kernels store it (src/model/resident.rs `lin_forward`):
+/// `Y = r(X Wᵀ)`, `Y = r(Y + b)` when `bias`, then for a product composition or a LoRA
+/// `Z = r(U ∘ D)` with `U = X A_catᵀ` and `D[t, j] = C[σ(t), module_of j] · scale`, and
+/// `Y = r(Y + Z B_catᵀ)`; every sum in T. Factor compositions are not modelled.
+fn rounded_linear<T: Real>(l: &Linear<T>, mode: Mode, x: &[T], c: &[T], rows: Rows, bias: bool) -> Result<Vec<T>> {
+    let (d_in, d_out) = (l.d_in, l.d_out);
+    let t_len = x.len() / d_in.max(1);
+    let dot = |a: &[T], b: &[T]| a.iter().zip(b).fold(T::zero(), |acc, (&p, &q)| acc + p * q);
+    let mut y = vec![T::zero(); t_len * d_out];
+    for (t, yr) in y.chunks_mut(d_out).enumerate() {
+        let xr = &x[t * d_in..(t + 1) * d_in];
+        for (o, yo) in yr.iter_mut().enumerate() {
+            *yo = bf16_round(dot(xr, &l.w[o * d_in..(o + 1) * d_in]));
+            if bias {
+                *yo = bf16_round(*yo + l.b[o]);
+            }
+        }
+    }
+    if matches!(l.adapter, Adapter::None) {
+        return Ok(y);
+    }
+    if mode == Mode::Factor {
+        return Err(Error::Arg(
+            "set_round_activations models product compositions and LoRA, not factor mode".into(),
+        ));
+    }
+    let m = &l.modules;
+    let (n, r_total) = (m.n(), m.total_rank());
+    let module_of: Vec<usize> = m
+        .ranks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &r)| std::iter::repeat_n(i, r))
+        .collect();
+    for (t, yr) in y.chunks_mut(d_out).enumerate() {
+        let xr = &x[t * d_in..(t + 1) * d_in];
+        let ct = &c[rows.sample_of[t] * n..(rows.sample_of[t] + 1) * n];
+        // (R): Z of this token
+        let z: Vec<T> = (0..r_total)
+            .map(|j| {
+                let u = dot(xr, &m.a_cat[j * d_in..(j + 1) * d_in]);
+                bf16_round(u * (ct[module_of[j]] * m.scales[module_of[j]]))
+            })
+            .collect();
+        for (o, yo) in yr.iter_mut().enumerate() {
+            *yo = bf16_round(*yo + dot(&z, &m.b_cat[o * r_total..(o + 1) * r_total]));
+        }
+    }
+    Ok(y)
+}
 
 /// Gradients by parameter name (see [`Model::params`]); parameters that did not train are absent.
 #[derive(Clone, Debug, Default)]
@@ -197,7 +269,7 @@ impl<T: Real> Model<T> {
         };
         let (logits, cache) = self.head.forward(None, &tape.pooled, &[], rows)?;
         tape.head = Some(LinTape { cache, c: Vec::new() });
-        Ok((logits, tape))
+        Ok((self.head_rounded(logits, &tape.pooled, rows)?, tape))
     }
 
     /// Logits (B, num_labels) without keeping a tape.
@@ -211,7 +283,8 @@ impl<T: Real> Model<T> {
             sample_of: &zeros,
             n_samples: 1,
         };
-        Ok(self.head.forward(None, &pooled, &[], rows)?.0)
+        let logits = self.head.forward(None, &pooled, &[], rows)?.0;
+        self.head_rounded(logits, &pooled, rows)
     }
 
     /// The pooled encoder output (B, D), the head's input, without keeping a tape.
@@ -285,13 +358,25 @@ impl<T: Real> Model<T> {
             sample_of: &zeros,
             n_samples: 1,
         };
-        Ok(self.head.forward(None, &pooled, &[], rows)?.0)
+        let logits = self.head.forward(None, &pooled, &[], rows)?.0;
+        self.head_rounded(logits, &pooled, rows)
+    }
+
+    /// The head's logits as the bf16 kernels store them, under [`Model::set_round_activations`].
+    fn head_rounded(&self, logits: Vec<T>, pooled: &[T], rows: Rows) -> Result<Vec<T>> {
+        if !self.round_activations {
+            return Ok(logits);
+        }
+        let c = self.head.coefficients(self.composition, &self.global_v);
+        rounded_linear(&self.head, Mode::Product, pooled, &c, rows, true)
     }
 
     fn encode_taped(&self, batch: &Batch, keep: bool, pop: Option<Population<'_, T>>) -> Result<Tape<T>> {
         let t = batch.check(&self.config)?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
+        let round = self.round_activations;
+        let mode = comp.map_or(Mode::Product, |c| c.mode);
         let mask = match cfg.arch {
             Arch::Bert => batch.mask.clone(),
             Arch::Vit => vec![true; b * t],
@@ -336,8 +421,9 @@ impl<T: Real> Model<T> {
                         row[j] = we[j] + pe[j] + te[j];
                     }
                 }
-                let (y, cache) = layernorm_forward(&h, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
-                h = y;
+                let h_in = rounded(round, h);
+                let (y, cache) = layernorm_forward(&h_in, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
+                h = rounded(round, y);
                 tape.emb_ln = Some(cache);
             }
             Embeddings::Vit { patch, cls, position } => {
@@ -355,7 +441,13 @@ impl<T: Real> Model<T> {
                         }
                     }
                 }
+                let patches = rounded(round, patches);
                 let (pe, cache) = patch.forward(None, &patches, &[], rows(b * np))?;
+                let pe = if round {
+                    rounded_linear(patch, Mode::Product, &patches, &[], rows(b * np), true)?
+                } else {
+                    pe
+                };
                 for img in 0..b {
                     for tok in 0..t {
                         let row = &mut h[(img * t + tok) * d..(img * t + tok + 1) * d];
@@ -369,6 +461,7 @@ impl<T: Real> Model<T> {
                         }
                     }
                 }
+                h = rounded(round, h);
                 if keep {
                     tape.patches = patches;
                     tape.patch = Some(LinTape { cache, c: Vec::new() });
@@ -387,23 +480,36 @@ impl<T: Real> Model<T> {
             Some(p) => p.candidate_of.iter().flat_map(|&c| std::iter::repeat_n(c, t)).collect(),
             None => Vec::new(),
         };
-        let lin = |l: &Linear<T>, x: &[T]| -> Result<(Vec<T>, LinTape<T>)> {
+        // A linear layer's output, its tape, and (rounding) its output before the bias.
+        let lin_bias = |l: &Linear<T>, x: &[T], bias: bool| -> Result<(Vec<T>, LinTape<T>)> {
             if let (Some(p), Adapter::Compose { .. }) = (&pop, &l.adapter) {
                 let rows = Rows {
                     sample_of: &pop_rows,
                     n_samples: p.n_candidates,
                 };
                 let (y, cache) = l.forward(comp, x, p.coeffs, rows)?;
+                let y = if round {
+                    rounded_linear(l, mode, x, p.coeffs, rows, bias)?
+                } else {
+                    y
+                };
                 return Ok((y, LinTape { cache, c: Vec::new() }));
             }
             let c = l.coefficients(comp, &self.global_v);
             let (y, cache) = l.forward(comp, x, &c, rows(b * t))?;
+            let y = if round {
+                rounded_linear(l, mode, x, &c, rows(b * t), bias)?
+            } else {
+                y
+            };
             Ok((y, LinTape { cache, c }))
         };
+        let lin = |l: &Linear<T>, x: &[T]| lin_bias(l, x, true);
         for blk in &self.blocks {
             let x = h;
             let (qkv_in, ln1) = if pre {
-                layernorm_forward(&x, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps)
+                let (y, c1) = layernorm_forward(&x, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps);
+                (rounded(round, y), c1)
             } else {
                 (Vec::new(), LnCache::default())
             };
@@ -412,22 +518,31 @@ impl<T: Real> Model<T> {
             let (k, tk) = lin(&blk.key, a_in)?;
             let (v, tv) = lin(&blk.value, a_in)?;
             let (ctx, probs) = attention_forward(&q, &k, &v, &tape.mask, shape);
+            let ctx = rounded(round, ctx);
             let (o, to) = lin(&blk.attn_out, &ctx)?;
-            let h1 = add(&x, &o);
+            let h1 = rounded(round, add(&x, &o));
             let (mlp_in, ln1, ln2_pre) = if pre {
                 let (y, c2) = layernorm_forward(&h1, &blk.ln2.gamma, &blk.ln2.beta, cfg.layer_norm_eps);
-                (y, ln1, Some(c2))
+                (rounded(round, y), ln1, Some(c2))
             } else {
                 let (y, c1) = layernorm_forward(&h1, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps);
-                (y, c1, None)
+                (rounded(round, y), c1, None)
             };
-            let (f1, t1) = lin(&blk.ffn_in, &mlp_in)?;
-            let g = gelu_forward(&f1);
+            // Rounding: the kernels store f1 without its bias, which GELU adds in f32.
+            let (f1, t1) = lin_bias(&blk.ffn_in, &mlp_in, !round)?;
+            let f1 = if round {
+                add(&f1, &blk.ffn_in.b.repeat(b * t))
+            } else {
+                f1
+            };
+            let g = rounded(round, gelu_forward(&f1));
             let (f2, t2) = lin(&blk.ffn_out, &g)?;
             let (out, ln2) = if pre {
-                (add(&h1, &f2), ln2_pre.expect("pre-LN keeps LN₂"))
+                (rounded(round, add(&h1, &f2)), ln2_pre.expect("pre-LN keeps LN₂"))
             } else {
-                layernorm_forward(&add(&mlp_in, &f2), &blk.ln2.gamma, &blk.ln2.beta, cfg.layer_norm_eps)
+                let s = rounded(round, add(&mlp_in, &f2));
+                let (y, c2) = layernorm_forward(&s, &blk.ln2.gamma, &blk.ln2.beta, cfg.layer_norm_eps);
+                (rounded(round, y), c2)
             };
             if keep {
                 tape.blocks.push(BlockTape {
@@ -449,7 +564,7 @@ impl<T: Real> Model<T> {
         }
         if let Some(ln) = &self.final_ln {
             let (y, cache) = layernorm_forward(&h, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
-            h = y;
+            h = rounded(round, y);
             tape.final_ln = Some(cache);
         }
         // (B, D)
@@ -468,7 +583,7 @@ impl<T: Real> Model<T> {
                 }
             }
         }
-        tape.pooled = pooled;
+        tape.pooled = rounded(round, pooled);
         Ok(tape)
     }
 
@@ -491,6 +606,8 @@ impl<T: Real> Model<T> {
             )));
         }
         let comp = self.composition;
+        let r = self.round_activations;
+        let dlogits = &rounded(r, dlogits.to_vec())[..];
         let mut grads = Grads::default();
         let emb_trains = trainable.base;
         let lowest = if emb_trains {
@@ -519,8 +636,9 @@ impl<T: Real> Model<T> {
             &mut grads,
         )?;
         let Some(lowest) = lowest else {
-            return Ok(grads);
+            return Ok(round_grads(r, grads));
         };
+        let dpooled = rounded(r, dpooled);
         // (B·T, D)
         let mut dh = vec![T::zero(); b * t * d];
         for (img, g) in dpooled.chunks(d).enumerate() {
@@ -538,9 +656,9 @@ impl<T: Real> Model<T> {
             }
         }
         if let (Some(ln), Some(cache)) = (&self.final_ln, &tape.final_ln) {
-            let (dx, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, trainable.base);
+            let (dx, dg, db) = layernorm_backward(&rounded(r, dh), &ln.gamma, cache, true, trainable.base);
             ln_grads(&mut grads, ln, dg, db);
-            dh = dx;
+            dh = rounded(r, dx);
         }
         if tape.blocks.len() != self.blocks.len() {
             return Err(Error::Arg("the tape does not belong to this model".into()));
@@ -567,7 +685,7 @@ impl<T: Real> Model<T> {
         if emb_trains {
             self.embeddings_backward(tape, dh, trainable, &mut grads)?;
         }
-        Ok(grads)
+        Ok(round_grads(r, grads))
     }
 
     /// What the backward reaches under `trainable`: the lowest block with anything to train
@@ -645,6 +763,8 @@ impl<T: Real> Model<T> {
         };
         let pre = self.config.arch == Arch::Vit;
         let base = trainable.base;
+        // Under set_round_activations, every ∂ the bf16 kernels store is rounded here too.
+        let r = self.round_activations;
         let lin_bwd = |l: &Linear<T>, x: &[T], lt: &LinTape<T>, g: &[T], want_dx: bool, grads: &mut Grads<T>| {
             l.backward(
                 comp,
@@ -659,6 +779,7 @@ impl<T: Real> Model<T> {
                 want_dx,
                 grads,
             )
+            .map(|dx| rounded(r, dx))
         };
         // MLP: ∂(h₁ or a) from the MLP branch and the residual.
         let (dmlp_out, dresid) = if pre {
@@ -666,27 +787,29 @@ impl<T: Real> Model<T> {
         } else {
             let (du, dg, db) = layernorm_backward(&dout, &blk.ln2.gamma, &bt.ln2, true, base);
             ln_grads(grads, &blk.ln2, dg, db);
+            let du = rounded(r, du);
             (du.clone(), du)
         };
         let dgelu = lin_bwd(&blk.ffn_out, &bt.g, &bt.lin[5], &dmlp_out, true, grads)?;
-        let df1 = gelu_backward(&bt.f1, &dgelu);
+        let df1 = rounded(r, gelu_backward(&bt.f1, &dgelu));
         let dmlp_in = lin_bwd(&blk.ffn_in, &bt.mlp_in, &bt.lin[4], &df1, true, grads)?;
         // ∂h₁ = ∂ of the attention residual's sum.
         let dh1 = if pre {
             let (dx, dg, db) = layernorm_backward(&dmlp_in, &blk.ln2.gamma, &bt.ln2, true, base);
             ln_grads(grads, &blk.ln2, dg, db);
             let mut dh1 = dresid;
-            add_into(&mut dh1, &dx);
-            dh1
+            add_into(&mut dh1, &rounded(r, dx));
+            rounded(r, dh1)
         } else {
             let mut da = dresid;
             add_into(&mut da, &dmlp_in);
-            let (dx, dg, db) = layernorm_backward(&da, &blk.ln1.gamma, &bt.ln1, true, base);
+            let (dx, dg, db) = layernorm_backward(&rounded(r, da), &blk.ln1.gamma, &bt.ln1, true, base);
             ln_grads(grads, &blk.ln1, dg, db);
-            dx
+            rounded(r, dx)
         };
         let dctx = lin_bwd(&blk.attn_out, &bt.ctx, &bt.lin[3], &dh1, true, grads)?;
         let (dq, dk, dv) = attention_backward(&bt.q, &bt.k, &bt.v, &bt.probs, &tape.mask, &dctx, shape);
+        let (dq, dk, dv) = (rounded(r, dq), rounded(r, dk), rounded(r, dv));
         let want_qkv = need_dx || (pre && base);
         let mut dqkv_in = lin_bwd(&blk.query, &bt.qkv_in, &bt.lin[0], &dq, want_qkv, grads)?;
         let dxk = lin_bwd(&blk.key, &bt.qkv_in, &bt.lin[1], &dk, want_qkv, grads)?;
@@ -695,7 +818,9 @@ impl<T: Real> Model<T> {
             return Ok(Vec::new());
         }
         add_into(&mut dqkv_in, &dxk);
+        let mut dqkv_in = rounded(r, dqkv_in);
         add_into(&mut dqkv_in, &dxv);
+        let dqkv_in = rounded(r, dqkv_in);
         let mut dx = dh1;
         if pre {
             let (dln, dg, db) = layernorm_backward(&dqkv_in, &blk.ln1.gamma, &bt.ln1, need_dx, base);
@@ -703,11 +828,11 @@ impl<T: Real> Model<T> {
             if !need_dx {
                 return Ok(Vec::new());
             }
-            add_into(&mut dx, &dln);
+            add_into(&mut dx, &rounded(r, dln));
         } else {
             add_into(&mut dx, &dqkv_in);
         }
-        Ok(dx)
+        Ok(rounded(r, dx))
     }
 
     fn embeddings_backward(
@@ -722,6 +847,7 @@ impl<T: Real> Model<T> {
             Embeddings::Bert { ln, .. } => {
                 let cache = tape.emb_ln.as_ref().expect("BERT tapes keep the embedding norm");
                 let (de, dg, db) = layernorm_backward(&dh, &ln.gamma, cache, true, true);
+                let de = rounded(self.round_activations, de);
                 ln_grads(grads, ln, dg, db);
                 let mut dword = vec![T::zero(); cfg.vocab_size * d];
                 let mut dpos = vec![T::zero(); cfg.max_positions * d];

@@ -36,10 +36,72 @@ use crate::kernels::{
     attention, coeffs, compose_bwd, compose_factor, compose_fwd, elementwise, embedding, gemm, layernorm, loss, optim,
     Backend, KernelError,
 };
+use crate::kernels::{DType, Element, Scalar};
 use crate::{Error, Result};
+use half::bf16;
 
-type Buf<B> = <B as Backend>::Buffer<f32>;
+/// A buffer of the storage type E (weights, activations, gradients).
+type Buf<B, E> = <B as Backend>::Buffer<E>;
+/// An f32 buffer (master weights, moments, coefficient rows, statistics, workspaces).
+type F32<B> = <B as Backend>::Buffer<f32>;
 type KResult<T> = std::result::Result<T, KernelError>;
+
+/// A storage type of the resident model: f32 or bf16. Kernels accumulate in f32 either way; the
+/// master weights and the optimizer's moments are f32 whatever E is.
+pub(crate) trait Storage: Element {
+    /// The f32 master buffer itself as an E buffer, when E is f32 (no working copy, no cast).
+    fn share_master<B: Backend>(be: &B, master: &F32<B>) -> Option<Buf<B, Self>>;
+    /// An E buffer as an f32 buffer, when E is f32 (coefficient gradients land in `grad`
+    /// directly instead of through an f32 buffer and a cast).
+    fn as_f32<B: Backend>(be: &B, buf: &Buf<B, Self>) -> Option<F32<B>>;
+}
+
+impl Storage for f32 {
+    fn share_master<B: Backend>(be: &B, master: &F32<B>) -> Option<F32<B>> {
+        Some(alias(be, master))
+    }
+    fn as_f32<B: Backend>(be: &B, buf: &F32<B>) -> Option<F32<B>> {
+        Some(alias(be, buf))
+    }
+}
+
+impl Storage for bf16 {
+    fn share_master<B: Backend>(_: &B, _: &F32<B>) -> Option<Buf<B, bf16>> {
+        None
+    }
+    fn as_f32<B: Backend>(_: &B, _: &Buf<B, bf16>) -> Option<F32<B>> {
+        None
+    }
+}
+
+/// An E-typed gradient view with the f32 buffer the coefficient kernels write it through: the
+/// view itself for f32 storage, an own buffer cast into the view after the backward for bf16.
+struct F32Grad<B: Backend, E: Storage> {
+    grad: Buf<B, E>,
+    f32: F32<B>,
+    cast: bool,
+}
+
+impl<B: Backend, E: Storage> F32Grad<B, E> {
+    fn new(be: &B, grad: Buf<B, E>) -> KResult<Self> {
+        Ok(match E::as_f32(be, &grad) {
+            Some(f32) => F32Grad { grad, f32, cast: false },
+            None => {
+                let mut f32 = be.alloc::<f32>(be.buffer_len(&grad))?;
+                be.zero(&mut f32)?;
+                F32Grad { grad, f32, cast: true }
+            }
+        })
+    }
+
+    /// The f32 gradient into the E-typed gradient view (nothing to do for f32 storage).
+    fn finish(&self, be: &B) -> KResult<()> {
+        if self.cast {
+            elementwise::launch_cast::<E, B>(be, &self.f32, &mut alias(be, &self.grad))?;
+        }
+        Ok(())
+    }
+}
 
 /// The variants the model runs (each family's fastest correct one on the harness's checks).
 const GEMM: gemm::Variant = gemm::Variant::Tiled64;
@@ -65,123 +127,124 @@ struct Slot {
 }
 
 /// A layer norm's γ, β and their gradients (views).
-struct DevLn<B: Backend> {
-    gamma: Buf<B>,
-    beta: Buf<B>,
-    dgamma: Buf<B>,
-    dbeta: Buf<B>,
+struct DevLn<B: Backend, E: Storage> {
+    gamma: Buf<B, E>,
+    beta: Buf<B, E>,
+    dgamma: Buf<B, E>,
+    dbeta: Buf<B, E>,
 }
 
 /// How a composed layer gets its coefficient row (1, N).
-enum Coeffs<B: Backend> {
+enum Coeffs<B: Backend, E: Storage> {
     /// 1/N, constant.
-    Uniform { c: Buf<B> },
-    /// This layer's own values v: `c = v` (raw) or `softmax(v)` into `c`; `dc` receives ∂C.
+    Uniform { c: F32<B> },
+    /// This layer's own values v (a view of the f32 master `theta`): `c = v` (raw) or
+    /// `softmax(v)` into `c`; `dc` receives ∂C; ∂v is formed in f32 and lands in `grad`.
     Layer {
-        v: Buf<B>,
-        dv: Buf<B>,
-        c: Buf<B>,
-        dc: Buf<B>,
+        v: F32<B>,
+        dv: F32Grad<B, E>,
+        c: F32<B>,
+        dc: F32<B>,
     },
     /// The model's global row.
     Global,
 }
 
-enum DevAdapter<B: Backend> {
+enum DevAdapter<B: Backend, E: Storage> {
     None,
     /// One trainable module, coefficient 1.
     Lora {
-        a: Buf<B>,
-        b: Buf<B>,
-        da: Buf<B>,
-        db: Buf<B>,
+        a: Buf<B, E>,
+        b: Buf<B, E>,
+        da: Buf<B, E>,
+        db: Buf<B, E>,
         tables: Tables<B>,
         ranks: Vec<usize>,
-        one: Buf<B>,
+        one: F32<B>,
     },
     /// A frozen library (own buffers), mixed by coefficients.
     Compose {
-        a_cat: Buf<B>,
-        b_cat: Buf<B>,
+        a_cat: Buf<B, E>,
+        b_cat: Buf<B, E>,
         tables: Tables<B>,
         ranks: Vec<usize>,
         mode: Mode,
-        coeffs: Coeffs<B>,
+        coeffs: Coeffs<B, E>,
     },
 }
 
-struct DevLinear<B: Backend> {
+struct DevLinear<B: Backend, E: Storage> {
     d_in: usize,
     d_out: usize,
-    w: Buf<B>,
-    b: Buf<B>,
-    dw: Buf<B>,
-    db: Buf<B>,
-    adapter: DevAdapter<B>,
+    w: Buf<B, E>,
+    b: Buf<B, E>,
+    dw: Buf<B, E>,
+    db: Buf<B, E>,
+    adapter: DevAdapter<B, E>,
     /// Index of this layer's kept U in the activations (composed and LoRA layers).
     u_slot: Option<usize>,
 }
 
-struct DevBlock<B: Backend> {
+struct DevBlock<B: Backend, E: Storage> {
     /// query, key, value, attn_out, ffn_in, ffn_out
-    lin: [DevLinear<B>; 6],
-    ln1: DevLn<B>,
-    ln2: DevLn<B>,
+    lin: [DevLinear<B, E>; 6],
+    ln1: DevLn<B, E>,
+    ln2: DevLn<B, E>,
 }
 
-enum DevEmb<B: Backend> {
+enum DevEmb<B: Backend, E: Storage> {
     Bert {
-        word: Buf<B>,
-        position: Buf<B>,
-        token_type: Buf<B>,
-        dword: Buf<B>,
-        dposition: Buf<B>,
-        dtoken_type: Buf<B>,
-        ln: DevLn<B>,
+        word: Buf<B, E>,
+        position: Buf<B, E>,
+        token_type: Buf<B, E>,
+        dword: Buf<B, E>,
+        dposition: Buf<B, E>,
+        dtoken_type: Buf<B, E>,
+        ln: DevLn<B, E>,
     },
     Vit {
-        patch: DevLinear<B>,
-        cls: Buf<B>,
-        position: Buf<B>,
-        dcls: Buf<B>,
-        dposition: Buf<B>,
+        patch: DevLinear<B, E>,
+        cls: Buf<B, E>,
+        position: Buf<B, E>,
+        dcls: Buf<B, E>,
+        dposition: Buf<B, E>,
     },
 }
 
-/// The global coefficient row of a LoraHub-style composition.
-struct DevGlobal<B: Backend> {
-    v: Buf<B>,
-    dv: Buf<B>,
-    c: Buf<B>,
-    dc: Buf<B>,
+/// The global coefficient row of a LoraHub-style composition (f32, like every coefficient row).
+struct DevGlobal<B: Backend, E: Storage> {
+    v: F32<B>,
+    dv: F32Grad<B, E>,
+    c: F32<B>,
+    dc: F32<B>,
 }
 
 /// One block's activations.
-struct BlockActs<B: Backend> {
+struct BlockActs<B: Backend, E: Storage> {
     /// ViT: LN₁(x); BERT: unused (the block input is `h[l]`).
-    qkv_in: Buf<B>,
-    mean1: Buf<B>,
-    rstd1: Buf<B>,
-    q: Buf<B>,
-    k: Buf<B>,
-    v: Buf<B>,
-    ctx: Buf<B>,
-    lse: Buf<B>,
-    o: Buf<B>,
-    h1: Buf<B>,
-    mlp_in: Buf<B>,
-    mean2: Buf<B>,
-    rstd2: Buf<B>,
+    qkv_in: Buf<B, E>,
+    mean1: F32<B>,
+    rstd1: F32<B>,
+    q: Buf<B, E>,
+    k: Buf<B, E>,
+    v: Buf<B, E>,
+    ctx: Buf<B, E>,
+    lse: F32<B>,
+    o: Buf<B, E>,
+    h1: Buf<B, E>,
+    mlp_in: Buf<B, E>,
+    mean2: F32<B>,
+    rstd2: F32<B>,
     /// (rows, F): ffn_in's output before its bias and GELU
-    f1: Buf<B>,
-    g: Buf<B>,
-    f2: Buf<B>,
+    f1: Buf<B, E>,
+    g: Buf<B, E>,
+    f2: Buf<B, E>,
     /// BERT: mlp_in + f2, LN₂'s input
-    s: Buf<B>,
+    s: Buf<B, E>,
 }
 
 /// Every buffer of one input shape.
-struct Acts<B: Backend> {
+struct Acts<B: Backend, E: Storage> {
     batch: usize,
     seq: usize,
     mask: B::Buffer<i32>,
@@ -189,27 +252,27 @@ struct Acts<B: Backend> {
     type_ids: B::Buffer<i32>,
     pixels: B::Buffer<f32>,
     /// ViT: (B·np, p²) and the projected patches (B·np, D)
-    patches: Buf<B>,
-    pe: Buf<B>,
+    patches: Buf<B, E>,
+    pe: Buf<B, E>,
     /// BERT: the embedding sum before its layer norm
-    emb: Buf<B>,
-    emb_mean: Buf<B>,
-    emb_rstd: Buf<B>,
+    emb: Buf<B, E>,
+    emb_mean: F32<B>,
+    emb_rstd: F32<B>,
     /// L + 1 hidden states (rows, D): the embeddings' output, then each block's
-    h: Vec<Buf<B>>,
-    blocks: Vec<BlockActs<B>>,
+    h: Vec<Buf<B, E>>,
+    blocks: Vec<BlockActs<B, E>>,
     /// ViT: the final layer norm's output and statistics
-    hf: Buf<B>,
-    meanf: Buf<B>,
-    rstdf: Buf<B>,
-    pooled: Buf<B>,
-    logits: Buf<B>,
-    dlogits: Buf<B>,
-    row_loss: Buf<B>,
+    hf: Buf<B, E>,
+    meanf: F32<B>,
+    rstdf: F32<B>,
+    pooled: Buf<B, E>,
+    logits: Buf<B, E>,
+    dlogits: Buf<B, E>,
+    row_loss: F32<B>,
     /// mean loss, gradient norm, clipping scale
-    stats: Buf<B>,
+    stats: F32<B>,
     /// kept U per composed layer (rows, R)
-    u: Vec<Buf<B>>,
+    u: Vec<Buf<B, E>>,
     /// all-zero token rows (one coefficient row)
     rows0: TokenRows<B>,
     labels: Option<Labels<B>>,
@@ -217,26 +280,34 @@ struct Acts<B: Backend> {
     token_index: Option<embedding::TokenIndex<B>>,
     vit_mask_ready: bool,
     // Backward scratch.
-    d: [Buf<B>; 8],
-    df: [Buf<B>; 2],
-    dpooled: Buf<B>,
+    d: [Buf<B, E>; 8],
+    df: [Buf<B, E>; 2],
+    dpooled: Buf<B, E>,
     /// shared scratch of the composition kernels and workspaces, viewed at the exact length a
     /// call needs
-    scratch: [Buf<B>; 4],
+    scratch: Scratch<B, E>,
+}
+
+/// Scratch buffers of one input shape: E-typed operands of the composition kernels (Z, ∂U, H)
+/// and f32 workspaces (split-K partials, layer-norm and bias-gradient partials, attention's
+/// workspace, a factor layer's ∂C), each [`DeviceModel::scratch_len`] elements.
+struct Scratch<B: Backend, E: Storage> {
+    ops: [Buf<B, E>; 2],
+    work: [F32<B>; 2],
 }
 
 /// The kept U and the composition scratch a linear layer's forward needs.
-struct LinForward<'a, B: Backend> {
-    u: Option<&'a mut Buf<B>>,
-    scratch: &'a mut [Buf<B>; 4],
+struct LinForward<'a, B: Backend, E: Storage> {
+    u: Option<&'a mut Buf<B, E>>,
+    scratch: &'a mut Scratch<B, E>,
     rows: &'a TokenRows<B>,
     /// Per-sample coefficient rows (population), used by composed layers instead of their own.
-    pop_c: Option<&'a Buf<B>>,
-    global_c: Option<&'a Buf<B>>,
+    pop_c: Option<&'a F32<B>>,
+    global_c: Option<&'a F32<B>>,
 }
 
 /// The model's parameters, gradients and optimizer state on `B`.
-pub(crate) struct DeviceModel<B: Backend> {
+pub(crate) struct DeviceModel<B: Backend, E: Storage> {
     arch: Arch,
     pool: Pool,
     eps: f32,
@@ -251,17 +322,22 @@ pub(crate) struct DeviceModel<B: Backend> {
     patch_size: usize,
     composition: Option<Composition>,
     slots: Vec<Slot>,
-    theta: Buf<B>,
-    grad: Buf<B>,
-    moments: Option<(Buf<B>, Buf<B>, u64)>,
-    emb: DevEmb<B>,
-    blocks: Vec<DevBlock<B>>,
-    final_ln: Option<DevLn<B>>,
-    head: DevLinear<B>,
-    global: Option<DevGlobal<B>>,
+    /// The f32 master weights, [`Model::params`] order: what AdamW updates.
+    theta: F32<B>,
+    /// The weights the kernels read, in the storage type: `theta` itself for f32, else a copy
+    /// cast from it after the upload and after every optimizer step.
+    weights: Buf<B, E>,
+    weights_shared: bool,
+    grad: Buf<B, E>,
+    moments: Option<(F32<B>, F32<B>, u64)>,
+    emb: DevEmb<B, E>,
+    blocks: Vec<DevBlock<B, E>>,
+    final_ln: Option<DevLn<B, E>>,
+    head: DevLinear<B, E>,
+    global: Option<DevGlobal<B, E>>,
     /// U buffer widths (R) of the composed layers, by `u_slot`
     u_widths: Vec<usize>,
-    acts: Option<Acts<B>>,
+    acts: Option<Acts<B, E>>,
     tables: HashMap<(bool, bool, bool, bool), TensorTable<B>>,
     generation: u64,
 }
@@ -271,7 +347,7 @@ fn trains<T: Real>(model: &Model<T>, trainable: Trainable, kind: Kind) -> bool {
     trainable.trains(kind) && !model.frozen_coeffs(kind)
 }
 
-impl<B: Backend> DeviceModel<B> {
+impl<B: Backend, E: Storage> DeviceModel<B, E> {
     /// Uploads `model` (its host weights) to `backend`.
     pub(crate) fn new<T: Real>(be: &B, model: &Model<T>) -> Result<Self> {
         Self::build(be, model).map_err(device_error)
@@ -295,32 +371,50 @@ impl<B: Backend> DeviceModel<B> {
         let total = flat.len().max(1);
         flat.resize(total, 0.0);
         let theta = be.upload(&flat)?;
-        let mut grad = be.alloc::<f32>(total)?;
+        let (weights, weights_shared) = match E::share_master(be, &theta) {
+            Some(w) => (w, true),
+            None => {
+                let mut w = be.alloc::<E>(total)?;
+                elementwise::launch_cast::<E, B>(be, &theta, &mut w)?;
+                (w, false)
+            }
+        };
+        let mut grad = be.alloc::<E>(total)?;
         be.zero(&mut grad)?;
         let by_name: HashMap<&str, &Slot> = slots.iter().map(|s| (s.name.as_str(), s)).collect();
-        let view = |buf: &Buf<B>, name: &str| -> Buf<B> {
+        let slot = |name: &str| -> (usize, usize) {
             let s = by_name
                 .get(name)
                 .unwrap_or_else(|| panic!("parameter {name} in the layout"));
-            be.view(buf, s.offset, s.len)
+            (s.offset, s.len)
+        };
+        // The kernels' weights, the gradients (both E) and the f32 master values (coefficients).
+        let view = |buf: &Buf<B, E>, name: &str| -> Buf<B, E> {
+            let (offset, len) = slot(name);
+            be.view(buf, offset, len)
+        };
+        let master = |name: &str| -> F32<B> {
+            let (offset, len) = slot(name);
+            be.view(&theta, offset, len)
         };
         let ln = |l: &LayerNorm<T>| DevLn {
-            gamma: view(&theta, &format!("{}.weight", l.name)),
-            beta: view(&theta, &format!("{}.bias", l.name)),
+            gamma: view(&weights, &format!("{}.weight", l.name)),
+            beta: view(&weights, &format!("{}.bias", l.name)),
             dgamma: view(&grad, &format!("{}.weight", l.name)),
             dbeta: view(&grad, &format!("{}.bias", l.name)),
         };
         let comp = model.composition;
         let mut u_widths = Vec::new();
-        let mut linear = |l: &Linear<T>| -> KResult<DevLinear<B>> {
+        let mut linear = |l: &Linear<T>| -> KResult<DevLinear<B, E>> {
             let name = &l.name;
             let m = &l.modules;
             let f32s = |v: &[T]| -> Vec<f32> { v.iter().map(|&x| Into::<f64>::into(x) as f32).collect() };
+            let stored = |v: &[T]| -> Vec<E> { v.iter().map(|&x| E::from_f32(Into::<f64>::into(x) as f32)).collect() };
             let adapter = match &l.adapter {
                 Adapter::None => DevAdapter::None,
                 Adapter::Lora => DevAdapter::Lora {
-                    a: view(&theta, &format!("{name}.lora_A.weight")),
-                    b: view(&theta, &format!("{name}.lora_B.weight")),
+                    a: view(&weights, &format!("{name}.lora_A.weight")),
+                    b: view(&weights, &format!("{name}.lora_B.weight")),
                     da: view(&grad, &format!("{name}.lora_A.weight")),
                     db: view(&grad, &format!("{name}.lora_B.weight")),
                     tables: Tables::upload(be, &m.ranks, &f32s(&m.scales))?,
@@ -340,15 +434,15 @@ impl<B: Backend> DeviceModel<B> {
                         let mut dc = be.alloc::<f32>(n)?;
                         be.zero(&mut dc)?;
                         Coeffs::Layer {
-                            v: view(&theta, &format!("{name}.compose_logits")),
-                            dv: view(&grad, &format!("{name}.compose_logits")),
+                            v: master(&format!("{name}.compose_logits")),
+                            dv: F32Grad::new(be, view(&grad, &format!("{name}.compose_logits")))?,
                             c: be.alloc::<f32>(n)?,
                             dc,
                         }
                     };
                     DevAdapter::Compose {
-                        a_cat: be.upload(&f32s(&m.a_cat))?,
-                        b_cat: be.upload(&f32s(&m.b_cat))?,
+                        a_cat: be.upload(&stored(&m.a_cat))?,
+                        b_cat: be.upload(&stored(&m.b_cat))?,
                         tables: Tables::upload(be, &m.ranks, &f32s(&m.scales))?,
                         ranks: m.ranks.clone(),
                         mode: comp.mode,
@@ -366,8 +460,8 @@ impl<B: Backend> DeviceModel<B> {
             Ok(DevLinear {
                 d_in: l.d_in,
                 d_out: l.d_out,
-                w: view(&theta, &format!("{name}.weight")),
-                b: view(&theta, &format!("{name}.bias")),
+                w: view(&weights, &format!("{name}.weight")),
+                b: view(&weights, &format!("{name}.bias")),
                 dw: view(&grad, &format!("{name}.weight")),
                 db: view(&grad, &format!("{name}.bias")),
                 adapter,
@@ -376,9 +470,9 @@ impl<B: Backend> DeviceModel<B> {
         };
         let emb = match &model.embeddings {
             Embeddings::Bert { ln: l, .. } => DevEmb::Bert {
-                word: view(&theta, "embeddings.word_embeddings.weight"),
-                position: view(&theta, "embeddings.position_embeddings.weight"),
-                token_type: view(&theta, "embeddings.token_type_embeddings.weight"),
+                word: view(&weights, "embeddings.word_embeddings.weight"),
+                position: view(&weights, "embeddings.position_embeddings.weight"),
+                token_type: view(&weights, "embeddings.token_type_embeddings.weight"),
                 dword: view(&grad, "embeddings.word_embeddings.weight"),
                 dposition: view(&grad, "embeddings.position_embeddings.weight"),
                 dtoken_type: view(&grad, "embeddings.token_type_embeddings.weight"),
@@ -386,8 +480,8 @@ impl<B: Backend> DeviceModel<B> {
             },
             Embeddings::Vit { patch, .. } => DevEmb::Vit {
                 patch: linear(patch)?,
-                cls: view(&theta, "embeddings.cls_token"),
-                position: view(&theta, "embeddings.position_embeddings"),
+                cls: view(&weights, "embeddings.cls_token"),
+                position: view(&weights, "embeddings.position_embeddings"),
                 dcls: view(&grad, "embeddings.cls_token"),
                 dposition: view(&grad, "embeddings.position_embeddings"),
             },
@@ -413,13 +507,14 @@ impl<B: Backend> DeviceModel<B> {
             Some(c) if c.global && !model.global_v.is_empty() => {
                 let n = model.global_v.len();
                 let (v, dv) = if c.param == Param::Uniform {
-                    (be.upload(&vec![0.0f32; n])?, be.alloc::<f32>(n)?)
+                    (be.upload(&vec![0.0f32; n])?, be.alloc::<E>(n)?)
                 } else {
                     (
-                        view(&theta, super::linear::GLOBAL_LOGITS),
+                        master(super::linear::GLOBAL_LOGITS),
                         view(&grad, super::linear::GLOBAL_LOGITS),
                     )
                 };
+                let dv = F32Grad::new(be, dv)?;
                 let c_buf = if c.param == Param::Uniform {
                     be.upload(&vec![1.0 / n as f32; n])?
                 } else {
@@ -447,6 +542,8 @@ impl<B: Backend> DeviceModel<B> {
             composition: comp,
             slots,
             theta,
+            weights,
+            weights_shared,
             grad,
             moments: None,
             emb,
@@ -479,7 +576,10 @@ impl<B: Backend> DeviceModel<B> {
             .slots
             .iter()
             .filter(|s| trains(model, trainable, s.kind))
-            .map(|s| (s.name.clone(), all[s.offset..s.offset + s.len].to_vec()))
+            .map(|s| {
+                let g = all[s.offset..s.offset + s.len].iter().map(|&x| x.to_f32()).collect();
+                (s.name.clone(), g)
+            })
             .collect())
     }
 
@@ -495,7 +595,8 @@ impl<B: Backend> DeviceModel<B> {
         }
         self.acts = None;
         let (d, f, rows) = (self.hidden, self.inter, batch * seq);
-        let alloc = |n: usize| be.alloc::<f32>(n.max(1));
+        let alloc = |n: usize| be.alloc::<E>(n.max(1));
+        let alloc32 = |n: usize| be.alloc::<f32>(n.max(1));
         let vit = self.arch == Arch::Vit;
         let np = self.n_patches();
         let p2 = self.patch_size * self.patch_size;
@@ -504,18 +605,18 @@ impl<B: Backend> DeviceModel<B> {
         for _ in 0..self.blocks.len() {
             blocks.push(BlockActs {
                 qkv_in: alloc(if vit { rows * d } else { 1 })?,
-                mean1: alloc(rows)?,
-                rstd1: alloc(rows)?,
+                mean1: alloc32(rows)?,
+                rstd1: alloc32(rows)?,
                 q: alloc(rows * d)?,
                 k: alloc(rows * d)?,
                 v: alloc(rows * d)?,
                 ctx: alloc(rows * d)?,
-                lse: alloc(batch * heads * seq)?,
+                lse: alloc32(batch * heads * seq)?,
                 o: alloc(rows * d)?,
                 h1: alloc(rows * d)?,
                 mlp_in: alloc(rows * d)?,
-                mean2: alloc(rows)?,
-                rstd2: alloc(rows)?,
+                mean2: alloc32(rows)?,
+                rstd2: alloc32(rows)?,
                 f1: alloc(rows * f)?,
                 g: alloc(rows * f)?,
                 f2: alloc(rows * d)?,
@@ -542,24 +643,24 @@ impl<B: Backend> DeviceModel<B> {
             mask: i32s(rows)?,
             ids: i32s(if vit { 1 } else { rows })?,
             type_ids: i32s(if vit { 1 } else { rows })?,
-            pixels: alloc(if vit { batch * self.image * self.image } else { 1 })?,
+            pixels: alloc32(if vit { batch * self.image * self.image } else { 1 })?,
             patches: alloc(if vit { batch * np * p2 } else { 1 })?,
             pe: alloc(if vit { batch * np * d } else { 1 })?,
             emb: alloc(if vit { 1 } else { rows * d })?,
-            emb_mean: alloc(rows)?,
-            emb_rstd: alloc(rows)?,
+            emb_mean: alloc32(rows)?,
+            emb_rstd: alloc32(rows)?,
             h: (0..=self.blocks.len())
                 .map(|_| alloc(rows * d))
                 .collect::<KResult<_>>()?,
             blocks,
             hf: alloc(rows * d)?,
-            meanf: alloc(rows)?,
-            rstdf: alloc(rows)?,
+            meanf: alloc32(rows)?,
+            rstdf: alloc32(rows)?,
             pooled: alloc(batch * d)?,
             logits: alloc(batch * self.labels)?,
             dlogits: alloc(batch * self.labels)?,
-            row_loss: alloc(batch)?,
-            stats: alloc(3)?,
+            row_loss: alloc32(batch)?,
+            stats: alloc32(3)?,
             u,
             rows0,
             labels: None,
@@ -577,12 +678,10 @@ impl<B: Backend> DeviceModel<B> {
             ],
             df: [alloc(rows * f)?, alloc(rows * f)?],
             dpooled: alloc(batch * d)?,
-            scratch: [
-                alloc(scratch_len)?,
-                alloc(scratch_len)?,
-                alloc(scratch_len)?,
-                alloc(scratch_len)?,
-            ],
+            scratch: Scratch {
+                ops: [alloc(scratch_len)?, alloc(scratch_len)?],
+                work: [alloc32(scratch_len)?, alloc32(scratch_len)?],
+            },
         });
         Ok(())
     }
@@ -636,7 +735,7 @@ impl<B: Backend> DeviceModel<B> {
         need.max(1)
     }
 
-    fn all_linears(&self) -> impl Iterator<Item = &DevLinear<B>> {
+    fn all_linears(&self) -> impl Iterator<Item = &DevLinear<B, E>> {
         let patch = match &self.emb {
             DevEmb::Vit { patch, .. } => Some(patch),
             DevEmb::Bert { .. } => None,
@@ -683,14 +782,14 @@ impl<B: Backend> DeviceModel<B> {
 
 /// `dst (m × n) = op(a) op(b) + beta·dst`; nothing for an empty product.
 #[allow(clippy::too_many_arguments)]
-fn gemm<B: Backend>(
+fn gemm<B: Backend, E: Storage>(
     be: &B,
     (m, n, k): (usize, usize, usize),
     (trans_a, trans_b): (bool, bool),
     beta: f32,
-    a: &Buf<B>,
-    b: &Buf<B>,
-    dst: &mut Buf<B>,
+    a: &Buf<B, E>,
+    b: &Buf<B, E>,
+    dst: &mut Buf<B, E>,
 ) -> KResult<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -706,22 +805,22 @@ fn gemm<B: Backend>(
         alpha: 1.0,
         beta,
     };
-    gemm::launch::<f32, B>(be, GEMM, &params, a, b, dst)
+    gemm::launch::<E, B>(be, GEMM, &params, a, b, dst)
 }
 
 /// A second handle on a parameter's gradient view, to write through: gradients live in `grad`,
 /// apart from every buffer a kernel reads them with, which the model's `&self` borrows of its
 /// layers cannot express.
-fn alias<B: Backend>(be: &B, buf: &Buf<B>) -> Buf<B> {
+fn alias<B: Backend, T: Scalar>(be: &B, buf: &B::Buffer<T>) -> B::Buffer<T> {
     be.view(buf, 0, be.buffer_len(buf))
 }
 
 /// The first `len` elements of a scratch buffer, as a buffer of exactly that length.
-fn part<B: Backend>(be: &B, buf: &Buf<B>, len: usize) -> Buf<B> {
+fn part<B: Backend, T: Scalar>(be: &B, buf: &B::Buffer<T>, len: usize) -> B::Buffer<T> {
     be.view(buf, 0, len)
 }
 
-fn comp_shape<B: Backend>(l: &DevLinear<B>, t: usize, n_samples: usize, ranks: &[usize]) -> CompShape {
+fn comp_shape<B: Backend, E: Storage>(l: &DevLinear<B, E>, t: usize, n_samples: usize, ranks: &[usize]) -> CompShape {
     CompShape {
         t,
         d_in: l.d_in,
@@ -732,7 +831,11 @@ fn comp_shape<B: Backend>(l: &DevLinear<B>, t: usize, n_samples: usize, ranks: &
 }
 
 /// The coefficient buffer (S, N) and the sample count a composed layer uses in this forward.
-fn coeff_buffer<'a, B: Backend>(coeffs: &'a Coeffs<B>, param: Param, global_c: Option<&'a Buf<B>>) -> &'a Buf<B> {
+fn coeff_buffer<'a, B: Backend, E: Storage>(
+    coeffs: &'a Coeffs<B, E>,
+    param: Param,
+    global_c: Option<&'a F32<B>>,
+) -> &'a F32<B> {
     match coeffs {
         Coeffs::Uniform { c } => c,
         Coeffs::Layer { v, c, .. } => {
@@ -749,22 +852,22 @@ fn coeff_buffer<'a, B: Backend>(coeffs: &'a Coeffs<B>, param: Param, global_c: O
 /// `Y = X Wᵀ (+ b) + composition(X)` for T rows. The bias is left out when `bias` is false (the
 /// caller fuses it, as GELU does).
 #[allow(clippy::too_many_arguments)]
-fn lin_forward<B: Backend>(
+fn lin_forward<B: Backend, E: Storage>(
     be: &B,
-    l: &DevLinear<B>,
+    l: &DevLinear<B, E>,
     param: Param,
-    x: &Buf<B>,
+    x: &Buf<B, E>,
     t: usize,
-    y: &mut Buf<B>,
+    y: &mut Buf<B, E>,
     bias: bool,
-    ctx: LinForward<'_, B>,
+    ctx: LinForward<'_, B, E>,
 ) -> KResult<()> {
     if l.d_out == 0 {
         return Ok(());
     }
     gemm(be, (t, l.d_out, l.d_in), (false, true), 0.0, x, &l.w, y)?;
     if bias {
-        elementwise::launch_bias_add::<f32, B>(be, &elementwise::RowsShape { rows: t, d: l.d_out }, &l.b, y)?;
+        elementwise::launch_bias_add::<E, B>(be, &elementwise::RowsShape { rows: t, d: l.d_out }, &l.b, y)?;
     }
     let LinForward {
         u,
@@ -820,13 +923,12 @@ fn lin_forward<B: Backend>(
     let shape = comp_shape(l, t, n_samples, ranks);
     let r = shape.r_total();
     let u = u.expect("composed layers keep U");
-    let [s0, s1, ..] = scratch;
-    let mut z = part(be, s0, t * r);
+    let mut z = part(be, &scratch.ops[0], t * r);
     match mode {
         Mode::Product => {
             let mut work = part(
                 be,
-                s1,
+                &scratch.work[0],
                 compose_fwd::workspace_len(COMPOSE, &shape, be.sm_count()).max(1),
             );
             let inputs = compose_fwd::Inputs {
@@ -846,7 +948,7 @@ fn lin_forward<B: Backend>(
             compose_fwd::launch(be, COMPOSE, &shape, &inputs, outputs)
         }
         Mode::Factor => {
-            compose_factor::forward::<f32, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
+            compose_factor::forward::<E, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
         }
     }
 }
@@ -863,20 +965,20 @@ struct LinTrain {
 /// `beta` is 0, added when 1), ∂W and ∂b into the layer's gradient views when `train.base`,
 /// ∂A, ∂B when `train.modules`, and ∂C added onto `dc` when `train.coeffs`.
 #[allow(clippy::too_many_arguments)]
-fn lin_backward<B: Backend>(
+fn lin_backward<B: Backend, E: Storage>(
     be: &B,
-    l: &DevLinear<B>,
+    l: &DevLinear<B, E>,
     param: Param,
-    x: &Buf<B>,
-    g: &Buf<B>,
+    x: &Buf<B, E>,
+    g: &Buf<B, E>,
     t: usize,
-    u: Option<&Buf<B>>,
-    mut dx: Option<(&mut Buf<B>, f32)>,
+    u: Option<&Buf<B, E>>,
+    mut dx: Option<(&mut Buf<B, E>, f32)>,
     train: LinTrain,
-    dc: Option<&mut Buf<B>>,
-    global_c: Option<&Buf<B>>,
+    dc: Option<&mut F32<B>>,
+    global_c: Option<&F32<B>>,
     rows: &TokenRows<B>,
-    scratch: &mut [Buf<B>; 4],
+    scratch: &mut Scratch<B, E>,
 ) -> KResult<()> {
     if l.d_out == 0 {
         return Ok(());
@@ -890,11 +992,14 @@ fn lin_backward<B: Backend>(
         gemm(be, (l.d_out, l.d_in, t), (true, false), 0.0, g, x, dw)?;
         let shape = elementwise::RowsShape { rows: t, d: l.d_out };
         let work_len = elementwise::workspace_len(BIAS_GRAD, &shape);
-        let mut work = (work_len > 0).then(|| part(be, &scratch[3], work_len));
-        elementwise::launch_bias_grad::<f32, B>(be, BIAS_GRAD, &shape, g, db, work.as_mut())?;
+        let mut work = (work_len > 0).then(|| part(be, &scratch.work[1], work_len));
+        elementwise::launch_bias_grad::<E, B>(be, BIAS_GRAD, &shape, g, db, work.as_mut())?;
     }
     let want_dx = dx.is_some();
-    let [s0, s1, s2, s3] = scratch;
+    let Scratch {
+        ops: [s0, s1],
+        work: [w0, w1],
+    } = scratch;
     match &l.adapter {
         DevAdapter::None => Ok(()),
         DevAdapter::Lora {
@@ -920,7 +1025,7 @@ fn lin_backward<B: Backend>(
             let mut du = part(be, s0, t * r);
             let mut work = part(
                 be,
-                s1,
+                w0,
                 compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
             );
             let (mut da_v, mut db_v) = (alias(be, da), alias(be, db));
@@ -970,7 +1075,7 @@ fn lin_backward<B: Backend>(
                     let mut du = part(be, s0, t * r);
                     let mut work = part(
                         be,
-                        s1,
+                        w0,
                         compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
                     );
                     let inputs = compose_bwd::Inputs {
@@ -996,12 +1101,12 @@ fn lin_backward<B: Backend>(
                 Mode::Factor => {
                     let mut h = part(be, s0, t * r);
                     let mut du = part(be, s1, t * r);
-                    let mut work = part(be, s2, compose_factor::workspace_len(FACTOR, &shape).max(1));
+                    let mut work = part(be, w0, compose_factor::workspace_len(FACTOR, &shape).max(1));
                     // The factor kernels overwrite ∂C; the model accumulates it (a global row
                     // sums every layer's), so it goes through scratch and is added on.
-                    let mut dc_layer = part(be, s3, shape.n());
+                    let mut dc_layer = part(be, w1, shape.n());
                     let dc = if train.coeffs { dc } else { None };
-                    compose_factor::backward::<f32, B>(
+                    compose_factor::backward::<E, B>(
                         be,
                         FACTOR,
                         &shape,
@@ -1045,19 +1150,19 @@ pub(crate) struct Plan {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn lf<B: Backend>(
+fn lf<B: Backend, E: Storage>(
     be: &B,
-    l: &DevLinear<B>,
+    l: &DevLinear<B, E>,
     param: Param,
-    x: &Buf<B>,
+    x: &Buf<B, E>,
     t: usize,
-    y: &mut Buf<B>,
+    y: &mut Buf<B, E>,
     bias: bool,
-    u: &mut [Buf<B>],
-    scratch: &mut [Buf<B>; 4],
+    u: &mut [Buf<B, E>],
+    scratch: &mut Scratch<B, E>,
     rows: &TokenRows<B>,
-    pop_c: Option<&Buf<B>>,
-    global_c: Option<&Buf<B>>,
+    pop_c: Option<&F32<B>>,
+    global_c: Option<&F32<B>>,
 ) -> KResult<()> {
     let ctx = LinForward {
         u: l.u_slot.map(|i| &mut u[i]),
@@ -1070,39 +1175,39 @@ fn lf<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ln_forward<B: Backend>(
+fn ln_forward<B: Backend, E: Storage>(
     be: &B,
-    ln: &DevLn<B>,
+    ln: &DevLn<B, E>,
     eps: f32,
     rows: usize,
     d: usize,
-    x: &Buf<B>,
-    y: &mut Buf<B>,
-    mean: &mut Buf<B>,
-    rstd: &mut Buf<B>,
+    x: &Buf<B, E>,
+    y: &mut Buf<B, E>,
+    mean: &mut F32<B>,
+    rstd: &mut F32<B>,
 ) -> KResult<()> {
     let shape = layernorm::LnShape { rows, d };
-    layernorm::launch_forward::<f32, B>(be, LN, &shape, eps, x, &ln.gamma, &ln.beta, y, mean, rstd)
+    layernorm::launch_forward::<E, B>(be, LN, &shape, eps, x, &ln.gamma, &ln.beta, y, mean, rstd)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ln_backward<B: Backend>(
+fn ln_backward<B: Backend, E: Storage>(
     be: &B,
-    ln: &DevLn<B>,
+    ln: &DevLn<B, E>,
     rows: usize,
     d: usize,
-    dy: &Buf<B>,
-    x: &Buf<B>,
-    mean: &Buf<B>,
-    rstd: &Buf<B>,
-    dx: &mut Buf<B>,
-    work: &Buf<B>,
+    dy: &Buf<B, E>,
+    x: &Buf<B, E>,
+    mean: &F32<B>,
+    rstd: &F32<B>,
+    dx: &mut Buf<B, E>,
+    work: &F32<B>,
 ) -> KResult<()> {
     let shape = layernorm::LnShape { rows, d };
     let work_len = layernorm::workspace_len(LN, &shape);
     let mut work = (work_len > 0).then(|| part(be, work, work_len));
     let (mut dgamma, mut dbeta) = (alias(be, &ln.dgamma), alias(be, &ln.dbeta));
-    layernorm::launch_backward::<f32, B>(
+    layernorm::launch_backward::<E, B>(
         be,
         LN,
         &shape,
@@ -1118,7 +1223,7 @@ fn ln_backward<B: Backend>(
     )
 }
 
-impl<B: Backend> DeviceModel<B> {
+impl<B: Backend, E: Storage> DeviceModel<B, E> {
     fn param(&self) -> Param {
         self.composition.map_or(Param::Raw, |c| c.param)
     }
@@ -1128,7 +1233,7 @@ impl<B: Backend> DeviceModel<B> {
         if self.param() != Param::Softmax {
             return Ok(());
         }
-        let softmax = |v: &Buf<B>, c: &mut Buf<B>| {
+        let softmax = |v: &F32<B>, c: &mut F32<B>| {
             let n = be.buffer_len(v);
             coeffs::softmax(be, COEFFS, &coeffs::Shape { rows: 1, n }, v, c)
         };
@@ -1224,7 +1329,7 @@ impl<B: Backend> DeviceModel<B> {
                     positions,
                     types,
                 };
-                embedding::bert_forward::<f32, B>(
+                embedding::bert_forward::<E, B>(
                     be,
                     &shape,
                     &acts.ids,
@@ -1255,7 +1360,7 @@ impl<B: Backend> DeviceModel<B> {
                     patch: psize,
                     hidden: d,
                 };
-                embedding::vit_patches::<f32, B>(be, &shape, &acts.pixels, &mut acts.patches)?;
+                embedding::vit_patches::<E, B>(be, &shape, &acts.pixels, &mut acts.patches)?;
                 lf(
                     be,
                     patch,
@@ -1270,7 +1375,7 @@ impl<B: Backend> DeviceModel<B> {
                     None,
                     None,
                 )?;
-                embedding::vit_assemble::<f32, B>(be, &shape, &acts.pe, cls, position, &mut acts.h[0])?;
+                embedding::vit_assemble::<E, B>(be, &shape, &acts.pe, cls, position, &mut acts.h[0])?;
             }
         }
         for (l, blk) in blocks.iter().enumerate() {
@@ -1299,14 +1404,14 @@ impl<B: Backend> DeviceModel<B> {
             if pre {
                 ln_forward(be, &blk.ln1, eps, rows, d, x, qkv_in, mean1, rstd1)?;
             }
-            let a_in: &Buf<B> = if pre { qkv_in } else { x };
+            let a_in: &Buf<B, E> = if pre { qkv_in } else { x };
             let (u, sc) = (&mut acts.u, &mut acts.scratch);
             lf(be, lq, param, a_in, rows, q, true, u, sc, rows_ref, pop_c, global_c)?;
             lf(be, lk, param, a_in, rows, k, true, u, sc, rows_ref, pop_c, global_c)?;
             lf(be, lv, param, a_in, rows, v, true, u, sc, rows_ref, pop_c, global_c)?;
-            attention::forward::<f32, B>(be, ATTENTION, &attn, scale, q, k, v, &acts.mask, ctx, lse)?;
+            attention::forward::<E, B>(be, ATTENTION, &attn, scale, q, k, v, &acts.mask, ctx, lse)?;
             lf(be, lo_, param, ctx, rows, o, true, u, sc, rows_ref, pop_c, global_c)?;
-            elementwise::launch_add::<f32, B>(be, x, o, h1)?;
+            elementwise::launch_add::<E, B>(be, x, o, h1)?;
             if pre {
                 ln_forward(be, &blk.ln2, eps, rows, d, h1, mlp_in, mean2, rstd2)?;
             } else {
@@ -1314,12 +1419,12 @@ impl<B: Backend> DeviceModel<B> {
             }
             lf(be, l1, param, mlp_in, rows, f1, false, u, sc, rows_ref, pop_c, global_c)?;
             let fshape = elementwise::RowsShape { rows, d: l1.d_out };
-            elementwise::launch_gelu_bias_forward::<f32, B>(be, &fshape, f1, &l1.b, g)?;
+            elementwise::launch_gelu_bias_forward::<E, B>(be, &fshape, f1, &l1.b, g)?;
             lf(be, l2, param, g, rows, f2, true, u, sc, rows_ref, pop_c, global_c)?;
             if pre {
-                elementwise::launch_add::<f32, B>(be, h1, f2, out)?;
+                elementwise::launch_add::<E, B>(be, h1, f2, out)?;
             } else {
-                elementwise::launch_add::<f32, B>(be, mlp_in, f2, s)?;
+                elementwise::launch_add::<E, B>(be, mlp_in, f2, s)?;
                 ln_forward(be, &blk.ln2, eps, rows, d, s, out, mean2, rstd2)?;
             }
         }
@@ -1344,7 +1449,7 @@ impl<B: Backend> DeviceModel<B> {
             hidden: d,
             mode: pool_mode(pool),
         };
-        loss::pool_forward::<f32, B>(be, PoolVariant::Column, &pshape, last, &acts.mask, &mut acts.pooled)?;
+        loss::pool_forward::<E, B>(be, PoolVariant::Column, &pshape, last, &acts.mask, &mut acts.pooled)?;
         lf(
             be,
             head,
@@ -1364,13 +1469,15 @@ impl<B: Backend> DeviceModel<B> {
     /// The logits (B, labels) of the last forward.
     pub(crate) fn download_logits(&self, be: &B) -> Result<Vec<f32>> {
         let acts = self.acts.as_ref().expect("a forward ran");
-        be.download(&acts.logits).map_err(device_error)
+        let logits = be.download(&acts.logits).map_err(device_error)?;
+        Ok(logits.into_iter().map(|x| x.to_f32()).collect())
     }
 
     /// The pooled encoder output (B, D) of the last forward.
     pub(crate) fn download_pooled(&self, be: &B) -> Result<Vec<f32>> {
         let acts = self.acts.as_ref().expect("a forward ran");
-        be.download(&acts.pooled).map_err(device_error)
+        let pooled = be.download(&acts.pooled).map_err(device_error)?;
+        Ok(pooled.into_iter().map(|x| x.to_f32()).collect())
     }
 
     /// Uploads the token index the BERT embedding backward needs (training only).
@@ -1394,7 +1501,7 @@ impl<B: Backend> DeviceModel<B> {
                 classes,
             };
             let mut mean = be.view(&acts.stats, 0, 1);
-            loss::cross_entropy::<f32, B>(
+            loss::cross_entropy::<E, B>(
                 be,
                 XentVariant::Warp,
                 &shape,
@@ -1413,7 +1520,8 @@ impl<B: Backend> DeviceModel<B> {
     /// Sets ∂logits from the host (for [`Model::backward`]).
     pub(crate) fn set_dlogits(&mut self, be: &B, dlogits: &[f32]) -> Result<()> {
         let acts = self.acts.as_mut().expect("a forward ran");
-        be.upload_into(&mut acts.dlogits, dlogits).map_err(device_error)
+        let stored: Vec<E> = dlogits.iter().map(|&x| E::from_f32(x)).collect();
+        be.upload_into(&mut acts.dlogits, &stored).map_err(device_error)
     }
 
     /// The backward of the last forward from the ∂logits in the activations: the gradient of
@@ -1446,15 +1554,16 @@ impl<B: Backend> DeviceModel<B> {
         let acts = acts.as_mut().expect("a forward ran");
         let rows = b * t;
         // ∂C targets start at zero (the composition kernels accumulate onto them).
-        let dc_target = |coeffs: &Coeffs<B>| -> Option<Buf<B>> {
+        // A raw row's ∂C is its ∂v (in f32, cast into `grad` at the end).
+        let dc_target = |coeffs: &Coeffs<B, E>| -> Option<F32<B>> {
             match coeffs {
-                Coeffs::Layer { dv, dc, .. } => Some(alias(be, if param == Param::Raw { dv } else { dc })),
+                Coeffs::Layer { dv, dc, .. } => Some(alias(be, if param == Param::Raw { &dv.f32 } else { dc })),
                 _ => None,
             }
         };
         let mut global_dc = global
             .as_ref()
-            .map(|g| alias(be, if param == Param::Raw { &g.dv } else { &g.dc }));
+            .map(|g| alias(be, if param == Param::Raw { &g.dv.f32 } else { &g.dc }));
         if coeffs_train {
             if let Some(g) = &mut global_dc {
                 be.zero(g)?;
@@ -1470,7 +1579,7 @@ impl<B: Backend> DeviceModel<B> {
             }
         }
         let global_c = global.as_ref().map(|g| if param == Param::Raw { &g.v } else { &g.c });
-        let lin_train = |l: &DevLinear<B>, head: bool| LinTrain {
+        let lin_train = |l: &DevLinear<B, E>, head: bool| LinTrain {
             base: if head { tr.head } else { tr.base },
             modules: matches!(l.adapter, DevAdapter::Lora { .. }) && tr.lora,
             coeffs: matches!(l.adapter, DevAdapter::Compose { .. }) && coeffs_train,
@@ -1512,7 +1621,7 @@ impl<B: Backend> DeviceModel<B> {
             hidden: d,
             mode: pool_mode(pool),
         };
-        loss::pool_backward::<f32, B>(
+        loss::pool_backward::<E, B>(
             be,
             PoolVariant::Column,
             &pshape,
@@ -1532,7 +1641,7 @@ impl<B: Backend> DeviceModel<B> {
                 &acts.meanf,
                 &acts.rstdf,
                 d1,
-                &acts.scratch[3],
+                &acts.scratch.work[1],
             )?;
             std::mem::swap(d0, d1);
         }
@@ -1563,8 +1672,8 @@ impl<B: Backend> DeviceModel<B> {
             let [df0, df1] = &mut acts.df;
             let sc = &mut acts.scratch;
             let r0 = &acts.rows0;
-            let u_of = |l: &DevLinear<B>| l.u_slot.map(|i| &acts.u[i]);
-            let dc_of = |l: &DevLinear<B>| -> Option<Buf<B>> {
+            let u_of = |l: &DevLinear<B, E>| l.u_slot.map(|i| &acts.u[i]);
+            let dc_of = |l: &DevLinear<B, E>| -> Option<F32<B>> {
                 match &l.adapter {
                     DevAdapter::Compose {
                         coeffs: Coeffs::Global, ..
@@ -1576,7 +1685,7 @@ impl<B: Backend> DeviceModel<B> {
             // d0 holds the running ∂ of the residual stream throughout. The MLP branch: post-LN
             // first undoes LN₂ (∂ of mlp_in + f2 into d0).
             if !pre {
-                ln_backward(be, &blk.ln2, rows, d, d0, s, mean2, rstd2, d1, &sc[3])?;
+                ln_backward(be, &blk.ln2, rows, d, d0, s, mean2, rstd2, d1, &sc.work[1])?;
                 std::mem::swap(d0, d1);
             }
             let mut dc = dc_of(l2);
@@ -1596,7 +1705,7 @@ impl<B: Backend> DeviceModel<B> {
                 sc,
             )?;
             let fshape = elementwise::RowsShape { rows, d: l1.d_out };
-            elementwise::launch_gelu_bias_backward::<f32, B>(be, &fshape, df0, f1, &l1.b, df1)?;
+            elementwise::launch_gelu_bias_backward::<E, B>(be, &fshape, df0, f1, &l1.b, df1)?;
             let mut dc = dc_of(l1);
             lin_backward(
                 be,
@@ -1615,11 +1724,11 @@ impl<B: Backend> DeviceModel<B> {
             )?;
             // ∂h₁ (the attention residual's sum) into d0.
             if pre {
-                ln_backward(be, &blk.ln2, rows, d, d2, h1, mean2, rstd2, d3, &sc[3])?;
-                elementwise::launch_add_acc::<f32, B>(be, d3, d0)?;
+                ln_backward(be, &blk.ln2, rows, d, d2, h1, mean2, rstd2, d3, &sc.work[1])?;
+                elementwise::launch_add_acc::<E, B>(be, d3, d0)?;
             } else {
-                elementwise::launch_add_acc::<f32, B>(be, d2, d0)?;
-                ln_backward(be, &blk.ln1, rows, d, d0, h1, mean1, rstd1, d3, &sc[3])?;
+                elementwise::launch_add_acc::<E, B>(be, d2, d0)?;
+                ln_backward(be, &blk.ln1, rows, d, d0, h1, mean1, rstd1, d3, &sc.work[1])?;
                 std::mem::swap(d0, d3);
             }
             let mut dc = dc_of(lo);
@@ -1639,12 +1748,12 @@ impl<B: Backend> DeviceModel<B> {
                 sc,
             )?;
             let work_len = attention::backward_workspace_len(ATTENTION, &ashape);
-            let mut work = part(be, &sc[3], work_len.max(1));
-            attention::backward::<f32, B>(
+            let mut work = part(be, &sc.work[1], work_len.max(1));
+            attention::backward::<E, B>(
                 be, ATTENTION, &ashape, attn_scale, q, k, v, &acts.mask, ctx, lse, d4, d5, d6, d7, &mut work,
             )?;
             let want_qkv = need_dx || (pre && tr.base);
-            let a_in: &Buf<B> = if pre { qkv_in } else { x_in };
+            let a_in: &Buf<B, E> = if pre { qkv_in } else { x_in };
             for (lin, dy, beta) in [(lq, &*d5, 0.0f32), (lk, &*d6, 1.0), (lv, &*d7, 1.0)] {
                 let mut dc = dc_of(lin);
                 let dx = if want_qkv { Some((&mut *d2, beta)) } else { None };
@@ -1669,12 +1778,12 @@ impl<B: Backend> DeviceModel<B> {
             }
             // ∂x = ∂h₁ + (pre-LN: LN₁ᵀ of) ∂qkv_in.
             if pre {
-                ln_backward(be, &blk.ln1, rows, d, d2, x_in, mean1, rstd1, d1, &sc[3])?;
+                ln_backward(be, &blk.ln1, rows, d, d2, x_in, mean1, rstd1, d1, &sc.work[1])?;
                 if need_dx {
-                    elementwise::launch_add_acc::<f32, B>(be, d1, d0)?;
+                    elementwise::launch_add_acc::<E, B>(be, d1, d0)?;
                 }
             } else {
-                elementwise::launch_add_acc::<f32, B>(be, d2, d0)?;
+                elementwise::launch_add_acc::<E, B>(be, d2, d0)?;
             }
         }
         if tr.base {
@@ -1697,7 +1806,7 @@ impl<B: Backend> DeviceModel<B> {
                         &acts.emb_mean,
                         &acts.emb_rstd,
                         d1,
-                        &acts.scratch[3],
+                        &acts.scratch.work[1],
                     )?;
                     let shape = embedding::BertShape {
                         rows,
@@ -1712,16 +1821,7 @@ impl<B: Backend> DeviceModel<B> {
                         .as_ref()
                         .expect("prepare_backward uploaded the token index");
                     let (mut dw, mut dp, mut dt) = (alias(be, dword), alias(be, dposition), alias(be, dtoken_type));
-                    embedding::bert_backward::<f32, B>(
-                        be,
-                        &shape,
-                        index,
-                        &acts.type_ids,
-                        d1,
-                        &mut dw,
-                        &mut dp,
-                        &mut dt,
-                    )?;
+                    embedding::bert_backward::<E, B>(be, &shape, index, &acts.type_ids, d1, &mut dw, &mut dp, &mut dt)?;
                 }
                 DevEmb::Vit {
                     patch, dcls, dposition, ..
@@ -1735,7 +1835,7 @@ impl<B: Backend> DeviceModel<B> {
                     let [d0, d1, ..] = &mut acts.d;
                     let mut dpe = part(be, d1, b * np * d);
                     let (mut dc, mut dp) = (alias(be, dcls), alias(be, dposition));
-                    embedding::vit_assemble_backward::<f32, B>(be, &shape, d0, &mut dpe, &mut dc, &mut dp)?;
+                    embedding::vit_assemble_backward::<E, B>(be, &shape, d0, &mut dpe, &mut dc, &mut dp)?;
                     lin_backward(
                         be,
                         patch,
@@ -1754,11 +1854,15 @@ impl<B: Backend> DeviceModel<B> {
                 }
             }
         }
-        if coeffs_train && param == Param::Softmax {
-            let finish = |c: &Buf<B>, dc: &Buf<B>, dv: &Buf<B>| {
-                let n = be.buffer_len(c);
-                let mut dv = alias(be, dv);
-                coeffs::softmax_backward(be, COEFFS, &coeffs::Shape { rows: 1, n }, c, dc, &mut dv)
+        if coeffs_train {
+            // ∂v in f32 (softmax: from ∂C; raw: ∂C itself), then into the E-typed `grad`.
+            let finish = |c: &F32<B>, dc: &F32<B>, dv: &F32Grad<B, E>| {
+                if param == Param::Softmax {
+                    let n = be.buffer_len(c);
+                    let mut dv32 = alias(be, &dv.f32);
+                    coeffs::softmax_backward(be, COEFFS, &coeffs::Shape { rows: 1, n }, c, dc, &mut dv32)?;
+                }
+                dv.finish(be)
             };
             if let Some(g) = global.as_ref() {
                 finish(&g.c, &g.dc, &g.dv)?;
@@ -1810,7 +1914,7 @@ impl<B: Backend> DeviceModel<B> {
             };
             let mut partials = be.alloc::<f32>(table.partials_len())?;
             let mut norm_scale = be.view(&acts.stats, 1, 2);
-            optim::clip_grad_norm::<f32, B>(
+            optim::clip_grad_norm::<E, B>(
                 be,
                 table,
                 &mut self.grad,
@@ -1825,7 +1929,10 @@ impl<B: Backend> DeviceModel<B> {
                 self.moments = Some((m, v, optimizer));
             }
             let (m, v, _) = self.moments.as_mut().expect("allocated above");
-            optim::adamw::<f32, B>(be, &hp, table, &mut self.theta, &self.grad, m, v)?;
+            optim::adamw::<E, B>(be, &hp, table, &mut self.theta, &self.grad, m, v)?;
+            if !self.weights_shared {
+                elementwise::launch_cast::<E, B>(be, &self.theta, &mut self.weights)?;
+            }
         } else {
             be.upload_into(&mut be.view(&acts.stats, 1, 2), &[0.0, 1.0])?;
         }
@@ -1856,8 +1963,10 @@ fn pool_mode(pool: Pool) -> PoolMode {
 
 /// A model's device state on one of the kernel backends.
 pub(crate) enum DeviceState {
-    Cuda(Arc<GpuBackend>, DeviceModel<GpuBackend>),
-    Harness(CpuHarness, DeviceModel<CpuHarness>),
+    Cuda(Arc<GpuBackend>, DeviceModel<GpuBackend, f32>),
+    CudaBf16(Arc<GpuBackend>, DeviceModel<GpuBackend, bf16>),
+    Harness(CpuHarness, DeviceModel<CpuHarness, f32>),
+    HarnessBf16(CpuHarness, DeviceModel<CpuHarness, bf16>),
 }
 
 /// Runs `$body` with `$be` the backend and `$dm` the device model of a [`DeviceState`].
@@ -1868,7 +1977,15 @@ macro_rules! on_device {
                 let $be = gpu.as_ref();
                 $body
             }
+            $crate::model::resident::DeviceState::CudaBf16(gpu, $dm) => {
+                let $be = gpu.as_ref();
+                $body
+            }
             $crate::model::resident::DeviceState::Harness(harness, $dm) => {
+                let $be = &*harness;
+                $body
+            }
+            $crate::model::resident::DeviceState::HarnessBf16(harness, $dm) => {
                 let $be = &*harness;
                 $body
             }
@@ -1965,10 +2082,17 @@ impl ResidentSlot {
                     "the host weights are older than the device's; call Model::sync_host first".into(),
                 ));
             }
-            let state = match device {
-                Device::Cuda(gpu) => DeviceState::Cuda(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?),
-                Device::Harness(h) => DeviceState::Harness(*h, DeviceModel::new(h, model)?),
-                Device::Cpu => unreachable!("handled above"),
+            let state = match (device, model.storage()) {
+                (Device::Cuda(gpu), DType::F32) => {
+                    DeviceState::Cuda(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?)
+                }
+                (Device::Cuda(gpu), DType::BF16) => {
+                    DeviceState::CudaBf16(gpu.clone(), DeviceModel::new(gpu.as_ref(), model)?)
+                }
+                (Device::Harness(h), DType::F32) => DeviceState::Harness(*h, DeviceModel::new(h, model)?),
+                (Device::Harness(h), DType::BF16) => DeviceState::HarnessBf16(*h, DeviceModel::new(h, model)?),
+                (_, DType::F16) => unreachable!("Model::to_device_storage refuses f16"),
+                (Device::Cpu, _) => unreachable!("handled above"),
             };
             *guard = Some((state, sig));
         }
