@@ -241,7 +241,7 @@ template <typename T>
 __device__ __forceinline__ void store_thread_row(const float (&r)[THREAD_COLS], float factor, T* __restrict__ x,
                                                  const Head& hd, int i, int dh) {
     const int c0 = threadIdx.x % ROW_THREADS;
-#pragma unroll
+LC_UNROLL
     for (int n = 0; n < THREAD_COLS; ++n) {
         const int c = c0 + ROW_THREADS * n;
         if (c < dh) x[hd.at(i, c)] = lc::from_f32<T>(r[n] * factor);
@@ -265,7 +265,7 @@ __device__ __forceinline__ void fwd_tiled(const T* q, const T* k, const T* v, co
     const int i0 = blockIdx.x * TILE;
     load_tile(q_s, ld, q, hd, i0, seq, dh);
     float o[THREAD_COLS];
-#pragma unroll
+LC_UNROLL
     for (int n = 0; n < THREAD_COLS; ++n) o[n] = 0.0f;
     float m = -INFINITY, l = 0.0f;  // running max and Σ exp(S − m) of row r over the real keys
     for (int j0 = 0; j0 < seq; j0 += TILE) {
@@ -295,7 +295,7 @@ __device__ __forceinline__ void fwd_tiled(const T* q, const T* k, const T* v, co
         __syncwarp();  // row r's probabilities, written by its 8 lanes (one warp), are complete
         // Fully unrolled with a guard, not a `break`: o stays in registers (a break at a
         // run-time bound makes ptxas keep the array in local memory).
-#pragma unroll
+LC_UNROLL
         for (int n = 0; n < THREAD_COLS; ++n) {
             const int col = c + ROW_THREADS * n;
             if (col < dh) {
@@ -337,7 +337,7 @@ __device__ __forceinline__ void dq_tiled(const T* q, const T* k, const T* v, con
     const float lse_i = i < seq ? lse[stat_index(seq, heads, i)] : 0.0f;
     const float dot_i = i < seq ? dot[stat_index(seq, heads, i)] : 0.0f;
     float acc[THREAD_COLS];
-#pragma unroll
+LC_UNROLL
     for (int n = 0; n < THREAD_COLS; ++n) acc[n] = 0.0f;
     for (int j0 = 0; j0 < seq; j0 += TILE) {
         load_tile(k_s, ld, k, hd, j0, seq, dh);
@@ -355,7 +355,7 @@ __device__ __forceinline__ void dq_tiled(const T* q, const T* k, const T* v, con
             ds_s[r * SCORE_LD + jj] = ds;
         }
         __syncwarp();  // row r's ∂S, written by its 8 lanes (one warp), is complete
-#pragma unroll
+LC_UNROLL
         for (int n = 0; n < THREAD_COLS; ++n) {
             const int col = c + ROW_THREADS * n;
             if (col < dh) {
@@ -394,7 +394,7 @@ __device__ __forceinline__ void dkv_tiled(const T* q, const T* k, const T* v, co
     // A padded key (or one past the sequence) has P = 0 in every row: ∂K_j = ∂V_j = 0.
     const bool real_j = j < seq && is_real(mask, seq, j);
     float acc_k[THREAD_COLS], acc_v[THREAD_COLS];
-#pragma unroll
+LC_UNROLL
     for (int n = 0; n < THREAD_COLS; ++n) acc_k[n] = acc_v[n] = 0.0f;
     for (int i0 = 0; i0 < seq; i0 += TILE) {
         load_tile(q_s, ld, q, hd, i0, seq, dh);
@@ -420,7 +420,7 @@ __device__ __forceinline__ void dkv_tiled(const T* q, const T* k, const T* v, co
         // registers; each element still adds its 16 terms in ii order.
         for (int ii = 0; ii < TILE; ++ii) {
             const float ds = ds_s[r * SCORE_LD + ii], p = p_s[r * SCORE_LD + ii];
-#pragma unroll
+LC_UNROLL
             for (int n = 0; n < THREAD_COLS; ++n) {
                 const int col = c + ROW_THREADS * n;
                 if (col < dh) {

@@ -11,8 +11,11 @@
 #define EXTERN_SHARED(type, name)                                     \
     extern __shared__ __align__(16) unsigned char lc_dynamic_shared[]; \
     type* name = reinterpret_cast<type*>(lc_dynamic_shared)
+// `#pragma unroll` for nvcc (the harness's host compiler does not know the pragma).
+#define LC_UNROLL _Pragma("unroll")
 #else
 #include "harness/cuda_cpu.h"
+#define LC_UNROLL
 #endif
 
 namespace lc {
