@@ -86,7 +86,12 @@ fn check_against_reference(device: &Device) {
         compare("logits", &l32, &l64, Tol::new(1e-4, 1e-3)).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
         let (_, d32) = cross_entropy(&l32, &labels, 4).unwrap();
         let (_, d64) = cross_entropy(&l64, &labels, 4).unwrap();
-        for trainable in [Trainable::ALL, Trainable::LORA_HEAD, Trainable::COEFFS_HEAD] {
+        for trainable in [
+            Trainable::ALL,
+            Trainable::HEAD,
+            Trainable::LORA_HEAD,
+            Trainable::COEFFS_HEAD,
+        ] {
             let g32 = dev.backward(&t32, &d32, trainable).unwrap();
             let g64 = m64.backward(&t64, &d64, trainable).unwrap();
             compare_grads(&g32, &g64, &format!("{arch:?} {trainable:?}"));
