@@ -34,6 +34,13 @@ if [[ -z "$ptx_files" ]]; then
 fi
 # With PTX embedded and no driver, the probe must name the missing driver, not panic.
 cargo test --release --test gpu_probe -- --nocapture 2>&1 | grep -E "no GPU|GPU found|test result"
+# The PTX is embedded gzip-compressed: every family must inflate to PTX with its entries.
+cargo test --release --test gpu_probe -- --ignored --exact embedded_ptx_inflates_for_every_family --nocapture 2>&1 \
+    | grep -E "families of PTX|panicked|test result"
+cargo test --release --test gpu_probe -- --ignored --exact embedded_ptx_inflates_for_every_family >/dev/null 2>&1 || {
+    echo "error: the embedded PTX does not inflate for every family" >&2
+    exit 1
+}
 
 spills=0
 for arch in ${PTXAS_ARCHS:-sm_80 sm_90}; do

@@ -16,11 +16,29 @@ use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar,
 
 /// The PTX that build.rs compiled, per kernel family (`ptx::get("gemm")`).
 pub mod ptx {
+    use std::io::Read;
+    use std::sync::OnceLock;
+
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 
-    /// The PTX of `cuda/<family>.cu`, when nvcc built it.
+    /// Every family's PTX text, inflated once.
+    static TEXT: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
+
+    /// The PTX of `cuda/<family>.cu`, when nvcc built it (embedded gzip-compressed).
     pub fn get(family: &str) -> Option<&'static str> {
-        FAMILIES.iter().find(|(f, _)| *f == family).map(|(_, ptx)| *ptx)
+        let all = TEXT.get_or_init(|| {
+            FAMILIES
+                .iter()
+                .map(|&(f, gz)| {
+                    let mut text = String::new();
+                    flate2::read::GzDecoder::new(gz)
+                        .read_to_string(&mut text)
+                        .unwrap_or_else(|e| panic!("the embedded PTX of {f} does not inflate: {e}"));
+                    (f, text)
+                })
+                .collect()
+        });
+        all.iter().find(|(f, _)| *f == family).map(|(_, text)| text.as_str())
     }
 }
 

@@ -33,6 +33,31 @@ fn probe_opens_the_gpu() {
     println!("GPU found: {}", gpu.name());
 }
 
+/// Every `cuda/*.cu` family is embedded and inflates to PTX with its entry points (the PTX is
+/// stored gzip-compressed). Needs a build with nvcc: `scripts/ci-cuda.sh` runs it, and so does
+/// `gpu-check.sh` from the bundle.
+#[test]
+#[ignore = "needs a build with PTX (nvcc): scripts/ci-cuda.sh and gpu-check.sh run it"]
+fn embedded_ptx_inflates_for_every_family() {
+    assert!(ptx::BUILT_WITH_PTX, "this build has no PTX (nvcc was not found)");
+    let families: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".cu").map(str::to_owned)
+        })
+        .collect();
+    assert!(families.len() >= 10, "{families:?}");
+    for family in &families {
+        let text = ptx::get(family).unwrap_or_else(|| panic!("no PTX embedded for {family}"));
+        assert!(
+            text.contains(".version") && text.contains(".entry"),
+            "{family}: the inflated PTX has no .version or .entry"
+        );
+    }
+    println!("{} families of PTX embedded and inflated", families.len());
+}
+
 #[test]
 fn probe_twice_is_harmless() {
     let first = GpuBackend::probe().is_ok();
