@@ -633,9 +633,14 @@ impl<T: Real> Model<T> {
     pub fn trainable_count(&self, trainable: super::Trainable) -> usize {
         self.params()
             .iter()
-            .filter(|p| trainable.trains(p.kind) && !self.frozen_coeffs(p.kind))
+            .filter(|p| self.trains_kind(trainable, p.kind))
             .map(|p| p.data.len())
             .sum()
+    }
+
+    /// Whether parameters of `kind` train under `trainable` (uniform coefficients never do).
+    pub(crate) fn trains_kind(&self, trainable: super::Trainable, kind: Kind) -> bool {
+        trainable.trains(kind) && !self.frozen_coeffs(kind)
     }
 
     /// Uniform compositions list their values but never train them.

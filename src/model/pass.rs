@@ -228,14 +228,14 @@ fn ln_grads<T: Real>(grads: &mut Grads<T>, ln: &LayerNorm<T>, dg: Vec<T>, db: Ve
 
 impl<T: Real> Model<T> {
     /// On a kernel device: the forward of `batch` (with a population's rows when given), and the
-    /// logits or the pooled output downloaded, with the tape naming this forward. `None` on the
-    /// CPU.
+    /// logits or the pooled output downloaded, with T and the number of this forward (what a
+    /// tape names). `None` on the CPU.
     fn device_forward(
         &self,
         batch: &Batch,
         pop: Option<DevPopulation>,
         want: Want,
-    ) -> Result<Option<(Vec<T>, Tape<T>)>> {
+    ) -> Result<Option<(Vec<T>, usize, u64)>> {
         if self.device().is_cpu() {
             return Ok(None);
         }
@@ -253,13 +253,13 @@ impl<T: Real> Model<T> {
                 })
             })?
             .expect("a kernel device");
-        Ok(Some((to_t(out), Tape::device(batch, t, generation))))
+        Ok(Some((to_t(out), t, generation)))
     }
 
     /// Logits (B, num_labels) and the tape for [`Model::backward`].
     pub fn forward(&self, batch: &Batch) -> Result<(Vec<T>, Tape<T>)> {
-        if let Some((logits, tape)) = self.device_forward(batch, None, Want::Logits)? {
-            return Ok((logits, tape));
+        if let Some((logits, t, generation)) = self.device_forward(batch, None, Want::Logits)? {
+            return Ok((logits, Tape::device(batch, t, generation)));
         }
         let mut tape = self.encode_taped(batch, true, None)?;
         let zeros = vec![0usize; tape.batch];
@@ -274,7 +274,7 @@ impl<T: Real> Model<T> {
 
     /// Logits (B, num_labels) without keeping a tape.
     pub fn logits(&self, batch: &Batch) -> Result<Vec<T>> {
-        if let Some((logits, _)) = self.device_forward(batch, None, Want::Logits)? {
+        if let Some((logits, ..)) = self.device_forward(batch, None, Want::Logits)? {
             return Ok(logits);
         }
         let pooled = self.encode(batch)?;
@@ -289,7 +289,7 @@ impl<T: Real> Model<T> {
 
     /// The pooled encoder output (B, D), the head's input, without keeping a tape.
     pub fn encode(&self, batch: &Batch) -> Result<Vec<T>> {
-        if let Some((pooled, _)) = self.device_forward(batch, None, Want::Pooled)? {
+        if let Some((pooled, ..)) = self.device_forward(batch, None, Want::Pooled)? {
             return Ok(pooled);
         }
         Ok(self.encode_taped(batch, false, None)?.pooled)
@@ -342,7 +342,7 @@ impl<T: Real> Model<T> {
                 token_candidate: &token_candidate,
                 candidates: p,
             };
-            let (logits, _) = self
+            let (logits, ..) = self
                 .device_forward(batch, Some(pop), Want::Logits)?
                 .expect("a kernel device");
             return Ok(logits);

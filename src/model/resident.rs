@@ -300,9 +300,11 @@ struct Scratch<B: Backend, E: Storage> {
 struct LinForward<'a, B: Backend, E: Storage> {
     u: Option<&'a mut Buf<B, E>>,
     scratch: &'a mut Scratch<B, E>,
+    /// Every token on coefficient row 0 (this shape's, uploaded once).
     rows: &'a TokenRows<B>,
-    /// Per-sample coefficient rows (population), used by composed layers instead of their own.
-    pop_c: Option<&'a F32<B>>,
+    /// A population forward's per-candidate coefficient rows and each token's candidate, used
+    /// by composed layers instead of their own row (LoRA layers keep their coefficient 1).
+    pop: Option<(&'a F32<B>, &'a TokenRows<B>)>,
     global_c: Option<&'a F32<B>>,
 }
 
@@ -340,11 +342,6 @@ pub(crate) struct DeviceModel<B: Backend, E: Storage> {
     acts: Option<Acts<B, E>>,
     tables: HashMap<(bool, bool, bool, bool), TensorTable<B>>,
     generation: u64,
-}
-
-/// Which tensors train, as the flat buffers see them.
-fn trains<T: Real>(model: &Model<T>, trainable: Trainable, kind: Kind) -> bool {
-    trainable.trains(kind) && !model.frozen_coeffs(kind)
 }
 
 impl<B: Backend, E: Storage> DeviceModel<B, E> {
@@ -575,7 +572,7 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
         Ok(self
             .slots
             .iter()
-            .filter(|s| trains(model, trainable, s.kind))
+            .filter(|s| model.trains_kind(trainable, s.kind))
             .map(|s| {
                 let g = all[s.offset..s.offset + s.len].iter().map(|&x| x.to_f32()).collect();
                 (s.name.clone(), g)
@@ -873,10 +870,10 @@ fn lin_forward<B: Backend, E: Storage>(
         u,
         scratch,
         rows,
-        pop_c,
+        pop,
         global_c,
     } = ctx;
-    let (a_cat, b_cat, tables, ranks, c, mode, n_samples) = match &l.adapter {
+    let (a_cat, b_cat, tables, ranks, c, mode, rows) = match &l.adapter {
         DevAdapter::None => return Ok(()),
         DevAdapter::Lora {
             a,
@@ -885,7 +882,7 @@ fn lin_forward<B: Backend, E: Storage>(
             ranks,
             one,
             ..
-        } => (a, b, tables, ranks, one, Mode::Product, 1),
+        } => (a, b, tables, ranks, one, Mode::Product, rows),
         DevAdapter::Compose {
             a_cat,
             b_cat,
@@ -893,8 +890,8 @@ fn lin_forward<B: Backend, E: Storage>(
             ranks,
             mode,
             coeffs,
-        } => match pop_c {
-            Some(c) => (a_cat, b_cat, tables, ranks, c, *mode, rows.n_samples),
+        } => match pop {
+            Some((c, pop_rows)) => (a_cat, b_cat, tables, ranks, c, *mode, pop_rows),
             None => (
                 a_cat,
                 b_cat,
@@ -902,25 +899,11 @@ fn lin_forward<B: Backend, E: Storage>(
                 ranks,
                 coeff_buffer(coeffs, param, global_c),
                 *mode,
-                1,
+                rows,
             ),
         },
     };
-    let rows0;
-    let rows = if n_samples == 1 && rows.n_samples != 1 {
-        // A LoRA layer in a population forward runs with the one coefficient 1.
-        rows0 = TokenRows::upload(
-            be,
-            Rows {
-                sample_of: &vec![0usize; t],
-                n_samples: 1,
-            },
-        )?;
-        &rows0
-    } else {
-        rows
-    };
-    let shape = comp_shape(l, t, n_samples, ranks);
+    let shape = comp_shape(l, t, rows.n_samples, ranks);
     let r = shape.r_total();
     let u = u.expect("composed layers keep U");
     let mut z = part(be, &scratch.ops[0], t * r);
@@ -1161,14 +1144,14 @@ fn lf<B: Backend, E: Storage>(
     u: &mut [Buf<B, E>],
     scratch: &mut Scratch<B, E>,
     rows: &TokenRows<B>,
-    pop_c: Option<&F32<B>>,
+    pop: Option<(&F32<B>, &TokenRows<B>)>,
     global_c: Option<&F32<B>>,
 ) -> KResult<()> {
     let ctx = LinForward {
         u: l.u_slot.map(|i| &mut u[i]),
         scratch,
         rows,
-        pop_c,
+        pop,
         global_c,
     };
     lin_forward(be, l, param, x, t, y, bias, ctx)
@@ -1309,10 +1292,7 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
         let rows = b * t;
         // A raw global row is its own coefficients.
         let global_c = global.as_ref().map(|g| if param == Param::Raw { &g.v } else { &g.c });
-        let (pop_c, rows_ref) = match &pop {
-            Some((c, r)) => (Some(c), r),
-            None => (None, &acts.rows0),
-        };
+        let pop_ref = pop.as_ref().map(|(c, r)| (c, r));
         match emb {
             DevEmb::Bert {
                 word,
@@ -1405,22 +1385,22 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
                 ln_forward(be, &blk.ln1, eps, rows, d, x, qkv_in, mean1, rstd1)?;
             }
             let a_in: &Buf<B, E> = if pre { qkv_in } else { x };
-            let (u, sc) = (&mut acts.u, &mut acts.scratch);
-            lf(be, lq, param, a_in, rows, q, true, u, sc, rows_ref, pop_c, global_c)?;
-            lf(be, lk, param, a_in, rows, k, true, u, sc, rows_ref, pop_c, global_c)?;
-            lf(be, lv, param, a_in, rows, v, true, u, sc, rows_ref, pop_c, global_c)?;
+            let (u, sc, r0) = (&mut acts.u, &mut acts.scratch, &acts.rows0);
+            lf(be, lq, param, a_in, rows, q, true, u, sc, r0, pop_ref, global_c)?;
+            lf(be, lk, param, a_in, rows, k, true, u, sc, r0, pop_ref, global_c)?;
+            lf(be, lv, param, a_in, rows, v, true, u, sc, r0, pop_ref, global_c)?;
             attention::forward::<E, B>(be, ATTENTION, &attn, scale, q, k, v, &acts.mask, ctx, lse)?;
-            lf(be, lo_, param, ctx, rows, o, true, u, sc, rows_ref, pop_c, global_c)?;
+            lf(be, lo_, param, ctx, rows, o, true, u, sc, r0, pop_ref, global_c)?;
             elementwise::launch_add::<E, B>(be, x, o, h1)?;
             if pre {
                 ln_forward(be, &blk.ln2, eps, rows, d, h1, mlp_in, mean2, rstd2)?;
             } else {
                 ln_forward(be, &blk.ln1, eps, rows, d, h1, mlp_in, mean1, rstd1)?;
             }
-            lf(be, l1, param, mlp_in, rows, f1, false, u, sc, rows_ref, pop_c, global_c)?;
+            lf(be, l1, param, mlp_in, rows, f1, false, u, sc, r0, pop_ref, global_c)?;
             let fshape = elementwise::RowsShape { rows, d: l1.d_out };
             elementwise::launch_gelu_bias_forward::<E, B>(be, &fshape, f1, &l1.b, g)?;
-            lf(be, l2, param, g, rows, f2, true, u, sc, rows_ref, pop_c, global_c)?;
+            lf(be, l2, param, g, rows, f2, true, u, sc, r0, pop_ref, global_c)?;
             if pre {
                 elementwise::launch_add::<E, B>(be, h1, f2, out)?;
             } else {
@@ -1944,7 +1924,7 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
     pub(crate) fn spans<T: Real>(&self, model: &Model<T>, trainable: Trainable) -> Vec<TensorSpan> {
         self.slots
             .iter()
-            .filter(|s| trains(model, trainable, s.kind))
+            .filter(|s| model.trains_kind(trainable, s.kind))
             .map(|s| TensorSpan {
                 offset: s.offset,
                 len: s.len,

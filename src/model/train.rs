@@ -17,6 +17,14 @@ use super::{Batch, Kind, Model, Real, Trainable};
 use crate::kernels::optim::AdamParams;
 use crate::{Error, Result};
 
+/// Every label is a class index below `n_labels`.
+fn check_labels(labels: &[usize], n_labels: usize) -> Result<()> {
+    match labels.iter().enumerate().find(|(_, &y)| y >= n_labels) {
+        Some((i, &y)) => Err(Error::Arg(format!("label {y} of example {i} is not below {n_labels}"))),
+        None => Ok(()),
+    }
+}
+
 /// Mean cross-entropy over the batch of `logits` (B, L) against `labels` (B); returns the loss
 /// and `∂loss/∂logits = (softmax − onehot) / B`.
 pub fn cross_entropy<T: Real>(logits: &[T], labels: &[usize], n_labels: usize) -> Result<(f64, Vec<T>)> {
@@ -27,9 +35,7 @@ pub fn cross_entropy<T: Real>(logits: &[T], labels: &[usize], n_labels: usize) -
             labels.len()
         )));
     }
-    if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y >= n_labels) {
-        return Err(Error::Arg(format!("label {y} of example {i} is not below {n_labels}")));
-    }
+    check_labels(labels, n_labels)?;
     let b = labels.len() as f64;
     let mut loss = 0.0;
     let mut grad = vec![T::zero(); logits.len()];
@@ -213,10 +219,7 @@ fn device_train_step<T: Real>(
             batch.batch
         )));
     }
-    let classes = model.config.num_labels;
-    if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
-        return Err(Error::Arg(format!("label {y} of example {i} is not below {classes}")));
-    }
+    check_labels(labels, model.config.num_labels)?;
     let plan = model.backward_plan(trainable);
     opt.step += 1;
     let hp = AdamParams {
