@@ -163,36 +163,22 @@ pub fn layernorm_backward<T: Real>(
     (dx, dgamma, dbeta)
 }
 
-const SQRT_HALF: f64 = std::f64::consts::FRAC_1_SQRT_2;
-/// 1/sqrt(2π)
-const INV_SQRT_TAU: f64 = 0.398_942_280_401_432_7;
-
-/// Exact GELU, `x Φ(x)` with `Φ(x) = (1 + erf(x/√2)) / 2`.
+/// Exact GELU, `x Φ(x)` with `Φ(x) = (1 + erf(x/√2)) / 2` ([`Real::gelu`]).
 pub fn gelu_forward<T: Real>(x: &[T]) -> Vec<T> {
-    let (half, s) = (T::of(0.5), T::of(SQRT_HALF));
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = half * x * (T::one() + (x * s).erf());
-        }
-    });
+    y.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(y, x)| T::gelu(x, y));
     y
 }
 
-/// `∂x = ∂y · (Φ(x) + x φ(x))`, φ the standard normal density.
+/// `∂x = ∂y · (Φ(x) + x φ(x))`, φ the standard normal density ([`Real::gelu_backward`]).
 pub fn gelu_backward<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
     assert_eq!(x.len(), dy.len());
-    let (half, s, c) = (T::of(0.5), T::of(SQRT_HALF), T::of(INV_SQRT_TAU));
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(4096)
         .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
-        .for_each(|(dx, (x, dy))| {
-            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                let cdf = half * (T::one() + (x * s).erf());
-                let pdf = c * (-half * x * x).exp();
-                *dx = dy * (cdf + x * pdf);
-            }
-        });
+        .for_each(|(dx, (x, dy))| T::gelu_backward(x, dy, dx));
     dx
 }
 
@@ -211,9 +197,65 @@ impl AttnShape {
     }
 }
 
+/// `dst = beta · A B` (m×n, row stride `dst_rs`, unit column stride) for strided views A (m×k)
+/// and B (k×n), on the calling thread: attention's per-(batch, head) products run inside a
+/// parallel loop over the batch, so they take no threads of their own.
+#[allow(clippy::too_many_arguments)]
+fn small_gemm<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    beta: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "destination view out of bounds");
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].fill(T::zero());
+        }
+        return;
+    }
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "lhs view out of bounds");
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "rhs view out of bounds");
+    // SAFETY: the asserts keep every index the kernel forms inside its slice; `dst` is an
+    // exclusive borrow, the inputs are shared borrows, so nothing aliases.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::zero(),
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Multi-head attention with a key padding mask (B, T; true = real token):
 /// `P = softmax(Q_h K_hᵀ / √dh)` over real keys only (padded keys get probability exactly 0),
 /// `ctx_h = P V_h`. Returns ctx (B·T, D) and P (B, H, T, T). Every sequence needs ≥ 1 real token.
+///
+/// Per (batch, head) two small GEMMs on strided views of Q, K, V (no copies) and a row softmax
+/// between them; parallel over the batch.
 pub fn attention_forward<T: Real>(q: &[T], k: &[T], v: &[T], mask: &[bool], s: AttnShape) -> (Vec<T>, Vec<T>) {
     let (t, d, dh) = (s.seq, s.width(), s.head_dim);
     assert!(q.len() == s.batch * t * d && k.len() == q.len() && v.len() == q.len() && mask.len() == s.batch * t);
@@ -226,40 +268,55 @@ pub fn attention_forward<T: Real>(q: &[T], k: &[T], v: &[T], mask: &[bool], s: A
         .for_each(|(b, (ctx, probs))| {
             let base = b * t * d;
             let mask = &mask[b * t..(b + 1) * t];
-            for h in 0..s.heads {
-                let col = h * dh;
-                for i in 0..t {
-                    let qi = &q[base + i * d + col..base + i * d + col + dh];
-                    let p = &mut probs[(h * t + i) * t..(h * t + i + 1) * t];
-                    let mut mx = T::neg_infinity();
-                    for j in 0..t {
-                        if mask[j] {
-                            let sc = dot(qi, &k[base + j * d + col..base + j * d + col + dh]) * scale;
-                            p[j] = sc;
-                            mx = mx.max(sc);
-                        }
-                    }
-                    let mut sum = T::zero();
-                    for j in 0..t {
-                        p[j] = if mask[j] { (p[j] - mx).exp() } else { T::zero() };
-                        sum += p[j];
-                    }
-                    let inv = T::one() / sum;
-                    let out = &mut ctx[i * d + col..i * d + col + dh];
-                    for j in 0..t {
-                        if mask[j] {
-                            p[j] *= inv;
-                            axpy(out, p[j], &v[base + j * d + col..base + j * d + col + dh]);
-                        }
-                    }
-                }
+            for (h, p) in probs.chunks_mut(t * t).enumerate() {
+                let col = base + h * dh;
+                // S = Q_h K_hᵀ / √dh into P's storage, then softmax row by row in place.
+                small_gemm((t, t, dh), p, t, &q[col..], (d, 1), &k[col..], (1, d), scale);
+                softmax_rows(p, t, mask);
+                small_gemm(
+                    (t, dh, t),
+                    &mut ctx[h * dh..],
+                    d,
+                    p,
+                    (t, 1),
+                    &v[col..],
+                    (d, 1),
+                    T::one(),
+                );
             }
         });
     (ctx, probs)
 }
 
+/// Each row of `p` (rows of width t) becomes the softmax of its entries over the real keys
+/// (`mask[j]`); padded keys get exactly 0.
+fn softmax_rows<T: Real>(p: &mut [T], t: usize, mask: &[bool]) {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            for row in p.chunks_mut(t) {
+                let mut mx = T::neg_infinity();
+                for (&x, &m) in row.iter().zip(mask) {
+                    if m {
+                        mx = mx.max(x);
+                    }
+                }
+                let mut sum = T::zero();
+                for (x, &m) in row.iter_mut().zip(mask) {
+                    *x = if m { (*x - mx).fast_exp() } else { T::zero() };
+                    sum += *x;
+                }
+                let inv = T::one() / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        },
+    )
+}
+
 /// Attention's backward, per head: `∂P = ∂ctx Vᵀ`, `∂S = P ∘ (∂P − rowsum(P ∘ ∂P))`,
 /// `∂Q = ∂S K / √dh`, `∂K = ∂Sᵀ Q / √dh`, `∂V = Pᵀ ∂ctx`. Returns (∂Q, ∂K, ∂V), each (B·T, D).
+/// Padded keys have P = 0, so their ∂S, ∂K and ∂V are exactly 0. Five small GEMMs per
+/// (batch, head); parallel over the batch.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Real>(
     q: &[T],
@@ -271,7 +328,7 @@ pub fn attention_backward<T: Real>(
     s: AttnShape,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, d, dh) = (s.seq, s.width(), s.head_dim);
-    assert!(dctx.len() == q.len() && probs.len() == s.batch * s.heads * t * t);
+    assert!(dctx.len() == q.len() && probs.len() == s.batch * s.heads * t * t && mask.len() == s.batch * t);
     let scale = T::of(1.0 / (dh as f64).sqrt());
     let (mut dq, mut dk, mut dv) = (
         vec![T::zero(); q.len()],
@@ -284,34 +341,36 @@ pub fn attention_backward<T: Real>(
         .enumerate()
         .for_each(|(b, ((dq, dk), dv))| {
             let base = b * t * d;
-            let mask = &mask[b * t..(b + 1) * t];
-            let mut ds = vec![T::zero(); t];
+            let mut ds = vec![T::zero(); t * t];
             for h in 0..s.heads {
-                let col = h * dh;
-                for i in 0..t {
-                    let p = &probs[((b * s.heads + h) * t + i) * t..((b * s.heads + h) * t + i + 1) * t];
-                    let gi = &dctx[base + i * d + col..base + i * d + col + dh];
-                    let mut rowsum = T::zero();
-                    for j in 0..t {
-                        ds[j] = if mask[j] {
-                            dot(gi, &v[base + j * d + col..base + j * d + col + dh])
-                        } else {
-                            T::zero()
-                        };
-                        rowsum += p[j] * ds[j];
-                    }
-                    let qi = &q[base + i * d + col..base + i * d + col + dh];
-                    for j in 0..t {
-                        if !mask[j] {
-                            continue;
+                let col = base + h * dh;
+                let p = &probs[(b * s.heads + h) * t * t..(b * s.heads + h + 1) * t * t];
+                // ∂P = ∂ctx_h V_hᵀ, then ∂S in place.
+                small_gemm(
+                    (t, t, dh),
+                    &mut ds,
+                    t,
+                    &dctx[col..],
+                    (d, 1),
+                    &v[col..],
+                    (1, d),
+                    T::one(),
+                );
+                pulp::Arch::new().dispatch(
+                    #[inline(always)]
+                    || {
+                        for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                            let rowsum = p.iter().zip(ds.iter()).fold(T::zero(), |a, (&p, &g)| a + p * g);
+                            for (g, &p) in ds.iter_mut().zip(p) {
+                                *g = p * (*g - rowsum) * scale;
+                            }
                         }
-                        let dsj = p[j] * (ds[j] - rowsum) * scale;
-                        let kj = &k[base + j * d + col..base + j * d + col + dh];
-                        axpy(&mut dq[i * d + col..i * d + col + dh], dsj, kj);
-                        axpy(&mut dk[j * d + col..j * d + col + dh], dsj, qi);
-                        axpy(&mut dv[j * d + col..j * d + col + dh], p[j], gi);
-                    }
-                }
+                    },
+                );
+                let off = h * dh;
+                small_gemm((t, dh, t), &mut dq[off..], d, &ds, (t, 1), &k[col..], (d, 1), T::one());
+                small_gemm((t, dh, t), &mut dk[off..], d, &ds, (1, t), &q[col..], (d, 1), T::one());
+                small_gemm((t, dh, t), &mut dv[off..], d, p, (1, t), &dctx[col..], (d, 1), T::one());
             }
         });
     (dq, dk, dv)

@@ -38,6 +38,7 @@ pub mod net;
 pub mod pass;
 pub(crate) mod resident;
 pub mod train;
+pub mod vmath;
 
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -73,6 +74,34 @@ pub trait Real:
 
     fn of(x: f64) -> Self;
     fn erf(self) -> Self;
+    /// `e^x`: libm's, or for f32 the vectorisable one of [`vmath`] (within 2 ulp).
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
+
+    /// Exact GELU element-wise, `y = x Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`: libm's erf here, the
+    /// vectorised one of [`vmath`] for f32.
+    fn gelu(x: &[Self], y: &mut [Self]) {
+        let (half, s) = (Self::of(0.5), Self::of(std::f64::consts::FRAC_1_SQRT_2));
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = half * x * (Self::one() + (x * s).erf());
+        }
+    }
+
+    /// GELU's backward, `∂x = ∂y · (Φ(x) + x φ(x))`, φ the standard normal density.
+    fn gelu_backward(x: &[Self], dy: &[Self], dx: &mut [Self]) {
+        let (half, s, c) = (
+            Self::of(0.5),
+            Self::of(std::f64::consts::FRAC_1_SQRT_2),
+            Self::of(0.398_942_280_401_432_7),
+        );
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = half * (Self::one() + (x * s).erf());
+            let pdf = c * (-half * x * x).exp();
+            *dx = dy * (cdf + x * pdf);
+        }
+    }
 
     /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`, (T, d_out), on the CPU: the fused fast path for
     /// f32, the plain reference for f64. (A model on a kernel device runs
@@ -105,6 +134,16 @@ impl Real for f32 {
     }
     fn erf(self) -> Self {
         libm::erff(self)
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        vmath::exp(self)
+    }
+    fn gelu(x: &[f32], y: &mut [f32]) {
+        vmath::gelu(x, y)
+    }
+    fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        vmath::gelu_backward(x, dy, dx)
     }
     fn linear_forward(l: LinArgs<f32>, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, fast::Cache)> {
         fast::forward(&fast_layer(l), x, c, rows)
