@@ -98,7 +98,7 @@ pub fn log_run_to<A: Serialize>(
     started: Instant,
     extra: serde_json::Value,
 ) -> Result<()> {
-    let mut text = match std::fs::read_to_string(&path) {
+    let mut text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(Error::io(path, e)),
