@@ -333,20 +333,24 @@ fn out_parent(out: &Path) -> PathBuf {
     }
 }
 
-/// Temporary files and directories are created owner-only; give the output the mode the
-/// previous `out` had, or the usual 0644 / 0755 for a new one.
-fn set_output_mode(tmp: &Path, out: &Path, is_dir: bool) -> Result<()> {
+/// Temporary siblings of `out` are created with mode 0666 (file) or 0777 (directory) so that
+/// the user's umask decides their permissions, as it would for a file written in place
+/// (`tempfile`'s default, 0600 / 0700, would hide results from the rest of a group).
+#[cfg(unix)]
+fn umask_mode(is_dir: bool) -> fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    fs::Permissions::from_mode(if is_dir { 0o777 } else { 0o666 })
+}
+
+/// An output that replaces an existing `out` keeps that file's mode; a new one keeps the
+/// umask-derived mode it was created with.
+fn keep_previous_mode(tmp: &Path, out: &Path) -> Result<()> {
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let perms = match fs::metadata(out) {
-            Ok(m) => m.permissions(),
-            Err(_) => fs::Permissions::from_mode(if is_dir { 0o755 } else { 0o644 }),
-        };
-        fs::set_permissions(tmp, perms).map_err(|e| Error::io(tmp, e))?;
+    if let Ok(m) = fs::metadata(out) {
+        fs::set_permissions(tmp, m.permissions()).map_err(|e| Error::io(tmp, e))?;
     }
     #[cfg(not(unix))]
-    let _ = (tmp, out, is_dir);
+    let _ = (tmp, out);
     Ok(())
 }
 
@@ -358,22 +362,26 @@ fn temp_prefix(out: &Path) -> String {
 }
 
 /// Writes `bytes` to `out` via a temporary file in the same directory and a rename, so an
-/// existing `out` is replaced whole or not at all.
+/// existing `out` is replaced whole or not at all. The one atomic file write of the crate
+/// (adapters, folded bases, experiment results and reports): a new file gets the mode the
+/// user's umask gives, a replaced one keeps its mode.
 pub fn write_file_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
     if out.is_dir() {
         return Err(Error::File {
             path: out.to_path_buf(),
-            msg: "is a directory; --out with --base must be a file path".into(),
+            msg: "is a directory; a file path is needed here".into(),
         });
     }
     let parent = out_parent(out);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(out))
-        .tempfile_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let prefix = temp_prefix(out);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    #[cfg(unix)]
+    builder.permissions(umask_mode(false));
+    let mut tmp = builder.tempfile_in(&parent).map_err(|e| Error::io(&parent, e))?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    set_output_mode(tmp.path(), out, false)?;
+    keep_previous_mode(tmp.path(), out)?;
     // On failure the NamedTempFile inside the error is dropped, which deletes it.
     tmp.persist(out).map_err(|e| Error::io(out, e.error))?;
     Ok(())
@@ -389,12 +397,14 @@ pub fn write_adapter_atomic(out: &Path, adapter: &Adapter, dtype: StoreDtype) ->
         });
     }
     let parent = out_parent(out);
-    let tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(out))
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let prefix = temp_prefix(out);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    #[cfg(unix)]
+    builder.permissions(umask_mode(true));
+    let tmp = builder.tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     adapter.save(tmp.path(), dtype)?;
-    set_output_mode(tmp.path(), out, true)?;
+    keep_previous_mode(tmp.path(), out)?;
     if !out.exists() {
         fs::rename(tmp.path(), out).map_err(|e| Error::io(out, e))?;
         // Already renamed; keep the TempDir guard from deleting the new `out`.

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::data::Images;
+use super::shard::Plan;
 use super::tasks::{self, TaskData};
 use super::{
     accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, RANK, TARGETS,
@@ -126,6 +127,17 @@ pub struct FewshotArgs {
     /// separate --out for each choice.
     #[arg(long, value_delimiter = ',')]
     pub modules: Vec<String>,
+    /// Run only shard I of N (0-based) of the units, into `<out stem>.shard-III-of-NNN.jsonl`
+    /// beside --out, with the plan in `<out stem>.plan.json` (see docs/cluster.md). Without
+    /// it, a Slurm array task (SLURM_ARRAY_TASK_ID/_MIN/_COUNT) or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX, with --shard-count) picks its shard from the environment.
+    #[arg(long, value_name = "I/N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<super::shard::Shard>,
+    /// The number of shards, where the environment gives only an index (Kubernetes).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard_count: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArg,
@@ -154,12 +166,28 @@ pub struct UnitResult {
     /// Library modules composed (0 for methods without a library, and in older files).
     #[serde(default)]
     pub modules: usize,
+    /// The id of the sharded sweep's plan this unit belongs to (absent without `--shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 impl UnitResult {
     pub(crate) fn key(&self) -> (String, Method, usize, u64) {
         (self.task.clone(), self.method, self.k, self.seed)
     }
+
+    /// The unit's name in plans and messages, e.g. `mnist-01567/K=4/seed=2/learned`.
+    pub fn unit_key(&self) -> String {
+        unit_key(&self.task, self.k, self.seed, self.method)
+    }
+}
+
+/// A unit's name: task, shots per class (`all` for the whole pool), seed, method (as
+/// `--methods` spells it).
+pub fn unit_key(task: &str, k: usize, seed: u64, method: Method) -> String {
+    let k = if k == 0 { "all".to_string() } else { k.to_string() };
+    let m = clap::ValueEnum::to_possible_value(&method).expect("no skipped methods");
+    format!("{task}/K={k}/seed={seed}/{}", m.get_name())
 }
 
 /// Reads a results file; a line that does not parse is an error naming the file and line (the
@@ -488,12 +516,14 @@ fn run_unit(
             }
             _ => 0,
         },
+        plan: None,
     })
 }
 
 pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     let started = Instant::now();
     super::code_version();
+    let shard = super::shard::resolve(args.shard, args.shard_count, &|name| std::env::var(name).ok())?;
     let mut base = load_base(&args.base)?;
     base.to_device(&args.device.select()?)?;
     let (names, mut library) = load_library(&args.library)?;
@@ -556,32 +586,83 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     } else {
         args.methods.clone()
     };
-    let results = read_results(&args.out)?;
-    if let Some(r) = results.iter().find(|r| r.modules != 0 && r.modules != n_modules) {
-        return Err(Error::Arg(format!(
-            "{} holds runs that composed {} modules, this one composes {n_modules}; use another --out",
-            args.out.display(),
-            r.modules
-        )));
-    }
-    let done: BTreeSet<_> = results.iter().map(UnitResult::key).collect();
-    let mut todo = Vec::new();
+    // The whole table, in order: task × shots × seed × method.
+    let mut table = Vec::new();
     for task in &chosen {
         for &k in &args.shots {
             for seed in 0..args.seeds {
                 for &m in &methods {
-                    if !done.contains(&(task.spec.name.clone(), m, k, seed)) {
-                        todo.push((*task, k, seed, m));
-                    }
+                    table.push((*task, k, seed, m));
                 }
             }
         }
     }
+    let (out, plan_id) = match &shard {
+        None => (args.out.clone(), None),
+        Some((shard, source)) => {
+            let keys: Vec<String> = table
+                .iter()
+                .map(|(t, k, seed, m)| unit_key(&t.spec.name, *k, *seed, *m))
+                .collect();
+            let plan = Plan::new(plan_settings(&args, &names, n_modules)?, keys.clone());
+            let plan_path = super::shard::plan_path(&args.out);
+            match Plan::load(&plan_path)? {
+                Some(old) if old != plan => {
+                    return Err(Error::File {
+                        path: plan_path,
+                        msg: format!(
+                            "holds plan {} and this run is plan {} ({}); shards of different \
+                             plans cannot share a results directory: use another --out \
+                             directory, or delete the old plan and its shard files",
+                            old.id,
+                            plan.id,
+                            plan_difference(&old, &plan)
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => write_atomic(&plan_path, plan.to_text().as_bytes())?,
+            }
+            let mine = super::shard::units_of(&keys, *shard);
+            eprintln!(
+                "fewshot: shard {shard} ({source}): {} of {} units, plan {}",
+                mine.len(),
+                table.len(),
+                plan.id
+            );
+            table = mine.into_iter().map(|u| table[u]).collect();
+            (super::shard::results_path(&args.out, *shard), Some(plan.id))
+        }
+    };
+    let results = read_results(&out)?;
+    if let Some(r) = results.iter().find(|r| r.modules != 0 && r.modules != n_modules) {
+        return Err(Error::Arg(format!(
+            "{} holds runs that composed {} modules, this one composes {n_modules}; use another --out",
+            out.display(),
+            r.modules
+        )));
+    }
+    if let Some(r) = results.iter().find(|r| r.plan != plan_id) {
+        return Err(Error::File {
+            path: out.clone(),
+            msg: format!(
+                "holds unit {} of plan {}, this run is plan {}; use another --out",
+                r.unit_key(),
+                r.plan.as_deref().unwrap_or("(none: a run without --shard)"),
+                plan_id.as_deref().unwrap_or("(none: a run without --shard)")
+            ),
+        });
+    }
+    let done: BTreeSet<_> = results.iter().map(UnitResult::key).collect();
+    let todo: Vec<_> = table
+        .into_iter()
+        .filter(|(task, k, seed, m)| !done.contains(&(task.spec.name.clone(), *m, *k, *seed)))
+        .collect();
     eprintln!(
         "fewshot: {} units to run, {} already in {}",
         todo.len(),
         results.len(),
-        args.out.display()
+        out.display()
     );
     let pb = progress(todo.len(), "fewshot");
     let saved = std::sync::Mutex::new(results);
@@ -605,7 +686,8 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
         };
         pb.set_message(format!("{} K={k} seed {seed}", task.spec.name));
         ms.par_iter().try_for_each(|&m| -> Result<()> {
-            let r = run_unit(&base, &library, &unit, m, &args)?;
+            let mut r = run_unit(&base, &library, &unit, m, &args)?;
+            r.plan = plan_id.clone();
             if r.diverged {
                 say(
                     &pb,
@@ -623,25 +705,89 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
                 .iter()
                 .map(|r| serde_json::to_string(r).expect("results serialise") + "\n")
                 .collect();
-            write_atomic(&args.out, text.as_bytes())?;
+            write_atomic(&out, text.as_bytes())?;
             pb.inc(1);
             Ok(())
         })?;
     }
     pb.finish_and_clear();
     let results = saved.into_inner().unwrap_or_else(|e| e.into_inner());
-    let dir = args
-        .out
+    let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    super::log_run(
-        dir,
+    // Shards running at once would lose each other's records in one shared log.
+    let log = match shard {
+        None => dir.join("runs.jsonl"),
+        Some((s, _)) => dir.join(format!("runs.shard-{:03}-of-{:03}.jsonl", s.index, s.count)),
+    };
+    super::log_run_to(
+        &log,
         "fewshot",
         &args,
         started,
         serde_json::json!({"units": results.len()}),
     )
+}
+
+/// What decides a unit's result besides its key: the step budget and search sizes, the test
+/// cap, the sub-library, and fingerprints of the input files' bytes (base, library modules,
+/// downstream data). The device is left out: CPU and GPU shards of one plan may be merged,
+/// and `report` refuses any unit on which they disagree.
+fn plan_settings(args: &FewshotArgs, names: &[String], n_modules: usize) -> Result<serde_json::Value> {
+    use super::shard::fnv1a64;
+    let digest = |path: &Path| -> Result<String> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(format!("{:016x}", fnv1a64(&bytes)))
+    };
+    let mut library = serde_json::Map::new();
+    for name in names {
+        let dir = args.library.join(name);
+        let files = ["adapter_config.json", "adapter_model.safetensors"]
+            .iter()
+            .map(|f| digest(&dir.join(f)))
+            .collect::<Result<Vec<_>>>()?;
+        library.insert(name.clone(), files.join(" ").into());
+    }
+    Ok(serde_json::json!({
+        "steps": args.steps,
+        "batch": args.batch,
+        "es_population": args.es_population,
+        "es_generations": args.es_generations,
+        "test_per_class": args.test_per_class,
+        "modules": args.modules,
+        "n_modules": n_modules,
+        "base": digest(&args.base)?,
+        "data": digest(&args.data)?,
+        "library": library,
+    }))
+}
+
+/// A short account of how two plans differ, for the refusal message.
+fn plan_difference(a: &Plan, b: &Plan) -> String {
+    let mut out = Vec::new();
+    if let (Some(x), Some(y)) = (a.settings.as_object(), b.settings.as_object()) {
+        for (k, v) in x {
+            let w = y.get(k).unwrap_or(&serde_json::Value::Null);
+            if v != w {
+                let (v, w) = (v.to_string(), w.to_string());
+                // Fingerprint maps are long: name them only.
+                if v.len() + w.len() > 80 {
+                    out.push(format!("{k} differs"));
+                } else {
+                    out.push(format!("{k}: {v} vs {w}"));
+                }
+            }
+        }
+    }
+    if a.units != b.units {
+        out.push(format!("units: {} vs {}", a.units.len(), b.units.len()));
+    }
+    if out.is_empty() {
+        "same settings and units".into()
+    } else {
+        out.join("; ")
+    }
 }
 
 /// `lora-compose` with no subcommand: the reduced comparison from the committed `data/`, then
@@ -675,6 +821,8 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_generations: 5,
                 test_per_class: None,
                 modules: Vec::new(),
+                shard: None,
+                shard_count: None,
                 device: args.device,
             },
         )
@@ -696,12 +844,17 @@ pub fn run_default(args: DefaultArgs) -> Result<()> {
                 es_generations: 3,
                 test_per_class: Some(DEFAULT_TEST_PER_CLASS),
                 modules: Vec::new(),
+                shard: None,
+                shard_count: None,
                 device: args.device,
             },
         )
     };
     run_fewshot(fewshot)?;
-    super::run_report(super::ReportArgs { dir: out })?;
+    super::run_report(super::ReportArgs {
+        dir: out,
+        results: Vec::new(),
+    })?;
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -817,6 +970,8 @@ mod tests {
             es_generations: 1,
             test_per_class: Some(1),
             modules: Vec::new(),
+            shard: None,
+            shard_count: None,
             device: DeviceArg::CPU,
         };
         let mut dev = base.clone();
@@ -894,6 +1049,8 @@ mod tests {
             es_generations: 1,
             test_per_class: Some(1),
             modules: Vec::new(),
+            shard: None,
+            shard_count: None,
             device: DeviceArg::CPU,
         };
         run_fewshot(args.clone()).unwrap();

@@ -16,6 +16,7 @@
 pub mod data;
 pub mod methods;
 pub mod report;
+pub mod shard;
 pub mod tasks;
 
 use std::collections::BTreeMap;
@@ -45,21 +46,16 @@ pub const TARGETS: [&str; 2] = ["query", "value"];
 pub const RANK: usize = 4;
 pub const ALPHA: f64 = 8.0;
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+/// Creates `path`'s directory if needed, then writes `bytes` with the crate's one atomic file
+/// write ([`crate::merge::write_file_atomic`]: temporary file + rename, the umask's mode for a
+/// new file, the previous mode for a replaced one).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempfile_in(parent)
-        .map_err(|e| Error::io(parent, e))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    crate::merge::write_file_atomic(path, bytes)
 }
 
 /// The code version: crate version and, when run from a git checkout, the commit (`-dirty`
@@ -91,11 +87,21 @@ pub fn log_run<A: Serialize>(
     started: Instant,
     extra: serde_json::Value,
 ) -> Result<()> {
-    let path = dir.join("runs.jsonl");
-    let mut text = match std::fs::read_to_string(&path) {
+    log_run_to(&dir.join("runs.jsonl"), command, args, started, extra)
+}
+
+/// Appends one run record to the log file `path`.
+pub fn log_run_to<A: Serialize>(
+    path: &Path,
+    command: &str,
+    args: &A,
+    started: Instant,
+    extra: serde_json::Value,
+) -> Result<()> {
+    let mut text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(Error::io(&path, e)),
+        Err(e) => return Err(Error::io(path, e)),
     };
     let rec = serde_json::json!({
         "command": command,
@@ -108,7 +114,7 @@ pub fn log_run<A: Serialize>(
     });
     text.push_str(&rec.to_string());
     text.push('\n');
-    write_atomic(&path, text.as_bytes())
+    write_atomic(path, text.as_bytes())
 }
 
 pub(crate) fn progress(n: usize, what: &str) -> ProgressBar {

@@ -12,13 +12,19 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use super::methods::{read_results, Method, UnitResult};
+use super::shard::{self, Plan};
 use crate::{Error, Result};
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct ReportArgs {
-    /// Directory with `fewshot.jsonl`; the report and plots are written there.
+    /// Directory the report and plots are written to; its `fewshot.jsonl` and
+    /// `fewshot.shard-*-of-*.jsonl` are the results when no RESULTS files are named.
     #[arg(long, default_value = "results/default")]
     pub dir: PathBuf,
+    /// Results files to merge (shards of one plan, reruns): exact duplicates are dropped,
+    /// conflicting results for one unit are refused.
+    #[arg(value_name = "RESULTS")]
+    pub results: Vec<PathBuf>,
 }
 
 /// t₀.₉₇₅ with `df` degrees of freedom.
@@ -277,18 +283,257 @@ pub fn plot_coeffs(results: &[UnitResult], path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// The results files `report --dir DIR` reads when given none: `DIR/fewshot.jsonl` when it
+/// exists, then every `DIR/fewshot.shard-III-of-NNN.jsonl`, by name.
+pub fn default_inputs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let single = dir.join("fewshot.jsonl");
+    if single.exists() {
+        out.push(single);
+    }
+    let mut shards = Vec::new();
+    if dir.is_dir() {
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if matches!(shard::parse_results_name(&name), Some((stem, _)) if stem == "fewshot") {
+                shards.push(e.path());
+            }
+        }
+    }
+    shards.sort();
+    out.extend(shards);
+    Ok(out)
+}
+
+/// The results of several files merged into one set.
+#[derive(Debug)]
+pub struct Merged {
+    /// One result per unit, sorted by unit.
+    pub results: Vec<UnitResult>,
+    /// Exact duplicates dropped (equal but for timing).
+    pub duplicates: usize,
+    /// The plan the files belong to (`None`: results of runs without `--shard`).
+    pub plan: Option<String>,
+}
+
+/// A result as JSON without its timing (`seconds`), the part two runs of a unit must agree on.
+fn comparable(r: &UnitResult) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).expect("results serialise");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("seconds");
+    }
+    v
+}
+
+/// Merges results files: every file must belong to one plan (or all to none), a unit found
+/// twice must agree but for its timing (the copy is dropped), and conflicting units are an
+/// error naming the unit, both files and the fields that differ.
+pub fn merge_results(files: &[PathBuf]) -> Result<Merged> {
+    let mut by_unit: BTreeMap<(String, Method, usize, u64), (UnitResult, usize)> = BTreeMap::new();
+    let mut plan: Option<(Option<String>, usize)> = None;
+    let mut duplicates = 0;
+    let describe = |p: &Option<String>| match p {
+        Some(id) => format!("plan {id}"),
+        None => "no plan (a run without --shard)".to_string(),
+    };
+    for (fi, file) in files.iter().enumerate() {
+        for r in read_results(file)? {
+            match &plan {
+                None => plan = Some((r.plan.clone(), fi)),
+                Some((p, first)) if *p != r.plan => {
+                    return Err(Error::Input(format!(
+                        "results of different sweeps: {} holds {} and {} holds {} (unit {}); \
+                         merge only the shards of one plan",
+                        files[*first].display(),
+                        describe(p),
+                        file.display(),
+                        describe(&r.plan),
+                        r.unit_key()
+                    )));
+                }
+                Some(_) => {}
+            }
+            match by_unit.entry(r.key()) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((r, fi));
+                }
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    let (old, ofi) = e.get();
+                    let (a, b) = (comparable(old), comparable(&r));
+                    if a != b {
+                        let fields: Vec<String> = a
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .filter(|(k, v)| b.get(k.as_str()) != Some(*v))
+                            .map(|(k, v)| {
+                                let w = b.get(k.as_str()).unwrap_or(&serde_json::Value::Null);
+                                let short = |x: &serde_json::Value| {
+                                    let t = x.to_string();
+                                    if t.chars().count() > 40 {
+                                        format!("{}…", t.chars().take(40).collect::<String>())
+                                    } else {
+                                        t
+                                    }
+                                };
+                                format!("{k} {} vs {}", short(v), short(w))
+                            })
+                            .collect();
+                        return Err(Error::Input(format!(
+                            "conflicting results for unit {}: {} and {} differ ({}); \
+                             delete the wrong one and rerun its shard",
+                            r.unit_key(),
+                            files[*ofi].display(),
+                            file.display(),
+                            fields.join(", ")
+                        )));
+                    }
+                    duplicates += 1;
+                }
+            }
+        }
+    }
+    Ok(Merged {
+        results: by_unit.into_values().map(|(r, _)| r).collect(),
+        duplicates,
+        plan: plan.and_then(|p| p.0),
+    })
+}
+
+/// The plan file of a sharded sweep, looked up beside its results files
+/// (`<stem>.plan.json` for `<stem>.shard-III-of-NNN.jsonl`, or for `<stem>.jsonl`).
+fn find_plan(files: &[PathBuf], id: &str) -> Result<Option<(PathBuf, Plan)>> {
+    let mut tried = BTreeSet::new();
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stem = match shard::parse_results_name(&name) {
+            Some((stem, _)) => stem,
+            None => name.trim_end_matches(".jsonl").to_string(),
+        };
+        let path = f.with_file_name(format!("{stem}.plan.json"));
+        if !tried.insert(path.clone()) {
+            continue;
+        }
+        if let Some(p) = Plan::load(&path)? {
+            if p.id != id {
+                return Err(Error::File {
+                    path,
+                    msg: format!(
+                        "is plan {}, but the results beside it are of plan {id}; merge only the \
+                         shards of one plan",
+                        p.id
+                    ),
+                });
+            }
+            return Ok(Some((path, p)));
+        }
+    }
+    Ok(None)
+}
+
+/// The warning section for planned units with no result, each with the shard that runs it
+/// for every shard count among the files' names.
+fn missing_section(plan: &Plan, have: &BTreeSet<String>, counts: &BTreeSet<usize>) -> Option<String> {
+    let missing: Vec<usize> = (0..plan.units.len())
+        .filter(|&u| !have.contains(&plan.units[u]))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut owner: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for &n in counts {
+        for i in 0..n {
+            let s = shard::Shard { index: i, count: n };
+            for u in shard::units_of(&plan.units, s) {
+                owner.entry(u).or_default().push(s.to_string());
+            }
+        }
+    }
+    let mut s = format!(
+        "\n## Warning: {} of {} planned units missing\n\n\
+         The tables above leave them out. Rerun the shards that run them (a rerun skips the \
+         units it has):\n\n",
+        missing.len(),
+        plan.units.len()
+    );
+    for u in missing {
+        match owner.get(&u) {
+            Some(sh) => {
+                let _ = writeln!(s, "- `{}` (shard {})", plan.units[u], sh.join(", "));
+            }
+            None => {
+                let _ = writeln!(s, "- `{}`", plan.units[u]);
+            }
+        }
+    }
+    Some(s)
+}
+
 pub fn run_report(args: ReportArgs) -> Result<()> {
+    let files = if args.results.is_empty() {
+        default_inputs(&args.dir)?
+    } else {
+        for f in &args.results {
+            if !f.is_file() {
+                return Err(Error::File {
+                    path: f.clone(),
+                    msg: "no such results file".into(),
+                });
+            }
+        }
+        args.results.clone()
+    };
     let path = args.dir.join("fewshot.jsonl");
-    let mut results = read_results(&path)?;
-    // Units are saved in the order they finish; sums over them should not depend on it.
-    results.sort_by_key(UnitResult::key);
+    // Units are sorted by key: sums over them do not depend on the order they finished in.
+    let merged = merge_results(&files)?;
+    if merged.duplicates > 0 {
+        eprintln!(
+            "report: dropped {} duplicate units (equal but for timing)",
+            merged.duplicates
+        );
+    }
+    let results = merged.results;
     if results.is_empty() {
         return Err(Error::File {
             path,
             msg: "no results yet; run `lora-compose fewshot` first".into(),
         });
     }
-    let md = render(&results);
+    let mut md = render(&results);
+    if let Some(id) = &merged.plan {
+        match find_plan(&files, id)? {
+            Some((plan_path, plan)) => {
+                let have: BTreeSet<String> = results.iter().map(UnitResult::unit_key).collect();
+                if let Some(extra) = have.iter().find(|k| !plan.units.contains(*k)) {
+                    return Err(Error::File {
+                        path: plan_path,
+                        msg: format!("does not list unit {extra}, which the results hold"),
+                    });
+                }
+                let counts: BTreeSet<usize> = files
+                    .iter()
+                    .filter_map(|f| shard::parse_results_name(&f.file_name()?.to_string_lossy()))
+                    .map(|(_, s)| s.count)
+                    .collect();
+                if let Some(section) = missing_section(&plan, &have, &counts) {
+                    eprintln!(
+                        "report: warning: {} of {} planned units have no result (listed in the report)",
+                        plan.units.len() - have.len(),
+                        plan.units.len()
+                    );
+                    md.push_str(&section);
+                }
+            }
+            None => eprintln!(
+                "report: warning: the plan file of plan {id} is not beside the results; missing \
+                 units cannot be listed"
+            ),
+        }
+    }
     println!("{md}");
     super::write_atomic(&args.dir.join("report.md"), md.as_bytes())?;
     let svg = args.dir.join("accuracy_vs_shots.svg");
@@ -332,6 +577,7 @@ mod tests {
             seconds: 0.1,
             coeffs: Default::default(),
             modules: 0,
+            plan: None,
         };
         let rs = vec![
             r(Method::Head, Some(0.5)),
