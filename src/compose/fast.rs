@@ -57,7 +57,17 @@ impl<'a> View<'a> {
     }
 }
 
+/// Up to this many rows, [`matmul`] runs the GEMM column-major (see there).
+const SMALL_M: usize = 64;
+
 /// `dst (m, n) row-major = [dst +] a (m, k) · b (k, n)`, on the `gemm` crate.
+///
+/// The crate's microkernel wants the destination and the left operand column-major; given a
+/// row-major destination it solves the transposed problem, whose left operand is then `bᵀ` —
+/// for `Y = X Wᵀ` that is W itself, row-major, which it repacks on every call, and more than
+/// once (per column block). At few rows (m ≤ [`SMALL_M`], a multiple of 8) that repacking costs
+/// more than the multiply-adds, so there `a` is copied column-major, the product is formed
+/// column-major in a scratch buffer and copied back: 2·m·(k + n) moves instead of ≥ k·n.
 pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ: {m}×{k} · {}×{n}", b.rows);
@@ -79,17 +89,56 @@ pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the kernel forms, (i·rs + j·cs) for i < rows,
-    // j < cols, inside each slice; `dst` is an exclusive borrow of exactly m·n elements and does
-    // not alias the shared inputs.
+    if m <= SMALL_M && m % 8 == 0 && a.rs != 1 && n >= 32 && k >= 32 {
+        // aᵀ-major copy: element (i, l) at i + l·m.
+        let mut at = vec![0.0f32; m * k];
+        for (l, col) in at.chunks_mut(m).enumerate() {
+            for (i, x) in col.iter_mut().enumerate() {
+                *x = a.data[i * a.rs + l * a.cs];
+            }
+        }
+        let mut dt = vec![0.0f32; m * n];
+        if accumulate {
+            for (j, col) in dt.chunks_mut(m).enumerate() {
+                for (i, x) in col.iter_mut().enumerate() {
+                    *x = dst[i * n + j];
+                }
+            }
+        }
+        let at_view = View {
+            data: &at,
+            rows: m,
+            cols: k,
+            rs: 1,
+            cs: m,
+        };
+        gemm_raw(&mut dt, (m, 1), at_view, b, accumulate);
+        for (j, col) in dt.chunks(m).enumerate() {
+            for (i, &x) in col.iter().enumerate() {
+                dst[i * n + j] = x;
+            }
+        }
+        return;
+    }
+    gemm_raw(dst, (1, n), a, b, accumulate);
+}
+
+/// `dst = [dst +] a · b` for a destination with column stride `cs` and row stride `rs`,
+/// shapes and bounds already checked by [`matmul`].
+fn gemm_raw(dst: &mut [f32], (cs, rs): (usize, usize), a: View, b: View, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    debug_assert!((m - 1) * rs + (n - 1) * cs < dst.len());
+    // SAFETY: matmul's asserts keep every index the kernel forms, (i·rs + j·cs) for i < rows,
+    // j < cols, inside each slice (the scratch buffers are exactly m·k and m·n); `dst` is an
+    // exclusive borrow and does not alias the shared inputs.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            cs as isize,
+            rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -349,4 +398,70 @@ pub fn backward(
         }
     }
     Ok(gr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// [`matmul`] against an f64 product, for both of its routes (few rows: column-major scratch;
+    /// otherwise straight to the crate), with and without accumulation, on row-major and
+    /// transposed views. Bound: k·ε_f32·Σ|a||b| per element (the f32 accumulation error).
+    #[test]
+    fn matmul_matches_f64_on_both_routes() {
+        let seed = rand::rng().random();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        // (m, k, n): the small-m route needs m ≤ 64, m % 8 == 0, k, n ≥ 32.
+        let shapes = [
+            (8, 40, 33),
+            (16, 96, 64),
+            (64, 32, 37),
+            (24, 129, 50),
+            (72, 40, 40),
+            (16, 20, 64),
+            (7, 64, 64),
+        ];
+        for &(m, k, n) in &shapes {
+            for (a_t, b_t, acc) in [
+                (false, true, false),
+                (false, true, true),
+                (false, false, true),
+                (true, false, false),
+            ] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let d0: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                // Stored so that the logical operands are (m, k) and (k, n) either way.
+                let av = if a_t {
+                    View::new(&a, k, m).t()
+                } else {
+                    View::new(&a, m, k)
+                };
+                let bv = if b_t {
+                    View::new(&b, n, k).t()
+                } else {
+                    View::new(&b, k, n)
+                };
+                let mut dst = if acc { d0.clone() } else { vec![f32::NAN; m * n] };
+                matmul(&mut dst, av, bv, acc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut mag) = (if acc { d0[i * n + j] as f64 } else { 0.0 }, 0.0f64);
+                        for l in 0..k {
+                            let p = av.data[i * av.rs + l * av.cs] as f64 * bv.data[l * bv.rs + j * bv.cs] as f64;
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let got = dst[i * n + j] as f64;
+                        let bound = (k + 1) as f64 * f32::EPSILON as f64 * (mag + 1.0);
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "seed {seed}: {m}×{k}·{k}×{n} (a_t {a_t}, b_t {b_t}, acc {acc}) at ({i}, {j}): got {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
