@@ -5,6 +5,8 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 // Static shared memory; the CPU harness version also registers the array for poisoning.
 #define SHARED(type, name, dims) __shared__ type name dims
 // Dynamic shared memory (the launch's shared-bytes argument), viewed as `type*`.
@@ -197,6 +199,151 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
     const float total = scratch[0];
     __syncthreads();
     return total;
+}
+
+// ---- tensor cores and asynchronous copies (sm_80 and later) ----------------------------------
+//
+// One call for both builds: inline PTX on a GPU build for sm_80 and later, the CPU harness's
+// warp-collective emulation otherwise (cuda/README.md lists what it checks). A fragment register
+// holds two 16-bit elements, the lower-indexed one in the low half (PTX ISA fragment layouts).
+// Device code for an architecture before sm_80 compiles these to a trap (reaching one is a bug).
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define LC_SM80_ASM 0
+#else
+#define LC_SM80_ASM 1
+#endif
+
+#ifdef __CUDACC__
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// d = a·b + c: mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (T picks the
+// input type). Every lane of the warp must call it, with the same T. d may alias c.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                             const float (&c)[4]) {
+    static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "bf16 or f16 inputs");
+#ifdef __CUDACC__
+#if !LC_SM80_ASM
+    __trap();
+#else
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%10,%11,%12,%13};\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+              "f"(c[3]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%10,%11,%12,%13};\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+              "f"(c[3]));
+    }
+#endif
+#else
+    ::lc_harness::mma_m16n8k16(
+        std::is_same<T, __nv_bfloat16>::value ? ::lc_harness::MmaInput::BF16 : ::lc_harness::MmaInput::F16, d, a, b, c);
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{COUNT}{.trans if TRANS}.shared.b16: lane l < 8·COUNT passes the
+// address of row l % 8 of matrix l / 8 (16-byte aligned shared memory; other lanes' addresses
+// are ignored); r[i] receives this lane's two elements of matrix i. Every lane must call it.
+template <int COUNT, bool TRANS>
+__device__ __forceinline__ void ldmatrix(unsigned (&r)[COUNT], const void* smem_row) {
+    static_assert(COUNT == 1 || COUNT == 2 || COUNT == 4, "ldmatrix .x1, .x2 or .x4");
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    const unsigned a = shared_address(smem_row);
+    if constexpr (COUNT == 1 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+    else if constexpr (COUNT == 1 && TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+    else if constexpr (COUNT == 2 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    else if constexpr (COUNT == 2 && TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(a));
+    else if constexpr (!TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+#else
+    ::lc_harness::ldmatrix(COUNT, TRANS, r, smem_row);
+#endif
+}
+
+// cp.async.cg.shared.global, 16 bytes (cached in L2 only): both addresses 16-byte aligned. The
+// destination may be read only after a cp_async_wait that completes its group, and by other
+// threads only after a barrier following that wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem) : "memory");
+#else
+    ::lc_harness::cp_async(smem, gmem, 16, "cp.async.cg");
+#endif
+}
+
+// cp.async.ca.shared.global of BYTES = 4, 8 or 16 (cached in L1 too), aligned to BYTES.
+template <int BYTES>
+__device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async.ca copies 4, 8 or 16 bytes");
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared_address(smem)), "l"(gmem), "n"(BYTES)
+                 : "memory");
+#else
+    ::lc_harness::cp_async(smem, gmem, BYTES, "cp.async.ca");
+#endif
+}
+
+// cp.async.commit_group: this thread's copies issued since the last commit form one group.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+    ::lc_harness::cp_async_commit();
+#endif
+}
+
+// cp.async.wait_group N: waits until at most N of this thread's committed groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+    ::lc_harness::cp_async_wait(N);
+#endif
+}
+
+// cp.async.wait_all: commits the pending copies and waits for all of them.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDACC__) && !LC_SM80_ASM
+    __trap();
+#elif defined(__CUDACC__)
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#else
+    ::lc_harness::cp_async_commit();
+    ::lc_harness::cp_async_wait(0);
+#endif
 }
 
 }  // namespace lc

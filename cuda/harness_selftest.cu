@@ -182,3 +182,77 @@ extern "C" __global__ void selftest_shared_unwritten(float* out) {
     __syncthreads();
     out[t] = tile[t];
 }
+
+// ---- tensor cores and asynchronous copies (src/harness/selftest/tensorcore.rs) ----------------
+
+// One warp: d = a·b + c through lc::mma_m16n8k16 with the fragments given per lane:
+// a[4 lane + r], b[2 lane + r] (two 16-bit elements per register), c[4 lane + i], d[4 lane + i].
+template <typename T>
+__device__ __forceinline__ void selftest_mma(const unsigned* a, const unsigned* b, const float* c, float* d) {
+    const int lane = threadIdx.x % 32;
+    const unsigned a_frag[4] = {a[4 * lane], a[4 * lane + 1], a[4 * lane + 2], a[4 * lane + 3]};
+    const unsigned b_frag[2] = {b[2 * lane], b[2 * lane + 1]};
+    const float c_frag[4] = {c[4 * lane], c[4 * lane + 1], c[4 * lane + 2], c[4 * lane + 3]};
+    float d_frag[4];
+    lc::mma_m16n8k16<T>(d_frag, a_frag, b_frag, c_frag);
+    for (int i = 0; i < 4; ++i) d[4 * lane + i] = d_frag[i];
+}
+extern "C" __global__ void selftest_mma_bf16(const unsigned* a, const unsigned* b, const float* c, float* d) {
+    selftest_mma<__nv_bfloat16>(a, b, c, d);
+}
+extern "C" __global__ void selftest_mma_f16(const unsigned* a, const unsigned* b, const float* c, float* d) {
+    selftest_mma<__half>(a, b, c, d);
+}
+
+// Block of 64 threads. Warp 1 stages `rows` (32 rows of 8 b16, row-major) in shared memory; after
+// a barrier (none when mode = 1) warp 0 runs ldmatrix .x{count}{.trans}: lane l passes the
+// address of staged row source_row[l] (plus 2 bytes when mode = 2: misaligned), and
+// out[4 l + i] = its register i (i < count).
+template <int COUNT, bool TRANS>
+__device__ __forceinline__ void selftest_ldmatrix_body(const unsigned short* staged, const int* source_row,
+                                                       unsigned* out, int mode) {
+    const int lane = threadIdx.x % 32;
+    unsigned r[COUNT];
+    const char* row = reinterpret_cast<const char*>(staged + 8 * source_row[lane]) + (mode == 2 ? 2 : 0);
+    lc::ldmatrix<COUNT, TRANS>(r, row);
+    for (int i = 0; i < COUNT; ++i) out[4 * lane + i] = r[i];
+}
+extern "C" __global__ void selftest_ldmatrix(const unsigned short* rows, const int* source_row, unsigned* out,
+                                             int count, int trans, int mode) {
+    SHARED(unsigned short, staged, [32 * 8]);
+    const int t = threadIdx.x;
+    if (t >= 32)
+        for (int j = 0; j < 8; ++j) staged[8 * (t - 32) + j] = rows[8 * (t - 32) + j];
+    if (mode != 1) __syncthreads();
+    if (t >= 32) return;
+    if (count == 1 && !trans) selftest_ldmatrix_body<1, false>(staged, source_row, out, mode);
+    if (count == 1 && trans) selftest_ldmatrix_body<1, true>(staged, source_row, out, mode);
+    if (count == 2 && !trans) selftest_ldmatrix_body<2, false>(staged, source_row, out, mode);
+    if (count == 2 && trans) selftest_ldmatrix_body<2, true>(staged, source_row, out, mode);
+    if (count == 4 && !trans) selftest_ldmatrix_body<4, false>(staged, source_row, out, mode);
+    if (count == 4 && trans) selftest_ldmatrix_body<4, true>(staged, source_row, out, mode);
+}
+
+// n = blockDim.x threads; `in` and `out` hold 11 n floats: [0, 4n) copied by cp.async.cg 16,
+// [4n, 8n) by cp.async.ca 16 (group 0), [8n, 10n) by cp.async.ca 8 and [10n, 11n) by
+// cp.async.ca 4 (group 1); thread t copies its own slice of each, and after the waits and a
+// barrier thread t writes thread (n - 1 - t)'s slices to its own place in `out`.
+// mode 0: correct; 1: no wait at all; 2: waits but no barrier; 3: cp.async.wait_group 1 only
+// (group 1 may still be in flight when it is read).
+extern "C" __global__ void selftest_cp_async(const float* in, float* out, int mode) {
+    SHARED(float, staged, [11 * 64]);
+    const int t = threadIdx.x, n = blockDim.x, u = n - 1 - t;
+    lc::cp_async16(&staged[4 * t], &in[4 * t]);
+    lc::cp_async_ca<16>(&staged[4 * n + 4 * t], &in[4 * n + 4 * t]);
+    lc::cp_async_commit();
+    lc::cp_async_ca<8>(&staged[8 * n + 2 * t], &in[8 * n + 2 * t]);
+    lc::cp_async_ca<4>(&staged[10 * n + t], &in[10 * n + t]);
+    lc::cp_async_commit();
+    if (mode == 0 || mode == 2) lc::cp_async_wait<0>();
+    if (mode == 3) lc::cp_async_wait<1>();
+    if (mode != 2) __syncthreads();
+    for (int j = 0; j < 4; ++j) out[4 * t + j] = staged[4 * u + j];
+    for (int j = 0; j < 4; ++j) out[4 * n + 4 * t + j] = staged[4 * n + 4 * u + j];
+    for (int j = 0; j < 2; ++j) out[8 * n + 2 * t + j] = staged[8 * n + 2 * u + j];
+    out[10 * n + t] = staged[10 * n + u];
+}

@@ -332,6 +332,10 @@ pub(crate) mod entries {
             lc_run_selftest_divergent_barriers,
             lc_run_selftest_workspace,
             lc_run_selftest_shared_unwritten,
+            lc_run_selftest_mma_bf16,
+            lc_run_selftest_mma_f16,
+            lc_run_selftest_ldmatrix,
+            lc_run_selftest_cp_async,
         );
     }
 }

@@ -257,6 +257,36 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::lc_harnes
 inline int __any_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate != 0) != 0; }
 inline int __all_sync(unsigned mask, int predicate) { return ::lc_harness::vote(mask, predicate == 0) == 0; }
 
+// ---- tensor cores and asynchronous copies (sm_80): warp-collective emulations --------------
+// cuda/common.cuh wraps these as lc::mma_m16n8k16, lc::ldmatrix, lc::cp_async*: inline PTX on a
+// GPU, these calls here. mma and ldmatrix are .sync.aligned: every lane of the warp must reach
+// the same instruction (a full-mask warp barrier, like a shuffle's), and the lanes exchange
+// their register fragments through the warp's slots. The fragment layouts are the PTX ISA's
+// (runtime.cpp, memcheck.cpp); src/harness/selftest/tensorcore.rs checks them against CuTe's
+// traits.
+namespace lc_harness {
+// Every lane of `mask` deposits `bits` and meets the others at a warp barrier; returns the
+// warp's 32 deposits (absent lanes read as poison), valid until this lane's next warp sync.
+inline const uint64_t* warp_gather(unsigned mask, uint64_t bits) {
+    warp_slots_for_write()[t_current->lane] = bits;
+    yield_to_scheduler(Wait::WarpSync, mask);
+    return warp_slots_for_read();
+}
+enum class MmaInput : int { F16, BF16 };
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: d = a·b + c for this lane's
+// fragments (a: 4 registers of 2 halves, b: 2, c/d: 4 floats). d may alias c.
+void mma_m16n8k16(MmaInput input, float* d, const uint32_t* a, const uint32_t* b, const float* c);
+// ldmatrix.sync.aligned.m8n8.x{count}{.trans}.shared.b16: lanes 0..8·count-1 give the row
+// addresses (16-byte aligned shared memory) of `count` 8x8 b16 matrices; r[i] receives this
+// lane's two elements of matrix i.
+void ldmatrix(int count, bool trans, uint32_t* r, const void* row_address);
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes: the source is read now; the destination
+// stays poisoned (unwritten) until a cp.async.wait_group completes the copy's group.
+void cp_async(void* dst, const void* src, int bytes, const char* instruction);
+void cp_async_commit();                 // cp.async.commit_group
+void cp_async_wait(int pending_groups);  // cp.async.wait_group N (wait_all: commit, then 0)
+}  // namespace lc_harness
+
 // ---- atomics ------------------------------------------------------------------------------
 // Real atomic read-modify-writes (memcheck.cpp), recorded as atomic accesses: two atomics on
 // one address never race, an atomic and a plain access between two barriers do. The overloads

@@ -218,6 +218,20 @@ __thread bool t_last_writable = false;
 __thread Record* t_device_shadow = nullptr;
 __thread bool t_pending = false;
 
+// One cp.async in flight: its source bytes (read at issue) and the commit group it belongs to.
+struct AsyncCopy {
+    uintptr_t dst;
+    uint32_t group;
+    uint32_t bytes;
+    uint8_t data[16];
+};
+struct AsyncState {
+    std::vector<AsyncCopy> in_flight;
+    uint32_t committed = 0;  // groups committed so far; uncommitted copies carry this number
+};
+// Per thread of the running block (reset at every block start).
+thread_local std::vector<AsyncState> t_async;
+
 const char* const* find_param_names(const char* kernel, size_t n_params) {
     static thread_local std::map<std::string, std::vector<std::string>> cache_strings;
     static thread_local std::map<std::string, std::vector<const char*>> cache;
@@ -560,6 +574,7 @@ bool shared_begin_block(size_t dynamic_bytes) {
         return false;
     }
     s.dynamic_bytes = dynamic_bytes;
+    t_async.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, AsyncState{});
     std::memset(reinterpret_cast<void*>(s.base + kDynamicOffset), 0xff, dynamic_bytes);
     for (const SiteInfo& site : s.sites) std::memset(reinterpret_cast<void*>(s.base + site.offset), 0xff, site.bytes);
     return true;
@@ -581,6 +596,95 @@ SharedSite::SharedSite(const char* name, size_t bytes, size_t element_bytes) {
     for (size_t u = offset >> kSharedUnitShift; u < (offset + bytes + 63) >> kSharedUnitShift; ++u) s.owner[u] = id;
     address = reinterpret_cast<void*>(s.base + offset);
     std::memset(address, 0xff, bytes);  // poisoned, and unwritten for the running block
+}
+
+// ---- ldmatrix and cp.async -------------------------------------------------------------------
+namespace {
+bool in_shared(uintptr_t a) { return t_shared && a - t_shared->base < kSharedArenaBytes; }
+
+
+[[noreturn]] void fail_at(const char* what, uintptr_t a, const std::string& why) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s by %s at address %#llx: ", what, thread_name(t_current->tid).c_str(),
+                  (unsigned long long)a);
+    fail(std::string(buf) + why);
+}
+}  // namespace
+
+void ldmatrix(int count, bool trans, uint32_t* r, const void* row_address) {
+    if (count != 1 && count != 2 && count != 4) fail("ldmatrix: .x1, .x2 or .x4 only");
+    // Lanes 0..8·count-1 each give one row address; every lane receives from every matrix.
+    const uint64_t* slots = warp_gather(0xffffffffu, reinterpret_cast<uint64_t>(row_address));
+    uintptr_t rows[32];
+    for (int l = 0; l < 8 * count; ++l) rows[l] = uintptr_t(slots[l]);
+    const unsigned lane = t_current->lane;
+    const LaunchState* l = t_launch;
+    auto load = [&](uintptr_t row, unsigned byte, unsigned bytes, unsigned source_lane) {
+        if (!in_shared(row))
+            fail_at("ldmatrix", row, "the row address of lane " + std::to_string(source_lane) + " is not shared memory");
+        if (row % 16 != 0)
+            fail_at("ldmatrix", row, "the row address of lane " + std::to_string(source_lane) + " is not 16-byte aligned");
+        const uintptr_t a = row + byte;
+        if (l) shared_access(*l, a, bytes, Kind::Read);
+        uint32_t v = 0;
+        std::memcpy(&v, reinterpret_cast<const void*>(a), bytes);
+        return v;
+    };
+    for (int i = 0; i < count; ++i) {
+        if (!trans) {
+            // Row lane/4 of matrix i, elements 2·(lane%4) and 2·(lane%4) + 1.
+            const unsigned src = 8 * i + lane / 4;
+            r[i] = load(rows[src], 4 * (lane % 4), 4, src);
+        } else {
+            // Column lane/4 of matrix i, rows 2·(lane%4) and 2·(lane%4) + 1 (the transpose).
+            const unsigned src0 = 8 * i + 2 * (lane % 4), src1 = src0 + 1;
+            r[i] = load(rows[src0], 2 * (lane / 4), 2, src0) | load(rows[src1], 2 * (lane / 4), 2, src1) << 16;
+        }
+    }
+}
+
+void cp_async(void* dst, const void* src, int bytes, const char* instruction) {
+    const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+    if (!in_shared(d)) fail_at(instruction, d, "the destination is not shared memory");
+    if (d % unsigned(bytes) != 0 || s % unsigned(bytes) != 0)
+        fail_at(instruction, d % unsigned(bytes) ? d : s,
+                "source and destination must be aligned to the copy size (" + std::to_string(bytes) + " bytes)");
+    if (s - g_arena_base >= kArenaBytes) fail_at(instruction, s, "the source is not device (global) memory");
+    const LaunchState* l = t_launch;
+    AsyncState& state = t_async[t_current->tid];
+    AsyncCopy copy{d, state.committed, uint32_t(bytes), {}};
+    if (l) {
+        device_access(*l, s, size_t(bytes), Kind::Read);
+        // The copy writes its destination: checked now against unordered readers and writers,
+        // then unwritten (and poisoned) until a wait completes it.
+        shared_access(*l, d, size_t(bytes), Kind::Write);
+        SharedArena& sa = *t_shared;
+        for (size_t g = (d - sa.base) >> kGranuleShift; g <= (d + bytes - 1 - sa.base) >> kGranuleShift; ++g)
+            sa.shadow[g].flags &= ~uint32_t(kSharedWritten);
+    }
+    std::memcpy(copy.data, src, size_t(bytes));
+    std::memset(dst, 0xff, size_t(bytes));
+    state.in_flight.push_back(copy);
+}
+
+void cp_async_commit() { ++t_async[t_current->tid].committed; }
+
+void cp_async_wait(int pending_groups) {
+    AsyncState& state = t_async[t_current->tid];
+    const LaunchState* l = t_launch;
+    auto& q = state.in_flight;
+    size_t kept = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+        const AsyncCopy& c = q[i];
+        // Complete: committed, and older than the newest `pending_groups` committed groups.
+        if (c.group < state.committed && state.committed - c.group > uint32_t(pending_groups)) {
+            if (l) shared_access(*l, c.dst, c.bytes, Kind::Write);
+            std::memcpy(reinterpret_cast<void*>(c.dst), c.data, c.bytes);
+        } else {
+            q[kept++] = c;
+        }
+    }
+    q.resize(kept);
 }
 
 }  // namespace lc_harness

@@ -365,6 +365,55 @@ void fail(const char* message) {
 uint64_t* warp_slots_for_write() { return runtime().outbox[t_current->warp]; }
 const uint64_t* warp_slots_for_read() { return runtime().running->inbox; }
 
+// ---- mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 --------------------------
+// Fragment layouts from the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
+// type"), with groupID = lane >> 2 and threadID_in_group = lane % 4. Register r of a fragment
+// holds two 16-bit elements, the lower-indexed one in the low half.
+namespace {
+struct FragmentSlot {
+    unsigned lane, reg, half;
+};
+// A (16x16, row-major): a0..a7 in registers {a0,a1} {a2,a3} {a4,a5} {a6,a7}; a0,a1,a4,a5 at row
+// groupID and a2,a3,a6,a7 at row groupID + 8; column threadID_in_group·2 + (i & 1), plus 8 for
+// a4..a7.
+FragmentSlot mma_a_slot(unsigned row, unsigned col) { return {(row % 8) * 4 + (col % 8) / 2, row / 8 + 2 * (col / 8), col % 2}; }
+// B (16x8, "col": k down, n across): b0..b3 in registers {b0,b1} {b2,b3}; row (k)
+// threadID_in_group·2 + (i & 1), plus 8 for b2,b3; column (n) groupID.
+FragmentSlot mma_b_slot(unsigned k, unsigned n) { return {n * 4 + (k % 8) / 2, k / 8, k % 2}; }
+// C/D (16x8): c0,c1 at row groupID, c2,c3 at groupID + 8; column threadID_in_group·2 + (i & 1).
+unsigned mma_c_row(unsigned lane, unsigned i) { return lane / 4 + 8 * (i / 2); }
+unsigned mma_c_col(unsigned lane, unsigned i) { return 2 * (lane % 4) + i % 2; }
+
+float half_of(uint32_t reg, unsigned half, MmaInput input) {
+    const uint16_t bits = uint16_t(reg >> (16 * half));
+    return input == MmaInput::BF16 ? bf16_bits_to_f32(bits) : f16_bits_to_f32(bits);
+}
+}  // namespace
+
+void mma_m16n8k16(MmaInput input, float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+    // Three full-warp exchanges: A's registers 0-1, A's 2-3, B's 0-1 of every lane.
+    uint32_t warp_a[32][4], warp_b[32][2];
+    const uint64_t* slots = warp_gather(0xffffffffu, uint64_t(a[0]) | uint64_t(a[1]) << 32);
+    for (unsigned l = 0; l < 32; ++l) warp_a[l][0] = uint32_t(slots[l]), warp_a[l][1] = uint32_t(slots[l] >> 32);
+    slots = warp_gather(0xffffffffu, uint64_t(a[2]) | uint64_t(a[3]) << 32);
+    for (unsigned l = 0; l < 32; ++l) warp_a[l][2] = uint32_t(slots[l]), warp_a[l][3] = uint32_t(slots[l] >> 32);
+    slots = warp_gather(0xffffffffu, uint64_t(b[0]) | uint64_t(b[1]) << 32);
+    for (unsigned l = 0; l < 32; ++l) warp_b[l][0] = uint32_t(slots[l]), warp_b[l][1] = uint32_t(slots[l] >> 32);
+    const unsigned lane = t_current->lane;
+    float out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = mma_c_row(lane, i), col = mma_c_col(lane, i);
+        // Products of two 16-bit floats are exact in f32; the sum is accumulated in f32.
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; ++k) {
+            const FragmentSlot sa = mma_a_slot(row, k), sb = mma_b_slot(k, col);
+            acc += half_of(warp_a[sa.lane][sa.reg], sa.half, input) * half_of(warp_b[sb.lane][sb.reg], sb.half, input);
+        }
+        out[i] = acc;
+    }
+    for (unsigned i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 namespace {
 // The order blocks run in: forward, reverse, or a seeded permutation.
 void order_blocks(Runtime& rt, uint64_t blocks, uint64_t seed) {

@@ -6,7 +6,9 @@
 //! with GB/s, TFLOP/s and the ratio to the lower bound from `flops_bytes`, and the issue's
 //! targets as measured ratios.
 //!
-//! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups).
+//! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups);
+//! `gpu-bench --dump-ptx FAMILY PATH` writes the embedded PTX of `cuda/FAMILY.cu` to PATH and
+//! exits (gpu-check.sh compiles it with ptxas to read the SASS of the tensor-core kernels).
 
 use std::process::ExitCode;
 
@@ -30,6 +32,22 @@ const WARMUP_RUNS: usize = 3;
 const CHECKED_ELEMENTS: usize = 64;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--dump-ptx") {
+        let (Some(family), Some(path)) = (args.get(i + 1), args.get(i + 2)) else {
+            eprintln!("usage: gpu-bench --dump-ptx FAMILY PATH");
+            return ExitCode::FAILURE;
+        };
+        let Some(ptx) = lora_compose::gpu::ptx::get(family) else {
+            eprintln!("no embedded PTX for family {family:?} (built without nvcc?)");
+            return ExitCode::FAILURE;
+        };
+        if let Err(e) = std::fs::write(path, ptx) {
+            eprintln!("cannot write {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+        return ExitCode::SUCCESS;
+    }
     let runs = parse_runs().unwrap_or(20);
     let gpu = match GpuBackend::probe() {
         Ok(gpu) => std::sync::Arc::new(gpu),
@@ -48,7 +66,7 @@ fn main() -> ExitCode {
     let mut failed = false;
     for &(name, m, n, k) in SHAPES.iter().filter(|_| !compose_only) {
         for &variant in gemm::ALL {
-            for &dtype in DType::ALL {
+            for &dtype in DType::ALL.iter().filter(|&&d| variant.applies(d)) {
                 let params = GemmParams {
                     shape: GemmShape {
                         m,

@@ -529,3 +529,5 @@ fn conversion_inputs() -> Vec<f32> {
     inputs.extend((0u32..4096).map(|i| f32::from_bits(0x3f80_0000 + (i << 16) + 0x8000)));
     inputs
 }
+
+mod tensorcore;

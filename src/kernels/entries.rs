@@ -12,6 +12,8 @@ pub(crate) mod gemm {
         lc_run_gemm_tiled128_f32,
         lc_run_gemm_tiled128_f16,
         lc_run_gemm_tiled128_bf16,
+        lc_run_gemm_mma_f16,
+        lc_run_gemm_mma_bf16,
     );
 }
 

@@ -12,10 +12,13 @@ pub enum Variant {
     Tiled64,
     /// 128×128 shared-memory tile, 8×8 register block per thread.
     Tiled128,
+    /// Tensor cores (`mma.sync.m16n8k16`, f32 accumulators), f16/bf16 storage only: 128×128
+    /// tile, 8 warps, 3-stage `cp.async` pipeline, `ldmatrix` fragment loads.
+    Mma,
 }
 
 /// Every variant: tests and benches iterate this list.
-pub const ALL: &[Variant] = &[Variant::Naive, Variant::Tiled64, Variant::Tiled128];
+pub const ALL: &[Variant] = &[Variant::Naive, Variant::Tiled64, Variant::Tiled128, Variant::Mma];
 
 /// Block tile of a tiled variant; mirrors the template arguments in `cuda/gemm.cu`'s
 /// `GEMM_ENTRIES` (a GPU test checks the shared-memory size the driver reports).
@@ -33,18 +36,37 @@ const A_TILE_PAD: u32 = 4;
 /// Block of the naive variant: 16×16 threads, one per output element.
 const NAIVE_BLOCK: u32 = 16;
 
+/// The tensor-core variant's tiling, mirroring `gemm::mma` in `cuda/gemm.cu`: a BM×BN block
+/// tile of 8 warps, K steps of BK, STAGES shared-memory stages of 16-bit A and B tiles.
+pub mod mma_tile {
+    pub const BM: u32 = 128;
+    pub const BN: u32 = 128;
+    pub const BK: u32 = 32;
+    pub const STAGES: u32 = 3;
+    pub const THREADS: u32 = 256;
+    /// Shared memory per block: STAGES × (BM·BK + BN·BK) 2-byte elements (48 KiB).
+    pub const SHARED_BYTES: u32 = STAGES * (BM * BK + BN * BK) * 2;
+}
+
 impl Variant {
     pub fn name(self) -> &'static str {
         match self {
             Variant::Naive => "naive",
             Variant::Tiled64 => "tiled64",
             Variant::Tiled128 => "tiled128",
+            Variant::Mma => "mma",
         }
+    }
+
+    /// Whether the variant has a kernel for storage `dtype`: tensor cores take f16/bf16 only.
+    /// Tests and benches skip the other combinations explicitly.
+    pub fn applies(self, dtype: DType) -> bool {
+        !(self == Variant::Mma && dtype == DType::F32)
     }
 
     pub fn tile(self) -> Option<Tile> {
         match self {
-            Variant::Naive => None,
+            Variant::Naive | Variant::Mma => None,
             Variant::Tiled64 => Some(Tile {
                 bm: 64,
                 bn: 64,
@@ -62,10 +84,23 @@ impl Variant {
         }
     }
 
-    /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`.
+    /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`
+    /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one.
     pub fn static_shared_bytes(self) -> u32 {
+        if self == Variant::Mma {
+            return mma_tile::SHARED_BYTES;
+        }
         self.tile()
             .map_or(0, |t| 4 * (t.bk * (t.bm + A_TILE_PAD) + t.bk * t.bn))
+    }
+
+    /// (rows, columns) of C per block.
+    pub fn block_tile(self) -> (u32, u32) {
+        match (self, self.tile()) {
+            (Variant::Mma, _) => (mma_tile::BM, mma_tile::BN),
+            (_, Some(t)) => (t.bm, t.bn),
+            (_, None) => (NAIVE_BLOCK, NAIVE_BLOCK),
+        }
     }
 }
 
@@ -95,6 +130,7 @@ pub struct GemmParams {
 pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
     assert!(shape.m >= 1 && shape.n >= 1, "empty output {}×{}", shape.m, shape.n);
     let (tile_m, tile_n, block) = match variant.tile() {
+        None if variant == Variant::Mma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS, 1, 1]),
         None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
         Some(t) => {
             assert!(
@@ -129,8 +165,9 @@ pub fn flops_bytes(params: &GemmParams, dtype: DType) -> (f64, f64) {
     (2.0 * m * n * k, bytes)
 }
 
-/// The compiled kernel of `variant` for storage `dtype` (`gemm_<variant>_<dtype>`).
-pub fn kernel(variant: Variant, dtype: DType) -> Kernel {
+/// The compiled kernel of `variant` for storage `dtype` (`gemm_<variant>_<dtype>`); `None`
+/// where the variant does not apply ([`Variant::applies`]).
+pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     use super::entries::gemm as e;
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (variant, dtype) {
         (Variant::Naive, DType::F32) => kernel_entry!(e::lc_run_gemm_naive_f32),
@@ -142,12 +179,15 @@ pub fn kernel(variant: Variant, dtype: DType) -> Kernel {
         (Variant::Tiled128, DType::F32) => kernel_entry!(e::lc_run_gemm_tiled128_f32),
         (Variant::Tiled128, DType::F16) => kernel_entry!(e::lc_run_gemm_tiled128_f16),
         (Variant::Tiled128, DType::BF16) => kernel_entry!(e::lc_run_gemm_tiled128_bf16),
+        (Variant::Mma, DType::F16) => kernel_entry!(e::lc_run_gemm_mma_f16),
+        (Variant::Mma, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_bf16),
+        (Variant::Mma, DType::F32) => return None,
     };
-    Kernel {
+    Some(Kernel {
         family: "gemm",
         name,
         harness_entry,
-    }
+    })
 }
 
 fn check_shape<T: Element, B: Backend>(
@@ -193,7 +233,14 @@ pub fn launch<T: Element, B: Backend>(
     b: &B::Buffer<T>,
     c: &mut B::Buffer<T>,
 ) -> Result<(), KernelError> {
-    let kernel = kernel(variant, T::DTYPE);
+    let kernel = kernel(variant, T::DTYPE).ok_or_else(|| KernelError::Argument {
+        kernel: "gemm",
+        message: format!(
+            "the {} variant has no {:?} kernel (tensor cores take f16 or bf16)",
+            variant.name(),
+            T::DTYPE
+        ),
+    })?;
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
     let dims = launch_config(variant, shape);
@@ -251,7 +298,12 @@ mod tests {
     /// without `lc_run_`, as `extern "C" __global__` names it in cuda/*.cu.
     #[test]
     fn kernel_names_match_the_cuda_entries() {
-        assert_eq!(kernel(Variant::Tiled128, DType::BF16).name, "gemm_tiled128_bf16");
+        assert_eq!(
+            kernel(Variant::Tiled128, DType::BF16).unwrap().name,
+            "gemm_tiled128_bf16"
+        );
+        assert_eq!(kernel(Variant::Mma, DType::F16).unwrap().name, "gemm_mma_f16");
+        assert!(kernel(Variant::Mma, DType::F32).is_none() && !Variant::Mma.applies(DType::F32));
         let k = super::super::compose_bwd::kernel(super::super::compose_bwd::Entry::CoeffGradTiled, DType::F32);
         assert_eq!(k.unwrap().name, "compose_bwd_coeff_grad_tiled_f32");
     }
@@ -264,10 +316,8 @@ mod tests {
             let shape = GemmShape { m, n, k, trans_a: false, trans_b: false };
             for &variant in ALL {
                 let dims = launch_config(variant, &shape);
-                let (tile_m, tile_n) = match variant.tile() {
-                    None => (dims.block[1] as usize, dims.block[0] as usize),
-                    Some(t) => (t.bm as usize, t.bn as usize),
-                };
+                let (tile_m, tile_n) = variant.block_tile();
+                let (tile_m, tile_n) = (tile_m as usize, tile_n as usize);
                 let (gx, gy) = (dims.grid[0] as usize, dims.grid[1] as usize);
                 prop_assert!(gx * tile_n >= n && (gx - 1) * tile_n < n, "{variant:?} {dims:?}");
                 prop_assert!(gy * tile_m >= m && (gy - 1) * tile_m < m, "{variant:?} {dims:?}");
