@@ -50,7 +50,12 @@ fn cpu_seconds() -> f64 {
     // Fields after the command name's closing parenthesis; utime and stime are the 12th and
     // 13th of them, in clock ticks (100 a second on Linux).
     let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-    let f: Vec<f64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     f.iter().sum::<f64>() / 100.0
 }
 
@@ -129,14 +134,31 @@ impl ComposeWork {
             modules: false,
             base: false,
         };
-        fast::backward(&self.layer(), &self.x, &cache, &self.coeffs, self.rows(), &self.gy, train).unwrap()
+        fast::backward(
+            &self.layer(),
+            &self.x,
+            &cache,
+            &self.coeffs,
+            self.rows(),
+            &self.gy,
+            train,
+        )
+        .unwrap()
     }
 
     /// Forward: base GEMM, shrink, expand. Backward: ∂X through W, H = G·B_cat, ∂U·A_cat.
     fn flops(&self, backward: bool) -> f64 {
-        let (t, d, r) = (self.sample_of.len() as f64, self.d as f64, self.modules.total_rank() as f64);
+        let (t, d, r) = (
+            self.sample_of.len() as f64,
+            self.d as f64,
+            self.modules.total_rank() as f64,
+        );
         let fwd = 2.0 * t * d * d + 4.0 * t * d * r;
-        fwd + if backward { 2.0 * t * d * d + 4.0 * t * d * r } else { 0.0 }
+        fwd + if backward {
+            2.0 * t * d * d + 4.0 * t * d * r
+        } else {
+            0.0
+        }
     }
 }
 
@@ -186,7 +208,10 @@ fn main() {
             (t, 0.0)
         }
         "embed" => {
-            let (dir, file) = (rest.get(1).unwrap_or_else(|| usage()), rest.get(2).unwrap_or_else(|| usage()));
+            let (dir, file) = (
+                rest.get(1).unwrap_or_else(|| usage()),
+                rest.get(2).unwrap_or_else(|| usage()),
+            );
             let encoder = Encoder::load(Path::new(dir)).unwrap();
             let texts: Vec<String> = std::fs::read_to_string(file)
                 .unwrap()
