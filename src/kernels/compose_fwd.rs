@@ -39,6 +39,16 @@ pub enum Step {
     SumPartials {
         splits: usize,
     },
+    /// Zeroes the first `len` f32 of the workspace (the GEMV shrink's `u_acc`, T × R).
+    GemvZero {
+        len: usize,
+    },
+    /// `u_acc += X A_catᵀ` over `split` of d_in (atomics).
+    GemvShrink {
+        split: Split,
+    },
+    /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
+    GemvExpand,
 }
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
@@ -50,6 +60,14 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
     let (t, r) = (shape.t, shape.r_total());
     let mut steps = Vec::new();
     match variant {
+        Variant::Gemv if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, sm_count),
+        Variant::Gemv => {
+            steps.push((Step::GemvZero { len: t * r }, linear_dims(t * r)));
+            let tiles = r.div_ceil(GEMV_SHRINK_ROWS);
+            let split = gemv_row_split(tiles, shape.d_in, sm_count);
+            steps.push((Step::GemvShrink { split }, gemv_dims(tiles, split.splits)));
+            steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
+        }
         Variant::Naive => {
             steps.push((Step::ShrinkNaive { j0: 0, j1: r }, naive_dims(t, r)));
             steps.push((Step::ExpandNaive { j0: 0, j1: r }, naive_dims(t, shape.d_out)));
@@ -93,7 +111,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
     steps
 }
 
-/// f32 elements of the workspace `variant` needs for `shape` (split-K partials); at least 1.
+/// f32 elements of the workspace `variant` needs for `shape` (split-K partials, the GEMV's
+/// `u_acc`); at least 1.
 pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize {
     let t = shape.t;
     launch_config(variant, shape, sm_count)
@@ -101,6 +120,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
+            Step::GemvZero { len } => len,
             _ => 0,
         })
         .chain([1])
@@ -237,6 +257,42 @@ pub fn launch<T: Element, B: Backend>(
     let i = |v: usize| KernelArg::I32(v as i32);
     let n = shape.n();
     for (step, dims) in launch_config(variant, shape, backend.sm_count()) {
+        let gemv = match step {
+            Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
+            Step::GemvShrink { split } => Some((
+                GemvEntry::Shrink,
+                vec![x, a_cat, work, i(t), i(d_in), i(r), i(split.chunk)],
+            )),
+            Step::GemvExpand => Some((
+                GemvEntry::Expand,
+                vec![
+                    work,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    b_cat,
+                    u,
+                    z,
+                    y,
+                    i(t),
+                    i(r),
+                    i(d_out),
+                    i(n),
+                ],
+            )),
+            _ => None,
+        };
+        if let Some((entry, args)) = gemv {
+            // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu
+            // (`compose_gemv_zero` and `COMPOSE_GEMV_ENTRIES`). The workspace holds at least
+            // T × R f32 (workspace_len: `u_acc`), zeroed by the first step before the shrink adds
+            // into it; X, A_cat, B_cat, U, Z, Y were checked above against the shape, the tables
+            // come from the same ranks and every token's sample was checked on upload; a null U
+            // is skipped by the expand kernel. Output buffers are distinct and mutably borrowed.
+            unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            continue;
+        }
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
             Step::ShrinkNaive { j0, j1 } => (
                 Entry::ShrinkNaive,
@@ -308,6 +364,7 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],
             ),
+            Step::GemvZero { .. } | Step::GemvShrink { .. } | Step::GemvExpand => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_FWD_ENTRIES` signature in
         // cuda/compose_fwd.cu. The buffers were checked above against the shape the kernels
