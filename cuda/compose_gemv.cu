@@ -368,16 +368,20 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, const fl
     SHARED(float, smem, [SMEM_FLOATS]);
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const bool store_uz = blockIdx.x == 0;
+    // One thread per column j walks the tokens: the column's module and scale are loaded once
+    // (D[σ, j] = C[σ, module_of[j]] · col_scale[j], as lc::diag forms it).
     auto stage_z = [&](float* xs, int s0, int s1) {
-        const int w = s1 - s0;
-        for (int e = threadIdx.x; e < n_tokens * w; e += THREADS) {
-            const int t = e / w, j = s0 + e % w;
-            const float u = u_acc[(size_t)t * R + j];
-            const T z = lc::from_f32<T>(u * lc::diag(C, n_modules, module_of, col_scale, sample_of[t], j));
-            xs[t * STAGE_K + (j - s0)] = lc::to_f32(z);
-            if (store_uz) {
-                if (U) U[(size_t)t * R + j] = lc::from_f32<T>(u);
-                Z[(size_t)t * R + j] = z;
+        for (int j = s0 + threadIdx.x; j < s1; j += THREADS) {
+            const int module = module_of[j];
+            const float scale = col_scale[j];
+            for (int t = 0; t < n_tokens; ++t) {
+                const float u = u_acc[(size_t)t * R + j];
+                const T z = lc::from_f32<T>(u * (C[(size_t)sample_of[t] * n_modules + module] * scale));
+                xs[t * STAGE_K + (j - s0)] = lc::to_f32(z);
+                if (store_uz) {
+                    if (U) U[(size_t)t * R + j] = lc::from_f32<T>(u);
+                    Z[(size_t)t * R + j] = z;
+                }
             }
         }
     };
@@ -459,16 +463,20 @@ __device__ __forceinline__ void dx(const float* __restrict__ C, const int* __res
     const int tg = token_groups(n_tokens), ct = 32 / tg * LANE_COLS;
     const int col0 = blockIdx.x * ct;
     const int k_begin = blockIdx.y * chunk, k_end = min(R, k_begin + chunk);
+    // One thread per row j of the pass (module and scale loaded once), as lc::diag forms D.
     auto stage_du = [&](float* ls, int s0, int s1) {
         const int tok = 4 * tg;
-        for (int e = threadIdx.x; e < tok * (s1 - s0); e += THREADS) {
-            const int t = e / (s1 - s0), j = s0 + e % (s1 - s0);
-            float du = 0.0f;
-            if (t < n_tokens) {
-                const float h = h_acc[(size_t)t * R + j];
-                du = lc::to_f32(lc::from_f32<T>(h * lc::diag(C, n_modules, module_of, col_scale, sample_of[t], j)));
+        for (int j = s0 + threadIdx.x; j < s1; j += THREADS) {
+            const int module = module_of[j];
+            const float scale = col_scale[j];
+            for (int t = 0; t < tok; ++t) {
+                float du = 0.0f;
+                if (t < n_tokens) {
+                    const float h = h_acc[(size_t)t * R + j];
+                    du = lc::to_f32(lc::from_f32<T>(h * (C[(size_t)sample_of[t] * n_modules + module] * scale)));
+                }
+                ls[(j - s0) * MAX_T + t] = du;
             }
-            ls[(j - s0) * MAX_T + t] = du;
         }
     };
     float acc[4][LANE_COLS] = {};
