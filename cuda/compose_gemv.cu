@@ -83,6 +83,12 @@ inline void load_f4(const float* p, float* out) {
 }
 #endif
 
+// The shared buffer's element: 16-byte aligned, so that the float4 reads of load_f4 are aligned
+// wherever the compiler places the array.
+struct alignas(16) SharedQuad {
+    float v[4];
+};
+
 // Storage elements per 16-byte vector.
 template <typename T>
 struct Vec {
@@ -339,7 +345,8 @@ template <typename T>
 __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, float* __restrict__ u_acc,
                                        int n_tokens, int d_in, int R, int chunk) {
     constexpr int WR = 2;
-    SHARED(float, smem, [SMEM_FLOATS]);
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const int k_begin = blockIdx.y * chunk, k_end = min(d_in, k_begin + chunk);
     auto stage_x = [&](float* xs, int s0, int s1) {
@@ -365,7 +372,8 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, const fl
                                        T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens, int R,
                                        int d_out, int n_modules) {
     constexpr int WR = 1;
-    SHARED(float, smem, [SMEM_FLOATS]);
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const bool store_uz = blockIdx.x == 0;
     // One thread per column j walks the tokens: the column's module and scale are loaded once
@@ -404,7 +412,8 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, float* __restrict__ h_acc,
                                        float* __restrict__ dC, int n_tokens, int d_out, int R, int n_modules, int chunk) {
-    SHARED(float, smem, [SMEM_FLOATS]);
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
     const int tg = token_groups(n_tokens), ct = 32 / tg * LANE_COLS;
     const int col0 = blockIdx.x * ct;
     const int k_begin = blockIdx.y * chunk, k_end = min(d_out, k_begin + chunk);
@@ -459,7 +468,8 @@ __device__ __forceinline__ void dx(const float* __restrict__ C, const int* __res
                                    int n_modules, int chunk) {
     const float* h_acc = work;
     float* dx_acc = work + (size_t)n_tokens * R;
-    SHARED(float, smem, [SMEM_FLOATS]);
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
     const int tg = token_groups(n_tokens), ct = 32 / tg * LANE_COLS;
     const int col0 = blockIdx.x * ct;
     const int k_begin = blockIdx.y * chunk, k_end = min(R, k_begin + chunk);

@@ -691,6 +691,38 @@ mod tests {
     }
 
     #[test]
+    fn gemv_backward_plans() {
+        let s = shape(4, 4096, vec![16; 32]);
+        // ∂C alone: the hidden kernel with no workspace.
+        let plan = launch_config(Variant::Gemv, &s, Train::COEFFS, HARNESS_SM_COUNT);
+        assert!(
+            matches!(plan[..], [(Step::GemvHidden { h: false, dc: true, .. }, _)]),
+            "{plan:?}"
+        );
+        assert_eq!(workspace_len(Variant::Gemv, &s, Train::COEFFS, HARNESS_SM_COUNT), 1);
+        // ∂C and ∂X: zero h_acc and dx_acc, hidden, dx, finish.
+        let train = Train {
+            input: true,
+            coeffs: true,
+            modules: false,
+            base: false,
+        };
+        let plan = launch_config(Variant::Gemv, &s, train, HARNESS_SM_COUNT);
+        let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
+        assert!(matches!(steps[0], Step::GemvZero { len } if len == 4 * 512 + 4 * 4096), "{steps:?}");
+        assert!(matches!(steps[1], Step::GemvHidden { h: true, dc: true, .. }));
+        assert!(matches!(steps[2], Step::GemvDx { .. }));
+        assert_eq!(steps[3], Step::GemvFinish { du: true, dx: true });
+        assert_eq!(steps.len(), 4);
+        // Above 16 tokens, the fused plan.
+        let s = shape(17, 768, vec![16; 8]);
+        assert_eq!(
+            launch_config(Variant::Gemv, &s, Train::ALL, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
+        );
+    }
+
+    #[test]
     fn loop_variant_launches_per_module() {
         let plan = launch_config(
             Variant::Loop,

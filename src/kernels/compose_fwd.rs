@@ -432,6 +432,46 @@ mod tests {
     }
 
     #[test]
+    fn gemv_runs_up_to_sixteen_tokens_and_the_fused_plan_above() {
+        assert_eq!(choose_variant(1), Variant::Gemv);
+        assert_eq!(choose_variant(GEMV_MAX_T), Variant::Gemv);
+        assert_eq!(choose_variant(GEMV_MAX_T + 1), Variant::Fused);
+        let s = shape(16, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
+        assert_eq!(plan[0].0, Step::GemvZero { len: 16 * 512 });
+        let (Step::GemvShrink { split }, dims) = plan[1] else {
+            panic!("{plan:?}")
+        };
+        // Split-K from the SM count: 16 row blocks × 16 splits of 256 fill 2 blocks per SM.
+        assert_eq!(split, Split { chunk: 256, splits: 16 });
+        assert!(dims.blocks() as usize >= BLOCKS_PER_SM * HARNESS_SM_COUNT - 16, "{dims:?}");
+        assert_eq!(plan[2].0, Step::GemvExpand);
+        assert_eq!(plan.len(), 3);
+        assert_eq!(workspace_len(Variant::Gemv, &s, HARNESS_SM_COUNT), 16 * 512);
+        // One SM: the 16 row blocks are enough, d_in is not split.
+        let plan = launch_config(Variant::Gemv, &s, 1);
+        assert!(matches!(plan[1].0, Step::GemvShrink { split } if split.splits == 1), "{plan:?}");
+        let s = shape(17, 4096, vec![16; 32]);
+        assert_eq!(
+            launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, HARNESS_SM_COUNT)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn gemv_split_covers_k_exactly(tiles in 1usize..400, k in 1usize..10_000, sms in 1usize..200) {
+            for align in [8, 16] {
+                let s = gemv_split(tiles, k, align, sms);
+                prop_assert!(s.splits >= 1 && s.chunk >= 1);
+                prop_assert!(s.chunk * s.splits >= k, "{s:?}");
+                prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
+                prop_assert!(s.splits == 1 || s.chunk % align == 0, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
     fn index_tables_are_int32() {
         assert_eq!(index_table(&[0, 1, 7, 123_456]), vec![0i32, 1, 7, 123_456]);
     }
