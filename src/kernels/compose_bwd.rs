@@ -709,7 +709,10 @@ mod tests {
         };
         let plan = launch_config(Variant::Gemv, &s, train, HARNESS_SM_COUNT);
         let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
-        assert!(matches!(steps[0], Step::GemvZero { len } if len == 4 * 512 + 4 * 4096), "{steps:?}");
+        assert!(
+            matches!(steps[0], Step::GemvZero { len } if len == 4 * 512 + 4 * 4096),
+            "{steps:?}"
+        );
         assert!(matches!(steps[1], Step::GemvHidden { h: true, dc: true, .. }));
         assert!(matches!(steps[2], Step::GemvDx { .. }));
         assert_eq!(steps[3], Step::GemvFinish { du: true, dx: true });

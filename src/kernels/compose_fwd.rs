@@ -444,13 +444,19 @@ mod tests {
         };
         // Split-K from the SM count: 16 row blocks × 16 splits of 256 fill 2 blocks per SM.
         assert_eq!(split, Split { chunk: 256, splits: 16 });
-        assert!(dims.blocks() as usize >= BLOCKS_PER_SM * HARNESS_SM_COUNT - 16, "{dims:?}");
+        assert!(
+            dims.blocks() as usize >= BLOCKS_PER_SM * HARNESS_SM_COUNT - 16,
+            "{dims:?}"
+        );
         assert_eq!(plan[2].0, Step::GemvExpand);
         assert_eq!(plan.len(), 3);
         assert_eq!(workspace_len(Variant::Gemv, &s, HARNESS_SM_COUNT), 16 * 512);
         // One SM: the 16 row blocks are enough, d_in is not split.
         let plan = launch_config(Variant::Gemv, &s, 1);
-        assert!(matches!(plan[1].0, Step::GemvShrink { split } if split.splits == 1), "{plan:?}");
+        assert!(
+            matches!(plan[1].0, Step::GemvShrink { split } if split.splits == 1),
+            "{plan:?}"
+        );
         let s = shape(17, 4096, vec![16; 32]);
         assert_eq!(
             launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT),
