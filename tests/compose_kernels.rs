@@ -25,7 +25,9 @@ use lora_compose::compose::{reference, LayerOf, Mode, ModuleStack, Rows, Train};
 use lora_compose::gpu::GpuBackend;
 use lora_compose::harness::CpuHarness;
 use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
-use lora_compose::kernels::{compose_bwd, Backend, DType, Element, KernelError};
+use lora_compose::kernels::{
+    compose_bwd, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims, Scalar, Traffic,
+};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -475,21 +477,94 @@ fn check_backward<T: Element, B: Backend>(
 
 /// Every variant × storage × gradient subset for one case on one backend.
 fn check_all<B: Backend>(backend: &B, case: &Case, seed: u64, trains: &[Train]) -> Result<(), String> {
-    fn one<T: Element, B: Backend>(backend: &B, case: &Case, seed: u64, trains: &[Train]) -> Result<(), String> {
+    check_variants(backend, case, seed, trains, compose_fwd::ALL)
+}
+
+/// `variants` (forward and backward) × storage × gradient subset for one case on one backend.
+fn check_variants<B: Backend>(
+    backend: &B,
+    case: &Case,
+    seed: u64,
+    trains: &[Train],
+    variants: &[compose_fwd::Variant],
+) -> Result<(), String> {
+    fn one<T: Element, B: Backend>(
+        backend: &B,
+        case: &Case,
+        seed: u64,
+        trains: &[Train],
+        variants: &[compose_fwd::Variant],
+    ) -> Result<(), String> {
         let p = prepare::<T>(case, seed);
         let w = want_of(case, &p);
-        for &variant in compose_fwd::ALL {
+        for &variant in variants {
             check_forward(backend, variant, case, &p, &w)?;
         }
-        for &variant in compose_bwd::ALL {
+        for &variant in variants {
             for &train in trains {
                 check_backward(backend, variant, case, &p, &w, train)?;
             }
         }
         Ok(())
     }
-    one::<f32, B>(backend, case, seed, trains)?;
-    one::<half::bf16, B>(backend, case, seed, trains)
+    one::<f32, B>(backend, case, seed, trains, variants)?;
+    one::<half::bf16, B>(backend, case, seed, trains, variants)
+}
+
+/// `inner` planning its split-K launches for a device of `sm_count` SMs (the harness reports an
+/// H200's 132): a small count gives the GEMV kernels few, long splits (several staging passes
+/// per block), a large one many short splits.
+struct WithSms<'a, B> {
+    inner: &'a B,
+    sm_count: usize,
+}
+
+impl<B: Backend> Backend for WithSms<'_, B> {
+    type Buffer<T: Scalar> = B::Buffer<T>;
+
+    fn name(&self) -> String {
+        format!("{} planned for {} SMs", self.inner.name(), self.sm_count)
+    }
+    fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError> {
+        self.inner.upload(host)
+    }
+    fn alloc<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>, KernelError> {
+        self.inner.alloc(len)
+    }
+    fn download<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> Result<Vec<T>, KernelError> {
+        self.inner.download(buffer)
+    }
+    fn upload_into<T: Scalar>(&self, buffer: &mut Self::Buffer<T>, host: &[T]) -> Result<(), KernelError> {
+        self.inner.upload_into(buffer, host)
+    }
+    fn zero<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> Result<(), KernelError> {
+        self.inner.zero(buffer)
+    }
+    fn view<T: Scalar>(&self, parent: &Self::Buffer<T>, offset: usize, len: usize) -> Self::Buffer<T> {
+        self.inner.view(parent, offset, len)
+    }
+    fn traffic(&self) -> Traffic {
+        self.inner.traffic()
+    }
+    fn buffer_len<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> usize {
+        self.inner.buffer_len(buffer)
+    }
+    fn arg_in<T: Scalar>(&self, buffer: &Self::Buffer<T>) -> KernelArg {
+        self.inner.arg_in(buffer)
+    }
+    fn arg_out<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> KernelArg {
+        self.inner.arg_out(buffer)
+    }
+    unsafe fn launch(&self, kernel: &Kernel, dims: &LaunchDims, args: &[KernelArg]) -> Result<(), KernelError> {
+        // SAFETY: the caller's guarantees, passed on unchanged to the backend that owns the buffers.
+        unsafe { self.inner.launch(kernel, dims, args) }
+    }
+    fn synchronize(&self) -> Result<(), KernelError> {
+        self.inner.synchronize()
+    }
 }
 
 /// (seed, T, d_in, d_out, ranks, rows, coefficients): odd and prime sizes, N = 1 … 128, every
@@ -542,6 +617,78 @@ proptest! {
             case = make_case_with_ranks(seed, t, d_in, d_out, &ranks, Mode::Product, rows, kind);
         }
         check_all(&CpuHarness::new(thread_order), &case, seed, &TRAINS[..1]).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    /// The GEMV variant at small T (1..=16, so its kernels run, not the fused fallback) with odd
+    /// d_in and d_out (rows that are not 16-byte aligned: scalar heads and tails beside the
+    /// vector loads), every gradient subset, planned for devices of 1 to 132 SMs (from one split
+    /// per output to many, each added with atomics).
+    #[test]
+    fn harness_small_t_cases(
+        seed in any::<u64>(),
+        t in 1usize..=16,
+        d_in in (0usize..=35).prop_map(|h| 2 * h + 1),
+        d_out in (0usize..=35).prop_map(|h| 2 * h + 1),
+        n in 1usize..=24,
+        mixed in any::<bool>(),
+        rows in assign(),
+        kind in coeff_kind(),
+        sm_count in prop::sample::select(vec![1usize, 2, 5, 132]),
+        thread_order in 0u64..1000,
+    ) {
+        let mut case = make_case(seed, t, d_in, d_out, n, Mode::Product, mixed, rows, kind);
+        if case.modules.total_rank() > 256 {
+            let ranks: Vec<usize> = case.modules.ranks.iter().map(|&r| r.min(8)).collect();
+            case = make_case_with_ranks(seed, t, d_in, d_out, &ranks, Mode::Product, rows, kind);
+        }
+        let backend = WithSms { inner: &CpuHarness::new(thread_order), sm_count };
+        check_variants(&backend, &case, seed, &TRAINS, &[compose_fwd::Variant::Gemv])
+            .map_err(TestCaseError::fail)?;
+    }
+}
+
+/// The GEMV variant on shapes the random cases do not reach: 16-byte aligned rows throughout
+/// (d and R multiples of 8), K longer than one staging pass of a block (d_in > 512 and R > 512
+/// for the row GEMVs, d_out and R > 256 for the column GEMVs, with one SM so that nothing is
+/// split), a single token of rank 1, and the largest T.
+#[test]
+fn harness_gemv_fixed_cases() {
+    use Assign::*;
+    use CoeffKind::*;
+    let p = Mode::Product;
+    let mut long = vec![64; 8];
+    long.push(8);
+    let cases = [
+        (1, make_case_with_ranks(31, 16, 64, 48, &[16; 4], p, Uniform, Random)),
+        (
+            1,
+            make_case_with_ranks(32, 3, 600, 300, &long, p, AllDistinct, Negative),
+        ),
+        (2, make_case_with_ranks(33, 1, 8, 8, &[1], p, AllSame, Random)),
+        (
+            3,
+            make_case_with_ranks(34, 5, 33, 40, &[1, 3, 8, 16, 64, 3, 1, 8], p, Zipf, OneHot),
+        ),
+        (4, make_case_with_ranks(35, 12, 40, 24, &[8; 5], p, AllDistinct, Zero)),
+    ];
+    for (i, (train_count, case)) in cases.iter().enumerate() {
+        for (sm_count, thread_order) in [(1, 0), (3, 1), (132, 2 + i as u64)] {
+            let backend = WithSms {
+                inner: &CpuHarness::new(thread_order),
+                sm_count,
+            };
+            check_variants(
+                &backend,
+                case,
+                30 + i as u64,
+                &TRAINS[..*train_count.min(&TRAINS.len())],
+                &[compose_fwd::Variant::Gemv],
+            )
+            .unwrap_or_else(|e| panic!("case {i}: {e}"));
+        }
     }
 }
 
@@ -683,6 +830,14 @@ fn gpu_matches_reference() {
         (
             compose_bwd::kernel(compose_bwd::Entry::CoeffGradTiled, DType::BF16),
             compose_fwd::TILE_SHARED_BYTES + compose_bwd::EPILOGUE_SHARED_BYTES,
+        ),
+        (
+            compose_fwd::gemv_kernel(compose_fwd::GemvEntry::Shrink, DType::BF16),
+            compose_fwd::GEMV_SHARED_BYTES,
+        ),
+        (
+            compose_fwd::gemv_kernel(compose_fwd::GemvEntry::Hidden, DType::F32),
+            compose_fwd::GEMV_SHARED_BYTES,
         ),
     ] {
         let function = gpu.function(&kernel.unwrap()).unwrap();

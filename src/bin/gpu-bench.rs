@@ -213,12 +213,13 @@ const PEAK_FLOPS: f64 = 790e12;
 const L2_FLUSH_BYTES: usize = 256 << 20;
 /// Rank of every module in the bench (DESIGN §3).
 const RANK: usize = 16;
-/// (d, N, T): DESIGN §3's shapes at d = 4096 and the same at d = 768.
+/// (d, N, T): DESIGN §3's shapes at d = 4096 and the same at d = 768, with T = 4 for the GEMV
+/// variant's predictions (benches/README.md).
 fn compose_shapes() -> Vec<(usize, usize, usize)> {
     let mut shapes = Vec::new();
     for d in [4096, 768] {
         for n in [8, 32, 128] {
-            for t in [1, 16, 256, 4096] {
+            for t in [1, 4, 16, 256, 4096] {
                 shapes.push((d, n, t));
             }
         }
@@ -414,7 +415,10 @@ fn bench_compose_shape(
     let runs_of = compose_bwd::ALL
         .iter()
         .map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X"))
-        .chain([(compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X")]);
+        .chain([
+            (compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X"),
+            (compose_bwd::Variant::Gemv, BWD_INPUT, "backward ∂X"),
+        ]);
     for (variant, train, pass) in runs_of {
         let ms = time_runs(gpu, flush, runs, || {
             let outputs = compose_bwd::Outputs {
@@ -495,6 +499,20 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
             "- d = {d}, fused forward at T ≤ 16: worst {:.0}% of the memory bound (target ≥ 80%)",
             100.0 * worst_small_t
         );
+        for pass in ["forward", "backward ∂C+∂X"] {
+            let gemv = |n: usize| {
+                all.iter()
+                    .filter(|tm| tm.d == d && tm.n == n && tm.t <= 16 && tm.pass == pass && tm.variant == "gemv")
+                    .map(|tm| (tm.bytes / PEAK_BYTES_PER_S) / (tm.ms * 1e-3))
+                    .fold(f64::INFINITY, f64::min)
+            };
+            println!(
+                "- d = {d}, gemv {pass} at T ≤ 16: worst {:.0}% / {:.0}% / {:.0}% of the memory bound at N = 8 / 32 / 128 (target ≥ 60%)",
+                100.0 * gemv(8),
+                100.0 * gemv(32),
+                100.0 * gemv(128)
+            );
+        }
         // The measured bf16 GEMM throughput: the best GEMM variant on the base projection T×d×d.
         let gemm_params = GemmParams {
             shape: GemmShape {
@@ -533,13 +551,13 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
                 lp / fu
             );
         }
-        for t in [16, 4096] {
+        for (t, variant) in [(16, "fused"), (4096, "fused"), (16, "gemv")] {
             if let (Some(both), Some(dx)) = (
-                find(d, 32, t, "backward ∂C+∂X", "fused"),
-                find(d, 32, t, "backward ∂X", "fused"),
+                find(d, 32, t, "backward ∂C+∂X", variant),
+                find(d, 32, t, "backward ∂X", variant),
             ) {
                 println!(
-                    "- d = {d}, N = 32, T = {t}: ∂C adds {:.0}% to the fused backward of ∂X alone (target ≤ 15%)",
+                    "- d = {d}, N = 32, T = {t}: ∂C adds {:.0}% to the {variant} backward of ∂X alone (target ≤ 15%)",
                     100.0 * (both / dx - 1.0)
                 );
             }

@@ -5,7 +5,8 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, linear_dims, naive_dims, split_k, tiled_dims, Shape, Split, Tables, TokenRows, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, naive_dims, split_k,
+    tiled_dims, GemvEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -76,6 +77,27 @@ pub enum Step {
         j0: usize,
         j1: usize,
     },
+    /// Zeroes the first `len` f32 of the workspace: `h_acc` (T × R) when ∂U is needed, then
+    /// `dx_acc` (T × d_in) when ∂X is.
+    GemvZero {
+        len: usize,
+    },
+    /// Over `split` of d_out: `h_acc += G B_cat` (when `h`) and the split's part of ∂C (when
+    /// `dc`).
+    GemvHidden {
+        split: Split,
+        h: bool,
+        dc: bool,
+    },
+    /// `dx_acc += (h_acc ∘ D) A_cat` over `split` of R.
+    GemvDx {
+        split: Split,
+    },
+    /// ∂U = h_acc ∘ D (when `du`), ∂X += dx_acc (when `dx`).
+    GemvFinish {
+        du: bool,
+        dx: bool,
+    },
 }
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
@@ -88,6 +110,39 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
     let (t, r, d_in, d_out) = (shape.t, shape.r_total(), shape.d_in, shape.d_out);
     let mut steps = Vec::new();
     match variant {
+        Variant::Gemv if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, train, sm_count),
+        Variant::Gemv => {
+            let ws = if want_du { t * r } else { 0 } + if train.input { t * d_in } else { 0 };
+            if ws > 0 {
+                steps.push((Step::GemvZero { len: ws }, linear_dims(ws)));
+            }
+            let ct = gemv_column_tile(t);
+            let tiles = r.div_ceil(ct);
+            let split = gemv_col_split(tiles, d_out, sm_count);
+            let step = Step::GemvHidden {
+                split,
+                h: want_du,
+                dc: train.coeffs,
+            };
+            steps.push((step, gemv_dims(tiles, split.splits)));
+            if train.input {
+                let tiles = d_in.div_ceil(ct);
+                let split = gemv_col_split(tiles, r, sm_count);
+                steps.push((Step::GemvDx { split }, gemv_dims(tiles, split.splits)));
+            }
+            if want_du {
+                let n = if train.input { t * r.max(d_in) } else { t * r };
+                let step = Step::GemvFinish {
+                    du: true,
+                    dx: train.input,
+                };
+                steps.push((step, linear_dims(n)));
+            }
+            if train.modules {
+                steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
+                steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
+            }
+        }
         Variant::Naive => {
             steps.push((
                 Step::HiddenNaive {
@@ -174,8 +229,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
     steps
 }
 
-/// f32 elements of the workspace: H for the naive variant, split-K partials for the fused one;
-/// at least 1.
+/// f32 elements of the workspace: H for the naive variant, split-K partials for the fused one,
+/// `h_acc` and `dx_acc` for the GEMV one; at least 1.
 pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: usize) -> usize {
     let t = shape.t;
     launch_config(variant, shape, train, sm_count)
@@ -190,6 +245,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 ..
             } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::DxTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
+            Step::GemvZero { len } => len,
             _ => 0,
         })
         .chain([1])
@@ -401,6 +457,74 @@ pub fn launch<T: Element, B: Backend>(
     let work = backend.arg_out(work);
     let i = |v: usize| KernelArg::I32(v as i32);
     for (step, dims) in launch_config(variant, shape, train, backend.sm_count()) {
+        let gemv = match step {
+            Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
+            Step::GemvHidden { split, h, dc: want_dc } => Some((
+                GemvEntry::Hidden,
+                vec![
+                    g,
+                    b_cat,
+                    u,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    if h { work } else { null },
+                    if want_dc { dc } else { null },
+                    i(t),
+                    i(d_out),
+                    i(r),
+                    i(n),
+                    i(split.chunk),
+                ],
+            )),
+            Step::GemvDx { split } => Some((
+                GemvEntry::Dx,
+                vec![
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    a_cat,
+                    work,
+                    i(t),
+                    i(r),
+                    i(d_in),
+                    i(n),
+                    i(split.chunk),
+                ],
+            )),
+            Step::GemvFinish {
+                du: want_du,
+                dx: want_dx,
+            } => Some((
+                GemvEntry::Finish,
+                vec![
+                    work,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    if want_du { du } else { null },
+                    if want_dx { dx } else { null },
+                    i(t),
+                    i(r),
+                    i(d_in),
+                    i(n),
+                ],
+            )),
+            _ => None,
+        };
+        if let Some((entry, args)) = gemv {
+            // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu. The
+            // workspace holds at least the plan's `h_acc` (T × R, when ∂U is needed) followed by
+            // `dx_acc` (T × d_in, when ∂X is: it implies ∂U), zeroed by the plan's first step
+            // before any kernel adds into it (workspace_len). G, B_cat, U, A_cat, ∂C, ∂U, ∂X
+            // were checked above against the shape; an output is null exactly where `train` does
+            // not ask for it and the kernels skip null outputs. Tables come from the same ranks,
+            // token samples were checked on upload; outputs are distinct and mutably borrowed.
+            unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            continue;
+        }
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
             Step::HiddenNaive { j0, j1, du: want } => (
                 Entry::HiddenNaive,
@@ -509,6 +633,9 @@ pub fn launch<T: Element, B: Backend>(
                 vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(j0), i(j1), i(split.chunk)],
             ),
             Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
+            Step::GemvZero { .. } | Step::GemvHidden { .. } | Step::GemvDx { .. } | Step::GemvFinish { .. } => {
+                unreachable!("launched above")
+            }
         };
         // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
         // cuda/compose_bwd.cu. Every buffer was checked above against the shape the kernels
@@ -560,6 +687,41 @@ mod tests {
                 HARNESS_SM_COUNT
             ),
             1
+        );
+    }
+
+    #[test]
+    fn gemv_backward_plans() {
+        let s = shape(4, 4096, vec![16; 32]);
+        // ∂C alone: the hidden kernel with no workspace.
+        let plan = launch_config(Variant::Gemv, &s, Train::COEFFS, HARNESS_SM_COUNT);
+        assert!(
+            matches!(plan[..], [(Step::GemvHidden { h: false, dc: true, .. }, _)]),
+            "{plan:?}"
+        );
+        assert_eq!(workspace_len(Variant::Gemv, &s, Train::COEFFS, HARNESS_SM_COUNT), 1);
+        // ∂C and ∂X: zero h_acc and dx_acc, hidden, dx, finish.
+        let train = Train {
+            input: true,
+            coeffs: true,
+            modules: false,
+            base: false,
+        };
+        let plan = launch_config(Variant::Gemv, &s, train, HARNESS_SM_COUNT);
+        let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
+        assert!(
+            matches!(steps[0], Step::GemvZero { len } if len == 4 * 512 + 4 * 4096),
+            "{steps:?}"
+        );
+        assert!(matches!(steps[1], Step::GemvHidden { h: true, dc: true, .. }));
+        assert!(matches!(steps[2], Step::GemvDx { .. }));
+        assert_eq!(steps[3], Step::GemvFinish { du: true, dx: true });
+        assert_eq!(steps.len(), 4);
+        // Above 16 tokens, the fused plan.
+        let s = shape(17, 768, vec![16; 8]);
+        assert_eq!(
+            launch_config(Variant::Gemv, &s, Train::ALL, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
         );
     }
 

@@ -2,7 +2,7 @@
 //! the problem [`Shape`], the per-column and per-module [`Tables`], the checked token → sample
 //! [`TokenRows`], the split-K plan, the launch grids and the argument checks.
 
-use super::{check_len, Backend, KernelError, LaunchDims};
+use super::{check_len, Backend, DType, Kernel, KernelError, LaunchDims};
 use crate::compose::Rows;
 
 /// The kernel variants, in the order of `cuda/compose_fwd.cu`'s numbered list.
@@ -15,10 +15,26 @@ pub enum Variant {
     /// All modules as one rank-R product: tiled shrink with the scale epilogue, tiled expand,
     /// split-K when the tiles cannot fill the GPU.
     Fused,
+    /// For T ≤ [`GEMV_MAX_T`] (decode-like steps, few-shot batches): shrink, expand, `H` with the
+    /// fused `∂C`, and `∂X` as batched GEMVs streaming `A_cat` and `B_cat` once for all tokens
+    /// (`cuda/compose_gemv.cu`), split-K sized from the SM count with atomics into an f32
+    /// workspace. For larger T it runs the fused plan. `∂A_cat`, `∂B_cat` use the fused
+    /// variant's tiled kernels.
+    Gemv,
 }
 
 /// Every variant: tests and benches iterate this list.
-pub const ALL: &[Variant] = &[Variant::Naive, Variant::Loop, Variant::Fused];
+pub const ALL: &[Variant] = &[Variant::Naive, Variant::Loop, Variant::Fused, Variant::Gemv];
+
+/// The variant for a call with `t` tokens: [`Variant::Gemv`] up to [`GEMV_MAX_T`] tokens (the
+/// memory-bound regime), [`Variant::Fused`] above.
+pub fn choose_variant(t: usize) -> Variant {
+    if t <= GEMV_MAX_T {
+        Variant::Gemv
+    } else {
+        Variant::Fused
+    }
+}
 
 impl Variant {
     pub fn name(self) -> &'static str {
@@ -26,6 +42,7 @@ impl Variant {
             Variant::Naive => "naive",
             Variant::Loop => "loop",
             Variant::Fused => "fused",
+            Variant::Gemv => "gemv",
         }
     }
 }
@@ -60,6 +77,113 @@ const LINEAR_BLOCK: u32 = 256;
 pub const BLOCKS_PER_SM: usize = 2;
 /// The shortest K range one split covers (two K steps of the tile).
 const MIN_CHUNK: usize = 2 * TILE.bk;
+
+/// Most tokens the GEMV kernels take (`MAX_T` in `cuda/compose_gemv.cu`); [`Variant::Gemv`]
+/// runs the fused plan above it.
+pub const GEMV_MAX_T: usize = 16;
+/// Threads of a GEMV block (`__launch_bounds__(256)`).
+pub const GEMV_THREADS: u32 = 256;
+/// Static shared memory of every GEMV kernel but `zero` and `finish`: f32 `smem[16 × 512]`
+/// (the staged operand, then the block's reduction).
+pub const GEMV_SHARED_BYTES: u32 = 4 * 16 * 512;
+/// Rows of A_cat per shrink block (2 warps × 16 row pairs) and of B_cat per expand block.
+pub const GEMV_SHRINK_ROWS: usize = 32;
+pub const GEMV_EXPAND_ROWS: usize = 16;
+/// A row-GEMV split covers a multiple of 16 elements of K; a column-GEMV split a multiple of
+/// the block's 8 warps' rows.
+const GEMV_K_ALIGN: usize = 16;
+const GEMV_ROW_ALIGN: usize = 8;
+
+/// Columns of one column-GEMV block (`hidden`, `dx`) for `t` tokens: the warp's 32 lanes are
+/// TG = 1, 2 or 4 groups of 4 tokens, each lane 8 columns.
+pub fn gemv_column_tile(t: usize) -> usize {
+    let token_groups = if t <= 4 {
+        1
+    } else if t <= 8 {
+        2
+    } else {
+        4
+    };
+    32 / token_groups * 8
+}
+
+/// Split K of a GEMV into chunks (multiples of `align`) so that `tiles` blocks × splits reach
+/// [`BLOCKS_PER_SM`] blocks per SM of a device with `sm_count` SMs.
+pub fn gemv_split(tiles: usize, k: usize, align: usize, sm_count: usize) -> Split {
+    let wanted = (BLOCKS_PER_SM * sm_count.max(1)).div_ceil(tiles.max(1));
+    let splits = wanted.clamp(1, k.div_ceil(align).max(1));
+    let chunk = k.div_ceil(splits).div_ceil(align) * align;
+    let splits = k.div_ceil(chunk.max(1));
+    if splits <= 1 {
+        Split::none(k)
+    } else {
+        Split { chunk, splits }
+    }
+}
+
+/// The row-GEMV split of K (shrink: K = d_in).
+pub(crate) fn gemv_row_split(tiles: usize, k: usize, sm_count: usize) -> Split {
+    gemv_split(tiles, k, GEMV_K_ALIGN, sm_count)
+}
+
+/// The column-GEMV split of the rows (hidden: d_out, ∂X: R).
+pub(crate) fn gemv_col_split(tiles: usize, k: usize, sm_count: usize) -> Split {
+    gemv_split(tiles, k, GEMV_ROW_ALIGN, sm_count)
+}
+
+/// Grid of a GEMV kernel: (tiles, splits) blocks of 256 threads.
+pub(crate) fn gemv_dims(tiles: usize, splits: usize) -> LaunchDims {
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(tiles).expect("grid x fits u32"),
+            u32::try_from(splits).expect("grid y fits u32"),
+            1,
+        ],
+        block: [GEMV_THREADS, 1, 1],
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(GEMV_SHARED_BYTES);
+    dims
+}
+
+/// The kernels of `cuda/compose_gemv.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvEntry {
+    /// Zeroes the f32 workspace the split-K atomics add into (storage-independent).
+    Zero,
+    Shrink,
+    Expand,
+    Hidden,
+    Dx,
+    Finish,
+}
+
+/// The compiled kernel `compose_gemv_<entry>_<dtype>` (`compose_gemv_zero` for any dtype), or an
+/// error for f16.
+pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError> {
+    use super::entries::compose_gemv as e;
+    use DType::{BF16, F32};
+    use GemvEntry::*;
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match (entry, dtype) {
+        (_, DType::F16) => return Err(not_built("compose_gemv")),
+        (Zero, _) => kernel_entry!(e::lc_run_compose_gemv_zero),
+        (Shrink, F32) => kernel_entry!(e::lc_run_compose_gemv_shrink_f32),
+        (Shrink, BF16) => kernel_entry!(e::lc_run_compose_gemv_shrink_bf16),
+        (Expand, F32) => kernel_entry!(e::lc_run_compose_gemv_expand_f32),
+        (Expand, BF16) => kernel_entry!(e::lc_run_compose_gemv_expand_bf16),
+        (Hidden, F32) => kernel_entry!(e::lc_run_compose_gemv_hidden_f32),
+        (Hidden, BF16) => kernel_entry!(e::lc_run_compose_gemv_hidden_bf16),
+        (Dx, F32) => kernel_entry!(e::lc_run_compose_gemv_dx_f32),
+        (Dx, BF16) => kernel_entry!(e::lc_run_compose_gemv_dx_bf16),
+        (Finish, F32) => kernel_entry!(e::lc_run_compose_gemv_finish_f32),
+        (Finish, BF16) => kernel_entry!(e::lc_run_compose_gemv_finish_bf16),
+    };
+    Ok(Kernel {
+        family: "compose_gemv",
+        name,
+        harness_entry,
+    })
+}
 
 /// One composed-layer call: T tokens, `n_samples` coefficient rows, modules of `ranks`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -39,6 +39,16 @@ pub enum Step {
     SumPartials {
         splits: usize,
     },
+    /// Zeroes the first `len` f32 of the workspace (the GEMV shrink's `u_acc`, T × R).
+    GemvZero {
+        len: usize,
+    },
+    /// `u_acc += X A_catᵀ` over `split` of d_in (atomics).
+    GemvShrink {
+        split: Split,
+    },
+    /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
+    GemvExpand,
 }
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
@@ -50,6 +60,14 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
     let (t, r) = (shape.t, shape.r_total());
     let mut steps = Vec::new();
     match variant {
+        Variant::Gemv if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, sm_count),
+        Variant::Gemv => {
+            steps.push((Step::GemvZero { len: t * r }, linear_dims(t * r)));
+            let tiles = r.div_ceil(GEMV_SHRINK_ROWS);
+            let split = gemv_row_split(tiles, shape.d_in, sm_count);
+            steps.push((Step::GemvShrink { split }, gemv_dims(tiles, split.splits)));
+            steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
+        }
         Variant::Naive => {
             steps.push((Step::ShrinkNaive { j0: 0, j1: r }, naive_dims(t, r)));
             steps.push((Step::ExpandNaive { j0: 0, j1: r }, naive_dims(t, shape.d_out)));
@@ -93,7 +111,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
     steps
 }
 
-/// f32 elements of the workspace `variant` needs for `shape` (split-K partials); at least 1.
+/// f32 elements of the workspace `variant` needs for `shape` (split-K partials, the GEMV's
+/// `u_acc`); at least 1.
 pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize {
     let t = shape.t;
     launch_config(variant, shape, sm_count)
@@ -101,6 +120,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
+            Step::GemvZero { len } => len,
             _ => 0,
         })
         .chain([1])
@@ -237,6 +257,42 @@ pub fn launch<T: Element, B: Backend>(
     let i = |v: usize| KernelArg::I32(v as i32);
     let n = shape.n();
     for (step, dims) in launch_config(variant, shape, backend.sm_count()) {
+        let gemv = match step {
+            Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
+            Step::GemvShrink { split } => Some((
+                GemvEntry::Shrink,
+                vec![x, a_cat, work, i(t), i(d_in), i(r), i(split.chunk)],
+            )),
+            Step::GemvExpand => Some((
+                GemvEntry::Expand,
+                vec![
+                    work,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    b_cat,
+                    u,
+                    z,
+                    y,
+                    i(t),
+                    i(r),
+                    i(d_out),
+                    i(n),
+                ],
+            )),
+            _ => None,
+        };
+        if let Some((entry, args)) = gemv {
+            // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu
+            // (`compose_gemv_zero` and `COMPOSE_GEMV_ENTRIES`). The workspace holds at least
+            // T × R f32 (workspace_len: `u_acc`), zeroed by the first step before the shrink adds
+            // into it; X, A_cat, B_cat, U, Z, Y were checked above against the shape, the tables
+            // come from the same ranks and every token's sample was checked on upload; a null U
+            // is skipped by the expand kernel. Output buffers are distinct and mutably borrowed.
+            unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            continue;
+        }
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
             Step::ShrinkNaive { j0, j1 } => (
                 Entry::ShrinkNaive,
@@ -308,6 +364,7 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],
             ),
+            Step::GemvZero { .. } | Step::GemvShrink { .. } | Step::GemvExpand => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_FWD_ENTRIES` signature in
         // cuda/compose_fwd.cu. The buffers were checked above against the shape the kernels
@@ -371,6 +428,52 @@ mod tests {
             prop_assert!(s.chunk * s.splits >= k, "{s:?}");
             prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
             prop_assert!(s.splits == 1 || s.chunk % TILE.bk == 0);
+        }
+    }
+
+    #[test]
+    fn gemv_runs_up_to_sixteen_tokens_and_the_fused_plan_above() {
+        assert_eq!(choose_variant(1), Variant::Gemv);
+        assert_eq!(choose_variant(GEMV_MAX_T), Variant::Gemv);
+        assert_eq!(choose_variant(GEMV_MAX_T + 1), Variant::Fused);
+        let s = shape(16, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
+        assert_eq!(plan[0].0, Step::GemvZero { len: 16 * 512 });
+        let (Step::GemvShrink { split }, dims) = plan[1] else {
+            panic!("{plan:?}")
+        };
+        // Split-K from the SM count: 16 row blocks × 16 splits of 256 fill 2 blocks per SM.
+        assert_eq!(split, Split { chunk: 256, splits: 16 });
+        assert!(
+            dims.blocks() as usize >= BLOCKS_PER_SM * HARNESS_SM_COUNT - 16,
+            "{dims:?}"
+        );
+        assert_eq!(plan[2].0, Step::GemvExpand);
+        assert_eq!(plan.len(), 3);
+        assert_eq!(workspace_len(Variant::Gemv, &s, HARNESS_SM_COUNT), 16 * 512);
+        // One SM: the 16 row blocks are enough, d_in is not split.
+        let plan = launch_config(Variant::Gemv, &s, 1);
+        assert!(
+            matches!(plan[1].0, Step::GemvShrink { split } if split.splits == 1),
+            "{plan:?}"
+        );
+        let s = shape(17, 4096, vec![16; 32]);
+        assert_eq!(
+            launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, HARNESS_SM_COUNT)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn gemv_split_covers_k_exactly(tiles in 1usize..400, k in 1usize..10_000, sms in 1usize..200) {
+            for align in [8, 16] {
+                let s = gemv_split(tiles, k, align, sms);
+                prop_assert!(s.splits >= 1 && s.chunk >= 1);
+                prop_assert!(s.chunk * s.splits >= k, "{s:?}");
+                prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
+                prop_assert!(s.splits == 1 || s.chunk % align == 0, "{s:?}");
+            }
         }
     }
 

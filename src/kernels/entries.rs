@@ -57,6 +57,22 @@ pub(crate) mod compose_bwd {
     );
 }
 
+pub(crate) mod compose_gemv {
+    crate::launch::harness_entries!(
+        lc_run_compose_gemv_zero,
+        lc_run_compose_gemv_shrink_f32,
+        lc_run_compose_gemv_shrink_bf16,
+        lc_run_compose_gemv_expand_f32,
+        lc_run_compose_gemv_expand_bf16,
+        lc_run_compose_gemv_hidden_f32,
+        lc_run_compose_gemv_hidden_bf16,
+        lc_run_compose_gemv_dx_f32,
+        lc_run_compose_gemv_dx_bf16,
+        lc_run_compose_gemv_finish_f32,
+        lc_run_compose_gemv_finish_bf16,
+    );
+}
+
 pub(crate) mod compose_factor {
     crate::launch::harness_entries!(
         lc_run_compose_factor_mix_fwd_naive_f32,
