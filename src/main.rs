@@ -12,6 +12,12 @@ use lora_compose::merge::{self, Mode};
 use lora_compose::peft::{self, Library, StoreDtype};
 use lora_compose::{Error, Result};
 
+/// The model allocates its activations afresh each step; mimalloc reuses freed pages where the
+/// system allocator returns them to the kernel and faults them back in (measured with
+/// `cpu-peer vit-step` under perf: page clearing fell from ~22% of the step to ~6%).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "lora-compose", version, about = "Compose pre-trained LoRA modules")]
 struct Cli {

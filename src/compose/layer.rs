@@ -332,8 +332,11 @@ pub struct KernelLayer<B: Backend> {
     tables: Tables<B>,
 }
 
-/// The composition variant a layer runs.
-const VARIANT: compose_fwd::Variant = compose_fwd::Variant::Fused;
+/// The composition variant a layer runs: the memory-bound GEMV one for few tokens, the fused
+/// tiled one above ([`compose_fwd::choose_variant`]).
+fn variant(shape: &Shape) -> compose_fwd::Variant {
+    compose_fwd::choose_variant(shape.t)
+}
 /// The GEMM variant for the base.
 const GEMM: gemm::Variant = gemm::Variant::Tiled64;
 
@@ -439,7 +442,7 @@ impl<B: Backend> KernelLayer<B> {
         let token_rows = TokenRows::upload(backend, rows)?;
         let mut u = backend.alloc::<f32>(t * r)?;
         let mut z = backend.alloc::<f32>(t * r)?;
-        let mut work = backend.alloc::<f32>(compose_fwd::workspace_len(VARIANT, &shape, backend.sm_count()))?;
+        let mut work = backend.alloc::<f32>(compose_fwd::workspace_len(variant(&shape), &shape, backend.sm_count()))?;
         let inputs = compose_fwd::Inputs {
             x: &x_buf,
             a_cat: &self.a_cat,
@@ -454,7 +457,7 @@ impl<B: Backend> KernelLayer<B> {
             y: &mut y,
             work: &mut work,
         };
-        compose_fwd::launch(backend, VARIANT, &shape, &inputs, outputs)?;
+        compose_fwd::launch(backend, variant(&shape), &shape, &inputs, outputs)?;
         let cache = Cache {
             u: backend.download(&u)?,
             z: backend.download(&z)?,
@@ -504,7 +507,7 @@ impl<B: Backend> KernelLayer<B> {
             let token_rows = TokenRows::upload(backend, rows)?;
             let mut du = backend.alloc::<f32>(t * r)?;
             let mut work =
-                backend.alloc::<f32>(compose_bwd::workspace_len(VARIANT, &shape, lora, backend.sm_count()))?;
+                backend.alloc::<f32>(compose_bwd::workspace_len(variant(&shape), &shape, lora, backend.sm_count()))?;
             let inputs = compose_bwd::Inputs {
                 g: &g_buf,
                 x: &x_buf,
@@ -523,7 +526,7 @@ impl<B: Backend> KernelLayer<B> {
                 db_cat: lora.modules.then_some(&mut db),
                 work: &mut work,
             };
-            compose_bwd::launch(backend, VARIANT, &shape, lora, &inputs, outputs)?;
+            compose_bwd::launch(backend, variant(&shape), &shape, lora, &inputs, outputs)?;
         }
         if train.input {
             grads.dx = backend.download(&dx)?;

@@ -107,7 +107,10 @@ impl<B: Backend, E: Storage> F32Grad<B, E> {
 const GEMM: gemm::Variant = gemm::Variant::Tiled64;
 const LN: layernorm::Variant = layernorm::Variant::Warp;
 const BIAS_GRAD: elementwise::Variant = elementwise::Variant::Chunked;
-const COMPOSE: compose_fwd::Variant = compose_fwd::Variant::Fused;
+/// The composition variant for a call over `t` rows: GEMV for few rows, fused tiled above.
+fn compose_variant(t: usize) -> compose_fwd::Variant {
+    compose_fwd::choose_variant(t)
+}
 const FACTOR: compose_factor::Variant = compose_factor::Variant::Warp;
 const ATTENTION: attention::Variant = attention::Variant::Tiled;
 const COEFFS: coeffs::Variant = coeffs::Variant::Warp;
@@ -723,8 +726,8 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
                     ranks: ranks.clone(),
                 },
             };
-            need = need.max(compose_fwd::workspace_len(COMPOSE, &shape, sm));
-            need = need.max(compose_bwd::workspace_len(COMPOSE, &shape, all, sm));
+            need = need.max(compose_fwd::workspace_len(compose_variant(shape.t), &shape, sm));
+            need = need.max(compose_bwd::workspace_len(compose_variant(shape.t), &shape, all, sm));
             if matches!(lin.adapter, DevAdapter::Compose { mode: Mode::Factor, .. }) {
                 need = need.max(compose_factor::workspace_len(FACTOR, &shape));
             }
@@ -912,7 +915,7 @@ fn lin_forward<B: Backend, E: Storage>(
             let mut work = part(
                 be,
                 &scratch.work[0],
-                compose_fwd::workspace_len(COMPOSE, &shape, be.sm_count()).max(1),
+                compose_fwd::workspace_len(compose_variant(shape.t), &shape, be.sm_count()).max(1),
             );
             let inputs = compose_fwd::Inputs {
                 x,
@@ -928,7 +931,7 @@ fn lin_forward<B: Backend, E: Storage>(
                 y,
                 work: &mut work,
             };
-            compose_fwd::launch(be, COMPOSE, &shape, &inputs, outputs)
+            compose_fwd::launch(be, compose_variant(shape.t), &shape, &inputs, outputs)
         }
         Mode::Factor => {
             compose_factor::forward::<E, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
@@ -1009,7 +1012,7 @@ fn lin_backward<B: Backend, E: Storage>(
             let mut work = part(
                 be,
                 w0,
-                compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
+                compose_bwd::workspace_len(compose_variant(shape.t), &shape, tr, be.sm_count()).max(1),
             );
             let (mut da_v, mut db_v) = (alias(be, da), alias(be, db));
             let inputs = compose_bwd::Inputs {
@@ -1030,7 +1033,7 @@ fn lin_backward<B: Backend, E: Storage>(
                 db_cat: train.modules.then_some(&mut db_v),
                 work: &mut work,
             };
-            compose_bwd::launch(be, COMPOSE, &shape, tr, &inputs, outputs)
+            compose_bwd::launch(be, compose_variant(shape.t), &shape, tr, &inputs, outputs)
         }
         DevAdapter::Compose {
             a_cat,
@@ -1059,7 +1062,7 @@ fn lin_backward<B: Backend, E: Storage>(
                     let mut work = part(
                         be,
                         w0,
-                        compose_bwd::workspace_len(COMPOSE, &shape, tr, be.sm_count()).max(1),
+                        compose_bwd::workspace_len(compose_variant(shape.t), &shape, tr, be.sm_count()).max(1),
                     );
                     let inputs = compose_bwd::Inputs {
                         g,
@@ -1079,7 +1082,7 @@ fn lin_backward<B: Backend, E: Storage>(
                         db_cat: None,
                         work: &mut work,
                     };
-                    compose_bwd::launch(be, COMPOSE, &shape, tr, &inputs, outputs)
+                    compose_bwd::launch(be, compose_variant(shape.t), &shape, tr, &inputs, outputs)
                 }
                 Mode::Factor => {
                     let mut h = part(be, s0, t * r);
