@@ -506,8 +506,12 @@ impl<B: Backend> KernelLayer<B> {
             let c_buf = backend.upload(c)?;
             let token_rows = TokenRows::upload(backend, rows)?;
             let mut du = backend.alloc::<f32>(t * r)?;
-            let mut work =
-                backend.alloc::<f32>(compose_bwd::workspace_len(variant(&shape), &shape, lora, backend.sm_count()))?;
+            let mut work = backend.alloc::<f32>(compose_bwd::workspace_len(
+                variant(&shape),
+                &shape,
+                lora,
+                backend.sm_count(),
+            ))?;
             let inputs = compose_bwd::Inputs {
                 g: &g_buf,
                 x: &x_buf,
