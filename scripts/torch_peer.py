@@ -139,6 +139,9 @@ def make_texts(model_dir, path):
     import random
 
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    # The file pads every encoding to 128 tokens: counted with padding, no text would ever fit.
+    tok.no_padding()
+    tok.no_truncation()
     words = [w.strip() for w in open(os.path.join(model_dir, "vocab.txt"), encoding="utf-8")]
     words = [w for w in words if w.isalpha() and w.isascii() and len(w) > 2]
     rng, texts = random.Random(5), []
