@@ -13,34 +13,6 @@ const ROW_CHUNK: usize = 16;
 /// Rows per partial sum in column reductions: fixed, so the summation order is too.
 const REDUCE_CHUNK: usize = 64;
 
-/// `Σ a_i b_i` with eight independent accumulators, so the loop vectorises.
-#[inline]
-pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [T::zero(); 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (a8.remainder(), b8.remainder());
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ta.iter().zip(tb) {
-        s += *x * *y;
-    }
-    s
-}
-
-/// `y += alpha · x`.
-#[inline]
-pub fn axpy<T: Real>(y: &mut [T], alpha: T, x: &[T]) {
-    debug_assert_eq!(y.len(), x.len());
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
 /// Column sums over `rows` rows of width `width`, where `add_row(r, acc)` adds row r's
 /// contribution into `acc` (f64). Chunks of [`REDUCE_CHUNK`] rows run in parallel; their
 /// partial sums are added in chunk order.
