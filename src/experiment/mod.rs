@@ -18,6 +18,7 @@ pub mod methods;
 pub mod report;
 pub mod shard;
 pub mod tasks;
+pub mod text;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
