@@ -43,6 +43,8 @@ enum Command {
     Pretrain(experiment::PretrainArgs),
     /// Train the upstream LoRA library on MNIST tasks, in PEFT layout.
     Upstream(experiment::UpstreamArgs),
+    /// Train the upstream LoRA library on MiniLM text tasks (needs fetch-assets.sh --text, fetch-minilm.sh).
+    UpstreamText(experiment::text_upstream::TextUpstreamArgs),
     /// Write the downstream tasks' pools and test sets into one compact file.
     Prepare(experiment::PrepareArgs),
     /// Few-shot comparison of methods × tasks × shots × seeds (resumable JSONL).
@@ -147,6 +149,7 @@ fn main() -> ExitCode {
         Some(Command::Embed(args)) => lora_compose::model::cli::run_embed(args),
         Some(Command::Pretrain(args)) => experiment::run_pretrain(args),
         Some(Command::Upstream(args)) => experiment::run_upstream(args),
+        Some(Command::UpstreamText(args)) => experiment::text_upstream::run_text_upstream(args),
         Some(Command::Prepare(args)) => experiment::run_prepare(args),
         Some(Command::Fewshot(args)) => experiment::run_fewshot(args),
         Some(Command::Report(args)) => experiment::run_report(args),

@@ -18,6 +18,8 @@ pub mod methods;
 pub mod report;
 pub mod shard;
 pub mod tasks;
+pub mod text;
+pub mod text_upstream;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
