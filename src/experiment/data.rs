@@ -538,6 +538,25 @@ mod tests {
         assert!((inv[5] - (1.0 - img[5])).abs() < 1e-7);
     }
 
+    /// Texts select, label and batch as the few-shot machinery reads them: right-padded ids
+    /// with their mask, classes in the order asked for.
+    #[test]
+    fn texts_are_samples() {
+        let t = Texts {
+            ids: vec![vec![2, 5, 3], vec![2, 3], vec![2, 7, 8, 3]],
+            labels: vec![1, 0, 1],
+        };
+        let s = Samples::select(&t, &[2, 1]);
+        assert_eq!((Samples::len(&s), s.labels_at(&[0, 1])), (2, vec![1, 0]));
+        let b = t.batch(&[1, 2]).unwrap();
+        assert_eq!((b.batch, b.seq), (2, 4));
+        assert_eq!(b.ids, vec![2, 3, 0, 0, 2, 7, 8, 3]);
+        assert_eq!(b.mask, vec![true, true, false, false, true, true, true, true]);
+        let shots = crate::experiment::methods::sample_shots(&t, 2, 1, 0);
+        assert_eq!(shots.len(), 2);
+        assert_eq!((t.label(shots[0]), t.label(shots[1])), (0, 1));
+    }
+
     #[test]
     fn splits_are_disjoint_and_cover() {
         let parts = split(103, 7, &[0.5, 0.2]);

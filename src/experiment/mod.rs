@@ -13,6 +13,7 @@
 //! skips what exists; each run appends its config, code version and timings to
 //! `results/runs.jsonl`.
 
+pub mod adapt;
 pub mod data;
 pub mod methods;
 pub mod report;
@@ -495,6 +496,7 @@ pub fn run_prepare(args: PrepareArgs) -> Result<()> {
     tasks::save_bundle(&args.out, &tasks)
 }
 
+pub use adapt::{run_adapt, AdaptArgs};
 pub use methods::{run_default, run_fewshot, DefaultArgs, FewshotArgs};
 pub use report::{run_report, ReportArgs};
 
