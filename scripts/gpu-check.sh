@@ -18,6 +18,11 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cuBLAS, for gpu-bench's reference columns: the bundle carries none (too large); a CUDA
+# toolkit's where one is installed. Without it the bench prints "cuBLAS: unavailable".
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d $dir ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
+done
 report="${OUT:+$OUT/report.md}"
 report="${report:-$PWD/gpu-report.md}"
 runs=20
@@ -102,6 +107,7 @@ fi
 echo >>"$report"
 echo "## Bench (GEMM, composition, whole model)" >>"$report"
 bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
+grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
 # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1
 echo "$bench_log"
