@@ -7,12 +7,14 @@
 //! ```
 //!
 //! - [`compose`]: the layer's math — a plain f64 reference and the fused two-GEMM fast path.
+//! - [`alloc`]: the binaries' allocator settings.
 //! - [`check`]: the one comparison helper every test uses.
 //! - [`peft`]: LoRA adapters in PEFT's on-disk layout, and module libraries.
 //! - [`merge`]: weighted composition written back as an adapter or folded into base weights.
 //! - [`model`]: a small ViT / BERT encoder whose linear layers carry compositions; forward,
 //!   hand-written backward, training pieces, all-MiniLM-L6-v2 weights and sentence embeddings.
 
+pub mod alloc;
 pub mod check;
 pub mod compose;
 pub mod error;

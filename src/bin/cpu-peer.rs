@@ -163,6 +163,7 @@ impl ComposeWork {
 }
 
 fn main() {
+    lora_compose::alloc::keep_freed_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut secs, mut min_reps, mut rest) = (3.0, 5, Vec::new());
     let mut it = args.iter();
