@@ -54,6 +54,9 @@ for d in dirs:
             continue
         adapted += 1
         key = name.removeprefix("base_model.model.")
+        if f"base_model.model.{key}.lora_A.weight" not in file_sd:
+            failures.append(f"{d.name}: PEFT adapted {key}, which the file has no tensors for")
+            continue
         a = file_sd[f"base_model.model.{key}.lora_A.weight"].float()
         b = file_sd[f"base_model.model.{key}.lora_B.weight"].float()
         want = scale * (b @ a)
