@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA kernels to PTX with nvcc from NVIDIA's pinned CUDA 13.0 wheels (installed
 # into .cuda/ in the checkout, reused when present), embeds it through cargo build, checks that
-# the GPU probe fails cleanly here, checks that the tensor-core GEMM's PTX holds mma.sync,
-# ldmatrix and cp.async, and runs ptxas for sm_80 and sm_90 on every PTX: prints
-# registers and shared memory per kernel, and FAILS on any register spill.
+# the GPU probe fails cleanly here, checks that the PTX of the tensor-core GEMM and composition
+# kernels holds mma.sync, ldmatrix and cp.async, and runs ptxas for sm_80 and sm_90 on every
+# PTX: prints registers and shared memory per kernel, and FAILS on any register spill.
 #
 # Usage: scripts/ci-cuda.sh            (from anywhere; needs python3 + pip, network for the
 #                                       first install only)
@@ -43,16 +43,19 @@ cargo test --release --test gpu_probe -- --ignored --exact embedded_ptx_inflates
     exit 1
 }
 
-# The tensor-core GEMM kernels must be built from the real instructions, not a fallback: each
-# entry's PTX body holds mma.sync, ldmatrix and the cp.async copy, commit and wait.
-for entry in gemm_mma_f16 gemm_mma_bf16; do
-    body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1 } on { print } on && /^}/ { exit }' "$out_dir/gemm.ptx")
+# The tensor-core kernels (GEMM and composition) must be built from the real instructions, not
+# a fallback: each entry's PTX body holds mma.sync, ldmatrix (.trans where an operand is stored
+# k-major) and the cp.async copy, commit and wait.
+for family_entry in gemm:gemm_mma_f16 gemm:gemm_mma_bf16 compose_mma:compose_mma_shrink_bf16 \
+    compose_mma:compose_mma_expand_bf16 compose_mma:compose_mma_hidden_bf16:trans compose_mma:compose_mma_dx_bf16:trans; do
+    IFS=: read -r family entry trans <<<"$family_entry"
+    body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1 } on { print } on && /^}/ { exit }' "$out_dir/$family.ptx")
     if [[ -z "$body" ]]; then
-        echo "error: no entry $entry in gemm.ptx" >&2
+        echo "error: no entry $entry in $family.ptx" >&2
         exit 1
     fi
     for instruction in mma.sync.aligned.m16n8k16.row.col.f32 ldmatrix.sync.aligned.m8n8.x4 cp.async.cg.shared.global \
-        cp.async.commit_group cp.async.wait_group; do
+        cp.async.commit_group cp.async.wait_group ${trans:+ldmatrix.sync.aligned.m8n8.x4.trans}; do
         if ! grep -q "$instruction" <<<"$body"; then
             echo "error: the PTX of $entry lacks $instruction" >&2
             exit 1

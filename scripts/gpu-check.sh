@@ -3,7 +3,7 @@
 # the GPU GEMM tests (every variant × dtype × transpose against the f64 reference), the GPU
 # composition tests (every forward/backward variant × f32/bf16 against the f64 reference, and the
 # composed layer's CUDA dispatch), the transformer on --device cuda against its f64 model, the SASS
-# of the tensor-core GEMM (HMMA present, where ptxas and cuobjdump are installed), and the bench (CUDA events: ms, TFLOP/s, GB/s; for the
+# of the tensor-core GEMM and composition kernels (HMMA present, where ptxas and cuobjdump are installed), and the bench (CUDA events: ms, TFLOP/s, GB/s; for the
 # composition kernels also the ratio to the lower bound and the issue's targets). Writes a short
 # report to $OUT/report.md when OUT is set, else ./gpu-report.md. Exits non-zero if a test or a
 # bench check fails, or if a GPU test did not run.
@@ -18,6 +18,11 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cuBLAS, for gpu-bench's reference columns: the bundle carries none (too large); a CUDA
+# toolkit's where one is installed. Without it the bench prints "cuBLAS: unavailable".
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d $dir ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
+done
 report="${OUT:+$OUT/report.md}"
 report="${report:-$PWD/gpu-report.md}"
 runs=20
@@ -70,26 +75,30 @@ run_tests coeffs_kernels --ignored || status=1
 run_tests model_device --ignored || status=1
 echo '```' >>"$report"
 
-# SASS of the tensor-core GEMM: where the machine has ptxas and cuobjdump (a CUDA toolkit), the
-# embedded gemm PTX is compiled for the GPU's architecture and each gemm_mma_* kernel's machine
-# code must contain HMMA (tensor-core) instructions. Seconds; skipped (and said so) elsewhere.
+# SASS of the tensor-core kernels: where the machine has ptxas and cuobjdump (a CUDA toolkit),
+# the embedded gemm and compose_mma PTX is compiled for the GPU's architecture and each
+# gemm_mma_* and compose_mma_* kernel's machine code must contain HMMA (tensor-core) instructions. Seconds; skipped (and said so) elsewhere.
 echo >>"$report"
 echo "## SASS of the tensor-core kernels" >>"$report"
 if command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; then
     sass_dir=$(mktemp -d)
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     arch="sm_${cap:-90}"
-    if "$here/gpu-bench" --dump-ptx gemm "$sass_dir/gemm.ptx" \
-        && ptxas -arch="$arch" "$sass_dir/gemm.ptx" -o "$sass_dir/gemm.cubin" 2>>"$report"; then
-        for kernel in gemm_mma_f16 gemm_mma_bf16; do
-            hmma=$(cuobjdump -sass -fun "$kernel" "$sass_dir/gemm.cubin" 2>/dev/null | grep -c HMMA)
-            echo "- $kernel ($arch): $hmma HMMA instructions" | tee -a "$report"
-            ((hmma > 0)) || status=1
-        done
-    else
-        echo "- could not dump or compile the gemm PTX" | tee -a "$report"
-        status=1
-    fi
+    for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16" \
+        "compose_mma:compose_mma_shrink_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_dx_bf16"; do
+        family=${family_kernels%%:*}
+        if "$here/gpu-bench" --dump-ptx "$family" "$sass_dir/$family.ptx" \
+            && ptxas -arch="$arch" "$sass_dir/$family.ptx" -o "$sass_dir/$family.cubin" 2>>"$report"; then
+            for kernel in ${family_kernels#*:}; do
+                hmma=$(cuobjdump -sass -fun "$kernel" "$sass_dir/$family.cubin" 2>/dev/null | grep -c HMMA)
+                echo "- $kernel ($arch): $hmma HMMA instructions" | tee -a "$report"
+                ((hmma > 0)) || status=1
+            done
+        else
+            echo "- could not dump or compile the $family PTX" | tee -a "$report"
+            status=1
+        fi
+    done
     rm -rf "$sass_dir"
 else
     echo "- skipped: cuobjdump or ptxas not on PATH" | tee -a "$report"
@@ -98,6 +107,7 @@ fi
 echo >>"$report"
 echo "## Bench (GEMM, composition, whole model)" >>"$report"
 bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
+grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
 # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1
 echo "$bench_log"

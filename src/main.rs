@@ -51,6 +51,9 @@ enum Command {
     Fewshot(experiment::FewshotArgs),
     /// Markdown table and SVG plots from the few-shot results.
     Report(experiment::ReportArgs),
+    /// Compose your own PEFT adapters on your own BERT and labelled file: table, learned
+    /// coefficients and composed adapters.
+    Adapt(experiment::AdaptArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Some(Command::Prepare(args)) => experiment::run_prepare(args),
         Some(Command::Fewshot(args)) => experiment::run_fewshot(args),
         Some(Command::Report(args)) => experiment::run_report(args),
+        Some(Command::Adapt(args)) => experiment::run_adapt(args),
         None => experiment::run_default(experiment::DefaultArgs {
             full: cli.full,
             device: cli.device,

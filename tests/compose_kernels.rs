@@ -1,4 +1,5 @@
-//! Every composition kernel variant (forward and backward) × storage (f32, bf16) against the f64
+//! Every composition kernel variant (forward and backward) × storage (f32, bf16; the tensor-core
+//! variant bf16 only, `Variant::applies`) against the f64
 //! reference of `compose::reference`: through the CPU harness always, in several thread orders,
 //! and through the GPU in `gpu_matches_reference`, which is `#[ignore]`d (it needs a CUDA GPU:
 //! `--ignored` on a GPU machine runs it, and fails if the GPU is not usable). The same test
@@ -497,10 +498,12 @@ fn check_variants<B: Backend>(
     ) -> Result<(), String> {
         let p = prepare::<T>(case, seed);
         let w = want_of(case, &p);
-        for &variant in variants {
+        // The tensor-core variant has no f32 kernels (`Variant::applies`): skipped for f32.
+        let variants: Vec<compose_fwd::Variant> = variants.iter().copied().filter(|v| v.applies(T::DTYPE)).collect();
+        for &variant in &variants {
             check_forward(backend, variant, case, &p, &w)?;
         }
-        for &variant in variants {
+        for &variant in &variants {
             for &train in trains {
                 check_backward(backend, variant, case, &p, &w, train)?;
             }
@@ -692,6 +695,46 @@ fn harness_gemv_fixed_cases() {
     }
 }
 
+/// The tensor-core variant on shapes the other cases do not reach: whole 128×128 block tiles
+/// beside ragged ones in T, R, d_in and d_out, ragged K tiles (K not a multiple of 32), several
+/// K steps through the 3-stage pipeline, and two halves of the ∂C epilogue with runs of tokens
+/// crossing them. (a) every row 16-byte aligned (d_in, d_out and R multiples of 8: operands go
+/// by cp.async); (b) none aligned (odd sizes, R = 132: the element-by-element path).
+#[test]
+fn harness_mma_full_tiles_and_ragged_edges() {
+    use Assign::*;
+    use CoeffKind::*;
+    let p = Mode::Product;
+    let cases = [
+        make_case_with_ranks(41, 136, 264, 136, &[64, 16, 8, 40, 8], p, Zipf, Negative),
+        make_case_with_ranks(42, 131, 133, 130, &[64, 3, 64, 1], p, Uniform, OneHot),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        check_variants(
+            &CpuHarness::new(3 + i as u64),
+            case,
+            40 + i as u64,
+            &TRAINS,
+            &[compose_fwd::Variant::Mma],
+        )
+        .unwrap_or_else(|e| panic!("case {i}: {e}"));
+    }
+}
+
+/// The tensor-core variant refuses f32 storage with an error naming it, rather than running.
+#[test]
+fn mma_variant_refuses_f32() {
+    let case = make_case_with_ranks(43, 4, 8, 8, &[2], Mode::Product, Assign::AllSame, CoeffKind::Random);
+    assert!(!compose_fwd::Variant::Mma.applies(DType::F32) && compose_fwd::Variant::Mma.applies(DType::BF16));
+    let backend = CpuHarness::new(0);
+    let p = prepare::<f32>(&case, 0);
+    let w = want_of(&case, &p);
+    let err = check_forward(&backend, compose_fwd::Variant::Mma, &case, &p, &w).unwrap_err();
+    assert!(err.contains("bf16 storage"), "{err}");
+    let err = check_backward(&backend, compose_bwd::Variant::Mma, &case, &p, &w, TRAINS[0]).unwrap_err();
+    assert!(err.contains("bf16 storage"), "{err}");
+}
+
 /// `ComposedLayer` on a kernel device (its `KernelLayer` dispatch: base GEMMs + fused
 /// composition kernels; on the CPU harness or a GPU) and on the Cpu device (`compose::fast`),
 /// against the f64 reference of the whole layer, for every gradient subset.
@@ -839,6 +882,10 @@ fn gpu_matches_reference() {
             compose_fwd::gemv_kernel(compose_fwd::GemvEntry::Hidden, DType::F32),
             compose_fwd::GEMV_SHARED_BYTES,
         ),
+        (
+            compose_fwd::mma_kernel(compose_fwd::MmaEntry::Hidden, DType::BF16),
+            compose_fwd::mma_tile::SHARED_BYTES,
+        ),
     ] {
         let function = gpu.function(&kernel.unwrap()).unwrap();
         assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
@@ -856,6 +903,8 @@ fn gpu_matches_reference() {
         (20, 16, 768, vec![16; 32]),
         (21, 1, 1024, vec![16; 128]),
         (22, 300, 257, vec![8, 64, 1, 16]),
+        // Tensor cores: whole 128×128 tiles, many K steps, aligned rows (cp.async throughout).
+        (23, 512, 1024, vec![16; 32]),
     ] {
         let case = make_case_with_ranks(seed, t, d, d, &ranks, Mode::Product, Assign::Zipf, CoeffKind::Random);
         check_all(gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));

@@ -6,11 +6,21 @@
 //! with GB/s, TFLOP/s and the ratio to the lower bound from `flops_bytes`, and the issue's
 //! targets as measured ratios.
 //!
+//! cuBLAS (through cudarc's bindings, loaded at run time) is timed beside our kernels where
+//! libcublas loads: each GEMM row shows ours as a percentage of cuBLAS's throughput beside the
+//! percentage of the physical bound, and the composition's forward is also timed as two cuBLAS
+//! GEMMs (shrink without the scale, then expand onto Y) as a reference point. Where libcublas
+//! is missing the bench says so once and prints "n/a" in those columns.
+//!
 //! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups);
 //! `gpu-bench --dump-ptx FAMILY PATH` writes the embedded PTX of `cuda/FAMILY.cu` to PATH and
 //! exits (gpu-check.sh compiles it with ptxas to read the SASS of the tensor-core kernels).
 
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 
 use lora_compose::compose::{Rows, Train};
 use lora_compose::gpu::{GpuBackend, GpuBuffer};
@@ -60,24 +70,66 @@ fn main() -> ExitCode {
         "GEMM on {}, median of {runs} runs (CUDA events), beta = 0\n",
         gpu.name()
     );
+    let blas = match load_cublas(gpu.stream()) {
+        Ok(blas) => {
+            println!("cuBLAS: loaded (cublasGemmEx, f32 accumulation): the reference beside our kernels\n");
+            Some(blas)
+        }
+        Err(reason) => {
+            println!("cuBLAS: unavailable ({reason}); the cuBLAS columns show n/a\n");
+            None
+        }
+    };
     let compose_only = std::env::args().any(|a| a == "--compose-only");
-    println!("| shape | m×n×k | variant | dtype | ms | TFLOP/s | GB/s | check |");
-    println!("|---|---|---|---|---:|---:|---:|---|");
+    println!("| shape | m×n×k | variant | dtype | ms | TFLOP/s | GB/s | % of bound | % of cuBLAS | check |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---|");
     let mut failed = false;
     for &(name, m, n, k) in SHAPES.iter().filter(|_| !compose_only) {
-        for &variant in gemm::ALL {
-            for &dtype in DType::ALL.iter().filter(|&&d| variant.applies(d)) {
-                let params = GemmParams {
-                    shape: GemmShape {
-                        m,
-                        n,
-                        k,
-                        trans_a: false,
-                        trans_b: false,
-                    },
-                    alpha: 1.0,
-                    beta: 0.0,
-                };
+        for &dtype in DType::ALL {
+            let params = GemmParams {
+                shape: GemmShape {
+                    m,
+                    n,
+                    k,
+                    trans_a: false,
+                    trans_b: false,
+                },
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            let (flops, bytes) = gemm::flops_bytes(&params, dtype);
+            let bound_s = (bytes / PEAK_BYTES_PER_S).max(flops / peak_flops(dtype));
+            let cublas_ms = match &blas {
+                None => None,
+                Some(blas) => {
+                    let timed = match dtype {
+                        DType::F32 => bench_cublas::<f32>(&gpu, blas, m, n, k, runs),
+                        DType::F16 => bench_cublas::<half::f16>(&gpu, blas, m, n, k, runs),
+                        DType::BF16 => bench_cublas::<half::bf16>(&gpu, blas, m, n, k, runs),
+                    };
+                    match timed {
+                        Ok(ms) => {
+                            let seconds = ms * 1e-3;
+                            println!(
+                                "| {name} | {m}×{n}×{k} | cuBLAS | {} | {ms:.3} | {:.1} | {:.0} | {:.0}% | 100% | reference |",
+                                dtype.suffix(),
+                                flops / seconds / 1e12,
+                                bytes / seconds / 1e9,
+                                100.0 * bound_s / seconds
+                            );
+                            Some(ms)
+                        }
+                        Err(e) => {
+                            println!(
+                                "| {name} | {m}×{n}×{k} | cuBLAS | {} | error: {e} | | | | | |",
+                                dtype.suffix()
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            for &variant in gemm::ALL.iter().filter(|v| v.applies(dtype)) {
                 let result = match dtype {
                     DType::F32 => bench::<f32>(&gpu, variant, &params, runs),
                     DType::F16 => bench::<half::f16>(&gpu, variant, &params, runs),
@@ -85,21 +137,22 @@ fn main() -> ExitCode {
                 };
                 match result {
                     Ok((ms, check)) => {
-                        let (flops, bytes) = gemm::flops_bytes(&params, dtype);
                         let seconds = ms * 1e-3;
                         failed |= check.starts_with("FAIL");
                         println!(
-                            "| {name} | {m}×{n}×{k} | {} | {} | {ms:.3} | {:.1} | {:.0} | {check} |",
+                            "| {name} | {m}×{n}×{k} | {} | {} | {ms:.3} | {:.1} | {:.0} | {:.0}% | {} | {check} |",
                             variant.name(),
                             dtype.suffix(),
                             flops / seconds / 1e12,
-                            bytes / seconds / 1e9
+                            bytes / seconds / 1e9,
+                            100.0 * bound_s / seconds,
+                            percent_of(cublas_ms, ms)
                         );
                     }
                     Err(e) => {
                         failed = true;
                         println!(
-                            "| {name} | {m}×{n}×{k} | {} | {} | error: {e} | | | |",
+                            "| {name} | {m}×{n}×{k} | {} | {} | error: {e} | | | | | |",
                             variant.name(),
                             dtype.suffix()
                         );
@@ -108,7 +161,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    match compose_bench(&gpu, runs) {
+    match compose_bench(&gpu, blas.as_ref(), runs) {
         Ok(compose_failed) => failed |= compose_failed,
         Err(e) => {
             failed = true;
@@ -130,6 +183,100 @@ fn parse_runs() -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
     let i = args.iter().position(|a| a == "--runs")?;
     args.get(i + 1)?.parse().ok()
+}
+
+/// Dense peak of the H200 for a storage type: the tensor cores' 790 TFLOP/s for 16-bit inputs;
+/// for f32 the SIMT cores' FMA rate (~67 TFLOP/s), which our f32 kernels and cuBLAS's default
+/// f32 GEMM (no TF32) run on.
+fn peak_flops(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => PEAK_F32_FLOPS,
+        DType::F16 | DType::BF16 => PEAK_FLOPS,
+    }
+}
+const PEAK_F32_FLOPS: f64 = 67e12;
+
+/// Ours as a percentage of cuBLAS's throughput (cuBLAS time / our time), or n/a.
+fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
+    cublas_ms.map_or_else(|| "n/a".into(), |c| format!("{:.0}%", 100.0 * c / ms))
+}
+
+/// cuBLAS on the backend's stream, or why not: libcublas is loaded at run time (cudarc's
+/// `dynamic-loading`), so a machine without it still runs the rest of the bench.
+fn load_cublas(stream: &Arc<CudaStream>) -> Result<CudaBlas, String> {
+    // SAFETY: only tries to open the shared library (dlopen) by cudarc's candidate names.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(
+            "libcublas not found on the library path (it ships with the CUDA toolkit and the \
+                    nvidia-cublas wheels; add its directory to LD_LIBRARY_PATH)"
+                .into(),
+        );
+    }
+    CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate failed: {e:?}"))
+}
+
+/// `C = A·B` (row-major A (m, k), B (k, n), C (m, n)) as cuBLAS sees it, column-major:
+/// `Cᵀ = Bᵀ·Aᵀ`, with B's buffer as the first operand (n × k, ld n) and A's as the second
+/// (k × m, ld k). `beta` 0 overwrites C, 1 accumulates.
+fn row_major_config<T>(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: T, beta: T) -> GemmConfig<T> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let int = |v: usize| i32::try_from(v).expect("GEMM sizes fit int32");
+    GemmConfig {
+        // op(B)ᵀ: B stored (k, n) row-major is Bᵀ column-major (ld n); stored (n, k) it is B (ld k).
+        transa: op(trans_b),
+        transb: op(trans_a),
+        m: int(n),
+        n: int(m),
+        k: int(k),
+        alpha,
+        lda: int(if trans_b { k } else { n }),
+        ldb: int(if trans_a { m } else { k }),
+        beta,
+        ldc: int(n),
+    }
+}
+
+/// Median milliseconds of `runs` cuBLAS GEMMs `C = A·B` (row-major, random inputs, beta = 0).
+fn bench_cublas<T: Element + DeviceRepr>(
+    gpu: &GpuBackend,
+    blas: &CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    runs: usize,
+) -> Result<f64, KernelError>
+where
+    CudaBlas: Gemm<T>,
+{
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let a: Vec<T> = (0..m * k).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let b: Vec<T> = (0..k * n).map(|_| T::from_f32(rng.random_range(-1.0..1.0))).collect();
+    let stream = gpu.stream();
+    let dev_a = stream.clone_htod(&a).map_err(driver("cuBLAS operand upload"))?;
+    let dev_b = stream.clone_htod(&b).map_err(driver("cuBLAS operand upload"))?;
+    let mut dev_c = stream
+        .clone_htod(&vec![T::from_f32(0.0); m * n])
+        .map_err(driver("cuBLAS output"))?;
+    let config = row_major_config(m, n, k, false, false, T::from_f32(1.0), T::from_f32(0.0));
+    let mut launch = || {
+        // SAFETY: A holds m·k, B k·n and C m·n elements, as the configuration's sizes and leading
+        // dimensions index them (row_major_config); all three live on the handle's stream.
+        unsafe { blas.gemm(config, &dev_b, &dev_a, &mut dev_c) }.map_err(driver("cublasGemmEx"))
+    };
+    let (start, end) = (gpu.timing_event()?, gpu.timing_event()?);
+    for _ in 0..WARMUP_RUNS {
+        launch()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        gpu.record(&start)?;
+        launch()?;
+        gpu.record(&end)?;
+        times.push(f64::from(start.elapsed_ms(&end).map_err(driver("event timing"))?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// Median milliseconds of `runs` launches, and the verdict of the sampled check.
@@ -294,6 +441,7 @@ fn random_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<half::bf16> 
 /// Each forward variant is first checked against the naive one on a fresh Y.
 fn bench_compose_shape(
     gpu: &GpuBackend,
+    blas: Option<&CudaBlas>,
     flush: &mut GpuBuffer<u8>,
     (d, n, t): (usize, usize, usize),
     runs: usize,
@@ -310,9 +458,12 @@ fn bench_compose_shape(
         ranks: ranks.clone(),
     };
     let scale_x = 1.0;
-    let x = gpu.upload(&random_bf16(&mut rng, t * d, scale_x))?;
-    let a_cat = gpu.upload(&random_bf16(&mut rng, r * d, 1.0 / (d as f32).sqrt()))?;
-    let b_cat = gpu.upload(&random_bf16(&mut rng, d * r, 1.0 / (RANK as f32).sqrt()))?;
+    let host_x = random_bf16(&mut rng, t * d, scale_x);
+    let host_a = random_bf16(&mut rng, r * d, 1.0 / (d as f32).sqrt());
+    let host_b = random_bf16(&mut rng, d * r, 1.0 / (RANK as f32).sqrt());
+    let x = gpu.upload(&host_x)?;
+    let a_cat = gpu.upload(&host_a)?;
+    let b_cat = gpu.upload(&host_b)?;
     let g = gpu.upload(&random_bf16(&mut rng, t * d, 1.0))?;
     let c = gpu.upload(&vec![1.0 / n as f32; n])?;
     let sample_of = vec![0usize; t];
@@ -400,6 +551,21 @@ fn bench_compose_shape(
         });
     }
 
+    if let Some(blas) = blas {
+        let ms = time_cublas_forward(gpu, blas, flush, (t, d, r), (&host_x, &host_a, &host_b), runs)?;
+        let (flops, bytes) = compose_fwd::flops_bytes(&shape, DType::BF16, true);
+        out.push(Timing {
+            d,
+            n,
+            t,
+            pass: "forward",
+            variant: "cuBLAS×2",
+            ms,
+            flops,
+            bytes,
+        });
+    }
+
     let mut dc = gpu.upload(&vec![0.0f32; n])?;
     let (mut du, mut dx) = (zeros(t * r)?, zeros(t * d)?);
     let bwd_inputs = compose_bwd::Inputs {
@@ -418,6 +584,7 @@ fn bench_compose_shape(
         .chain([
             (compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X"),
             (compose_bwd::Variant::Gemv, BWD_INPUT, "backward ∂X"),
+            (compose_bwd::Variant::Mma, BWD_INPUT, "backward ∂X"),
         ]);
     for (variant, train, pass) in runs_of {
         let ms = time_runs(gpu, flush, runs, || {
@@ -446,9 +613,43 @@ fn bench_compose_shape(
     Ok(check)
 }
 
+/// The composition's forward as two cuBLAS GEMMs, a reference point for the fused kernels:
+/// `U = X A_catᵀ` (no per-sample scale: cuBLAS has no such epilogue) and `Y += U B_catᵀ`, bf16
+/// with f32 accumulation, timed like the kernels (median after an L2 flush).
+fn time_cublas_forward(
+    gpu: &GpuBackend,
+    blas: &CudaBlas,
+    flush: &mut GpuBuffer<u8>,
+    (t, d, r): (usize, usize, usize),
+    (x, a_cat, b_cat): (&[half::bf16], &[half::bf16], &[half::bf16]),
+    runs: usize,
+) -> Result<f64, KernelError> {
+    let stream = gpu.stream();
+    let upload = |host: &[half::bf16]| -> Result<CudaSlice<half::bf16>, KernelError> {
+        stream.clone_htod(host).map_err(driver("cuBLAS operand upload"))
+    };
+    let (x, a_cat, b_cat) = (upload(x)?, upload(a_cat)?, upload(b_cat)?);
+    let (mut u, mut y) = (
+        upload(&vec![half::bf16::ZERO; t * r])?,
+        upload(&vec![half::bf16::ZERO; t * d])?,
+    );
+    let (one, zero) = (half::bf16::ONE, half::bf16::ZERO);
+    // U (t, r) = X (t, d) · A_catᵀ (A_cat stored (r, d)); Y (t, d) += U (t, r) · B_catᵀ (B_cat (d, r)).
+    let shrink = row_major_config(t, r, d, false, true, one, zero);
+    let expand = row_major_config(t, d, r, false, true, one, one);
+    time_runs(gpu, flush, runs, || {
+        // SAFETY: X (t·d), A_cat (r·d), U (t·r), B_cat (d·r) and Y (t·d) hold exactly what the
+        // two configurations index (row_major_config), all on the handle's stream.
+        unsafe {
+            blas.gemm(shrink, &a_cat, &x, &mut u).map_err(driver("cublasGemmEx"))?;
+            blas.gemm(expand, &b_cat, &u, &mut y).map_err(driver("cublasGemmEx"))
+        }
+    })
+}
+
 /// Prints the composition table and the issue's targets as measured ratios; returns whether a
 /// check failed.
-fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
+fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Result<bool, KernelError> {
     let mut flush = gpu.alloc::<u8>(L2_FLUSH_BYTES)?;
     gpu.zero(&mut flush)?;
     println!(
@@ -461,7 +662,7 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
     let mut failed = false;
     for shape in compose_shapes() {
         let first = all.len();
-        let check = bench_compose_shape(gpu, &mut flush, shape, runs, &mut all)?;
+        let check = bench_compose_shape(gpu, blas, &mut flush, shape, runs, &mut all)?;
         failed |= check.starts_with("FAIL");
         for tm in &all[first..] {
             let seconds = tm.ms * 1e-3;
@@ -542,6 +743,22 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
                 );
             }
         }
+        for n in [8, 32, 128] {
+            if let Some(tm) = all
+                .iter()
+                .find(|tm| (tm.d, tm.n, tm.t, tm.pass, tm.variant) == (d, n, 4096, "forward", "mma"))
+            {
+                let tflops = tm.flops / (tm.ms * 1e-3) / 1e12;
+                let cublas = find(d, n, 4096, "forward", "cuBLAS×2");
+                println!(
+                    "- d = {d}, N = {n}, T = 4096 mma forward: {tflops:.1} TFLOP/s = {:.0}% of the dense bf16 peak ({:.0} TFLOP/s; target ≥ 50%), {:.0}% of the measured bf16 GEMM, {} of two cuBLAS GEMMs",
+                    100.0 * tflops * 1e12 / PEAK_FLOPS,
+                    PEAK_FLOPS / 1e12,
+                    100.0 * tflops / gemm_tflops,
+                    percent_of(cublas, tm.ms)
+                );
+            }
+        }
         if let (Some(lp), Some(fu)) = (
             find(d, 128, 16, "forward", "loop"),
             find(d, 128, 16, "forward", "fused"),
@@ -551,7 +768,7 @@ fn compose_bench(gpu: &GpuBackend, runs: usize) -> Result<bool, KernelError> {
                 lp / fu
             );
         }
-        for (t, variant) in [(16, "fused"), (4096, "fused"), (16, "gemv")] {
+        for (t, variant) in [(16, "fused"), (4096, "fused"), (16, "gemv"), (4096, "mma")] {
             if let (Some(both), Some(dx)) = (
                 find(d, 32, t, "backward ∂C+∂X", variant),
                 find(d, 32, t, "backward ∂X", variant),

@@ -8,6 +8,9 @@
 //!
 //! Every image becomes 784 f32 in [0, 1]. Splits are seeded permutations cut into disjoint
 //! ranges, so no image is in both a training and a test split.
+//!
+//! The few-shot machinery runs on any [`Samples`]: [`Images`] for the ViT, [`Texts`] (token-id
+//! sequences, already tokenized and truncated) for BERT.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,30 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::model::Batch;
 use crate::{Error, Result};
+
+/// Labelled samples the few-shot machinery trains and evaluates on: a count, a class per
+/// sample, sub-selection, and the model input of any subset.
+pub trait Samples: Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The class of sample `i`.
+    fn label(&self, i: usize) -> usize;
+    /// The samples at `idx`, in that order.
+    fn select(&self, idx: &[usize]) -> Self
+    where
+        Self: Sized;
+    /// The model input of samples `idx`, in that order.
+    fn batch(&self, idx: &[usize]) -> Result<Batch>;
+    /// The classes of samples `idx`, in that order.
+    fn labels_at(&self, idx: &[usize]) -> Vec<usize> {
+        idx.iter().map(|&i| self.label(i)).collect()
+    }
+}
 
 /// Side of every image.
 pub const SIDE: usize = 28;
@@ -70,6 +96,75 @@ impl Images {
             pixels: pixels.iter().map(|&p| p as f32 / 255.0).collect(),
             labels,
         }
+    }
+}
+
+impl Samples for Images {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+
+    fn select(&self, idx: &[usize]) -> Images {
+        Images::select(self, idx)
+    }
+
+    /// (B, 28, 28) pixels.
+    fn batch(&self, idx: &[usize]) -> Result<Batch> {
+        let mut px = Vec::with_capacity(idx.len() * PIXELS);
+        for &i in idx {
+            px.extend_from_slice(self.image(i));
+        }
+        Batch::images(&px, SIDE)
+    }
+}
+
+/// Token-id sequences (already tokenized, with their special tokens, and no longer than the
+/// model's positions) and their classes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Texts {
+    pub ids: Vec<Vec<u32>>,
+    pub labels: Vec<usize>,
+}
+
+impl Texts {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The sequences at `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Texts {
+        Texts {
+            ids: idx.iter().map(|&i| self.ids[i].clone()).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+}
+
+impl Samples for Texts {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self.labels[i]
+    }
+
+    fn select(&self, idx: &[usize]) -> Texts {
+        Texts::select(self, idx)
+    }
+
+    /// (B, T) ids right-padded to the longest of the batch, with their mask.
+    fn batch(&self, idx: &[usize]) -> Result<Batch> {
+        let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.ids[i].as_slice()).collect();
+        Batch::tokens(&seqs)
     }
 }
 
@@ -441,6 +536,25 @@ mod tests {
         assert_eq!(r90[0], img[SIDE - 1]);
         let inv = Transform::Invert.apply(&img);
         assert!((inv[5] - (1.0 - img[5])).abs() < 1e-7);
+    }
+
+    /// Texts select, label and batch as the few-shot machinery reads them: right-padded ids
+    /// with their mask, classes in the order asked for.
+    #[test]
+    fn texts_are_samples() {
+        let t = Texts {
+            ids: vec![vec![2, 5, 3], vec![2, 3], vec![2, 7, 8, 3]],
+            labels: vec![1, 0, 1],
+        };
+        let s = Samples::select(&t, &[2, 1]);
+        assert_eq!((Samples::len(&s), s.labels_at(&[0, 1])), (2, vec![1, 0]));
+        let b = t.batch(&[1, 2]).unwrap();
+        assert_eq!((b.batch, b.seq), (2, 4));
+        assert_eq!(b.ids, vec![2, 3, 0, 0, 2, 7, 8, 3]);
+        assert_eq!(b.mask, vec![true, true, false, false, true, true, true, true]);
+        let shots = crate::experiment::methods::sample_shots(&t, 2, 1, 0);
+        assert_eq!(shots.len(), 2);
+        assert_eq!((t.label(shots[0]), t.label(shots[1])), (0, 1));
     }
 
     #[test]

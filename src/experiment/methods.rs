@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::data::Images;
+use super::data::Samples;
 use super::shard::Plan;
 use super::tasks::{self, TaskData};
 use super::{
@@ -210,12 +210,12 @@ pub fn read_results(path: &Path) -> Result<Vec<UnitResult>> {
         .collect()
 }
 
-/// K images a class from the pool (all when K = 0), seeded by (task, K, seed).
-pub fn sample_shots(pool: &Images, n_classes: usize, k: usize, seed: u64) -> Vec<usize> {
+/// K samples a class from the pool (all when K = 0), seeded by (task, K, seed).
+pub fn sample_shots<S: Samples>(pool: &S, n_classes: usize, k: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9) ^ (k as u64) << 32);
     let mut out = Vec::new();
     for c in 0..n_classes {
-        let mut idx: Vec<usize> = (0..pool.len()).filter(|&i| pool.labels[i] as usize == c).collect();
+        let mut idx: Vec<usize> = (0..pool.len()).filter(|&i| pool.label(i) == c).collect();
         rand::seq::SliceRandom::shuffle(&mut idx[..], &mut rng);
         if k > 0 {
             idx.truncate(k);
@@ -225,11 +225,38 @@ pub fn sample_shots(pool: &Images, n_classes: usize, k: usize, seed: u64) -> Vec
     out
 }
 
-struct Unit<'a> {
-    task: &'a TaskData,
-    k: usize,
-    seed: u64,
-    shots: Images,
+/// One (task, K, seed) of a comparison: the shots every method of it trains on, and the test
+/// set it is scored on.
+pub(crate) struct Unit<'a, S> {
+    /// Task name and kind, as the results file records them.
+    pub task: &'a str,
+    pub kind: &'a str,
+    pub n_classes: usize,
+    pub test: &'a S,
+    pub k: usize,
+    pub seed: u64,
+    pub shots: S,
+}
+
+/// What every method of a unit may spend: gradient steps, the largest batch, LoraHub's
+/// population and generations.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget {
+    pub steps: usize,
+    pub batch: usize,
+    pub es_population: usize,
+    pub es_generations: usize,
+}
+
+impl Budget {
+    pub fn of(args: &FewshotArgs) -> Budget {
+        Budget {
+            steps: args.steps,
+            batch: args.batch,
+            es_population: args.es_population,
+            es_generations: args.es_generations,
+        }
+    }
 }
 
 fn coeff_rows(model: &Model<f32>) -> BTreeMap<String, Vec<f64>> {
@@ -256,9 +283,9 @@ fn coeff_rows(model: &Model<f32>) -> BTreeMap<String, Vec<f64>> {
 /// Training of what `trainable` selects for `steps` steps: full batch when the shots fit in
 /// `batch`, else seeded shuffled minibatches of `batch` (the whole-pool runs). Returns the last
 /// loss (NaN or infinite when it diverged, and then it stops).
-fn fit(
+pub(crate) fn fit<S: Samples>(
     model: &mut Model<f32>,
-    shots: &Images,
+    shots: &S,
     trainable: Trainable,
     steps: usize,
     lr: f64,
@@ -312,7 +339,7 @@ fn fit(
 }
 
 #[cfg(test)]
-fn loss_on(model: &Model<f32>, shots: &Images) -> Result<f64> {
+fn loss_on<S: Samples>(model: &Model<f32>, shots: &S) -> Result<f64> {
     let idx: Vec<usize> = (0..shots.len()).collect();
     let logits = model.logits(&batch_of(shots, &idx)?)?;
     Ok(cross_entropy(&logits, &labels_of(shots, &idx), model.config.num_labels)?.0)
@@ -320,7 +347,7 @@ fn loss_on(model: &Model<f32>, shots: &Images) -> Result<f64> {
 
 /// Few-shot loss of each candidate row in `values` (P × N), the whole population in one batched
 /// forward: the shots repeated P times, copy p running with row p (per-sample coefficient rows).
-fn population_losses(model: &Model<f32>, shots: &Images, values: &[f32]) -> Result<Vec<f64>> {
+fn population_losses<S: Samples>(model: &Model<f32>, shots: &S, values: &[f32]) -> Result<Vec<f64>> {
     let n = model.global_v.len();
     let p = values.len() / n;
     let m = shots.len();
@@ -338,9 +365,9 @@ fn population_losses(model: &Model<f32>, shots: &Images, values: &[f32]) -> Resu
 /// LoraHub-style search over the global row: (μ, λ) evolution strategy, the best candidate so
 /// far kept, objective = few-shot loss + λ₁·mean|c|, coefficients clipped to ±1.5. Each
 /// generation's population is scored in one batched forward ([`population_losses`]).
-fn lorahub_search(
+fn lorahub_search<S: Samples>(
     model: &mut Model<f32>,
-    shots: &Images,
+    shots: &S,
     population: usize,
     generations: usize,
     seed: u64,
@@ -394,15 +421,15 @@ fn lorahub_search(
     model.sync_device()
 }
 
-fn run_unit(
+pub(crate) fn run_unit<S: Samples>(
     base: &Model<f32>,
     library: &Library,
-    unit: &Unit<'_>,
+    unit: &Unit<'_, S>,
     method: Method,
-    args: &FewshotArgs,
+    args: &Budget,
 ) -> Result<UnitResult> {
     let started = Instant::now();
-    let n_classes = unit.task.spec.classes.len();
+    let n_classes = unit.n_classes;
     let mut model = base.clone();
     new_head(&mut model, n_classes, unit.seed ^ (unit.k as u64) << 20)?;
     let composition = |param, mode, global| Composition { mode, param, global };
@@ -485,7 +512,7 @@ fn run_unit(
     let acc = if diverged {
         None
     } else {
-        Some(accuracy(&model, &unit.task.test)?)
+        Some(accuracy(&model, unit.test)?)
     };
     // LoraHub's row is found without gradients but still fitted to the task: count it.
     let trainable = match method {
@@ -493,8 +520,8 @@ fn run_unit(
         _ => model.trainable_count(trainable),
     };
     Ok(UnitResult {
-        task: unit.task.spec.name.clone(),
-        kind: unit.task.spec.kind.name().into(),
+        task: unit.task.into(),
+        kind: unit.kind.into(),
         method,
         k: unit.k,
         seed: unit.seed,
@@ -503,7 +530,7 @@ fn run_unit(
         final_loss: loss,
         trainable,
         train_images: unit.shots.len(),
-        test_images: unit.task.test.len(),
+        test_images: unit.test.len(),
         seconds: started.elapsed().as_secs_f64(),
         coeffs: if method == Method::Uniform {
             BTreeMap::new()
@@ -679,14 +706,18 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     for (task, k, seed, ms) in groups {
         let idx = sample_shots(&task.pool, task.spec.classes.len(), k, seed);
         let unit = Unit {
-            task,
+            task: &task.spec.name,
+            kind: task.spec.kind.name(),
+            n_classes: task.spec.classes.len(),
+            test: &task.test,
             k,
             seed,
             shots: task.pool.select(&idx),
         };
+        let budget = Budget::of(&args);
         pb.set_message(format!("{} K={k} seed {seed}", task.spec.name));
         ms.par_iter().try_for_each(|&m| -> Result<()> {
-            let mut r = run_unit(&base, &library, &unit, m, &args)?;
+            let mut r = run_unit(&base, &library, &unit, m, &budget)?;
             r.plan = plan_id.clone();
             if r.diverged {
                 say(
@@ -867,7 +898,7 @@ pub const DEFAULT_TEST_PER_CLASS: usize = 60;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiment::data::PIXELS;
+    use crate::experiment::data::{Images, PIXELS};
     use crate::experiment::tasks::{downstream_tasks, save_bundle, upstream_tasks};
     use crate::model::checkpoint;
 
@@ -950,7 +981,10 @@ mod tests {
             test: img(5, 7),
         };
         let unit = Unit {
-            task: &task,
+            task: &task.spec.name,
+            kind: task.spec.kind.name(),
+            n_classes: task.spec.classes.len(),
+            test: &task.test,
             k: 1,
             seed: 3,
             shots: img(5, 3),
@@ -978,8 +1012,8 @@ mod tests {
         dev.to_device(&Device::Harness(crate::harness::CpuHarness::new(1)))
             .unwrap();
         for method in Method::ALL {
-            let cpu = run_unit(&base, &library, &unit, method, &args).unwrap();
-            let gpu = run_unit(&dev, &library, &unit, method, &args).unwrap();
+            let cpu = run_unit(&base, &library, &unit, method, &Budget::of(&args)).unwrap();
+            let gpu = run_unit(&dev, &library, &unit, method, &Budget::of(&args)).unwrap();
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.abs().max(1e-3);
             assert!(
                 close(cpu.final_loss, gpu.final_loss),

@@ -13,6 +13,7 @@
 //! skips what exists; each run appends its config, code version and timings to
 //! `results/runs.jsonl`.
 
+pub mod adapt;
 pub mod data;
 pub mod methods;
 pub mod report;
@@ -35,7 +36,7 @@ use crate::model::train::{evaluate, lr_at, train_step, AdamW};
 use crate::model::{checkpoint, Batch, Config, Library, Linear, LoraModule, Model, Trainable};
 use crate::peft::{Adapter, AdapterConfig, LoraLayer, StoreDtype, TargetModules};
 use crate::{Error, Result};
-use data::{Images, PIXELS, SIDE};
+use data::{Images, Samples};
 use tasks::TaskSpec;
 
 /// The ViT of every step: width 64, 4 layers, 4 heads, 7×7 patches.
@@ -139,23 +140,19 @@ pub(crate) fn say(pb: &ProgressBar, msg: String) {
     }
 }
 
-/// A batch of images `idx` of `images`.
-pub(crate) fn batch_of(images: &Images, idx: &[usize]) -> Result<Batch> {
-    let mut px = Vec::with_capacity(idx.len() * PIXELS);
-    for &i in idx {
-        px.extend_from_slice(images.image(i));
-    }
-    Batch::images(&px, SIDE)
+/// The model input of samples `idx` of `samples`.
+pub(crate) fn batch_of<S: Samples>(samples: &S, idx: &[usize]) -> Result<Batch> {
+    samples.batch(idx)
 }
 
-pub(crate) fn labels_of(images: &Images, idx: &[usize]) -> Vec<usize> {
-    idx.iter().map(|&i| images.labels[i] as usize).collect()
+pub(crate) fn labels_of<S: Samples>(samples: &S, idx: &[usize]) -> Vec<usize> {
+    samples.labels_at(idx)
 }
 
-/// Test accuracy of `model` on `images`.
-pub(crate) fn accuracy(model: &Model<f32>, images: &Images) -> Result<f64> {
-    let labels: Vec<usize> = images.labels.iter().map(|&y| y as usize).collect();
-    Ok(evaluate(model, &labels, 256, |idx| batch_of(images, idx))?.0)
+/// Test accuracy of `model` on `samples`.
+pub(crate) fn accuracy<S: Samples>(model: &Model<f32>, samples: &S) -> Result<f64> {
+    let labels = samples.labels_at(&(0..samples.len()).collect::<Vec<_>>());
+    Ok(evaluate(model, &labels, 256, |idx| samples.batch(idx))?.0)
 }
 
 /// Replaces the model's head by a fresh seeded one of `n` classes, on the model's device.
@@ -499,6 +496,7 @@ pub fn run_prepare(args: PrepareArgs) -> Result<()> {
     tasks::save_bundle(&args.out, &tasks)
 }
 
+pub use adapt::{run_adapt, AdaptArgs};
 pub use methods::{run_default, run_fewshot, DefaultArgs, FewshotArgs};
 pub use report::{run_report, ReportArgs};
 

@@ -5,8 +5,8 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, naive_dims, split_k,
-    tiled_dims, GemvEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims, mma_kernel,
+    naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -98,6 +98,14 @@ pub enum Step {
         du: bool,
         dx: bool,
     },
+    /// Tensor cores: H = G B_cat in registers, ∂C (when `dc`) and ∂U (when `du`) in the
+    /// epilogue.
+    MmaHidden {
+        dc: bool,
+        du: bool,
+    },
+    /// Tensor cores: ∂X += ∂U A_cat.
+    MmaDx,
 }
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
@@ -137,6 +145,17 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                     dx: train.input,
                 };
                 steps.push((step, linear_dims(n)));
+            }
+            if train.modules {
+                steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
+                steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
+            }
+        }
+        Variant::Mma => {
+            let (dc, du) = (train.coeffs, want_du);
+            steps.push((Step::MmaHidden { dc, du }, mma_dims(t, r)));
+            if train.input {
+                steps.push((Step::MmaDx, mma_dims(t, d_in)));
             }
             if train.modules {
                 steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
@@ -368,6 +387,9 @@ pub fn launch<T: Element, B: Backend>(
     outputs: Outputs<T, B>,
 ) -> Result<(), KernelError> {
     let name = kernel(Entry::CoeffGradTiled, T::DTYPE)?.name;
+    if !variant.applies(T::DTYPE) {
+        mma_kernel(MmaEntry::Hidden, T::DTYPE)?;
+    }
     let (t, r, n, d_in, d_out) = (shape.t, shape.r_total(), shape.n(), shape.d_in, shape.d_out);
     check_tables(
         backend,
@@ -514,6 +536,42 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
+        let mma = match step {
+            Step::MmaHidden {
+                dc: want_dc,
+                du: want_du,
+            } => Some((
+                MmaEntry::Hidden,
+                vec![
+                    g,
+                    b_cat,
+                    u,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    if want_dc { dc } else { null },
+                    if want_du { du } else { null },
+                    i(t),
+                    i(d_out),
+                    i(r),
+                    i(n),
+                ],
+            )),
+            Step::MmaDx => Some((MmaEntry::Dx, vec![du, a_cat, dx, i(t), i(r), i(d_in)])),
+            _ => None,
+        };
+        if let Some((entry, args)) = mma {
+            // SAFETY: each argument list follows its signature in cuda/compose_mma.cu
+            // (`COMPOSE_MMA_ENTRIES`). G, B_cat, U, A_cat, ∂C, ∂U, ∂X were checked above against
+            // the shape the kernels index; an output is null exactly where `train` does not ask
+            // for it (the hidden kernel skips a null ∂C or ∂U; MmaDx is planned only with ∂X,
+            // which implies ∂U, written by the hidden kernel before it in stream order). Tables
+            // come from the same ranks, token samples were checked on upload; outputs are
+            // distinct and mutably borrowed.
+            unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            continue;
+        }
         if let Some((entry, args)) = gemv {
             // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu. The
             // workspace holds at least the plan's `h_acc` (T × R, when ∂U is needed) followed by
@@ -633,9 +691,12 @@ pub fn launch<T: Element, B: Backend>(
                 vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(j0), i(j1), i(split.chunk)],
             ),
             Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
-            Step::GemvZero { .. } | Step::GemvHidden { .. } | Step::GemvDx { .. } | Step::GemvFinish { .. } => {
-                unreachable!("launched above")
-            }
+            Step::GemvZero { .. }
+            | Step::GemvHidden { .. }
+            | Step::GemvDx { .. }
+            | Step::GemvFinish { .. }
+            | Step::MmaHidden { .. }
+            | Step::MmaDx => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
         // cuda/compose_bwd.cu. Every buffer was checked above against the shape the kernels
@@ -723,6 +784,28 @@ mod tests {
             launch_config(Variant::Gemv, &s, Train::ALL, HARNESS_SM_COUNT),
             launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
         );
+    }
+
+    #[test]
+    fn mma_backward_plans() {
+        let s = shape(4096, 4096, vec![16; 32]);
+        let steps = |train| -> Vec<Step> {
+            launch_config(Variant::Mma, &s, train, HARNESS_SM_COUNT)
+                .iter()
+                .map(|(step, _)| *step)
+                .collect()
+        };
+        assert_eq!(steps(Train::COEFFS), vec![Step::MmaHidden { dc: true, du: false }]);
+        let all = steps(Train {
+            base: false,
+            ..Train::ALL
+        });
+        assert_eq!(all[..2], [Step::MmaHidden { dc: true, du: true }, Step::MmaDx]);
+        assert!(
+            matches!(all[2..], [Step::DaTiled { .. }, Step::DbTiled { .. }]),
+            "{all:?}"
+        );
+        assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
     }
 
     #[test]

@@ -21,10 +21,22 @@ pub enum Variant {
     /// workspace. For larger T it runs the fused plan. `∂A_cat`, `∂B_cat` use the fused
     /// variant's tiled kernels.
     Gemv,
+    /// Tensor cores for large T, bf16 storage only (`cuda/compose_mma.cu`): the fused plan's
+    /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as `mma.sync.m16n8k16`
+    /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
+    /// tiles, no split-K. `∂A_cat`, `∂B_cat` use the fused variant's tiled kernels.
+    Mma,
 }
 
-/// Every variant: tests and benches iterate this list.
-pub const ALL: &[Variant] = &[Variant::Naive, Variant::Loop, Variant::Fused, Variant::Gemv];
+/// Every variant: tests and benches iterate this list (skipping the storage types a variant
+/// does not apply to, [`Variant::applies`]).
+pub const ALL: &[Variant] = &[
+    Variant::Naive,
+    Variant::Loop,
+    Variant::Fused,
+    Variant::Gemv,
+    Variant::Mma,
+];
 
 /// The variant for a call with `t` tokens: [`Variant::Gemv`] up to [`GEMV_MAX_T`] tokens (the
 /// memory-bound regime), [`Variant::Fused`] above.
@@ -43,7 +55,15 @@ impl Variant {
             Variant::Loop => "loop",
             Variant::Fused => "fused",
             Variant::Gemv => "gemv",
+            Variant::Mma => "mma",
         }
+    }
+
+    /// Whether the variant has kernels for storage `dtype`: tensor cores take 16-bit inputs and
+    /// the composition families are built for bf16, so [`Variant::Mma`] is bf16 only. Tests and
+    /// benches skip the other combinations explicitly; launching one is an error.
+    pub fn applies(self, dtype: DType) -> bool {
+        !(self == Variant::Mma && dtype != DType::BF16)
     }
 }
 
@@ -180,6 +200,69 @@ pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError
     };
     Ok(Kernel {
         family: "compose_gemv",
+        name,
+        harness_entry,
+    })
+}
+
+/// The tensor-core variant's tiling, mirroring `compose_mma` in `cuda/compose_mma.cu`: a BM×BN
+/// output tile per block of 8 warps, K steps of BK, STAGES shared-memory stages of bf16 A and B
+/// tiles in one static array (48 KiB, also the ∂C epilogue's `part[64][129]` f32).
+pub mod mma_tile {
+    pub const BM: usize = 128;
+    pub const BN: usize = 128;
+    pub const BK: usize = 32;
+    pub const STAGES: usize = 3;
+    pub const THREADS: u32 = 256;
+    pub const SHARED_BYTES: u32 = (STAGES * (BM * BK + BN * BK) * 2) as u32;
+}
+
+/// Grid of a tensor-core kernel over a (rows, cols) output: one 128×128 tile per block.
+pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
+            u32::try_from(rows.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
+            1,
+        ],
+        block: [mma_tile::THREADS, 1, 1],
+        dynamic_shared_bytes: 0,
+    };
+    dims.assert_valid(mma_tile::SHARED_BYTES);
+    dims
+}
+
+/// The kernels of `cuda/compose_mma.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaEntry {
+    /// U, Z = (X A_catᵀ) ∘ D.
+    Shrink,
+    /// Y += Z B_catᵀ.
+    Expand,
+    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C.
+    Hidden,
+    /// ∂X += ∂U A_cat.
+    Dx,
+}
+
+/// The compiled kernel `compose_mma_<entry>_bf16`, or an error for f32 and f16 storage (tensor
+/// cores take 16-bit inputs; the composition families are built for bf16).
+pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> {
+    use super::entries::compose_mma as e;
+    if dtype != DType::BF16 {
+        return Err(KernelError::Argument {
+            kernel: "compose_mma",
+            message: format!("the tensor-core composition kernels take bf16 storage, not {dtype:?}"),
+        });
+    }
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
+        MmaEntry::Shrink => kernel_entry!(e::lc_run_compose_mma_shrink_bf16),
+        MmaEntry::Expand => kernel_entry!(e::lc_run_compose_mma_expand_bf16),
+        MmaEntry::Hidden => kernel_entry!(e::lc_run_compose_mma_hidden_bf16),
+        MmaEntry::Dx => kernel_entry!(e::lc_run_compose_mma_dx_bf16),
+    };
+    Ok(Kernel {
+        family: "compose_mma",
         name,
         harness_entry,
     })

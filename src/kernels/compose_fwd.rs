@@ -49,6 +49,10 @@ pub enum Step {
     },
     /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
     GemvExpand,
+    /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns.
+    MmaShrink,
+    /// Tensor cores: `Y += Z B_catᵀ`.
+    MmaExpand,
 }
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
@@ -67,6 +71,10 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             let split = gemv_row_split(tiles, shape.d_in, sm_count);
             steps.push((Step::GemvShrink { split }, gemv_dims(tiles, split.splits)));
             steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
+        }
+        Variant::Mma => {
+            steps.push((Step::MmaShrink, mma_dims(t, r)));
+            steps.push((Step::MmaExpand, mma_dims(t, shape.d_out)));
         }
         Variant::Naive => {
             steps.push((Step::ShrinkNaive { j0: 0, j1: r }, naive_dims(t, r)));
@@ -213,6 +221,9 @@ pub fn launch<T: Element, B: Backend>(
     outputs: Outputs<T, B>,
 ) -> Result<(), KernelError> {
     let name = kernel(Entry::ShrinkTiled, T::DTYPE)?.name;
+    if !variant.applies(T::DTYPE) {
+        mma_kernel(MmaEntry::Shrink, T::DTYPE)?;
+    }
     let (t, r, d_in, d_out) = (shape.t, shape.r_total(), shape.d_in, shape.d_out);
     check_tables(
         backend,
@@ -283,6 +294,36 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
+        let mma = match step {
+            Step::MmaShrink => Some((
+                MmaEntry::Shrink,
+                vec![
+                    x,
+                    a_cat,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    u,
+                    z,
+                    i(t),
+                    i(d_in),
+                    i(r),
+                    i(n),
+                ],
+            )),
+            Step::MmaExpand => Some((MmaEntry::Expand, vec![z, b_cat, y, i(t), i(r), i(d_out)])),
+            _ => None,
+        };
+        if let Some((entry, args)) = mma {
+            // SAFETY: each argument list follows its signature in cuda/compose_mma.cu
+            // (`COMPOSE_MMA_ENTRIES`). X, A_cat, B_cat, U, Z, Y were checked above against the
+            // shape the kernels index (whole matrices, R columns); the tables come from the same
+            // ranks and every token's sample was checked on upload; a null U is skipped by the
+            // shrink. Output buffers are distinct and mutably borrowed; no workspace is used.
+            unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            continue;
+        }
         if let Some((entry, args)) = gemv {
             // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu
             // (`compose_gemv_zero` and `COMPOSE_GEMV_ENTRIES`). The workspace holds at least
@@ -364,7 +405,9 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],
             ),
-            Step::GemvZero { .. } | Step::GemvShrink { .. } | Step::GemvExpand => unreachable!("launched above"),
+            Step::GemvZero { .. } | Step::GemvShrink { .. } | Step::GemvExpand | Step::MmaShrink | Step::MmaExpand => {
+                unreachable!("launched above")
+            }
         };
         // SAFETY: each argument list follows its `COMPOSE_FWD_ENTRIES` signature in
         // cuda/compose_fwd.cu. The buffers were checked above against the shape the kernels
@@ -476,6 +519,24 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn mma_plans_two_tensor_core_launches_without_workspace() {
+        let s = shape(4096, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        // Shrink: R = 512 → 4 column tiles × 32 row tiles; expand: 32 × 32.
+        assert_eq!((plan[0].0, plan[0].1.grid), (Step::MmaShrink, [4, 32, 1]));
+        assert_eq!((plan[1].0, plan[1].1.grid), (Step::MmaExpand, [32, 32, 1]));
+        assert_eq!(plan[0].1.block, [256, 1, 1]);
+        assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 1);
+        assert!(Variant::Mma.applies(DType::BF16) && !Variant::Mma.applies(DType::F32));
+        assert!(mma_kernel(MmaEntry::Shrink, DType::F32).is_err());
+        assert!(mma_kernel(MmaEntry::Dx, DType::BF16).is_ok());
+    }
+
+    // The tensor-core stages fit the static shared memory of every GPU.
+    const _: () = assert!(mma_tile::SHARED_BYTES <= super::super::MAX_STATIC_SHARED_BYTES);
 
     #[test]
     fn index_tables_are_int32() {

@@ -73,6 +73,15 @@ pub(crate) mod compose_gemv {
     );
 }
 
+pub(crate) mod compose_mma {
+    crate::launch::harness_entries!(
+        lc_run_compose_mma_shrink_bf16,
+        lc_run_compose_mma_expand_bf16,
+        lc_run_compose_mma_hidden_bf16,
+        lc_run_compose_mma_dx_bf16,
+    );
+}
+
 pub(crate) mod compose_factor {
     crate::launch::harness_entries!(
         lc_run_compose_factor_mix_fwd_naive_f32,

@@ -244,7 +244,7 @@ pub fn attention_forward<T: Real>(q: &[T], k: &[T], v: &[T], mask: &[bool], s: A
                 let col = base + h * dh;
                 // S = Q_h K_hᵀ / √dh into P's storage, then softmax row by row in place.
                 small_gemm((t, t, dh), p, t, &q[col..], (d, 1), &k[col..], (1, d), scale);
-                softmax_rows(p, t, mask);
+                T::softmax_rows(p, t, mask);
                 small_gemm(
                     (t, dh, t),
                     &mut ctx[h * dh..],
@@ -258,31 +258,6 @@ pub fn attention_forward<T: Real>(q: &[T], k: &[T], v: &[T], mask: &[bool], s: A
             }
         });
     (ctx, probs)
-}
-
-/// Each row of `p` (rows of width t) becomes the softmax of its entries over the real keys
-/// (`mask[j]`); padded keys get exactly 0.
-fn softmax_rows<T: Real>(p: &mut [T], t: usize, mask: &[bool]) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            for row in p.chunks_mut(t) {
-                let mut mx = T::neg_infinity();
-                for (&x, &m) in row.iter().zip(mask) {
-                    if m {
-                        mx = mx.max(x);
-                    }
-                }
-                let mut sum = T::zero();
-                for (x, &m) in row.iter_mut().zip(mask) {
-                    *x = if m { (*x - mx).fast_exp() } else { T::zero() };
-                    sum += *x;
-                }
-                let inv = T::one() / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-        },
-    )
 }
 
 /// Attention's backward, per head: `∂P = ∂ctx Vᵀ`, `∂S = P ∘ (∂P − rowsum(P ∘ ∂P))`,
@@ -328,17 +303,7 @@ pub fn attention_backward<T: Real>(
                     (1, d),
                     T::one(),
                 );
-                pulp::Arch::new().dispatch(
-                    #[inline(always)]
-                    || {
-                        for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                            let rowsum = p.iter().zip(ds.iter()).fold(T::zero(), |a, (&p, &g)| a + p * g);
-                            for (g, &p) in ds.iter_mut().zip(p) {
-                                *g = p * (*g - rowsum) * scale;
-                            }
-                        }
-                    },
-                );
+                T::softmax_backward_rows(&mut ds, p, t, scale);
                 let off = h * dh;
                 small_gemm((t, dh, t), &mut dq[off..], d, &ds, (t, 1), &k[col..], (d, 1), T::one());
                 small_gemm((t, dh, t), &mut dk[off..], d, &ds, (1, t), &q[col..], (d, 1), T::one());

@@ -74,11 +74,6 @@ pub trait Real:
 
     fn of(x: f64) -> Self;
     fn erf(self) -> Self;
-    /// `e^x`: libm's, or for f32 the vectorisable one of [`vmath`] (within 2 ulp).
-    #[inline(always)]
-    fn fast_exp(self) -> Self {
-        self.exp()
-    }
 
     /// Exact GELU element-wise, `y = x Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`: libm's erf here, the
     /// vectorised one of [`vmath`] for f32.
@@ -100,6 +95,38 @@ pub trait Real:
             let cdf = half * (Self::one() + (x * s).erf());
             let pdf = c * (-half * x * x).exp();
             *dx = dy * (cdf + x * pdf);
+        }
+    }
+
+    /// Each row of `p` (rows of width t) becomes the softmax of its entries over the real keys
+    /// (`mask[j]`, at least one per row); padded keys get exactly 0. libm's `exp` here, the
+    /// vectorised rows of [`vmath`] for f32.
+    fn softmax_rows(p: &mut [Self], t: usize, mask: &[bool]) {
+        for row in p.chunks_mut(t) {
+            let mut mx = Self::neg_infinity();
+            for (&x, &m) in row.iter().zip(mask) {
+                if m {
+                    mx = mx.max(x);
+                }
+            }
+            let mut sum = Self::zero();
+            for (x, &m) in row.iter_mut().zip(mask) {
+                *x = if m { (*x - mx).exp() } else { Self::zero() };
+                sum += *x;
+            }
+            let inv = Self::one() / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+
+    /// Softmax's backward in place, rows of width t: `∂S = P ∘ (∂P − rowsum(P ∘ ∂P))·scale`,
+    /// `ds` holding ∂P on entry.
+    fn softmax_backward_rows(ds: &mut [Self], p: &[Self], t: usize, scale: Self) {
+        for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+            let rowsum = p.iter().zip(ds.iter()).fold(Self::zero(), |a, (&p, &g)| a + p * g);
+            for (g, &p) in ds.iter_mut().zip(p) {
+                *g = p * (*g - rowsum) * scale;
+            }
         }
     }
 
@@ -135,15 +162,17 @@ impl Real for f32 {
     fn erf(self) -> Self {
         libm::erff(self)
     }
-    #[inline(always)]
-    fn fast_exp(self) -> Self {
-        vmath::exp(self)
-    }
     fn gelu(x: &[f32], y: &mut [f32]) {
         vmath::gelu(x, y)
     }
     fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         vmath::gelu_backward(x, dy, dx)
+    }
+    fn softmax_rows(p: &mut [f32], t: usize, mask: &[bool]) {
+        vmath::softmax_rows(p, t, mask)
+    }
+    fn softmax_backward_rows(ds: &mut [f32], p: &[f32], t: usize, scale: f32) {
+        vmath::softmax_backward_rows(ds, p, t, scale)
     }
     fn linear_forward(l: LinArgs<f32>, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, fast::Cache)> {
         fast::forward(&fast_layer(l), x, c, rows)
