@@ -217,8 +217,8 @@ fn cublas_present() -> Result<(), String> {
         Ok(())
     } else {
         Err(
-            "libcublas not found on the library path (it ships with the CUDA toolkit and the \
-             nvidia-cublas wheels; add its directory to LD_LIBRARY_PATH)"
+            "libcublas not found on the library path: it ships with the CUDA toolkit and the \
+             nvidia-cublas wheels; add its directory to LD_LIBRARY_PATH"
                 .into(),
         )
     }
