@@ -12,6 +12,8 @@
 //! GEMMs (shrink without the scale, then expand onto Y) as a reference point. Where libcublas
 //! is missing the bench says so once and prints "n/a" in those columns.
 //!
+//! `gpu-bench --cublas-status` says whether libcublas loads here (no GPU needed) and exits.
+//!
 //! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups);
 //! `gpu-bench --dump-ptx FAMILY PATH` writes the embedded PTX of `cuda/FAMILY.cu` to PATH and
 //! exits (gpu-check.sh compiles it with ptxas to read the SASS of the tensor-core kernels).
@@ -43,6 +45,13 @@ const CHECKED_ELEMENTS: usize = 64;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--cublas-status") {
+        match cublas_present() {
+            Ok(()) => println!("cuBLAS: libcublas loads"),
+            Err(reason) => println!("cuBLAS: unavailable ({reason})"),
+        }
+        return ExitCode::SUCCESS;
+    }
     if let Some(i) = args.iter().position(|a| a == "--dump-ptx") {
         let (Some(family), Some(path)) = (args.get(i + 1), args.get(i + 2)) else {
             eprintln!("usage: gpu-bench --dump-ptx FAMILY PATH");
@@ -201,17 +210,24 @@ fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
     cublas_ms.map_or_else(|| "n/a".into(), |c| format!("{:.0}%", 100.0 * c / ms))
 }
 
+/// Whether libcublas loads here (no GPU needed), or why not.
+fn cublas_present() -> Result<(), String> {
+    // SAFETY: only tries to open the shared library (dlopen) by cudarc's candidate names.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(
+            "libcublas not found on the library path: it ships with the CUDA toolkit and the \
+             nvidia-cublas wheels; add its directory to LD_LIBRARY_PATH"
+                .into(),
+        )
+    }
+}
+
 /// cuBLAS on the backend's stream, or why not: libcublas is loaded at run time (cudarc's
 /// `dynamic-loading`), so a machine without it still runs the rest of the bench.
 fn load_cublas(stream: &Arc<CudaStream>) -> Result<CudaBlas, String> {
-    // SAFETY: only tries to open the shared library (dlopen) by cudarc's candidate names.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(
-            "libcublas not found on the library path (it ships with the CUDA toolkit and the \
-                    nvidia-cublas wheels; add its directory to LD_LIBRARY_PATH)"
-                .into(),
-        );
-    }
+    cublas_present()?;
     CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate failed: {e:?}"))
 }
 
