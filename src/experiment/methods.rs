@@ -598,7 +598,6 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
         .iter()
         .map(|t| TaskEntry {
             name: &t.spec.name,
-            kind: t.spec.kind.name(),
             n_classes: t.spec.classes.len(),
             pool: &t.pool,
         })
@@ -651,7 +650,6 @@ pub(crate) fn select_modules(names: &[String], library: &mut Library, modules: &
 /// One downstream task of a sweep: what the results record, and the pool its shots come from.
 pub(crate) struct TaskEntry<'a, S> {
     pub name: &'a str,
-    pub kind: &'a str,
     pub n_classes: usize,
     pub pool: &'a S,
 }

@@ -621,7 +621,6 @@ pub fn run_text_fewshot(args: TextFewshotArgs) -> Result<()> {
         .zip(&cached)
         .map(|(t, c)| TaskEntry {
             name: &t.info.name,
-            kind: &t.info.kind,
             n_classes: t.info.classes.len(),
             pool: &c.pool,
         })
