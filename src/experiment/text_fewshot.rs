@@ -524,7 +524,7 @@ impl TextFewshotArgs {
             modules: self.modules.clone(),
             shard: self.shard,
             shard_count: self.shard_count,
-            device: self.device.clone(),
+            device: self.device,
         }
     }
 }
