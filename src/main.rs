@@ -47,8 +47,14 @@ enum Command {
     UpstreamText(experiment::text_upstream::TextUpstreamArgs),
     /// Write the downstream tasks' pools and test sets into one compact file.
     Prepare(experiment::PrepareArgs),
+    /// Write the downstream text tasks' pools and test sets (MiniLM token ids) into one compact file.
+    PrepareText(experiment::text_fewshot::PrepareTextArgs),
     /// Few-shot comparison of methods × tasks × shots × seeds (resumable JSONL).
     Fewshot(experiment::FewshotArgs),
+    /// The few-shot comparison on MiniLM with the text library (resumable JSONL).
+    FewshotText(experiment::text_fewshot::TextFewshotArgs),
+    /// The reduced language comparison (needs scripts/fetch-minilm.sh), table and plots.
+    Language(experiment::text_fewshot::LanguageArgs),
     /// Markdown table and SVG plots from the few-shot results.
     Report(experiment::ReportArgs),
     /// Compose your own PEFT adapters on your own BERT and labelled file: table, learned
@@ -156,6 +162,9 @@ fn main() -> ExitCode {
         Some(Command::UpstreamText(args)) => experiment::text_upstream::run_text_upstream(args),
         Some(Command::Prepare(args)) => experiment::run_prepare(args),
         Some(Command::Fewshot(args)) => experiment::run_fewshot(args),
+        Some(Command::PrepareText(args)) => experiment::text_fewshot::run_prepare_text(args),
+        Some(Command::FewshotText(args)) => experiment::text_fewshot::run_text_fewshot(args),
+        Some(Command::Language(args)) => experiment::text_fewshot::run_language(args),
         Some(Command::Report(args)) => experiment::run_report(args),
         Some(Command::Adapt(args)) => experiment::run_adapt(args),
         None => experiment::run_default(experiment::DefaultArgs {

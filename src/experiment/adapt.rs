@@ -633,6 +633,9 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
         batch: args.batch,
         es_population: args.es_population,
         es_generations: args.es_generations,
+        // LoRA from scratch: the crate's rank-4 (alpha 8) LoRA on query/value, as before.
+        lora_rank: super::RANK,
+        lora_alpha: super::ALPHA,
     };
     let results: Vec<UnitResult> = methods
         .par_iter()

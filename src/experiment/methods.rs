@@ -246,15 +246,21 @@ pub(crate) struct Budget {
     pub batch: usize,
     pub es_population: usize,
     pub es_generations: usize,
+    /// LoRA from scratch: rank and alpha (the library's), on the layers named `query`/`value`.
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
 }
 
 impl Budget {
+    /// The vision sweep's budget (rank-4 LoRA from scratch, as the vision library).
     pub fn of(args: &FewshotArgs) -> Budget {
         Budget {
             steps: args.steps,
             batch: args.batch,
             es_population: args.es_population,
             es_generations: args.es_generations,
+            lora_rank: RANK,
+            lora_alpha: ALPHA,
         }
     }
 }
@@ -444,7 +450,7 @@ pub(crate) fn run_unit<S: Samples>(
             fit(&mut model, &unit.shots, Trainable::ALL, steps, method.lr(), bs, seed)?,
         ),
         Method::Lora => {
-            model.attach_lora(&TARGETS, RANK, ALPHA, unit.seed)?;
+            model.attach_lora(&TARGETS, args.lora_rank, args.lora_alpha, unit.seed)?;
             (
                 Trainable::LORA_HEAD,
                 fit(
@@ -550,32 +556,12 @@ pub(crate) fn run_unit<S: Samples>(
 pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     let started = Instant::now();
     super::code_version();
-    let shard = super::shard::resolve(args.shard, args.shard_count, &|name| std::env::var(name).ok())?;
+    // A malformed shard is refused before anything loads (run_table resolves it again).
+    super::shard::resolve(args.shard, args.shard_count, &|name| std::env::var(name).ok())?;
     let mut base = load_base(&args.base)?;
     base.to_device(&args.device.select()?)?;
     let (names, mut library) = load_library(&args.library)?;
-    if !args.modules.is_empty() {
-        let keep: Vec<usize> = (0..names.len())
-            .filter(|&i| args.modules.iter().any(|m| names[i].contains(m.as_str())))
-            .collect();
-        if keep.is_empty() {
-            return Err(Error::Arg(format!(
-                "--modules {}: no library module's name contains any of them (they are {})",
-                args.modules.join(","),
-                names.join(", ")
-            )));
-        }
-        let kept: Vec<&str> = keep.iter().map(|&i| names[i].as_str()).collect();
-        eprintln!(
-            "composing {} of {} modules: {}",
-            keep.len(),
-            names.len(),
-            kept.join(", ")
-        );
-        for mods in library.values_mut() {
-            *mods = keep.iter().map(|&i| mods[i].clone()).collect();
-        }
-    }
+    select_modules(&names, &mut library, &args.modules)?;
     let n_modules = library.values().next().map_or(0, Vec::len);
     let mut all = tasks::load_bundle(&args.data)?;
     if let Some(cap) = args.test_per_class {
@@ -608,6 +594,80 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
+    let entries: Vec<TaskEntry<'_, _>> = chosen
+        .iter()
+        .map(|t| TaskEntry {
+            name: &t.spec.name,
+            n_classes: t.spec.classes.len(),
+            pool: &t.pool,
+        })
+        .collect();
+    let budget = Budget::of(&args);
+    run_table(&args, &names, n_modules, &entries, started, &|task, k, seed, idx, m| {
+        let t = chosen[task];
+        let unit = Unit {
+            task: &t.spec.name,
+            kind: t.spec.kind.name(),
+            n_classes: t.spec.classes.len(),
+            test: &t.test,
+            k,
+            seed,
+            shots: t.pool.select(idx),
+        };
+        run_unit(&base, &library, &unit, m, &budget)
+    })
+}
+
+/// Keeps only the library modules whose name contains one of `modules` (all when empty),
+/// printing which; an error names the modules when none matches.
+pub(crate) fn select_modules(names: &[String], library: &mut Library, modules: &[String]) -> Result<()> {
+    if modules.is_empty() {
+        return Ok(());
+    }
+    let keep: Vec<usize> = (0..names.len())
+        .filter(|&i| modules.iter().any(|m| names[i].contains(m.as_str())))
+        .collect();
+    if keep.is_empty() {
+        return Err(Error::Arg(format!(
+            "--modules {}: no library module's name contains any of them (they are {})",
+            modules.join(","),
+            names.join(", ")
+        )));
+    }
+    let kept: Vec<&str> = keep.iter().map(|&i| names[i].as_str()).collect();
+    eprintln!(
+        "composing {} of {} modules: {}",
+        keep.len(),
+        names.len(),
+        kept.join(", ")
+    );
+    for mods in library.values_mut() {
+        *mods = keep.iter().map(|&i| mods[i].clone()).collect();
+    }
+    Ok(())
+}
+
+/// One downstream task of a sweep: what the results record, and the pool its shots come from.
+pub(crate) struct TaskEntry<'a, S> {
+    pub name: &'a str,
+    pub n_classes: usize,
+    pub pool: &'a S,
+}
+
+/// What runs one unit: (task index, K, seed, the shots' indices in the task's pool, method).
+pub(crate) type RunUnit<'a> = dyn Fn(usize, usize, u64, &[usize], Method) -> Result<UnitResult> + Sync + 'a;
+
+/// The sweep over `tasks` × shots × seeds × methods for any samples: the shard's share, the
+/// plan, resuming from the results file, each unit saved as it finishes, the run log.
+pub(crate) fn run_table<S: Samples>(
+    args: &FewshotArgs,
+    names: &[String],
+    n_modules: usize,
+    tasks: &[TaskEntry<'_, S>],
+    started: Instant,
+    run: &RunUnit<'_>,
+) -> Result<()> {
+    let shard = super::shard::resolve(args.shard, args.shard_count, &|name| std::env::var(name).ok())?;
     let methods: Vec<Method> = if args.methods.is_empty() {
         Method::ALL.to_vec()
     } else {
@@ -615,11 +675,11 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     };
     // The whole table, in order: task × shots × seed × method.
     let mut table = Vec::new();
-    for task in &chosen {
+    for (ti, _) in tasks.iter().enumerate() {
         for &k in &args.shots {
             for seed in 0..args.seeds {
                 for &m in &methods {
-                    table.push((*task, k, seed, m));
+                    table.push((ti, k, seed, m));
                 }
             }
         }
@@ -629,9 +689,9 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
         Some((shard, source)) => {
             let keys: Vec<String> = table
                 .iter()
-                .map(|(t, k, seed, m)| unit_key(&t.spec.name, *k, *seed, *m))
+                .map(|(t, k, seed, m)| unit_key(tasks[*t].name, *k, *seed, *m))
                 .collect();
-            let plan = Plan::new(plan_settings(&args, &names, n_modules)?, keys.clone());
+            let plan = Plan::new(plan_settings(args, names, n_modules)?, keys.clone());
             let plan_path = super::shard::plan_path(&args.out);
             match Plan::load(&plan_path)? {
                 Some(old) if old != plan => {
@@ -683,7 +743,7 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     let done: BTreeSet<_> = results.iter().map(UnitResult::key).collect();
     let todo: Vec<_> = table
         .into_iter()
-        .filter(|(task, k, seed, m)| !done.contains(&(task.spec.name.clone(), *m, *k, *seed)))
+        .filter(|(task, k, seed, m)| !done.contains(&(tasks[*task].name.to_string(), *m, *k, *seed)))
         .collect();
     eprintln!(
         "fewshot: {} units to run, {} already in {}",
@@ -696,28 +756,19 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     // One (task, K, seed) group at a time: its methods run in parallel (each is mostly
     // single-threaded at these sizes), and each is saved as soon as it finishes, so an
     // interrupted run loses only the units still running.
-    let mut groups: Vec<(&TaskData, usize, u64, Vec<Method>)> = Vec::new();
+    let mut groups: Vec<(usize, usize, u64, Vec<Method>)> = Vec::new();
     for (task, k, seed, m) in todo {
         match groups.last_mut() {
-            Some(g) if std::ptr::eq(g.0, task) && g.1 == k && g.2 == seed => g.3.push(m),
+            Some(g) if g.0 == task && g.1 == k && g.2 == seed => g.3.push(m),
             _ => groups.push((task, k, seed, vec![m])),
         }
     }
-    for (task, k, seed, ms) in groups {
-        let idx = sample_shots(&task.pool, task.spec.classes.len(), k, seed);
-        let unit = Unit {
-            task: &task.spec.name,
-            kind: task.spec.kind.name(),
-            n_classes: task.spec.classes.len(),
-            test: &task.test,
-            k,
-            seed,
-            shots: task.pool.select(&idx),
-        };
-        let budget = Budget::of(&args);
-        pb.set_message(format!("{} K={k} seed {seed}", task.spec.name));
+    for (ti, k, seed, ms) in groups {
+        let task = &tasks[ti];
+        let idx = sample_shots(task.pool, task.n_classes, k, seed);
+        pb.set_message(format!("{} K={k} seed {seed}", task.name));
         ms.par_iter().try_for_each(|&m| -> Result<()> {
-            let mut r = run_unit(&base, &library, &unit, m, &budget)?;
+            let mut r = run(ti, k, seed, &idx, m)?;
             r.plan = plan_id.clone();
             if r.diverged {
                 say(
@@ -755,7 +806,7 @@ pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
     super::log_run_to(
         &log,
         "fewshot",
-        &args,
+        args,
         started,
         serde_json::json!({"units": results.len()}),
     )

@@ -20,6 +20,7 @@ pub mod report;
 pub mod shard;
 pub mod tasks;
 pub mod text;
+pub mod text_fewshot;
 pub mod text_upstream;
 
 use std::collections::BTreeMap;

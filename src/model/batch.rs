@@ -18,6 +18,10 @@ pub struct Batch {
     pub mask: Vec<bool>,
     /// (B, side, side) pixels, ViT only.
     pub pixels: Vec<f32>,
+    /// (B, T, D), BERT only, usually empty: when set, the hidden states entering the model's
+    /// first block, which then skips its embeddings (`ids` only name the rows, `mask` still
+    /// marks the real tokens). See [`super::Model::hidden_states`] and [`super::Model::top`].
+    pub hidden: Vec<f32>,
 }
 
 impl Batch {
@@ -34,6 +38,7 @@ impl Batch {
             type_ids: vec![0; seqs.len() * t],
             mask: vec![false; seqs.len() * t],
             pixels: Vec::new(),
+            hidden: Vec::new(),
         };
         for (i, s) in seqs.iter().enumerate() {
             let s = s.as_ref();
@@ -94,6 +99,17 @@ impl Batch {
                     return Err(Error::Arg(format!(
                         "token type {id} is outside the {} types",
                         c.type_vocab_size
+                    )));
+                }
+                if !batch.hidden.is_empty() && batch.hidden.len() != n * c.hidden {
+                    return Err(Error::Shape(format!(
+                        "batch of {}×{} tokens has {} hidden values, not {}×{}×{}",
+                        batch.batch,
+                        batch.seq,
+                        batch.hidden.len(),
+                        batch.batch,
+                        batch.seq,
+                        c.hidden
                     )));
                 }
                 if let Some(b) = batch.mask.chunks(batch.seq.max(1)).position(|m| !m.iter().any(|&x| x)) {

@@ -611,6 +611,26 @@ impl<T: Real> Model<T> {
         Ok(())
     }
 
+    /// The model from block `from` up: blocks `from..` (keeping their names, so adapters and
+    /// libraries attach to them by the full model's paths), the head, and the embeddings
+    /// (unused when it runs on [`super::Batch::hidden`] from [`Model::hidden_states`]`(_, from)`:
+    /// the two together are the full model's forward). BERT on the CPU only.
+    pub fn top(&self, from: usize) -> Result<Model<T>> {
+        if self.config.arch != super::Arch::Bert || !self.device().is_cpu() {
+            return Err(Error::Arg("only a BERT on the CPU splits at a block".into()));
+        }
+        if from > self.blocks.len() {
+            return Err(Error::Arg(format!(
+                "block {from} is past the model's {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let mut out = self.clone();
+        out.blocks.drain(..from);
+        out.config.layers -= from;
+        Ok(out)
+    }
+
     /// The trained LoRAs as library modules (f32), e.g. to compose later.
     pub fn lora_modules(&self) -> Library {
         let mut out = BTreeMap::new();

@@ -172,6 +172,8 @@ pub struct Tape<T: Real> {
     head: Option<LinTape<T>>,
     /// On a kernel device the tape is the device's activations of forward number `generation`.
     on_device: Option<u64>,
+    /// The forward started from given hidden states ([`Batch::hidden`]): no embeddings to train.
+    from_hidden: bool,
 }
 
 impl<T: Real> Tape<T> {
@@ -190,6 +192,7 @@ impl<T: Real> Tape<T> {
             pooled: Vec::new(),
             head: None,
             on_device: Some(generation),
+            from_hidden: false,
         }
     }
 }
@@ -238,6 +241,11 @@ impl<T: Real> Model<T> {
     ) -> Result<Option<(Vec<T>, usize, u64)>> {
         if self.device().is_cpu() {
             return Ok(None);
+        }
+        if !batch.hidden.is_empty() {
+            return Err(Error::Arg(
+                "a batch of hidden states runs on the CPU only (the kernel device starts from token ids)".into(),
+            ));
         }
         let t = batch.check(&self.config)?;
         let (out, generation) = self
@@ -371,7 +379,53 @@ impl<T: Real> Model<T> {
         rounded_linear(&self.head, Mode::Product, pooled, &c, rows, true)
     }
 
+    /// The hidden states (B·T, D) entering block `upto` (the output of the embeddings and of
+    /// blocks `0..upto`; all blocks and the final norm when `upto` is the block count), for
+    /// [`Batch::hidden`] of a model cut with [`Model::top`]. CPU only.
+    pub fn hidden_states(&self, batch: &Batch, upto: usize) -> Result<Vec<T>> {
+        if !self.device().is_cpu() {
+            return Err(Error::Arg("hidden states are computed on the CPU only".into()));
+        }
+        if upto > self.blocks.len() {
+            return Err(Error::Arg(format!(
+                "block {upto} is past the model's {} blocks",
+                self.blocks.len()
+            )));
+        }
+        Ok(self.run_blocks(batch, false, None, upto)?.1)
+    }
+
     fn encode_taped(&self, batch: &Batch, keep: bool, pop: Option<Population<'_, T>>) -> Result<Tape<T>> {
+        let (mut tape, h) = self.run_blocks(batch, keep, pop, self.blocks.len())?;
+        let (b, t, d, cfg) = (tape.batch, tape.seq, self.config.hidden, &self.config);
+        let round = self.round_activations;
+        let mut pooled = vec![T::zero(); b * d];
+        for (img, out) in pooled.chunks_mut(d).enumerate() {
+            match cfg.pool {
+                Pool::Cls => out.copy_from_slice(&h[img * t * d..img * t * d + d]),
+                Pool::Mean => {
+                    let m = &tape.mask[img * t..(img + 1) * t];
+                    let n = m.iter().filter(|&&x| x).count();
+                    for (tok, _) in m.iter().enumerate().filter(|(_, &x)| x) {
+                        add_into(out, &h[(img * t + tok) * d..(img * t + tok + 1) * d]);
+                    }
+                    let inv = T::one() / T::of(n as f64);
+                    out.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+        }
+        tape.pooled = rounded(round, pooled);
+        Ok(tape)
+    }
+
+    /// The forward up to block `upto`: the tape and the hidden states (B·T, D) there.
+    fn run_blocks(
+        &self,
+        batch: &Batch,
+        keep: bool,
+        pop: Option<Population<'_, T>>,
+        upto: usize,
+    ) -> Result<(Tape<T>, Vec<T>)> {
         let t = batch.check(&self.config)?;
         let (b, d, cfg) = (batch.batch, self.config.hidden, &self.config);
         let comp = self.composition;
@@ -400,10 +454,15 @@ impl<T: Real> Model<T> {
             pooled: Vec::new(),
             head: None,
             on_device: None,
+            from_hidden: !batch.hidden.is_empty(),
         };
         // (B·T, D)
         let mut h = vec![T::zero(); b * t * d];
         match &self.embeddings {
+            // Hidden states given (checked to be B·T·D): the blocks start from them.
+            Embeddings::Bert { .. } if tape.from_hidden => {
+                h = rounded(round, to_t(batch.hidden.clone()));
+            }
             Embeddings::Bert {
                 word,
                 position,
@@ -505,7 +564,7 @@ impl<T: Real> Model<T> {
             Ok((y, LinTape { cache, c }))
         };
         let lin = |l: &Linear<T>, x: &[T]| lin_bias(l, x, true);
-        for blk in &self.blocks {
+        for blk in &self.blocks[..upto] {
             let x = h;
             let (qkv_in, ln1) = if pre {
                 let (y, c1) = layernorm_forward(&x, &blk.ln1.gamma, &blk.ln1.beta, cfg.layer_norm_eps);
@@ -562,29 +621,12 @@ impl<T: Real> Model<T> {
             }
             h = out;
         }
-        if let Some(ln) = &self.final_ln {
+        if let Some(ln) = self.final_ln.as_ref().filter(|_| upto == self.blocks.len()) {
             let (y, cache) = layernorm_forward(&h, &ln.gamma, &ln.beta, cfg.layer_norm_eps);
             h = rounded(round, y);
             tape.final_ln = Some(cache);
         }
-        // (B, D)
-        let mut pooled = vec![T::zero(); b * d];
-        for (img, out) in pooled.chunks_mut(d).enumerate() {
-            match cfg.pool {
-                Pool::Cls => out.copy_from_slice(&h[img * t * d..img * t * d + d]),
-                Pool::Mean => {
-                    let m = &tape.mask[img * t..(img + 1) * t];
-                    let n = m.iter().filter(|&&x| x).count();
-                    for (tok, _) in m.iter().enumerate().filter(|(_, &x)| x) {
-                        add_into(out, &h[(img * t + tok) * d..(img * t + tok + 1) * d]);
-                    }
-                    let inv = T::one() / T::of(n as f64);
-                    out.iter_mut().for_each(|x| *x *= inv);
-                }
-            }
-        }
-        tape.pooled = rounded(round, pooled);
-        Ok(tape)
+        Ok((tape, h))
     }
 
     /// Gradients of a loss whose gradient with respect to the logits is `dlogits` (B, labels),
@@ -609,7 +651,7 @@ impl<T: Real> Model<T> {
         let r = self.round_activations;
         let dlogits = &rounded(r, dlogits.to_vec())[..];
         let mut grads = Grads::default();
-        let emb_trains = trainable.base;
+        let emb_trains = trainable.base && !tape.from_hidden;
         let lowest = if emb_trains {
             Some(0)
         } else {
