@@ -30,9 +30,10 @@ use serde::Serialize;
 
 use super::data::Texts;
 use super::methods::{run_unit, Budget, Method, Unit, UnitResult};
+use super::model_library;
 use crate::compose::layer::DeviceArg;
 use crate::model::bert::{config_from_json, load_bert, Tokenizer};
-use crate::model::{Library, LoraModule, Model};
+use crate::model::Model;
 use crate::peft::{Adapter, StoreDtype};
 use crate::{Error, Result};
 
@@ -374,27 +375,6 @@ fn check_against_model(model: &Model<f32>, model_dir: &Path, adapters: &[Adapter
         }
     }
     Ok(())
-}
-
-/// The adapters as the model's per-layer module lists.
-fn model_library(lib: &crate::peft::Library) -> Library {
-    let mut out = Library::new();
-    for path in lib.layer_paths() {
-        let mods = lib
-            .adapters
-            .iter()
-            .map(|a| {
-                let l = &a.layers[path];
-                LoraModule {
-                    a: l.a.clone(),
-                    b: l.b.clone(),
-                    scale: l.scale,
-                }
-            })
-            .collect();
-        out.insert(path.to_string(), mods);
-    }
-    out
 }
 
 /// The composition with per-layer coefficients `coeffs` (layer → one per adapter) as one

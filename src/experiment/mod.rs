@@ -454,6 +454,12 @@ pub fn load_library(dir: &Path) -> Result<(Vec<String>, Library)> {
         });
     }
     let lib = crate::peft::Library::load(&dirs)?;
+    Ok((names, model_library(&lib)))
+}
+
+/// The adapters of `lib` as the model's per-layer module lists (one module per adapter, in the
+/// library's order).
+pub(crate) fn model_library(lib: &crate::peft::Library) -> Library {
     let mut out = Library::new();
     for path in lib.layer_paths() {
         let mods = lib
@@ -470,7 +476,7 @@ pub fn load_library(dir: &Path) -> Result<(Vec<String>, Library)> {
             .collect();
         out.insert(path.to_string(), mods);
     }
-    Ok((names, out))
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ use super::text::{self, Role, Split, TextSources};
 use crate::compose::layer::DeviceArg;
 use crate::compose::{Mode, Param};
 use crate::model::bert::{load_bert, Tokenizer};
-use crate::model::{Batch, Composition, Kind, Library, LoraModule, Model};
+use crate::model::{Batch, Composition, Kind, Library, Model};
 use crate::{Error, Result};
 
 /// Pool and test texts a class in the committed bundle (the lowest hashes of each split).
@@ -415,25 +415,13 @@ pub fn load_text_library(dir: &Path) -> Result<(Vec<String>, Library, usize, f64
         });
     }
     let lib = crate::peft::Library::load(&dirs)?;
-    let mut out = Library::new();
-    let (mut rank, mut alpha) = (0, 0.0);
-    for path in lib.layer_paths() {
-        let mods = lib
-            .adapters
-            .iter()
-            .map(|a| {
-                let l = &a.layers[path];
-                (rank, alpha) = (l.r, l.alpha as f64);
-                LoraModule {
-                    a: l.a.clone(),
-                    b: l.b.clone(),
-                    scale: l.scale,
-                }
-            })
-            .collect();
-        out.insert(path.to_string(), mods);
-    }
-    Ok((names, out, rank, alpha))
+    // The (rank, alpha) of the last adapter's last layer: every module of the library is built
+    // alike by `upstream-text`.
+    let (rank, alpha) = match (lib.adapters.last(), lib.layer_paths().last()) {
+        (Some(a), Some(path)) => (a.layers[path].r, a.layers[path].alpha as f64),
+        _ => (0, 0.0),
+    };
+    Ok((names, super::model_library(&lib), rank, alpha))
 }
 
 /// The lowest block any library layer is in (`encoder.layer.L.…`): the cut.
