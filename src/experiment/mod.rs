@@ -457,6 +457,24 @@ pub fn load_library(dir: &Path) -> Result<(Vec<String>, Library)> {
     Ok((names, model_library(&lib)))
 }
 
+/// `views` and `meta` as one gzip-compressed safetensors file at `path`, written atomically
+/// (the downstream bundles, vision and text).
+pub(crate) fn write_safetensors_gz(
+    path: &Path,
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    meta: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+    let raw = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&raw).map_err(|e| Error::io(path, e))?;
+    let bytes = gz.finish().map_err(|e| Error::io(path, e))?;
+    write_atomic(path, &bytes)
+}
+
 /// The adapters of `lib` as the model's per-layer module lists (one module per adapter, in the
 /// library's order).
 pub(crate) fn model_library(lib: &crate::peft::Library) -> Library {

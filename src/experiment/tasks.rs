@@ -8,7 +8,6 @@
 //! class, labels mapped to 0..C, pixels as u8.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::TensorView;
@@ -223,14 +222,7 @@ pub fn save_bundle(path: &Path, tasks: &[TaskData]) -> Result<()> {
         "tasks".to_string(),
         serde_json::to_string(&specs).expect("specs serialise"),
     );
-    let raw = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&raw).map_err(|e| Error::io(path, e))?;
-    let bytes = gz.finish().map_err(|e| Error::io(path, e))?;
-    super::write_atomic(path, &bytes)
+    super::write_safetensors_gz(path, views, meta)
 }
 
 /// Reads what [`save_bundle`] wrote.

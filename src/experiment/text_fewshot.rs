@@ -21,7 +21,6 @@
 //! Head: a linear probe on the mean-pooled last hidden states (MiniLM's own sentence pooling).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -181,14 +180,7 @@ pub fn save_text_bundle(path: &Path, tasks: &[TextTaskData]) -> Result<()> {
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("tasks".to_string(), serde_json::to_string(&infos).expect("serialises"));
-    let raw = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&raw).map_err(|e| Error::io(path, e))?;
-    let bytes = gz.finish().map_err(|e| Error::io(path, e))?;
-    super::write_atomic(path, &bytes)
+    super::write_safetensors_gz(path, views, meta)
 }
 
 /// Reads what [`save_text_bundle`] wrote, checking every task ([`check_task`]).
