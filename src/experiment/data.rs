@@ -43,6 +43,57 @@ pub trait Samples: Sync {
     fn labels_at(&self, idx: &[usize]) -> Vec<usize> {
         idx.iter().map(|&i| self.label(i)).collect()
     }
+    /// The sequence length of sample `i` in its batch (a batch pads to its longest sample);
+    /// samples of one fixed size all answer 1.
+    fn length(&self, _i: usize) -> usize {
+        1
+    }
+}
+
+/// Padded rows that one more batch costs, in [`length_groups`]' choice: a forward and backward
+/// have per-call costs (small GEMMs, per-layer buffers) that splitting a batch repeats.
+pub const GROUP_COST_ROWS: usize = 64;
+
+/// The positions of `idx` split into groups to batch separately so that little is padded:
+/// samples sorted by length (ties by position) and cut into runs of at most `rows` padded rows
+/// (at least one sample each) minimising the padded rows plus [`GROUP_COST_ROWS`] a group
+/// (exactly, by dynamic programming over the sorted order). When every sample has the same
+/// length nothing is padded and all of them form one group, in order.
+pub fn length_groups<S: Samples + ?Sized>(samples: &S, idx: &[usize], rows: usize) -> Vec<Vec<usize>> {
+    let lens: Vec<usize> = idx.iter().map(|&i| samples.length(i)).collect();
+    if lens.windows(2).all(|w| w[0] == w[1]) {
+        return vec![(0..idx.len()).collect()];
+    }
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.sort_by_key(|&p| (lens[p], p));
+    let n = order.len();
+    // best[j]: the cheapest cut of the first j sorted samples, and where its last group starts.
+    let mut best: Vec<(usize, usize)> = vec![(0, 0); n + 1];
+    for j in 1..=n {
+        // The group order[i..j] pads to the length of its last (longest) sample.
+        let pad = lens[order[j - 1]];
+        let mut b = (usize::MAX, j - 1);
+        for i in (0..j).rev() {
+            let size = (j - i) * pad;
+            if size > rows && i < j - 1 {
+                break;
+            }
+            let cost = best[i].0 + size + GROUP_COST_ROWS;
+            if cost < b.0 {
+                b = (cost, i);
+            }
+        }
+        best[j] = b;
+    }
+    let mut groups = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        let i = best[j].1;
+        groups.push(order[i..j].to_vec());
+        j = i;
+    }
+    groups.reverse();
+    groups
 }
 
 /// Side of every image.
@@ -165,6 +216,10 @@ impl Samples for Texts {
     fn batch(&self, idx: &[usize]) -> Result<Batch> {
         let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.ids[i].as_slice()).collect();
         Batch::tokens(&seqs)
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self.ids[i].len()
     }
 }
 
@@ -444,6 +499,70 @@ impl Sources {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Sequences of the given lengths (length is all `length_groups` reads).
+    fn texts(lens: &[usize]) -> Texts {
+        Texts {
+            ids: lens.iter().map(|&n| vec![1; n]).collect(),
+            labels: vec![0; lens.len()],
+        }
+    }
+
+    fn cost(t: &Texts, idx: &[usize], groups: &[Vec<usize>]) -> usize {
+        groups
+            .iter()
+            .map(|g| g.len() * g.iter().map(|&p| t.length(idx[p])).max().unwrap() + GROUP_COST_ROWS)
+            .sum()
+    }
+
+    /// Every position once, groups within `rows` (or a single sample), equal lengths in one
+    /// group in order, and the cost equals the best over every cut of the sorted order (brute
+    /// force, random lengths and subsets).
+    #[test]
+    fn length_groups_cover_and_are_optimal() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let same = texts(&[5; 7]);
+        assert_eq!(length_groups(&same, &[6, 0, 3], 4), vec![vec![0, 1, 2]]);
+        for case in 0..300 {
+            let n = rng.random_range(1..11);
+            let t = texts(&(0..n + 3).map(|_| rng.random_range(1..65)).collect::<Vec<_>>());
+            let idx: Vec<usize> = (0..n).map(|_| rng.random_range(0..n + 3)).collect();
+            let rows = rng.random_range(1..400);
+            let groups = length_groups(&t, &idx, rows);
+            let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+            seen.sort();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "case {case}");
+            let lens: Vec<usize> = idx.iter().map(|&i| t.length(i)).collect();
+            if lens.windows(2).all(|w| w[0] == w[1]) {
+                assert_eq!(groups.len(), 1);
+                continue;
+            }
+            for g in &groups {
+                let pad = g.iter().map(|&p| lens[p]).max().unwrap();
+                assert!(g.len() == 1 || g.len() * pad <= rows, "case {case}: {g:?} over {rows}");
+            }
+            let mut sorted: Vec<usize> = (0..n).collect();
+            sorted.sort_by_key(|&p| (lens[p], p));
+            let best = (0..1u32 << (n - 1))
+                .filter_map(|cuts| {
+                    let mut gs = vec![vec![sorted[0]]];
+                    for (k, &p) in sorted.iter().enumerate().skip(1) {
+                        if cuts >> (k - 1) & 1 == 1 {
+                            gs.push(Vec::new());
+                        }
+                        gs.last_mut().unwrap().push(p);
+                    }
+                    let ok = gs
+                        .iter()
+                        .all(|g| g.len() == 1 || g.len() * g.iter().map(|&p| lens[p]).max().unwrap() <= rows);
+                    ok.then(|| cost(&t, &idx, &gs))
+                })
+                .min()
+                .unwrap();
+            assert_eq!(cost(&t, &idx, &groups), best, "case {case}: {lens:?} rows {rows}");
+        }
+    }
 
     fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut b = vec![0, 0, 8, dims.len() as u8];

@@ -20,17 +20,19 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::data::Samples;
+use super::data::{length_groups, Samples};
 use super::shard::Plan;
 use super::tasks::{self, TaskData};
 use super::{
-    accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, RANK, TARGETS,
+    accuracy, batch_of, labels_of, load_base, load_library, new_head, progress, say, write_atomic, ALPHA, PART_ROWS,
+    RANK, TARGETS,
 };
 use crate::compose::layer::DeviceArg;
 use crate::compose::{Mode, Param};
 use crate::model::linear::Adapter as LinAdapter;
-use crate::model::train::{cross_entropy, lr_at, train_step, AdamW};
-use crate::model::{Composition, Library, Model, Trainable};
+use crate::model::pass::Grads;
+use crate::model::train::{clip_grad_norm, cross_entropy, lr_at, train_step_parts, AdamW};
+use crate::model::{Batch, Composition, Library, Model, Trainable};
 use crate::{Error, Result};
 
 /// The compared methods.
@@ -286,6 +288,125 @@ fn coeff_rows(model: &Model<f32>) -> BTreeMap<String, Vec<f64>> {
     out
 }
 
+/// The batch of samples `idx` with their labels, in parts grouped by length
+/// ([`length_groups`]; one part when all have the same length).
+fn parts_of<S: Samples>(shots: &S, idx: &[usize]) -> Result<Vec<(Batch, Vec<usize>)>> {
+    length_groups(shots, idx, PART_ROWS)
+        .into_iter()
+        .map(|g| {
+            let sel: Vec<usize> = g.iter().map(|&p| idx[p]).collect();
+            Ok((batch_of(shots, &sel)?, labels_of(shots, &sel)))
+        })
+        .collect()
+}
+
+/// The seeded batches of `fit`: all `n` samples each step when they fit in `batch`, else
+/// shuffled minibatches of `batch`, a fresh order each epoch.
+struct Batches {
+    n: usize,
+    batch: usize,
+    seed: u64,
+    order: Vec<usize>,
+    pos: usize,
+    epoch: u64,
+}
+
+impl Batches {
+    fn new(n: usize, batch: usize, seed: u64) -> Batches {
+        Batches {
+            n,
+            batch,
+            seed,
+            order: Vec::new(),
+            pos: usize::MAX,
+            epoch: 0,
+        }
+    }
+
+    /// The whole set (`None`) or the next minibatch.
+    fn next(&mut self) -> Option<&[usize]> {
+        if self.n <= self.batch {
+            return None;
+        }
+        if self.pos == usize::MAX || self.pos + self.batch > self.n {
+            self.order = crate::model::train::epoch_order(self.n, self.seed ^ 0xba7c, self.epoch);
+            self.epoch += 1;
+            self.pos = 0;
+        }
+        self.pos += self.batch;
+        Some(&self.order[self.pos - self.batch..self.pos])
+    }
+}
+
+/// [`fit`] of the head alone on the CPU: the encoder is frozen, so the pooled features of the
+/// shots are computed once ([`Model::encode`], in length groups) and every step runs only the
+/// head on them — the same batches, cross-entropy, clipping, schedule and AdamW, up to
+/// rounding (the head's products summed in another order).
+fn fit_head<S: Samples>(
+    model: &mut Model<f32>,
+    shots: &S,
+    steps: usize,
+    lr: f64,
+    batch: usize,
+    seed: u64,
+) -> Result<f64> {
+    let (n, d, c) = (shots.len(), model.config.hidden, model.config.num_labels);
+    let all: Vec<usize> = (0..n).collect();
+    let mut features = vec![0f32; n * d];
+    for g in length_groups(shots, &all, PART_ROWS) {
+        let pooled = model.encode(&batch_of(shots, &g)?)?;
+        for (&i, row) in g.iter().zip(pooled.chunks(d)) {
+            features[i * d..(i + 1) * d].copy_from_slice(row);
+        }
+    }
+    let labels = labels_of(shots, &all);
+    let (w_name, b_name) = (
+        format!("{}.weight", model.head.name),
+        format!("{}.bias", model.head.name),
+    );
+    let mut opt = AdamW::new(0.0);
+    let mut loss = f64::NAN;
+    let mut batches = Batches::new(n, batch, seed);
+    for step in 0..steps {
+        let idx = batches.next().unwrap_or(&all);
+        let head = &model.head;
+        let mut logits = vec![0f32; idx.len() * c];
+        for (row, &i) in logits.chunks_mut(c).zip(idx) {
+            let f = &features[i * d..(i + 1) * d];
+            for (o, l) in row.iter_mut().enumerate() {
+                *l = head.b[o]
+                    + head.w[o * d..(o + 1) * d]
+                        .iter()
+                        .zip(f)
+                        .map(|(w, x)| w * x)
+                        .sum::<f32>();
+            }
+        }
+        let ys: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
+        let (l, dlogits) = cross_entropy(&logits, &ys, c)?;
+        loss = l;
+        if !loss.is_finite() {
+            break;
+        }
+        let (mut dw, mut db) = (vec![0f32; c * d], vec![0f32; c]);
+        for (g, &i) in dlogits.chunks(c).zip(idx) {
+            let f = &features[i * d..(i + 1) * d];
+            for (o, &go) in g.iter().enumerate() {
+                db[o] += go;
+                for (w, &x) in dw[o * d..(o + 1) * d].iter_mut().zip(f) {
+                    *w += go * x;
+                }
+            }
+        }
+        let mut grads = Grads::default();
+        grads.add(&w_name, dw);
+        grads.add(&b_name, db);
+        clip_grad_norm(&mut grads, 1.0);
+        opt.step(model, &grads, lr_at(step, steps, steps / 10 + 1, lr, lr * 0.1))?;
+    }
+    Ok(loss)
+}
+
 /// Training of what `trainable` selects for `steps` steps: full batch when the shots fit in
 /// `batch`, else seeded shuffled minibatches of `batch` (the whole-pool runs). Returns the last
 /// loss (NaN or infinite when it diverged, and then it stops).
@@ -298,37 +419,41 @@ pub(crate) fn fit<S: Samples>(
     batch: usize,
     seed: u64,
 ) -> Result<f64> {
+    if trainable == Trainable::HEAD && model.device().is_cpu() {
+        return fit_head(model, shots, steps, lr, batch, seed);
+    }
+    fit_model(model, shots, trainable, steps, lr, batch, seed)
+}
+
+/// [`fit`] through the whole model's forward and backward, whatever trains.
+fn fit_model<S: Samples>(
+    model: &mut Model<f32>,
+    shots: &S,
+    trainable: Trainable,
+    steps: usize,
+    lr: f64,
+    batch: usize,
+    seed: u64,
+) -> Result<f64> {
     let n = shots.len();
     let all: Vec<usize> = (0..n).collect();
-    let full = if n <= batch {
-        Some((batch_of(shots, &all)?, labels_of(shots, &all)))
-    } else {
-        None
-    };
+    let full = parts_of(shots, &all)?;
     let mut opt = AdamW::new(0.0);
     let mut loss = f64::NAN;
-    let (mut order, mut pos, mut epoch) = (Vec::new(), usize::MAX, 0u64);
+    let mut batches = Batches::new(n, batch, seed);
     for step in 0..steps {
         let mini;
-        let (x, y) = match &full {
-            Some((x, y)) => (x, y),
-            None => {
-                if pos == usize::MAX || pos + batch > n {
-                    order = crate::model::train::epoch_order(n, seed ^ 0xba7c, epoch);
-                    epoch += 1;
-                    pos = 0;
-                }
-                let idx = &order[pos..pos + batch];
-                pos += batch;
-                mini = (batch_of(shots, idx)?, labels_of(shots, idx));
-                (&mini.0, &mini.1)
+        let parts = match batches.next() {
+            None => &full,
+            Some(idx) => {
+                mini = parts_of(shots, idx)?;
+                &mini
             }
         };
-        loss = train_step(
+        loss = train_step_parts(
             model,
             &mut opt,
-            x,
-            y,
+            parts,
             trainable,
             lr_at(step, steps, steps / 10 + 1, lr, lr * 0.1),
             Some(1.0),
@@ -357,11 +482,20 @@ fn population_losses<S: Samples>(model: &Model<f32>, shots: &S, values: &[f32]) 
     let n = model.global_v.len();
     let p = values.len() / n;
     let m = shots.len();
+    let k = model.config.num_labels;
     let idx: Vec<usize> = (0..p).flat_map(|_| 0..m).collect();
     let candidate_of: Vec<usize> = (0..p).flat_map(|c| std::iter::repeat_n(c, m)).collect();
-    let logits = model.logits_population(&batch_of(shots, &idx)?, values, &candidate_of)?;
+    // Copies of a length run together (one group when all lengths are equal).
+    let mut logits = vec![0f32; p * m * k];
+    for g in length_groups(shots, &idx, PART_ROWS) {
+        let sel: Vec<usize> = g.iter().map(|&q| idx[q]).collect();
+        let cands: Vec<usize> = g.iter().map(|&q| candidate_of[q]).collect();
+        let part = model.logits_population(&batch_of(shots, &sel)?, values, &cands)?;
+        for (&q, row) in g.iter().zip(part.chunks(k)) {
+            logits[q * k..(q + 1) * k].copy_from_slice(row);
+        }
+    }
     let labels = labels_of(shots, &(0..m).collect::<Vec<_>>());
-    let k = model.config.num_labels;
     logits
         .chunks(m * k)
         .map(|l| Ok(cross_entropy(l, &labels, k)?.0))
@@ -789,6 +923,20 @@ pub(crate) fn run_table<S: Samples>(
                 .collect();
             write_atomic(&out, text.as_bytes())?;
             pb.inc(1);
+            if pb.is_hidden() {
+                // No terminal (a batch job's log): one line a unit instead of the bar.
+                let r = all.last().expect("pushed");
+                eprintln!(
+                    "fewshot {}/{} {} K={k} seed {seed} {}: accuracy {} ({:.1} s), {:.0} s elapsed",
+                    pb.position(),
+                    pb.length().unwrap_or(0),
+                    r.task,
+                    r.method.name(),
+                    r.accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+                    r.seconds,
+                    started.elapsed().as_secs_f64()
+                );
+            }
             Ok(())
         })?;
     }
@@ -949,17 +1097,49 @@ pub const DEFAULT_TEST_PER_CLASS: usize = 60;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiment::data::{Images, PIXELS};
+    use crate::experiment::data::{Images, Texts, PIXELS};
     use crate::experiment::tasks::{downstream_tasks, save_bundle, upstream_tasks};
     use crate::model::checkpoint;
 
     /// The batched population forward of the LoraHub search scores every candidate as a forward
-    /// with that candidate's row alone would, in both composition modes.
+    /// with that candidate's row alone would, in both composition modes: ViT images (one
+    /// batch) and BERT texts of 1–16 tokens (the copies grouped by length into several).
     #[test]
     fn population_forward_matches_one_candidate_at_a_time() {
-        use crate::model::{Composition, LoraModule};
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let base = Model::<f32>::init(crate::experiment::vit_config(3), 7).unwrap();
+        let shots = Images {
+            pixels: (0..7 * PIXELS).map(|_| rng.random_range(0.0..1.0)).collect(),
+            labels: (0..7).map(|i| (i % 3) as u8).collect(),
+        };
+        check_population(&base, &shots, &mut rng);
+        let bert = crate::model::Config {
+            hidden: 16,
+            heads: 2,
+            intermediate: 32,
+            layers: 2,
+            vocab_size: 50,
+            max_positions: 16,
+            ..crate::model::Config::minilm(3)
+        };
+        let mut base = Model::<f32>::init(bert, 7).unwrap();
+        // An O(1) head, so that the candidates' losses differ well above the tolerance.
+        base.head.w.iter_mut().for_each(|w| *w = rng.random_range(-1.0..1.0));
+        let texts = Texts {
+            ids: (0..12)
+                .map(|_| (0..rng.random_range(1..17)).map(|_| rng.random_range(0..50)).collect())
+                .collect(),
+            labels: (0..12).map(|i| i % 3).collect(),
+        };
+        let copies: Vec<usize> = (0..4).flat_map(|_| 0..12).collect();
+        assert!(length_groups(&texts, &copies, PART_ROWS).len() > 1, "several groups");
+        check_population(&base, &texts, &mut rng);
+        let err = base.logits_population(&batch_of(&texts, &[0]).unwrap(), &[0.0; 5], &[0]);
+        assert!(err.is_err(), "no composition attached");
+    }
+
+    fn check_population<S: Samples>(base: &Model<f32>, shots: &S, rng: &mut ChaCha8Rng) {
+        use crate::model::{Composition, LoraModule};
         let n = 5;
         let mut lib = Library::new();
         for blk in &base.blocks {
@@ -974,10 +1154,6 @@ mod tests {
                 lib.insert(l.name.clone(), mods);
             }
         }
-        let shots = Images {
-            pixels: (0..7 * PIXELS).map(|_| rng.random_range(0.0..1.0)).collect(),
-            labels: (0..7).map(|i| (i % 3) as u8).collect(),
-        };
         for (mode, param) in [(Mode::Factor, Param::Raw), (Mode::Product, Param::Softmax)] {
             let mut model = base.clone();
             model
@@ -991,11 +1167,11 @@ mod tests {
                 )
                 .unwrap();
             let values: Vec<f32> = (0..4 * n).map(|_| rng.random_range(-1.5..1.5)).collect();
-            let got = population_losses(&model, &shots, &values).unwrap();
+            let got = population_losses(&model, shots, &values).unwrap();
             assert_eq!(got.len(), 4);
             for (p, row) in values.chunks(n).enumerate() {
                 model.global_v.copy_from_slice(row);
-                let want = loss_on(&model, &shots).unwrap();
+                let want = loss_on(&model, shots).unwrap();
                 assert!(
                     (got[p] - want).abs() <= 1e-5 * want.abs().max(1.0),
                     "{mode:?} candidate {p}: batched {} vs alone {want}",
@@ -1007,8 +1183,58 @@ mod tests {
                 "candidates differ: {got:?}"
             );
         }
-        let err = base.logits_population(&batch_of(&shots, &[0]).unwrap(), &[0.0; 5], &[0]);
-        assert!(err.is_err(), "no composition attached");
+    }
+
+    /// The head-only fit on cached features takes the steps the whole-model fit takes with only
+    /// the head training: BERT texts of 1–16 tokens, full batch and seeded minibatches, a
+    /// learning rate large enough that clipping acts. Head weights agree to f32 rounding of
+    /// the head's sums (1e-5 of their scale after 12 AdamW steps; a missing clip, bias or
+    /// schedule moves them by ≥ 1e-3).
+    #[test]
+    fn head_fit_on_features_matches_the_whole_model_fit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let cfg = crate::model::Config {
+            hidden: 16,
+            heads: 2,
+            intermediate: 32,
+            layers: 2,
+            vocab_size: 50,
+            max_positions: 16,
+            ..crate::model::Config::minilm(3)
+        };
+        let base = Model::<f32>::init(cfg, 8).unwrap();
+        let texts = Texts {
+            ids: (0..10)
+                .map(|_| (0..rng.random_range(1..17)).map(|_| rng.random_range(0..50)).collect())
+                .collect(),
+            labels: (0..10).map(|i| i % 3).collect(),
+        };
+        for batch in [16, 4] {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            let la = fit(&mut a, &texts, Trainable::HEAD, 12, 0.5, batch, 3).unwrap();
+            let lb = fit_model(&mut b, &texts, Trainable::HEAD, 12, 0.5, batch, 3).unwrap();
+            assert!(
+                (la - lb).abs() <= 1e-5 * lb.abs().max(1.0),
+                "batch {batch}: loss {la} vs {lb}"
+            );
+            let scale = b.head.w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            crate::check::compare(
+                "head.w",
+                &a.head.w,
+                &b.head.w,
+                crate::check::Tol::new(1e-5 * scale, 1e-5),
+            )
+            .unwrap_or_else(|e| panic!("batch {batch}: {e}"));
+            crate::check::compare(
+                "head.b",
+                &a.head.b,
+                &b.head.b,
+                crate::check::Tol::new(1e-5 * scale, 1e-5),
+            )
+            .unwrap_or_else(|e| panic!("batch {batch}: {e}"));
+            assert!(a.head.w != base.head.w, "the head trained");
+            assert_eq!(a.blocks, base.blocks, "the encoder stays frozen");
+        }
     }
 
     /// A random base, a random 16-module library and a one-task bundle, run end to end with a

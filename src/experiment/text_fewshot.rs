@@ -29,9 +29,10 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use super::data::{Samples, Texts};
+use super::data::{length_groups, Samples, Texts};
 use super::methods::{run_table, run_unit, select_modules, Budget, FewshotArgs, Method, TaskEntry, Unit};
 use super::text::{self, Role, Split, TextSources};
+use super::PART_ROWS;
 use crate::compose::layer::DeviceArg;
 use crate::compose::{Mode, Param};
 use crate::model::bert::{load_bert, Tokenizer};
@@ -342,25 +343,42 @@ impl Samples for Hidden {
         }
         Ok(b)
     }
+
+    fn length(&self, i: usize) -> usize {
+        self.states[i].len() / self.d.max(1)
+    }
+}
+
+/// `f` of each length group of `samples` ([`length_groups`]), in parallel, one row per sample
+/// back in the samples' order.
+fn per_sample<S: Samples>(samples: &S, f: impl Fn(&[usize]) -> Result<Vec<Vec<f32>>> + Sync) -> Result<Vec<Vec<f32>>> {
+    let all: Vec<usize> = (0..samples.len()).collect();
+    let groups = length_groups(samples, &all, PART_ROWS);
+    // Groups of at most 16 texts, so that both cores have work while the first task caches.
+    let groups: Vec<&[usize]> = groups.iter().flat_map(|g| g.chunks(16)).collect();
+    let rows = groups.par_iter().map(|g| f(g)).collect::<Result<Vec<_>>>()?;
+    let mut out = vec![Vec::new(); samples.len()];
+    for (g, rows) in groups.iter().zip(rows) {
+        for (&i, row) in g.iter().zip(rows) {
+            out[i] = row;
+        }
+    }
+    Ok(out)
 }
 
 /// The hidden states of `texts` entering block `upto` of `model`.
 pub fn hidden_of(model: &Model<f32>, texts: &Texts, upto: usize) -> Result<Hidden> {
     let d = model.config.hidden;
-    let idx: Vec<usize> = (0..texts.len()).collect();
-    let chunks: Vec<Vec<Vec<f32>>> = idx
-        .par_chunks(16)
-        .map(|c| -> Result<Vec<Vec<f32>>> {
-            let b = texts.batch(c)?;
-            let h = model.hidden_states(&b, upto)?;
-            Ok(c.iter()
-                .enumerate()
-                .map(|(r, &i)| h[r * b.seq * d..(r * b.seq + texts.ids[i].len()) * d].to_vec())
-                .collect())
-        })
-        .collect::<Result<_>>()?;
+    let states = per_sample(texts, |c| {
+        let b = texts.batch(c)?;
+        let h = model.hidden_states(&b, upto)?;
+        Ok(c.iter()
+            .enumerate()
+            .map(|(r, &i)| h[r * b.seq * d..(r * b.seq + texts.ids[i].len()) * d].to_vec())
+            .collect())
+    })?;
     Ok(Hidden {
-        states: chunks.into_iter().flatten().collect(),
+        states,
         labels: texts.labels.clone(),
         d,
     })
@@ -368,17 +386,13 @@ pub fn hidden_of(model: &Model<f32>, texts: &Texts, upto: usize) -> Result<Hidde
 
 /// The pooled encoder output of `samples` under `model` (frozen), one row a text.
 pub fn features_of<S: Samples>(model: &Model<f32>, samples: &S) -> Result<Hidden> {
-    let idx: Vec<usize> = (0..samples.len()).collect();
     let d = model.config.hidden;
-    let rows: Vec<Vec<Vec<f32>>> = idx
-        .par_chunks(16)
-        .map(|c| -> Result<Vec<Vec<f32>>> {
-            let pooled = model.encode(&samples.batch(c)?)?;
-            Ok(pooled.chunks(d).map(<[f32]>::to_vec).collect())
-        })
-        .collect::<Result<_>>()?;
+    let states = per_sample(samples, |c| {
+        let pooled = model.encode(&samples.batch(c)?)?;
+        Ok(pooled.chunks(d).map(<[f32]>::to_vec).collect())
+    })?;
     Ok(Hidden {
-        states: rows.into_iter().flatten().collect(),
+        states,
         labels: (0..samples.len()).map(|i| samples.label(i)).collect(),
         d,
     })

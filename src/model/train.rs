@@ -200,6 +200,50 @@ pub fn train_step<T: Real>(
     Ok(StepStats { loss, grad_norm })
 }
 
+/// [`train_step`] on one batch given in parts (grouped by length so that little is padded, say):
+/// the loss is the mean over every part's examples, each part's gradient weighted by its share
+/// of them and summed, then one clipping and one AdamW step — the step of the whole batch, up
+/// to rounding. One part is exactly [`train_step`]; several run on the CPU only.
+pub fn train_step_parts<T: Real>(
+    model: &mut Model<T>,
+    opt: &mut AdamW,
+    parts: &[(Batch, Vec<usize>)],
+    trainable: Trainable,
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<StepStats> {
+    match parts {
+        [] => return Err(Error::Arg("a training step needs examples".into())),
+        [(batch, labels)] => return train_step(model, opt, batch, labels, trainable, lr, clip),
+        _ => {}
+    }
+    if !model.device().is_cpu() {
+        return Err(Error::Arg(
+            "a batch in parts trains on the CPU; on a kernel device give it whole".into(),
+        ));
+    }
+    let n: usize = parts.iter().map(|(_, y)| y.len()).sum();
+    let mut loss = 0.0;
+    let mut grads = Grads::default();
+    for (batch, labels) in parts {
+        let w = labels.len() as f64 / n as f64;
+        let (logits, tape) = model.forward(batch)?;
+        let (part_loss, mut dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
+        let s = T::of(w);
+        dlogits.iter_mut().for_each(|g| *g *= s);
+        loss += part_loss * w;
+        for (name, g) in model.backward(&tape, &dlogits, trainable)?.map {
+            grads.add(&name, g);
+        }
+    }
+    let grad_norm = match clip {
+        Some(c) => clip_grad_norm(&mut grads, c),
+        None => grads.norm(),
+    };
+    opt.step_host(model, &grads, lr)?;
+    Ok(StepStats { loss, grad_norm })
+}
+
 /// [`train_step`] on a kernel device: the batch and labels go up, every op runs there, and the
 /// loss, the gradient norm and the clipping scale come down in one copy.
 fn device_train_step<T: Real>(
