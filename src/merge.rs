@@ -11,6 +11,10 @@
 //!   `B A = (Σ_i √|c_i| B_i)(Σ_j sgn(c_j) √|c_j| A_j)`, which has cross terms `i ≠ j` and is
 //!   not the product sum; it needs equal ranks per layer.
 //!
+//! - [`Mode::Lorahub`] (LoraHub's factor merge, its paper and released code):
+//!   `A = Σ_i w_i s_i A_i`, `B = Σ_i w_i B_i`, so `B A = (Σ_i w_i B_i)(Σ_j w_j s_j A_j)`; equal
+//!   ranks per layer.
+//!
 //! Like PEFT, the merged adapter has one global rank `R` (cat: `Σ_i max_layer r_i`, linear:
 //! the largest layer rank) and `lora_alpha = R`; layers whose rank is below `R` are padded with
 //! zero rows of A and zero columns of B, which leaves `B A` unchanged. `rank_pattern` and
@@ -35,6 +39,9 @@ pub enum Mode {
     Cat,
     /// Factor sum (Σ √|c_i| B_i)(Σ sgn(c_i) √|c_i| A_i), c_i = w_i s_i; equal ranks only.
     Linear,
+    /// LoraHub's factor merge (Σ w_i B_i)(Σ w_i s_i A_i) (its paper and code; the crate's
+    /// `compose::Mode::Factor`); equal ranks only.
+    Lorahub,
 }
 
 /// Parses `w1,w2,...`; every entry must be a finite number.
@@ -75,14 +82,14 @@ pub fn merge(library: &Library, weights: &[f64], mode: Mode) -> Result<Adapter> 
     let max_rank = |a: &Adapter| a.layers.values().map(|l| l.r).max().unwrap_or(0);
     let global_rank = match mode {
         Mode::Cat => adapters.iter().map(max_rank).sum(),
-        Mode::Linear => adapters.iter().map(max_rank).max().unwrap_or(0),
+        Mode::Linear | Mode::Lorahub => adapters.iter().map(max_rank).max().unwrap_or(0),
     };
     let mut layers = std::collections::BTreeMap::new();
     for path in library.layer_paths() {
         let parts: Vec<&LoraLayer> = adapters.iter().map(|a| &a.layers[path]).collect();
         let merged = match mode {
             Mode::Cat => cat_layer(path, &parts, &weights, global_rank),
-            Mode::Linear => linear_layer(path, &parts, &weights, global_rank, adapters)?,
+            Mode::Linear | Mode::Lorahub => linear_layer(path, &parts, &weights, global_rank, adapters, mode)?,
         };
         layers.insert(path.to_string(), merged);
     }
@@ -177,6 +184,7 @@ fn linear_layer(
     weights: &[f64],
     rank: usize,
     adapters: &[Adapter],
+    mode: Mode,
 ) -> Result<LoraLayer> {
     let r = parts[0].r;
     if parts.iter().any(|p| p.r != r) {
@@ -187,17 +195,22 @@ fn linear_layer(
             .collect::<Vec<_>>()
             .join(", ");
         return Err(Error::Shape(format!(
-            "layer `{path}`: --mode linear needs equal ranks across adapters, got r = {ranks}; use --mode cat"
+            "layer `{path}`: --mode {} needs equal ranks across adapters, got r = {ranks}; use --mode cat",
+            if mode == Mode::Linear { "linear" } else { "lorahub" }
         )));
     }
     let (d_in, d_out) = (parts[0].d_in, parts[0].d_out);
     let mut a = vec![0f64; r * d_in];
     let mut b = vec![0f64; d_out * r];
     for (part, &w) in parts.iter().zip(weights) {
-        let c = w * f64::from(part.scale);
-        let root = c.abs().sqrt();
-        // The sign goes on A only, so that it is applied once in B A.
-        let a_coef = if c >= 0.0 { root } else { -root };
+        let (a_coef, root) = if mode == Mode::Lorahub {
+            (w * f64::from(part.scale), w)
+        } else {
+            let c = w * f64::from(part.scale);
+            let root = c.abs().sqrt();
+            // The sign goes on A only, so that it is applied once in B A.
+            (if c >= 0.0 { root } else { -root }, root)
+        };
         for (dst, &x) in a.iter_mut().zip(&part.a) {
             *dst += a_coef * f64::from(x);
         }

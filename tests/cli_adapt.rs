@@ -316,6 +316,75 @@ fn happy_path_writes_table_coefficients_and_the_composed_adapter() {
         }
         assert!(moved, "{method}: training moved some coefficient away from 1/3");
     }
+    // Uniform: Σ_i (1/3) s_i B_i A_i. LoraHub: (Σ_i c_i B_i)(Σ_i c_i s_i A_i), c its global row.
+    let hub: Vec<f64> = coeffs["lorahub"]["global"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    for method in ["uniform", "lorahub"] {
+        let a = Adapter::load(dir.join(method)).unwrap();
+        assert_eq!(a.config.r, if method == "uniform" { 3 * RANK } else { RANK });
+        for path in LAYERS {
+            let want: Vec<f64> = if method == "uniform" {
+                let mut w = vec![0f64; D * D];
+                for (i, f) in s.factors.iter().enumerate() {
+                    let (fa, fb) = &f[path];
+                    let scale = ALPHAS[i] / RANK as f64;
+                    for o in 0..D {
+                        for j in 0..D {
+                            w[o * D + j] +=
+                                scale / 3.0 * (0..RANK).map(|k| fb[o * RANK + k] * fa[k * D + j]).sum::<f64>();
+                        }
+                    }
+                }
+                w
+            } else {
+                let (mut sa, mut sb) = (vec![0f64; RANK * D], vec![0f64; D * RANK]);
+                for (i, f) in s.factors.iter().enumerate() {
+                    let (fa, fb) = &f[path];
+                    let scale = ALPHAS[i] / RANK as f64;
+                    sa.iter_mut().zip(fa).for_each(|(x, y)| *x += hub[i] * scale * y);
+                    sb.iter_mut().zip(fb).for_each(|(x, y)| *x += hub[i] * y);
+                }
+                (0..D * D)
+                    .map(|e| (0..RANK).map(|k| sb[(e / D) * RANK + k] * sa[k * D + e % D]).sum())
+                    .collect()
+            };
+            for (idx, (&g, &w)) in a.layers[path].delta_weight().iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                    "{method} {path}[{idx}]: written {g}, want {w}"
+                );
+            }
+        }
+    }
+    // The heads of the methods whose encoder is the base or a written adapter.
+    let bytes = fs::read(dir.join("heads.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["classes"], r#"["neg","neu","pos"]"#);
+    assert_eq!(meta["pooling"], "mean");
+    let on: Value = serde_json::from_str(&meta["adapters"]).unwrap();
+    assert_eq!(
+        on,
+        json!({"head": "", "uniform": "uniform", "learned": "learned", "soups": "soups", "lorahub": "lorahub"})
+    );
+    let heads = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = heads.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut want: Vec<String> = ["head", "learned", "lorahub", "soups", "uniform"]
+        .iter()
+        .flat_map(|m| [format!("{m}.bias"), format!("{m}.weight")])
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    for m in ["head", "learned", "lorahub", "soups", "uniform"] {
+        let w = heads.tensor(&format!("{m}.weight")).unwrap();
+        assert_eq!((w.dtype(), w.shape()), (Dtype::F32, &[3, D][..]));
+        assert_eq!(heads.tensor(&format!("{m}.bias")).unwrap().shape(), &[3]);
+    }
     // Nothing else beside --out.
     let names: Vec<String> = fs::read_dir(s.p("res"))
         .unwrap()

@@ -347,6 +347,36 @@ fn merge_linear_equals_peft_factor_sum() {
     }
 }
 
+#[test]
+fn merge_lorahub_equals_the_factor_merge_of_lorahub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let specs = [spec(4, 8.0, false), spec(4, 3.0, true), spec(4, 1.0, false)];
+    let (factors, dirs) = write_adapters(tmp.path(), &specs, 11);
+    let w = [0.6, -0.9, 0.3];
+    let out = tmp.path().join("hub");
+    let extra = ["--mode", "lorahub", "--weights", "0.6,-0.9,0.3", "--out", dir_str(&out)];
+    run_ok(&merge_args(&dirs, &extra));
+    let got = merged_delta(&out);
+    for (path, d_in, d_out) in LAYERS {
+        // (Σ_i w_i B_i)(Σ_j w_j s_j A_j)
+        let mut a_sum = vec![0.0; 4 * d_in];
+        let mut b_sum = vec![0.0; d_out * 4];
+        for (i, spec) in specs.iter().enumerate() {
+            let (a, b, _) = &factors[i][path];
+            a_sum
+                .iter_mut()
+                .zip(a)
+                .for_each(|(s, x)| *s += w[i] * spec.scale(path) * x);
+            b_sum.iter_mut().zip(b).for_each(|(s, x)| *s += w[i] * x);
+        }
+        assert_close(
+            &got[path],
+            &product(&a_sum, &b_sum, 4, d_in, d_out),
+            &format!("lorahub {path}"),
+        );
+    }
+}
+
 /// A base model as the test writes it: `model.<path>.weight` (f32 for the first two layers,
 /// bf16 for the third), a bias and an unrelated f16 tensor.
 fn write_base(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {

@@ -111,7 +111,7 @@ fn exercise(config: &[u8], weights: Option<&[u8]>) {
     let Ok(library) = Library::new(vec![adapter.clone(), adapter]) else {
         return;
     };
-    for mode in [Mode::Cat, Mode::Linear] {
+    for mode in [Mode::Cat, Mode::Linear, Mode::Lorahub] {
         if let Ok(merged) = merge(&library, &[0.5, -0.25], mode) {
             let _ = fold_into_base(Path::new("base"), &seeds().base, &merged);
             let _ = merged.to_safetensors(StoreDtype::Bf16, Path::new("out"));

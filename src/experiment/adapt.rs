@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::data::Texts;
-use super::methods::{run_unit, Budget, Method, Unit, UnitResult};
+use super::methods::{train_unit, Budget, Method, Unit, UnitResult};
 use super::model_library;
 use crate::compose::layer::DeviceArg;
 use crate::model::bert::{config_from_json, load_bert, Tokenizer};
@@ -617,10 +617,10 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
         lora_rank: super::RANK,
         lora_alpha: super::ALPHA,
     };
-    let results: Vec<UnitResult> = methods
+    let trained: Vec<(UnitResult, Model<f32>)> = methods
         .par_iter()
         .map(|&m| {
-            let r = run_unit(&base, &library, &unit, m, &budget)?;
+            let (r, model) = train_unit(&base, &library, &unit, m, &budget)?;
             eprintln!(
                 "{:<22} accuracy {} ({} trainable, final loss {:.4}, {:.1} s)",
                 m.name(),
@@ -630,9 +630,10 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
                 r.final_loss,
                 r.seconds
             );
-            Ok(r)
+            Ok((r, model))
         })
         .collect::<Result<_>>()?;
+    let results: Vec<UnitResult> = trained.iter().map(|(r, _)| r.clone()).collect();
 
     // Everything in memory; now the files.
     let table = super::report::render(&results);
@@ -642,11 +643,32 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
         .map(|r| (method_arg(r.method), &r.coeffs))
         .collect();
     let mut composed = Vec::new();
-    for r in &results {
-        if matches!(r.method, Method::Learned | Method::Soups) && !r.diverged {
-            composed.push(composed_adapter(&peft_lib, &r.coeffs, &method_arg(r.method))?);
+    let n_adapters = peft_lib.adapters.len();
+    for r in results.iter().filter(|r| !r.diverged) {
+        let name = method_arg(r.method);
+        match r.method {
+            Method::Learned | Method::Soups => composed.push(composed_adapter(&peft_lib, &r.coeffs, &name)?),
+            Method::Uniform => {
+                let rows = peft_lib
+                    .layer_paths()
+                    .into_iter()
+                    .map(|p| (p.to_string(), vec![1.0 / n_adapters as f64; n_adapters]))
+                    .collect();
+                composed.push(composed_adapter(&peft_lib, &rows, &name)?);
+            }
+            Method::Lorahub => {
+                let row = r
+                    .coeffs
+                    .get("global")
+                    .ok_or_else(|| Error::Arg("LoraHub's result has no global coefficient row".into()))?;
+                let mut a = crate::merge::merge(&peft_lib, row, crate::merge::Mode::Lorahub)?;
+                a.name = name;
+                composed.push(a);
+            }
+            _ => {}
         }
     }
+    let heads = heads_file(&trained, &classes, &composed)?;
     let report = serde_json::json!({
         "command": "adapt",
         "version": super::code_version(),
@@ -690,6 +712,7 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
     for a in &composed {
         a.save(staging.path.join(&a.name), StoreDtype::F32)?;
     }
+    write_in(&staging.path, "heads.safetensors", &heads)?;
     if out_taken(&args.out) {
         return Err(bad(
             &args.out,
@@ -703,12 +726,53 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
     staging.done = true;
     println!("{table}");
     eprintln!(
-        "wrote {} (results.json, coefficients.json, report.md{}) in {:.1} s",
+        "wrote {} (results.json, coefficients.json, report.md, heads.safetensors{}) in {:.1} s",
         args.out.display(),
         composed.iter().map(|a| format!(", {}/", a.name)).collect::<String>(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The classifier heads of the methods whose encoder the user can rebuild — the base model
+/// (`head`) or the base with one of the written adapters — as safetensors: `<method>.weight`
+/// (classes × hidden), `<method>.bias` (classes), f32; metadata: the classes in label order,
+/// the pooling (`mean` of the last hidden states over real tokens) and, per method, the adapter
+/// directory it sits on (`""` for the bare base). LoRA from scratch and full fine-tuning change
+/// the encoder in ways not written out, so their heads are not exported.
+fn heads_file(trained: &[(UnitResult, Model<f32>)], classes: &[String], composed: &[Adapter]) -> Result<Vec<u8>> {
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut on = BTreeMap::new();
+    for (r, model) in trained.iter().filter(|(r, _)| !r.diverged) {
+        let name = method_arg(r.method);
+        let adapter = match r.method {
+            Method::Head => String::new(),
+            _ if composed.iter().any(|a| a.name == name) => name.clone(),
+            _ => continue,
+        };
+        let h = &model.head;
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        bufs.push((format!("{name}.weight"), vec![h.d_out, h.d_in], bytes(&h.w)));
+        bufs.push((format!("{name}.bias"), vec![h.d_out], bytes(&h.b)));
+        on.insert(name, adapter);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+        .iter()
+        .map(|(n, shape, b)| {
+            let v =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).expect("sizes match");
+            (n.clone(), v)
+        })
+        .collect();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "lora-compose-heads/1".to_string());
+    meta.insert(
+        "classes".to_string(),
+        serde_json::to_string(classes).expect("serialises"),
+    );
+    meta.insert("pooling".to_string(), "mean".to_string());
+    meta.insert("adapters".to_string(), serde_json::to_string(&on).expect("serialises"));
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Arg(format!("heads.safetensors: {e}")))
 }
 
 /// The method as `--methods` spells it.

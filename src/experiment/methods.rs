@@ -568,6 +568,17 @@ pub(crate) fn run_unit<S: Samples>(
     method: Method,
     args: &Budget,
 ) -> Result<UnitResult> {
+    Ok(train_unit(base, library, unit, method, args)?.0)
+}
+
+/// [`run_unit`], also returning the trained model (its head, its coefficients).
+pub(crate) fn train_unit<S: Samples>(
+    base: &Model<f32>,
+    library: &Library,
+    unit: &Unit<'_, S>,
+    method: Method,
+    args: &Budget,
+) -> Result<(UnitResult, Model<f32>)> {
     let started = Instant::now();
     let n_classes = unit.n_classes;
     let mut model = base.clone();
@@ -659,7 +670,7 @@ pub(crate) fn run_unit<S: Samples>(
         Method::Lorahub => model.trainable_count(Trainable::HEAD) + model.global_v.len(),
         _ => model.trainable_count(trainable),
     };
-    Ok(UnitResult {
+    let result = UnitResult {
         task: unit.task.into(),
         kind: unit.kind.into(),
         method,
@@ -684,7 +695,8 @@ pub(crate) fn run_unit<S: Samples>(
             _ => 0,
         },
         plan: None,
-    })
+    };
+    Ok((result, model))
 }
 
 pub fn run_fewshot(args: FewshotArgs) -> Result<()> {
