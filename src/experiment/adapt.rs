@@ -651,7 +651,6 @@ pub fn run_adapt(args: AdaptArgs) -> Result<()> {
             Method::Uniform => {
                 let rows = peft_lib
                     .layer_paths()
-                    .into_iter()
                     .map(|p| (p.to_string(), vec![1.0 / n_adapters as f64; n_adapters]))
                     .collect();
                 composed.push(composed_adapter(&peft_lib, &rows, &name)?);
