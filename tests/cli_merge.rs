@@ -316,65 +316,47 @@ fn merge_cat_equals_weighted_product_sum() {
     }
 }
 
-#[test]
-fn merge_linear_equals_peft_factor_sum() {
+/// `merge --mode MODE --weights W` of three equal-rank adapters against
+/// `(Σ_i b_i B_i)(Σ_j a_j A_j)` with `(a_i, b_i) = coefs(w_i, s_i)`, in f64 over the factors.
+fn check_factor_merge(mode: &str, w: [f64; 3], seed: u64, coefs: fn(f64, f64) -> (f64, f64)) {
     let tmp = tempfile::tempdir().unwrap();
     let specs = [spec(4, 8.0, false), spec(4, 3.0, true), spec(4, 1.0, false)];
-    let (factors, dirs) = write_adapters(tmp.path(), &specs, 10);
-    let w = [0.6, -0.9, 0.0];
-    let out = tmp.path().join("lin");
-    let extra = ["--mode", "linear", "--weights", "0.6,-0.9,0", "--out", dir_str(&out)];
+    let (factors, dirs) = write_adapters(tmp.path(), &specs, seed);
+    let out = tmp.path().join(mode);
+    let weights = w.map(|x| x.to_string()).join(",");
+    let extra = ["--mode", mode, "--weights", weights.as_str(), "--out", dir_str(&out)];
     run_ok(&merge_args(&dirs, &extra));
     let got = merged_delta(&out);
     for (path, d_in, d_out) in LAYERS {
-        // (Σ_i √|c_i| B_i)(Σ_j sgn(c_j) √|c_j| A_j), c_i = w_i s_i
         let mut a_sum = vec![0.0; 4 * d_in];
         let mut b_sum = vec![0.0; d_out * 4];
         for (i, spec) in specs.iter().enumerate() {
-            let c = w[i] * spec.scale(path);
+            let (ca, cb) = coefs(w[i], spec.scale(path));
             let (a, b, _) = &factors[i][path];
-            a_sum
-                .iter_mut()
-                .zip(a)
-                .for_each(|(s, x)| *s += c.signum() * c.abs().sqrt() * x);
-            b_sum.iter_mut().zip(b).for_each(|(s, x)| *s += c.abs().sqrt() * x);
+            a_sum.iter_mut().zip(a).for_each(|(s, x)| *s += ca * x);
+            b_sum.iter_mut().zip(b).for_each(|(s, x)| *s += cb * x);
         }
         assert_close(
             &got[path],
             &product(&a_sum, &b_sum, 4, d_in, d_out),
-            &format!("linear {path}"),
+            &format!("{mode} {path}"),
         );
     }
 }
 
 #[test]
+fn merge_linear_equals_peft_factor_sum() {
+    // (Σ_i √|c_i| B_i)(Σ_j sgn(c_j) √|c_j| A_j), c_i = w_i s_i
+    check_factor_merge("linear", [0.6, -0.9, 0.0], 10, |w, s| {
+        let c = w * s;
+        (c.signum() * c.abs().sqrt(), c.abs().sqrt())
+    });
+}
+
+#[test]
 fn merge_lorahub_equals_the_factor_merge_of_lorahub() {
-    let tmp = tempfile::tempdir().unwrap();
-    let specs = [spec(4, 8.0, false), spec(4, 3.0, true), spec(4, 1.0, false)];
-    let (factors, dirs) = write_adapters(tmp.path(), &specs, 11);
-    let w = [0.6, -0.9, 0.3];
-    let out = tmp.path().join("hub");
-    let extra = ["--mode", "lorahub", "--weights", "0.6,-0.9,0.3", "--out", dir_str(&out)];
-    run_ok(&merge_args(&dirs, &extra));
-    let got = merged_delta(&out);
-    for (path, d_in, d_out) in LAYERS {
-        // (Σ_i w_i B_i)(Σ_j w_j s_j A_j)
-        let mut a_sum = vec![0.0; 4 * d_in];
-        let mut b_sum = vec![0.0; d_out * 4];
-        for (i, spec) in specs.iter().enumerate() {
-            let (a, b, _) = &factors[i][path];
-            a_sum
-                .iter_mut()
-                .zip(a)
-                .for_each(|(s, x)| *s += w[i] * spec.scale(path) * x);
-            b_sum.iter_mut().zip(b).for_each(|(s, x)| *s += w[i] * x);
-        }
-        assert_close(
-            &got[path],
-            &product(&a_sum, &b_sum, 4, d_in, d_out),
-            &format!("lorahub {path}"),
-        );
-    }
+    // (Σ_i w_i B_i)(Σ_j w_j s_j A_j)
+    check_factor_merge("lorahub", [0.6, -0.9, 0.3], 11, |w, s| (w * s, w));
 }
 
 /// A base model as the test writes it: `model.<path>.weight` (f32 for the first two layers,

@@ -1125,16 +1125,7 @@ mod tests {
             labels: (0..7).map(|i| (i % 3) as u8).collect(),
         };
         check_population(&base, &shots, &mut rng);
-        let bert = crate::model::Config {
-            hidden: 16,
-            heads: 2,
-            intermediate: 32,
-            layers: 2,
-            vocab_size: 50,
-            max_positions: 16,
-            ..crate::model::Config::minilm(3)
-        };
-        let mut base = Model::<f32>::init(bert, 7).unwrap();
+        let mut base = Model::<f32>::init(tiny_bert(), 7).unwrap();
         // An O(1) head, so that the candidates' losses differ well above the tolerance.
         base.head.w.iter_mut().for_each(|w| *w = rng.random_range(-1.0..1.0));
         let texts = Texts {
@@ -1148,6 +1139,19 @@ mod tests {
         check_population(&base, &texts, &mut rng);
         let err = base.logits_population(&batch_of(&texts, &[0]).unwrap(), &[0.0; 5], &[0]);
         assert!(err.is_err(), "no composition attached");
+    }
+
+    /// A 2-block BERT of width 16 (vocabulary 50, 16 positions), 3 labels.
+    fn tiny_bert() -> crate::model::Config {
+        crate::model::Config {
+            hidden: 16,
+            heads: 2,
+            intermediate: 32,
+            layers: 2,
+            vocab_size: 50,
+            max_positions: 16,
+            ..crate::model::Config::minilm(3)
+        }
     }
 
     fn check_population<S: Samples>(base: &Model<f32>, shots: &S, rng: &mut ChaCha8Rng) {
@@ -1205,16 +1209,7 @@ mod tests {
     #[test]
     fn head_fit_on_features_matches_the_whole_model_fit() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let cfg = crate::model::Config {
-            hidden: 16,
-            heads: 2,
-            intermediate: 32,
-            layers: 2,
-            vocab_size: 50,
-            max_positions: 16,
-            ..crate::model::Config::minilm(3)
-        };
-        let base = Model::<f32>::init(cfg, 8).unwrap();
+        let base = Model::<f32>::init(tiny_bert(), 8).unwrap();
         let texts = Texts {
             ids: (0..10)
                 .map(|_| (0..rng.random_range(1..17)).map(|_| rng.random_range(0..50)).collect())
