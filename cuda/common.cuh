@@ -1,5 +1,6 @@
 // Device helpers shared by every kernel family, and the one switch between the GPU (nvcc) and
-// the CPU harness (g++): kernel sources include only this header.
+// the CPU harness (g++): kernel sources include only this header (or mma_tile.cuh, which
+// includes it).
 #pragma once
 
 #ifdef __CUDACC__
