@@ -468,10 +468,41 @@ pub(crate) fn serialize_tensors<'a>(
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
+    serialize_sorted(path, views, metadata)
+}
+
+/// `safetensors::serialize` with the `__metadata__` keys in sorted order. The crate hands its
+/// metadata over as a `HashMap`, whose iteration order (and so the header's bytes) changes from
+/// run to run; sorting makes every file we write a function of its contents, so a regenerated
+/// artefact can be compared with the committed one byte for byte.
+pub(crate) fn serialize_sorted<S: AsRef<str> + Ord + std::fmt::Display>(
+    path: &Path,
+    views: Vec<(S, TensorView<'_>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let err = |msg: String| Error::Safetensors {
         path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
+        msg,
+    };
+    let raw = safetensors::serialize(views, metadata).map_err(|e| err(e.to_string()))?;
+    let n = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: Map<String, Value> =
+        serde_json::from_slice(&raw[8..8 + n]).map_err(|e| err(format!("own header: {e}")))?;
+    if let Some(Value::Object(meta)) = header.get_mut("__metadata__") {
+        let mut pairs: Vec<(String, Value)> = std::mem::take(meta).into_iter().collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        meta.extend(pairs);
+    }
+    let mut text = serde_json::to_string(&header)
+        .expect("a JSON map serialises")
+        .into_bytes();
+    // The header stays padded with spaces to a multiple of 8 bytes, as safetensors writes it.
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + raw.len() - 8 - n);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text);
+    out.extend(&raw[8 + n..]);
+    Ok(out)
 }
 
 pub(crate) fn encode(values: &[f32], dtype: StoreDtype) -> Vec<u8> {
@@ -798,6 +829,42 @@ mod tests {
         let mut c = AdapterConfig::new(8, 16.0, TargetModules::List(vec!["query".into()]));
         c.set_patterns(ranks, &[]).unwrap();
         c
+    }
+
+    /// Files with the same tensors and metadata are the same bytes, whatever order the
+    /// metadata's `HashMap` iterates in, and read back as written.
+    #[test]
+    fn serialized_metadata_is_sorted_and_the_bytes_repeat() {
+        let data: Vec<u8> = (0..24).collect();
+        let write = || {
+            let meta: HashMap<String, String> = (0..12).map(|i| (format!("key{i}"), "v".repeat(i))).collect();
+            let views = vec![
+                ("b", TensorView::new(Dtype::U8, vec![4, 3], &data[..12]).unwrap()),
+                ("a", TensorView::new(Dtype::U8, vec![12], &data[12..]).unwrap()),
+            ];
+            serialize_sorted(Path::new("t"), views, Some(meta)).unwrap()
+        };
+        let first = write();
+        for _ in 0..8 {
+            assert_eq!(write(), first);
+        }
+        let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
+        let meta = meta.metadata().as_ref().unwrap();
+        assert_eq!(meta.len(), 12);
+        assert_eq!(meta["key7"], "vvvvvvv");
+        let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+        let mut names: Vec<String> = (0..12).map(|i| format!("\"key{i}\"")).collect();
+        names.sort();
+        let at: Vec<usize> = names.iter().map(|k| header.find(k.as_str()).unwrap()).collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "metadata keys out of order: {header}"
+        );
+        let st = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(st.tensor("a").unwrap().data(), &data[12..]);
+        assert_eq!(st.tensor("b").unwrap().shape(), [4, 3]);
     }
 
     #[test]

@@ -484,10 +484,7 @@ pub(crate) fn write_safetensors_gz(
     meta: std::collections::HashMap<String, String>,
 ) -> Result<()> {
     use std::io::Write;
-    let raw = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
+    let raw = crate::peft::serialize_sorted(path, views, Some(meta))?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(&raw).map_err(|e| Error::io(path, e))?;
     let bytes = gz.finish().map_err(|e| Error::io(path, e))?;

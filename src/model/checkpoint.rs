@@ -146,10 +146,8 @@ pub fn save<T: Real>(model: &Model<T>, path: &Path, parts: Parts) -> Result<()> 
             (name.clone(), view)
         })
         .collect();
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Safetensors {
-        path: path.into(),
-        msg: e.to_string(),
-    })
+    let bytes = crate::peft::serialize_sorted(path, views, Some(meta))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Loads a checkpoint written by [`save`] into `model`, whose config must match the saved one.
