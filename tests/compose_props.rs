@@ -145,6 +145,55 @@ fn one_by_one_and_rank_64_with_many_modules() {
     }
 }
 
+/// The merged route (one coefficient row and many tokens: the modules merged into W first) on
+/// both of its ∂C routes, beside the per-token route, each against the reference — with every
+/// gradient asked for, and with ∂X and ∂C alone (the composition's training case).
+#[test]
+fn merged_route_matches_reference_on_both_dc_routes() {
+    let seed: u64 = rand::random();
+    // (T, d_in, d_out, ranks, merges, ∂C through P = Gᵀ X)
+    let cases: [(usize, usize, usize, &[usize], bool, bool); 4] = [
+        (40, 33, 31, &[3, 5, 2], true, false),
+        (40, 33, 31, &[8, 16, 4, 8], true, true),
+        (67, 7, 64, &[1, 2, 3, 4, 5], true, true),
+        (5, 33, 31, &[3, 5], false, false),
+    ];
+    for (k, &(t, d_in, d_out, ranks, merged, through_p)) in cases.iter().enumerate() {
+        let case = make_case_with_ranks(
+            seed + k as u64,
+            t,
+            d_in,
+            d_out,
+            ranks,
+            Mode::Product,
+            Assign::AllSame,
+            CoeffKind::Random,
+        );
+        let rows = Rows {
+            sample_of: &case.sample_of,
+            n_samples: case.n_samples,
+        };
+        assert_eq!(fast::merges(&case.modules, Mode::Product, rows, t), merged, "case {k}");
+        if merged {
+            assert_eq!(fast::dc_through_p(&case.modules, t), through_p, "case {k}");
+        }
+        check_case(&case).unwrap_or_else(|e| panic!("seed {seed} case {k}: {e}"));
+        let r = reference_of(&case);
+        let train = Train {
+            input: true,
+            coeffs: true,
+            modules: false,
+            base: false,
+        };
+        let (_, gr) = fast_of(&case, train);
+        compare("dX", &gr.dx, &r.grads.dx, tol_from(&r.grads_abs.dx))
+            .unwrap_or_else(|e| panic!("seed {seed} case {k}: {e}"));
+        compare("dC", &gr.dc, &r.grads.dc, tol_from(&r.grads_abs.dc))
+            .unwrap_or_else(|e| panic!("seed {seed} case {k}: {e}"));
+        assert!(gr.da_cat.is_empty() && gr.dw.is_empty());
+    }
+}
+
 #[test]
 fn shape_errors_are_reported_not_panicked() {
     let case = make_case(7, 4, 5, 6, 3, Mode::Product, true, Assign::Uniform, CoeffKind::Random);

@@ -14,6 +14,17 @@
 //! ∂X = G W + ∂U A_cat,  ∂A_cat = ∂Uᵀ X,  ∂B_cat = Gᵀ Z,  ∂W = Gᵀ X,  ∂b = Σ_t G_t
 //! ```
 //!
+//! With one coefficient row (product mode, S = 1) and many tokens the modules can instead be
+//! merged into the weight first, `W' = W + B_cat diag(D) A_cat` (2·R·d_in·d_out flops instead
+//! of the per-token route's 2·T·R·(d_in + d_out)); [`merges`] picks the cheaper. Then
+//!
+//! ```text
+//! Y = X W'ᵀ + b,   ∂X = G W'
+//! ∂C_i = s_i Σ_{j ∈ block i} ⟨(B_catᵀ P)_j, A_cat,j⟩ with P = Gᵀ X   (or through U, H when cheaper)
+//! ```
+//!
+//! and the cache holds `W'` instead of `U` and `Z` (∂A_cat, ∂B_cat recompute them).
+//!
 //! GEMMs run on the `gemm` crate, multi-threaded through rayon; the mixes are row-parallel.
 //! Storage and GEMM accumulation are f32; the `∂C` reduction over tokens is f64.
 
@@ -162,10 +173,13 @@ pub type Layer<'a> = LayerOf<'a, f32>;
 /// What the forward keeps for the backward.
 #[derive(Clone, Debug, Default)]
 pub struct Cache {
-    /// (T, R): `X A_catᵀ`, unscaled.
+    /// (T, R): `X A_catᵀ`, unscaled (empty after a merged forward).
     pub u: Vec<f32>,
-    /// (T, R): the mixed `Z` that met `B_cat`.
+    /// (T, R): the mixed `Z` that met `B_cat` (empty after a merged forward).
     pub z: Vec<f32>,
+    /// (d_out, d_in): the merged weight `W + B_cat diag(D) A_cat` when the forward merged
+    /// ([`merges`]), else empty.
+    pub w: Vec<f32>,
 }
 
 impl Cache {
@@ -176,6 +190,32 @@ impl Cache {
         }
         Ok(())
     }
+
+    /// The same for the fast path, whose cache holds either U and Z or the merged weight.
+    fn check_fast(&self, t: usize, m: &ModuleStack<f32>, merged: bool) -> Result<()> {
+        if merged {
+            if self.w.len() != m.d_out * m.d_in || !self.u.is_empty() {
+                return Err(Error::Shape("the forward cache does not belong to this call".into()));
+            }
+            return Ok(());
+        }
+        self.check(t, m.total_rank())
+    }
+}
+
+/// Whether [`forward`] merges the modules into the weight: one coefficient row in product mode,
+/// and the merge (2·R·d_in·d_out flops) cheaper than the per-token shrink and expand
+/// (2·T·R·(d_in + d_out)). A function of the shapes only, so forward and backward agree.
+pub fn merges(m: &ModuleStack<f32>, mode: Mode, rows: Rows, t_len: usize) -> bool {
+    mode == Mode::Product && rows.n_samples == 1 && m.total_rank() > 0 && t_len * (m.d_in + m.d_out) > m.d_in * m.d_out
+}
+
+/// Whether a merged backward forms `∂C` from `P = Gᵀ X` (2·d_in·d_out·(T + R) flops) rather
+/// than from `U = X A_catᵀ` and `H = G B_cat` (2·T·R·(d_in + d_out)); shapes only, so the
+/// gradients do not depend on which others `train` asks for.
+pub fn dc_through_p(m: &ModuleStack<f32>, t_len: usize) -> bool {
+    let r_total = m.total_rank();
+    m.d_in * m.d_out * (t_len + r_total) < t_len * r_total * (m.d_in + m.d_out)
 }
 
 /// Gradients (f32; `∂C` in f64).
@@ -315,6 +355,32 @@ pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f
     let (d_in, d_out, r_total) = (m.d_in, m.d_out, m.total_rank());
     let xv = View::new(x, t_len, d_in);
 
+    if merges(m, layer.mode, rows, t_len) {
+        // W' = W + (B_cat diag(D)) A_cat, then one GEMM.
+        let d = product_diag(m, c, 1);
+        let mut bd = m.b_cat.clone(); // (d_out, R)
+        for row in bd.chunks_mut(r_total) {
+            for (b, d) in row.iter_mut().zip(&d) {
+                *b *= d;
+            }
+        }
+        let mut w = layer.w.to_vec();
+        matmul(
+            &mut w,
+            View::new(&bd, d_out, r_total),
+            View::new(&m.a_cat, r_total, d_in),
+            true,
+        );
+        let mut y = vec![0.0f32; t_len * d_out];
+        if let Some(b) = layer.bias {
+            for row in y.chunks_mut(d_out) {
+                row.copy_from_slice(b);
+            }
+        }
+        matmul(&mut y, xv, View::new(&w, d_out, d_in).t(), layer.bias.is_some());
+        return Ok((y, Cache { w, ..Cache::default() }));
+    }
+
     let mut u = vec![0.0f32; t_len * r_total]; // (T, R)
     matmul(&mut u, xv, View::new(&m.a_cat, r_total, d_in).t(), false);
     let z = mix(m, layer.mode, &u, c, rows);
@@ -332,7 +398,7 @@ pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f
         View::new(&m.b_cat, d_out, r_total).t(),
         true,
     );
-    Ok((y, Cache { u, z }))
+    Ok((y, Cache { u, z, w: Vec::new() }))
 }
 
 /// Gradients of a loss with `G = ∂L/∂Y` (T, d_out), computing only what `train` asks for.
@@ -348,7 +414,11 @@ pub fn backward(
     let m = layer.modules;
     let t_len = layer.check(x.len(), c.len(), rows, Some(g.len()))?;
     let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
-    cache.check(t_len, r_total)?;
+    let merged = merges(m, layer.mode, rows, t_len);
+    cache.check_fast(t_len, m, merged)?;
+    if merged {
+        return backward_merged(layer, x, cache, c, rows, g, train);
+    }
     let (xv, gv) = (View::new(x, t_len, d_in), View::new(g, t_len, d_out));
     let a_cat = View::new(&m.a_cat, r_total, d_in);
     let b_cat = View::new(&m.b_cat, d_out, r_total);
@@ -387,15 +457,99 @@ pub fn backward(
     if train.base {
         gr.dw = vec![0.0f32; d_out * d_in];
         matmul(&mut gr.dw, gv.t(), xv, false);
-        if layer.bias.is_some() {
-            let mut acc = vec![0.0f64; d_out];
-            for row in g.chunks(d_out) {
-                for (a, &x) in acc.iter_mut().zip(row) {
-                    *a += x as f64;
+        gr.dbias = bias_grad(layer, g);
+    }
+    Ok(gr)
+}
+
+/// `∂b = Σ_t G_t` (f64 sums) when the layer has a bias, else empty.
+fn bias_grad(layer: &Layer, g: &[f32]) -> Vec<f32> {
+    if layer.bias.is_none() {
+        return Vec::new();
+    }
+    let d_out = layer.modules.d_out;
+    let mut acc = vec![0.0f64; d_out];
+    for row in g.chunks(d_out) {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += x as f64;
+        }
+    }
+    acc.into_iter().map(|x| x as f32).collect()
+}
+
+/// [`backward`] after a merged forward (one row, product mode): `∂X = G W'`; `∂C` from
+/// `P = Gᵀ X` or from `U` and `H` ([`dc_through_p`]); `∂A_cat`, `∂B_cat` from `U` and `H`
+/// recomputed; `∂W = P`.
+fn backward_merged(
+    layer: &Layer,
+    x: &[f32],
+    cache: &Cache,
+    c: &[f32],
+    rows: Rows,
+    g: &[f32],
+    train: Train,
+) -> Result<Grads> {
+    let m = layer.modules;
+    let (d_in, d_out, n, r_total) = (m.d_in, m.d_out, m.n(), m.total_rank());
+    let t_len = rows.sample_of.len();
+    let (xv, gv) = (View::new(x, t_len, d_in), View::new(g, t_len, d_out));
+    let a_cat = View::new(&m.a_cat, r_total, d_in);
+    let b_cat = View::new(&m.b_cat, d_out, r_total);
+    let through_p = dc_through_p(m, t_len);
+    let mut gr = Grads::default();
+    if train.input {
+        gr.dx = vec![0.0f32; t_len * d_in];
+        matmul(&mut gr.dx, gv, View::new(&cache.w, d_out, d_in), false);
+    }
+    // P = Gᵀ X (d_out, d_in): ∂W, and ∂C's route when cheaper.
+    let p = if train.base || (train.coeffs && through_p) {
+        let mut p = vec![0.0f32; d_out * d_in];
+        matmul(&mut p, gv.t(), xv, false);
+        p
+    } else {
+        Vec::new()
+    };
+    if train.coeffs && through_p {
+        // Q = B_catᵀ P (R, d_in); ∂c_i = s_i Σ_{j ∈ block i} ⟨Q_j, A_cat,j⟩.
+        let mut q = vec![0.0f32; r_total * d_in];
+        matmul(&mut q, b_cat.t(), View::new(&p, d_out, d_in), false);
+        let off = m.offsets();
+        gr.dc = (0..n)
+            .map(|i| {
+                let dot: f64 = q[off[i] * d_in..off[i + 1] * d_in]
+                    .iter()
+                    .zip(&m.a_cat[off[i] * d_in..off[i + 1] * d_in])
+                    .map(|(&q, &a)| q as f64 * a as f64)
+                    .sum();
+                m.scales[i] as f64 * dot
+            })
+            .collect();
+    }
+    if train.modules || (train.coeffs && !through_p) {
+        let mut u = vec![0.0f32; t_len * r_total];
+        matmul(&mut u, xv, a_cat.t(), false);
+        let mut h = vec![0.0f32; t_len * r_total];
+        matmul(&mut h, gv, b_cat, false);
+        let (du, dc_tok) = mix_backward(m, layer.mode, &u, &h, c, rows);
+        if train.coeffs && !through_p {
+            gr.dc = vec![0.0f64; n];
+            for row in dc_tok.chunks(n) {
+                for (acc, &x) in gr.dc.iter_mut().zip(row) {
+                    *acc += x;
                 }
             }
-            gr.dbias = acc.into_iter().map(|x| x as f32).collect();
         }
+        if train.modules {
+            let z = mix(m, layer.mode, &u, c, rows);
+            gr.da_cat = vec![0.0f32; r_total * d_in];
+            matmul(&mut gr.da_cat, View::new(&du, t_len, r_total).t(), xv, false);
+            gr.db_cat = vec![0.0f32; d_out * r_total];
+            matmul(&mut gr.db_cat, gv.t(), View::new(&z, t_len, r_total), false);
+        }
+    }
+    if train.base {
+        gr.dw = p;
+        gr.dbias = bias_grad(layer, g);
     }
     Ok(gr)
 }

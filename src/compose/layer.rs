@@ -461,6 +461,7 @@ impl<B: Backend> KernelLayer<B> {
         let cache = Cache {
             u: backend.download(&u)?,
             z: backend.download(&z)?,
+            w: Vec::new(),
         };
         Ok((backend.download(&y)?, cache))
     }
