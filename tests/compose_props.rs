@@ -152,7 +152,8 @@ fn one_by_one_and_rank_64_with_many_modules() {
 fn merged_route_matches_reference_on_both_dc_routes() {
     let seed: u64 = rand::random();
     // (T, d_in, d_out, ranks, merges, ∂C through P = Gᵀ X)
-    let cases: [(usize, usize, usize, &[usize], bool, bool); 4] = [
+    type RouteCase = (usize, usize, usize, &'static [usize], bool, bool);
+    let cases: [RouteCase; 4] = [
         (40, 33, 31, &[3, 5, 2], true, false),
         (40, 33, 31, &[8, 16, 4, 8], true, true),
         (67, 7, 64, &[1, 2, 3, 4, 5], true, true),
