@@ -193,6 +193,53 @@ fn a_batch_in_parts_takes_the_whole_batch_step() {
     assert!(train_step_parts(&mut c, &mut oc, &[], Trainable::ALL, 1e-3, None).is_err());
 }
 
+/// A batch big enough for `train_step`'s data-parallel parts (192 sequences padded to 16
+/// tokens: 3 parts, run on the thread pool) takes the step of the whole batch: its loss and
+/// gradient norm are those of one forward and backward over all of it (f64, 1e-10), and its
+/// parameters after the step those of `train_step_parts` cutting the batch elsewhere.
+#[test]
+fn a_large_batch_cut_for_the_threads_takes_the_whole_batch_step() {
+    let seed: u64 = rand::random();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut m = Model::<f64>::init(bert(), 22).unwrap();
+    let lib = m.random_library(&["query", "value"], 3, 2, 0.3, 22).unwrap();
+    m.attach_composition(&lib, COMPOSITION).unwrap();
+    m.attach_lora(&["intermediate.dense"], 2, 4.0, 22).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..192)
+        .map(|i| {
+            let n = if i == 7 { 16 } else { rng.random_range(1..=16) };
+            (0..n).map(|_| rng.random_range(0..50)).collect()
+        })
+        .collect();
+    let labels: Vec<usize> = (0..192).map(|_| rng.random_range(0..4)).collect();
+    let whole = Batch::tokens(&seqs).unwrap();
+    let (logits, tape) = m.forward(&whole).unwrap();
+    let (loss, dlogits) = cross_entropy(&logits, &labels, 4).unwrap();
+    let norm = m.backward(&tape, &dlogits, Trainable::ALL).unwrap().norm();
+    drop(tape);
+    let (mut a, mut b) = (m.clone(), m);
+    let (mut oa, mut ob) = (AdamW::new(0.01), AdamW::new(0.01));
+    let sa = train_step(&mut a, &mut oa, &whole, &labels, Trainable::ALL, 1e-3, None).unwrap();
+    assert!(
+        (sa.loss - loss).abs() < 1e-10,
+        "seed {seed}: loss {} vs {loss}",
+        sa.loss
+    );
+    assert!(
+        (sa.grad_norm - norm).abs() < 1e-10,
+        "seed {seed}: gradient norm {} vs {norm}",
+        sa.grad_norm
+    );
+    let parts: Vec<(Batch, Vec<usize>)> = [0..10, 10..150, 150..192]
+        .into_iter()
+        .map(|r| (whole.rows(r.clone()), labels[r].to_vec()))
+        .collect();
+    train_step_parts(&mut b, &mut ob, &parts, Trainable::ALL, 1e-3, None).unwrap();
+    for (x, y) in a.params().iter().zip(&b.params()) {
+        compare(&x.name, y.data, x.data, Tol::new(1e-10, 1e-10)).unwrap();
+    }
+}
+
 fn run(seed: u64, steps: usize, trainable: Trainable) -> (Model<f32>, Vec<f64>) {
     let mut m = composed_model(seed);
     let (px, labels) = images(32, seed);

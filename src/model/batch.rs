@@ -63,6 +63,29 @@ impl Batch {
         })
     }
 
+    /// Examples `range` of this batch as a batch of their own (same padded length T).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        assert!(
+            range.start <= range.end && range.end <= self.batch,
+            "rows {range:?} of a batch of {}",
+            self.batch
+        );
+        // Every per-example field holds the same number of values for each example (or none).
+        fn take<T: Clone>(v: &[T], batch: usize, range: &std::ops::Range<usize>) -> Vec<T> {
+            let per = v.len() / batch.max(1);
+            v[range.start * per..range.end * per].to_vec()
+        }
+        Batch {
+            batch: range.len(),
+            seq: self.seq,
+            ids: take(&self.ids, self.batch, &range),
+            type_ids: take(&self.type_ids, self.batch, &range),
+            mask: take(&self.mask, self.batch, &range),
+            pixels: take(&self.pixels, self.batch, &range),
+            hidden: take(&self.hidden, self.batch, &range),
+        }
+    }
+
     /// Checks the batch against the model's config; returns the sequence length T the model
     /// will run (ViT: patches + 1).
     pub fn check(&self, c: &Config) -> Result<usize> {

@@ -176,6 +176,9 @@ pub struct StepStats {
 }
 
 /// Forward, cross-entropy, backward of what `trainable` selects, optional clipping, AdamW.
+/// On the CPU a large batch runs as data-parallel parts ([`data_parts`]: forward and backward
+/// of each part on the thread pool, gradients weighted by share and summed in order) — the
+/// whole batch's step up to rounding, and the same on every machine.
 pub fn train_step<T: Real>(
     model: &mut Model<T>,
     opt: &mut AdamW,
@@ -188,10 +191,21 @@ pub fn train_step<T: Real>(
     if !model.device().is_cpu() {
         return device_train_step(model, opt, batch, labels, trainable, lr, clip);
     }
-    let (logits, tape) = model.forward(batch)?;
-    let (loss, dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
-    let mut grads = model.backward(&tape, &dlogits, trainable)?;
-    drop(tape);
+    let p = data_parts(batch.batch, batch.check(&model.config)?);
+    let (loss, mut grads) = if labels.len() != batch.batch || p == 1 {
+        let (logits, tape) = model.forward(batch)?;
+        let (loss, dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
+        (loss, model.backward(&tape, &dlogits, trainable)?)
+    } else {
+        let (b, n) = (batch.batch, batch.batch);
+        let parts: Vec<(Batch, &[usize])> = (0..p)
+            .map(|i| {
+                let r = i * b / p..(i + 1) * b / p;
+                (batch.rows(r.clone()), &labels[r])
+            })
+            .collect();
+        parts_loss_grads(model, &parts, n, trainable)?
+    };
     let grad_norm = match clip {
         Some(c) => clip_grad_norm(&mut grads, c),
         None => grads.norm(),
@@ -200,10 +214,57 @@ pub fn train_step<T: Real>(
     Ok(StepStats { loss, grad_norm })
 }
 
+/// Examples a data-parallel part of a CPU training step holds at least, and token rows.
+const PART_EXAMPLES: usize = 32;
+const PART_TOKENS: usize = 1024;
+
+/// How many data-parallel parts [`train_step`] cuts a CPU batch into: as many as keep
+/// [`PART_EXAMPLES`] examples and [`PART_TOKENS`] token rows each, at most 8. A function of the
+/// batch's shape alone, never of the thread count, so a seed trains the same on any machine's
+/// pool (the parts' gradients are summed in order).
+fn data_parts(examples: usize, tokens_each: usize) -> usize {
+    (examples / PART_EXAMPLES)
+        .min(examples * tokens_each / PART_TOKENS)
+        .clamp(1, 8)
+}
+
+/// The mean cross-entropy over `n` examples given as `parts` and its gradient: each part's
+/// forward and backward in parallel (rayon; the parts are independent, the model is shared),
+/// its gradient weighted by its share of the examples, summed in part order.
+fn parts_loss_grads<T: Real>(
+    model: &Model<T>,
+    parts: &[(Batch, &[usize])],
+    n: usize,
+    trainable: Trainable,
+) -> Result<(f64, Grads<T>)> {
+    use rayon::prelude::*;
+    let results = parts
+        .par_iter()
+        .map(|(batch, labels)| -> Result<(f64, Grads<T>)> {
+            let w = labels.len() as f64 / n as f64;
+            let (logits, tape) = model.forward(batch)?;
+            let (part_loss, mut dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
+            let s = T::of(w);
+            dlogits.iter_mut().for_each(|g| *g *= s);
+            let grads = model.backward(&tape, &dlogits, trainable)?;
+            Ok((part_loss * w, grads))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut loss = 0.0;
+    let mut grads = Grads::default();
+    for (part_loss, part) in results {
+        loss += part_loss;
+        for (name, g) in part.map {
+            grads.add(&name, g);
+        }
+    }
+    Ok((loss, grads))
+}
+
 /// [`train_step`] on one batch given in parts (grouped by length so that little is padded, say):
 /// the loss is the mean over every part's examples, each part's gradient weighted by its share
 /// of them and summed, then one clipping and one AdamW step — the step of the whole batch, up
-/// to rounding. One part is exactly [`train_step`]; several run on the CPU only.
+/// to rounding. One part is exactly [`train_step`]; several run on the CPU only, in parallel.
 pub fn train_step_parts<T: Real>(
     model: &mut Model<T>,
     opt: &mut AdamW,
@@ -223,19 +284,8 @@ pub fn train_step_parts<T: Real>(
         ));
     }
     let n: usize = parts.iter().map(|(_, y)| y.len()).sum();
-    let mut loss = 0.0;
-    let mut grads = Grads::default();
-    for (batch, labels) in parts {
-        let w = labels.len() as f64 / n as f64;
-        let (logits, tape) = model.forward(batch)?;
-        let (part_loss, mut dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
-        let s = T::of(w);
-        dlogits.iter_mut().for_each(|g| *g *= s);
-        loss += part_loss * w;
-        for (name, g) in model.backward(&tape, &dlogits, trainable)?.map {
-            grads.add(&name, g);
-        }
-    }
+    let parts: Vec<(Batch, &[usize])> = parts.iter().map(|(b, y)| (b.clone(), &y[..])).collect();
+    let (loss, mut grads) = parts_loss_grads(model, &parts, n, trainable)?;
     let grad_norm = match clip {
         Some(c) => clip_grad_norm(&mut grads, c),
         None => grads.norm(),
