@@ -262,10 +262,21 @@ impl Encoder {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
         let d = self.model.config.hidden;
-        let mut vectors = vec![Vec::new(); ids.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
+        let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+        let pooled_of = |chunk: &&[usize]| -> Result<Vec<f32>> {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            let pooled = self.model.encode(&super::Batch::tokens(&seqs)?)?;
+            self.model.encode(&super::Batch::tokens(&seqs)?)
+        };
+        // On the CPU the batches run on the thread pool (each is independent, and the same
+        // batches as one after another, so the vectors are too); a kernel device takes them in turn.
+        let pooled: Vec<Vec<f32>> = if self.model.device().is_cpu() {
+            use rayon::prelude::*;
+            chunks.par_iter().map(pooled_of).collect::<Result<_>>()?
+        } else {
+            chunks.iter().map(pooled_of).collect::<Result<_>>()?
+        };
+        let mut vectors = vec![Vec::new(); ids.len()];
+        for (chunk, pooled) in chunks.iter().zip(&pooled) {
             for (&i, row) in chunk.iter().zip(pooled.chunks(d)) {
                 let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt().max(1e-12);
                 vectors[i] = row.iter().map(|&x| (x as f64 / norm) as f32).collect();
