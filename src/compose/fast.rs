@@ -347,6 +347,19 @@ fn mix_backward(m: &ModuleStack<f32>, mode: Mode, u: &[f32], h: &[f32], c: &[f32
     (du, dc_tok)
 }
 
+/// `X wᵀ + b` (T, d_out) for a weight `w` of the layer's shape (its own or the merged one).
+fn base_product(layer: &Layer, xv: View, w: &[f32]) -> Vec<f32> {
+    let (d_in, d_out) = (layer.modules.d_in, layer.modules.d_out);
+    let mut y = vec![0.0f32; xv.rows * d_out];
+    if let Some(b) = layer.bias {
+        for row in y.chunks_mut(d_out) {
+            row.copy_from_slice(b);
+        }
+    }
+    matmul(&mut y, xv, View::new(w, d_out, d_in).t(), layer.bias.is_some());
+    y
+}
+
 /// `Y = X Wᵀ + b + mix(X A_catᵀ) B_catᵀ`; returns Y (T, d_out) and the cache for the backward.
 /// `c` is (S, N): the coefficients themselves.
 pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f32>, Cache)> {
@@ -371,13 +384,7 @@ pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f
             View::new(&m.a_cat, r_total, d_in),
             true,
         );
-        let mut y = vec![0.0f32; t_len * d_out];
-        if let Some(b) = layer.bias {
-            for row in y.chunks_mut(d_out) {
-                row.copy_from_slice(b);
-            }
-        }
-        matmul(&mut y, xv, View::new(&w, d_out, d_in).t(), layer.bias.is_some());
+        let y = base_product(layer, xv, &w);
         return Ok((y, Cache { w, ..Cache::default() }));
     }
 
@@ -385,13 +392,7 @@ pub fn forward(layer: &Layer, x: &[f32], c: &[f32], rows: Rows) -> Result<(Vec<f
     matmul(&mut u, xv, View::new(&m.a_cat, r_total, d_in).t(), false);
     let z = mix(m, layer.mode, &u, c, rows);
 
-    let mut y = vec![0.0f32; t_len * d_out]; // (T, d_out)
-    if let Some(b) = layer.bias {
-        for row in y.chunks_mut(d_out) {
-            row.copy_from_slice(b);
-        }
-    }
-    matmul(&mut y, xv, View::new(layer.w, d_out, d_in).t(), layer.bias.is_some());
+    let mut y = base_product(layer, xv, layer.w); // (T, d_out)
     matmul(
         &mut y,
         View::new(&z, t_len, r_total),
@@ -430,14 +431,7 @@ pub fn backward(
         matmul(&mut h, gv, b_cat, false);
         let (du, dc_tok) = mix_backward(m, layer.mode, &cache.u, &h, c, rows);
         if train.coeffs {
-            gr.dc = vec![0.0f64; rows.n_samples * n];
-            // Without modules dc_tok is empty (and chunks of 0 are not allowed).
-            for (t, row) in dc_tok.chunks(n.max(1)).enumerate() {
-                let s = rows.sample_of[t];
-                for (acc, &x) in gr.dc[s * n..(s + 1) * n].iter_mut().zip(row) {
-                    *acc += x;
-                }
-            }
+            gr.dc = dc_per_sample(&dc_tok, rows, n);
         }
         if train.input {
             gr.dx = vec![0.0f32; t_len * d_in];
@@ -460,6 +454,20 @@ pub fn backward(
         gr.dbias = bias_grad(layer, g);
     }
     Ok(gr)
+}
+
+/// The per-token `∂C` contributions (T, N) of [`mix_backward`] summed into their samples' rows
+/// (S, N), in token order.
+fn dc_per_sample(dc_tok: &[f64], rows: Rows, n: usize) -> Vec<f64> {
+    let mut dc = vec![0.0f64; rows.n_samples * n];
+    // Without modules dc_tok is empty (and chunks of 0 are not allowed).
+    for (t, row) in dc_tok.chunks(n.max(1)).enumerate() {
+        let s = rows.sample_of[t];
+        for (acc, &x) in dc[s * n..(s + 1) * n].iter_mut().zip(row) {
+            *acc += x;
+        }
+    }
+    dc
 }
 
 /// `∂b = Σ_t G_t` (f64 sums) when the layer has a bias, else empty.
@@ -532,12 +540,7 @@ fn backward_merged(
         matmul(&mut h, gv, b_cat, false);
         let (du, dc_tok) = mix_backward(m, layer.mode, &u, &h, c, rows);
         if train.coeffs && !through_p {
-            gr.dc = vec![0.0f64; n];
-            for row in dc_tok.chunks(n) {
-                for (acc, &x) in gr.dc.iter_mut().zip(row) {
-                    *acc += x;
-                }
-            }
+            gr.dc = dc_per_sample(&dc_tok, rows, n);
         }
         if train.modules {
             let z = mix(m, layer.mode, &u, c, rows);

@@ -275,20 +275,24 @@ pub fn build_library(
 /// upstream list, so that a module gets the same seed whether the library is built in one
 /// run, resumed after an interruption, or rebuilt one task at a time with `--tasks`.
 fn module_seed(base: u64, name: &str) -> u64 {
-    let position = text::text_tasks()
+    let position = upstream_tasks()
         .iter()
-        .filter(|t| t.role == text::Role::Upstream)
         .position(|t| t.name == name)
         .expect("an upstream task");
     base + position as u64
 }
 
-/// The upstream text tasks `names` selects (all when empty), or an error naming an unknown one.
-fn selected(names: &[String]) -> Result<Vec<TextTaskSpec>> {
-    let up: Vec<TextTaskSpec> = text::text_tasks()
+/// Every upstream text task, in the list's order.
+fn upstream_tasks() -> Vec<TextTaskSpec> {
+    text::text_tasks()
         .into_iter()
         .filter(|t| t.role == text::Role::Upstream)
-        .collect();
+        .collect()
+}
+
+/// The upstream text tasks `names` selects (all when empty), or an error naming an unknown one.
+fn selected(names: &[String]) -> Result<Vec<TextTaskSpec>> {
+    let up = upstream_tasks();
     if let Some(bad) = names.iter().find(|n| !up.iter().any(|t| &t.name == *n)) {
         return Err(Error::Arg(format!(
             "`{bad}` is not an upstream text task ({})",
@@ -493,7 +497,7 @@ mod tests {
         assert_eq!(info["task"]["name"], "tw-airline");
         // The module's seed comes from the task (tw-airline is the 10th upstream task), not
         // from its place among the tasks this run trains: the committed library's tw-airline
-        // was trained with seed 9 in the full run and is rebuilt bit for bit alone.
+        // was trained with seed 9 in the full run, and built alone it gets seed 9 again.
         assert_eq!(info["seed"], 3 + 9);
         let st = std::fs::read(args.out.join("tw-airline/adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&st).unwrap();

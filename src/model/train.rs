@@ -197,14 +197,15 @@ pub fn train_step<T: Real>(
         let (loss, dlogits) = cross_entropy(&logits, labels, model.config.num_labels)?;
         (loss, model.backward(&tape, &dlogits, trainable)?)
     } else {
-        let (b, n) = (batch.batch, batch.batch);
-        let parts: Vec<(Batch, &[usize])> = (0..p)
-            .map(|i| {
-                let r = i * b / p..(i + 1) * b / p;
-                (batch.rows(r.clone()), &labels[r])
-            })
+        let b = batch.batch;
+        let ranges: Vec<_> = (0..p).map(|i| i * b / p..(i + 1) * b / p).collect();
+        let batches: Vec<Batch> = ranges.iter().map(|r| batch.rows(r.clone())).collect();
+        let parts: Vec<(&Batch, &[usize])> = batches
+            .iter()
+            .zip(&ranges)
+            .map(|(x, r)| (x, &labels[r.clone()]))
             .collect();
-        parts_loss_grads(model, &parts, n, trainable)?
+        parts_loss_grads(model, &parts, b, trainable)?
     };
     let grad_norm = match clip {
         Some(c) => clip_grad_norm(&mut grads, c),
@@ -233,7 +234,7 @@ fn data_parts(examples: usize, tokens_each: usize) -> usize {
 /// its gradient weighted by its share of the examples, summed in part order.
 fn parts_loss_grads<T: Real>(
     model: &Model<T>,
-    parts: &[(Batch, &[usize])],
+    parts: &[(&Batch, &[usize])],
     n: usize,
     trainable: Trainable,
 ) -> Result<(f64, Grads<T>)> {
@@ -284,7 +285,7 @@ pub fn train_step_parts<T: Real>(
         ));
     }
     let n: usize = parts.iter().map(|(_, y)| y.len()).sum();
-    let parts: Vec<(Batch, &[usize])> = parts.iter().map(|(b, y)| (b.clone(), &y[..])).collect();
+    let parts: Vec<(&Batch, &[usize])> = parts.iter().map(|(b, y)| (b, &y[..])).collect();
     let (loss, mut grads) = parts_loss_grads(model, &parts, n, trainable)?;
     let grad_norm = match clip {
         Some(c) => clip_grad_norm(&mut grads, c),
