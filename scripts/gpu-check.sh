@@ -14,19 +14,56 @@
 # GPU test. Each run's libtest summary must also show at least one test passed and none left
 # ignored, so a test that matched nothing or stayed ignored cannot pass as a green run.
 #
-# Usage: gpu-bundle/gpu-check.sh [--runs N]   (bench runs per configuration, default 20)
+# Every step runs under `timeout`, inside one time budget (--budget, seconds, default 540: one
+# 10-minute call), so a hung kernel costs its step, not the call; what a step was cut off at is
+# in the report. Full logs (tests.log, bench.log, sanitizer.log) go beside the report.
+# --sanitize adds compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the
+# composition and GEMM GPU tests, each within what is left of the budget.
+#
+# Usage: gpu-bundle/gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize]
+#        (bench runs per configuration, default 20)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # cuBLAS, for gpu-bench's reference columns: the bundle carries none (too large); a CUDA
-# toolkit's where one is installed. Without it the bench prints "cuBLAS: unavailable".
+# toolkit's or an nvidia-cublas wheel's where one is installed. Without it the bench prints
+# "cuBLAS: unavailable".
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [[ -d $dir ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
 done
+if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1; then
+    wheel_lib=$(find /opt /usr/local/lib /usr/lib/python3* -maxdepth 9 -name 'libcublas.so.*' 2>/dev/null | head -n 1)
+    [[ -n $wheel_lib ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$wheel_lib")"
+fi
+for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
+    [[ -d $dir ]] && PATH="$PATH:$dir"
+done
+out_dir="${OUT:-$PWD}"
 report="${OUT:+$OUT/report.md}"
 report="${report:-$PWD/gpu-report.md}"
+tests_log="$out_dir/tests.log"
 runs=20
-[[ "${1:-}" == "--runs" && -n "${2:-}" ]] && runs="$2"
+budget=540
+sanitize=0
+while (($#)); do
+    case "$1" in
+        --runs) runs="$2"; shift 2 ;;
+        --budget) budget="$2"; shift 2 ;;
+        --sanitize) sanitize=1; shift ;;
+        *) echo "usage: gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize]" >&2; exit 2 ;;
+    esac
+done
+: >"$tests_log"
+
+# Seconds a step may take: its own cap, or what is left of the budget less `reserve` (kept for
+# the steps after it), whichever is smaller; at least 5.
+step_limit() {
+    local cap="$1" reserve="$2"
+    local left=$((budget - SECONDS - reserve))
+    ((left < cap)) && cap=$left
+    ((cap < 5)) && cap=5
+    echo "$cap"
+}
 
 status=0
 {
@@ -42,9 +79,15 @@ status=0
 
 run_tests() {
     local exe="$1"; shift
-    local log
-    log=$("$here/$exe" "$@" --nocapture --test-threads=1 2>&1)
+    local log limit
+    limit=$(step_limit 90 240)
+    local start=$SECONDS
+    log=$(timeout "$limit" "$here/$exe" "$@" --nocapture --test-threads=1 2>&1)
     local rc=$?
+    { echo "=== $exe $* (exit $rc, $((SECONDS - start)) s)"; echo "$log"; } >>"$tests_log"
+    if ((rc == 124)); then
+        echo "$exe: cut off after $limit s" | tee -a "$report"
+    fi
     grep -E "GPU (tests|bench)? ?(skipped|found|on)|no GPU|panicked|test result|FAILED|^thread|needs a usable" <<<"$log" >>"$report"
     echo "$log" | tail -n 20
     # libtest: "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out; …"
@@ -106,14 +149,52 @@ fi
 
 echo >>"$report"
 echo "## Bench (GEMM, composition, whole model)" >>"$report"
-bench_log=$("$here/gpu-bench" --runs "$runs" 2>&1) || status=1
+bench_limit=$(step_limit 400 $((sanitize ? 90 : 0)))
+bench_log=$(timeout "$bench_limit" "$here/gpu-bench" --runs "$runs" 2>&1)
+bench_rc=$?
+((bench_rc == 0)) || status=1
+((bench_rc == 124)) && echo "gpu-bench: cut off after $bench_limit s" | tee -a "$report"
+echo "$bench_log" >"$out_dir/bench.log"
 grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
 # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1
 echo "$bench_log"
 echo "$bench_log" >>"$report"
 
+# compute-sanitizer over the GPU tests of the composition and GEMM kernels: what the CPU
+# harness checks (cuda/README.md), now on the hardware. Findings fail the check; a tool cut off
+# by the budget is reported as such, not as clean.
+if ((sanitize)); then
+    echo >>"$report"
+    echo "## compute-sanitizer" >>"$report"
+    sanitizer_log="$out_dir/sanitizer.log"
+    : >"$sanitizer_log"
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        for tool_exe in memcheck:compose_kernels racecheck:compose_kernels synccheck:compose_kernels \
+            initcheck:compose_kernels memcheck:gemm_kernels racecheck:gemm_kernels; do
+            tool=${tool_exe%%:*}
+            exe=${tool_exe#*:}
+            limit=$(step_limit 60 0)
+            start=$SECONDS
+            log=$(timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 86 \
+                "$here/$exe" --ignored --test-threads=1 2>&1)
+            rc=$?
+            { echo "=== $tool $exe (exit $rc, $((SECONDS - start)) s)"; echo "$log"; } >>"$sanitizer_log"
+            summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" <<<"$log" | tail -n 1)
+            case $rc in
+                0) verdict="clean (${summary:-no summary})" ;;
+                124) verdict="cut off after $limit s (not a verdict)" ;;
+                86) verdict="FINDINGS: ${summary}"; status=1 ;;
+                *) verdict="exit $rc: $(grep -E "test result|panicked" <<<"$log" | tail -n 1)"; status=1 ;;
+            esac
+            echo "- $tool on $exe: $verdict ($((SECONDS - start)) s)" | tee -a "$report"
+        done
+    else
+        echo "- skipped: compute-sanitizer not on PATH" | tee -a "$report"
+    fi
+fi
+
 echo >>"$report"
-echo "status: $([[ $status == 0 ]] && echo pass || echo FAIL)" >>"$report"
+echo "status: $([[ $status == 0 ]] && echo pass || echo FAIL) ($SECONDS s of a $budget s budget)" >>"$report"
 echo "report: $report"
 exit $status
