@@ -90,7 +90,8 @@ __device__ __forceinline__ void mix_bwd_naive(const T* __restrict__ U, const T* 
 }
 
 // Variant 2: for the columns [q0, q0 + w) of token t, v (and ∂v when H is given) into
-// v_chunk[0, w) (dv_chunk) of this warp. Every lane of the warp calls it; it ends with a
+// v_chunk[0, w) (dv_chunk) of this warp; without H, part_dv and dv_chunk are not touched (the
+// forward passes none). Every lane of the warp calls it; it ends with a
 // __syncwarp, so the chunk is visible to every lane and `part_*` may be reused.
 template <typename T>
 __device__ __forceinline__ void warp_chunk(const T* __restrict__ u, const T* __restrict__ h, const float* __restrict__ c,
@@ -106,16 +107,16 @@ __device__ __forceinline__ void warp_chunk(const T* __restrict__ u, const T* __r
         }
     }
     part_v[lane] = pv;
-    part_dv[lane] = pdv;
+    if (h) part_dv[lane] = pdv;
     __syncwarp();  // every group's sums are in part_*
     if (lane < w) {
         float v = 0.0f, dv = 0.0f;
         for (int k = 0; k < groups; ++k) {
             v += part_v[k * w + lane];
-            dv += part_dv[k * w + lane];
+            if (h) dv += part_dv[k * w + lane];
         }
         v_chunk[lane] = v;
-        dv_chunk[lane] = dv;
+        if (h) dv_chunk[lane] = dv;
     }
     __syncwarp();  // the chunk is visible to every lane; part_* may be overwritten
 }
@@ -127,9 +128,7 @@ __device__ __forceinline__ void mix_fwd_warp(const T* __restrict__ U, const floa
                                              const int* __restrict__ sample_of, const float* __restrict__ mod_scale,
                                              T* __restrict__ Z, int n_tokens, int n_modules, int r) {
     SHARED(float, part_v, [WARPS][WARP]);
-    SHARED(float, part_dv, [WARPS][WARP]);
     SHARED(float, v_chunk, [WARPS][WARP]);
-    SHARED(float, dv_chunk, [WARPS][WARP]);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int t = blockIdx.x * WARPS + warp;
     if (t >= n_tokens) return;
@@ -139,8 +138,7 @@ __device__ __forceinline__ void mix_fwd_warp(const T* __restrict__ U, const floa
     T* z = Z + (size_t)t * R;
     for (int q0 = 0; q0 < r; q0 += WARP) {
         const int w = min(WARP, r - q0);
-        warp_chunk<T>(u, nullptr, c, mod_scale, n_modules, r, q0, w, part_v[warp], part_dv[warp], v_chunk[warp],
-                      dv_chunk[warp]);
+        warp_chunk<T>(u, nullptr, c, mod_scale, n_modules, r, q0, w, part_v[warp], nullptr, v_chunk[warp], nullptr);
         for (int p = lane; p < n_modules * w; p += WARP) {
             const int j = p / w, q = p % w;
             z[j * r + q0 + q] = lc::from_f32<T>(c[j] * v_chunk[warp][q]);

@@ -17,10 +17,12 @@
 # Every step runs under `timeout`, inside one time budget (--budget, seconds, default 540: one
 # 10-minute call), so a hung kernel costs its step, not the call; what a step was cut off at is
 # in the report. Full logs (tests.log, bench.log, sanitizer.log) go beside the report.
-# --sanitize adds compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the
-# composition and GEMM GPU tests, each within what is left of the budget.
+# --sanitize adds compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the small
+# GPU cases of the composition and GEMM tests (`gpu_sanitizer_cases`) and the factor-mode
+# composition test, each within what is left of the budget. --tests "A B …" runs only those
+# test executables; --no-bench skips the SASS check and the bench (for a re-check).
 #
-# Usage: gpu-bundle/gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize]
+# Usage: gpu-bundle/gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize] [--tests "A B"] [--no-bench]
 #        (bench runs per configuration, default 20)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -45,12 +47,16 @@ tests_log="$out_dir/tests.log"
 runs=20
 budget=540
 sanitize=0
+bench=1
+only=""
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --budget) budget="$2"; shift 2 ;;
         --sanitize) sanitize=1; shift ;;
-        *) echo "usage: gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize]" >&2; exit 2 ;;
+        --tests) only=" ${2//,/ } "; shift 2 ;;
+        --no-bench) bench=0; shift ;;
+        *) echo "usage: gpu-check.sh [--runs N] [--budget SECONDS] [--sanitize] [--tests \"A B\"] [--no-bench]" >&2; exit 2 ;;
     esac
 done
 : >"$tests_log"
@@ -79,8 +85,9 @@ status=0
 
 run_tests() {
     local exe="$1"; shift
+    [[ -z $only || $only == *" $exe "* ]] || return 0
     local log limit
-    limit=$(step_limit 90 240)
+    limit=$(step_limit 120 $(( (bench ? 240 : 0) + (sanitize ? 120 : 0) )))
     local start=$SECONDS
     log=$(timeout "$limit" "$here/$exe" "$@" --nocapture --test-threads=1 2>&1)
     local rc=$?
@@ -123,7 +130,9 @@ echo '```' >>"$report"
 # gemm_mma_* and compose_mma_* kernel's machine code must contain HMMA (tensor-core) instructions. Seconds; skipped (and said so) elsewhere.
 echo >>"$report"
 echo "## SASS of the tensor-core kernels" >>"$report"
-if command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; then
+if ((!bench)); then
+    echo "- skipped (--no-bench)" >>"$report"
+elif command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; then
     sass_dir=$(mktemp -d)
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     arch="sm_${cap:-90}"
@@ -149,6 +158,7 @@ fi
 
 echo >>"$report"
 echo "## Bench (GEMM, composition, whole model)" >>"$report"
+if ((bench)); then
 bench_limit=$(step_limit 400 $((sanitize ? 90 : 0)))
 bench_log=$(timeout "$bench_limit" "$here/gpu-bench" --runs "$runs" 2>&1)
 bench_rc=$?
@@ -160,6 +170,9 @@ grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
 grep -q "GPU bench skipped" <<<"$bench_log" && status=1
 echo "$bench_log"
 echo "$bench_log" >>"$report"
+else
+    echo "- skipped (--no-bench)" >>"$report"
+fi
 
 # compute-sanitizer over the GPU tests of the composition and GEMM kernels: what the CPU
 # harness checks (cuda/README.md), now on the hardware. Findings fail the check; a tool cut off
@@ -170,16 +183,17 @@ if ((sanitize)); then
     sanitizer_log="$out_dir/sanitizer.log"
     : >"$sanitizer_log"
     if command -v compute-sanitizer >/dev/null 2>&1; then
-        for tool_exe in memcheck:compose_kernels racecheck:compose_kernels synccheck:compose_kernels \
-            initcheck:compose_kernels memcheck:gemm_kernels racecheck:gemm_kernels; do
-            tool=${tool_exe%%:*}
-            exe=${tool_exe#*:}
-            limit=$(step_limit 60 0)
+        for tool_exe in memcheck:compose_kernels:gpu_sanitizer_cases racecheck:compose_kernels:gpu_sanitizer_cases \
+            memcheck:gemm_kernels:gpu_sanitizer_cases racecheck:gemm_kernels:gpu_sanitizer_cases \
+            synccheck:compose_kernels:gpu_sanitizer_cases initcheck:compose_kernels:gpu_sanitizer_cases \
+            memcheck:compose_factor_kernels:gpu_matches_reference racecheck:compose_factor_kernels:gpu_matches_reference; do
+            IFS=: read -r tool exe test_name <<<"$tool_exe"
+            limit=$(step_limit 90 0)
             start=$SECONDS
             log=$(timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 86 \
-                "$here/$exe" --ignored --test-threads=1 2>&1)
+                "$here/$exe" --ignored --exact "$test_name" --test-threads=1 2>&1)
             rc=$?
-            { echo "=== $tool $exe (exit $rc, $((SECONDS - start)) s)"; echo "$log"; } >>"$sanitizer_log"
+            { echo "=== $tool $exe $test_name (exit $rc, $((SECONDS - start)) s)"; echo "$log"; } >>"$sanitizer_log"
             summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" <<<"$log" | tail -n 1)
             case $rc in
                 0) verdict="clean (${summary:-no summary})" ;;
@@ -187,7 +201,7 @@ if ((sanitize)); then
                 86) verdict="FINDINGS: ${summary}"; status=1 ;;
                 *) verdict="exit $rc: $(grep -E "test result|panicked" <<<"$log" | tail -n 1)"; status=1 ;;
             esac
-            echo "- $tool on $exe: $verdict ($((SECONDS - start)) s)" | tee -a "$report"
+            echo "- $tool on $exe $test_name: $verdict ($((SECONDS - start)) s)" | tee -a "$report"
         done
     else
         echo "- skipped: compute-sanitizer not on PATH" | tee -a "$report"

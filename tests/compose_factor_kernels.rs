@@ -608,7 +608,10 @@ fn gpu_matches_reference() {
     println!("GPU tests on {}", gpu.name());
     // The shared memory the driver reports must match what launch_config budgets.
     for (entry, bytes) in [
-        (Entry::MixForward(Variant::Warp), compose_factor::WARP_MIX_SHARED_BYTES),
+        (
+            Entry::MixForward(Variant::Warp),
+            compose_factor::WARP_MIX_FWD_SHARED_BYTES,
+        ),
         (Entry::MixBackward(Variant::Warp), compose_factor::WARP_MIX_SHARED_BYTES),
         (Entry::MixBackward(Variant::Naive), 0),
     ] {

@@ -910,3 +910,28 @@ fn gpu_matches_reference() {
         check_all(gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// The cases compute-sanitizer runs on a GPU (`gpu-check.sh --sanitize`: memcheck, racecheck,
+/// synccheck, initcheck), few and small so that its instrumented launches fit the call: every
+/// variant forward and backward on odd sizes with mixed ranks, then one case with whole
+/// 128×128 tensor-core tiles and aligned rows (the `cp.async` path) plus a ragged edge.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
+fn gpu_sanitizer_cases() {
+    let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
+    let cases = fixed_cases();
+    for i in [1, 2, 8] {
+        check_all(&gpu, &cases[i], i as u64, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let case = make_case_with_ranks(
+        30,
+        130,
+        136,
+        136,
+        &[16; 9],
+        Mode::Product,
+        Assign::Zipf,
+        CoeffKind::Random,
+    );
+    check_all(&gpu, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -288,3 +288,16 @@ fn gpu_matches_reference() {
         check_all_combos(&gpu, m, n, k, alpha, beta, case as u64).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// The cases compute-sanitizer runs on a GPU (`gpu-check.sh --sanitize`), few and small: every
+/// variant, storage type and transpose on a ragged shape and on whole 128×128 tiles with aligned
+/// rows (the tensor-core variant's `cp.async` path).
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
+fn gpu_sanitizer_cases() {
+    let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
+    for (i, &(m, n, k)) in [(37, 29, 45), (256, 128, 96)].iter().enumerate() {
+        let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
+        check_all_combos(&gpu, m, n, k, alpha, beta, 50 + i as u64).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -29,9 +29,11 @@ pub const ALL: &[Variant] = &[Variant::Naive, Variant::Warp];
 pub const THREADS: u32 = 256;
 const WARP: u32 = 32;
 const WARPS: u32 = THREADS / WARP;
-/// Static shared memory of the warp mix kernels: f32 `part_v`, `part_dv`, `v_chunk`,
+/// Static shared memory of the warp mix backward: f32 `part_v`, `part_dv`, `v_chunk`,
 /// `dv_chunk`, each `[WARPS][32]`.
 pub const WARP_MIX_SHARED_BYTES: u32 = 4 * 4 * WARPS * WARP;
+/// Static shared memory of the warp mix forward: f32 `part_v` and `v_chunk` alone (it has no ∂v).
+pub const WARP_MIX_FWD_SHARED_BYTES: u32 = 2 * 4 * WARPS * WARP;
 
 impl Variant {
     pub fn name(self) -> &'static str {
