@@ -34,7 +34,9 @@
 //     others element by element with zeros past the edges; the epilogues guard rows and columns.
 // The ∂C epilogue reuses the pipeline's shared memory for s_j H[t, j] U[t, j] in two halves of
 // 64 rows (f32 part[64][129], 33 KB): segmented sums over each module's columns, then one
-// atomicAdd per (run of tokens of one sample, module) per half tile.
+// atomicAdd per (run of tokens of one sample, module) per half tile. The tile's module ids and
+// token samples are staged once beside `part` (2 × 128 int32), so the serial loops of the
+// segmented sums read shared memory, not a chain of dependent global loads.
 #include "mma_tile.cuh"
 
 namespace compose_mma {
@@ -43,7 +45,8 @@ using namespace mma_tile;
 // The ∂C epilogue's part[PART_ROWS][BN + 1] f32 in the pipeline's shared memory.
 constexpr int PART_ROWS = BM / 2;
 static_assert(PART_ROWS == WM, "one half of the tile is one row of warps");
-static_assert(PART_ROWS * (BN + 1) * 4 <= 2 * STAGES * TILE * 2, "part fits the pipeline stages");
+static_assert(PART_ROWS * (BN + 1) * 4 + (BN + BM) * 4 <= 2 * STAGES * TILE * 2,
+              "part and the staged module ids and samples fit the pipeline stages");
 
 // Grid (ceil(R / BN), ceil(T / BM)), block (256). U (if given) = X A_catᵀ, Z = U ∘ D.
 template <typename T>
@@ -132,8 +135,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     // A segment is a maximal run of the tile's columns that belong to one module.
     const int tid = threadIdx.x;
     const int n_cols = min(BN, R - n0);
-    auto is_segment_start = [&](int n) { return n == 0 || module_of[n0 + n] != module_of[n0 + n - 1]; };
     float(*part)[BN + 1] = reinterpret_cast<float(*)[BN + 1]>(stages);
+    // The tile's module ids (tile_module[n], n < n_cols) and token samples (tile_sample[m],
+    // m0 + m < n_tokens), staged once; the mainloop's last barrier has ended every read of the
+    // stages, and the first barrier of the half loop publishes them.
+    int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
+    int* tile_sample = tile_module + BN;
+    for (int n = tid; n < n_cols; n += THREADS) tile_module[n] = module_of[n0 + n];
+    for (int m = tid; m < BM && m0 + m < n_tokens; m += THREADS) tile_sample[m] = sample_of[m0 + m];
+    auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
     for (int half = 0; half < BM / PART_ROWS; ++half) {
         const int row0 = m0 + half * PART_ROWS;
         // part[m][n] = s_j H[t, j] U[t, j] for the half's rows (0 outside the problem), written
@@ -168,11 +178,12 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         // one sample with a single atomicAdd.
         const int rows = min(PART_ROWS, n_tokens - row0);
         if (rows > 0 && tid < n_cols && is_segment_start(tid)) {
-            const int module = module_of[n0 + tid];
+            const int module = tile_module[tid];
+            const int* samples = tile_sample + half * PART_ROWS;
             float run = 0.0f;
-            int run_sample = sample_of[row0];
+            int run_sample = samples[0];
             for (int m = 0; m < rows; ++m) {
-                const int sample = sample_of[row0 + m];
+                const int sample = samples[m];
                 if (sample != run_sample) {
                     atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
                     run = 0.0f;
