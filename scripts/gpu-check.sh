@@ -61,6 +61,11 @@ while (($#)); do
 done
 : >"$tests_log"
 
+# Seconds kept for the later steps while an earlier one runs: the SASS check and the bench, the
+# sanitizer passes.
+bench_reserve=$((bench ? 240 : 0))
+sanitize_reserve=$((sanitize ? 120 : 0))
+
 # Seconds a step may take: its own cap, or what is left of the budget less `reserve` (kept for
 # the steps after it), whichever is smaller; at least 5.
 step_limit() {
@@ -87,7 +92,7 @@ run_tests() {
     local exe="$1"; shift
     [[ -z $only || $only == *" $exe "* ]] || return 0
     local log limit
-    limit=$(step_limit 120 $(( (bench ? 240 : 0) + (sanitize ? 120 : 0) )))
+    limit=$(step_limit 120 $((bench_reserve + sanitize_reserve)))
     local start=$SECONDS
     log=$(timeout "$limit" "$here/$exe" "$@" --nocapture --test-threads=1 2>&1)
     local rc=$?
@@ -159,17 +164,17 @@ fi
 echo >>"$report"
 echo "## Bench (GEMM, composition, whole model)" >>"$report"
 if ((bench)); then
-bench_limit=$(step_limit 400 $((sanitize ? 90 : 0)))
-bench_log=$(timeout "$bench_limit" "$here/gpu-bench" --runs "$runs" 2>&1)
-bench_rc=$?
-((bench_rc == 0)) || status=1
-((bench_rc == 124)) && echo "gpu-bench: cut off after $bench_limit s" | tee -a "$report"
-echo "$bench_log" >"$out_dir/bench.log"
-grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
-# This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
-grep -q "GPU bench skipped" <<<"$bench_log" && status=1
-echo "$bench_log"
-echo "$bench_log" >>"$report"
+    bench_limit=$(step_limit 400 "$sanitize_reserve")
+    bench_log=$(timeout "$bench_limit" "$here/gpu-bench" --runs "$runs" 2>&1)
+    bench_rc=$?
+    ((bench_rc == 0)) || status=1
+    ((bench_rc == 124)) && echo "gpu-bench: cut off after $bench_limit s" | tee -a "$report"
+    echo "$bench_log" >"$out_dir/bench.log"
+    grep -E "^cuBLAS:" <<<"$bench_log" | head -n 1
+    # This script runs where a GPU is expected: a skipped bench means the GPU was not usable.
+    grep -q "GPU bench skipped" <<<"$bench_log" && status=1
+    echo "$bench_log"
+    echo "$bench_log" >>"$report"
 else
     echo "- skipped (--no-bench)" >>"$report"
 fi
