@@ -44,7 +44,7 @@ for lib in libstdc++.so.6 libgcc_s.so.1; do
     path=$(ldd "$bundle/gemm_kernels" | awk -v lib="$lib" '$1 == lib { print $3 }')
     [[ -n "$path" ]] && cp -L "$path" "$bundle/lib/"
 done
-cp scripts/gpu-check.sh "$bundle/"
+cp scripts/gpu-check.sh scripts/gpu-profile.sh "$bundle/"
 git rev-parse HEAD > "$bundle/COMMIT" 2>/dev/null || true
 
 size_mb=$(du -sm "$bundle" | cut -f1)

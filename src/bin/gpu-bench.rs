@@ -14,7 +14,13 @@
 //!
 //! `gpu-bench --cublas-status` says whether libcublas loads here (no GPU needed) and exits.
 //!
-//! Usage: `gpu-bench [--runs N] [--compose-only]` (default 20 timed runs after 3 warm-ups);
+//! The composition's multi-launch variants (`gemv` at T ≤ 16, `mma`) and cuBLAS's pair are also
+//! timed as CUDA graphs (`GpuBackend::capture`, rows "… graph"): the same launches replayed with
+//! one call, which shows what the kernels cost without the per-launch overhead.
+//!
+//! Usage: `gpu-bench [--runs N] [--compose-only] [--shapes "d,N,T;…"] [--no-model]` (default 20
+//! timed runs after 3 warm-ups; `--shapes` times only those composition shapes and skips the
+//! targets summary; `--no-model` skips the whole-model bench);
 //! `gpu-bench --dump-ptx FAMILY PATH` writes the embedded PTX of `cuda/FAMILY.cu` to PATH and
 //! exits (gpu-check.sh compiles it with ptxas to read the SASS of the tensor-core kernels).
 
@@ -177,6 +183,9 @@ fn main() -> ExitCode {
             println!("composition bench error: {e}");
         }
     }
+    if args.iter().any(|a| a == "--no-model") {
+        return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+    }
     if let Err(e) = model_bench(gpu, runs.min(10)) {
         failed = true;
         println!("whole-model bench error: {e}");
@@ -186,6 +195,30 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `--shapes "d,N,T;d,N,T"`: the composition shapes to time instead of DESIGN §3's list.
+fn parse_shapes() -> Option<Vec<(usize, usize, usize)>> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--shapes")?;
+    let list = args.get(i + 1)?;
+    let shapes: Vec<(usize, usize, usize)> = list
+        .split(';')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let v: Vec<usize> = s
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("--shapes: {s:?} is not d,N,T"))
+                })
+                .collect();
+            assert!(v.len() == 3 && v.iter().all(|&x| x > 0), "--shapes: {s:?} is not d,N,T");
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    Some(shapes)
 }
 
 fn parse_runs() -> Option<usize> {
@@ -379,6 +412,9 @@ const RANK: usize = 16;
 /// (d, N, T): DESIGN §3's shapes at d = 4096 and the same at d = 768, with T = 4 for the GEMV
 /// variant's predictions (benches/README.md).
 fn compose_shapes() -> Vec<(usize, usize, usize)> {
+    if let Some(shapes) = parse_shapes() {
+        return shapes;
+    }
     let mut shapes = Vec::new();
     for d in [4096, 768] {
         for n in [8, 32, 128] {
@@ -445,6 +481,28 @@ fn time_runs(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Like `time_runs`, for `launch` recorded once into a CUDA graph and replayed.
+fn time_graph(
+    gpu: &GpuBackend,
+    flush: &mut GpuBuffer<u8>,
+    runs: usize,
+    mut launch: impl FnMut() -> Result<(), KernelError>,
+) -> Result<f64, KernelError> {
+    launch()?; // modules loaded before the capture
+    let graph = gpu.capture(|_| launch())?;
+    time_runs(gpu, flush, runs, || graph.launch())
+}
+
+/// The graph row of a variant timed both ways, if it is: `gemv` where it runs its own kernels
+/// (T ≤ 16), `mma`.
+fn graph_name(variant: &str, t: usize) -> Option<&'static str> {
+    match variant {
+        "gemv" if t <= compose_fwd::GEMV_MAX_T => Some("gemv graph"),
+        "mma" => Some("mma graph"),
+        _ => None,
+    }
 }
 
 fn random_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<half::bf16> {
@@ -565,21 +623,46 @@ fn bench_compose_shape(
             flops,
             bytes,
         });
+        if let Some(name) = graph_name(variant.name(), t) {
+            let ms = time_graph(gpu, flush, runs, || {
+                let outputs = compose_fwd::Outputs {
+                    u: Some(&mut u),
+                    z: &mut z,
+                    y: &mut y,
+                    work: &mut work,
+                };
+                compose_fwd::launch(gpu, variant, &shape, &fwd_inputs, outputs)
+            })?;
+            out.push(Timing {
+                d,
+                n,
+                t,
+                pass: "forward",
+                variant: name,
+                ms,
+                flops,
+                bytes,
+            });
+        }
     }
 
     if let Some(blas) = blas {
-        let ms = time_cublas_forward(gpu, blas, flush, (t, d, r), (&host_x, &host_a, &host_b), runs)?;
+        let (ms, graph_ms) = time_cublas_forward(gpu, blas, flush, (t, d, r), (&host_x, &host_a, &host_b), runs)?;
         let (flops, bytes) = compose_fwd::flops_bytes(&shape, DType::BF16, true);
-        out.push(Timing {
-            d,
-            n,
-            t,
-            pass: "forward",
-            variant: "cuBLAS×2",
-            ms,
-            flops,
-            bytes,
-        });
+        for (variant, ms) in [("cuBLAS×2", Some(ms)), ("cuBLAS×2 graph", graph_ms)] {
+            if let Some(ms) = ms {
+                out.push(Timing {
+                    d,
+                    n,
+                    t,
+                    pass: "forward",
+                    variant,
+                    ms,
+                    flops,
+                    bytes,
+                });
+            }
+        }
     }
 
     let mut dc = gpu.upload(&vec![0.0f32; n])?;
@@ -625,6 +708,29 @@ fn bench_compose_shape(
             flops,
             bytes,
         });
+        if let Some(name) = graph_name(variant.name(), t) {
+            let ms = time_graph(gpu, flush, runs, || {
+                let outputs = compose_bwd::Outputs {
+                    dc: train.coeffs.then_some(&mut dc),
+                    du: Some(&mut du),
+                    dx: Some(&mut dx),
+                    da_cat: None,
+                    db_cat: None,
+                    work: &mut work,
+                };
+                compose_bwd::launch(gpu, variant, &shape, train, &bwd_inputs, outputs)
+            })?;
+            out.push(Timing {
+                d,
+                n,
+                t,
+                pass,
+                variant: name,
+                ms,
+                flops,
+                bytes,
+            });
+        }
     }
     Ok(check)
 }
@@ -639,7 +745,7 @@ fn time_cublas_forward(
     (t, d, r): (usize, usize, usize),
     (x, a_cat, b_cat): (&[half::bf16], &[half::bf16], &[half::bf16]),
     runs: usize,
-) -> Result<f64, KernelError> {
+) -> Result<(f64, Option<f64>), KernelError> {
     let stream = gpu.stream();
     let upload = |host: &[half::bf16]| -> Result<CudaSlice<half::bf16>, KernelError> {
         stream.clone_htod(host).map_err(driver("cuBLAS operand upload"))
@@ -653,14 +759,24 @@ fn time_cublas_forward(
     // U (t, r) = X (t, d) · A_catᵀ (A_cat stored (r, d)); Y (t, d) += U (t, r) · B_catᵀ (B_cat (d, r)).
     let shrink = row_major_config(t, r, d, false, true, one, zero);
     let expand = row_major_config(t, d, r, false, true, one, one);
-    time_runs(gpu, flush, runs, || {
+    let mut run = || {
         // SAFETY: X (t·d), A_cat (r·d), U (t·r), B_cat (d·r) and Y (t·d) hold exactly what the
         // two configurations index (row_major_config), all on the handle's stream.
         unsafe {
             blas.gemm(shrink, &a_cat, &x, &mut u).map_err(driver("cublasGemmEx"))?;
             blas.gemm(expand, &b_cat, &u, &mut y).map_err(driver("cublasGemmEx"))
         }
-    })
+    };
+    let ms = time_runs(gpu, flush, runs, &mut run)?;
+    // The same two calls as a graph; cuBLAS may refuse to be captured: then no row.
+    let graph_ms = match gpu.capture(|_| run()) {
+        Ok(graph) => Some(time_runs(gpu, flush, runs, || graph.launch())?),
+        Err(e) => {
+            println!("cuBLAS×2 graph: not captured ({e})");
+            None
+        }
+    };
+    Ok((ms, graph_ms))
 }
 
 /// Prints the composition table and the issue's targets as measured ratios; returns whether a
@@ -699,6 +815,9 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
         }
     }
 
+    if parse_shapes().is_some() {
+        return Ok(failed); // the targets need DESIGN §3's shapes
+    }
     // Targets (the issue), as measured ratios.
     let find = |d: usize, n: usize, t: usize, pass: &str, variant: &str| {
         all.iter()
