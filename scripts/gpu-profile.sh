@@ -5,7 +5,7 @@
 # throughput, occupancy, warp stall reasons). ncu runs with --clock-control none: the clocks are
 # left as found. Everything goes under $OUT (or ./profile): bench.log, ncu-*.txt, clocks.txt.
 #
-# Usage: gpu-bundle/gpu-profile.sh [--budget SECONDS] [--shapes "d,N,T;…"] [--ncu "d,N,T|REGEX|SKIP|COUNT …"]
+# Usage: gpu-bundle/gpu-profile.sh [--budget SECONDS] [--shapes "d,N,T;…"] [--ncu "d,N,T@REGEX@SKIP@COUNT …"]
 #   --shapes   bench shapes (default: small-T gemv shapes and the mma shapes of the targets)
 #   --ncu      space-separated profiles: one shape, a kernel-name regex, launches of it to skip
 #              and to profile (default: gemv forward and backward at N = 128, T = 1 and 16;
@@ -25,15 +25,15 @@ mkdir -p "$out"
 budget=300
 shapes="4096,8,1;4096,32,1;4096,32,16;4096,128,1;4096,128,16;768,32,16;4096,32,4096;4096,128,4096"
 # The first launches of each: the forward's check run, the first backward (∂C + ∂X) warm-up.
-profiles="4096,128,1|compose_gemv_(shrink|expand)|0|2 4096,128,1|compose_gemv_(hidden|dx)|0|2
-4096,128,16|compose_gemv_(shrink|expand)|0|2 4096,128,16|compose_gemv_(hidden|dx)|0|2
-4096,32,4096|compose_mma_hidden_bf16|0|1"
+profiles="4096,128,1@compose_gemv_(shrink|expand)@0@2 4096,128,1@compose_gemv_(hidden|dx)@0@2
+4096,128,16@compose_gemv_(shrink|expand)@0@2 4096,128,16@compose_gemv_(hidden|dx)@0@2
+4096,32,4096@compose_mma_hidden_bf16@0@1"
 while (($#)); do
     case "$1" in
         --budget) budget="$2"; shift 2 ;;
         --shapes) shapes="$2"; shift 2 ;;
         --ncu) profiles="$2"; shift 2 ;;
-        *) echo "usage: gpu-profile.sh [--budget SECONDS] [--shapes \"d,N,T;…\"] [--ncu \"d,N,T|REGEX|SKIP|COUNT …\"]" >&2; exit 2 ;;
+        *) echo "usage: gpu-profile.sh [--budget SECONDS] [--shapes \"d,N,T;…\"] [--ncu \"d,N,T@REGEX@SKIP@COUNT …\"]" >&2; exit 2 ;;
     esac
 done
 left() { local l=$((budget - SECONDS - ${1:-0})); ((l < 5)) && l=5; echo "$l"; }
@@ -52,7 +52,7 @@ if ! command -v ncu >/dev/null 2>&1; then
 else
     i=0
     for p in $profiles; do
-        IFS='|' read -r shape regex skip count <<<"$p"
+        IFS="@" read -r shape regex skip count <<<"$p"
         i=$((i + 1))
         start=$SECONDS
         timeout "$(left $(((n_profiles - i) * 40)))" ncu --clock-control none -k "regex:$regex" \

@@ -513,6 +513,7 @@ mod tests {
             for align in [8, 16] {
                 let s = gemv_split(tiles, k, align, sms);
                 prop_assert!(s.splits >= 1 && s.chunk >= 1);
+                prop_assert!(s.splits == 1 || tiles * s.splits <= BLOCKS_PER_SM * sms, "{s:?}: a second wave");
                 prop_assert!(s.chunk * s.splits >= k, "{s:?}");
                 prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
                 prop_assert!(s.splits == 1 || s.chunk % align == 0, "{s:?}");
