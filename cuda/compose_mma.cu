@@ -36,7 +36,12 @@
 // 64 rows (f32 part[64][129], 33 KB): segmented sums over each module's columns, then one
 // atomicAdd per (run of tokens of one sample, module) per half tile. The tile's module ids and
 // token samples are staged once beside `part` (2 × 128 int32), so the serial loops of the
-// segmented sums read shared memory, not a chain of dependent global loads.
+// segmented sums read shared memory, not a chain of dependent global loads; so is the tile's
+// list of segments (first and one-past-last column of each), so that the segmented sums run
+// one thread per (row, segment) — not one per (row, column) with 15 of every 16 idle, each
+// start's thread walking its segment while testing every column for a start, which the H200
+// profile (ncu: the hidden kernel at 196 µs with ∂C, ~106 µs without) showed costing more than
+// the GEMM itself.
 #include "mma_tile.cuh"
 
 namespace compose_mma {
@@ -45,8 +50,10 @@ using namespace mma_tile;
 // The ∂C epilogue's part[PART_ROWS][BN + 1] f32 in the pipeline's shared memory.
 constexpr int PART_ROWS = BM / 2;
 static_assert(PART_ROWS == WM, "one half of the tile is one row of warps");
-static_assert(PART_ROWS * (BN + 1) * 4 + (BN + BM) * 4 <= 2 * STAGES * TILE * 2,
-              "part and the staged module ids and samples fit the pipeline stages");
+// Beside part: tile_module[BN], tile_sample[BM], seg_first[BN], seg_end[BN], n_segs.
+constexpr int EPILOGUE_INTS = BN + BM + 2 * BN + 1;
+static_assert(PART_ROWS * (BN + 1) * 4 + EPILOGUE_INTS * 4 <= 2 * STAGES * TILE * 2,
+              "part, the staged module ids and samples and the segment list fit the pipeline stages");
 
 // Grid (ceil(R / BN), ceil(T / BM)), block (256). U (if given) = X A_catᵀ, Z = U ∘ D.
 template <typename T>
@@ -138,12 +145,28 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     float(*part)[BN + 1] = reinterpret_cast<float(*)[BN + 1]>(stages);
     // The tile's module ids (tile_module[n], n < n_cols) and token samples (tile_sample[m],
     // m0 + m < n_tokens), staged once; the mainloop's last barrier has ended every read of the
-    // stages, and the first barrier of the half loop publishes them.
+    // stages.
     int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
     int* tile_sample = tile_module + BN;
+    int* seg_first = tile_sample + BM;  // segment s: columns [seg_first[s], seg_end[s])
+    int* seg_end = seg_first + BN;
+    int* n_segs_at = seg_end + BN;
     for (int n = tid; n < n_cols; n += THREADS) tile_module[n] = module_of[n0 + n];
     for (int m = tid; m < BM && m0 + m < n_tokens; m += THREADS) tile_sample[m] = sample_of[m0 + m];
+    __syncthreads();
     auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
+    // The segment list, in column order: the thread of each start counts the starts before it
+    // and finds its end; the last segment's thread writes the count. The first barrier of the
+    // half loop publishes them.
+    if (tid < n_cols && is_segment_start(tid)) {
+        int s = 0;
+        for (int c = 1; c <= tid; ++c) s += is_segment_start(c) ? 1 : 0;
+        int end = tid + 1;
+        while (end < n_cols && !is_segment_start(end)) ++end;
+        seg_first[s] = tid;
+        seg_end[s] = end;
+        if (end == n_cols) *n_segs_at = s + 1;
+    }
     for (int half = 0; half < BM / PART_ROWS; ++half) {
         const int row0 = m0 + half * PART_ROWS;
         // part[m][n] = s_j H[t, j] U[t, j] for the half's rows (0 outside the problem), written
@@ -163,22 +186,24 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                     }
         }
         __syncthreads();
-        // Stage 1: each (row, segment start) sums its segment into part[m][start]. Only segment
-        // starts are written, each by the thread that owns it, and only non-starts (or its own)
-        // are read.
-        for (int e = tid; e < PART_ROWS * BN; e += THREADS) {
-            const int m = e / BN, n = e % BN;
-            if (n >= n_cols || !is_segment_start(n)) continue;
-            float s = part[m][n];
-            for (int c = n + 1; c < n_cols && !is_segment_start(c); ++c) s += part[m][c];
-            part[m][n] = s;
+        // Stage 1: one thread per (row, segment) sums the segment into part[m][first], columns
+        // in order. Only segment starts are written, each by the thread that owns it, and only
+        // its own segment is read. Consecutive threads take consecutive rows (distinct banks).
+        const int n_segs = *n_segs_at;
+        for (int e = tid; e < PART_ROWS * n_segs; e += THREADS) {
+            const int s = e / PART_ROWS, m = e % PART_ROWS;
+            const int first = seg_first[s], end = seg_end[s];
+            float sum = part[m][first];
+            for (int c = first + 1; c < end; ++c) sum += part[m][c];
+            part[m][first] = sum;
         }
         __syncthreads();
         // Stage 2: one thread per segment walks the half's tokens and adds each run of tokens of
         // one sample with a single atomicAdd.
         const int rows = min(PART_ROWS, n_tokens - row0);
-        if (rows > 0 && tid < n_cols && is_segment_start(tid)) {
-            const int module = tile_module[tid];
+        if (rows > 0 && tid < n_segs) {
+            const int col = seg_first[tid];
+            const int module = tile_module[col];
             const int* samples = tile_sample + half * PART_ROWS;
             float run = 0.0f;
             int run_sample = samples[0];
@@ -189,7 +214,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                     run = 0.0f;
                     run_sample = sample;
                 }
-                run += part[m][tid];
+                run += part[m][col];
             }
             atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
         }
