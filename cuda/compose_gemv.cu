@@ -23,9 +23,15 @@
 //   row GEMV    out[t][row] = Σ_k x[t][k] M[row][k], the reduction along M's contiguous rows
 //               (shrink: M = A_cat; expand: M = B_cat). Two lanes per row, each loading every
 //               other 16-byte vector of it, so one warp instruction reads 16 rows × 32 bytes
-//               (whole sectors); warps split the block's K range. A lane issues up to ROW_BATCH
-//               vector loads before its first FMA; the first batch is in flight while the block
-//               stages x (T × ≤ STAGE_K, f32) in shared memory. Each x value is a broadcast read.
+//               (whole sectors); warps split the block's K range. The kernel takes one of three
+//               code paths by the token count — TB = 1, ≤ 4 or ≤ 16 tokens — each with TB
+//               accumulators and loops of TB tokens, and stages x (TB × 8192/TB f32) in shared
+//               memory, so at T = 1 a block's whole K range is one pass with one barrier pair
+//               (the first H200 profile: at T = 1 the one path for 16 tokens spent its issue
+//               slots on tokens that were not there and its time in passes of 512). Loads are
+//               double-buffered: a lane has a batch of 16-byte vectors (8; 4 on the 16-token
+//               path) in flight while it multiplies the previous batch, and the first batch is in
+//               flight while the block stages x. Each x value is a broadcast read.
 //   column GEMV out[t][col] = Σ_k l[t][k] M[k][col], the reduction across M's rows (hidden:
 //               M = B_cat, ∂X: M = A_cat). A lane owns 8 consecutive columns (one 16-byte bf16
 //               vector, two f32 ones) for a group of 4 tokens; the warp's lanes cover 32/TG
@@ -47,11 +53,12 @@ namespace compose_gemv {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int MAX_T = 16;        // GEMV_MAX_T in src/kernels/compose_common.rs
-constexpr int STAGE_K = 512;     // row GEMV: x[t][k] staged per pass, MAX_T × STAGE_K f32 = 32 KB
+constexpr int ROW_SMEM = 8192;   // row GEMV: x[t][k] staged per pass, TB × (ROW_SMEM / TB) f32 = 32 KB
 constexpr int STAGE_ROWS = 256;  // column GEMV: l[k][t] staged per pass, STAGE_ROWS × MAX_T f32 = 16 KB
-constexpr int SMEM_FLOATS = MAX_T * STAGE_K;  // one buffer: the staged operand, then the reduction
+constexpr int SMEM_FLOATS = ROW_SMEM;  // one buffer: the staged operand, then the reduction
+static_assert(SMEM_FLOATS >= STAGE_ROWS * MAX_T, "the column GEMV's stage fits");
 constexpr int PAIR = 2;          // lanes per row in the row GEMV
-constexpr int ROW_BATCH = 8;     // 16-byte vectors a lane has in flight (row GEMV)
+constexpr int ROW_BATCH = 8;     // 16-byte vectors per batch of a lane (row GEMV; 4 on the 16-token path)
 constexpr int COL_BATCH = 4;     // rows a lane has in flight (column GEMV)
 constexpr int LANE_COLS = 8;     // columns a lane owns (column GEMV)
 constexpr int K_ALIGN = 16;      // warp K ranges start on multiples of 16 elements
@@ -119,22 +126,36 @@ __device__ __forceinline__ bool aligned16(const T* p) {
 
 // ---- row GEMV -------------------------------------------------------------------------------
 
-// acc[t] += x[t][k] · a for the staged x (xs[t · STAGE_K + k - pass start]), t < n_tokens.
-__device__ __forceinline__ void fma_scalar(float (&acc)[MAX_T], float a, const float* xs, int off, int n_tokens) {
+// The row GEMV's code path for up to TB tokens: x staged as xs[t · STAGE + k - pass start].
+template <int TB>
+struct RowPath {
+    static_assert(TB >= 1 && TB <= MAX_T && ROW_SMEM % TB == 0, "a token bound of 1 to 16");
+    static constexpr int STAGE = ROW_SMEM / TB;  // 8192, 2048 or 512 elements of K per pass
+    // Vectors per batch: two batches are in registers; the 16-token path has 16 accumulators
+    // and ~160 instructions of FMA work per vector to hide a batch's latency behind.
+    static constexpr int BATCH = TB == MAX_T ? ROW_BATCH / 2 : ROW_BATCH;
+    static_assert(STAGE % K_ALIGN == 0, "passes start on whole vectors");
+    // Token t of a path runs when t < n_tokens (always, for t = 0 and for the one-token path).
+    static __device__ __forceinline__ bool runs(int t, int n_tokens) { return TB == 1 || t == 0 || t < n_tokens; }
+};
+
+// acc[t] += x[t][k] · a for the staged x, t < n_tokens.
+template <int TB>
+__device__ __forceinline__ void fma_scalar(float (&acc)[TB], float a, const float* xs, int off, int n_tokens) {
     LC_UNROLL
-    for (int t = 0; t < MAX_T; ++t)
-        if (t < n_tokens) acc[t] += a * xs[t * STAGE_K + off];
+    for (int t = 0; t < TB; ++t)
+        if (RowPath<TB>::runs(t, n_tokens)) acc[t] += a * xs[t * RowPath<TB>::STAGE + off];
 }
 
 // acc[t] += Σ_c x[t][off + c] · a[c] over one vector's V elements.
-template <int V>
-__device__ __forceinline__ void fma_vector(float (&acc)[MAX_T], const float (&a)[V], const float* xs, int off,
+template <int TB, int V>
+__device__ __forceinline__ void fma_vector(float (&acc)[TB], const float (&a)[V], const float* xs, int off,
                                            int n_tokens) {
     const bool x_aligned = (off & 3) == 0;  // always, unless the row is not 16-byte aligned
     LC_UNROLL
-    for (int t = 0; t < MAX_T; ++t) {
-        if (t >= n_tokens) continue;
-        const float* xr = xs + t * STAGE_K + off;
+    for (int t = 0; t < TB; ++t) {
+        if (!RowPath<TB>::runs(t, n_tokens)) continue;
+        const float* xr = xs + t * RowPath<TB>::STAGE + off;
         float x[V];
         if (x_aligned) {
             LC_UNROLL
@@ -157,17 +178,44 @@ struct RowShape {
     static constexpr int ROWS = 16 * WR;  // 32 lanes / PAIR rows per warp
 };
 
+// One batch: buf[i] = vector (b0 + q + PAIR·i) of the lane's row part, where it exists.
+template <typename T, int B>
+__device__ __forceinline__ void load_batch(Raw16 (&buf)[B], const T* body, int b0, int q, int n_vecs) {
+    constexpr int V = Vec<T>::N;
+    LC_UNROLL
+    for (int i = 0; i < B; ++i) {
+        const int v = b0 + q + PAIR * i;
+        if (v < n_vecs) buf[i] = load_raw16(body + (size_t)v * V);
+    }
+}
+
+// acc += the batch loaded from vectors b0 + q + PAIR·i (those that exist).
+template <typename T, int TB, int B>
+__device__ __forceinline__ void fma_batch(float (&acc)[TB], const Raw16 (&buf)[B], const float* xs, int x_off,
+                                          int b0, int q, int n_vecs, int n_tokens) {
+    constexpr int V = Vec<T>::N;
+    LC_UNROLL
+    for (int i = 0; i < B; ++i) {
+        const int v = b0 + q + PAIR * i;
+        if (v >= n_vecs) continue;
+        float a[V];
+        widen<T>(buf[i], a);
+        fma_vector<TB, V>(acc, a, xs, x_off + v * V, n_tokens);
+    }
+}
+
 // acc[t] += Σ_{k ∈ [k_begin, k_end) ∩ this lane's share} x(t, k) · M[row][k] for this lane's row
-// (row0 + 16·(warp / WK) + lane / 2), M being rows × ld. `stage(xs, s0, s1)` writes
-// xs[t · STAGE_K + k - s0] for t < n_tokens, k ∈ [s0, s1). Every thread of the block calls it.
-template <typename T, int WR, class Stage>
-__device__ __forceinline__ void row_mainloop(float (&acc)[MAX_T], float* xs, const T* __restrict__ M, int ld, int rows,
+// (row0 + 16·(warp / WK) + lane / 2), M being rows × ld, t < n_tokens ≤ TB. `stage(xs, s0, s1)`
+// writes xs[t · STAGE + k - s0] for t < n_tokens, k ∈ [s0, s1). Every thread of the block calls
+// it.
+template <typename T, int WR, int TB, class Stage>
+__device__ __forceinline__ void row_mainloop(float (&acc)[TB], float* xs, const T* __restrict__ M, int ld, int rows,
                                              int row0, int n_tokens, int k_begin, int k_end, const Stage& stage) {
-    constexpr int V = Vec<T>::N, WK = RowShape<WR>::WK;
+    constexpr int V = Vec<T>::N, WK = RowShape<WR>::WK, B = RowPath<TB>::BATCH, STEP = PAIR * B;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = row0 + (warp / WK) * 16 + lane / PAIR, q = lane % PAIR, wk = warp % WK;
-    for (int s0 = k_begin; s0 < k_end; s0 += STAGE_K) {
-        const int s1 = min(k_end, s0 + STAGE_K);
+    for (int s0 = k_begin; s0 < k_end; s0 += RowPath<TB>::STAGE) {
+        const int s1 = min(k_end, s0 + RowPath<TB>::STAGE);
         const int sub = lc::ceil_div(lc::ceil_div(s1 - s0, WK), K_ALIGN) * K_ALIGN;
         const int ka = min(s1, s0 + wk * sub), kz = min(s1, ka + sub);
         // This lane's part of the row: a scalar head up to the first 16-byte boundary, whole
@@ -178,55 +226,43 @@ __device__ __forceinline__ void row_mainloop(float (&acc)[MAX_T], float* xs, con
         const int head = min(len, (V - misaligned) % V);
         const int n_vecs = (len - head) / V;
         const T* body = p + head;
-        Raw16 buf[ROW_BATCH];
-        LC_UNROLL
-        for (int i = 0; i < ROW_BATCH; ++i) {
-            const int v = q + PAIR * i;
-            if (v < n_vecs) buf[i] = load_raw16(body + (size_t)v * V);
-        }
+        const int x_off = ka + head - s0;
+        Raw16 buf_a[B], buf_b[B];
+        load_batch<T, B>(buf_a, body, 0, q, n_vecs);
         __syncthreads();  // the previous pass is done reading xs
         stage(xs, s0, s1);
         __syncthreads();  // xs complete
-        for (int e = q; e < head; e += PAIR) fma_scalar(acc, lc::to_f32(p[e]), xs, ka + e - s0, n_tokens);
+        for (int e = q; e < head; e += PAIR) fma_scalar<TB>(acc, lc::to_f32(p[e]), xs, ka + e - s0, n_tokens);
         for (int e = head + n_vecs * V + q; e < len; e += PAIR)
-            fma_scalar(acc, lc::to_f32(p[e]), xs, ka + e - s0, n_tokens);
-        for (int b0 = 0; b0 < n_vecs; b0 += PAIR * ROW_BATCH) {
-            if (b0 > 0) {
-                LC_UNROLL
-                for (int i = 0; i < ROW_BATCH; ++i) {
-                    const int v = b0 + q + PAIR * i;
-                    if (v < n_vecs) buf[i] = load_raw16(body + (size_t)v * V);
-                }
-            }
-            LC_UNROLL
-            for (int i = 0; i < ROW_BATCH; ++i) {
-                const int v = b0 + q + PAIR * i;
-                if (v >= n_vecs) continue;
-                float a[V];
-                widen<T>(buf[i], a);
-                fma_vector<V>(acc, a, xs, ka + head + v * V - s0, n_tokens);
-            }
+            fma_scalar<TB>(acc, lc::to_f32(p[e]), xs, ka + e - s0, n_tokens);
+        // Two batches a trip: the next batch's loads are issued before the current one's FMAs.
+        for (int b0 = 0; b0 < n_vecs; b0 += 2 * STEP) {
+            if (b0 + STEP < n_vecs) load_batch<T, B>(buf_b, body, b0 + STEP, q, n_vecs);
+            fma_batch<T, TB, B>(acc, buf_a, xs, x_off, b0, q, n_vecs, n_tokens);
+            if (b0 + 2 * STEP < n_vecs) load_batch<T, B>(buf_a, body, b0 + 2 * STEP, q, n_vecs);
+            if (b0 + STEP < n_vecs) fma_batch<T, TB, B>(acc, buf_b, xs, x_off, b0 + STEP, q, n_vecs, n_tokens);
         }
     }
 }
 
 // Sums the block's partials of each (t, row) in a fixed order and hands each sum to
 // finish(t, row_in_block, sum), one thread per (t, row). Reuses xs; every thread calls it.
-template <int WR, class Finish>
-__device__ __forceinline__ void row_epilogue(const float (&acc)[MAX_T], float* xs, int n_tokens, const Finish& finish) {
+template <int WR, int TB, class Finish>
+__device__ __forceinline__ void row_epilogue(const float (&acc)[TB], float* xs, int n_tokens, const Finish& finish) {
     constexpr int WK = RowShape<WR>::WK, ROWS = RowShape<WR>::ROWS;
+    static_assert(WK * PAIR * TB * ROWS <= SMEM_FLOATS, "the partials fit the buffer");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r = (warp / WK) * 16 + lane / PAIR, part = (warp % WK) * PAIR + lane % PAIR;
-    float* red = xs;  // red[(part · MAX_T + t) · ROWS + r]: WK · PAIR · MAX_T · ROWS = 4096 floats
+    float* red = xs;  // red[(part · TB + t) · ROWS + r]
     __syncthreads();  // every lane is done reading xs
     LC_UNROLL
-    for (int t = 0; t < MAX_T; ++t)
-        if (t < n_tokens) red[(part * MAX_T + t) * ROWS + r] = acc[t];
+    for (int t = 0; t < TB; ++t)
+        if (RowPath<TB>::runs(t, n_tokens)) red[(part * TB + t) * ROWS + r] = acc[t];
     __syncthreads();
     for (int e = threadIdx.x; e < n_tokens * ROWS; e += THREADS) {
         const int t = e / ROWS, rr = e % ROWS;
         float s = 0.0f;
-        for (int u = 0; u < WK * PAIR; ++u) s += red[(u * MAX_T + t) * ROWS + rr];
+        for (int u = 0; u < WK * PAIR; ++u) s += red[(u * TB + t) * ROWS + rr];
         finish(t, rr, s);
     }
 }
@@ -340,40 +376,50 @@ __device__ __forceinline__ void zero(float* __restrict__ work, int n) {
     if (i < n) work[i] = 0.0f;
 }
 
-// u_acc += X A_catᵀ over this block's K split. Grid (ceil(R / 32), splits).
-template <typename T>
-__device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, float* __restrict__ u_acc,
-                                       int n_tokens, int d_in, int R, int chunk) {
+// u_acc += X A_catᵀ over this block's K split, on the TB-token path; smem: the block's buffer.
+template <typename T, int TB>
+__device__ __forceinline__ void shrink_path(float* smem, const T* __restrict__ X, const T* __restrict__ A_cat,
+                                            float* __restrict__ u_acc, int n_tokens, int d_in, int R, int chunk) {
     constexpr int WR = 2;
-    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
-    float* smem = reinterpret_cast<float*>(smem_quads);
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const int k_begin = blockIdx.y * chunk, k_end = min(d_in, k_begin + chunk);
     auto stage_x = [&](float* xs, int s0, int s1) {
         const int w = s1 - s0;
         for (int e = threadIdx.x; e < n_tokens * w; e += THREADS) {
             const int t = e / w, kk = e % w;
-            xs[t * STAGE_K + kk] = lc::to_f32(X[(size_t)t * d_in + s0 + kk]);
+            xs[t * RowPath<TB>::STAGE + kk] = lc::to_f32(X[(size_t)t * d_in + s0 + kk]);
         }
     };
-    float acc[MAX_T] = {};
-    row_mainloop<T, WR>(acc, smem, A_cat, d_in, R, row0, n_tokens, k_begin, k_end, stage_x);
-    row_epilogue<WR>(acc, smem, n_tokens, [&](int t, int r, float s) {
+    float acc[TB] = {};
+    row_mainloop<T, WR, TB>(acc, smem, A_cat, d_in, R, row0, n_tokens, k_begin, k_end, stage_x);
+    row_epilogue<WR, TB>(acc, smem, n_tokens, [&](int t, int r, float s) {
         if (row0 + r < R) atomicAdd(&u_acc[(size_t)t * R + row0 + r], s);
     });
 }
 
-// Y += Z B_catᵀ with Z = u_acc ∘ D formed while staging; block x = 0 also stores U (when
-// given) and Z. Grid (ceil(d_out / 16)); K = R in passes of STAGE_K, no split.
+// u_acc += X A_catᵀ over this block's K split. Grid (ceil(R / 32), splits). The token count
+// picks the code path (uniform across the grid).
 template <typename T>
-__device__ __forceinline__ void expand(const float* __restrict__ u_acc, const float* __restrict__ C,
-                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                       const float* __restrict__ col_scale, const T* __restrict__ B_cat,
-                                       T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens, int R,
-                                       int d_out, int n_modules) {
-    constexpr int WR = 1;
+__device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, float* __restrict__ u_acc,
+                                       int n_tokens, int d_in, int R, int chunk) {
     SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
     float* smem = reinterpret_cast<float*>(smem_quads);
+    if (n_tokens == 1)
+        shrink_path<T, 1>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+    else if (n_tokens <= 4)
+        shrink_path<T, 4>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+    else
+        shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+}
+
+// Y += Z B_catᵀ on the TB-token path; smem: the block's buffer.
+template <typename T, int TB>
+__device__ __forceinline__ void expand_path(float* smem, const float* __restrict__ u_acc, const float* __restrict__ C,
+                                            const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                            const float* __restrict__ col_scale, const T* __restrict__ B_cat,
+                                            T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens,
+                                            int R, int d_out, int n_modules) {
+    constexpr int WR = 1;
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const bool store_uz = blockIdx.x == 0;
     // One thread per column j walks the tokens: the column's module and scale are loaded once
@@ -385,7 +431,7 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, const fl
             for (int t = 0; t < n_tokens; ++t) {
                 const float u = u_acc[(size_t)t * R + j];
                 const T z = lc::from_f32<T>(u * (C[(size_t)sample_of[t] * n_modules + module] * scale));
-                xs[t * STAGE_K + (j - s0)] = lc::to_f32(z);
+                xs[t * RowPath<TB>::STAGE + (j - s0)] = lc::to_f32(z);
                 if (store_uz) {
                     if (U) U[(size_t)t * R + j] = lc::from_f32<T>(u);
                     Z[(size_t)t * R + j] = z;
@@ -393,14 +439,36 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, const fl
             }
         }
     };
-    float acc[MAX_T] = {};
-    row_mainloop<T, WR>(acc, smem, B_cat, R, d_out, row0, n_tokens, 0, R, stage_z);
-    row_epilogue<WR>(acc, smem, n_tokens, [&](int t, int r, float s) {
+    float acc[TB] = {};
+    row_mainloop<T, WR, TB>(acc, smem, B_cat, R, d_out, row0, n_tokens, 0, R, stage_z);
+    row_epilogue<WR, TB>(acc, smem, n_tokens, [&](int t, int r, float s) {
         const int o = row0 + r;
         if (o >= d_out) return;
         T* y = Y + (size_t)t * d_out + o;
         *y = lc::from_f32<T>(lc::to_f32(*y) + s);
     });
+}
+
+// Y += Z B_catᵀ with Z = u_acc ∘ D formed while staging; block x = 0 also stores U (when
+// given) and Z. Grid (ceil(d_out / 16)); K = R in passes of 8192 / TB, no split. The token
+// count picks the code path (uniform across the grid).
+template <typename T>
+__device__ __forceinline__ void expand(const float* __restrict__ u_acc, const float* __restrict__ C,
+                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                       const float* __restrict__ col_scale, const T* __restrict__ B_cat,
+                                       T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens, int R,
+                                       int d_out, int n_modules) {
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
+    if (n_tokens == 1)
+        expand_path<T, 1>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+                          n_modules);
+    else if (n_tokens <= 4)
+        expand_path<T, 4>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+                          n_modules);
+    else
+        expand_path<T, MAX_T>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+                              n_modules);
 }
 
 // h_acc += G B_cat over this block's split of d_out (when h_acc is given), and the split's part

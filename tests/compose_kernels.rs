@@ -654,9 +654,10 @@ proptest! {
 }
 
 /// The GEMV variant on shapes the random cases do not reach: 16-byte aligned rows throughout
-/// (d and R multiples of 8), K longer than one staging pass of a block (d_in > 512 and R > 512
-/// for the row GEMVs, d_out and R > 256 for the column GEMVs, with one SM so that nothing is
-/// split), a single token of rank 1, and the largest T.
+/// (d and R multiples of 8), K longer than one staging pass of a block on each of the row
+/// GEMVs' three token paths (a pass is 8192 elements of K at T = 1, 2048 at T ≤ 4, 512 at
+/// T ≤ 16: d_in for the shrink, R for the expand; d_out and R > 256 for the column GEMVs; with
+/// one SM nothing is split), a single token of rank 1, and the largest T.
 #[test]
 fn harness_gemv_fixed_cases() {
     use Assign::*;
@@ -676,6 +677,19 @@ fn harness_gemv_fixed_cases() {
             make_case_with_ranks(34, 5, 33, 40, &[1, 3, 8, 16, 64, 3, 1, 8], p, Zipf, OneHot),
         ),
         (4, make_case_with_ranks(35, 12, 40, 24, &[8; 5], p, AllDistinct, Zero)),
+        // Several passes on each token path: T = 9 (d_in and R > 512), T = 4 (d_in > 2048),
+        // T = 2 (R > 2048), T = 1 (d_in > 8192, then R > 8192).
+        (1, make_case_with_ranks(36, 9, 600, 40, &long, p, Zipf, Random)),
+        (
+            1,
+            make_case_with_ranks(37, 4, 2100, 24, &[8, 16], p, AllDistinct, Negative),
+        ),
+        (
+            1,
+            make_case_with_ranks(38, 2, 16, 24, &[64; 33], p, AllDistinct, Random),
+        ),
+        (1, make_case_with_ranks(39, 1, 8200, 16, &[8, 3], p, AllSame, Random)),
+        (1, make_case_with_ranks(40, 1, 8, 8, &[128; 65], p, AllSame, OneHot)),
     ];
     for (i, (train_count, case)) in cases.iter().enumerate() {
         for (sm_count, thread_order) in [(1, 0), (3, 1), (132, 2 + i as u64)] {
