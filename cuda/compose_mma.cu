@@ -187,11 +187,13 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         }
         __syncthreads();
         // Stage 1: one thread per (row, segment) sums the segment into part[m][first], columns
-        // in order. Only segment starts are written, each by the thread that owns it, and only
-        // its own segment is read. Consecutive threads take consecutive rows (distinct banks).
+        // in order, for the half's rows that hold tokens (stage 2 reads no other). Only segment
+        // starts are written, each by the thread that owns it, and only its own segment is
+        // read. Consecutive threads take consecutive rows (distinct banks).
         const int n_segs = *n_segs_at;
-        for (int e = tid; e < PART_ROWS * n_segs; e += THREADS) {
-            const int s = e / PART_ROWS, m = e % PART_ROWS;
+        const int rows = min(PART_ROWS, n_tokens - row0);
+        for (int e = tid; e < max(rows, 0) * n_segs; e += THREADS) {
+            const int s = e / rows, m = e % rows;
             const int first = seg_first[s], end = seg_end[s];
             float sum = part[m][first];
             for (int c = first + 1; c < end; ++c) sum += part[m][c];
@@ -200,7 +202,6 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         __syncthreads();
         // Stage 2: one thread per segment walks the half's tokens and adds each run of tokens of
         // one sample with a single atomicAdd.
-        const int rows = min(PART_ROWS, n_tokens - row0);
         if (rows > 0 && tid < n_segs) {
             const int col = seg_first[tid];
             const int module = tile_module[col];

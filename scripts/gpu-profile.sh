@@ -2,14 +2,17 @@
 # Runs on the GPU machine from the bundle (scripts/build-gpu-bundle.sh copies it there): a short
 # composition bench over a few shapes (direct launches and CUDA-graph replay side by side), then
 # Nsight Compute over the kernels those shapes run, for where the time goes inside them (memory
-# throughput, occupancy, warp stall reasons). ncu runs with --clock-control none: the clocks are
+# throughput, occupancy, warp stall reasons). First run on the H200 of 2026-12-04:
+# benches/gpu-runs/2026-12-04-h200-profile/. ncu runs with --clock-control none: the clocks are
 # left as found. Everything goes under $OUT (or ./profile): bench.log, ncu-*.txt, clocks.txt.
 #
 # Usage: gpu-bundle/gpu-profile.sh [--budget SECONDS] [--shapes "d,N,T;…"] [--ncu "d,N,T@REGEX@SKIP@COUNT …"]
-#   --shapes   bench shapes (default: small-T gemv shapes and the mma shapes of the targets)
+#   --shapes   bench shapes (default: small-T gemv shapes and the mma shapes of the targets);
+#              the small-T ones are also timed without the L2 flush (bench-noflush.log)
 #   --ncu      space-separated profiles: one shape, a kernel-name regex, launches of it to skip
-#              and to profile (default: gemv forward and backward at N = 128, T = 1 and 16;
-#              the mma hidden kernel with its ∂C epilogue)
+#              and to profile (default: the three gemv forward kernels at N = 8, T = 1; gemv
+#              forward and backward at N = 128, T = 1 and 16; the mma forward kernels and the
+#              hidden kernel with its ∂C epilogue at N = 32, T = 4096)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -24,9 +27,11 @@ out="${OUT:-$PWD/profile}"
 mkdir -p "$out"
 budget=300
 shapes="4096,8,1;4096,32,1;4096,32,16;4096,128,1;4096,128,16;768,32,16;4096,32,4096;4096,128,4096"
+noflush_shapes="4096,8,1;4096,32,1;4096,128,1;4096,128,16"
 # The first launches of each: the forward's check run, the first backward (∂C + ∂X) warm-up.
-profiles="4096,128,1@compose_gemv_(shrink|expand)@0@2 4096,128,1@compose_gemv_(hidden|dx)@0@2
-4096,128,16@compose_gemv_(shrink|expand)@0@2 4096,128,16@compose_gemv_(hidden|dx)@0@2
+profiles="4096,8,1@compose_gemv_@0@3 4096,128,1@compose_gemv_(shrink|expand)@0@2
+4096,128,1@compose_gemv_(hidden|dx)@0@2 4096,128,16@compose_gemv_(shrink|expand)@0@2
+4096,128,16@compose_gemv_(hidden|dx)@0@2 4096,32,4096@compose_mma_(shrink|expand)@0@2
 4096,32,4096@compose_mma_hidden_bf16@0@1"
 while (($#)); do
     case "$1" in
@@ -45,6 +50,11 @@ start=$SECONDS
 timeout "$(left $((n_profiles * 40)))" "$here/gpu-bench" --compose-only --no-model --runs 10 --shapes "$shapes" \
     >"$out/bench.log" 2>&1
 echo "bench: exit $? ($((SECONDS - start)) s)"
+# The small shapes again without the L2 flush before each run (gpu-bench --no-flush).
+start=$SECONDS
+timeout "$(left $((n_profiles * 40)))" "$here/gpu-bench" --compose-only --no-model --runs 10 --no-flush \
+    --shapes "$noflush_shapes" >"$out/bench-noflush.log" 2>&1
+echo "bench --no-flush: exit $? ($((SECONDS - start)) s)"
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw --format=csv,noheader >>"$out/clocks.txt" 2>&1
 
 if ! command -v ncu >/dev/null 2>&1; then

@@ -18,9 +18,11 @@
 //! timed as CUDA graphs (`GpuBackend::capture`, rows "… graph"): the same launches replayed with
 //! one call, which shows what the kernels cost without the per-launch overhead.
 //!
-//! Usage: `gpu-bench [--runs N] [--compose-only] [--shapes "d,N,T;…"] [--no-model]` (default 20
-//! timed runs after 3 warm-ups; `--shapes` times only those composition shapes and skips the
-//! targets summary; `--no-model` skips the whole-model bench);
+//! Usage: `gpu-bench [--runs N] [--compose-only] [--shapes "d,N,T;…"] [--no-model] [--no-flush]`
+//! (default 20 timed runs after 3 warm-ups; `--shapes` times only those composition shapes and
+//! skips the targets summary; `--no-model` skips the whole-model bench; `--no-flush` times
+//! without the L2 flush: the flush writes 256 MB, and whether the dirty lines it leaves cost the
+//! next small kernel their write-back is what comparing the two shows);
 //! `gpu-bench --dump-ptx FAMILY PATH` writes the embedded PTX of `cuda/FAMILY.cu` to PATH and
 //! exits (gpu-check.sh compiles it with ptxas to read the SASS of the tensor-core kernels).
 
@@ -460,7 +462,8 @@ fn driver<E: std::fmt::Debug>(context: &'static str) -> impl Fn(E) -> KernelErro
     }
 }
 
-/// Median milliseconds of `runs` calls of `launch`, each after an L2 flush, timed with events.
+/// Median milliseconds of `runs` calls of `launch`, each after an L2 flush (none with
+/// `--no-flush`: operands that fit stay in the L2 from the previous run), timed with events.
 fn time_runs(
     gpu: &GpuBackend,
     flush: &mut GpuBuffer<u8>,
@@ -472,8 +475,11 @@ fn time_runs(
         launch()?;
     }
     let mut times = Vec::with_capacity(runs);
+    let no_flush = std::env::args().any(|a| a == "--no-flush");
     for _ in 0..runs {
-        gpu.zero(flush)?;
+        if !no_flush {
+            gpu.zero(flush)?;
+        }
         gpu.record(&start)?;
         launch()?;
         gpu.record(&end)?;
