@@ -92,19 +92,7 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[FRAG_M][FRAG_N][4];
     mainloop<T, false, NK>(acc, stages, stages + STAGES * TILE, A, B, M, N, K, m0, n0);
-    const Frag f;
-    LC_UNROLL
-    for (int i = 0; i < FRAG_M; ++i)
-        LC_UNROLL
-        for (int j = 0; j < FRAG_N; ++j)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (row < M && col < N) {
-                    T* o = out + (size_t)row * N + col;
-                    *o = lc::from_f32<T>(lc::to_f32(*o) + acc[i][j][v]);
-                }
-            }
+    epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / BM)), block (256); K = d_out. H = G B_cat in registers; ∂U (if

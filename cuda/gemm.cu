@@ -124,16 +124,7 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[FRAG_M][FRAG_N][4];
     mainloop<T, TA, TB>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0);
-    const Frag f;
-    LC_UNROLL
-    for (int i = 0; i < FRAG_M; ++i)
-        LC_UNROLL
-        for (int j = 0; j < FRAG_N; ++j)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (row < M && col < N) store_c(C, (size_t)row * N + col, acc[i][j][v], alpha, beta);
-            }
+    epilogue_axpby<T>(acc, C, M, N, m0, n0, alpha, beta);
 }
 }  // namespace mma
 

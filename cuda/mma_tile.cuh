@@ -152,4 +152,82 @@ __device__ __forceinline__ void mainloop(float (&acc)[FRAG_M][FRAG_N][4], T* a_t
     __syncthreads();         // every warp's last ldmatrix is done before the tiles are reused
 }
 
+// Two consecutive 16-bit elements as one 4-byte access.
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+    T lo, hi;
+};
+
+// out[row][col] = alpha · acc + beta · out[row][col] over the block tile at (m0, n0), rounded
+// once (beta == 0: out is not read). Every old value a thread needs is loaded before it stores
+// any: as far as the compiler can tell a store through `out` may alias a later load through it,
+// so a read-add-store per element waits one memory latency each — the sm_90 SASS of the
+// composition's expand showed 32 LDG → STG round trips a thread, and the H200 run had the
+// expand and ∂X kernels (K = R, a full grid) at under half the rate of the shrink. Column
+// pairs go as one 4-byte access when N is even and `out` is 4-byte aligned, two m16 rows of
+// fragments at a time; otherwise element by element, loads first, one m16 row at a time.
+template <typename T>
+__device__ __forceinline__ void epilogue_axpby(const float (&acc)[FRAG_M][FRAG_N][4], T* __restrict__ out, int M,
+                                               int N, int m0, int n0, float alpha, float beta) {
+    const Frag f;
+    const bool read = beta != 0.0f;
+    if (N % 2 == 0 && reinterpret_cast<size_t>(out) % sizeof(Pair<T>) == 0) {
+        // Fragment pair h of (i, j) is accumulators 2h and 2h + 1: one row, columns col, col + 1
+        // (col even, so col < N means both are in range). Two m16 rows of fragments at a time:
+        // 16 pairs in flight, two round trips a thread (all 32 at once spill).
+        constexpr int IC = 2;
+        static_assert(FRAG_M % IC == 0, "whole chunks of fragment rows");
+        LC_UNROLL
+        for (int i0 = 0; i0 < FRAG_M; i0 += IC) {
+            Pair<T> old[IC][FRAG_N][2];
+            if (read) {
+                LC_UNROLL
+                for (int i = 0; i < IC; ++i)
+                    LC_UNROLL
+                    for (int j = 0; j < FRAG_N; ++j)
+                        LC_UNROLL
+                        for (int h = 0; h < 2; ++h) {
+                            const int row = m0 + f.row(i0 + i, 2 * h), col = n0 + f.col(j, 0);
+                            if (row < M && col < N)
+                                old[i][j][h] = *reinterpret_cast<const Pair<T>*>(out + (size_t)row * N + col);
+                        }
+            }
+            LC_UNROLL
+            for (int i = 0; i < IC; ++i)
+                LC_UNROLL
+                for (int j = 0; j < FRAG_N; ++j)
+                    LC_UNROLL
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = m0 + f.row(i0 + i, 2 * h), col = n0 + f.col(j, 0);
+                        if (row >= M || col >= N) continue;
+                        const float p0 = read ? beta * lc::to_f32(old[i][j][h].lo) : 0.0f;
+                        const float p1 = read ? beta * lc::to_f32(old[i][j][h].hi) : 0.0f;
+                        Pair<T> v;
+                        v.lo = lc::from_f32<T>(alpha * acc[i0 + i][j][2 * h] + p0);
+                        v.hi = lc::from_f32<T>(alpha * acc[i0 + i][j][2 * h + 1] + p1);
+                        *reinterpret_cast<Pair<T>*>(out + (size_t)row * N + col) = v;
+                    }
+        }
+        return;
+    }
+    LC_UNROLL
+    for (int i = 0; i < FRAG_M; ++i) {
+        float old[FRAG_N][4];
+        LC_UNROLL
+        for (int j = 0; j < FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
+                old[j][v] = read && row < M && col < N ? beta * lc::to_f32(out[(size_t)row * N + col]) : 0.0f;
+            }
+        LC_UNROLL
+        for (int j = 0; j < FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
+                if (row < M && col < N) out[(size_t)row * N + col] = lc::from_f32<T>(alpha * acc[i][j][v] + old[j][v]);
+            }
+    }
+}
+
 }  // namespace mma_tile
