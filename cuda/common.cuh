@@ -144,15 +144,24 @@ __device__ __forceinline__ void add_tile_or_partial(const float (&acc)[S::TM][S:
     for (int i = 0; i < S::TM; ++i) {
         const int r = row0 + ty + i * S::THREADS_M;
         if (r >= rows) continue;
+        if (gridDim.z > 1) {
+            for (int q = 0; q < S::TN; ++q) {
+                const int c = col0 + tx + q * S::THREADS_N;
+                if (c < cols) work[((size_t)blockIdx.z * rows + r) * cols + c] = acc[i][q];
+            }
+            continue;
+        }
+        // The row's old values all loaded before any is stored (a store through `out` may
+        // alias a later load through it as far as the compiler can tell: a load-add-store per
+        // element would wait one memory latency each).
+        float old[S::TN];
         for (int q = 0; q < S::TN; ++q) {
             const int c = col0 + tx + q * S::THREADS_N;
-            if (c >= cols) continue;
-            if (gridDim.z > 1) {
-                work[((size_t)blockIdx.z * rows + r) * cols + c] = acc[i][q];
-            } else {
-                T* o = out + (size_t)r * cols + c;
-                *o = from_f32<T>(to_f32(*o) + acc[i][q]);
-            }
+            old[q] = c < cols ? to_f32(out[(size_t)r * cols + c]) : 0.0f;
+        }
+        for (int q = 0; q < S::TN; ++q) {
+            const int c = col0 + tx + q * S::THREADS_N;
+            if (c < cols) out[(size_t)r * cols + c] = from_f32<T>(old[q] + acc[i][q]);
         }
     }
 }

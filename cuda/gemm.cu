@@ -105,11 +105,20 @@ __device__ __forceinline__ void tiled(const T* __restrict__ A, const T* __restri
         __syncthreads();  // everyone done reading before the next K step overwrites the tiles
     }
 
+    // A row of the thread's outputs at a time, its old values all loaded before any is stored
+    // (a store through C may alias a later load through it as far as the compiler can tell: a
+    // load-add-store per element would wait one memory latency each).
     for (int i = 0; i < TM; ++i) {
         const int row = row0 + ty + i * THREADS_M;
+        if (row >= M) continue;
+        float previous[TN];
         for (int j = 0; j < TN; ++j) {
             const int col = col0 + tx + j * THREADS_N;
-            if (row < M && col < N) store_c(C, (size_t)row * N + col, acc[i][j], alpha, beta);
+            previous[j] = beta != 0.0f && col < N ? beta * lc::to_f32(C[(size_t)row * N + col]) : 0.0f;
+        }
+        for (int j = 0; j < TN; ++j) {
+            const int col = col0 + tx + j * THREADS_N;
+            if (col < N) C[(size_t)row * N + col] = lc::from_f32<T>(alpha * acc[i][j] + previous[j]);
         }
     }
 }
