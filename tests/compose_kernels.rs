@@ -23,7 +23,7 @@ use common::*;
 use lora_compose::check::{compare, Tol};
 use lora_compose::compose::layer::{select, ComposedLayer, Device, DeviceChoice};
 use lora_compose::compose::{reference, LayerOf, Mode, ModuleStack, Rows, Train};
-use lora_compose::gpu::GpuBackend;
+use lora_compose::gpu::{GpuBackend, GpuBuffer};
 use lora_compose::harness::CpuHarness;
 use lora_compose::kernels::compose_fwd::{self, Shape, Tables, TokenRows};
 use lora_compose::kernels::{
@@ -948,4 +948,81 @@ fn gpu_sanitizer_cases() {
         CoeffKind::Random,
     );
     check_all(&gpu, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A composition forward recorded into a CUDA graph (`GpuBackend::capture`) and replayed gives
+/// what the direct launches give: exactly for `mma` (no atomics: the same sums in the same
+/// order), within bf16 rounding for `gemv` (its split-K atomics add in any order).
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
+fn gpu_graph_replays_the_launches() {
+    let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
+    let case = make_case_with_ranks(
+        41,
+        5,
+        200,
+        136,
+        &[16, 8, 24],
+        Mode::Product,
+        Assign::Zipf,
+        CoeffKind::Random,
+    );
+    let p = prepare::<half::bf16>(&case, 41);
+    let s = &p.shape;
+    let (tables, token_rows, c) = upload_tables(&gpu, &case, &p).expect("tables");
+    let (x, a, b) = (
+        gpu.upload(&p.x).expect("x"),
+        gpu.upload(&p.a_cat).expect("a"),
+        gpu.upload(&p.b_cat).expect("b"),
+    );
+    let inputs = compose_fwd::Inputs {
+        x: &x,
+        a_cat: &a,
+        b_cat: &b,
+        c: &c,
+        rows: &token_rows,
+        tables: &tables,
+    };
+    for variant in [compose_fwd::Variant::Mma, compose_fwd::Variant::Gemv] {
+        let (t, r) = (s.t, s.r_total());
+        let mut u = gpu.upload(&vec![half::bf16::ZERO; t * r]).expect("u");
+        let mut z = gpu.upload(&vec![half::bf16::ZERO; t * r]).expect("z");
+        let mut y = gpu.upload(&p.y0).expect("y");
+        let mut work = gpu
+            .alloc::<f32>(compose_fwd::workspace_len(variant, s, gpu.sm_count()))
+            .expect("work");
+        let mut run = |gpu: &GpuBackend, y: &mut GpuBuffer<half::bf16>| {
+            let outputs = compose_fwd::Outputs {
+                u: Some(&mut u),
+                z: &mut z,
+                y,
+                work: &mut work,
+            };
+            compose_fwd::launch(gpu, variant, s, &inputs, outputs)
+        };
+        run(&gpu, &mut y).expect("direct launches");
+        let direct = gpu.download(&y).expect("download");
+        gpu.upload_into(&mut y, &p.y0).expect("reset Y");
+        let graph = gpu.capture(|gpu| run(gpu, &mut y)).expect("capture");
+        // Recording ran nothing: Y is still Y0.
+        assert_eq!(
+            gpu.download(&y).expect("download"),
+            p.y0,
+            "{variant:?}: the capture ran the launches"
+        );
+        graph.launch().expect("replay");
+        let replayed = gpu.download(&y).expect("download");
+        let scale = direct.iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs())).max(1e-30);
+        let worst = direct
+            .iter()
+            .zip(&replayed)
+            .fold(0.0f32, |m, (d, g)| m.max((d.to_f32() - g.to_f32()).abs()));
+        match variant {
+            compose_fwd::Variant::Mma => assert_eq!(direct, replayed, "{variant:?}: replay differs"),
+            _ => assert!(
+                worst <= 1e-2 * scale,
+                "{variant:?}: replay differs by {worst} (max |Y| {scale})"
+            ),
+        }
+    }
 }
