@@ -440,6 +440,29 @@ struct Timing {
     bytes: f64,
 }
 
+impl Timing {
+    /// A row of shape (d, N, T): `ms` for `flops_bytes`' (flops, bytes).
+    fn of(
+        (d, n, t): (usize, usize, usize),
+        pass: &'static str,
+        variant: &'static str,
+        ms: f64,
+        fb: (f64, f64),
+    ) -> Timing {
+        let (flops, bytes) = fb;
+        Timing {
+            d,
+            n,
+            t,
+            pass,
+            variant,
+            ms,
+            flops,
+            bytes,
+        }
+    }
+}
+
 /// The backward timed: what learned composition needs (∂C and ∂X for the layer below), and ∂X
 /// alone for the ∂C overhead.
 const BWD_COEFFS_INPUT: Train = Train {
@@ -609,7 +632,7 @@ fn bench_compose_shape(
     };
 
     for &variant in compose_fwd::ALL {
-        let ms = time_runs(gpu, flush, runs, || {
+        let mut launch = || {
             let outputs = compose_fwd::Outputs {
                 u: Some(&mut u),
                 z: &mut z,
@@ -617,38 +640,15 @@ fn bench_compose_shape(
                 work: &mut work,
             };
             compose_fwd::launch(gpu, variant, &shape, &fwd_inputs, outputs)
-        })?;
+        };
+        let ms = time_runs(gpu, flush, runs, &mut launch)?;
+        let graph_ms = match graph_name(variant.name(), t) {
+            Some(name) => Some((name, time_graph(gpu, flush, runs, &mut launch)?)),
+            None => None,
+        };
         let (flops, bytes) = compose_fwd::flops_bytes(&shape, DType::BF16, true);
-        out.push(Timing {
-            d,
-            n,
-            t,
-            pass: "forward",
-            variant: variant.name(),
-            ms,
-            flops,
-            bytes,
-        });
-        if let Some(name) = graph_name(variant.name(), t) {
-            let ms = time_graph(gpu, flush, runs, || {
-                let outputs = compose_fwd::Outputs {
-                    u: Some(&mut u),
-                    z: &mut z,
-                    y: &mut y,
-                    work: &mut work,
-                };
-                compose_fwd::launch(gpu, variant, &shape, &fwd_inputs, outputs)
-            })?;
-            out.push(Timing {
-                d,
-                n,
-                t,
-                pass: "forward",
-                variant: name,
-                ms,
-                flops,
-                bytes,
-            });
+        for (variant, ms) in std::iter::once((variant.name(), ms)).chain(graph_ms) {
+            out.push(Timing::of((d, n, t), "forward", variant, ms, (flops, bytes)));
         }
     }
 
@@ -657,16 +657,7 @@ fn bench_compose_shape(
         let (flops, bytes) = compose_fwd::flops_bytes(&shape, DType::BF16, true);
         for (variant, ms) in [("cuBLAS×2", Some(ms)), ("cuBLAS×2 graph", graph_ms)] {
             if let Some(ms) = ms {
-                out.push(Timing {
-                    d,
-                    n,
-                    t,
-                    pass: "forward",
-                    variant,
-                    ms,
-                    flops,
-                    bytes,
-                });
+                out.push(Timing::of((d, n, t), "forward", variant, ms, (flops, bytes)));
             }
         }
     }
@@ -692,7 +683,7 @@ fn bench_compose_shape(
             (compose_bwd::Variant::Mma, BWD_INPUT, "backward ∂X"),
         ]);
     for (variant, train, pass) in runs_of {
-        let ms = time_runs(gpu, flush, runs, || {
+        let mut launch = || {
             let outputs = compose_bwd::Outputs {
                 dc: train.coeffs.then_some(&mut dc),
                 du: Some(&mut du),
@@ -702,40 +693,15 @@ fn bench_compose_shape(
                 work: &mut work,
             };
             compose_bwd::launch(gpu, variant, &shape, train, &bwd_inputs, outputs)
-        })?;
+        };
+        let ms = time_runs(gpu, flush, runs, &mut launch)?;
+        let graph_ms = match graph_name(variant.name(), t) {
+            Some(name) => Some((name, time_graph(gpu, flush, runs, &mut launch)?)),
+            None => None,
+        };
         let (flops, bytes) = compose_bwd::flops_bytes(&shape, DType::BF16, train);
-        out.push(Timing {
-            d,
-            n,
-            t,
-            pass,
-            variant: variant.name(),
-            ms,
-            flops,
-            bytes,
-        });
-        if let Some(name) = graph_name(variant.name(), t) {
-            let ms = time_graph(gpu, flush, runs, || {
-                let outputs = compose_bwd::Outputs {
-                    dc: train.coeffs.then_some(&mut dc),
-                    du: Some(&mut du),
-                    dx: Some(&mut dx),
-                    da_cat: None,
-                    db_cat: None,
-                    work: &mut work,
-                };
-                compose_bwd::launch(gpu, variant, &shape, train, &bwd_inputs, outputs)
-            })?;
-            out.push(Timing {
-                d,
-                n,
-                t,
-                pass,
-                variant: name,
-                ms,
-                flops,
-                bytes,
-            });
+        for (variant, ms) in std::iter::once((variant.name(), ms)).chain(graph_ms) {
+            out.push(Timing::of((d, n, t), pass, variant, ms, (flops, bytes)));
         }
     }
     Ok(check)
