@@ -25,7 +25,11 @@
 // shrink, B_cat in the expand) or (K, N) ("kn": B_cat in H, A_cat in ∂X), with different
 // epilogues:
 //   - a 128×128 output tile per block of 8 warps (2 along M × 4 along N, 64×32 each: 4×4
-//     m16n8k16 tiles, 64 f32 accumulators per lane);
+//     m16n8k16 tiles, 64 f32 accumulators per lane); the shrink and hidden kernels also come
+//     on 64×128 tiles (`_shrink64`, `_hidden64`: warps of 32×32), which the plan picks when
+//     128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
+//     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
+//     block per SM);
 //   - K in steps of 32 through a 3-stage cp.async.cg pipeline (one commit group per stage,
 //     `wait_group 1` before each step) in XOR-swizzled shared memory (48 KiB);
 //   - fragments by ldmatrix.x4 (.trans for the kn operand);
@@ -33,7 +37,7 @@
 //     of the operand is 16-byte aligned (its row length a multiple of 8, an aligned base), the
 //     others element by element with zeros past the edges; the epilogues guard rows and columns.
 // The ∂C epilogue reuses the pipeline's shared memory for s_j H[t, j] U[t, j] in two halves of
-// 64 rows (f32 part[64][129], 33 KB): segmented sums over each module's columns, then one
+// the tile (f32 part[64][129], 33 KB; part[32][129] on 64-row tiles): segmented sums over each module's columns, then one
 // atomicAdd per (run of tokens of one sample, module) per half tile. The tile's module ids and
 // token samples are staged once beside `part` (2 × 128 int32), so the serial loops of the
 // segmented sums read shared memory, not a chain of dependent global loads; so is the tile's
@@ -47,27 +51,31 @@
 namespace compose_mma {
 
 using namespace mma_tile;
-// The ∂C epilogue's part[PART_ROWS][BN + 1] f32 in the pipeline's shared memory.
-constexpr int PART_ROWS = BM / 2;
-static_assert(PART_ROWS == WM, "one half of the tile is one row of warps");
-// Beside part: tile_module[BN], tile_sample[BM], seg_first[BN], seg_end[BN], n_segs.
-constexpr int EPILOGUE_INTS = BN + BM + 2 * BN + 1;
-static_assert(PART_ROWS * (BN + 1) * 4 + EPILOGUE_INTS * 4 <= 2 * STAGES * TILE * 2,
-              "part, the staged module ids and samples and the segment list fit the pipeline stages");
+// The ∂C epilogue of a TBM-row tile: part[PART_ROWS][BN + 1] f32 in the pipeline's shared
+// memory, beside it tile_module[BN], tile_sample[TBM], seg_first[BN], seg_end[BN], n_segs.
+template <int TBM>
+struct Epilogue {
+    static constexpr int PART_ROWS = TBM / 2;
+    static_assert(PART_ROWS == Rows<TBM>::WM, "one half of the tile is one row of warps");
+    static constexpr int INTS = BN + TBM + 2 * BN + 1;
+    static_assert(PART_ROWS * (BN + 1) * 4 + INTS * 4 <= 2 * STAGES * TILE * 2,
+                  "part, the staged module ids and samples and the segment list fit the pipeline stages");
+};
 
-// Grid (ceil(R / BN), ceil(T / BM)), block (256). U (if given) = X A_catᵀ, Z = U ∘ D.
-template <typename T>
+// Grid (ceil(R / BN), ceil(T / TBM)), block (256). U (if given) = X A_catᵀ, Z = U ∘ D.
+template <typename T, int TBM>
 __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const T* __restrict__ A_cat,
                                        const float* __restrict__ C, const int* __restrict__ sample_of,
                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
                                        T* __restrict__ U, T* __restrict__ Z, int n_tokens, int d_in, int R,
                                        int n_modules) {
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[FRAG_M][FRAG_N][4];
-    mainloop<T, false, true>(acc, stages, stages + STAGES * TILE, X, A_cat, n_tokens, R, d_in, m0, n0);
-    const Frag f;
+    const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
+    float acc[Rows<TBM>::FRAG_M][FRAG_N][4];
+    mainloop<T, false, true, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, X, A_cat, n_tokens, R, d_in, m0,
+                                  n0);
+    const FragOf<TBM> f;
     LC_UNROLL
-    for (int i = 0; i < FRAG_M; ++i)
+    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
         LC_UNROLL
         for (int v = 0; v < 4; ++v) {
             const int t = m0 + f.row(i, v);
@@ -95,22 +103,24 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
-// Grid (ceil(R / BN), ceil(T / BM)), block (256); K = d_out. H = G B_cat in registers; ∂U (if
+// Grid (ceil(R / BN), ceil(T / TBM)), block (256); K = d_out. H = G B_cat in registers; ∂U (if
 // given) = H ∘ D; ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens
 // of one sample.
-template <typename T>
+template <typename T, int TBM>
 __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const T* __restrict__ B_cat,
                                        const T* __restrict__ U, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, float* __restrict__ dC,
                                        T* __restrict__ dU, int n_tokens, int d_out, int R, int n_modules) {
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[FRAG_M][FRAG_N][4];
-    mainloop<T, false, false>(acc, stages, stages + STAGES * TILE, G, B_cat, n_tokens, R, d_out, m0, n0);
-    const Frag f;
+    constexpr int FM = Rows<TBM>::FRAG_M, PART_ROWS = Epilogue<TBM>::PART_ROWS;
+    const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
+    float acc[FM][FRAG_N][4];
+    mainloop<T, false, false, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, G, B_cat, n_tokens, R, d_out, m0,
+                                   n0);
+    const FragOf<TBM> f;
     if (dU) {
         LC_UNROLL
-        for (int i = 0; i < FRAG_M; ++i)
+        for (int i = 0; i < FM; ++i)
             LC_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const int t = m0 + f.row(i, v);
@@ -136,11 +146,11 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     // stages.
     int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
     int* tile_sample = tile_module + BN;
-    int* seg_first = tile_sample + BM;  // segment s: columns [seg_first[s], seg_end[s])
+    int* seg_first = tile_sample + TBM;  // segment s: columns [seg_first[s], seg_end[s])
     int* seg_end = seg_first + BN;
     int* n_segs_at = seg_end + BN;
     for (int n = tid; n < n_cols; n += THREADS) tile_module[n] = module_of[n0 + n];
-    for (int m = tid; m < BM && m0 + m < n_tokens; m += THREADS) tile_sample[m] = sample_of[m0 + m];
+    for (int m = tid; m < TBM && m0 + m < n_tokens; m += THREADS) tile_sample[m] = sample_of[m0 + m];
     __syncthreads();
     auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
     // The segment list, in column order: the thread of each start counts the starts before it
@@ -155,13 +165,13 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         seg_end[s] = end;
         if (end == n_cols) *n_segs_at = s + 1;
     }
-    for (int half = 0; half < BM / PART_ROWS; ++half) {
+    for (int half = 0; half < TBM / PART_ROWS; ++half) {
         const int row0 = m0 + half * PART_ROWS;
         // part[m][n] = s_j H[t, j] U[t, j] for the half's rows (0 outside the problem), written
         // by the row of warps that holds them.
         if (f.wm0 == half * PART_ROWS) {
             LC_UNROLL
-            for (int i = 0; i < FRAG_M; ++i)
+            for (int i = 0; i < FM; ++i)
                 LC_UNROLL
                 for (int j = 0; j < FRAG_N; ++j)
                     LC_UNROLL
@@ -224,8 +234,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
         const float* col_scale, T* U, T* Z, int n_tokens, int d_in, int R, int n_modules) {                          \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, n_tokens, d_in, R,         \
-                               n_modules);                                                                             \
+        compose_mma::shrink<T, 128>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, n_tokens, d_in, R,    \
+                                    n_modules);                                                                        \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink64_##suffix(                                    \
+        const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
+        const float* col_scale, T* U, T* Z, int n_tokens, int d_in, int R, int n_modules) {                          \
+        COMPOSE_MMA_STAGES(T);                                                                                         \
+        compose_mma::shrink<T, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, n_tokens, d_in, R,     \
+                                   n_modules);                                                                         \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_expand_##suffix(const T* Z, const T* B_cat, T* Y,     \
                                                                                 int n_tokens, int R, int d_out) {      \
@@ -236,8 +253,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
         const float* col_scale, float* dC, T* dU, int n_tokens, int d_out, int R, int n_modules) {                    \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, n_tokens, d_out, R,   \
-                               n_modules);                                                                             \
+        compose_mma::hidden<T, 128>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, n_tokens, d_out, \
+                                    R, n_modules);                                                                     \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden64_##suffix(                                    \
+        const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
+        const float* col_scale, float* dC, T* dU, int n_tokens, int d_out, int R, int n_modules) {                    \
+        COMPOSE_MMA_STAGES(T);                                                                                         \
+        compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, n_tokens, d_out,  \
+                                   R, n_modules);                                                                      \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_dx_##suffix(const T* dU, const T* A_cat, T* dX,       \
                                                                             int n_tokens, int R, int d_in) {           \

@@ -3,6 +3,8 @@
 // M × 4 along N, 64×32 each: 4×4 mma.sync.m16n8k16 tiles with f32 accumulators), K in steps of
 // 32 through a 3-stage cp.async pipeline in XOR-swizzled shared memory (48 KiB), fragments
 // loaded with ldmatrix (.trans for the operands stored k-major). Callers add the epilogue.
+// `mainloop`, `FragOf` and `epilogue_axpby` also take 64-row tiles (TBM = 64: the same warps,
+// 32×32 each, 2×4 mma tiles), for grids that 128-row tiles would leave short of the SMs.
 #pragma once
 
 #include "common.cuh"
@@ -15,6 +17,13 @@ constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // 64 × 32 per warp
 constexpr int FRAG_M = WM / 16, FRAG_N = WN / 8;     // m16 × n8 mma tiles per warp
 constexpr int TILE = BM * BK;                        // elements per operand tile and stage
 static_assert(BM * BK == BN * BK, "A and B tiles share one size");
+// A block tile of TBM rows (128, or 64 where 128-row tiles leave SMs idle: the same 2 × 4 warps,
+// each 32 × 32): the rows a warp covers, its m16 tiles, the elements of one A stage.
+template <int TBM>
+struct Rows {
+    static_assert(TBM == 128 || TBM == 64, "128- or 64-row tiles");
+    static constexpr int WM = TBM / WARPS_M, FRAG_M = WM / 16, TILE_A = TBM * BK;
+};
 // Shared storage in 16-byte units (ldmatrix rows and cp.async destinations are 16-byte aligned).
 struct alignas(16) Chunk16 {
     unsigned words[4];
@@ -55,40 +64,44 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
 }
 
 // The block's accumulators: acc[i][j][v] is output (row(i, v), col(j, v)) of the block tile.
-struct Frag {
+template <int TBM = BM>
+struct FragOf {
     int lane, wm0, wn0;
-    __device__ __forceinline__ Frag() : lane(threadIdx.x % 32) {
+    __device__ __forceinline__ FragOf() : lane(threadIdx.x % 32) {
         const int warp = threadIdx.x / 32;
-        wm0 = (warp / WARPS_N) * WM;
+        wm0 = (warp / WARPS_N) * Rows<TBM>::WM;
         wn0 = (warp % WARPS_N) * WN;
     }
     // m16n8 accumulator v: row groupID + 8·(v / 2), column 2·threadID_in_group + v % 2.
     __device__ __forceinline__ int row(int i, int v) const { return wm0 + 16 * i + lane / 4 + 8 * (v / 2); }
     __device__ __forceinline__ int col(int j, int v) const { return wn0 + 8 * j + 2 * (lane % 4) + v % 2; }
 };
+using Frag = FragOf<BM>;
 
-// acc = op(A) · op(B) for the block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B
-// stored (K, N), or (N, K) when TB. `a_tiles` and `b_tiles` are the pipeline's shared memory
-// (STAGES · TILE elements each). Every thread of the block must call it; on return every copy
-// has landed and every thread is past its last read of the tiles (they may be reused).
-template <typename T, bool TA, bool TB>
-__device__ __forceinline__ void mainloop(float (&acc)[FRAG_M][FRAG_N][4], T* a_tiles, T* b_tiles,
+// acc = op(A) · op(B) for the TBM × BN block tile at (m0, n0): A stored (M, K), or (K, M) when
+// TA; B stored (K, N), or (N, K) when TB. `a_tiles` and `b_tiles` are the pipeline's shared
+// memory (STAGES · Rows<TBM>::TILE_A and STAGES · TILE elements). Every thread of the block must
+// call it; on return every copy has landed and every thread is past its last read of the tiles
+// (they may be reused).
+template <typename T, bool TA, bool TB, int TBM = BM>
+__device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], T* a_tiles, T* b_tiles,
                                          const T* __restrict__ A, const T* __restrict__ B, int M, int N, int K,
                                          int m0, int n0) {
-    const Frag f;
+    constexpr int FM = Rows<TBM>::FRAG_M;
+    const FragOf<TBM> f;
     const bool a_vector = (TA ? M : K) % 8 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
     const bool b_vector = (TB ? K : N) % 8 == 0 && reinterpret_cast<size_t>(B) % 16 == 0;
     const int k_tiles = lc::ceil_div(K, BK);
-    // K-tile kt of op(A) (BM × BK) and op(B) (BK × BN) into a stage, in the orientation they
+    // K-tile kt of op(A) (TBM × BK) and op(B) (BK × BN) into a stage, in the orientation they
     // are stored in.
     auto load_stage = [&](int stage, int kt) {
         const int k0 = kt * BK;
-        T* a = a_tiles + stage * TILE;
+        T* a = a_tiles + stage * Rows<TBM>::TILE_A;
         T* b = b_tiles + stage * TILE;
         if (TA)
-            load_tile<T, BK, BM>(a, A, K, M, k0, m0, a_vector);
+            load_tile<T, BK, TBM>(a, A, K, M, k0, m0, a_vector);
         else
-            load_tile<T, BM, BK>(a, A, M, K, m0, k0, a_vector);
+            load_tile<T, TBM, BK>(a, A, M, K, m0, k0, a_vector);
         if (TB)
             load_tile<T, BN, BK>(b, B, N, K, n0, k0, b_vector);
         else
@@ -97,7 +110,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[FRAG_M][FRAG_N][4], T* a_t
 
     // Fully unrolled wherever acc is indexed, so that it lives in registers.
     LC_UNROLL
-    for (int i = 0; i < FRAG_M; ++i)
+    for (int i = 0; i < FM; ++i)
         LC_UNROLL
         for (int j = 0; j < FRAG_N; ++j)
             LC_UNROLL
@@ -116,19 +129,19 @@ __device__ __forceinline__ void mainloop(float (&acc)[FRAG_M][FRAG_N][4], T* a_t
         if (next < k_tiles) load_stage(next % STAGES, next);
         lc::cp_async_commit();
 
-        const T* a = a_tiles + (kt % STAGES) * TILE;
+        const T* a = a_tiles + (kt % STAGES) * Rows<TBM>::TILE_A;
         const T* b = b_tiles + (kt % STAGES) * TILE;
         LC_UNROLL
         for (int ks = 0; ks < BK; ks += 16) {
             // Lane l addresses row l % 8 of 8×8 matrix l / 8: for A the fragment's registers
             // (m 0-7 | 8-15) × (k 0-7 | 8-15); for B two n8 tiles' (k 0-7, k 8-15).
             const int sub = f.lane % 8, quad = f.lane / 8;
-            unsigned a_frag[FRAG_M][4], b_frag[FRAG_N][2];
+            unsigned a_frag[FM][4], b_frag[FRAG_N][2];
             LC_UNROLL
-            for (int i = 0; i < FRAG_M; ++i) {
+            for (int i = 0; i < FM; ++i) {
                 const int m = f.wm0 + 16 * i + 8 * (quad & 1), k = ks + 8 * (quad >> 1);
                 if (TA)
-                    lc::ldmatrix<4, true>(a_frag[i], &a[swizzle<BM>(k + sub, m)]);
+                    lc::ldmatrix<4, true>(a_frag[i], &a[swizzle<TBM>(k + sub, m)]);
                 else
                     lc::ldmatrix<4, false>(a_frag[i], &a[swizzle<BK>(m + sub, k)]);
             }
@@ -143,7 +156,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[FRAG_M][FRAG_N][4], T* a_t
                 b_frag[j][0] = r[0], b_frag[j][1] = r[1], b_frag[j + 1][0] = r[2], b_frag[j + 1][1] = r[3];
             }
             LC_UNROLL
-            for (int i = 0; i < FRAG_M; ++i)
+            for (int i = 0; i < FM; ++i)
                 LC_UNROLL
                 for (int j = 0; j < FRAG_N; ++j) lc::mma_m16n8k16<T>(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
         }
@@ -166,19 +179,20 @@ struct alignas(2 * sizeof(T)) Pair {
 // expand and ∂X kernels (K = R, a full grid) at under half the rate of the shrink. Column
 // pairs go as one 4-byte access when N is even and `out` is 4-byte aligned, two m16 rows of
 // fragments at a time; otherwise element by element, loads first, one m16 row at a time.
-template <typename T>
-__device__ __forceinline__ void epilogue_axpby(const float (&acc)[FRAG_M][FRAG_N][4], T* __restrict__ out, int M,
-                                               int N, int m0, int n0, float alpha, float beta) {
-    const Frag f;
+template <typename T, int TBM = BM>
+__device__ __forceinline__ void epilogue_axpby(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], T* __restrict__ out,
+                                               int M, int N, int m0, int n0, float alpha, float beta) {
+    constexpr int FM = Rows<TBM>::FRAG_M;
+    const FragOf<TBM> f;
     const bool read = beta != 0.0f;
     if (N % 2 == 0 && reinterpret_cast<size_t>(out) % sizeof(Pair<T>) == 0) {
         // Fragment pair h of (i, j) is accumulators 2h and 2h + 1: one row, columns col, col + 1
         // (col even, so col < N means both are in range). Two m16 rows of fragments at a time:
         // 16 pairs in flight, two round trips a thread (all 32 at once spill).
         constexpr int IC = 2;
-        static_assert(FRAG_M % IC == 0, "whole chunks of fragment rows");
+        static_assert(FM % IC == 0, "whole chunks of fragment rows");
         LC_UNROLL
-        for (int i0 = 0; i0 < FRAG_M; i0 += IC) {
+        for (int i0 = 0; i0 < FM; i0 += IC) {
             Pair<T> old[IC][FRAG_N][2];
             if (read) {
                 LC_UNROLL
@@ -211,7 +225,7 @@ __device__ __forceinline__ void epilogue_axpby(const float (&acc)[FRAG_M][FRAG_N
         return;
     }
     LC_UNROLL
-    for (int i = 0; i < FRAG_M; ++i) {
+    for (int i = 0; i < FM; ++i) {
         float old[FRAG_N][4];
         LC_UNROLL
         for (int j = 0; j < FRAG_N; ++j)

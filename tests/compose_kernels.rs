@@ -713,7 +713,9 @@ fn harness_gemv_fixed_cases() {
 /// beside ragged ones in T, R, d_in and d_out, ragged K tiles (K not a multiple of 32), several
 /// K steps through the 3-stage pipeline, and two halves of the ∂C epilogue with runs of tokens
 /// crossing them. (a) every row 16-byte aligned (d_in, d_out and R multiples of 8: operands go
-/// by cp.async); (b) none aligned (odd sizes, R = 132: the element-by-element path).
+/// by cp.async); (b) none aligned (odd sizes, R = 132: the element-by-element path). Each planned
+/// for one SM (the shrink and hidden kernels on 128-row tiles) and for 132 (on 64-row tiles:
+/// `mma_tile_rows`).
 #[test]
 fn harness_mma_full_tiles_and_ragged_edges() {
     use Assign::*;
@@ -724,14 +726,18 @@ fn harness_mma_full_tiles_and_ragged_edges() {
         make_case_with_ranks(42, 131, 133, 130, &[64, 3, 64, 1], p, Uniform, OneHot),
     ];
     for (i, case) in cases.iter().enumerate() {
-        check_variants(
-            &CpuHarness::new(3 + i as u64),
-            case,
-            40 + i as u64,
-            &TRAINS,
-            &[compose_fwd::Variant::Mma],
-        )
-        .unwrap_or_else(|e| panic!("case {i}: {e}"));
+        for sm_count in [1, 132] {
+            assert_eq!(
+                compose_fwd::mma_tile_rows(case.t, case.modules.total_rank(), sm_count),
+                if sm_count == 1 { 128 } else { 64 }
+            );
+            let backend = WithSms {
+                inner: &CpuHarness::new(3 + i as u64),
+                sm_count,
+            };
+            check_variants(&backend, case, 40 + i as u64, &TRAINS, &[compose_fwd::Variant::Mma])
+                .unwrap_or_else(|e| panic!("case {i}: {e}"));
+        }
     }
 }
 
@@ -900,6 +906,14 @@ fn gpu_matches_reference() {
             compose_fwd::mma_kernel(compose_fwd::MmaEntry::Hidden, DType::BF16),
             compose_fwd::mma_tile::SHARED_BYTES,
         ),
+        (
+            compose_fwd::mma_kernel(compose_fwd::MmaEntry::Hidden64, DType::BF16),
+            compose_fwd::mma_tile::SHARED_BYTES,
+        ),
+        (
+            compose_fwd::mma_kernel(compose_fwd::MmaEntry::Shrink64, DType::BF16),
+            compose_fwd::mma_tile::SHARED_BYTES,
+        ),
     ] {
         let function = gpu.function(&kernel.unwrap()).unwrap();
         assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
@@ -922,6 +936,14 @@ fn gpu_matches_reference() {
     ] {
         let case = make_case_with_ranks(seed, t, d, d, &ranks, Mode::Product, Assign::Zipf, CoeffKind::Random);
         check_all(gpu, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+        if seed == 23 {
+            // Planned for one SM: the 128-row tiles (the device's 132 SMs got 64-row ones).
+            let one_sm = WithSms {
+                inner: gpu,
+                sm_count: 1,
+            };
+            check_all(&one_sm, &case, seed, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 
@@ -948,6 +970,12 @@ fn gpu_sanitizer_cases() {
         CoeffKind::Random,
     );
     check_all(&gpu, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+    // The same planned for one SM: the tensor-core shrink and hidden on 128-row tiles.
+    let one_sm = WithSms {
+        inner: &gpu,
+        sm_count: 1,
+    };
+    check_all(&one_sm, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A composition forward recorded into a CUDA graph (`GpuBackend::capture`) and replayed gives

@@ -5,8 +5,9 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims, mma_kernel,
-    naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims, mma_dims_rows,
+    mma_kernel, mma_tile, mma_tile_rows, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables,
+    TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -103,6 +104,8 @@ pub enum Step {
     MmaHidden {
         dc: bool,
         du: bool,
+        /// Rows of the block tile (128 or 64: [`mma_tile_rows`]).
+        tile_rows: usize,
     },
     /// Tensor cores: ∂X += ∂U A_cat.
     MmaDx,
@@ -153,7 +156,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
         }
         Variant::Mma => {
             let (dc, du) = (train.coeffs, want_du);
-            steps.push((Step::MmaHidden { dc, du }, mma_dims(t, r)));
+            let tile_rows = mma_tile_rows(t, r, sm_count);
+            steps.push((Step::MmaHidden { dc, du, tile_rows }, mma_dims_rows(t, r, tile_rows)));
             if train.input {
                 steps.push((Step::MmaDx, mma_dims(t, d_in)));
             }
@@ -540,8 +544,13 @@ pub fn launch<T: Element, B: Backend>(
             Step::MmaHidden {
                 dc: want_dc,
                 du: want_du,
+                tile_rows,
             } => Some((
-                MmaEntry::Hidden,
+                if tile_rows == mma_tile::BM {
+                    MmaEntry::Hidden
+                } else {
+                    MmaEntry::Hidden64
+                },
                 vec![
                     g,
                     b_cat,
@@ -795,12 +804,30 @@ mod tests {
                 .map(|(step, _)| *step)
                 .collect()
         };
-        assert_eq!(steps(Train::COEFFS), vec![Step::MmaHidden { dc: true, du: false }]);
+        // R = 512 at T = 4096: 128 tiles of 128 rows on 132 SMs, so 64-row tiles.
+        assert_eq!(
+            steps(Train::COEFFS),
+            vec![Step::MmaHidden {
+                dc: true,
+                du: false,
+                tile_rows: 64
+            }]
+        );
         let all = steps(Train {
             base: false,
             ..Train::ALL
         });
-        assert_eq!(all[..2], [Step::MmaHidden { dc: true, du: true }, Step::MmaDx]);
+        assert_eq!(
+            all[..2],
+            [
+                Step::MmaHidden {
+                    dc: true,
+                    du: true,
+                    tile_rows: 64
+                },
+                Step::MmaDx
+            ]
+        );
         assert!(
             matches!(all[2..], [Step::DaTiled { .. }, Step::DbTiled { .. }]),
             "{all:?}"

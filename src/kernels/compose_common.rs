@@ -220,12 +220,29 @@ pub mod mma_tile {
     pub const SHARED_BYTES: u32 = (STAGES * (BM * BK + BN * BK) * 2) as u32;
 }
 
+/// Rows of the block tile of the tensor-core shrink and hidden kernels over a (T, R) output:
+/// 128, or 64 where 128-row tiles would give fewer blocks than the device has SMs (R ≤ 512 at
+/// T = 4096 on an H200: 128 tiles of one 8-warp block per SM, which the first H200 run measured
+/// at 157 TFLOP/s for the shrink's GEMM shape against 241 at full grids).
+pub fn mma_tile_rows(t: usize, r: usize, sm_count: usize) -> usize {
+    if t.div_ceil(mma_tile::BM) * r.div_ceil(mma_tile::BN) < sm_count {
+        mma_tile::BM / 2
+    } else {
+        mma_tile::BM
+    }
+}
+
 /// Grid of a tensor-core kernel over a (rows, cols) output: one 128×128 tile per block.
 pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
+    mma_dims_rows(rows, cols, mma_tile::BM)
+}
+
+/// Grid of a tensor-core kernel over a (rows, cols) output in tiles of `tile_rows` × 128.
+pub(crate) fn mma_dims_rows(rows: usize, cols: usize, tile_rows: usize) -> LaunchDims {
     let dims = LaunchDims {
         grid: [
             u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
-            u32::try_from(rows.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
+            u32::try_from(rows.div_ceil(tile_rows)).expect("grid y fits u32"),
             1,
         ],
         block: [mma_tile::THREADS, 1, 1],
@@ -238,12 +255,16 @@ pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
 /// The kernels of `cuda/compose_mma.cu`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmaEntry {
-    /// U, Z = (X A_catᵀ) ∘ D.
+    /// U, Z = (X A_catᵀ) ∘ D, tiles of 128 rows.
     Shrink,
+    /// The same on tiles of 64 rows ([`mma_tile_rows`]).
+    Shrink64,
     /// Y += Z B_catᵀ.
     Expand,
-    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C.
+    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C, tiles of 128 rows.
     Hidden,
+    /// The same on tiles of 64 rows.
+    Hidden64,
     /// ∂X += ∂U A_cat.
     Dx,
 }
@@ -260,8 +281,10 @@ pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> 
     }
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
         MmaEntry::Shrink => kernel_entry!(e::lc_run_compose_mma_shrink_bf16),
+        MmaEntry::Shrink64 => kernel_entry!(e::lc_run_compose_mma_shrink64_bf16),
         MmaEntry::Expand => kernel_entry!(e::lc_run_compose_mma_expand_bf16),
         MmaEntry::Hidden => kernel_entry!(e::lc_run_compose_mma_hidden_bf16),
+        MmaEntry::Hidden64 => kernel_entry!(e::lc_run_compose_mma_hidden64_bf16),
         MmaEntry::Dx => kernel_entry!(e::lc_run_compose_mma_dx_bf16),
     };
     Ok(Kernel {

@@ -49,8 +49,11 @@ pub enum Step {
     },
     /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
     GemvExpand,
-    /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns.
-    MmaShrink,
+    /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns, in tiles of `tile_rows`
+    /// (128 or 64: [`mma_tile_rows`]) × 128.
+    MmaShrink {
+        tile_rows: usize,
+    },
     /// Tensor cores: `Y += Z B_catᵀ`.
     MmaExpand,
 }
@@ -73,7 +76,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
         }
         Variant::Mma => {
-            steps.push((Step::MmaShrink, mma_dims(t, r)));
+            let tile_rows = mma_tile_rows(t, r, sm_count);
+            steps.push((Step::MmaShrink { tile_rows }, mma_dims_rows(t, r, tile_rows)));
             steps.push((Step::MmaExpand, mma_dims(t, shape.d_out)));
         }
         Variant::Naive => {
@@ -295,8 +299,12 @@ pub fn launch<T: Element, B: Backend>(
             _ => None,
         };
         let mma = match step {
-            Step::MmaShrink => Some((
-                MmaEntry::Shrink,
+            Step::MmaShrink { tile_rows } => Some((
+                if tile_rows == mma_tile::BM {
+                    MmaEntry::Shrink
+                } else {
+                    MmaEntry::Shrink64
+                },
                 vec![
                     x,
                     a_cat,
@@ -405,7 +413,11 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],
             ),
-            Step::GemvZero { .. } | Step::GemvShrink { .. } | Step::GemvExpand | Step::MmaShrink | Step::MmaExpand => {
+            Step::GemvZero { .. }
+            | Step::GemvShrink { .. }
+            | Step::GemvExpand
+            | Step::MmaShrink { .. }
+            | Step::MmaExpand => {
                 unreachable!("launched above")
             }
         };
@@ -527,7 +539,11 @@ mod tests {
         let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
         assert_eq!(plan.len(), 2, "{plan:?}");
         // Shrink: R = 512 → 4 column tiles × 32 row tiles; expand: 32 × 32.
-        assert_eq!((plan[0].0, plan[0].1.grid), (Step::MmaShrink, [4, 32, 1]));
+        // 4 × 32 = 128 tiles of 128 rows leave SMs idle on 132: 64-row tiles, 4 × 64 blocks.
+        assert_eq!(
+            (plan[0].0, plan[0].1.grid),
+            (Step::MmaShrink { tile_rows: 64 }, [4, 64, 1])
+        );
         assert_eq!((plan[1].0, plan[1].1.grid), (Step::MmaExpand, [32, 32, 1]));
         assert_eq!(plan[0].1.block, [256, 1, 1]);
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 1);

@@ -76,8 +76,10 @@ pub(crate) mod compose_gemv {
 pub(crate) mod compose_mma {
     crate::launch::harness_entries!(
         lc_run_compose_mma_shrink_bf16,
+        lc_run_compose_mma_shrink64_bf16,
         lc_run_compose_mma_expand_bf16,
         lc_run_compose_mma_hidden_bf16,
+        lc_run_compose_mma_hidden64_bf16,
         lc_run_compose_mma_dx_bf16,
     );
 }
