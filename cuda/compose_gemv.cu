@@ -292,51 +292,85 @@ __device__ __forceinline__ void load_lane_cols(const T* __restrict__ rp, int col
     }
 }
 
+// One batch of a lane's column-GEMV rows: rows k_first + WARPS·i, i < COL_BATCH, as 16-byte
+// vectors where the lane's 8 columns of the row are whole and aligned (vec[i]).
+template <typename T>
+struct ColBatch {
+    Raw16 raw[COL_BATCH][LANE_COLS / Vec<T>::N];
+    bool vec[COL_BATCH];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_col_batch(ColBatch<T>& b, const T* __restrict__ M, int ld, int cols, int col,
+                                               int k_first, int s1) {
+    constexpr int V = Vec<T>::N, NV = LANE_COLS / V;
+    LC_UNROLL
+    for (int i = 0; i < COL_BATCH; ++i) {
+        const int k = k_first + WARPS * i;
+        const T* rp = M + (size_t)k * ld;
+        b.vec[i] = k < s1 && col + LANE_COLS <= cols && aligned16(rp + col);
+        if (b.vec[i]) {
+            LC_UNROLL
+            for (int h = 0; h < NV; ++h) b.raw[i][h] = load_raw16(rp + col + h * V);
+        }
+    }
+}
+
+// acc[ti][c] += l(4g + ti, k) · M[k][col + c] over the batch's rows k = kb + WARPS·i < s1.
+template <typename T>
+__device__ __forceinline__ void fma_col_batch(float (&acc)[4][LANE_COLS], const ColBatch<T>& b,
+                                              const T* __restrict__ M, int ld, int cols, int col, int g,
+                                              const float* ls, int s0, int kb, int s1) {
+    LC_UNROLL
+    for (int i = 0; i < COL_BATCH; ++i) {
+        const int k = kb + WARPS * i;
+        if (k >= s1) continue;
+        float a[LANE_COLS];
+        load_lane_cols<T>(M + (size_t)k * ld, col, cols, b.vec[i], b.raw[i], a);
+        float l[4];
+        load_f4(ls + (k - s0) * MAX_T + 4 * g, l);
+        LC_UNROLL
+        for (int ti = 0; ti < 4; ++ti) {
+            LC_UNROLL
+            for (int c = 0; c < LANE_COLS; ++c) acc[ti][c] += l[ti] * a[c];
+        }
+    }
+}
+
 // acc[i][c] += Σ_{k ∈ [k_begin, k_end)} l(4g + i, k) · M[k][col + c] for this lane's token
 // group g and columns [col, col + 8), M being (K, cols) row-major with leading dimension ld;
 // warps take rows k ≡ warp (mod 8). `stage(ls, s0, s1)` writes ls[(k - s0) · MAX_T + t] for
-// k ∈ [s0, s1) and t < 4·TG, zero for t ≥ n_tokens. Every thread of the block calls it.
+// k ∈ [s0, s1) and t < 4·TG, zero for t ≥ n_tokens. Every thread of the block calls it. For
+// bf16 the loads are double-buffered as in the row GEMV: the next batch of rows is in flight
+// while the lane multiplies the current one (the first, for both types, while the block stages
+// l).
 template <typename T, class Stage>
 __device__ __forceinline__ void col_mainloop(float (&acc)[4][LANE_COLS], float* ls, const T* __restrict__ M, int ld,
                                              int cols, int col0, int tg, int k_begin, int k_end, const Stage& stage) {
-    constexpr int V = Vec<T>::N, NV = LANE_COLS / V;
+    constexpr int STEP = WARPS * COL_BATCH;
+    // Two batches in registers for bf16 (one 16-byte vector a row); f32 (two) would spill.
+    constexpr bool DOUBLE_BUFFER = Vec<T>::N == LANE_COLS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int cv = 32 / tg, g = lane / cv, col = col0 + (lane % cv) * LANE_COLS;
     for (int s0 = k_begin; s0 < k_end; s0 += STAGE_ROWS) {
         const int s1 = min(k_end, s0 + STAGE_ROWS);
-        Raw16 raw[COL_BATCH][NV];
-        bool vec[COL_BATCH];
-        auto load_batch = [&](int k_first) {
-            LC_UNROLL
-            for (int i = 0; i < COL_BATCH; ++i) {
-                const int k = k_first + WARPS * i;
-                const T* rp = M + (size_t)k * ld;
-                vec[i] = k < s1 && col + LANE_COLS <= cols && aligned16(rp + col);
-                if (vec[i]) {
-                    LC_UNROLL
-                    for (int h = 0; h < NV; ++h) raw[i][h] = load_raw16(rp + col + h * V);
-                }
-            }
-        };
-        load_batch(s0 + warp);
+        ColBatch<T> batch_a;
+        load_col_batch<T>(batch_a, M, ld, cols, col, s0 + warp, s1);
         __syncthreads();  // the previous pass is done reading ls
         stage(ls, s0, s1);
         __syncthreads();  // ls complete
-        for (int kb = s0 + warp; kb < s1; kb += WARPS * COL_BATCH) {
-            if (kb != s0 + warp) load_batch(kb);
-            LC_UNROLL
-            for (int i = 0; i < COL_BATCH; ++i) {
-                const int k = kb + WARPS * i;
-                if (k >= s1) continue;
-                float a[LANE_COLS];
-                load_lane_cols<T>(M + (size_t)k * ld, col, cols, vec[i], raw[i], a);
-                float l[4];
-                load_f4(ls + (k - s0) * MAX_T + 4 * g, l);
-                LC_UNROLL
-                for (int ti = 0; ti < 4; ++ti) {
-                    LC_UNROLL
-                    for (int c = 0; c < LANE_COLS; ++c) acc[ti][c] += l[ti] * a[c];
-                }
+        if (DOUBLE_BUFFER) {
+            ColBatch<T> batch_b;
+            for (int kb = s0 + warp; kb < s1; kb += 2 * STEP) {
+                if (kb + STEP < s1) load_col_batch<T>(batch_b, M, ld, cols, col, kb + STEP, s1);
+                fma_col_batch<T>(acc, batch_a, M, ld, cols, col, g, ls, s0, kb, s1);
+                if (kb + 2 * STEP < s1) load_col_batch<T>(batch_a, M, ld, cols, col, kb + 2 * STEP, s1);
+                if (kb + STEP < s1) fma_col_batch<T>(acc, batch_b, M, ld, cols, col, g, ls, s0, kb + STEP, s1);
+            }
+        } else {
+            for (int kb = s0 + warp; kb < s1; kb += STEP) {
+                if (kb != s0 + warp) load_col_batch<T>(batch_a, M, ld, cols, col, kb, s1);
+                fma_col_batch<T>(acc, batch_a, M, ld, cols, col, g, ls, s0, kb, s1);
             }
         }
     }
