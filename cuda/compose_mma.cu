@@ -37,15 +37,15 @@
 //     of the operand is 16-byte aligned (its row length a multiple of 8, an aligned base), the
 //     others element by element with zeros past the edges; the epilogues guard rows and columns.
 // The ∂C epilogue reuses the pipeline's shared memory for s_j H[t, j] U[t, j] in two halves of
-// the tile (f32 part[64][129], 33 KB; part[32][129] on 64-row tiles): segmented sums over each module's columns, then one
-// atomicAdd per (run of tokens of one sample, module) per half tile. The tile's module ids and
-// token samples are staged once beside `part` (2 × 128 int32), so the serial loops of the
-// segmented sums read shared memory, not a chain of dependent global loads; so is the tile's
-// list of segments (first and one-past-last column of each), so that the segmented sums run
-// one thread per (row, segment) — not one per (row, column) with 15 of every 16 idle, each
-// start's thread walking its segment while testing every column for a start, which the H200
-// profile (ncu: the hidden kernel at 196 µs with ∂C, ~106 µs without) showed costing more than
-// the GEMM itself.
+// the tile (f32 part[64][129], 33 KB; part[32][129] on 64-row tiles): segmented sums over each
+// module's columns, then one atomicAdd per (run of tokens of one sample, module) per half tile.
+// The tile's module ids and token samples are staged once beside `part` (int32), so the serial
+// loops of the segmented sums read shared memory, not a chain of dependent global loads; so is
+// the tile's list of segments (first and one-past-last column of each), so that the segmented
+// sums run one thread per (row, segment) — not one per (row, column) with 15 of every 16 idle,
+// each start's thread walking its segment while testing every column for a start, which the
+// H200 profile (ncu: the hidden kernel at 196 µs with ∂C, ~106 µs without) showed costing more
+// than the GEMM itself.
 #include "mma_tile.cuh"
 
 namespace compose_mma {

@@ -154,8 +154,9 @@ impl GpuBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error("multiprocessor count"))?;
         // One stream of our own (not the legacy default stream, which cannot be captured into a
-        // graph: `capture`). Everything the crate does runs in order on it, so cudarc's per-buffer
-        // events, which order uses across streams, would only add driver calls to every launch.
+        // graph: `capture`). Creating it puts cudarc in its multi-stream mode, where every buffer
+        // records events to order its uses across streams; everything the crate does runs in
+        // order on this one stream, so those events would only add driver calls to every launch.
         // SAFETY: no buffer is used on any other stream (disable_event_tracking's contract); the
         // call precedes every allocation of this context.
         unsafe { context.disable_event_tracking() };
@@ -195,9 +196,10 @@ impl GpuBackend {
 
     /// Records what `launches` puts on the stream — kernels, memsets, copies between device
     /// buffers — into a CUDA graph instead of running it; [`GpuGraph::launch`] then replays the
-    /// whole sequence with one call, on the same buffers with the same arguments. For short
-    /// launch sequences (the composition at T ≤ 16 is 3–5 kernels of a few µs each) the
-    /// per-launch cost is most of the time; a graph pays it once.
+    /// whole sequence with one call, on the same buffers with the same arguments: the host's
+    /// launch calls are paid once. On the H200 that saved 0.7–2.5 µs a call of the composition
+    /// at T ≤ 16 (3–4 kernels); the ~4.5 µs each dependent kernel costs there is on the GPU and
+    /// stays (benches/README.md, "Second H200 session").
     ///
     /// Run `launches` once normally first: the first use of a kernel family loads its module,
     /// which is not a stream operation. Inside, nothing may wait for the GPU or copy to or from

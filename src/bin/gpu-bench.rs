@@ -16,7 +16,7 @@
 //!
 //! The composition's multi-launch variants (`gemv` at T ≤ 16, `mma`) and cuBLAS's pair are also
 //! timed as CUDA graphs (`GpuBackend::capture`, rows "… graph"): the same launches replayed with
-//! one call, which shows what the kernels cost without the per-launch overhead.
+//! one call, which shows what the host's launch calls cost (the difference between the rows).
 //!
 //! Usage: `gpu-bench [--runs N] [--compose-only] [--shapes "d,N,T;…"] [--no-model] [--no-flush]`
 //! (default 20 timed runs after 3 warm-ups; `--shapes` times only those composition shapes and
