@@ -29,7 +29,11 @@
 //     on 64×128 tiles (`_shrink64`, `_hidden64`: warps of 32×32), which the plan picks when
 //     128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
 //     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
-//     block per SM);
+//     block per SM); where even those leave SMs idle (small T, or R = 128), the shrink and
+//     hidden kernels also split K along gridDim.z (`mma_split`; partials through an f32
+//     workspace, finished by compose_fwd's shrink_reduce / sum_partials in split order) — the
+//     first H200 run had the shrink at T ≤ 256 walk d_in = 4096 in 128 dependent steps on 4–8
+//     blocks (~145 µs, whatever T);
 //   - K in steps of 32 through a 3-stage cp.async.cg pipeline (one commit group per stage,
 //     `wait_group 1` before each step) in XOR-swizzled shared memory (48 KiB);
 //   - fragments by ldmatrix.x4 (.trans for the kn operand);
@@ -62,17 +66,43 @@ struct Epilogue {
                   "part, the staged module ids and samples and the segment list fit the pipeline stages");
 };
 
-// Grid (ceil(R / BN), ceil(T / TBM)), block (256). U (if given) = X A_catᵀ, Z = U ∘ D.
+// Split K: block z of a grid with gridDim.z = splits > 1 covers k ∈ [z·chunk, (z + 1)·chunk) and
+// writes its partial tile, f32 and unrounded, to work[z][t][j] (splits × T × R) in place of
+// the outputs; compose_fwd's shrink_reduce or sum_partials adds the partials in split order and
+// finishes. The plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles
+// alone leave SMs idle (the shrink and hidden at small T, or R = 128 at T = 4096).
+template <int TBM>
+__device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4],
+                                              float* __restrict__ work, int n_tokens, int R, int m0, int n0) {
+    const FragOf<TBM> f;
+    float* part = work + (size_t)blockIdx.z * n_tokens * R;
+    LC_UNROLL
+    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
+        LC_UNROLL
+        for (int j = 0; j < FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int t = m0 + f.row(i, v), col = n0 + f.col(j, v);
+                if (t < n_tokens && col < R) part[(size_t)t * R + col] = acc[i][j][v];
+            }
+}
+
+// Grid (ceil(R / BN), ceil(T / TBM), splits), block (256). U (if given) = X A_catᵀ, Z = U ∘ D;
+// with several splits, partials of X A_catᵀ to `work` (above).
 template <typename T, int TBM>
 __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const T* __restrict__ A_cat,
                                        const float* __restrict__ C, const int* __restrict__ sample_of,
                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
-                                       T* __restrict__ U, T* __restrict__ Z, int n_tokens, int d_in, int R,
-                                       int n_modules) {
+                                       T* __restrict__ U, T* __restrict__ Z, float* __restrict__ work, int n_tokens,
+                                       int d_in, int R, int n_modules, int chunk) {
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
     float acc[Rows<TBM>::FRAG_M][FRAG_N][4];
     mainloop<T, false, true, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, X, A_cat, n_tokens, R, d_in, m0,
-                                  n0);
+                                  n0, lc::split_begin(chunk), lc::split_end(chunk, d_in));
+    if (gridDim.z > 1) {
+        store_partial<TBM>(acc, work, n_tokens, R, m0, n0);
+        return;
+    }
     const FragOf<TBM> f;
     LC_UNROLL
     for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
@@ -103,21 +133,26 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
-// Grid (ceil(R / BN), ceil(T / TBM)), block (256); K = d_out. H = G B_cat in registers; ∂U (if
-// given) = H ∘ D; ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens
-// of one sample.
+// Grid (ceil(R / BN), ceil(T / TBM), splits), block (256); K = d_out. H = G B_cat in registers;
+// ∂U (if given) = H ∘ D; ∂C (if given) += the tile's s_j H U, segmented by module and by runs of
+// tokens of one sample. With several splits each block holds the H of its K range: ∂C is linear
+// in H, so each adds its own part; its partial ∂U (H ∘ D, f32) goes to `work` and sum_partials
+// adds them.
 template <typename T, int TBM>
 __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const T* __restrict__ B_cat,
                                        const T* __restrict__ U, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, float* __restrict__ dC,
-                                       T* __restrict__ dU, int n_tokens, int d_out, int R, int n_modules) {
+                                       T* __restrict__ dU, float* __restrict__ work, int n_tokens, int d_out, int R,
+                                       int n_modules, int chunk) {
     constexpr int FM = Rows<TBM>::FRAG_M, PART_ROWS = Epilogue<TBM>::PART_ROWS;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
     float acc[FM][FRAG_N][4];
     mainloop<T, false, false, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, G, B_cat, n_tokens, R, d_out, m0,
-                                   n0);
+                                   n0, lc::split_begin(chunk), lc::split_end(chunk, d_out));
     const FragOf<TBM> f;
+    const bool split = gridDim.z > 1;
+    float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
     if (dU) {
         LC_UNROLL
         for (int i = 0; i < FM; ++i)
@@ -129,9 +164,12 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                 LC_UNROLL
                 for (int j = 0; j < FRAG_N; ++j) {
                     const int col = n0 + f.col(j, v);
-                    if (col < R)
-                        dU[(size_t)t * R + col] = lc::from_f32<T>(
-                            acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col));
+                    if (col >= R) continue;
+                    const float du = acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col);
+                    if (split)
+                        du_part[(size_t)t * R + col] = du;
+                    else
+                        dU[(size_t)t * R + col] = lc::from_f32<T>(du);
                 }
             }
     }
@@ -232,17 +270,17 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
 #define COMPOSE_MMA_ENTRIES(suffix, T)                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink_##suffix(                                      \
         const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
-        const float* col_scale, T* U, T* Z, int n_tokens, int d_in, int R, int n_modules) {                          \
+        const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 128>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, n_tokens, d_in, R,    \
-                                    n_modules);                                                                        \
+        compose_mma::shrink<T, 128>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in, \
+                                    R, n_modules, chunk);                                                              \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink64_##suffix(                                    \
         const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
-        const float* col_scale, T* U, T* Z, int n_tokens, int d_in, int R, int n_modules) {                          \
+        const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, n_tokens, d_in, R,     \
-                                   n_modules);                                                                         \
+        compose_mma::shrink<T, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,  \
+                                   R, n_modules, chunk);                                                               \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_expand_##suffix(const T* Z, const T* B_cat, T* Y,     \
                                                                                 int n_tokens, int R, int d_out) {      \
@@ -251,17 +289,19 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden_##suffix(                                      \
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
-        const float* col_scale, float* dC, T* dU, int n_tokens, int d_out, int R, int n_modules) {                    \
+        const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
+        int chunk) {                                                                                                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 128>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, n_tokens, d_out, \
-                                    R, n_modules);                                                                     \
+        compose_mma::hidden<T, 128>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,  \
+                                    d_out, R, n_modules, chunk);                                                       \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden64_##suffix(                                    \
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
-        const float* col_scale, float* dC, T* dU, int n_tokens, int d_out, int R, int n_modules) {                    \
+        const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
+        int chunk) {                                                                                                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, n_tokens, d_out,  \
-                                   R, n_modules);                                                                      \
+        compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
+                                   d_out, R, n_modules, chunk);                                                        \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_dx_##suffix(const T* dU, const T* A_cat, T* dX,       \
                                                                             int n_tokens, int R, int d_in) {           \

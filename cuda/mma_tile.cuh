@@ -41,12 +41,13 @@ __device__ __forceinline__ int swizzle(int row, int col) {
     return row * COLS + stored * 8 + col % 8;
 }
 
-// Rows [row0, row0 + ROWS) × columns [col0, col0 + COLS) of the row-major (rows, cols) matrix
-// `src` into a swizzled tile; elements past the edges are 0. `vector`: every row starts 16-byte
+// Rows [row0, row0 + ROWS) × columns [col0, col0 + COLS) of the row-major matrix `src` (row
+// stride `ld` elements) into a swizzled tile; elements at or past row `rows` or column `cols`
+// are 0 (`cols` ≤ `ld`: a split-K range ends there). `vector`: every row starts 16-byte
 // aligned, so chunks wholly in range go by cp.async.
 template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, int rows, int cols, int row0, int col0,
-                                          bool vector) {
+__device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, int rows, int cols, int ld, int row0,
+                                          int col0, bool vector) {
     constexpr int CHUNKS_PER_ROW = COLS / 8;
     static_assert((ROWS * CHUNKS_PER_ROW) % THREADS == 0, "whole chunks per thread");
     LC_UNROLL
@@ -55,10 +56,10 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
         const int gr = row0 + r, gc = col0 + col;
         T* dst = tile + swizzle<COLS>(r, col);
         if (vector && gr < rows && gc + 8 <= cols) {
-            lc::cp_async16(dst, src + (size_t)gr * cols + gc);
+            lc::cp_async16(dst, src + (size_t)gr * ld + gc);
         } else {
             for (int e = 0; e < 8; ++e)
-                dst[e] = (gr < rows && gc + e < cols) ? src[(size_t)gr * cols + gc + e] : lc::from_f32<T>(0.0f);
+                dst[e] = (gr < rows && gc + e < cols) ? src[(size_t)gr * ld + gc + e] : lc::from_f32<T>(0.0f);
         }
     }
 }
@@ -78,34 +79,36 @@ struct FragOf {
 };
 using Frag = FragOf<BM>;
 
-// acc = op(A) · op(B) for the TBM × BN block tile at (m0, n0): A stored (M, K), or (K, M) when
-// TA; B stored (K, N), or (N, K) when TB. `a_tiles` and `b_tiles` are the pipeline's shared
-// memory (STAGES · Rows<TBM>::TILE_A and STAGES · TILE elements). Every thread of the block must
-// call it; on return every copy has landed and every thread is past its last read of the tiles
-// (they may be reused).
+// acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; by default all of K) for the
+// TBM × BN block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B stored (K, N), or
+// (N, K) when TB. `k_begin` is a multiple of BK. `a_tiles` and `b_tiles` are the pipeline's
+// shared memory (STAGES · Rows<TBM>::TILE_A and STAGES · TILE elements). Every thread of the
+// block must call it; on return every copy has landed and every thread is past its last read of
+// the tiles (they may be reused).
 template <typename T, bool TA, bool TB, int TBM = BM>
 __device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], T* a_tiles, T* b_tiles,
                                          const T* __restrict__ A, const T* __restrict__ B, int M, int N, int K,
-                                         int m0, int n0) {
+                                         int m0, int n0, int k_begin = 0, int k_end = -1) {
     constexpr int FM = Rows<TBM>::FRAG_M;
     const FragOf<TBM> f;
+    if (k_end < 0) k_end = K;
     const bool a_vector = (TA ? M : K) % 8 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
     const bool b_vector = (TB ? K : N) % 8 == 0 && reinterpret_cast<size_t>(B) % 16 == 0;
-    const int k_tiles = lc::ceil_div(K, BK);
-    // K-tile kt of op(A) (TBM × BK) and op(B) (BK × BN) into a stage, in the orientation they
-    // are stored in.
+    const int k_tiles = lc::ceil_div(k_end - k_begin, BK);
+    // K-tile kt of the range, of op(A) (TBM × BK) and op(B) (BK × BN), into a stage, in the
+    // orientation they are stored in; k ≥ k_end reads as 0.
     auto load_stage = [&](int stage, int kt) {
-        const int k0 = kt * BK;
+        const int k0 = k_begin + kt * BK;
         T* a = a_tiles + stage * Rows<TBM>::TILE_A;
         T* b = b_tiles + stage * TILE;
         if (TA)
-            load_tile<T, BK, TBM>(a, A, K, M, k0, m0, a_vector);
+            load_tile<T, BK, TBM>(a, A, k_end, M, M, k0, m0, a_vector);
         else
-            load_tile<T, TBM, BK>(a, A, M, K, m0, k0, a_vector);
+            load_tile<T, TBM, BK>(a, A, M, k_end, K, m0, k0, a_vector);
         if (TB)
-            load_tile<T, BN, BK>(b, B, N, K, n0, k0, b_vector);
+            load_tile<T, BN, BK>(b, B, N, k_end, K, n0, k0, b_vector);
         else
-            load_tile<T, BK, BN>(b, B, K, N, k0, n0, b_vector);
+            load_tile<T, BK, BN>(b, B, k_end, N, N, k0, n0, b_vector);
     };
 
     // Fully unrolled wherever acc is indexed, so that it lives in registers.

@@ -713,24 +713,41 @@ fn harness_gemv_fixed_cases() {
 /// beside ragged ones in T, R, d_in and d_out, ragged K tiles (K not a multiple of 32), several
 /// K steps through the 3-stage pipeline, and two halves of the ∂C epilogue with runs of tokens
 /// crossing them. (a) every row 16-byte aligned (d_in, d_out and R multiples of 8: operands go
-/// by cp.async); (b) none aligned (odd sizes, R = 132: the element-by-element path). Each planned
-/// for one SM (the shrink and hidden kernels on 128-row tiles) and for 132 (on 64-row tiles:
-/// `mma_tile_rows`).
+/// by cp.async); (b) none aligned (odd sizes, R = 132: the element-by-element path); (c), (d)
+/// split K (`mma_split`: ragged splits, partials through the workspace, ∂C added per split).
+/// Each planned for one SM (the shrink and hidden kernels on 128-row tiles) and for 132 (on
+/// 64-row tiles: `mma_tile_rows`).
 #[test]
 fn harness_mma_full_tiles_and_ragged_edges() {
     use Assign::*;
     use CoeffKind::*;
     let p = Mode::Product;
+    // The last two split K (few tiles, K ≥ 2 × MMA_MIN_CHUNK): on 132 SMs d_in 389 and d_out 301
+    // element by element in 3 and 2 ragged splits, d_in 520 by cp.async in 4; on one SM in 2.
     let cases = [
         make_case_with_ranks(41, 136, 264, 136, &[64, 16, 8, 40, 8], p, Zipf, Negative),
         make_case_with_ranks(42, 131, 133, 130, &[64, 3, 64, 1], p, Uniform, OneHot),
+        make_case_with_ranks(44, 40, 389, 301, &[16, 5, 32, 7], p, Zipf, Random),
+        make_case_with_ranks(45, 70, 520, 264, &[8, 24, 16], p, Uniform, Negative),
     ];
     for (i, case) in cases.iter().enumerate() {
         for sm_count in [1, 132] {
+            let r = case.modules.total_rank();
             assert_eq!(
-                compose_fwd::mma_tile_rows(case.t, case.modules.total_rank(), sm_count),
+                compose_fwd::mma_tile_rows(case.t, r, sm_count),
                 if sm_count == 1 { 128 } else { 64 }
             );
+            let splits = |k| compose_fwd::mma_plan(case.t, r, k, sm_count).1.splits;
+            let (shrink, hidden) = (splits(case.d_in), splits(case.d_out));
+            // On one SM (2 slots) a single tile splits in two.
+            let want = match (i, sm_count) {
+                (0, 132) => (2, 1),
+                (2 | 3, 1) => (2, 2),
+                (2, 132) => (3, 2),
+                (3, 132) => (4, 2),
+                _ => (1, 1),
+            };
+            assert_eq!((shrink, hidden), want, "case {i} on {sm_count} SMs");
             let backend = WithSms {
                 inner: &CpuHarness::new(3 + i as u64),
                 sm_count,
@@ -950,7 +967,8 @@ fn gpu_matches_reference() {
 /// The cases compute-sanitizer runs on a GPU (`gpu-check.sh --sanitize`: memcheck, racecheck,
 /// synccheck, initcheck), few and small so that its instrumented launches fit the call: every
 /// variant forward and backward on odd sizes with mixed ranks, then one case with whole
-/// 128×128 tensor-core tiles and aligned rows (the `cp.async` path) plus a ragged edge.
+/// 128×128 tensor-core tiles and aligned rows (the `cp.async` path) plus a ragged edge, and
+/// one with the tensor-core shrink and hidden split along K.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
 fn gpu_sanitizer_cases() {
@@ -976,6 +994,19 @@ fn gpu_sanitizer_cases() {
         sm_count: 1,
     };
     check_all(&one_sm, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
+    // Split K on the tensor cores (`mma_split`: 4 splits of d_in, 2 of d_out on 132 SMs), the
+    // partials through the workspace.
+    let case = make_case_with_ranks(
+        31,
+        70,
+        520,
+        264,
+        &[8, 24, 16],
+        Mode::Product,
+        Assign::Uniform,
+        CoeffKind::Negative,
+    );
+    check_variants(&gpu, &case, 31, &TRAINS[..1], &[compose_fwd::Variant::Mma]).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A composition forward recorded into a CUDA graph (`GpuBackend::capture`) and replayed gives

@@ -332,10 +332,10 @@ pub struct KernelLayer<B: Backend> {
     tables: Tables<B>,
 }
 
-/// The composition variant a layer runs: the memory-bound GEMV one for few tokens, the fused
-/// tiled one above ([`compose_fwd::choose_variant`]).
+/// The composition variant a layer runs (f32 storage): the memory-bound GEMV one for few
+/// tokens, the fused tiled one above ([`compose_fwd::choose_variant`]).
 fn variant(shape: &Shape) -> compose_fwd::Variant {
-    compose_fwd::choose_variant(shape.t)
+    compose_fwd::choose_variant(shape.t, crate::kernels::DType::F32)
 }
 /// The GEMM variant for the base.
 const GEMM: gemm::Variant = gemm::Variant::Tiled64;

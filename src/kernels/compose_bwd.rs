@@ -6,7 +6,7 @@
 
 use super::compose_fwd::{
     check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims, mma_dims_rows,
-    mma_kernel, mma_tile, mma_tile_rows, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables,
+    mma_kernel, mma_plan, mma_tile, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables,
     TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
@@ -104,8 +104,11 @@ pub enum Step {
     MmaHidden {
         dc: bool,
         du: bool,
-        /// Rows of the block tile (128 or 64: [`mma_tile_rows`]).
+        /// Rows of the block tile (128 or 64: [`mma_tile_rows`](super::compose_fwd::mma_tile_rows)).
         tile_rows: usize,
+        /// d_out in chunks ([`mma_split`](super::compose_fwd::mma_split)): each split adds its part of ∂C and writes its ∂U
+        /// partial to the workspace, which [`Step::SumPartials`] finishes.
+        split: Split,
     },
     /// Tensor cores: ∂X += ∂U A_cat.
     MmaDx,
@@ -156,8 +159,24 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
         }
         Variant::Mma => {
             let (dc, du) = (train.coeffs, want_du);
-            let tile_rows = mma_tile_rows(t, r, sm_count);
-            steps.push((Step::MmaHidden { dc, du, tile_rows }, mma_dims_rows(t, r, tile_rows)));
+            let (tile_rows, split) = mma_plan(t, r, d_out, sm_count);
+            let dims = mma_dims_rows(t, r, tile_rows, split.splits);
+            steps.push((
+                Step::MmaHidden {
+                    dc,
+                    du,
+                    tile_rows,
+                    split,
+                },
+                dims,
+            ));
+            if du && split.splits > 1 {
+                let step = Step::SumPartials {
+                    target: Target::DU,
+                    splits: split.splits,
+                };
+                steps.push((step, linear_dims(t * r)));
+            }
             if train.input {
                 steps.push((Step::MmaDx, mma_dims(t, d_in)));
             }
@@ -268,6 +287,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 ..
             } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::DxTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
+            Step::MmaHidden { split, du: true, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
             Step::GemvZero { len } => len,
             _ => 0,
         })
@@ -545,6 +565,7 @@ pub fn launch<T: Element, B: Backend>(
                 dc: want_dc,
                 du: want_du,
                 tile_rows,
+                split,
             } => Some((
                 if tile_rows == mma_tile::BM {
                     MmaEntry::Hidden
@@ -561,10 +582,12 @@ pub fn launch<T: Element, B: Backend>(
                     col_scale,
                     if want_dc { dc } else { null },
                     if want_du { du } else { null },
+                    work,
                     i(t),
                     i(d_out),
                     i(r),
                     i(n),
+                    i(split.chunk),
                 ],
             )),
             Step::MmaDx => Some((MmaEntry::Dx, vec![du, a_cat, dx, i(t), i(r), i(d_in)])),
@@ -575,9 +598,11 @@ pub fn launch<T: Element, B: Backend>(
             // (`COMPOSE_MMA_ENTRIES`). G, B_cat, U, A_cat, ∂C, ∂U, ∂X were checked above against
             // the shape the kernels index; an output is null exactly where `train` does not ask
             // for it (the hidden kernel skips a null ∂C or ∂U; MmaDx is planned only with ∂X,
-            // which implies ∂U, written by the hidden kernel before it in stream order). Tables
-            // come from the same ranks, token samples were checked on upload; outputs are
-            // distinct and mutably borrowed.
+            // which implies ∂U, written by the hidden kernel — or, split, by the SumPartials after
+            // it — before it in stream order). A split hidden kernel writes splits × T × R f32
+            // partials of ∂U (only when ∂U is asked for), which the workspace holds
+            // (workspace_len). Tables come from the same ranks, token samples were checked on
+            // upload; outputs are distinct and mutably borrowed.
             unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
             continue;
         }
@@ -804,13 +829,16 @@ mod tests {
                 .map(|(step, _)| *step)
                 .collect()
         };
-        // R = 512 at T = 4096: 128 tiles of 128 rows on 132 SMs, so 64-row tiles.
+        // R = 512 at T = 4096: 128 tiles of 128 rows on 132 SMs, so 64-row tiles; 256 of them
+        // need no split.
+        let split = Split::none(4096);
         assert_eq!(
             steps(Train::COEFFS),
             vec![Step::MmaHidden {
                 dc: true,
                 du: false,
-                tile_rows: 64
+                tile_rows: 64,
+                split
             }]
         );
         let all = steps(Train {
@@ -823,7 +851,8 @@ mod tests {
                 Step::MmaHidden {
                     dc: true,
                     du: true,
-                    tile_rows: 64
+                    tile_rows: 64,
+                    split
                 },
                 Step::MmaDx
             ]
@@ -833,6 +862,36 @@ mod tests {
             "{all:?}"
         );
         assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
+        // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256; ∂U from the
+        // partials before ∂X reads it; ∂C alone needs no workspace.
+        let s = shape(256, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT);
+        let split = Split { chunk: 256, splits: 16 };
+        assert_eq!(
+            plan[0].0,
+            Step::MmaHidden {
+                dc: true,
+                du: true,
+                tile_rows: 64,
+                split
+            }
+        );
+        assert_eq!((plan[0].1.grid, plan[0].1.blocks()), ([4, 4, 16], 256));
+        assert_eq!(
+            plan[1].0,
+            Step::SumPartials {
+                target: Target::DU,
+                splits: 16
+            }
+        );
+        assert_eq!(plan[2].0, Step::MmaDx);
+        assert_eq!(
+            workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT),
+            16 * 256 * 512
+        );
+        let plan = launch_config(Variant::Mma, &s, Train::COEFFS, HARNESS_SM_COUNT);
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert_eq!(workspace_len(Variant::Mma, &s, Train::COEFFS, HARNESS_SM_COUNT), 1);
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub enum Variant {
     /// Tensor cores for large T, bf16 storage only (`cuda/compose_mma.cu`): the fused plan's
     /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as `mma.sync.m16n8k16`
     /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
-    /// tiles, no split-K. `∂A_cat`, `∂B_cat` use the fused variant's tiled kernels.
+    /// tiles (64×128 for the shrink and `H` where those leave SMs idle), and split-K for the
+    /// shrink and `H` where even those do ([`mma_plan`]). `∂A_cat`, `∂B_cat` use the fused
+    /// variant's tiled kernels.
     Mma,
 }
 
@@ -38,11 +40,21 @@ pub const ALL: &[Variant] = &[
     Variant::Mma,
 ];
 
-/// The variant for a call with `t` tokens: [`Variant::Gemv`] up to [`GEMV_MAX_T`] tokens (the
-/// memory-bound regime), [`Variant::Fused`] above.
-pub fn choose_variant(t: usize) -> Variant {
+/// Fewest tokens for which [`choose_variant`] takes the tensor cores (bf16 storage): the
+/// smallest T the first H200 run measured them at, where they already beat the fused variant
+/// (d = 4096, forward: N = 32 145.8 µs against 234.8, N = 128 182.2 against 740.1; backward
+/// likewise). Below it the crossover is unmeasured (predicted lower since the shrink and hidden
+/// split K: `benches/README.md`), so the fused variant keeps those shapes.
+pub const MMA_MIN_T: usize = 256;
+
+/// The variant for a call with `t` tokens and `dtype` storage: [`Variant::Gemv`] up to
+/// [`GEMV_MAX_T`] tokens (the memory-bound regime), [`Variant::Mma`] from [`MMA_MIN_T`] tokens
+/// for bf16 storage, [`Variant::Fused`] otherwise.
+pub fn choose_variant(t: usize, dtype: DType) -> Variant {
     if t <= GEMV_MAX_T {
         Variant::Gemv
+    } else if t >= MMA_MIN_T && Variant::Mma.applies(dtype) {
+        Variant::Mma
     } else {
         Variant::Fused
     }
@@ -232,18 +244,49 @@ pub fn mma_tile_rows(t: usize, r: usize, sm_count: usize) -> usize {
     }
 }
 
-/// Grid of a tensor-core kernel over a (rows, cols) output: one 128×128 tile per block.
-pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
-    mma_dims_rows(rows, cols, mma_tile::BM)
+/// The shortest K range a tensor-core split covers: four K steps, twice the pipeline's depth of
+/// copies in flight, so that most of a split's time is in the steady loop.
+pub const MMA_MIN_CHUNK: usize = 4 * mma_tile::BK;
+
+/// Split K of a tensor-core shrink or hidden GEMM whose `tiles` output tiles leave SMs idle, so
+/// that tiles × splits come as close to [`BLOCKS_PER_SM`] blocks per SM as they can without
+/// passing it (as [`gemv_split`]: a second wave costs up to a whole kernel), each split at
+/// least [`MMA_MIN_CHUNK`] long and a multiple of the K step. Where the tiles fill the GPU (the
+/// first H200 run's large-T shapes but R = 128) it does not split. Each split costs a T × R f32
+/// partial written and read again by the finishing kernel.
+pub fn mma_split(tiles: usize, k: usize, sm_count: usize) -> Split {
+    let wanted = (BLOCKS_PER_SM * sm_count.max(1)) / tiles.max(1);
+    let splits = wanted.clamp(1, (k / MMA_MIN_CHUNK).max(1));
+    let chunk = k.div_ceil(splits).div_ceil(mma_tile::BK) * mma_tile::BK;
+    let splits = k.div_ceil(chunk.max(1));
+    if splits <= 1 {
+        Split::none(k)
+    } else {
+        Split { chunk, splits }
+    }
 }
 
-/// Grid of a tensor-core kernel over a (rows, cols) output in tiles of `tile_rows` × 128.
-pub(crate) fn mma_dims_rows(rows: usize, cols: usize, tile_rows: usize) -> LaunchDims {
+/// The tiling and K split of a tensor-core shrink (K = d_in) or hidden (K = d_out) kernel over a
+/// (T, R) output: [`mma_tile_rows`], then [`mma_split`] over the tiles of that height.
+pub fn mma_plan(t: usize, r: usize, k: usize, sm_count: usize) -> (usize, Split) {
+    let tile_rows = mma_tile_rows(t, r, sm_count);
+    let tiles = t.div_ceil(tile_rows) * r.div_ceil(mma_tile::BN);
+    (tile_rows, mma_split(tiles, k, sm_count))
+}
+
+/// Grid of a tensor-core kernel over a (rows, cols) output: one 128×128 tile per block.
+pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
+    mma_dims_rows(rows, cols, mma_tile::BM, 1)
+}
+
+/// Grid of a tensor-core kernel over a (rows, cols) output in tiles of `tile_rows` × 128, with
+/// `splits` K chunks along z.
+pub(crate) fn mma_dims_rows(rows: usize, cols: usize, tile_rows: usize, splits: usize) -> LaunchDims {
     let dims = LaunchDims {
         grid: [
             u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
             u32::try_from(rows.div_ceil(tile_rows)).expect("grid y fits u32"),
-            1,
+            u32::try_from(splits).expect("grid z fits u32"),
         ],
         block: [mma_tile::THREADS, 1, 1],
         dynamic_shared_bytes: 0,

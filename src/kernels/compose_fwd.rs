@@ -50,9 +50,11 @@ pub enum Step {
     /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
     GemvExpand,
     /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns, in tiles of `tile_rows`
-    /// (128 or 64: [`mma_tile_rows`]) × 128.
+    /// (128 or 64: [`mma_tile_rows`]) × 128; with several splits of d_in ([`mma_split`]) the
+    /// partials go to the workspace and [`Step::ShrinkReduce`] finishes.
     MmaShrink {
         tile_rows: usize,
+        split: Split,
     },
     /// Tensor cores: `Y += Z B_catᵀ`.
     MmaExpand,
@@ -76,8 +78,13 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
         }
         Variant::Mma => {
-            let tile_rows = mma_tile_rows(t, r, sm_count);
-            steps.push((Step::MmaShrink { tile_rows }, mma_dims_rows(t, r, tile_rows)));
+            let (tile_rows, split) = mma_plan(t, r, shape.d_in, sm_count);
+            let dims = mma_dims_rows(t, r, tile_rows, split.splits);
+            steps.push((Step::MmaShrink { tile_rows, split }, dims));
+            if split.splits > 1 {
+                let splits = split.splits;
+                steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
+            }
             steps.push((Step::MmaExpand, mma_dims(t, shape.d_out)));
         }
         Variant::Naive => {
@@ -131,6 +138,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .iter()
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
+            Step::MmaShrink { split, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::GemvZero { len } => len,
             _ => 0,
@@ -299,7 +307,7 @@ pub fn launch<T: Element, B: Backend>(
             _ => None,
         };
         let mma = match step {
-            Step::MmaShrink { tile_rows } => Some((
+            Step::MmaShrink { tile_rows, split } => Some((
                 if tile_rows == mma_tile::BM {
                     MmaEntry::Shrink
                 } else {
@@ -314,10 +322,12 @@ pub fn launch<T: Element, B: Backend>(
                     col_scale,
                     u,
                     z,
+                    work,
                     i(t),
                     i(d_in),
                     i(r),
                     i(n),
+                    i(split.chunk),
                 ],
             )),
             Step::MmaExpand => Some((MmaEntry::Expand, vec![z, b_cat, y, i(t), i(r), i(d_out)])),
@@ -328,7 +338,8 @@ pub fn launch<T: Element, B: Backend>(
             // (`COMPOSE_MMA_ENTRIES`). X, A_cat, B_cat, U, Z, Y were checked above against the
             // shape the kernels index (whole matrices, R columns); the tables come from the same
             // ranks and every token's sample was checked on upload; a null U is skipped by the
-            // shrink. Output buffers are distinct and mutably borrowed; no workspace is used.
+            // shrink. Output buffers are distinct and mutably borrowed; a split shrink writes
+            // splits × T × R f32 partials, which the workspace holds (workspace_len).
             unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
             continue;
         }
@@ -486,11 +497,32 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn mma_split_covers_k_exactly(tiles in 1usize..400, k in 1usize..20_000, sms in 1usize..200) {
+            let s = mma_split(tiles, k, sms);
+            prop_assert!(s.splits >= 1 && s.chunk >= 1);
+            prop_assert!(s.splits == 1 || tiles * s.splits <= BLOCKS_PER_SM * sms, "{s:?}: a second wave");
+            prop_assert!(s.chunk * s.splits >= k, "{s:?}");
+            prop_assert!(s.splits == 1 || (s.splits - 1) * s.chunk < k, "{s:?}: an empty split");
+            prop_assert!(s.splits == 1 || (s.chunk % mma_tile::BK == 0 && s.chunk >= MMA_MIN_CHUNK), "{s:?}");
+            // It splits whenever the tiles leave half the slots empty and K allows two chunks.
+            prop_assert!(s.splits > 1 || 2 * tiles > BLOCKS_PER_SM * sms || k < 2 * MMA_MIN_CHUNK, "{s:?}");
+        }
+    }
+
     #[test]
     fn gemv_runs_up_to_sixteen_tokens_and_the_fused_plan_above() {
-        assert_eq!(choose_variant(1), Variant::Gemv);
-        assert_eq!(choose_variant(GEMV_MAX_T), Variant::Gemv);
-        assert_eq!(choose_variant(GEMV_MAX_T + 1), Variant::Fused);
+        for dtype in [DType::F32, DType::BF16] {
+            assert_eq!(choose_variant(1, dtype), Variant::Gemv);
+            assert_eq!(choose_variant(GEMV_MAX_T, dtype), Variant::Gemv);
+            assert_eq!(choose_variant(GEMV_MAX_T + 1, dtype), Variant::Fused);
+            assert_eq!(choose_variant(MMA_MIN_T - 1, dtype), Variant::Fused);
+        }
+        // The tensor cores from MMA_MIN_T tokens, for the storage they take.
+        assert_eq!(choose_variant(MMA_MIN_T, DType::BF16), Variant::Mma);
+        assert_eq!(choose_variant(4096, DType::BF16), Variant::Mma);
+        assert_eq!(choose_variant(4096, DType::F32), Variant::Fused);
         let s = shape(16, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
         assert_eq!(plan[0].0, Step::GemvZero { len: 16 * 512 });
@@ -534,19 +566,61 @@ mod tests {
     }
 
     #[test]
-    fn mma_plans_two_tensor_core_launches_without_workspace() {
+    fn mma_plans_two_tensor_core_launches_and_splits_k_only_for_idle_sms() {
         let s = shape(4096, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
         assert_eq!(plan.len(), 2, "{plan:?}");
         // Shrink: R = 512 → 4 column tiles × 32 row tiles; expand: 32 × 32.
-        // 4 × 32 = 128 tiles of 128 rows leave SMs idle on 132: 64-row tiles, 4 × 64 blocks.
+        // 4 × 32 = 128 tiles of 128 rows leave SMs idle on 132: 64-row tiles, 4 × 64 blocks,
+        // which fill 2 an SM (264) as nearly as one split can.
+        let whole = Split::none(4096);
         assert_eq!(
             (plan[0].0, plan[0].1.grid),
-            (Step::MmaShrink { tile_rows: 64 }, [4, 64, 1])
+            (
+                Step::MmaShrink {
+                    tile_rows: 64,
+                    split: whole
+                },
+                [4, 64, 1]
+            )
         );
         assert_eq!((plan[1].0, plan[1].1.grid), (Step::MmaExpand, [32, 32, 1]));
         assert_eq!(plan[0].1.block, [256, 1, 1]);
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 1);
+        // R = 128 at T = 4096: 64 tiles of 64 rows, d_in in 4 splits of 1024, then the reduce.
+        let s = shape(4096, 4096, vec![16; 8]);
+        let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
+        let split = Split { chunk: 1024, splits: 4 };
+        assert_eq!(
+            (plan[0].0, plan[0].1.grid),
+            (Step::MmaShrink { tile_rows: 64, split }, [1, 64, 4])
+        );
+        assert_eq!(
+            plan[1].0,
+            Step::ShrinkReduce {
+                j0: 0,
+                j1: 128,
+                splits: 4
+            }
+        );
+        assert_eq!(plan[2].0, Step::MmaExpand);
+        assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 4 * 4096 * 128);
+        // T = 16, R = 512: 4 tiles; 66 wanted, d_in = 4096 allows 32 of 128.
+        let s = shape(16, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
+        let split = Split { chunk: 128, splits: 32 };
+        assert_eq!(plan[0].0, Step::MmaShrink { tile_rows: 64, split });
+        // One SM: 128-row tiles, no split.
+        let plan = launch_config(Variant::Mma, &s, 1);
+        let whole = Split::none(4096);
+        assert_eq!(
+            plan[0].0,
+            Step::MmaShrink {
+                tile_rows: 128,
+                split: whole
+            }
+        );
+        assert_eq!(plan.len(), 2);
         assert!(Variant::Mma.applies(DType::BF16) && !Variant::Mma.applies(DType::F32));
         assert!(mma_kernel(MmaEntry::Shrink, DType::F32).is_err());
         assert!(mma_kernel(MmaEntry::Dx, DType::BF16).is_ok());

@@ -107,9 +107,10 @@ impl<B: Backend, E: Storage> F32Grad<B, E> {
 const GEMM: gemm::Variant = gemm::Variant::Tiled64;
 const LN: layernorm::Variant = layernorm::Variant::Warp;
 const BIAS_GRAD: elementwise::Variant = elementwise::Variant::Chunked;
-/// The composition variant for a call over `t` rows: GEMV for few rows, fused tiled above.
+/// The composition variant for a call over `t` rows of f32 storage: GEMV for few rows, fused
+/// tiled above (the tensor cores take bf16).
 fn compose_variant(t: usize) -> compose_fwd::Variant {
-    compose_fwd::choose_variant(t)
+    compose_fwd::choose_variant(t, DType::F32)
 }
 const FACTOR: compose_factor::Variant = compose_factor::Variant::Warp;
 const ATTENTION: attention::Variant = attention::Variant::Tiled;
