@@ -25,12 +25,12 @@
 // shrink, B_cat in the expand) or (K, N) ("kn": B_cat in H, A_cat in ∂X), with different
 // epilogues:
 //   - a 128×128 output tile per block of 8 warps (2 along M × 4 along N, 64×32 each: 4×4
-//     m16n8k16 tiles, 64 f32 accumulators per lane); the shrink and hidden kernels also come
-//     on 64×128 tiles (`_shrink64`, `_hidden64`: warps of 32×32), which the plan picks when
-//     128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
+//     m16n8k16 tiles, 64 f32 accumulators per lane); every kernel also comes on 64×128 tiles
+//     (`_shrink64`, `_expand64`, `_hidden64`, `_dx64`: warps of 32×32), which the plan picks
+//     when 128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
 //     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
-//     block per SM); where even those leave SMs idle (small T, or R = 128), the shrink and
-//     hidden kernels also split K along gridDim.z (`mma_split`; partials through an f32
+//     block per SM; every output at small T); where even those leave SMs idle (small T, or
+//     R = 128), the kernels split K along gridDim.z (`mma_split`; partials through an f32
 //     workspace, finished by compose_fwd's shrink_reduce / sum_partials in split order) — the
 //     first H200 run had the shrink at T ≤ 256 walk d_in = 4096 in 128 dependent steps on 4–8
 //     blocks (~145 µs, whatever T);
@@ -71,11 +71,13 @@ struct Epilogue {
 // the outputs; compose_fwd's shrink_reduce or sum_partials adds the partials in split order and
 // finishes. The plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles
 // alone leave SMs idle (the shrink and hidden at small T, or R = 128 at T = 4096).
+// The same for the expand and ∂X over a (T, cols) output: work[z][t][col] (splits × T × cols),
+// which sum_partials adds onto Y or ∂X.
 template <int TBM>
 __device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4],
-                                              float* __restrict__ work, int n_tokens, int R, int m0, int n0) {
+                                              float* __restrict__ work, int n_tokens, int cols, int m0, int n0) {
     const FragOf<TBM> f;
-    float* part = work + (size_t)blockIdx.z * n_tokens * R;
+    float* part = work + (size_t)blockIdx.z * n_tokens * cols;
     LC_UNROLL
     for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
         LC_UNROLL
@@ -83,7 +85,7 @@ __device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG
             LC_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const int t = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (t < n_tokens && col < R) part[(size_t)t * R + col] = acc[i][j][v];
+                if (t < n_tokens && col < cols) part[(size_t)t * cols + col] = acc[i][j][v];
             }
 }
 
@@ -122,15 +124,21 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
         }
 }
 
-// Grid (ceil(N / BN), ceil(M / BM)), block (256). out (M, N) += A · op(B): the expand
-// (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn, K = R).
-template <typename T, bool NK>
+// Grid (ceil(N / BN), ceil(M / TBM), splits), block (256). out (M, N) += A · op(B): the expand
+// (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn, K = R); with
+// several splits of K, partials to `work` and sum_partials adds them onto out.
+template <typename T, bool NK, int TBM>
 __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, const T* __restrict__ B,
-                                           T* __restrict__ out, int M, int N, int K) {
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[FRAG_M][FRAG_N][4];
-    mainloop<T, false, NK>(acc, stages, stages + STAGES * TILE, A, B, M, N, K, m0, n0);
-    epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+                                           T* __restrict__ out, float* __restrict__ work, int M, int N, int K,
+                                           int chunk) {
+    const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
+    float acc[Rows<TBM>::FRAG_M][FRAG_N][4];
+    mainloop<T, false, NK, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, A, B, M, N, K, m0, n0,
+                                lc::split_begin(chunk), lc::split_end(chunk, K));
+    if (gridDim.z > 1)
+        store_partial<TBM>(acc, work, M, N, m0, n0);
+    else
+        epilogue_axpby<T, TBM>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (256); K = d_out. H = G B_cat in registers;
@@ -282,10 +290,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         compose_mma::shrink<T, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,  \
                                    R, n_modules, chunk);                                                               \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_expand_##suffix(const T* Z, const T* B_cat, T* Y,     \
-                                                                                int n_tokens, int R, int d_out) {      \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_expand_##suffix(                                      \
+        const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, true>(stages, Z, B_cat, Y, n_tokens, d_out, R);                                     \
+        compose_mma::accumulate<T, true, 128>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                  \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_expand64_##suffix(                                    \
+        const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
+        COMPOSE_MMA_STAGES(T);                                                                                         \
+        compose_mma::accumulate<T, true, 64>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                   \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden_##suffix(                                      \
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
@@ -303,10 +316,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
                                    d_out, R, n_modules, chunk);                                                        \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_dx_##suffix(const T* dU, const T* A_cat, T* dX,       \
-                                                                            int n_tokens, int R, int d_in) {           \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_dx_##suffix(                                          \
+        const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, false>(stages, dU, A_cat, dX, n_tokens, d_in, R);                                   \
+        compose_mma::accumulate<T, false, 128>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_dx64_##suffix(                                        \
+        const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
+        COMPOSE_MMA_STAGES(T);                                                                                         \
+        compose_mma::accumulate<T, false, 64>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                 \
     }
 
 // Tensor cores take 16-bit inputs: no f32 entry (`Variant::applies` in src/kernels/compose_common.rs).

@@ -48,7 +48,8 @@ cargo test --release --test gpu_probe -- --ignored --exact embedded_ptx_inflates
 # k-major) and the cp.async copy, commit and wait.
 for family_entry in gemm:gemm_mma_f16 gemm:gemm_mma_bf16 compose_mma:compose_mma_shrink_bf16 \
     compose_mma:compose_mma_shrink64_bf16 compose_mma:compose_mma_expand_bf16 compose_mma:compose_mma_hidden_bf16:trans \
-    compose_mma:compose_mma_hidden64_bf16:trans compose_mma:compose_mma_dx_bf16:trans; do
+    compose_mma:compose_mma_hidden64_bf16:trans compose_mma:compose_mma_dx_bf16:trans compose_mma:compose_mma_expand64_bf16 \
+    compose_mma:compose_mma_dx64_bf16:trans; do
     IFS=: read -r family entry trans <<<"$family_entry"
     body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1 } on { print } on && /^}/ { exit }' "$out_dir/$family.ptx")
     if [[ -z "$body" ]]; then

@@ -722,13 +722,17 @@ fn harness_mma_full_tiles_and_ragged_edges() {
     use Assign::*;
     use CoeffKind::*;
     let p = Mode::Product;
-    // The last two split K (few tiles, K ≥ 2 × MMA_MIN_CHUNK): on 132 SMs d_in 389 and d_out 301
-    // element by element in 3 and 2 ragged splits, d_in 520 by cp.async in 4; on one SM in 2.
+    // Cases 2 and 3 split the shrink and hidden along K (few tiles, K ≥ 2 × MMA_MIN_CHUNK): on
+    // 132 SMs d_in 389 and d_out 301 element by element in 3 and 2 ragged splits, d_in 520 by
+    // cp.async in 4; on one SM in 2. Cases 4 and 5 split the expand and ∂X (K = R = 300 element
+    // by element, 264 by cp.async, 2 splits each).
     let cases = [
         make_case_with_ranks(41, 136, 264, 136, &[64, 16, 8, 40, 8], p, Zipf, Negative),
         make_case_with_ranks(42, 131, 133, 130, &[64, 3, 64, 1], p, Uniform, OneHot),
         make_case_with_ranks(44, 40, 389, 301, &[16, 5, 32, 7], p, Zipf, Random),
         make_case_with_ranks(45, 70, 520, 264, &[8, 24, 16], p, Uniform, Negative),
+        make_case_with_ranks(46, 24, 72, 88, &[128, 100, 72], p, Zipf, Random),
+        make_case_with_ranks(47, 33, 64, 40, &[200, 64], p, Uniform, OneHot),
     ];
     for (i, case) in cases.iter().enumerate() {
         for sm_count in [1, 132] {
@@ -737,17 +741,19 @@ fn harness_mma_full_tiles_and_ragged_edges() {
                 compose_fwd::mma_tile_rows(case.t, r, sm_count),
                 if sm_count == 1 { 128 } else { 64 }
             );
-            let splits = |k| compose_fwd::mma_plan(case.t, r, k, sm_count).1.splits;
-            let (shrink, hidden) = (splits(case.d_in), splits(case.d_out));
-            // On one SM (2 slots) a single tile splits in two.
+            let splits = |cols, k| compose_fwd::mma_plan(case.t, cols, k, sm_count).1.splits;
+            let (d_in, d_out) = (case.d_in, case.d_out);
+            let got = [splits(r, d_in), splits(r, d_out), splits(d_out, r), splits(d_in, r)];
+            // Shrink, hidden, expand, ∂X. On one SM (2 slots) a single tile splits in two.
             let want = match (i, sm_count) {
-                (0, 132) => (2, 1),
-                (2 | 3, 1) => (2, 2),
-                (2, 132) => (3, 2),
-                (3, 132) => (4, 2),
-                _ => (1, 1),
+                (0, 132) => [2, 1, 1, 1],
+                (2 | 3, 1) => [2, 2, 1, 1],
+                (2, 132) => [3, 2, 1, 1],
+                (3, 132) => [4, 2, 1, 1],
+                (4 | 5, _) => [1, 1, 2, 2],
+                _ => [1, 1, 1, 1],
             };
-            assert_eq!((shrink, hidden), want, "case {i} on {sm_count} SMs");
+            assert_eq!(got, want, "case {i} on {sm_count} SMs");
             let backend = WithSms {
                 inner: &CpuHarness::new(3 + i as u64),
                 sm_count,
@@ -931,6 +937,14 @@ fn gpu_matches_reference() {
             compose_fwd::mma_kernel(compose_fwd::MmaEntry::Shrink64, DType::BF16),
             compose_fwd::mma_tile::SHARED_BYTES,
         ),
+        (
+            compose_fwd::mma_kernel(compose_fwd::MmaEntry::Expand64, DType::BF16),
+            compose_fwd::mma_tile::SHARED_BYTES,
+        ),
+        (
+            compose_fwd::mma_kernel(compose_fwd::MmaEntry::Dx64, DType::BF16),
+            compose_fwd::mma_tile::SHARED_BYTES,
+        ),
     ] {
         let function = gpu.function(&kernel.unwrap()).unwrap();
         assert_eq!(function.shared_size_bytes().unwrap() as u32, bytes);
@@ -994,8 +1008,8 @@ fn gpu_sanitizer_cases() {
         sm_count: 1,
     };
     check_all(&one_sm, &case, 30, &TRAINS[..1]).unwrap_or_else(|e| panic!("{e}"));
-    // Split K on the tensor cores (`mma_split`: 4 splits of d_in, 2 of d_out on 132 SMs), the
-    // partials through the workspace.
+    // Split K on the tensor cores (`mma_split`: 4 splits of d_in, 2 of d_out on 132 SMs; then
+    // 2 of R for the expand and ∂X), the partials through the workspace.
     let case = make_case_with_ranks(
         31,
         70,
@@ -1006,7 +1020,19 @@ fn gpu_sanitizer_cases() {
         Assign::Uniform,
         CoeffKind::Negative,
     );
-    check_variants(&gpu, &case, 31, &TRAINS[..1], &[compose_fwd::Variant::Mma]).unwrap_or_else(|e| panic!("{e}"));
+    let mma = [compose_fwd::Variant::Mma];
+    check_variants(&gpu, &case, 31, &TRAINS[..1], &mma).unwrap_or_else(|e| panic!("{e}"));
+    let case = make_case_with_ranks(
+        33,
+        33,
+        64,
+        40,
+        &[200, 64],
+        Mode::Product,
+        Assign::Uniform,
+        CoeffKind::OneHot,
+    );
+    check_variants(&gpu, &case, 33, &TRAINS[..1], &mma).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A composition forward recorded into a CUDA graph (`GpuBackend::capture`) and replayed gives

@@ -5,6 +5,8 @@
 LC_HARNESS_ENTRY(compose_mma_shrink_bf16)
 LC_HARNESS_ENTRY(compose_mma_shrink64_bf16)
 LC_HARNESS_ENTRY(compose_mma_expand_bf16)
+LC_HARNESS_ENTRY(compose_mma_expand64_bf16)
 LC_HARNESS_ENTRY(compose_mma_hidden_bf16)
 LC_HARNESS_ENTRY(compose_mma_hidden64_bf16)
 LC_HARNESS_ENTRY(compose_mma_dx_bf16)
+LC_HARNESS_ENTRY(compose_mma_dx64_bf16)

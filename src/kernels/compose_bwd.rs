@@ -5,9 +5,9 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims, mma_dims_rows,
-    mma_kernel, mma_plan, mma_tile, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables,
-    TokenRows, GEMV_MAX_T, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims_rows, mma_kernel,
+    mma_plan, mma_tile, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows,
+    GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -110,8 +110,12 @@ pub enum Step {
         /// partial to the workspace, which [`Step::SumPartials`] finishes.
         split: Split,
     },
-    /// Tensor cores: ∂X += ∂U A_cat.
-    MmaDx,
+    /// Tensor cores: ∂X += ∂U A_cat in tiles of `tile_rows` × 128; with several splits of R the
+    /// partials go to the workspace and [`Step::SumPartials`] adds them onto ∂X.
+    MmaDx {
+        tile_rows: usize,
+        split: Split,
+    },
 }
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
@@ -178,7 +182,16 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((step, linear_dims(t * r)));
             }
             if train.input {
-                steps.push((Step::MmaDx, mma_dims(t, d_in)));
+                let (tile_rows, split) = mma_plan(t, d_in, r, sm_count);
+                let dims = mma_dims_rows(t, d_in, tile_rows, split.splits);
+                steps.push((Step::MmaDx { tile_rows, split }, dims));
+                if split.splits > 1 {
+                    let step = Step::SumPartials {
+                        target: Target::DX,
+                        splits: split.splits,
+                    };
+                    steps.push((step, linear_dims(t * d_in)));
+                }
             }
             if train.modules {
                 steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
@@ -288,6 +301,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
             } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::DxTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
             Step::MmaHidden { split, du: true, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
+            Step::MmaDx { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
             Step::GemvZero { len } => len,
             _ => 0,
         })
@@ -590,7 +604,14 @@ pub fn launch<T: Element, B: Backend>(
                     i(split.chunk),
                 ],
             )),
-            Step::MmaDx => Some((MmaEntry::Dx, vec![du, a_cat, dx, i(t), i(r), i(d_in)])),
+            Step::MmaDx { tile_rows, split } => Some((
+                if tile_rows == mma_tile::BM {
+                    MmaEntry::Dx
+                } else {
+                    MmaEntry::Dx64
+                },
+                vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(split.chunk)],
+            )),
             _ => None,
         };
         if let Some((entry, args)) = mma {
@@ -600,8 +621,9 @@ pub fn launch<T: Element, B: Backend>(
             // for it (the hidden kernel skips a null ∂C or ∂U; MmaDx is planned only with ∂X,
             // which implies ∂U, written by the hidden kernel — or, split, by the SumPartials after
             // it — before it in stream order). A split hidden kernel writes splits × T × R f32
-            // partials of ∂U (only when ∂U is asked for), which the workspace holds
-            // (workspace_len). Tables come from the same ranks, token samples were checked on
+            // partials of ∂U (only when ∂U is asked for) and a split MmaDx splits × T × d_in,
+            // which the workspace holds (workspace_len); the first are summed before the second
+            // overwrite them, in stream order. Tables come from the same ranks, token samples were checked on
             // upload; outputs are distinct and mutably borrowed.
             unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
             continue;
@@ -730,7 +752,7 @@ pub fn launch<T: Element, B: Backend>(
             | Step::GemvDx { .. }
             | Step::GemvFinish { .. }
             | Step::MmaHidden { .. }
-            | Step::MmaDx => unreachable!("launched above"),
+            | Step::MmaDx { .. } => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
         // cuda/compose_bwd.cu. Every buffer was checked above against the shape the kernels
@@ -854,7 +876,10 @@ mod tests {
                     tile_rows: 64,
                     split
                 },
-                Step::MmaDx
+                Step::MmaDx {
+                    tile_rows: 128,
+                    split: Split::none(512)
+                }
             ]
         );
         assert!(
@@ -863,7 +888,8 @@ mod tests {
         );
         assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
         // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256; ∂U from the
-        // partials before ∂X reads it; ∂C alone needs no workspace.
+        // partials before ∂X reads it; ∂X on 4 × 32 tiles of 64 rows, R in 2 splits of 256;
+        // ∂C alone needs no workspace.
         let s = shape(256, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT);
         let split = Split { chunk: 256, splits: 16 };
@@ -884,10 +910,18 @@ mod tests {
                 splits: 16
             }
         );
-        assert_eq!(plan[2].0, Step::MmaDx);
+        let split = Split { chunk: 256, splits: 2 };
+        assert_eq!(plan[2].0, Step::MmaDx { tile_rows: 64, split });
+        assert_eq!(
+            plan[3].0,
+            Step::SumPartials {
+                target: Target::DX,
+                splits: 2
+            }
+        );
         assert_eq!(
             workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT),
-            16 * 256 * 512
+            2 * 256 * 4096 // as many as the hidden kernel's 16 × 256 × 512
         );
         let plan = launch_config(Variant::Mma, &s, Train::COEFFS, HARNESS_SM_COUNT);
         assert_eq!(plan.len(), 1, "{plan:?}");

@@ -24,9 +24,8 @@ pub enum Variant {
     /// Tensor cores for large T, bf16 storage only (`cuda/compose_mma.cu`): the fused plan's
     /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as `mma.sync.m16n8k16`
     /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
-    /// tiles (64×128 for the shrink and `H` where those leave SMs idle), and split-K for the
-    /// shrink and `H` where even those do ([`mma_plan`]). `∂A_cat`, `∂B_cat` use the fused
-    /// variant's tiled kernels.
+    /// tiles (64×128 where those leave SMs idle), and split-K where even those do
+    /// ([`mma_plan`]). `∂A_cat`, `∂B_cat` use the fused variant's tiled kernels.
     Mma,
 }
 
@@ -232,10 +231,11 @@ pub mod mma_tile {
     pub const SHARED_BYTES: u32 = (STAGES * (BM * BK + BN * BK) * 2) as u32;
 }
 
-/// Rows of the block tile of the tensor-core shrink and hidden kernels over a (T, R) output:
-/// 128, or 64 where 128-row tiles would give fewer blocks than the device has SMs (R ≤ 512 at
-/// T = 4096 on an H200: 128 tiles of one 8-warp block per SM, which the first H200 run measured
-/// at 157 TFLOP/s for the shrink's GEMM shape against 241 at full grids).
+/// Rows of the block tile of a tensor-core kernel over a (T, `r`) output (shrink and hidden: R
+/// columns; expand and ∂X: d_out or d_in): 128, or 64 where 128-row tiles would give fewer
+/// blocks than the device has SMs (R ≤ 512 at T = 4096 on an H200: 128 tiles of one 8-warp
+/// block per SM, which the first H200 run measured at 157 TFLOP/s for the shrink's GEMM shape
+/// against 241 at full grids; every output at small T).
 pub fn mma_tile_rows(t: usize, r: usize, sm_count: usize) -> usize {
     if t.div_ceil(mma_tile::BM) * r.div_ceil(mma_tile::BN) < sm_count {
         mma_tile::BM / 2
@@ -248,7 +248,7 @@ pub fn mma_tile_rows(t: usize, r: usize, sm_count: usize) -> usize {
 /// copies in flight, so that most of a split's time is in the steady loop.
 pub const MMA_MIN_CHUNK: usize = 4 * mma_tile::BK;
 
-/// Split K of a tensor-core shrink or hidden GEMM whose `tiles` output tiles leave SMs idle, so
+/// Split K of a tensor-core GEMM whose `tiles` output tiles leave SMs idle, so
 /// that tiles × splits come as close to [`BLOCKS_PER_SM`] blocks per SM as they can without
 /// passing it (as [`gemv_split`]: a second wave costs up to a whole kernel), each split at
 /// least [`MMA_MIN_CHUNK`] long and a multiple of the K step. Where the tiles fill the GPU (the
@@ -266,17 +266,13 @@ pub fn mma_split(tiles: usize, k: usize, sm_count: usize) -> Split {
     }
 }
 
-/// The tiling and K split of a tensor-core shrink (K = d_in) or hidden (K = d_out) kernel over a
-/// (T, R) output: [`mma_tile_rows`], then [`mma_split`] over the tiles of that height.
-pub fn mma_plan(t: usize, r: usize, k: usize, sm_count: usize) -> (usize, Split) {
-    let tile_rows = mma_tile_rows(t, r, sm_count);
-    let tiles = t.div_ceil(tile_rows) * r.div_ceil(mma_tile::BN);
+/// The tiling and K split of a tensor-core kernel over a (T, `cols`) output with inner dimension
+/// `k` (shrink: (T, R), K = d_in; hidden: (T, R), K = d_out; expand: (T, d_out), K = R; ∂X:
+/// (T, d_in), K = R): [`mma_tile_rows`], then [`mma_split`] over the tiles of that height.
+pub fn mma_plan(t: usize, cols: usize, k: usize, sm_count: usize) -> (usize, Split) {
+    let tile_rows = mma_tile_rows(t, cols, sm_count);
+    let tiles = t.div_ceil(tile_rows) * cols.div_ceil(mma_tile::BN);
     (tile_rows, mma_split(tiles, k, sm_count))
-}
-
-/// Grid of a tensor-core kernel over a (rows, cols) output: one 128×128 tile per block.
-pub(crate) fn mma_dims(rows: usize, cols: usize) -> LaunchDims {
-    mma_dims_rows(rows, cols, mma_tile::BM, 1)
 }
 
 /// Grid of a tensor-core kernel over a (rows, cols) output in tiles of `tile_rows` × 128, with
@@ -302,14 +298,18 @@ pub enum MmaEntry {
     Shrink,
     /// The same on tiles of 64 rows ([`mma_tile_rows`]).
     Shrink64,
-    /// Y += Z B_catᵀ.
+    /// Y += Z B_catᵀ, tiles of 128 rows.
     Expand,
+    /// The same on tiles of 64 rows.
+    Expand64,
     /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C, tiles of 128 rows.
     Hidden,
     /// The same on tiles of 64 rows.
     Hidden64,
-    /// ∂X += ∂U A_cat.
+    /// ∂X += ∂U A_cat, tiles of 128 rows.
     Dx,
+    /// The same on tiles of 64 rows.
+    Dx64,
 }
 
 /// The compiled kernel `compose_mma_<entry>_bf16`, or an error for f32 and f16 storage (tensor
@@ -326,9 +326,11 @@ pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> 
         MmaEntry::Shrink => kernel_entry!(e::lc_run_compose_mma_shrink_bf16),
         MmaEntry::Shrink64 => kernel_entry!(e::lc_run_compose_mma_shrink64_bf16),
         MmaEntry::Expand => kernel_entry!(e::lc_run_compose_mma_expand_bf16),
+        MmaEntry::Expand64 => kernel_entry!(e::lc_run_compose_mma_expand64_bf16),
         MmaEntry::Hidden => kernel_entry!(e::lc_run_compose_mma_hidden_bf16),
         MmaEntry::Hidden64 => kernel_entry!(e::lc_run_compose_mma_hidden64_bf16),
         MmaEntry::Dx => kernel_entry!(e::lc_run_compose_mma_dx_bf16),
+        MmaEntry::Dx64 => kernel_entry!(e::lc_run_compose_mma_dx64_bf16),
     };
     Ok(Kernel {
         family: "compose_mma",

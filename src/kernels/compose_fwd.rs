@@ -56,8 +56,12 @@ pub enum Step {
         tile_rows: usize,
         split: Split,
     },
-    /// Tensor cores: `Y += Z B_catᵀ`.
-    MmaExpand,
+    /// Tensor cores: `Y += Z B_catᵀ` in tiles of `tile_rows` × 128; with several splits of R
+    /// the partials go to the workspace and [`Step::SumPartials`] adds them onto Y.
+    MmaExpand {
+        tile_rows: usize,
+        split: Split,
+    },
 }
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
@@ -85,7 +89,13 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
                 let splits = split.splits;
                 steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
             }
-            steps.push((Step::MmaExpand, mma_dims(t, shape.d_out)));
+            let (tile_rows, split) = mma_plan(t, shape.d_out, r, sm_count);
+            let dims = mma_dims_rows(t, shape.d_out, tile_rows, split.splits);
+            steps.push((Step::MmaExpand { tile_rows, split }, dims));
+            if split.splits > 1 {
+                let splits = split.splits;
+                steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
+            }
         }
         Variant::Naive => {
             steps.push((Step::ShrinkNaive { j0: 0, j1: r }, naive_dims(t, r)));
@@ -139,6 +149,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::MmaShrink { split, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
+            Step::MmaExpand { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::GemvZero { len } => len,
             _ => 0,
@@ -330,7 +341,14 @@ pub fn launch<T: Element, B: Backend>(
                     i(split.chunk),
                 ],
             )),
-            Step::MmaExpand => Some((MmaEntry::Expand, vec![z, b_cat, y, i(t), i(r), i(d_out)])),
+            Step::MmaExpand { tile_rows, split } => Some((
+                if tile_rows == mma_tile::BM {
+                    MmaEntry::Expand
+                } else {
+                    MmaEntry::Expand64
+                },
+                vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(split.chunk)],
+            )),
             _ => None,
         };
         if let Some((entry, args)) = mma {
@@ -339,7 +357,9 @@ pub fn launch<T: Element, B: Backend>(
             // shape the kernels index (whole matrices, R columns); the tables come from the same
             // ranks and every token's sample was checked on upload; a null U is skipped by the
             // shrink. Output buffers are distinct and mutably borrowed; a split shrink writes
-            // splits × T × R f32 partials, which the workspace holds (workspace_len).
+            // splits × T × R f32 partials and a split expand splits × T × d_out, which the
+            // workspace holds (workspace_len) — the shrink's are summed by ShrinkReduce before
+            // the expand's overwrite them, in stream order.
             unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
             continue;
         }
@@ -428,7 +448,7 @@ pub fn launch<T: Element, B: Backend>(
             | Step::GemvShrink { .. }
             | Step::GemvExpand
             | Step::MmaShrink { .. }
-            | Step::MmaExpand => {
+            | Step::MmaExpand { .. } => {
                 unreachable!("launched above")
             }
         };
@@ -584,7 +604,11 @@ mod tests {
                 [4, 64, 1]
             )
         );
-        assert_eq!((plan[1].0, plan[1].1.grid), (Step::MmaExpand, [32, 32, 1]));
+        let expand = Step::MmaExpand {
+            tile_rows: 128,
+            split: Split::none(512),
+        };
+        assert_eq!((plan[1].0, plan[1].1.grid), (expand, [32, 32, 1]));
         assert_eq!(plan[0].1.block, [256, 1, 1]);
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 1);
         // R = 128 at T = 4096: 64 tiles of 64 rows, d_in in 4 splits of 1024, then the reduce.
@@ -603,13 +627,28 @@ mod tests {
                 splits: 4
             }
         );
-        assert_eq!(plan[2].0, Step::MmaExpand);
+        let expand = Step::MmaExpand {
+            tile_rows: 128,
+            split: Split::none(128),
+        };
+        assert_eq!(plan[2].0, expand);
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 4 * 4096 * 128);
         // T = 16, R = 512: 4 tiles; 66 wanted, d_in = 4096 allows 32 of 128.
         let s = shape(16, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
         let split = Split { chunk: 128, splits: 32 };
         assert_eq!(plan[0].0, Step::MmaShrink { tile_rows: 64, split });
+        // Its expand: 32 tiles of 64 rows, R in 4 splits of 128, added onto Y by SumPartials.
+        let split = Split { chunk: 128, splits: 4 };
+        assert_eq!(
+            (plan[2].0, plan[2].1.grid),
+            (Step::MmaExpand { tile_rows: 64, split }, [32, 1, 4])
+        );
+        assert_eq!(plan[3].0, Step::SumPartials { splits: 4 });
+        assert_eq!(
+            workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT),
+            4 * 16 * 4096 // as many as the shrink's 32 × 16 × 512
+        );
         // One SM: 128-row tiles, no split.
         let plan = launch_config(Variant::Mma, &s, 1);
         let whole = Split::none(4096);

@@ -78,9 +78,11 @@ pub(crate) mod compose_mma {
         lc_run_compose_mma_shrink_bf16,
         lc_run_compose_mma_shrink64_bf16,
         lc_run_compose_mma_expand_bf16,
+        lc_run_compose_mma_expand64_bf16,
         lc_run_compose_mma_hidden_bf16,
         lc_run_compose_mma_hidden64_bf16,
         lc_run_compose_mma_dx_bf16,
+        lc_run_compose_mma_dx64_bf16,
     );
 }
 
