@@ -4,8 +4,12 @@
 // variant instead (cuda/compose_fwd.cu, cuda/compose_bwd.cu).
 //
 // Forward, with D[σ, j] = C[σ, module_of[j]] · col_scale[j]:
-//     u_acc  = X A_catᵀ                (T, R) f32 workspace, zeroed first, split-K atomics
-//     U = u_acc, Z = U ∘ D             (T, R) overwritten (rounded once to storage)
+//     u_acc  = X A_catᵀ                (T, R) f32 workspace, zeroed first, split-K atomics; or,
+//                                      where splits × T × R is small (T = 1), one slice per
+//                                      split, stored without atomics or zeroing: two launches
+//                                      instead of three, and the sum in a fixed order
+//     U = u_acc, Z = U ∘ D             (T, R) overwritten (rounded once to storage); U the sum
+//                                      of the slices, in split order
 //     Y     += Z B_catᵀ                (T, d_out) accumulated onto (read, add, round once)
 // Backward, given G = ∂L/∂Y:
 //     h_acc  = G B_cat                 (T, R) f32 workspace, zeroed first, split-K atomics
@@ -45,7 +49,10 @@
 // Split-K: blockIdx.y takes K range [y·chunk, min(K, (y + 1)·chunk)); each block reduces its
 // warps in shared memory in a fixed order and adds its partial with one atomicAdd per output
 // into the zeroed f32 workspace (the order between blocks is not fixed: sums may differ in the
-// last bits between runs). The plan sizes the splits from the device's SM count.
+// last bits between runs) — except the forward's shrink where all splits' partials are small
+// (src/kernels/compose_common.rs `GEMV_SLICES_MAX`: T = 1 at d = 4096), which stores each
+// split's partial in its own slice for the expand to add in split order (no zeroing launch,
+// the same bits every run). The plan sizes the splits from the device's SM count.
 #include "common.cuh"
 
 namespace compose_gemv {
@@ -410,10 +417,12 @@ __device__ __forceinline__ void zero(float* __restrict__ work, int n) {
     if (i < n) work[i] = 0.0f;
 }
 
-// u_acc += X A_catᵀ over this block's K split, on the TB-token path; smem: the block's buffer.
+// u_acc += X A_catᵀ over this block's K split, on the TB-token path; or, `slices`, the split's
+// partial stored into its own slice u_acc[blockIdx.y] (T × R); smem: the block's buffer.
 template <typename T, int TB>
 __device__ __forceinline__ void shrink_path(float* smem, const T* __restrict__ X, const T* __restrict__ A_cat,
-                                            float* __restrict__ u_acc, int n_tokens, int d_in, int R, int chunk) {
+                                            float* __restrict__ u_acc, int n_tokens, int d_in, int R, int chunk,
+                                            bool slices) {
     constexpr int WR = 2;
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const int k_begin = blockIdx.y * chunk, k_end = min(d_in, k_begin + chunk);
@@ -426,33 +435,58 @@ __device__ __forceinline__ void shrink_path(float* smem, const T* __restrict__ X
     };
     float acc[TB] = {};
     row_mainloop<T, WR, TB>(acc, smem, A_cat, d_in, R, row0, n_tokens, k_begin, k_end, stage_x);
+    float* slice = u_acc + (size_t)blockIdx.y * n_tokens * R;
     row_epilogue<WR, TB>(acc, smem, n_tokens, [&](int t, int r, float s) {
-        if (row0 + r < R) atomicAdd(&u_acc[(size_t)t * R + row0 + r], s);
+        if (row0 + r >= R) return;
+        if (slices)
+            slice[(size_t)t * R + row0 + r] = s;
+        else
+            atomicAdd(&u_acc[(size_t)t * R + row0 + r], s);
     });
 }
 
-// u_acc += X A_catᵀ over this block's K split. Grid (ceil(R / 32), splits). The token count
-// picks the code path (uniform across the grid).
+// u_acc += X A_catᵀ over this block's K split (u_acc zeroed first), or with `slices` != 0 the
+// split's partial into slice blockIdx.y of u_acc (splits × T × R, no zeroing, no atomics: the
+// expand adds the slices in order). Grid (ceil(R / 32), splits). The token count picks the code
+// path (uniform across the grid).
 template <typename T>
 __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, float* __restrict__ u_acc,
-                                       int n_tokens, int d_in, int R, int chunk) {
+                                       int n_tokens, int d_in, int R, int chunk, int slices) {
     SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
     float* smem = reinterpret_cast<float*>(smem_quads);
     if (n_tokens == 1)
-        shrink_path<T, 1>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+        shrink_path<T, 1>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
     else if (n_tokens <= 4)
-        shrink_path<T, 4>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+        shrink_path<T, 4>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
     else
-        shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk);
+        shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
+}
+
+// U[t][j] = Σ_z u_acc[z][t][j] over `slices` slices of T × R, added in slice order (one slice:
+// the atomics' zeroed sum). Four loads in flight before the first add.
+__device__ __forceinline__ float sum_slices(const float* __restrict__ u_acc, int slices, size_t slice_len,
+                                            size_t at) {
+    float u = 0.0f;
+    int z = 0;
+    for (; z + 4 <= slices; z += 4) {
+        const float p0 = u_acc[(z + 0) * slice_len + at], p1 = u_acc[(z + 1) * slice_len + at];
+        const float p2 = u_acc[(z + 2) * slice_len + at], p3 = u_acc[(z + 3) * slice_len + at];
+        u += p0;
+        u += p1;
+        u += p2;
+        u += p3;
+    }
+    for (; z < slices; ++z) u += u_acc[z * slice_len + at];
+    return u;
 }
 
 // Y += Z B_catᵀ on the TB-token path; smem: the block's buffer.
 template <typename T, int TB>
-__device__ __forceinline__ void expand_path(float* smem, const float* __restrict__ u_acc, const float* __restrict__ C,
-                                            const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                            const float* __restrict__ col_scale, const T* __restrict__ B_cat,
-                                            T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens,
-                                            int R, int d_out, int n_modules) {
+__device__ __forceinline__ void expand_path(float* smem, const float* __restrict__ u_acc, int slices,
+                                            const float* __restrict__ C, const int* __restrict__ sample_of,
+                                            const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                            const T* __restrict__ B_cat, T* __restrict__ U, T* __restrict__ Z,
+                                            T* __restrict__ Y, int n_tokens, int R, int d_out, int n_modules) {
     constexpr int WR = 1;
     const int row0 = blockIdx.x * RowShape<WR>::ROWS;
     const bool store_uz = blockIdx.x == 0;
@@ -463,7 +497,7 @@ __device__ __forceinline__ void expand_path(float* smem, const float* __restrict
             const int module = module_of[j];
             const float scale = col_scale[j];
             for (int t = 0; t < n_tokens; ++t) {
-                const float u = u_acc[(size_t)t * R + j];
+                const float u = sum_slices(u_acc, slices, (size_t)n_tokens * R, (size_t)t * R + j);
                 const T z = lc::from_f32<T>(u * (C[(size_t)sample_of[t] * n_modules + module] * scale));
                 xs[t * RowPath<TB>::STAGE + (j - s0)] = lc::to_f32(z);
                 if (store_uz) {
@@ -483,11 +517,12 @@ __device__ __forceinline__ void expand_path(float* smem, const float* __restrict
     });
 }
 
-// Y += Z B_catᵀ with Z = u_acc ∘ D formed while staging; block x = 0 also stores U (when
-// given) and Z. Grid (ceil(d_out / 16)); K = R in passes of 8192 / TB, no split. The token
-// count picks the code path (uniform across the grid).
+// Y += Z B_catᵀ with Z = U ∘ D formed while staging, U the sum of u_acc's `slices` slices of
+// T × R (1: the atomics' zeroed sum); block x = 0 also stores U (when given) and Z. Grid
+// (ceil(d_out / 16)); K = R in passes of 8192 / TB, no split. The token count picks the code
+// path (uniform across the grid).
 template <typename T>
-__device__ __forceinline__ void expand(const float* __restrict__ u_acc, const float* __restrict__ C,
+__device__ __forceinline__ void expand(const float* __restrict__ u_acc, int slices, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, const T* __restrict__ B_cat,
                                        T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens, int R,
@@ -495,14 +530,14 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, const fl
     SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
     float* smem = reinterpret_cast<float*>(smem_quads);
     if (n_tokens == 1)
-        expand_path<T, 1>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+        expand_path<T, 1>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
                           n_modules);
     else if (n_tokens <= 4)
-        expand_path<T, 4>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+        expand_path<T, 4>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
                           n_modules);
     else
-        expand_path<T, MAX_T>(smem, u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
-                              n_modules);
+        expand_path<T, MAX_T>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,
+                              d_out, n_modules);
 }
 
 // h_acc += G B_cat over this block's split of d_out (when h_acc is given), and the split's part
@@ -626,14 +661,14 @@ extern "C" __global__ void __launch_bounds__(256) compose_gemv_zero(float* work,
 
 #define COMPOSE_GEMV_ENTRIES(suffix, T)                                                                                \
     extern "C" __global__ void __launch_bounds__(256) compose_gemv_shrink_##suffix(                                     \
-        const T* X, const T* A_cat, float* u_acc, int n_tokens, int d_in, int R, int chunk) {                         \
-        compose_gemv::shrink<T>(X, A_cat, u_acc, n_tokens, d_in, R, chunk);                                            \
+        const T* X, const T* A_cat, float* u_acc, int n_tokens, int d_in, int R, int chunk, int slices) {             \
+        compose_gemv::shrink<T>(X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices);                                    \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_gemv_expand_##suffix(                                     \
-        const float* u_acc, const float* C, const int* sample_of, const int* module_of, const float* col_scale,       \
-        const T* B_cat, T* U, T* Z, T* Y, int n_tokens, int R, int d_out, int n_modules) {                            \
-        compose_gemv::expand<T>(u_acc, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,        \
-                                n_modules);                                                                            \
+        const float* u_acc, int slices, const float* C, const int* sample_of, const int* module_of,                   \
+        const float* col_scale, const T* B_cat, T* U, T* Z, T* Y, int n_tokens, int R, int d_out, int n_modules) {    \
+        compose_gemv::expand<T>(u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,       \
+                                d_out, n_modules);                                                                     \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_gemv_hidden_##suffix(                                     \
         const T* G, const T* B_cat, const T* U, const int* sample_of, const int* module_of, const float* col_scale,   \

@@ -691,8 +691,23 @@ fn harness_gemv_fixed_cases() {
         (1, make_case_with_ranks(39, 1, 8200, 16, &[8, 3], p, AllSame, Random)),
         (1, make_case_with_ranks(40, 1, 8, 8, &[128; 65], p, AllSame, OneHot)),
     ];
+    // The forward's two ways of adding the shrink's splits, both run: atomics into a zeroed
+    // u_acc, and (splits × T × R small) one slice per split, several slices included.
+    let mut modes = std::collections::BTreeSet::new();
     for (i, (train_count, case)) in cases.iter().enumerate() {
         for (sm_count, thread_order) in [(1, 0), (3, 1), (132, 2 + i as u64)] {
+            let shape = Shape {
+                t: case.t,
+                d_in: case.d_in,
+                d_out: case.d_out,
+                n_samples: case.n_samples,
+                ranks: case.modules.ranks.clone(),
+            };
+            for (step, _) in compose_fwd::launch_config(compose_fwd::Variant::Gemv, &shape, sm_count) {
+                if let compose_fwd::Step::GemvShrink { split, slices } = step {
+                    modes.insert(if slices { split.splits.min(2) } else { 0 });
+                }
+            }
             let backend = WithSms {
                 inner: &CpuHarness::new(thread_order),
                 sm_count,
@@ -707,6 +722,11 @@ fn harness_gemv_fixed_cases() {
             .unwrap_or_else(|e| panic!("case {i}: {e}"));
         }
     }
+    assert_eq!(
+        modes.into_iter().collect::<Vec<_>>(),
+        [0, 1, 2],
+        "atomics, one slice, several"
+    );
 }
 
 /// The tensor-core variant on shapes the other cases do not reach: whole 128×128 block tiles

@@ -18,7 +18,8 @@ pub enum Variant {
     /// For T ≤ [`GEMV_MAX_T`] (decode-like steps, few-shot batches): shrink, expand, `H` with the
     /// fused `∂C`, and `∂X` as batched GEMVs streaming `A_cat` and `B_cat` once for all tokens
     /// (`cuda/compose_gemv.cu`), split-K sized from the SM count with atomics into an f32
-    /// workspace. For larger T it runs the fused plan. `∂A_cat`, `∂B_cat` use the fused
+    /// workspace (the forward at T = 1: one slice per split, summed in order by the expand,
+    /// [`GEMV_SLICES_MAX`]). For larger T it runs the fused plan. `∂A_cat`, `∂B_cat` use the fused
     /// variant's tiled kernels.
     Gemv,
     /// Tensor cores for large T, bf16 storage only (`cuda/compose_mma.cu`): the fused plan's
@@ -112,6 +113,12 @@ const MIN_CHUNK: usize = 2 * TILE.bk;
 /// Most tokens the GEMV kernels take (`MAX_T` in `cuda/compose_gemv.cu`); [`Variant::Gemv`]
 /// runs the fused plan above it.
 pub const GEMV_MAX_T: usize = 16;
+/// Most f32 of split partials (splits × T × R) the GEMV forward keeps as one slice per split
+/// rather than adding them with atomics into a zeroed T × R: every expand block sums all of
+/// them while staging Z, so 64 KB each (16 MB of L2 reads over d_out = 4096's 256 blocks, ~1 µs
+/// spread over the SMs) against the zeroing launch it saves (the first H200 run: ~4.5 µs a
+/// dependent launch). It holds at T = 1 for N = 8, 32, 128 at d = 4096 on 132 SMs (8192 f32).
+pub const GEMV_SLICES_MAX: usize = 16_384;
 /// Threads of a GEMV block (`__launch_bounds__(256)`).
 pub const GEMV_THREADS: u32 = 256;
 /// Static shared memory of every GEMV kernel but `zero` and `finish`: f32 `smem[16 × 512]`

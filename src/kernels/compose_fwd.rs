@@ -43,12 +43,17 @@ pub enum Step {
     GemvZero {
         len: usize,
     },
-    /// `u_acc += X A_catᵀ` over `split` of d_in (atomics).
+    /// `u_acc += X A_catᵀ` over `split` of d_in: atomics into the zeroed `u_acc`, or with
+    /// `slices` each split's partial into its own T × R slice (no zeroing, no atomics).
     GemvShrink {
         split: Split,
+        slices: bool,
     },
-    /// `U`, `Z = u_acc ∘ D`, `Y += Z B_catᵀ`.
-    GemvExpand,
+    /// `U` = the sum of `slices` slices of `u_acc` in order (1: the atomics' sum), `Z = U ∘ D`,
+    /// `Y += Z B_catᵀ`.
+    GemvExpand {
+        slices: usize,
+    },
     /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns, in tiles of `tile_rows`
     /// (128 or 64: [`mma_tile_rows`]) × 128; with several splits of d_in ([`mma_split`]) the
     /// partials go to the workspace and [`Step::ShrinkReduce`] finishes.
@@ -75,11 +80,18 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
     match variant {
         Variant::Gemv if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, sm_count),
         Variant::Gemv => {
-            steps.push((Step::GemvZero { len: t * r }, linear_dims(t * r)));
             let tiles = r.div_ceil(GEMV_SHRINK_ROWS);
             let split = gemv_row_split(tiles, shape.d_in, sm_count);
-            steps.push((Step::GemvShrink { split }, gemv_dims(tiles, split.splits)));
-            steps.push((Step::GemvExpand, gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1)));
+            // Slices where every expand block can read them all cheaply (T = 1), which saves the
+            // zeroing launch; atomics into one zeroed T × R otherwise.
+            let slices = split.splits * t * r <= GEMV_SLICES_MAX;
+            if !slices {
+                steps.push((Step::GemvZero { len: t * r }, linear_dims(t * r)));
+            }
+            steps.push((Step::GemvShrink { split, slices }, gemv_dims(tiles, split.splits)));
+            let slices = if slices { split.splits } else { 1 };
+            let dims = gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1);
+            steps.push((Step::GemvExpand { slices }, dims));
         }
         Variant::Mma => {
             let (tile_rows, split) = mma_plan(t, r, shape.d_in, sm_count);
@@ -152,6 +164,7 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
             Step::MmaExpand { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::GemvZero { len } => len,
+            Step::GemvShrink { split, slices: true } => split.splits * t * shape.r_total(),
             _ => 0,
         })
         .chain([1])
@@ -293,14 +306,24 @@ pub fn launch<T: Element, B: Backend>(
     for (step, dims) in launch_config(variant, shape, backend.sm_count()) {
         let gemv = match step {
             Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
-            Step::GemvShrink { split } => Some((
+            Step::GemvShrink { split, slices } => Some((
                 GemvEntry::Shrink,
-                vec![x, a_cat, work, i(t), i(d_in), i(r), i(split.chunk)],
+                vec![
+                    x,
+                    a_cat,
+                    work,
+                    i(t),
+                    i(d_in),
+                    i(r),
+                    i(split.chunk),
+                    i(usize::from(slices)),
+                ],
             )),
-            Step::GemvExpand => Some((
+            Step::GemvExpand { slices } => Some((
                 GemvEntry::Expand,
                 vec![
                     work,
+                    i(slices),
                     c,
                     sample_of,
                     module_of,
@@ -367,7 +390,9 @@ pub fn launch<T: Element, B: Backend>(
             // SAFETY: each argument list follows its signature in cuda/compose_gemv.cu
             // (`compose_gemv_zero` and `COMPOSE_GEMV_ENTRIES`). The workspace holds at least
             // T × R f32 (workspace_len: `u_acc`), zeroed by the first step before the shrink adds
-            // into it; X, A_cat, B_cat, U, Z, Y were checked above against the shape, the tables
+            // into it — or, with slices, splits × T × R, each slice written whole by its split's
+            // blocks before the expand reads it; X, A_cat, B_cat, U, Z, Y were checked above
+            // against the shape, the tables
             // come from the same ranks and every token's sample was checked on upload; a null U
             // is skipped by the expand kernel. Output buffers are distinct and mutably borrowed.
             unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
@@ -446,7 +471,7 @@ pub fn launch<T: Element, B: Backend>(
             ),
             Step::GemvZero { .. }
             | Step::GemvShrink { .. }
-            | Step::GemvExpand
+            | Step::GemvExpand { .. }
             | Step::MmaShrink { .. }
             | Step::MmaExpand { .. } => {
                 unreachable!("launched above")
@@ -546,7 +571,7 @@ mod tests {
         let s = shape(16, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
         assert_eq!(plan[0].0, Step::GemvZero { len: 16 * 512 });
-        let (Step::GemvShrink { split }, dims) = plan[1] else {
+        let (Step::GemvShrink { split, slices: false }, dims) = plan[1] else {
             panic!("{plan:?}")
         };
         // Split-K from the SM count: 16 row blocks × 16 splits of 256 fill 2 blocks per SM.
@@ -555,15 +580,41 @@ mod tests {
             dims.blocks() as usize >= BLOCKS_PER_SM * HARNESS_SM_COUNT - 16,
             "{dims:?}"
         );
-        assert_eq!(plan[2].0, Step::GemvExpand);
+        assert_eq!(plan[2].0, Step::GemvExpand { slices: 1 });
         assert_eq!(plan.len(), 3);
         assert_eq!(workspace_len(Variant::Gemv, &s, HARNESS_SM_COUNT), 16 * 512);
-        // One SM: the 16 row blocks are enough, d_in is not split.
+        // One SM: the 16 row blocks are enough, d_in is not split, and the one slice is stored
+        // without zeroing or atomics.
         let plan = launch_config(Variant::Gemv, &s, 1);
-        assert!(
-            matches!(plan[1].0, Step::GemvShrink { split } if split.splits == 1),
-            "{plan:?}"
+        assert_eq!(
+            plan.iter().map(|(step, _)| *step).collect::<Vec<_>>(),
+            [
+                Step::GemvShrink {
+                    split: Split::none(4096),
+                    slices: true
+                },
+                Step::GemvExpand { slices: 1 }
+            ]
         );
+        // Decode, T = 1: 16 slices of 1 × 512, two launches.
+        let s = shape(1, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(
+            plan[0].0,
+            Step::GemvShrink {
+                split: Split { chunk: 256, splits: 16 },
+                slices: true
+            }
+        );
+        assert_eq!(plan[1].0, Step::GemvExpand { slices: 16 });
+        assert_eq!(workspace_len(Variant::Gemv, &s, HARNESS_SM_COUNT), 16 * 512);
+        // N = 8 and N = 128 at T = 1 too.
+        for n in [8, 128] {
+            let s = shape(1, 4096, vec![16; n]);
+            let plan = launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT);
+            assert!(matches!(plan[0].0, Step::GemvShrink { slices: true, .. }), "{plan:?}");
+        }
         let s = shape(17, 4096, vec![16; 32]);
         assert_eq!(
             launch_config(Variant::Gemv, &s, HARNESS_SM_COUNT),
