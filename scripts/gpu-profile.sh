@@ -7,12 +7,14 @@
 # left as found. Everything goes under $OUT (or ./profile): bench.log, ncu-*.txt, clocks.txt.
 #
 # Usage: gpu-bundle/gpu-profile.sh [--budget SECONDS] [--shapes "d,N,T;…"] [--ncu "d,N,T@REGEX@SKIP@COUNT …"]
-#   --shapes   bench shapes (default: small-T gemv shapes and the mma shapes of the targets);
-#              the small-T ones are also timed without the L2 flush (bench-noflush.log)
+#   --shapes   bench shapes (default: small-T gemv shapes, the mma shapes of the targets and
+#              two where the mma kernels split K: T = 256, and N = 8 at T = 4096); the small-T
+#              ones are also timed without the L2 flush (bench-noflush.log)
 #   --ncu      space-separated profiles: one shape, a kernel-name regex, launches of it to skip
-#              and to profile (default: the three gemv forward kernels at N = 8, T = 1; gemv
+#              and to profile (default: the gemv forward kernels at N = 8, T = 1; gemv
 #              forward and backward at N = 128, T = 1 and 16; the mma forward kernels and the
-#              hidden kernel with its ∂C epilogue at N = 32, T = 4096)
+#              hidden kernel with its ∂C epilogue at N = 32, T = 4096; the mma forward's split
+#              shrink and expand at N = 32, T = 256)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -26,13 +28,13 @@ done
 out="${OUT:-$PWD/profile}"
 mkdir -p "$out"
 budget=300
-shapes="4096,8,1;4096,32,1;4096,32,16;4096,128,1;4096,128,16;768,32,16;4096,32,4096;4096,128,4096"
+shapes="4096,8,1;4096,32,1;4096,32,16;4096,128,1;4096,128,16;768,32,16;4096,32,256;4096,8,4096;4096,32,4096;4096,128,4096"
 noflush_shapes="4096,8,1;4096,32,1;4096,128,1;4096,128,16"
 # The first launches of each: the forward's check run, the first backward (∂C + ∂X) warm-up.
-profiles="4096,8,1@compose_gemv_@0@3 4096,128,1@compose_gemv_(shrink|expand)@0@2
+profiles="4096,8,1@compose_gemv_@0@2 4096,128,1@compose_gemv_(shrink|expand)@0@2
 4096,128,1@compose_gemv_(hidden|dx)@0@2 4096,128,16@compose_gemv_(shrink|expand)@0@2
 4096,128,16@compose_gemv_(hidden|dx)@0@2 4096,32,4096@compose_mma_(shrink|expand)@0@2
-4096,32,4096@compose_mma_hidden_bf16@0@1"
+4096,32,4096@compose_mma_hidden_bf16@0@1 4096,32,256@compose_mma_@0@2"
 while (($#)); do
     case "$1" in
         --budget) budget="$2"; shift 2 ;;
