@@ -67,27 +67,11 @@ struct Epilogue {
 };
 
 // Split K: block z of a grid with gridDim.z = splits > 1 covers k ∈ [z·chunk, (z + 1)·chunk) and
-// writes its partial tile, f32 and unrounded, to work[z][t][j] (splits × T × R) in place of
-// the outputs; compose_fwd's shrink_reduce or sum_partials adds the partials in split order and
-// finishes. The plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles
-// alone leave SMs idle (the shrink and hidden at small T, or R = 128 at T = 4096).
-// The same for the expand and ∂X over a (T, cols) output: work[z][t][col] (splits × T × cols),
-// which sum_partials adds onto Y or ∂X.
-template <int TBM>
-__device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4],
-                                              float* __restrict__ work, int n_tokens, int cols, int m0, int n0) {
-    const FragOf<TBM> f;
-    float* part = work + (size_t)blockIdx.z * n_tokens * cols;
-    LC_UNROLL
-    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
-        LC_UNROLL
-        for (int j = 0; j < FRAG_N; ++j)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int t = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (t < n_tokens && col < cols) part[(size_t)t * cols + col] = acc[i][j][v];
-            }
-}
+// writes its partial tile, f32 and unrounded, to work[z] (mma_tile::store_partial: splits × T ×
+// R for the shrink and hidden, × d_out or d_in for the expand and ∂X) in place of the outputs;
+// compose_fwd's shrink_reduce or sum_partials adds the partials in split order and finishes. The
+// plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles alone leave SMs
+// idle (small T, or R = 128 at T = 4096).
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (256). U (if given) = X A_catᵀ, Z = U ∘ D;
 // with several splits, partials of X A_catᵀ to `work` (above).

@@ -25,6 +25,9 @@
 //                operand stored k-major: A^T, or B not transposed). 8-element chunks that lie
 //                in range and 16-byte aligned are copied by cp.async; the others (ragged M, N, K
 //                edges, rows not 16-byte aligned) element by element, zeros past the edges.
+//                Where the tiles leave SMs idle (decode: M = 16), the Rust side splits K across
+//                gridDim.z (gemm_mma_split_*: f32 partials to a workspace) and gemm_mma_finish_*
+//                forms C from them in split order.
 #include "mma_tile.cuh"
 
 namespace gemm {
@@ -127,20 +130,31 @@ __device__ __forceinline__ void tiled(const T* __restrict__ A, const T* __restri
 namespace mma {
 using namespace mma_tile;
 
+// C = alpha·acc + beta·C over the block's tile; or, split (gridDim.z > 1), the partial of K
+// range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which `finish` adds.
 template <typename T, bool TA, bool TB>
 __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict__ A, const T* __restrict__ B,
-                                     T* __restrict__ C, int M, int N, int K, float alpha, float beta) {
+                                     T* __restrict__ C, float* __restrict__ work, int M, int N, int K, float alpha,
+                                     float beta, int chunk) {
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[FRAG_M][FRAG_N][4];
-    mainloop<T, TA, TB>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0);
-    epilogue_axpby<T>(acc, C, M, N, m0, n0, alpha, beta);
+    mainloop<T, TA, TB>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0, lc::split_begin(chunk),
+                        lc::split_end(chunk, K));
+    if (gridDim.z > 1)
+        store_partial(acc, work, M, N, m0, n0);
+    else
+        epilogue_axpby<T>(acc, C, M, N, m0, n0, alpha, beta);
 }
 }  // namespace mma
 
-// Variant 4. Grid (ceil(N/128), ceil(M/128)), block (256, 1); T is __half or __nv_bfloat16.
+// Variant 4. Grid (ceil(N/128), ceil(M/128), splits), block (256, 1); T is __half or
+// __nv_bfloat16. One split: C = alpha·op(A)·op(B) + beta·C. Several (`gemm_mma_split_*`, for
+// shapes whose tiles leave SMs idle, e.g. decode's 16 × 4096 × 4096: 32 tiles, each walking
+// K = 4096 in 128 dependent steps), partials to `work` and `finish` forms C.
 template <typename T>
-__device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M,
-                                            int N, int K, int trans_a, int trans_b, float alpha, float beta) {
+__device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
+                                            float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
+                                            float alpha, float beta, int chunk) {
     // One allocation for whichever transpose instantiation runs (48 KiB: the static limit).
     SHARED(mma::Chunk16, a_chunks, [mma::STAGES * mma::TILE / 8]);
     SHARED(mma::Chunk16, b_chunks, [mma::STAGES * mma::TILE / 8]);
@@ -148,15 +162,28 @@ __device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __
     T* b_tiles = reinterpret_cast<T*>(b_chunks);
     if (trans_a) {
         if (trans_b)
-            mma::body<T, true, true>(a_tiles, b_tiles, A, B, C, M, N, K, alpha, beta);
+            mma::body<T, true, true>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            mma::body<T, true, false>(a_tiles, b_tiles, A, B, C, M, N, K, alpha, beta);
+            mma::body<T, true, false>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            mma::body<T, false, true>(a_tiles, b_tiles, A, B, C, M, N, K, alpha, beta);
+            mma::body<T, false, true>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            mma::body<T, false, false>(a_tiles, b_tiles, A, B, C, M, N, K, alpha, beta);
+            mma::body<T, false, false>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
     }
+}
+
+// The split variant's epilogue: C = alpha·Σ_z work[z] + beta·C (beta = 0: C not read), the
+// splits added in order, rounded once. One thread per element; 1-D grid of 256-thread blocks.
+template <typename T>
+__device__ __forceinline__ void mma_finish(const float* __restrict__ work, int splits, T* __restrict__ C, int M, int N,
+                                           float alpha, float beta) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)M * N) return;
+    float acc = 0.0f;
+    for (int z = 0; z < splits; ++z) acc += work[(size_t)z * M * N + idx];
+    const float old = beta != 0.0f ? beta * lc::to_f32(C[idx]) : 0.0f;
+    C[idx] = lc::from_f32<T>(alpha * acc + old);
 }
 
 }  // namespace gemm
@@ -178,5 +205,22 @@ GEMM_ENTRIES(f32, float)
 GEMM_ENTRIES(f16, __half)
 GEMM_ENTRIES(bf16, __nv_bfloat16)
 // Tensor cores take 16-bit inputs only: no f32 entry (`Variant::applies` in src/kernels/gemm.rs).
-GEMM_ENTRY(gemm_mma_f16, __half, (gemm::tensor_core<__half>))
-GEMM_ENTRY(gemm_mma_bf16, __nv_bfloat16, (gemm::tensor_core<__nv_bfloat16>))
+// gemm_mma_* runs one split; gemm_mma_split_* writes the partials of gridDim.z splits of K to
+// `work` and gemm_mma_finish_* forms C from them.
+#define GEMM_MMA_ENTRIES(suffix, T)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) gemm_mma_##suffix(                                               \
+        const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,        \
+        int trans_b, float alpha, float beta) {                                                                       \
+        gemm::tensor_core<T>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                            \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) gemm_mma_split_##suffix(                                         \
+        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K, int trans_a, \
+        int trans_b, int chunk) {                                                                                     \
+        gemm::tensor_core<T>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                       \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) gemm_mma_finish_##suffix(                                        \
+        const float* __restrict__ work, int splits, T* __restrict__ C, int M, int N, float alpha, float beta) {       \
+        gemm::mma_finish<T>(work, splits, C, M, N, alpha, beta);                                                       \
+    }
+GEMM_MMA_ENTRIES(f16, __half)
+GEMM_MMA_ENTRIES(bf16, __nv_bfloat16)

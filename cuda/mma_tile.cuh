@@ -168,6 +168,25 @@ __device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N]
     __syncthreads();         // every warp's last ldmatrix is done before the tiles are reused
 }
 
+// Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
+// M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
+// sum_partials, gemm's mma_finish).
+template <int TBM = BM>
+__device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], float* __restrict__ work,
+                                              int M, int N, int m0, int n0) {
+    const FragOf<TBM> f;
+    float* part = work + (size_t)blockIdx.z * M * N;
+    LC_UNROLL
+    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
+        LC_UNROLL
+        for (int j = 0; j < FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
+                if (row < M && col < N) part[(size_t)row * N + col] = acc[i][j][v];
+            }
+}
+
 // Two consecutive 16-bit elements as one 4-byte access.
 template <typename T>
 struct alignas(2 * sizeof(T)) Pair {

@@ -194,7 +194,9 @@ fn check_all_combos<B: Backend>(
 
 /// Tile multiples and non-multiples of 16, 64 and 128, 1×1, single rows and columns, k = 1;
 /// ragged k-tiles of the tensor-core variant (K steps of 32) with rows both 16-byte aligned
-/// (k = 136, a multiple of 8: cp.async) and not (k = 97: element loads).
+/// (k = 136, a multiple of 8: cp.async) and not (k = 97: element loads); and the tensor-core
+/// variant splitting K where its tiles leave SMs idle (`gemm::mma_split`: the last two, 2
+/// ragged splits of k = 300 by element loads and 4 of k = 520 by cp.async).
 const EDGE_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (64, 64, 16),
@@ -206,7 +208,33 @@ const EDGE_SHAPES: &[(usize, usize, usize)] = &[
     (72, 40, 136),
     (33, 65, 97),
     (136, 144, 72),
+    (17, 130, 300),
+    (40, 72, 520),
 ];
+
+/// The split plan of the tensor-core variant: only where the tiles leave SMs idle, never past
+/// one wave, covering K exactly; the edge shapes above run both plans.
+#[test]
+fn mma_splits_k_where_its_tiles_leave_sms_idle() {
+    let shape = |m, n, k| GemmShape {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b: true,
+    };
+    let sms = CpuHarness::new(0).sm_count();
+    let splits = |m, n, k| gemm::mma_split(&shape(m, n, k), sms).splits;
+    // Decode: 32 tiles × 8 splits of 512 fill 2 blocks on each of 132 SMs.
+    assert_eq!(sms, 132);
+    let decode = gemm::mma_split(&shape(16, 4096, 4096), sms);
+    assert_eq!((decode.chunk, decode.splits), (512, 8));
+    assert_eq!(splits(4096, 4096, 4096), 1);
+    // 128 tiles are one block an SM: two splits make it two.
+    assert_eq!(splits(4096, 512, 4096), 2);
+    let edge: Vec<usize> = EDGE_SHAPES.iter().map(|&(m, n, k)| splits(m, n, k)).collect();
+    assert_eq!(edge, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4]);
+}
 
 const COEFFICIENTS: &[(f32, f32)] = &[(1.0, 0.0), (-0.5, 1.0), (1.7, -0.75)];
 
@@ -290,13 +318,13 @@ fn gpu_matches_reference() {
 }
 
 /// The cases compute-sanitizer runs on a GPU (`gpu-check.sh --sanitize`), few and small: every
-/// variant, storage type and transpose on a ragged shape and on whole 128×128 tiles with aligned
-/// rows (the tensor-core variant's `cp.async` path).
+/// variant, storage type and transpose on a ragged shape, on whole 128×128 tiles with aligned
+/// rows (the tensor-core variant's `cp.async` path) and with the tensor-core variant splitting K.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
 fn gpu_sanitizer_cases() {
     let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
-    for (i, &(m, n, k)) in [(37, 29, 45), (256, 128, 96)].iter().enumerate() {
+    for (i, &(m, n, k)) in [(37, 29, 45), (256, 128, 96), (40, 72, 520)].iter().enumerate() {
         let (alpha, beta) = COEFFICIENTS[i % COEFFICIENTS.len()];
         check_all_combos(&gpu, m, n, k, alpha, beta, 50 + i as u64).unwrap_or_else(|e| panic!("{e}"));
     }

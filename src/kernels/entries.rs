@@ -14,6 +14,10 @@ pub(crate) mod gemm {
         lc_run_gemm_tiled128_bf16,
         lc_run_gemm_mma_f16,
         lc_run_gemm_mma_bf16,
+        lc_run_gemm_mma_split_f16,
+        lc_run_gemm_mma_split_bf16,
+        lc_run_gemm_mma_finish_f16,
+        lc_run_gemm_mma_finish_bf16,
     );
 }
 

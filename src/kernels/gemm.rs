@@ -13,7 +13,9 @@ pub enum Variant {
     /// 128×128 shared-memory tile, 8×8 register block per thread.
     Tiled128,
     /// Tensor cores (`mma.sync.m16n8k16`, f32 accumulators), f16/bf16 storage only: 128×128
-    /// tile, 8 warps, 3-stage `cp.async` pipeline, `ldmatrix` fragment loads.
+    /// tile, 8 warps, 3-stage `cp.async` pipeline, `ldmatrix` fragment loads; K split across
+    /// blocks where the tiles leave SMs idle ([`mma_split`]: two launches and a workspace
+    /// allocated per call).
     Mma,
 }
 
@@ -190,6 +192,40 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     })
 }
 
+/// The split-K twin of [`Variant::Mma`]'s kernel: `gemm_mma_split_<dtype>` (partials of each
+/// split of K) and `gemm_mma_finish_<dtype>` (C from them); `None` for f32.
+fn mma_split_kernels(dtype: DType) -> Option<(Kernel, Kernel)> {
+    use super::entries::gemm as e;
+    let (split, finish): ((&'static str, super::HarnessEntry), (&'static str, super::HarnessEntry)) = match dtype {
+        DType::F16 => (
+            kernel_entry!(e::lc_run_gemm_mma_split_f16),
+            kernel_entry!(e::lc_run_gemm_mma_finish_f16),
+        ),
+        DType::BF16 => (
+            kernel_entry!(e::lc_run_gemm_mma_split_bf16),
+            kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
+        ),
+        DType::F32 => return None,
+    };
+    let kernel = |(name, harness_entry)| Kernel {
+        family: "gemm",
+        name,
+        harness_entry,
+    };
+    Some((kernel(split), kernel(finish)))
+}
+
+/// How [`Variant::Mma`] splits K for `shape` on a device of `sm_count` SMs: where its 128×128
+/// tiles leave SMs idle (decode's 16 × 4096 × 4096: 32 tiles, each walking K in 128 dependent
+/// steps — the first H200 run measured 127 µs, cuBLAS 19), K in chunks
+/// ([`compose_common::mma_split`](super::compose_common::mma_split)): the split kernel writes
+/// each chunk's f32 partial to a workspace of splits × m × n that [`launch`] allocates per call,
+/// and the finish kernel forms `C = alpha·Σ + beta·C`, the splits added in order.
+pub fn mma_split(shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
+    let tiles = shape.m.div_ceil(mma_tile::BM as usize) * shape.n.div_ceil(mma_tile::BN as usize);
+    super::compose_common::mma_split(tiles, shape.k, sm_count)
+}
+
 fn check_shape<T: Element, B: Backend>(
     backend: &B,
     kernel: &Kernel,
@@ -243,6 +279,12 @@ pub fn launch<T: Element, B: Backend>(
     })?;
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
+    if variant == Variant::Mma {
+        let split = mma_split(shape, backend.sm_count());
+        if split.splits > 1 {
+            return launch_mma_split(backend, params, split, a, b, c);
+        }
+    }
     let dims = launch_config(variant, shape);
     let args = [
         backend.arg_in(a),
@@ -260,6 +302,55 @@ pub fn launch<T: Element, B: Backend>(
     // trans_b, alpha, beta); check_shape verified each buffer holds exactly the elements the
     // kernel indexes for this shape, and C is a distinct, mutably borrowed buffer.
     unsafe { backend.launch(&kernel, &dims, &args) }
+}
+
+/// [`Variant::Mma`] with K in `split.splits` chunks: partials into a workspace allocated here
+/// (freed in stream order when it drops), then C from them.
+fn launch_mma_split<T: Element, B: Backend>(
+    backend: &B,
+    params: &GemmParams,
+    split: super::compose_common::Split,
+    a: &B::Buffer<T>,
+    b: &B::Buffer<T>,
+    c: &mut B::Buffer<T>,
+) -> Result<(), KernelError> {
+    let (split_kernel, finish_kernel) = mma_split_kernels(T::DTYPE).expect("the mma variant applies to 16-bit storage");
+    let shape = &params.shape;
+    let (m, n) = (shape.m, shape.n);
+    let mut work = backend.alloc::<f32>(split.splits * m * n)?;
+    let mut dims = launch_config(Variant::Mma, shape);
+    dims.grid[2] = u32::try_from(split.splits).expect("splits fit u32");
+    dims.assert_valid(Variant::Mma.static_shared_bytes());
+    let i = |v: usize| KernelArg::I32(v as i32);
+    let args = [
+        backend.arg_in(a),
+        backend.arg_in(b),
+        backend.arg_out(&mut work),
+        i(m),
+        i(n),
+        i(shape.k),
+        i(usize::from(shape.trans_a)),
+        i(usize::from(shape.trans_b)),
+        i(split.chunk),
+    ];
+    // SAFETY: the arguments follow `gemm_mma_split_*`'s parameter list (A, B, work, M, N, K,
+    // trans_a, trans_b, chunk); check_shape verified A and B hold exactly the elements the kernel
+    // indexes, and `work` holds splits × m × n f32, one m × n slice per split of the grid's z.
+    unsafe { backend.launch(&split_kernel, &dims, &args)? };
+    let finish = super::compose_common::linear_dims(m * n);
+    let args = [
+        backend.arg_in(&work),
+        i(split.splits),
+        backend.arg_out(c),
+        i(m),
+        i(n),
+        KernelArg::F32(params.alpha),
+        KernelArg::F32(params.beta),
+    ];
+    // SAFETY: `gemm_mma_finish_*`'s parameter list (work, splits, C, M, N, alpha, beta); `work`
+    // holds every split's slice, written whole by the launch before this one in stream order, and
+    // C holds exactly m × n elements (check_shape), distinct and mutably borrowed.
+    unsafe { backend.launch(&finish_kernel, &finish, &args) }
 }
 
 /// The reference: plain loops, f64 accumulation of the stored (already rounded) inputs, no
