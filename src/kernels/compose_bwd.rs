@@ -6,8 +6,7 @@
 
 use super::compose_fwd::{
     check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims_rows, mma_kernel,
-    mma_plan, mma_tile, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows,
-    GEMV_MAX_T, TILE,
+    mma_plan, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -581,11 +580,7 @@ pub fn launch<T: Element, B: Backend>(
                 tile_rows,
                 split,
             } => Some((
-                if tile_rows == mma_tile::BM {
-                    MmaEntry::Hidden
-                } else {
-                    MmaEntry::Hidden64
-                },
+                MmaEntry::Hidden.on_rows(tile_rows),
                 vec![
                     g,
                     b_cat,
@@ -605,11 +600,7 @@ pub fn launch<T: Element, B: Backend>(
                 ],
             )),
             Step::MmaDx { tile_rows, split } => Some((
-                if tile_rows == mma_tile::BM {
-                    MmaEntry::Dx
-                } else {
-                    MmaEntry::Dx64
-                },
+                MmaEntry::Dx.on_rows(tile_rows),
                 vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(split.chunk)],
             )),
             _ => None,

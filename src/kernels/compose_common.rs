@@ -319,6 +319,20 @@ pub enum MmaEntry {
     Dx64,
 }
 
+impl MmaEntry {
+    /// The kernel for block tiles of `tile_rows` rows (the plan's [`mma_tile_rows`]): this one
+    /// for 128, its 64-row twin for 64.
+    pub fn on_rows(self, tile_rows: usize) -> MmaEntry {
+        match (tile_rows == mma_tile::BM, self) {
+            (true, entry) => entry,
+            (false, MmaEntry::Shrink | MmaEntry::Shrink64) => MmaEntry::Shrink64,
+            (false, MmaEntry::Expand | MmaEntry::Expand64) => MmaEntry::Expand64,
+            (false, MmaEntry::Hidden | MmaEntry::Hidden64) => MmaEntry::Hidden64,
+            (false, MmaEntry::Dx | MmaEntry::Dx64) => MmaEntry::Dx64,
+        }
+    }
+}
+
 /// The compiled kernel `compose_mma_<entry>_bf16`, or an error for f32 and f16 storage (tensor
 /// cores take 16-bit inputs; the composition families are built for bf16).
 pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> {

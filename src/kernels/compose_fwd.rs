@@ -342,11 +342,7 @@ pub fn launch<T: Element, B: Backend>(
         };
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
-                if tile_rows == mma_tile::BM {
-                    MmaEntry::Shrink
-                } else {
-                    MmaEntry::Shrink64
-                },
+                MmaEntry::Shrink.on_rows(tile_rows),
                 vec![
                     x,
                     a_cat,
@@ -365,11 +361,7 @@ pub fn launch<T: Element, B: Backend>(
                 ],
             )),
             Step::MmaExpand { tile_rows, split } => Some((
-                if tile_rows == mma_tile::BM {
-                    MmaEntry::Expand
-                } else {
-                    MmaEntry::Expand64
-                },
+                MmaEntry::Expand.on_rows(tile_rows),
                 vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(split.chunk)],
             )),
             _ => None,
