@@ -13,7 +13,9 @@
 //                                        Σ_{j ∈ block i} H[t, j] U[t, j] (f32, accumulated; null
 //                                        skips it), as coeff_grad_tiled does
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
-// ∂A_cat and ∂B_cat (K = T) use the fused variant's tiled kernels.
+// ∂A_cat = ∂Uᵀ X (K = T) is the GEMM family's `mma` variant (src/kernels/compose_bwd.rs
+// `Step::MmaDa`); ∂B_cat = Gᵀ (U ∘ D) stays on the fused variant's tiled kernel, which re-forms
+// Z from U on load (a cp.async copy cannot scale).
 //
 // Shapes, row-major: X (T, d_in), A_cat (R, d_in), B_cat (d_out, R), G (T, d_out), U, ∂U, Z
 // (T, R); C (S, N) f32, sample_of (T), module_of (R) int32, col_scale (R) f32. Storage bf16

@@ -115,6 +115,9 @@ pub enum Step {
         tile_rows: usize,
         split: Split,
     },
+    /// Tensor cores: ∂A_cat = ∂Uᵀ X (R × d_in, K = T) by the GEMM family's `mma` variant
+    /// ([`super::gemm::launch`]: its own split-K and workspace).
+    MmaDa,
 }
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
@@ -193,7 +196,12 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 }
             }
             if train.modules {
-                steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
+                steps.push((
+                    Step::MmaDa,
+                    super::gemm::launch_config(super::gemm::Variant::Mma, &da_shape(shape)),
+                ));
+                // ∂B_cat = Gᵀ (U ∘ D): the tensor cores would need Z stored (the tiled kernel
+                // re-forms it from U on load).
                 steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
             }
         }
@@ -281,6 +289,17 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
         }
     }
     steps
+}
+
+/// ∂A_cat = ∂Uᵀ X as a GEMM: (R × d_in) from ∂U stored (T, R) and X (T, d_in).
+fn da_shape(shape: &Shape) -> super::gemm::GemmShape {
+    super::gemm::GemmShape {
+        m: shape.r_total(),
+        n: shape.d_in,
+        k: shape.t,
+        trans_a: true,
+        trans_b: false,
+    }
 }
 
 /// f32 elements of the workspace: H for the naive variant, split-K partials for the fused one,
@@ -508,14 +527,27 @@ pub fn launch<T: Element, B: Backend>(
     let tables = inputs.tables;
     let (module_of, col_scale) = (backend.arg_in(&tables.module_of), backend.arg_in(&tables.col_scale));
     let (mod_offsets, mod_scale) = (backend.arg_in(&tables.mod_offsets), backend.arg_in(&tables.mod_scale));
+    let (mut du_buffer, mut da_buffer) = (du, da_cat);
     let dc = dc.map_or(null, |b| backend.arg_out(b));
-    let du = du.map_or(null, |b| backend.arg_out(b));
+    let du = du_buffer.as_deref_mut().map_or(null, |b| backend.arg_out(b));
     let dx = dx.map_or(null, |b| backend.arg_out(b));
-    let da = da_cat.map_or(null, |b| backend.arg_out(b));
+    let da = da_buffer.as_deref_mut().map_or(null, |b| backend.arg_out(b));
     let db = db_cat.map_or(null, |b| backend.arg_out(b));
     let work = backend.arg_out(work);
     let i = |v: usize| KernelArg::I32(v as i32);
     for (step, dims) in launch_config(variant, shape, train, backend.sm_count()) {
+        if step == Step::MmaDa {
+            let params = super::gemm::GemmParams {
+                shape: da_shape(shape),
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            let (Some(du), Some(da)) = (du_buffer.as_deref(), da_buffer.as_deref_mut()) else {
+                unreachable!("∂A_cat is planned only with ∂U and ∂A_cat present (checked above)")
+            };
+            super::gemm::launch::<T, B>(backend, super::gemm::Variant::Mma, &params, du, inputs.x, da)?;
+            continue;
+        }
         let gemv = match step {
             Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
             Step::GemvHidden { split, h, dc: want_dc } => Some((
@@ -743,7 +775,8 @@ pub fn launch<T: Element, B: Backend>(
             | Step::GemvDx { .. }
             | Step::GemvFinish { .. }
             | Step::MmaHidden { .. }
-            | Step::MmaDx { .. } => unreachable!("launched above"),
+            | Step::MmaDx { .. }
+            | Step::MmaDa => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
         // cuda/compose_bwd.cu. Every buffer was checked above against the shape the kernels
@@ -873,10 +906,7 @@ mod tests {
                 }
             ]
         );
-        assert!(
-            matches!(all[2..], [Step::DaTiled { .. }, Step::DbTiled { .. }]),
-            "{all:?}"
-        );
+        assert!(matches!(all[2..], [Step::MmaDa, Step::DbTiled { .. }]), "{all:?}");
         assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
         // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256; ∂U from the
         // partials before ∂X reads it; ∂X on 4 × 32 tiles of 64 rows, R in 2 splits of 256;

@@ -26,7 +26,8 @@ pub enum Variant {
     /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as `mma.sync.m16n8k16`
     /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
     /// tiles (64×128 where those leave SMs idle), and split-K where even those do
-    /// ([`mma_plan`]). `∂A_cat`, `∂B_cat` use the fused variant's tiled kernels.
+    /// ([`mma_plan`]). `∂A_cat = ∂Uᵀ X` is the GEMM family's `mma` variant; `∂B_cat` uses the
+    /// fused variant's tiled kernel (it re-forms `Z = U ∘ D` on load, which `cp.async` cannot).
     Mma,
 }
 
