@@ -15,7 +15,9 @@
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
 // ∂A_cat = ∂Uᵀ X (K = T) is the GEMM family's `mma` variant (src/kernels/compose_bwd.rs
 // `Step::MmaDa`); ∂B_cat = Gᵀ (U ∘ D) stays on the fused variant's tiled kernel, which re-forms
-// Z from U on load (a cp.async copy cannot scale).
+// Z from U in f32 on load. Tensor cores would need Z stored in bf16 first: a second rounding
+// the contract (one rounding per output) does not allow — tried, and harness_random_cases
+// caught it (one ∂B_cat element 12% past its bound).
 //
 // Shapes, row-major: X (T, d_in), A_cat (R, d_in), B_cat (d_out, R), G (T, d_out), U, ∂U, Z
 // (T, R); C (S, N) f32, sample_of (T), module_of (R) int32, col_scale (R) f32. Storage bf16

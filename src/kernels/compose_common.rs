@@ -27,7 +27,8 @@ pub enum Variant {
     /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
     /// tiles (64×128 where those leave SMs idle), and split-K where even those do
     /// ([`mma_plan`]). `∂A_cat = ∂Uᵀ X` is the GEMM family's `mma` variant; `∂B_cat` uses the
-    /// fused variant's tiled kernel (it re-forms `Z = U ∘ D` on load, which `cp.async` cannot).
+    /// fused variant's tiled kernel (it re-forms `Z = U ∘ D` in f32 on load; the tensor cores
+    /// would need Z rounded to bf16 first, a second rounding).
     Mma,
 }
 
