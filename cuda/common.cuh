@@ -134,6 +134,24 @@ __device__ __forceinline__ float diag(const float* C, int n_modules, const int* 
 // `TILE` in src/kernels/compose_fwd.rs.
 using ComposeTile = TileShape<32, 64, 16, 2, 4>;
 
+// Σ_z work[z·stride + at] over z < splits, added in split order (the fixed sum of split-K
+// partials: the same bits every run), four loads in flight before their adds — a plain loop
+// would wait one memory latency per split.
+__device__ __forceinline__ float sum_splits(const float* __restrict__ work, int splits, size_t stride, size_t at) {
+    float sum = 0.0f;
+    int z = 0;
+    for (; z + 4 <= splits; z += 4) {
+        const float p0 = work[(z + 0) * stride + at], p1 = work[(z + 1) * stride + at];
+        const float p2 = work[(z + 2) * stride + at], p3 = work[(z + 3) * stride + at];
+        sum += p0;
+        sum += p1;
+        sum += p2;
+        sum += p3;
+    }
+    for (; z < splits; ++z) sum += work[z * stride + at];
+    return sum;
+}
+
 // Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one
 // split, out += acc (rounded once); with several, block z stores acc to work[z][row][col] for
 // sum_partials. Thread layout as in tile_mainloop.
@@ -174,8 +192,7 @@ __device__ __forceinline__ void sum_partials(const float* __restrict__ work, int
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)rows * width) return;
     const int r = (int)(idx / width), c = (int)(idx % width);
-    float acc = 0.0f;
-    for (int z = 0; z < splits; ++z) acc += work[((size_t)z * rows + r) * width + c];
+    const float acc = sum_splits(work, splits, (size_t)rows * width, (size_t)r * width + c);
     T* o = out + (size_t)r * ld + col_off + c;
     *o = from_f32<T>(accumulate ? to_f32(*o) + acc : acc);
 }

@@ -101,8 +101,7 @@ __device__ __forceinline__ void shrink_reduce(const float* __restrict__ work, in
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_tokens * width) return;
     const int t = (int)(idx / width), j = j0 + (int)(idx % width);
-    float u = 0.0f;
-    for (int z = 0; z < splits; ++z) u += work[((size_t)z * n_tokens + t) * width + (j - j0)];
+    const float u = lc::sum_splits(work, splits, (size_t)n_tokens * width, (size_t)t * width + (j - j0));
     if (U) U[(size_t)t * R + j] = lc::from_f32<T>(u);
     Z[(size_t)t * R + j] = lc::from_f32<T>(u * lc::diag(C, n_modules, module_of, col_scale, sample_of[t], j));
 }

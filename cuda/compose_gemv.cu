@@ -462,24 +462,6 @@ __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restr
         shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
 }
 
-// U[t][j] = Σ_z u_acc[z][t][j] over `slices` slices of T × R, added in slice order (one slice:
-// the atomics' zeroed sum). Four loads in flight before the first add.
-__device__ __forceinline__ float sum_slices(const float* __restrict__ u_acc, int slices, size_t slice_len,
-                                            size_t at) {
-    float u = 0.0f;
-    int z = 0;
-    for (; z + 4 <= slices; z += 4) {
-        const float p0 = u_acc[(z + 0) * slice_len + at], p1 = u_acc[(z + 1) * slice_len + at];
-        const float p2 = u_acc[(z + 2) * slice_len + at], p3 = u_acc[(z + 3) * slice_len + at];
-        u += p0;
-        u += p1;
-        u += p2;
-        u += p3;
-    }
-    for (; z < slices; ++z) u += u_acc[z * slice_len + at];
-    return u;
-}
-
 // Y += Z B_catᵀ on the TB-token path; smem: the block's buffer.
 template <typename T, int TB>
 __device__ __forceinline__ void expand_path(float* smem, const float* __restrict__ u_acc, int slices,
@@ -497,7 +479,7 @@ __device__ __forceinline__ void expand_path(float* smem, const float* __restrict
             const int module = module_of[j];
             const float scale = col_scale[j];
             for (int t = 0; t < n_tokens; ++t) {
-                const float u = sum_slices(u_acc, slices, (size_t)n_tokens * R, (size_t)t * R + j);
+                const float u = lc::sum_splits(u_acc, slices, (size_t)n_tokens * R, (size_t)t * R + j);
                 const T z = lc::from_f32<T>(u * (C[(size_t)sample_of[t] * n_modules + module] * scale));
                 xs[t * RowPath<TB>::STAGE + (j - s0)] = lc::to_f32(z);
                 if (store_uz) {

@@ -180,8 +180,7 @@ __device__ __forceinline__ void mma_finish(const float* __restrict__ work, int s
                                            float alpha, float beta) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)M * N) return;
-    float acc = 0.0f;
-    for (int z = 0; z < splits; ++z) acc += work[(size_t)z * M * N + idx];
+    const float acc = lc::sum_splits(work, splits, (size_t)M * N, (size_t)idx);
     const float old = beta != 0.0f ? beta * lc::to_f32(C[idx]) : 0.0f;
     C[idx] = lc::from_f32<T>(alpha * acc + old);
 }
