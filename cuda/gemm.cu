@@ -131,7 +131,7 @@ namespace mma {
 using namespace mma_tile;
 
 // C = alpha·acc + beta·C over the block's tile; or, split (gridDim.z > 1), the partial of K
-// range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which `finish` adds.
+// range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which `mma_finish` adds.
 template <typename T, bool TA, bool TB>
 __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict__ A, const T* __restrict__ B,
                                      T* __restrict__ C, float* __restrict__ work, int M, int N, int K, float alpha,
@@ -150,7 +150,7 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
 // Variant 4. Grid (ceil(N/128), ceil(M/128), splits), block (256, 1); T is __half or
 // __nv_bfloat16. One split: C = alpha·op(A)·op(B) + beta·C. Several (`gemm_mma_split_*`, for
 // shapes whose tiles leave SMs idle, e.g. decode's 16 × 4096 × 4096: 32 tiles, each walking
-// K = 4096 in 128 dependent steps), partials to `work` and `finish` forms C.
+// K = 4096 in 128 dependent steps), partials to `work` and `mma_finish` forms C.
 template <typename T>
 __device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
                                             float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,

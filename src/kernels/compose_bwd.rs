@@ -105,8 +105,9 @@ pub enum Step {
         du: bool,
         /// Rows of the block tile (128 or 64: [`mma_tile_rows`](super::compose_fwd::mma_tile_rows)).
         tile_rows: usize,
-        /// d_out in chunks ([`mma_split`](super::compose_fwd::mma_split)): each split adds its part of ∂C and writes its ∂U
-        /// partial to the workspace, which [`Step::SumPartials`] finishes.
+        /// d_out in chunks ([`mma_split`](super::compose_fwd::mma_split)): each split adds its
+        /// part of ∂C and writes its ∂U partial to the workspace, which [`Step::SumPartials`]
+        /// finishes.
         split: Split,
     },
     /// Tensor cores: ∂X += ∂U A_cat in tiles of `tile_rows` × 128; with several splits of R the
@@ -646,8 +647,8 @@ pub fn launch<T: Element, B: Backend>(
             // it — before it in stream order). A split hidden kernel writes splits × T × R f32
             // partials of ∂U (only when ∂U is asked for) and a split MmaDx splits × T × d_in,
             // which the workspace holds (workspace_len); the first are summed before the second
-            // overwrite them, in stream order. Tables come from the same ranks, token samples were checked on
-            // upload; outputs are distinct and mutably borrowed.
+            // overwrite them, in stream order. Tables come from the same ranks, token samples
+            // were checked on upload; outputs are distinct and mutably borrowed.
             unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
             continue;
         }
