@@ -1,10 +1,17 @@
-// The tensor-core GEMM main loop shared by the GEMM family's `mma` variant (cuda/gemm.cu) and
-// the composition's (cuda/compose_mma.cu): a 128×128 output tile per block of 8 warps (2 along
-// M × 4 along N, 64×32 each: 4×4 mma.sync.m16n8k16 tiles with f32 accumulators), K in steps of
-// 32 through a 3-stage cp.async pipeline in XOR-swizzled shared memory (48 KiB), fragments
-// loaded with ldmatrix (.trans for the operands stored k-major). Callers add the epilogue.
-// `mainloop`, `FragOf` and `epilogue_axpby` also take 64-row tiles (TBM = 64: the same warps,
-// 32×32 each, 2×4 mma tiles), for grids that 128-row tiles would leave short of the SMs.
+// The tensor-core GEMM main loop shared by the GEMM family's `mma` variants (cuda/gemm.cu) and
+// the composition's (cuda/compose_mma.cu): a 128×128 output tile per block, K in steps of 32
+// through a 3-stage cp.async pipeline in XOR-swizzled shared memory (48 KiB), mma.sync.m16n8k16
+// with f32 accumulators, fragments loaded with ldmatrix (.trans for the operands stored
+// k-major). Callers add the epilogue. Two warp layouts (`Tile<TBM, TWN>`):
+//   TWN = 32: 8 warps, 2 along M × 4 along N, 64×32 each (4×4 mma tiles): `mma`;
+//   TWN = 64: 4 warps, 2 × 2, 64×64 each (4×8 mma tiles): `mma_w64`, the warp tile of CUTLASS's
+//             sm_80 128×128×32 configuration. Per k16 step a warp issues 8 ldmatrix.x4 for 32
+//             mma (against 6 for 16): a third less shared-memory traffic per FLOP, and 32
+//             independent mma a warp to hide latency with, at 4 warps a block instead of 8.
+// Each K tile's fragments (both k16 steps) are loaded before its first mma, so the second
+// step's ldmatrix overlap the first step's mma. `mainloop`, `FragOf` and `epilogue_axpby` also
+// take 64-row tiles (TBM = 64: the same warps, 32 rows each), for grids that 128-row tiles would
+// leave short of the SMs.
 #pragma once
 
 #include "common.cuh"
@@ -17,13 +24,19 @@ constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // 64 × 32 per warp
 constexpr int FRAG_M = WM / 16, FRAG_N = WN / 8;     // m16 × n8 mma tiles per warp
 constexpr int TILE = BM * BK;                        // elements per operand tile and stage
 static_assert(BM * BK == BN * BK, "A and B tiles share one size");
-// A block tile of TBM rows (128, or 64 where 128-row tiles leave SMs idle: the same 2 × 4 warps,
-// each 32 × 32): the rows a warp covers, its m16 tiles, the elements of one A stage.
-template <int TBM>
-struct Rows {
+// A block tile of TBM rows (128, or 64 where 128-row tiles leave SMs idle: the same warps, each
+// TBM / 2 rows) by BN columns in warps TWN columns wide (32: 4 along N; 64: 2): the rows and
+// columns a warp covers, its m16 and n8 tiles, the block's threads, the elements of one A stage.
+template <int TBM, int TWN = 32>
+struct Tile {
     static_assert(TBM == 128 || TBM == 64, "128- or 64-row tiles");
+    static_assert(TWN == 32 || TWN == 64, "warps 32 or 64 columns wide");
     static constexpr int WM = TBM / WARPS_M, FRAG_M = WM / 16, TILE_A = TBM * BK;
+    static constexpr int WN = TWN, FRAG_N = TWN / 8, WARPS_N = BN / TWN, THREADS = 32 * WARPS_M * WARPS_N;
 };
+template <int TBM>
+using Rows = Tile<TBM, 32>;
+static_assert(Rows<BM>::THREADS == THREADS && Rows<BM>::FRAG_N == FRAG_N, "the default layout is the constants'");
 // Shared storage in 16-byte units (ldmatrix rows and cp.async destinations are 16-byte aligned).
 struct alignas(16) Chunk16 {
     unsigned words[4];
@@ -45,13 +58,13 @@ __device__ __forceinline__ int swizzle(int row, int col) {
 // stride `ld` elements) into a swizzled tile; elements at or past row `rows` or column `cols`
 // are 0 (`cols` ≤ `ld`: a split-K range ends there). `vector`: every row starts 16-byte
 // aligned, so chunks wholly in range go by cp.async.
-template <typename T, int ROWS, int COLS>
+template <typename T, int ROWS, int COLS, int NTHREADS>
 __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, int rows, int cols, int ld, int row0,
                                           int col0, bool vector) {
     constexpr int CHUNKS_PER_ROW = COLS / 8;
-    static_assert((ROWS * CHUNKS_PER_ROW) % THREADS == 0, "whole chunks per thread");
+    static_assert((ROWS * CHUNKS_PER_ROW) % NTHREADS == 0, "whole chunks per thread");
     LC_UNROLL
-    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += THREADS) {
+    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += NTHREADS) {
         const int r = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
         const int gr = row0 + r, gc = col0 + col;
         T* dst = tile + swizzle<COLS>(r, col);
@@ -65,13 +78,13 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
 }
 
 // The block's accumulators: acc[i][j][v] is output (row(i, v), col(j, v)) of the block tile.
-template <int TBM = BM>
+template <int TBM = BM, int TWN = 32>
 struct FragOf {
     int lane, wm0, wn0;
     __device__ __forceinline__ FragOf() : lane(threadIdx.x % 32) {
         const int warp = threadIdx.x / 32;
-        wm0 = (warp / WARPS_N) * Rows<TBM>::WM;
-        wn0 = (warp % WARPS_N) * WN;
+        wm0 = (warp / Tile<TBM, TWN>::WARPS_N) * Tile<TBM, TWN>::WM;
+        wn0 = (warp % Tile<TBM, TWN>::WARPS_N) * TWN;
     }
     // m16n8 accumulator v: row groupID + 8·(v / 2), column 2·threadID_in_group + v % 2.
     __device__ __forceinline__ int row(int i, int v) const { return wm0 + 16 * i + lane / 4 + 8 * (v / 2); }
@@ -80,17 +93,18 @@ struct FragOf {
 using Frag = FragOf<BM>;
 
 // acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; by default all of K) for the
-// TBM × BN block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B stored (K, N), or
-// (N, K) when TB. `k_begin` is a multiple of BK. `a_tiles` and `b_tiles` are the pipeline's
-// shared memory (STAGES · Rows<TBM>::TILE_A and STAGES · TILE elements). Every thread of the
-// block must call it; on return every copy has landed and every thread is past its last read of
-// the tiles (they may be reused).
-template <typename T, bool TA, bool TB, int TBM = BM>
-__device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], T* a_tiles, T* b_tiles,
-                                         const T* __restrict__ A, const T* __restrict__ B, int M, int N, int K,
-                                         int m0, int n0, int k_begin = 0, int k_end = -1) {
-    constexpr int FM = Rows<TBM>::FRAG_M;
-    const FragOf<TBM> f;
+// TBM × BN block tile at (m0, n0), in warps TWN columns wide: A stored (M, K), or (K, M) when
+// TA; B stored (K, N), or (N, K) when TB. `k_begin` is a multiple of BK. `a_tiles` and
+// `b_tiles` are the pipeline's shared memory (STAGES · Tile::TILE_A and STAGES · TILE elements).
+// Every thread of the block (Tile::THREADS) must call it; on return every copy has landed and
+// every thread is past its last read of the tiles (they may be reused).
+template <typename T, bool TA, bool TB, int TBM = BM, int TWN = 32>
+__device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4], T* a_tiles,
+                                         T* b_tiles, const T* __restrict__ A, const T* __restrict__ B, int M, int N,
+                                         int K, int m0, int n0, int k_begin = 0, int k_end = -1) {
+    using L = Tile<TBM, TWN>;
+    constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, KS = BK / 16;
+    const FragOf<TBM, TWN> f;
     if (k_end < 0) k_end = K;
     const bool a_vector = (TA ? M : K) % 8 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
     const bool b_vector = (TB ? K : N) % 8 == 0 && reinterpret_cast<size_t>(B) % 16 == 0;
@@ -99,23 +113,23 @@ __device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N]
     // orientation they are stored in; k ≥ k_end reads as 0.
     auto load_stage = [&](int stage, int kt) {
         const int k0 = k_begin + kt * BK;
-        T* a = a_tiles + stage * Rows<TBM>::TILE_A;
+        T* a = a_tiles + stage * L::TILE_A;
         T* b = b_tiles + stage * TILE;
         if (TA)
-            load_tile<T, BK, TBM>(a, A, k_end, M, M, k0, m0, a_vector);
+            load_tile<T, BK, TBM, NT>(a, A, k_end, M, M, k0, m0, a_vector);
         else
-            load_tile<T, TBM, BK>(a, A, M, k_end, K, m0, k0, a_vector);
+            load_tile<T, TBM, BK, NT>(a, A, M, k_end, K, m0, k0, a_vector);
         if (TB)
-            load_tile<T, BN, BK>(b, B, N, k_end, K, n0, k0, b_vector);
+            load_tile<T, BN, BK, NT>(b, B, N, k_end, K, n0, k0, b_vector);
         else
-            load_tile<T, BK, BN>(b, B, k_end, N, N, k0, n0, b_vector);
+            load_tile<T, BK, BN, NT>(b, B, k_end, N, N, k0, n0, b_vector);
     };
 
     // Fully unrolled wherever acc is indexed, so that it lives in registers.
     LC_UNROLL
     for (int i = 0; i < FM; ++i)
         LC_UNROLL
-        for (int j = 0; j < FRAG_N; ++j)
+        for (int j = 0; j < FN; ++j)
             LC_UNROLL
             for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
@@ -132,37 +146,43 @@ __device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N]
         if (next < k_tiles) load_stage(next % STAGES, next);
         lc::cp_async_commit();
 
-        const T* a = a_tiles + (kt % STAGES) * Rows<TBM>::TILE_A;
+        const T* a = a_tiles + (kt % STAGES) * L::TILE_A;
         const T* b = b_tiles + (kt % STAGES) * TILE;
+        // The fragments of both k16 steps first, then their mma: the second step's ldmatrix
+        // are in flight while the first step's mma issue (asm volatile keeps source order).
+        unsigned a_frag[KS][FM][4], b_frag[KS][FN][2];
         LC_UNROLL
-        for (int ks = 0; ks < BK; ks += 16) {
+        for (int s = 0; s < KS; ++s) {
+            const int ks = 16 * s;
             // Lane l addresses row l % 8 of 8×8 matrix l / 8: for A the fragment's registers
             // (m 0-7 | 8-15) × (k 0-7 | 8-15); for B two n8 tiles' (k 0-7, k 8-15).
             const int sub = f.lane % 8, quad = f.lane / 8;
-            unsigned a_frag[FM][4], b_frag[FRAG_N][2];
             LC_UNROLL
             for (int i = 0; i < FM; ++i) {
                 const int m = f.wm0 + 16 * i + 8 * (quad & 1), k = ks + 8 * (quad >> 1);
                 if (TA)
-                    lc::ldmatrix<4, true>(a_frag[i], &a[swizzle<TBM>(k + sub, m)]);
+                    lc::ldmatrix<4, true>(a_frag[s][i], &a[swizzle<TBM>(k + sub, m)]);
                 else
-                    lc::ldmatrix<4, false>(a_frag[i], &a[swizzle<BK>(m + sub, k)]);
+                    lc::ldmatrix<4, false>(a_frag[s][i], &a[swizzle<BK>(m + sub, k)]);
             }
             LC_UNROLL
-            for (int j = 0; j < FRAG_N; j += 2) {
+            for (int j = 0; j < FN; j += 2) {
                 const int n = f.wn0 + 8 * j + 8 * (quad >> 1), k = ks + 8 * (quad & 1);
                 unsigned r[4];
                 if (TB)
                     lc::ldmatrix<4, false>(r, &b[swizzle<BK>(n + sub, k)]);
                 else
                     lc::ldmatrix<4, true>(r, &b[swizzle<BN>(k + sub, n)]);
-                b_frag[j][0] = r[0], b_frag[j][1] = r[1], b_frag[j + 1][0] = r[2], b_frag[j + 1][1] = r[3];
+                b_frag[s][j][0] = r[0], b_frag[s][j][1] = r[1], b_frag[s][j + 1][0] = r[2], b_frag[s][j + 1][1] = r[3];
             }
+        }
+        LC_UNROLL
+        for (int s = 0; s < KS; ++s)
             LC_UNROLL
             for (int i = 0; i < FM; ++i)
                 LC_UNROLL
-                for (int j = 0; j < FRAG_N; ++j) lc::mma_m16n8k16<T>(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
-        }
+                for (int j = 0; j < FN; ++j)
+                    lc::mma_m16n8k16<T>(acc[i][j], a_frag[s][i], b_frag[s][j], acc[i][j]);
     }
     lc::cp_async_wait<0>();  // only empty groups remain; leave none behind
     __syncthreads();         // every warp's last ldmatrix is done before the tiles are reused
@@ -171,15 +191,15 @@ __device__ __forceinline__ void mainloop(float (&acc)[Rows<TBM>::FRAG_M][FRAG_N]
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
 // M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
 // sum_partials, gemm's mma_finish).
-template <int TBM = BM>
-__device__ __forceinline__ void store_partial(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], float* __restrict__ work,
-                                              int M, int N, int m0, int n0) {
-    const FragOf<TBM> f;
+template <int TBM = BM, int TWN = 32>
+__device__ __forceinline__ void store_partial(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
+                                              float* __restrict__ work, int M, int N, int m0, int n0) {
+    const FragOf<TBM, TWN> f;
     float* part = work + (size_t)blockIdx.z * M * N;
     LC_UNROLL
-    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
+    for (int i = 0; i < Tile<TBM, TWN>::FRAG_M; ++i)
         LC_UNROLL
-        for (int j = 0; j < FRAG_N; ++j)
+        for (int j = 0; j < Tile<TBM, TWN>::FRAG_N; ++j)
             LC_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
@@ -201,11 +221,12 @@ struct alignas(2 * sizeof(T)) Pair {
 // expand and ∂X kernels (K = R, a full grid) at under half the rate of the shrink. Column
 // pairs go as one 4-byte access when N is even and `out` is 4-byte aligned, two m16 rows of
 // fragments at a time; otherwise element by element, loads first, one m16 row at a time.
-template <typename T, int TBM = BM>
-__device__ __forceinline__ void epilogue_axpby(const float (&acc)[Rows<TBM>::FRAG_M][FRAG_N][4], T* __restrict__ out,
-                                               int M, int N, int m0, int n0, float alpha, float beta) {
-    constexpr int FM = Rows<TBM>::FRAG_M;
-    const FragOf<TBM> f;
+template <typename T, int TBM = BM, int TWN = 32>
+__device__ __forceinline__ void epilogue_axpby(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
+                                               T* __restrict__ out, int M, int N, int m0, int n0, float alpha,
+                                               float beta) {
+    constexpr int FM = Tile<TBM, TWN>::FRAG_M, FRAG_N = Tile<TBM, TWN>::FRAG_N;
+    const FragOf<TBM, TWN> f;
     const bool read = beta != 0.0f;
     if (N % 2 == 0 && reinterpret_cast<size_t>(out) % sizeof(Pair<T>) == 0) {
         // Fragment pair h of (i, j) is accumulators 2h and 2h + 1: one row, columns col, col + 1

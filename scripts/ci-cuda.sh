@@ -47,6 +47,7 @@ cargo test --release --test gpu_probe -- --ignored --exact embedded_ptx_inflates
 # a fallback: each entry's PTX body holds mma.sync, ldmatrix (.trans where an operand is stored
 # k-major) and the cp.async copy, commit and wait.
 for family_entry in gemm:gemm_mma_f16 gemm:gemm_mma_bf16 gemm:gemm_mma_split_f16 gemm:gemm_mma_split_bf16 \
+    gemm:gemm_mma_w64_f16 gemm:gemm_mma_w64_bf16 gemm:gemm_mma_w64_split_f16 gemm:gemm_mma_w64_split_bf16 \
     compose_mma:compose_mma_shrink_bf16 \
     compose_mma:compose_mma_shrink64_bf16 compose_mma:compose_mma_expand_bf16 compose_mma:compose_mma_hidden_bf16:trans \
     compose_mma:compose_mma_hidden64_bf16:trans compose_mma:compose_mma_dx_bf16:trans compose_mma:compose_mma_expand64_bf16 \

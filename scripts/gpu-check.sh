@@ -141,7 +141,7 @@ elif command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; t
     sass_dir=$(mktemp -d)
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     arch="sm_${cap:-90}"
-    for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16 gemm_mma_split_f16 gemm_mma_split_bf16" \
+    for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16 gemm_mma_split_f16 gemm_mma_split_bf16 gemm_mma_w64_f16 gemm_mma_w64_bf16 gemm_mma_w64_split_f16 gemm_mma_w64_split_bf16" \
         "compose_mma:compose_mma_shrink_bf16 compose_mma_shrink64_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_hidden64_bf16 compose_mma_dx_bf16 compose_mma_expand64_bf16 compose_mma_dx64_bf16"; do
         family=${family_kernels%%:*}
         if "$here/gpu-bench" --dump-ptx "$family" "$sass_dir/$family.ptx" \

@@ -238,7 +238,7 @@ fn mma_splits_k_where_its_tiles_leave_sms_idle() {
 
 const COEFFICIENTS: &[(f32, f32)] = &[(1.0, 0.0), (-0.5, 1.0), (1.7, -0.75)];
 
-/// The tensor-core variant refuses f32 storage with an error, not a panic.
+/// The tensor-core variants refuse f32 storage with an error, not a panic.
 #[test]
 fn mma_variant_refuses_f32() {
     let harness = CpuHarness::new(0);
@@ -253,8 +253,10 @@ fn mma_variant_refuses_f32() {
         alpha: 1.0,
         beta: 0.0,
     };
-    let err = check_case::<f32, _>(&harness, Variant::Mma, &params, 0).unwrap_err();
-    assert!(err.contains("no F32 kernel"), "{err}");
+    for variant in [Variant::Mma, Variant::MmaW64] {
+        let err = check_case::<f32, _>(&harness, variant, &params, 0).unwrap_err();
+        assert!(err.contains("no F32 kernel"), "{variant:?}: {err}");
+    }
 }
 
 #[test]

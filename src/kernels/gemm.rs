@@ -17,10 +17,20 @@ pub enum Variant {
     /// blocks where the tiles leave SMs idle ([`mma_split`]: two launches and a workspace
     /// allocated per call).
     Mma,
+    /// [`Variant::Mma`]'s tile, pipeline and split-K in 4 warps of 64×64 (4×8 mma tiles each)
+    /// instead of 8 of 64×32: a third less shared-memory traffic per FLOP (8 `ldmatrix.x4` per
+    /// 32 mma a warp and k16 step, against 6 per 16), 128 threads a block.
+    MmaW64,
 }
 
 /// Every variant: tests and benches iterate this list.
-pub const ALL: &[Variant] = &[Variant::Naive, Variant::Tiled64, Variant::Tiled128, Variant::Mma];
+pub const ALL: &[Variant] = &[
+    Variant::Naive,
+    Variant::Tiled64,
+    Variant::Tiled128,
+    Variant::Mma,
+    Variant::MmaW64,
+];
 
 /// Block tile of a tiled variant; mirrors the template arguments in `cuda/gemm.cu`'s
 /// `GEMM_ENTRIES` (a GPU test checks the shared-memory size the driver reports).
@@ -38,14 +48,17 @@ const A_TILE_PAD: u32 = 4;
 /// Block of the naive variant: 16×16 threads, one per output element.
 const NAIVE_BLOCK: u32 = 16;
 
-/// The tensor-core variant's tiling, mirroring `gemm::mma` in `cuda/gemm.cu`: a BM×BN block
-/// tile of 8 warps, K steps of BK, STAGES shared-memory stages of 16-bit A and B tiles.
+/// The tensor-core variants' tiling, mirroring `gemm::mma` in `cuda/gemm.cu`: a BM×BN block
+/// tile of 8 warps (`mma`; 4 for `mma_w64`: [`THREADS_W64`](mma_tile::THREADS_W64)), K steps of
+/// BK, STAGES shared-memory stages of 16-bit A and B tiles.
 pub mod mma_tile {
     pub const BM: u32 = 128;
     pub const BN: u32 = 128;
     pub const BK: u32 = 32;
     pub const STAGES: u32 = 3;
     pub const THREADS: u32 = 256;
+    /// Threads of a `mma_w64` block: 2 × 2 warps of 64×64.
+    pub const THREADS_W64: u32 = 128;
     /// Shared memory per block: STAGES × (BM·BK + BN·BK) 2-byte elements (48 KiB).
     pub const SHARED_BYTES: u32 = STAGES * (BM * BK + BN * BK) * 2;
 }
@@ -57,18 +70,25 @@ impl Variant {
             Variant::Tiled64 => "tiled64",
             Variant::Tiled128 => "tiled128",
             Variant::Mma => "mma",
+            Variant::MmaW64 => "mma_w64",
         }
     }
 
     /// Whether the variant has a kernel for storage `dtype`: tensor cores take f16/bf16 only.
     /// Tests and benches skip the other combinations explicitly.
     pub fn applies(self, dtype: DType) -> bool {
-        !(self == Variant::Mma && dtype == DType::F32)
+        !(self.is_tensor_core() && dtype == DType::F32)
+    }
+
+    /// The `mma.sync` variants ([`Variant::Mma`], [`Variant::MmaW64`]): 16-bit storage, one
+    /// 128×128 tile and pipeline, split-K where the tiles leave SMs idle ([`mma_split`]).
+    pub fn is_tensor_core(self) -> bool {
+        matches!(self, Variant::Mma | Variant::MmaW64)
     }
 
     pub fn tile(self) -> Option<Tile> {
         match self {
-            Variant::Naive | Variant::Mma => None,
+            Variant::Naive | Variant::Mma | Variant::MmaW64 => None,
             Variant::Tiled64 => Some(Tile {
                 bm: 64,
                 bn: 64,
@@ -89,7 +109,7 @@ impl Variant {
     /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`
     /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one.
     pub fn static_shared_bytes(self) -> u32 {
-        if self == Variant::Mma {
+        if self.is_tensor_core() {
             return mma_tile::SHARED_BYTES;
         }
         self.tile()
@@ -99,7 +119,7 @@ impl Variant {
     /// (rows, columns) of C per block.
     pub fn block_tile(self) -> (u32, u32) {
         match (self, self.tile()) {
-            (Variant::Mma, _) => (mma_tile::BM, mma_tile::BN),
+            (Variant::Mma | Variant::MmaW64, _) => (mma_tile::BM, mma_tile::BN),
             (_, Some(t)) => (t.bm, t.bn),
             (_, None) => (NAIVE_BLOCK, NAIVE_BLOCK),
         }
@@ -133,6 +153,7 @@ pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
     assert!(shape.m >= 1 && shape.n >= 1, "empty output {}×{}", shape.m, shape.n);
     let (tile_m, tile_n, block) = match variant.tile() {
         None if variant == Variant::Mma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS, 1, 1]),
+        None if variant == Variant::MmaW64 => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS_W64, 1, 1]),
         None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
         Some(t) => {
             assert!(
@@ -183,7 +204,9 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
         (Variant::Tiled128, DType::BF16) => kernel_entry!(e::lc_run_gemm_tiled128_bf16),
         (Variant::Mma, DType::F16) => kernel_entry!(e::lc_run_gemm_mma_f16),
         (Variant::Mma, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_bf16),
-        (Variant::Mma, DType::F32) => return None,
+        (Variant::MmaW64, DType::F16) => kernel_entry!(e::lc_run_gemm_mma_w64_f16),
+        (Variant::MmaW64, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_w64_bf16),
+        (Variant::Mma | Variant::MmaW64, DType::F32) => return None,
     };
     Some(Kernel {
         family: "gemm",
@@ -192,21 +215,31 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     })
 }
 
-/// The split-K twin of [`Variant::Mma`]'s kernel: `gemm_mma_split_<dtype>` (partials of each
-/// split of K) and `gemm_mma_finish_<dtype>` (C from them); `None` for f32.
-fn mma_split_kernels(dtype: DType) -> Option<(Kernel, Kernel)> {
+/// The split-K twin of a tensor-core variant's kernel: `gemm_mma_split_<dtype>` or
+/// `gemm_mma_w64_split_<dtype>` (partials of each split of K) and `gemm_mma_finish_<dtype>` (C
+/// from them, for both); `None` for f32 or another variant.
+fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)> {
     use super::entries::gemm as e;
-    let (split, finish): ((&'static str, super::HarnessEntry), (&'static str, super::HarnessEntry)) = match dtype {
-        DType::F16 => (
-            kernel_entry!(e::lc_run_gemm_mma_split_f16),
-            kernel_entry!(e::lc_run_gemm_mma_finish_f16),
-        ),
-        DType::BF16 => (
-            kernel_entry!(e::lc_run_gemm_mma_split_bf16),
-            kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
-        ),
-        DType::F32 => return None,
-    };
+    let (split, finish): ((&'static str, super::HarnessEntry), (&'static str, super::HarnessEntry)) =
+        match (variant, dtype) {
+            (Variant::Mma, DType::F16) => (
+                kernel_entry!(e::lc_run_gemm_mma_split_f16),
+                kernel_entry!(e::lc_run_gemm_mma_finish_f16),
+            ),
+            (Variant::Mma, DType::BF16) => (
+                kernel_entry!(e::lc_run_gemm_mma_split_bf16),
+                kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
+            ),
+            (Variant::MmaW64, DType::F16) => (
+                kernel_entry!(e::lc_run_gemm_mma_w64_split_f16),
+                kernel_entry!(e::lc_run_gemm_mma_finish_f16),
+            ),
+            (Variant::MmaW64, DType::BF16) => (
+                kernel_entry!(e::lc_run_gemm_mma_w64_split_bf16),
+                kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
+            ),
+            _ => return None,
+        };
     let kernel = |(name, harness_entry)| Kernel {
         family: "gemm",
         name,
@@ -215,7 +248,8 @@ fn mma_split_kernels(dtype: DType) -> Option<(Kernel, Kernel)> {
     Some((kernel(split), kernel(finish)))
 }
 
-/// How [`Variant::Mma`] splits K for `shape` on a device of `sm_count` SMs: where its 128×128
+/// How the tensor-core variants ([`Variant::Mma`], [`Variant::MmaW64`]: the same tiles, at most
+/// two blocks an SM) split K for `shape` on a device of `sm_count` SMs: where its 128×128
 /// tiles leave SMs idle (decode's 16 × 4096 × 4096: 32 tiles, each walking K in 128 dependent
 /// steps — the first H200 run measured 127 µs, cuBLAS 19), K in chunks
 /// ([`compose_common::mma_split`](super::compose_common::mma_split)): the split kernel writes
@@ -279,10 +313,10 @@ pub fn launch<T: Element, B: Backend>(
     })?;
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
-    if variant == Variant::Mma {
+    if variant.is_tensor_core() {
         let split = mma_split(shape, backend.sm_count());
         if split.splits > 1 {
-            return launch_mma_split(backend, params, split, a, b, c);
+            return launch_mma_split(backend, variant, params, split, a, b, c);
         }
     }
     let dims = launch_config(variant, shape);
@@ -304,23 +338,25 @@ pub fn launch<T: Element, B: Backend>(
     unsafe { backend.launch(&kernel, &dims, &args) }
 }
 
-/// [`Variant::Mma`] with K in `split.splits` chunks: partials into a workspace allocated here
-/// (freed in stream order when it drops), then C from them.
+/// A tensor-core variant with K in `split.splits` chunks: partials into a workspace allocated
+/// here (freed in stream order when it drops), then C from them.
 fn launch_mma_split<T: Element, B: Backend>(
     backend: &B,
+    variant: Variant,
     params: &GemmParams,
     split: super::compose_common::Split,
     a: &B::Buffer<T>,
     b: &B::Buffer<T>,
     c: &mut B::Buffer<T>,
 ) -> Result<(), KernelError> {
-    let (split_kernel, finish_kernel) = mma_split_kernels(T::DTYPE).expect("the mma variant applies to 16-bit storage");
+    let (split_kernel, finish_kernel) =
+        mma_split_kernels(variant, T::DTYPE).expect("the tensor-core variants apply to 16-bit storage");
     let shape = &params.shape;
     let (m, n) = (shape.m, shape.n);
     let mut work = backend.alloc::<f32>(split.splits * m * n)?;
-    let mut dims = launch_config(Variant::Mma, shape);
+    let mut dims = launch_config(variant, shape);
     dims.grid[2] = u32::try_from(split.splits).expect("splits fit u32");
-    dims.assert_valid(Variant::Mma.static_shared_bytes());
+    dims.assert_valid(variant.static_shared_bytes());
     let i = |v: usize| KernelArg::I32(v as i32);
     let args = [
         backend.arg_in(a),
@@ -395,6 +431,13 @@ mod tests {
         );
         assert_eq!(kernel(Variant::Mma, DType::F16).unwrap().name, "gemm_mma_f16");
         assert!(kernel(Variant::Mma, DType::F32).is_none() && !Variant::Mma.applies(DType::F32));
+        assert_eq!(kernel(Variant::MmaW64, DType::BF16).unwrap().name, "gemm_mma_w64_bf16");
+        assert!(kernel(Variant::MmaW64, DType::F32).is_none() && !Variant::MmaW64.applies(DType::F32));
+        let (split, finish) = mma_split_kernels(Variant::MmaW64, DType::F16).unwrap();
+        assert_eq!(
+            (split.name, finish.name),
+            ("gemm_mma_w64_split_f16", "gemm_mma_finish_f16")
+        );
         let k = super::super::compose_bwd::kernel(super::super::compose_bwd::Entry::CoeffGradTiled, DType::F32);
         assert_eq!(k.unwrap().name, "compose_bwd_coeff_grad_tiled_f32");
     }
@@ -417,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn tiled_variants_use_256_threads_and_fit_shared_memory() {
+    fn variants_use_their_launch_bounds_and_fit_shared_memory() {
         let shape = GemmShape {
             m: 1,
             n: 1,
@@ -427,8 +470,9 @@ mod tests {
         };
         for &variant in ALL {
             let dims = launch_config(variant, &shape);
-            // __launch_bounds__(256) in cuda/gemm.cu
-            assert_eq!(dims.threads_per_block(), 256, "{variant:?}");
+            // __launch_bounds__ in cuda/gemm.cu: 256, and 128 for the 4 warps of mma_w64
+            let threads = if variant == Variant::MmaW64 { 128 } else { 256 };
+            assert_eq!(dims.threads_per_block(), threads, "{variant:?}");
             assert!(variant.static_shared_bytes() <= super::super::MAX_STATIC_SHARED_BYTES);
         }
     }
