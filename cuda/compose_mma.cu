@@ -13,7 +13,7 @@
 //                                        Σ_{j ∈ block i} H[t, j] U[t, j] (f32, accumulated; null
 //                                        skips it), as coeff_grad_tiled does
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
-// ∂A_cat = ∂Uᵀ X (K = T) is the GEMM family's `mma` variant (src/kernels/compose_bwd.rs
+// ∂A_cat = ∂Uᵀ X (K = T) is the GEMM family's `mma_w64` variant (src/kernels/compose_bwd.rs
 // `Step::MmaDa`); ∂B_cat = Gᵀ (U ∘ D) stays on the fused variant's tiled kernel, which re-forms
 // Z from U in f32 on load. Tensor cores would need Z stored in bf16 first: a second rounding
 // the contract (one rounding per output) does not allow — tried, and harness_random_cases
@@ -24,12 +24,16 @@
 // only (tensor cores take 16-bit inputs: `Variant::applies` says no for f32), accumulation f32,
 // every output rounded once.
 //
-// All four kernels are one GEMM main loop (cuda/mma_tile.cuh, shared with gemm.cu's `mma`),
-// out(M, N) = A(M, K) · op(B), A row-major (M, K) and B stored (N, K) ("nk": A_cat in the
-// shrink, B_cat in the expand) or (K, N) ("kn": B_cat in H, A_cat in ∂X), with different
+// All four kernels are one GEMM main loop (cuda/mma_tile.cuh, shared with gemm.cu's `mma` and
+// `mma_w64`), out(M, N) = A(M, K) · op(B), A row-major (M, K) and B stored (N, K) ("nk": A_cat
+// in the shrink, B_cat in the expand) or (K, N) ("kn": B_cat in H, A_cat in ∂X), with different
 // epilogues:
-//   - a 128×128 output tile per block of 8 warps (2 along M × 4 along N, 64×32 each: 4×4
-//     m16n8k16 tiles, 64 f32 accumulators per lane); every kernel also comes on 64×128 tiles
+//   - a 128×128 output tile per block: for the shrink, expand and ∂X 4 warps (2 × 2, 64×64
+//     each: 4×8 m16n8k16 tiles, 128 f32 accumulators per lane; the `mma_w64` layout, a third
+//     less shared-memory traffic per FLOP); for `hidden` 8 warps (2 along M × 4 along N, 64×32
+//     each: 4×4 tiles, 64 accumulators), whose ∂C epilogue works in halves of the tile, one row
+//     of warps each (src/kernels/compose_common.rs `MmaEntry::threads`); every kernel also comes
+//     on 64×128 tiles
 //     (`_shrink64`, `_expand64`, `_hidden64`, `_dx64`: warps of 32×32), which the plan picks
 //     when 128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
 //     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
@@ -77,32 +81,33 @@ struct Epilogue {
 // plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles alone leave SMs
 // idle (small T, or R = 128 at T = 4096).
 
-// Grid (ceil(R / BN), ceil(T / TBM), splits), block (256). U (if given) = X A_catᵀ, Z = U ∘ D;
-// with several splits, partials of X A_catᵀ to `work` (above).
-template <typename T, int TBM>
+// Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS). U (if given) =
+// X A_catᵀ, Z = U ∘ D; with several splits, partials of X A_catᵀ to `work` (above).
+template <typename T, int TBM, int TWN>
 __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const T* __restrict__ A_cat,
                                        const float* __restrict__ C, const int* __restrict__ sample_of,
                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
                                        T* __restrict__ U, T* __restrict__ Z, float* __restrict__ work, int n_tokens,
                                        int d_in, int R, int n_modules, int chunk) {
+    using L = Tile<TBM, TWN>;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
-    float acc[Rows<TBM>::FRAG_M][FRAG_N][4];
-    mainloop<T, false, true, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, X, A_cat, n_tokens, R, d_in, m0,
-                                  n0, lc::split_begin(chunk), lc::split_end(chunk, d_in));
+    float acc[L::FRAG_M][L::FRAG_N][4];
+    mainloop<T, false, true, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, X, A_cat, n_tokens, R, d_in, m0, n0,
+                                       lc::split_begin(chunk), lc::split_end(chunk, d_in));
     if (gridDim.z > 1) {
-        store_partial<TBM>(acc, work, n_tokens, R, m0, n0);
+        store_partial<TBM, TWN>(acc, work, n_tokens, R, m0, n0);
         return;
     }
-    const FragOf<TBM> f;
+    const FragOf<TBM, TWN> f;
     LC_UNROLL
-    for (int i = 0; i < Rows<TBM>::FRAG_M; ++i)
+    for (int i = 0; i < L::FRAG_M; ++i)
         LC_UNROLL
         for (int v = 0; v < 4; ++v) {
             const int t = m0 + f.row(i, v);
             if (t >= n_tokens) continue;
             const int sample = sample_of[t];
             LC_UNROLL
-            for (int j = 0; j < FRAG_N; ++j) {
+            for (int j = 0; j < L::FRAG_N; ++j) {
                 const int col = n0 + f.col(j, v);
                 if (col >= R) continue;
                 if (U) U[(size_t)t * R + col] = lc::from_f32<T>(acc[i][j][v]);
@@ -112,21 +117,22 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
         }
 }
 
-// Grid (ceil(N / BN), ceil(M / TBM), splits), block (256). out (M, N) += A · op(B): the expand
-// (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn, K = R); with
-// several splits of K, partials to `work` and sum_partials adds them onto out.
-template <typename T, bool NK, int TBM>
+// Grid (ceil(N / BN), ceil(M / TBM), splits), block (Tile<TBM, TWN>::THREADS). out (M, N) +=
+// A · op(B): the expand (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn,
+// K = R); with several splits of K, partials to `work` and sum_partials adds them onto out.
+template <typename T, bool NK, int TBM, int TWN>
 __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, const T* __restrict__ B,
                                            T* __restrict__ out, float* __restrict__ work, int M, int N, int K,
                                            int chunk) {
+    using L = Tile<TBM, TWN>;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
-    float acc[Rows<TBM>::FRAG_M][FRAG_N][4];
-    mainloop<T, false, NK, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, A, B, M, N, K, m0, n0,
-                                lc::split_begin(chunk), lc::split_end(chunk, K));
+    float acc[L::FRAG_M][L::FRAG_N][4];
+    mainloop<T, false, NK, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, A, B, M, N, K, m0, n0,
+                                     lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)
-        store_partial<TBM>(acc, work, M, N, m0, n0);
+        store_partial<TBM, TWN>(acc, work, M, N, m0, n0);
     else
-        epilogue_axpby<T, TBM>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T, TBM, TWN>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (256); K = d_out. H = G B_cat in registers;
@@ -264,29 +270,29 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     T* stages = reinterpret_cast<T*>(stage_chunks)
 
 #define COMPOSE_MMA_ENTRIES(suffix, T)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink_##suffix(                                      \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_shrink_##suffix(                                      \
         const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
         const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 128>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in, \
+        compose_mma::shrink<T, 128, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in, \
                                     R, n_modules, chunk);                                                              \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink64_##suffix(                                    \
         const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
         const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,  \
+        compose_mma::shrink<T, 64, 32>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,  \
                                    R, n_modules, chunk);                                                               \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_expand_##suffix(                                      \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_expand_##suffix(                                      \
         const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, true, 128>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                  \
+        compose_mma::accumulate<T, true, 128, 64>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                  \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_expand64_##suffix(                                    \
         const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, true, 64>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                   \
+        compose_mma::accumulate<T, true, 64, 32>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                   \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden_##suffix(                                      \
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
@@ -304,15 +310,15 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
                                    d_out, R, n_modules, chunk);                                                        \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_dx_##suffix(                                          \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_dx_##suffix(                                          \
         const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, false, 128>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                \
+        compose_mma::accumulate<T, false, 128, 64>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_dx64_##suffix(                                        \
         const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, false, 64>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                 \
+        compose_mma::accumulate<T, false, 64, 32>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                 \
     }
 
 // Tensor cores take 16-bit inputs: no f32 entry (`Variant::applies` in src/kernels/compose_common.rs).

@@ -116,7 +116,7 @@ pub enum Step {
         tile_rows: usize,
         split: Split,
     },
-    /// Tensor cores: ∂A_cat = ∂Uᵀ X (R × d_in, K = T) by the GEMM family's `mma` variant
+    /// Tensor cores: ∂A_cat = ∂Uᵀ X (R × d_in, K = T) by the GEMM family's `mma_w64` variant
     /// ([`super::gemm::launch`]: its own split-K and workspace).
     MmaDa,
 }
@@ -167,7 +167,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
         Variant::Mma => {
             let (dc, du) = (train.coeffs, want_du);
             let (tile_rows, split) = mma_plan(t, r, d_out, sm_count);
-            let dims = mma_dims_rows(t, r, tile_rows, split.splits);
+            let dims = mma_dims_rows(MmaEntry::Hidden, t, r, tile_rows, split.splits);
             steps.push((
                 Step::MmaHidden {
                     dc,
@@ -186,7 +186,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             }
             if train.input {
                 let (tile_rows, split) = mma_plan(t, d_in, r, sm_count);
-                let dims = mma_dims_rows(t, d_in, tile_rows, split.splits);
+                let dims = mma_dims_rows(MmaEntry::Dx, t, d_in, tile_rows, split.splits);
                 steps.push((Step::MmaDx { tile_rows, split }, dims));
                 if split.splits > 1 {
                     let step = Step::SumPartials {
@@ -199,7 +199,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             if train.modules {
                 steps.push((
                     Step::MmaDa,
-                    super::gemm::launch_config(super::gemm::Variant::Mma, &da_shape(shape)),
+                    super::gemm::launch_config(super::gemm::Variant::MmaW64, &da_shape(shape)),
                 ));
                 // ∂B_cat = Gᵀ (U ∘ D): the tensor cores would need Z stored (the tiled kernel
                 // re-forms it from U on load).
@@ -546,7 +546,7 @@ pub fn launch<T: Element, B: Backend>(
             let (Some(du), Some(da)) = (du_buffer.as_deref(), da_buffer.as_deref_mut()) else {
                 unreachable!("∂A_cat is planned only with ∂U and ∂A_cat present (checked above)")
             };
-            super::gemm::launch::<T, B>(backend, super::gemm::Variant::Mma, &params, du, inputs.x, da)?;
+            super::gemm::launch::<T, B>(backend, super::gemm::Variant::MmaW64, &params, du, inputs.x, da)?;
             continue;
         }
         let gemv = match step {

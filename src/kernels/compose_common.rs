@@ -229,14 +229,17 @@ pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError
 }
 
 /// The tensor-core variant's tiling, mirroring `compose_mma` in `cuda/compose_mma.cu`: a BM×BN
-/// output tile per block of 8 warps, K steps of BK, STAGES shared-memory stages of bf16 A and B
-/// tiles in one static array (48 KiB, also the ∂C epilogue's `part[64][129]` f32).
+/// output tile per block of 8 warps (4 of 64×64 for the shrink, expand and ∂X on 128-row tiles:
+/// [`MmaEntry::threads`]), K steps of BK, STAGES shared-memory stages of bf16 A and B tiles in
+/// one static array (48 KiB, also the ∂C epilogue's `part[64][129]` f32).
 pub mod mma_tile {
     pub const BM: usize = 128;
     pub const BN: usize = 128;
     pub const BK: usize = 32;
     pub const STAGES: usize = 3;
     pub const THREADS: u32 = 256;
+    /// A block of 2 × 2 warps of 64×64 (the GEMM family's `mma_w64` layout).
+    pub const THREADS_W64: u32 = 128;
     pub const SHARED_BYTES: u32 = (STAGES * (BM * BK + BN * BK) * 2) as u32;
 }
 
@@ -284,16 +287,18 @@ pub fn mma_plan(t: usize, cols: usize, k: usize, sm_count: usize) -> (usize, Spl
     (tile_rows, mma_split(tiles, k, sm_count))
 }
 
-/// Grid of a tensor-core kernel over a (rows, cols) output in tiles of `tile_rows` × 128, with
-/// `splits` K chunks along z.
-pub(crate) fn mma_dims_rows(rows: usize, cols: usize, tile_rows: usize, splits: usize) -> LaunchDims {
+/// Grid of the tensor-core kernel `entry` over a (rows, cols) output in tiles of `tile_rows` ×
+/// 128, with `splits` K chunks along z; its block ([`MmaEntry::threads`]) is that of the kernel
+/// for tiles of that height ([`MmaEntry::on_rows`]).
+pub(crate) fn mma_dims_rows(entry: MmaEntry, rows: usize, cols: usize, tile_rows: usize, splits: usize) -> LaunchDims {
+    let entry = entry.on_rows(tile_rows);
     let dims = LaunchDims {
         grid: [
             u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
             u32::try_from(rows.div_ceil(tile_rows)).expect("grid y fits u32"),
             u32::try_from(splits).expect("grid z fits u32"),
         ],
-        block: [mma_tile::THREADS, 1, 1],
+        block: [entry.threads(), 1, 1],
         dynamic_shared_bytes: 0,
     };
     dims.assert_valid(mma_tile::SHARED_BYTES);
@@ -303,11 +308,11 @@ pub(crate) fn mma_dims_rows(rows: usize, cols: usize, tile_rows: usize, splits: 
 /// The kernels of `cuda/compose_mma.cu`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmaEntry {
-    /// U, Z = (X A_catᵀ) ∘ D, tiles of 128 rows.
+    /// U, Z = (X A_catᵀ) ∘ D, tiles of 128 rows (4 warps of 64×64).
     Shrink,
     /// The same on tiles of 64 rows ([`mma_tile_rows`]).
     Shrink64,
-    /// Y += Z B_catᵀ, tiles of 128 rows.
+    /// Y += Z B_catᵀ, tiles of 128 rows (4 warps of 64×64).
     Expand,
     /// The same on tiles of 64 rows.
     Expand64,
@@ -315,7 +320,7 @@ pub enum MmaEntry {
     Hidden,
     /// The same on tiles of 64 rows.
     Hidden64,
-    /// ∂X += ∂U A_cat, tiles of 128 rows.
+    /// ∂X += ∂U A_cat, tiles of 128 rows (4 warps of 64×64).
     Dx,
     /// The same on tiles of 64 rows.
     Dx64,
@@ -331,6 +336,18 @@ impl MmaEntry {
             (false, MmaEntry::Expand | MmaEntry::Expand64) => MmaEntry::Expand64,
             (false, MmaEntry::Hidden | MmaEntry::Hidden64) => MmaEntry::Hidden64,
             (false, MmaEntry::Dx | MmaEntry::Dx64) => MmaEntry::Dx64,
+        }
+    }
+
+    /// Threads of the kernel's block (its `__launch_bounds__`): the shrink, expand and ∂X on
+    /// 128-row tiles run 4 warps of 64×64 (a third less shared-memory traffic per FLOP than 8
+    /// of 64×32: the GEMM family's `mma_w64` against `mma`); the 64-row tiles keep 8 warps of
+    /// 32×32 (4 warps there would be 32×64: no gain in traffic, half the warps), and the hidden
+    /// kernel 8 of 64×32 (its ∂C epilogue works in halves of the tile, one row of warps each).
+    pub fn threads(self) -> u32 {
+        match self {
+            MmaEntry::Shrink | MmaEntry::Expand | MmaEntry::Dx => mma_tile::THREADS_W64,
+            _ => mma_tile::THREADS,
         }
     }
 }
