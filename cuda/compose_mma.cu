@@ -28,12 +28,10 @@
 // `mma_w64`), out(M, N) = A(M, K) · op(B), A row-major (M, K) and B stored (N, K) ("nk": A_cat
 // in the shrink, B_cat in the expand) or (K, N) ("kn": B_cat in H, A_cat in ∂X), with different
 // epilogues:
-//   - a 128×128 output tile per block: for the shrink, expand and ∂X 4 warps (2 × 2, 64×64
-//     each: 4×8 m16n8k16 tiles, 128 f32 accumulators per lane; the `mma_w64` layout, a third
-//     less shared-memory traffic per FLOP); for `hidden` 8 warps (2 along M × 4 along N, 64×32
-//     each: 4×4 tiles, 64 accumulators), whose ∂C epilogue works in halves of the tile, one row
-//     of warps each (src/kernels/compose_common.rs `MmaEntry::threads`); every kernel also comes
-//     on 64×128 tiles
+//   - a 128×128 output tile per block of 4 warps (2 × 2, 64×64 each: 4×8 m16n8k16 tiles, 128
+//     f32 accumulators per lane; the GEMM's `mma_w64` layout, a third less shared-memory
+//     traffic per FLOP than its 8 warps of 64×32; src/kernels/compose_common.rs
+//     `MmaEntry::threads`); every kernel also comes on 64×128 tiles
 //     (`_shrink64`, `_expand64`, `_hidden64`, `_dx64`: warps of 32×32), which the plan picks
 //     when 128-row tiles would give fewer blocks than SMs (src/kernels/compose_common.rs
 //     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
@@ -65,10 +63,11 @@ namespace compose_mma {
 using namespace mma_tile;
 // The ∂C epilogue of a TBM-row tile: part[PART_ROWS][BN + 1] f32 in the pipeline's shared
 // memory, beside it tile_module[BN], tile_sample[TBM], seg_first[BN], seg_end[BN], n_segs.
-template <int TBM>
+template <int TBM, int TWN>
 struct Epilogue {
     static constexpr int PART_ROWS = TBM / 2;
-    static_assert(PART_ROWS == Rows<TBM>::WM, "one half of the tile is one row of warps");
+    static_assert(PART_ROWS == Tile<TBM, TWN>::WM, "one half of the tile is one row of warps");
+    static_assert(BN <= Tile<TBM, TWN>::THREADS, "a thread per column of the tile");
     static constexpr int INTS = BN + TBM + 2 * BN + 1;
     static_assert(PART_ROWS * (BN + 1) * 4 + INTS * 4 <= 2 * STAGES * TILE * 2,
                   "part, the staged module ids and samples and the segment list fit the pipeline stages");
@@ -135,24 +134,25 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
         epilogue_axpby<T, TBM, TWN>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
-// Grid (ceil(R / BN), ceil(T / TBM), splits), block (256); K = d_out. H = G B_cat in registers;
+// Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS); K = d_out. H = G B_cat in registers;
 // ∂U (if given) = H ∘ D; ∂C (if given) += the tile's s_j H U, segmented by module and by runs of
 // tokens of one sample. With several splits each block holds the H of its K range: ∂C is linear
 // in H, so each adds its own part; its partial ∂U (H ∘ D, f32) goes to `work` and sum_partials
 // adds them.
-template <typename T, int TBM>
+template <typename T, int TBM, int TWN>
 __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const T* __restrict__ B_cat,
                                        const T* __restrict__ U, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, float* __restrict__ dC,
                                        T* __restrict__ dU, float* __restrict__ work, int n_tokens, int d_out, int R,
                                        int n_modules, int chunk) {
-    constexpr int FM = Rows<TBM>::FRAG_M, PART_ROWS = Epilogue<TBM>::PART_ROWS;
+    using L = Tile<TBM, TWN>;
+    constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, PART_ROWS = Epilogue<TBM, TWN>::PART_ROWS;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
-    float acc[FM][FRAG_N][4];
-    mainloop<T, false, false, TBM>(acc, stages, stages + STAGES * Rows<TBM>::TILE_A, G, B_cat, n_tokens, R, d_out, m0,
-                                   n0, lc::split_begin(chunk), lc::split_end(chunk, d_out));
-    const FragOf<TBM> f;
+    float acc[FM][FN][4];
+    mainloop<T, false, false, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, G, B_cat, n_tokens, R, d_out, m0, n0,
+                                        lc::split_begin(chunk), lc::split_end(chunk, d_out));
+    const FragOf<TBM, TWN> f;
     const bool split = gridDim.z > 1;
     float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
     if (dU) {
@@ -164,7 +164,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                 if (t >= n_tokens) continue;
                 const int sample = sample_of[t];
                 LC_UNROLL
-                for (int j = 0; j < FRAG_N; ++j) {
+                for (int j = 0; j < FN; ++j) {
                     const int col = n0 + f.col(j, v);
                     if (col >= R) continue;
                     const float du = acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col);
@@ -189,13 +189,13 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     int* seg_first = tile_sample + TBM;  // segment s: columns [seg_first[s], seg_end[s])
     int* seg_end = seg_first + BN;
     int* n_segs_at = seg_end + BN;
-    for (int n = tid; n < n_cols; n += THREADS) tile_module[n] = module_of[n0 + n];
-    for (int m = tid; m < TBM && m0 + m < n_tokens; m += THREADS) tile_sample[m] = sample_of[m0 + m];
+    for (int n = tid; n < n_cols; n += NT) tile_module[n] = module_of[n0 + n];
+    for (int m = tid; m < TBM && m0 + m < n_tokens; m += NT) tile_sample[m] = sample_of[m0 + m];
     __syncthreads();
     auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
     // The segment list, in column order: the thread of each start counts the starts before it
-    // and finds its end; the last segment's thread writes the count. The first barrier of the
-    // half loop publishes them.
+    // and finds its end; the last segment's thread writes the count (n_cols ≤ BN ≤ NT: a thread
+    // per column). The first barrier of the half loop publishes them.
     if (tid < n_cols && is_segment_start(tid)) {
         int s = 0;
         for (int c = 1; c <= tid; ++c) s += is_segment_start(c) ? 1 : 0;
@@ -213,7 +213,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
             LC_UNROLL
             for (int i = 0; i < FM; ++i)
                 LC_UNROLL
-                for (int j = 0; j < FRAG_N; ++j)
+                for (int j = 0; j < FN; ++j)
                     LC_UNROLL
                     for (int v = 0; v < 4; ++v) {
                         const int m = f.row(i, v) - f.wm0, n = f.col(j, v);
@@ -230,7 +230,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         // read. Consecutive threads take consecutive rows (distinct banks).
         const int n_segs = *n_segs_at;
         const int rows = min(PART_ROWS, n_tokens - row0);
-        for (int e = tid; e < max(rows, 0) * n_segs; e += THREADS) {
+        for (int e = tid; e < max(rows, 0) * n_segs; e += NT) {
             const int s = e / rows, m = e % rows;
             const int first = seg_first[s], end = seg_end[s];
             float sum = part[m][first];
@@ -294,12 +294,12 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         COMPOSE_MMA_STAGES(T);                                                                                         \
         compose_mma::accumulate<T, true, 64, 32>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                   \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden_##suffix(                                      \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_hidden_##suffix(                                      \
         const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
         const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
         int chunk) {                                                                                                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 128>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,  \
+        compose_mma::hidden<T, 128, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,  \
                                     d_out, R, n_modules, chunk);                                                       \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden64_##suffix(                                    \
@@ -307,7 +307,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
         const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
         int chunk) {                                                                                                   \
         COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
+        compose_mma::hidden<T, 64, 32>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
                                    d_out, R, n_modules, chunk);                                                        \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) compose_mma_dx_##suffix(                                          \

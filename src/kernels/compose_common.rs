@@ -229,8 +229,8 @@ pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError
 }
 
 /// The tensor-core variant's tiling, mirroring `compose_mma` in `cuda/compose_mma.cu`: a BM×BN
-/// output tile per block of 8 warps (4 of 64×64 for the shrink, expand and ∂X on 128-row tiles:
-/// [`MmaEntry::threads`]), K steps of BK, STAGES shared-memory stages of bf16 A and B tiles in
+/// output tile per block of 4 warps of 64×64 (8 of 32×32 on 64-row tiles: [`MmaEntry::threads`]),
+/// K steps of BK, STAGES shared-memory stages of bf16 A and B tiles in
 /// one static array (48 KiB, also the ∂C epilogue's `part[64][129]` f32).
 pub mod mma_tile {
     pub const BM: usize = 128;
@@ -316,7 +316,8 @@ pub enum MmaEntry {
     Expand,
     /// The same on tiles of 64 rows.
     Expand64,
-    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C, tiles of 128 rows.
+    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C, tiles of 128 rows (4 warps of
+    /// 64×64).
     Hidden,
     /// The same on tiles of 64 rows.
     Hidden64,
@@ -339,15 +340,13 @@ impl MmaEntry {
         }
     }
 
-    /// Threads of the kernel's block (its `__launch_bounds__`): the shrink, expand and ∂X on
-    /// 128-row tiles run 4 warps of 64×64 (a third less shared-memory traffic per FLOP than 8
-    /// of 64×32: the GEMM family's `mma_w64` against `mma`); the 64-row tiles keep 8 warps of
-    /// 32×32 (4 warps there would be 32×64: no gain in traffic, half the warps), and the hidden
-    /// kernel 8 of 64×32 (its ∂C epilogue works in halves of the tile, one row of warps each).
+    /// Threads of the kernel's block (its `__launch_bounds__`): 128-row tiles run 4 warps of
+    /// 64×64 (a third less shared-memory traffic per FLOP than 8 of 64×32: the GEMM family's
+    /// `mma_w64` against `mma`); the 64-row tiles keep 8 warps of 32×32.
     pub fn threads(self) -> u32 {
         match self {
-            MmaEntry::Shrink | MmaEntry::Expand | MmaEntry::Dx => mma_tile::THREADS_W64,
-            _ => mma_tile::THREADS,
+            MmaEntry::Shrink | MmaEntry::Expand | MmaEntry::Hidden | MmaEntry::Dx => mma_tile::THREADS_W64,
+            MmaEntry::Shrink64 | MmaEntry::Expand64 | MmaEntry::Hidden64 | MmaEntry::Dx64 => mma_tile::THREADS,
         }
     }
 }
