@@ -41,12 +41,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// (name, m, n, k): a square GEMM, a transformer projection over 4096 tokens, a decode step
-/// (16 tokens), and the fused LoRA shrink of DESIGN §2 (N·r = 32·16 = 512 columns).
+/// (16 tokens), and the fused LoRA shrink and expand of DESIGN §2 (N·r = 32·16 = 512): the
+/// composition's `mma` kernels run these two GEMMs with their epilogues, so the tensor-core
+/// variants' rows here compare their warp layouts (`mma`, `mma_w64`) at its shapes.
 const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("square 4096", 4096, 4096, 4096),
     ("proj T=4096 d=4096", 4096, 4096, 1024),
     ("decode T=16 d=4096", 16, 4096, 4096),
     ("lora shrink T=4096 Nr=512", 4096, 512, 4096),
+    ("lora expand T=4096 Nr=512", 4096, 4096, 512),
 ];
 const WARMUP_RUNS: usize = 3;
 const CHECKED_ELEMENTS: usize = 64;
