@@ -104,13 +104,22 @@ impl<B: Backend, E: Storage> F32Grad<B, E> {
 }
 
 /// The variants the model runs (each family's fastest correct one on the harness's checks).
-const GEMM: gemm::Variant = gemm::Variant::Tiled64;
+/// GEMM: the tensor cores for 16-bit storage ([`gemm::Variant::MmaW64`]: split-K where its
+/// 128×128 tiles leave SMs idle), the SIMT tiles for f32.
+fn gemm_variant(dtype: DType) -> gemm::Variant {
+    if gemm::Variant::MmaW64.applies(dtype) {
+        gemm::Variant::MmaW64
+    } else {
+        gemm::Variant::Tiled64
+    }
+}
 const LN: layernorm::Variant = layernorm::Variant::Warp;
 const BIAS_GRAD: elementwise::Variant = elementwise::Variant::Chunked;
-/// The composition variant for a call over `t` rows of f32 storage: GEMV for few rows, fused
-/// tiled above (the tensor cores take bf16).
-fn compose_variant(t: usize) -> compose_fwd::Variant {
-    compose_fwd::choose_variant(t, DType::F32)
+/// The composition variant for a call over `t` rows of storage `dtype`
+/// ([`compose_fwd::choose_variant`]): GEMV for few rows, the tensor cores from 256 rows with
+/// bf16 storage, fused tiled otherwise.
+fn compose_variant(t: usize, dtype: DType) -> compose_fwd::Variant {
+    compose_fwd::choose_variant(t, dtype)
 }
 const FACTOR: compose_factor::Variant = compose_factor::Variant::Warp;
 const ATTENTION: attention::Variant = attention::Variant::Tiled;
@@ -727,8 +736,17 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
                     ranks: ranks.clone(),
                 },
             };
-            need = need.max(compose_fwd::workspace_len(compose_variant(shape.t), &shape, sm));
-            need = need.max(compose_bwd::workspace_len(compose_variant(shape.t), &shape, all, sm));
+            need = need.max(compose_fwd::workspace_len(
+                compose_variant(shape.t, E::DTYPE),
+                &shape,
+                sm,
+            ));
+            need = need.max(compose_bwd::workspace_len(
+                compose_variant(shape.t, E::DTYPE),
+                &shape,
+                all,
+                sm,
+            ));
             if matches!(lin.adapter, DevAdapter::Compose { mode: Mode::Factor, .. }) {
                 need = need.max(compose_factor::workspace_len(FACTOR, &shape));
             }
@@ -806,7 +824,7 @@ fn gemm<B: Backend, E: Storage>(
         alpha: 1.0,
         beta,
     };
-    gemm::launch::<E, B>(be, GEMM, &params, a, b, dst)
+    gemm::launch::<E, B>(be, gemm_variant(E::DTYPE), &params, a, b, dst)
 }
 
 /// A second handle on a parameter's gradient view, to write through: gradients live in `grad`,
@@ -916,7 +934,7 @@ fn lin_forward<B: Backend, E: Storage>(
             let mut work = part(
                 be,
                 &scratch.work[0],
-                compose_fwd::workspace_len(compose_variant(shape.t), &shape, be.sm_count()).max(1),
+                compose_fwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, be.sm_count()).max(1),
             );
             let inputs = compose_fwd::Inputs {
                 x,
@@ -932,7 +950,7 @@ fn lin_forward<B: Backend, E: Storage>(
                 y,
                 work: &mut work,
             };
-            compose_fwd::launch(be, compose_variant(shape.t), &shape, &inputs, outputs)
+            compose_fwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, &inputs, outputs)
         }
         Mode::Factor => {
             compose_factor::forward::<E, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
@@ -1013,7 +1031,7 @@ fn lin_backward<B: Backend, E: Storage>(
             let mut work = part(
                 be,
                 w0,
-                compose_bwd::workspace_len(compose_variant(shape.t), &shape, tr, be.sm_count()).max(1),
+                compose_bwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, tr, be.sm_count()).max(1),
             );
             let (mut da_v, mut db_v) = (alias(be, da), alias(be, db));
             let inputs = compose_bwd::Inputs {
@@ -1034,7 +1052,7 @@ fn lin_backward<B: Backend, E: Storage>(
                 db_cat: train.modules.then_some(&mut db_v),
                 work: &mut work,
             };
-            compose_bwd::launch(be, compose_variant(shape.t), &shape, tr, &inputs, outputs)
+            compose_bwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, tr, &inputs, outputs)
         }
         DevAdapter::Compose {
             a_cat,
@@ -1063,7 +1081,8 @@ fn lin_backward<B: Backend, E: Storage>(
                     let mut work = part(
                         be,
                         w0,
-                        compose_bwd::workspace_len(compose_variant(shape.t), &shape, tr, be.sm_count()).max(1),
+                        compose_bwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, tr, be.sm_count())
+                            .max(1),
                     );
                     let inputs = compose_bwd::Inputs {
                         g,
@@ -1083,7 +1102,7 @@ fn lin_backward<B: Backend, E: Storage>(
                         db_cat: None,
                         work: &mut work,
                     };
-                    compose_bwd::launch(be, compose_variant(shape.t), &shape, tr, &inputs, outputs)
+                    compose_bwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, tr, &inputs, outputs)
                 }
                 Mode::Factor => {
                     let mut h = part(be, s0, t * r);
