@@ -918,21 +918,23 @@ fn model_bench(gpu: std::sync::Arc<GpuBackend>, runs: usize) -> lora_compose::Re
     use lora_compose::model::{Batch, Composition, Config, Model, Trainable};
     let device = Device::Cuda(gpu.clone());
     println!(
-        "\n## Whole model on {} (f32, median of {runs} runs, wall clock)\n",
+        "\n## Whole model on {} (median of {runs} runs, wall clock; f32 storage runs the SIMT kernels, bf16 the tensor cores)\n",
         gpu.name()
     );
     let mut rng = ChaCha8Rng::seed_from_u64(5);
 
-    let mut vit = Model::<f32>::init(Config::vit(64, 4, 4, 10), 1)?;
-    vit.to_device(&device)?;
     let pixels: Vec<f32> = (0..128 * 28 * 28).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let labels: Vec<usize> = (0..128).map(|i| i % 10).collect();
     let images = Batch::images(&pixels, 28)?;
-    let mut opt = AdamW::new(0.01);
-    let ms = wall_ms(runs, || {
-        train_step(&mut vit, &mut opt, &images, &labels, Trainable::ALL, 1e-3, Some(1.0)).map(|_| ())
-    })?;
-    println!("- ViT (width 64, 4 blocks) training step, batch 128: {ms:.2} ms");
+    for storage in [DType::F32, DType::BF16] {
+        let mut vit = Model::<f32>::init(Config::vit(64, 4, 4, 10), 1)?;
+        vit.to_device_storage(&device, storage)?;
+        let mut opt = AdamW::new(0.01);
+        let ms = wall_ms(runs, || {
+            train_step(&mut vit, &mut opt, &images, &labels, Trainable::ALL, 1e-3, Some(1.0)).map(|_| ())
+        })?;
+        println!("- ViT (width 64, 4 blocks) training step, batch 128, {storage:?}: {ms:.2} ms");
+    }
 
     let (batch, seq) = (64, 128);
     let seqs: Vec<Vec<u32>> = (0..batch)
@@ -947,28 +949,30 @@ fn model_bench(gpu: std::sync::Arc<GpuBackend>, runs: usize) -> lora_compose::Re
         "output.dense",
     ];
     let base = Model::<f32>::init(Config::minilm(2), 2)?;
-    let mut plain_ms = None;
-    for n in [0usize, 8, 32, 128] {
-        let mut m = base.clone();
-        if n > 0 {
-            let lib = m.random_library(&targets, n, 8, 0.01, 3)?;
-            m.attach_composition(
-                &lib,
-                Composition {
-                    mode: Mode::Product,
-                    param: Param::Softmax,
-                    global: false,
-                },
-            )?;
+    for storage in [DType::F32, DType::BF16] {
+        let mut plain_ms = None;
+        for n in [0usize, 8, 32, 128] {
+            let mut m = base.clone();
+            if n > 0 {
+                let lib = m.random_library(&targets, n, 8, 0.01, 3)?;
+                m.attach_composition(
+                    &lib,
+                    Composition {
+                        mode: Mode::Product,
+                        param: Param::Softmax,
+                        global: false,
+                    },
+                )?;
+            }
+            m.to_device_storage(&device, storage)?;
+            let ms = wall_ms(runs, || m.logits(&tokens).map(|_| ()))?;
+            let plain = *plain_ms.get_or_insert(ms);
+            println!(
+                "- MiniLM forward, {batch} × {seq} tokens, N = {n}, {storage:?}: {ms:.2} ms, {:.0} tokens/s, {:.2}× the plain forward",
+                (batch * seq) as f64 / (ms * 1e-3),
+                ms / plain
+            );
         }
-        m.to_device(&device)?;
-        let ms = wall_ms(runs, || m.logits(&tokens).map(|_| ()))?;
-        let plain = *plain_ms.get_or_insert(ms);
-        println!(
-            "- MiniLM forward, {batch} × {seq} tokens, N = {n}: {ms:.2} ms, {:.0} tokens/s, {:.2}× the plain forward",
-            (batch * seq) as f64 / (ms * 1e-3),
-            ms / plain
-        );
     }
     Ok(())
 }
