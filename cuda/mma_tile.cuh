@@ -8,8 +8,8 @@
 //             sm_80 128×128×32 configuration. Per k16 step a warp issues 8 ldmatrix.x4 for 32
 //             mma (against 6 for 16): a third less shared-memory traffic per FLOP, and 32
 //             independent mma a warp to hide latency with, at 4 warps a block instead of 8.
-// Each K tile's fragments (both k16 steps) are loaded before its first mma, so the second
-// step's ldmatrix overlap the first step's mma. `mainloop`, `FragOf` and `epilogue_axpby` also
+// Each K tile's fragments (both k16 steps) are loaded before its first mma, so that the second
+// step's ldmatrix can overlap the first step's mma. `mainloop`, `FragOf` and `epilogue_axpby` also
 // take 64-row tiles (TBM = 64: the same warps, 32 rows each), for grids that 128-row tiles would
 // leave short of the SMs.
 #pragma once
@@ -149,7 +149,8 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
         const T* a = a_tiles + (kt % STAGES) * L::TILE_A;
         const T* b = b_tiles + (kt % STAGES) * TILE;
         // The fragments of both k16 steps first, then their mma: the second step's ldmatrix
-        // are in flight while the first step's mma issue (asm volatile keeps source order).
+        // are in flight while the first step's mma issue. (asm volatile keeps this order in the
+        // PTX; ptxas schedules the SASS itself, so how much this adds is for a GPU to show.)
         unsigned a_frag[KS][FM][4], b_frag[KS][FN][2];
         LC_UNROLL
         for (int s = 0; s < KS; ++s) {
