@@ -230,8 +230,8 @@ pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError
 
 /// The tensor-core variant's tiling, mirroring `compose_mma` in `cuda/compose_mma.cu`: a BM×BN
 /// output tile per block of 4 warps of 64×64 (8 of 32×32 on 64-row tiles: [`MmaEntry::threads`]),
-/// K steps of BK, STAGES shared-memory stages of bf16 A and B tiles in
-/// one static array (48 KiB, also the ∂C epilogue's `part[64][129]` f32).
+/// K steps of BK, STAGES shared-memory stages of bf16 A and B tiles in one static array (48 KiB,
+/// also the ∂C epilogue's `part[64][129]` f32).
 pub mod mma_tile {
     pub const BM: usize = 128;
     pub const BN: usize = 128;
