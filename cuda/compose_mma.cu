@@ -263,63 +263,47 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
 
 }  // namespace compose_mma
 
-// Unmangled entry points: compose_mma_<kernel>_bf16. One static allocation per kernel holds the
-// pipeline's A and B stages (48 KiB: the static limit).
-#define COMPOSE_MMA_STAGES(T)                                                                      \
-    SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]); \
-    T* stages = reinterpret_cast<T*>(stage_chunks)
-
-#define COMPOSE_MMA_ENTRIES(suffix, T)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) compose_mma_shrink_##suffix(                                      \
-        const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
-        const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 128, 64>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in, \
-                                    R, n_modules, chunk);                                                              \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_shrink64_##suffix(                                    \
-        const T* X, const T* A_cat, const float* C, const int* sample_of, const int* module_of,                      \
-        const float* col_scale, T* U, T* Z, float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {  \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::shrink<T, 64, 32>(stages, X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,  \
-                                   R, n_modules, chunk);                                                               \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) compose_mma_expand_##suffix(                                      \
-        const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, true, 128, 64>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                  \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_expand64_##suffix(                                    \
-        const T* Z, const T* B_cat, T* Y, float* work, int n_tokens, int R, int d_out, int chunk) {                   \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, true, 64, 32>(stages, Z, B_cat, Y, work, n_tokens, d_out, R, chunk);                   \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) compose_mma_hidden_##suffix(                                      \
-        const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
-        const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
-        int chunk) {                                                                                                   \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 128, 64>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,  \
-                                    d_out, R, n_modules, chunk);                                                       \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_hidden64_##suffix(                                    \
-        const T* G, const T* B_cat, const T* U, const float* C, const int* sample_of, const int* module_of,           \
-        const float* col_scale, float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules,        \
-        int chunk) {                                                                                                   \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::hidden<T, 64, 32>(stages, G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,   \
-                                   d_out, R, n_modules, chunk);                                                        \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) compose_mma_dx_##suffix(                                          \
-        const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, false, 128, 64>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_dx64_##suffix(                                        \
-        const T* dU, const T* A_cat, T* dX, float* work, int n_tokens, int R, int d_in, int chunk) {                  \
-        COMPOSE_MMA_STAGES(T);                                                                                         \
-        compose_mma::accumulate<T, false, 64, 32>(stages, dU, A_cat, dX, work, n_tokens, d_in, R, chunk);                 \
+// Unmangled entry points, two per kernel: compose_mma_<name>_<suffix> on 128-row tiles in 4
+// warps of 64×64, and compose_mma_<name>64_<suffix> on 64-row tiles in 8 warps of 32×32 (the
+// block sizes src/kernels/compose_common.rs `MmaEntry::threads` launches). BODY(T, TBM, TWN)
+// calls the kernel's template; the entries' parameter list follows it. One static allocation
+// per kernel holds the pipeline's A and B stages (48 KiB: the static limit).
+#define COMPOSE_MMA_TWINS(name, suffix, T, BODY, ...)                                                  \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_##name##_##suffix(__VA_ARGS__) {     \
+        static_assert(compose_mma::Tile<128, 64>::THREADS == 128, "the 128-row layout's block");       \
+        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]); \
+        BODY(T, 128, 64);                                                                              \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_mma_##name##64_##suffix(__VA_ARGS__) {   \
+        static_assert(compose_mma::Tile<64, 32>::THREADS == 256, "the 64-row layout's block");         \
+        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]); \
+        BODY(T, 64, 32);                                                                               \
     }
+
+#define COMPOSE_MMA_SHRINK(T, TBM, TWN)                                                                     \
+    compose_mma::shrink<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), X, A_cat, C, sample_of, module_of, \
+                                     col_scale, U, Z, work, n_tokens, d_in, R, n_modules, chunk)
+#define COMPOSE_MMA_EXPAND(T, TBM, TWN)                                                                         \
+    compose_mma::accumulate<T, true, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), Z, B_cat, Y, work, n_tokens, \
+                                               d_out, R, chunk)
+#define COMPOSE_MMA_HIDDEN(T, TBM, TWN)                                                                        \
+    compose_mma::hidden<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), G, B_cat, U, C, sample_of, module_of, \
+                                     col_scale, dC, dU, work, n_tokens, d_out, R, n_modules, chunk)
+#define COMPOSE_MMA_DX(T, TBM, TWN)                                                                                \
+    compose_mma::accumulate<T, false, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), dU, A_cat, dX, work, n_tokens, \
+                                                d_in, R, chunk)
+
+#define COMPOSE_MMA_ENTRIES(suffix, T)                                                                         \
+    COMPOSE_MMA_TWINS(shrink, suffix, T, COMPOSE_MMA_SHRINK, const T* X, const T* A_cat, const float* C,       \
+                      const int* sample_of, const int* module_of, const float* col_scale, T* U, T* Z,          \
+                      float* work, int n_tokens, int d_in, int R, int n_modules, int chunk)                    \
+    COMPOSE_MMA_TWINS(expand, suffix, T, COMPOSE_MMA_EXPAND, const T* Z, const T* B_cat, T* Y, float* work,    \
+                      int n_tokens, int R, int d_out, int chunk)                                               \
+    COMPOSE_MMA_TWINS(hidden, suffix, T, COMPOSE_MMA_HIDDEN, const T* G, const T* B_cat, const T* U,           \
+                      const float* C, const int* sample_of, const int* module_of, const float* col_scale,      \
+                      float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules, int chunk) \
+    COMPOSE_MMA_TWINS(dx, suffix, T, COMPOSE_MMA_DX, const T* dU, const T* A_cat, T* dX, float* work,          \
+                      int n_tokens, int R, int d_in, int chunk)
 
 // Tensor cores take 16-bit inputs: no f32 entry (`Variant::applies` in src/kernels/compose_common.rs).
 COMPOSE_MMA_ENTRIES(bf16, __nv_bfloat16)

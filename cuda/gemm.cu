@@ -154,8 +154,8 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
 }  // namespace mma
 
 // Variants 4 and 5. Grid (ceil(N/128), ceil(M/128), splits), block (Tile<128, TWN>::THREADS:
-// 256 for `mma`, 128 for `mma_w64`); T is __half or
-// __nv_bfloat16. One split: C = alpha·op(A)·op(B) + beta·C. Several (`gemm_mma_split_*`, for
+// 256 for `mma`, 128 for `mma_w64`); T is __half or __nv_bfloat16. One split:
+// C = alpha·op(A)·op(B) + beta·C. Several (`gemm_mma_split_*`, for
 // shapes whose tiles leave SMs idle, e.g. decode's 16 × 4096 × 4096: 32 tiles, each walking
 // K = 4096 in 128 dependent steps), partials to `work` and `mma_finish` forms C.
 template <typename T, int TWN>

@@ -19,24 +19,19 @@
 namespace mma_tile {
 
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3;
-constexpr int WARPS_M = 2, WARPS_N = 4, THREADS = 32 * WARPS_M * WARPS_N;
-constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // 64 × 32 per warp
-constexpr int FRAG_M = WM / 16, FRAG_N = WN / 8;     // m16 × n8 mma tiles per warp
-constexpr int TILE = BM * BK;                        // elements per operand tile and stage
+constexpr int WARPS_M = 2;     // rows of warps in every layout
+constexpr int TILE = BM * BK;  // elements per operand tile and stage
 static_assert(BM * BK == BN * BK, "A and B tiles share one size");
 // A block tile of TBM rows (128, or 64 where 128-row tiles leave SMs idle: the same warps, each
 // TBM / 2 rows) by BN columns in warps TWN columns wide (32: 4 along N; 64: 2): the rows and
 // columns a warp covers, its m16 and n8 tiles, the block's threads, the elements of one A stage.
-template <int TBM, int TWN = 32>
+template <int TBM, int TWN>
 struct Tile {
     static_assert(TBM == 128 || TBM == 64, "128- or 64-row tiles");
     static_assert(TWN == 32 || TWN == 64, "warps 32 or 64 columns wide");
     static constexpr int WM = TBM / WARPS_M, FRAG_M = WM / 16, TILE_A = TBM * BK;
     static constexpr int WN = TWN, FRAG_N = TWN / 8, WARPS_N = BN / TWN, THREADS = 32 * WARPS_M * WARPS_N;
 };
-template <int TBM>
-using Rows = Tile<TBM, 32>;
-static_assert(Rows<BM>::THREADS == THREADS && Rows<BM>::FRAG_N == FRAG_N, "the default layout is the constants'");
 // Shared storage in 16-byte units (ldmatrix rows and cp.async destinations are 16-byte aligned).
 struct alignas(16) Chunk16 {
     unsigned words[4];
@@ -78,7 +73,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
 }
 
 // The block's accumulators: acc[i][j][v] is output (row(i, v), col(j, v)) of the block tile.
-template <int TBM = BM, int TWN = 32>
+template <int TBM, int TWN>
 struct FragOf {
     int lane, wm0, wn0;
     __device__ __forceinline__ FragOf() : lane(threadIdx.x % 32) {
@@ -90,7 +85,6 @@ struct FragOf {
     __device__ __forceinline__ int row(int i, int v) const { return wm0 + 16 * i + lane / 4 + 8 * (v / 2); }
     __device__ __forceinline__ int col(int j, int v) const { return wn0 + 8 * j + 2 * (lane % 4) + v % 2; }
 };
-using Frag = FragOf<BM>;
 
 // acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; by default all of K) for the
 // TBM × BN block tile at (m0, n0), in warps TWN columns wide: A stored (M, K), or (K, M) when
@@ -98,7 +92,7 @@ using Frag = FragOf<BM>;
 // `b_tiles` are the pipeline's shared memory (STAGES · Tile::TILE_A and STAGES · TILE elements).
 // Every thread of the block (Tile::THREADS) must call it; on return every copy has landed and
 // every thread is past its last read of the tiles (they may be reused).
-template <typename T, bool TA, bool TB, int TBM = BM, int TWN = 32>
+template <typename T, bool TA, bool TB, int TBM, int TWN>
 __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4], T* a_tiles,
                                          T* b_tiles, const T* __restrict__ A, const T* __restrict__ B, int M, int N,
                                          int K, int m0, int n0, int k_begin = 0, int k_end = -1) {
@@ -192,7 +186,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
 // M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
 // sum_partials, gemm's mma_finish).
-template <int TBM = BM, int TWN = 32>
+template <int TBM, int TWN>
 __device__ __forceinline__ void store_partial(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
                                               float* __restrict__ work, int M, int N, int m0, int n0) {
     const FragOf<TBM, TWN> f;
@@ -222,7 +216,7 @@ struct alignas(2 * sizeof(T)) Pair {
 // expand and ∂X kernels (K = R, a full grid) at under half the rate of the shrink. Column
 // pairs go as one 4-byte access when N is even and `out` is 4-byte aligned, two m16 rows of
 // fragments at a time; otherwise element by element, loads first, one m16 row at a time.
-template <typename T, int TBM = BM, int TWN = 32>
+template <typename T, int TBM, int TWN>
 __device__ __forceinline__ void epilogue_axpby(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
                                                T* __restrict__ out, int M, int N, int m0, int n0, float alpha,
                                                float beta) {
