@@ -5,8 +5,8 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_dims_rows, mma_kernel,
-    mma_plan, naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_kernel, mma_step,
+    naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -166,8 +166,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
         }
         Variant::Mma => {
             let (dc, du) = (train.coeffs, want_du);
-            let (tile_rows, split) = mma_plan(t, r, d_out, sm_count);
-            let dims = mma_dims_rows(MmaEntry::Hidden, t, r, tile_rows, split.splits);
+            let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
             steps.push((
                 Step::MmaHidden {
                     dc,
@@ -185,8 +184,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((step, linear_dims(t * r)));
             }
             if train.input {
-                let (tile_rows, split) = mma_plan(t, d_in, r, sm_count);
-                let dims = mma_dims_rows(MmaEntry::Dx, t, d_in, tile_rows, split.splits);
+                let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);
                 steps.push((Step::MmaDx { tile_rows, split }, dims));
                 if split.splits > 1 {
                     let step = Step::SumPartials {

@@ -26,7 +26,7 @@ pub enum Variant {
     /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as `mma.sync.m16n8k16`
     /// GEMMs (f32 accumulators) with a 3-stage `cp.async` pipeline and `ldmatrix` loads; 128×128
     /// tiles (64×128 where those leave SMs idle), and split-K where even those do
-    /// ([`mma_plan`]). `∂A_cat = ∂Uᵀ X` is the GEMM family's `mma` variant; `∂B_cat` uses the
+    /// ([`mma_plan`]). `∂A_cat = ∂Uᵀ X` is the GEMM family's `mma_w64` variant; `∂B_cat` uses the
     /// fused variant's tiled kernel (it re-forms `Z = U ∘ D` in f32 on load; the tensor cores
     /// would need Z rounded to bf16 first, a second rounding).
     Mma,
@@ -287,22 +287,29 @@ pub fn mma_plan(t: usize, cols: usize, k: usize, sm_count: usize) -> (usize, Spl
     (tile_rows, mma_split(tiles, k, sm_count))
 }
 
-/// Grid of the tensor-core kernel `entry` over a (rows, cols) output in tiles of `tile_rows` ×
-/// 128, with `splits` K chunks along z; its block ([`MmaEntry::threads`]) is that of the kernel
-/// for tiles of that height ([`MmaEntry::on_rows`]).
-pub(crate) fn mma_dims_rows(entry: MmaEntry, rows: usize, cols: usize, tile_rows: usize, splits: usize) -> LaunchDims {
-    let entry = entry.on_rows(tile_rows);
+/// One tensor-core step: [`mma_plan`] for `entry` over a (T, `cols`) output with inner dimension
+/// `k`, and the launch of its kernel on tiles of that height ([`MmaEntry::on_rows`]): grid
+/// (⌈cols / 128⌉, ⌈T / tile_rows⌉, splits), block [`MmaEntry::threads`]. Returns the tile rows,
+/// the split and the dims.
+pub(crate) fn mma_step(
+    entry: MmaEntry,
+    t: usize,
+    cols: usize,
+    k: usize,
+    sm_count: usize,
+) -> (usize, Split, LaunchDims) {
+    let (tile_rows, split) = mma_plan(t, cols, k, sm_count);
     let dims = LaunchDims {
         grid: [
             u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
-            u32::try_from(rows.div_ceil(tile_rows)).expect("grid y fits u32"),
-            u32::try_from(splits).expect("grid z fits u32"),
+            u32::try_from(t.div_ceil(tile_rows)).expect("grid y fits u32"),
+            u32::try_from(split.splits).expect("grid z fits u32"),
         ],
-        block: [entry.threads(), 1, 1],
+        block: [entry.on_rows(tile_rows).threads(), 1, 1],
         dynamic_shared_bytes: 0,
     };
     dims.assert_valid(mma_tile::SHARED_BYTES);
-    dims
+    (tile_rows, split, dims)
 }
 
 /// The kernels of `cuda/compose_mma.cu`.

@@ -94,15 +94,13 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             steps.push((Step::GemvExpand { slices }, dims));
         }
         Variant::Mma => {
-            let (tile_rows, split) = mma_plan(t, r, shape.d_in, sm_count);
-            let dims = mma_dims_rows(MmaEntry::Shrink, t, r, tile_rows, split.splits);
+            let (tile_rows, split, dims) = mma_step(MmaEntry::Shrink, t, r, shape.d_in, sm_count);
             steps.push((Step::MmaShrink { tile_rows, split }, dims));
             if split.splits > 1 {
                 let splits = split.splits;
                 steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
             }
-            let (tile_rows, split) = mma_plan(t, shape.d_out, r, sm_count);
-            let dims = mma_dims_rows(MmaEntry::Expand, t, shape.d_out, tile_rows, split.splits);
+            let (tile_rows, split, dims) = mma_step(MmaEntry::Expand, t, shape.d_out, r, sm_count);
             steps.push((Step::MmaExpand { tile_rows, split }, dims));
             if split.splits > 1 {
                 let splits = split.splits;
