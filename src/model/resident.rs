@@ -105,7 +105,8 @@ impl<B: Backend, E: Storage> F32Grad<B, E> {
 
 /// The variants the model runs (each family's fastest correct one on the harness's checks).
 /// GEMM: the tensor cores for 16-bit storage ([`gemm::Variant::MmaW64`]: split-K where its
-/// 128×128 tiles leave SMs idle), the SIMT tiles for f32.
+/// 128×128 tiles leave SMs idle), the SIMT tiles for f32. Compositions: per call,
+/// [`compose_fwd::choose_variant`] by rows and storage.
 fn gemm_variant(dtype: DType) -> gemm::Variant {
     if gemm::Variant::MmaW64.applies(dtype) {
         gemm::Variant::MmaW64
@@ -115,12 +116,6 @@ fn gemm_variant(dtype: DType) -> gemm::Variant {
 }
 const LN: layernorm::Variant = layernorm::Variant::Warp;
 const BIAS_GRAD: elementwise::Variant = elementwise::Variant::Chunked;
-/// The composition variant for a call over `t` rows of storage `dtype`
-/// ([`compose_fwd::choose_variant`]): GEMV for few rows, the tensor cores from 256 rows with
-/// bf16 storage, fused tiled otherwise.
-fn compose_variant(t: usize, dtype: DType) -> compose_fwd::Variant {
-    compose_fwd::choose_variant(t, dtype)
-}
 const FACTOR: compose_factor::Variant = compose_factor::Variant::Warp;
 const ATTENTION: attention::Variant = attention::Variant::Tiled;
 const COEFFS: coeffs::Variant = coeffs::Variant::Warp;
@@ -736,17 +731,9 @@ impl<B: Backend, E: Storage> DeviceModel<B, E> {
                     ranks: ranks.clone(),
                 },
             };
-            need = need.max(compose_fwd::workspace_len(
-                compose_variant(shape.t, E::DTYPE),
-                &shape,
-                sm,
-            ));
-            need = need.max(compose_bwd::workspace_len(
-                compose_variant(shape.t, E::DTYPE),
-                &shape,
-                all,
-                sm,
-            ));
+            let variant = compose_fwd::choose_variant(shape.t, E::DTYPE);
+            need = need.max(compose_fwd::workspace_len(variant, &shape, sm));
+            need = need.max(compose_bwd::workspace_len(variant, &shape, all, sm));
             if matches!(lin.adapter, DevAdapter::Compose { mode: Mode::Factor, .. }) {
                 need = need.max(compose_factor::workspace_len(FACTOR, &shape));
             }
@@ -931,10 +918,11 @@ fn lin_forward<B: Backend, E: Storage>(
     let mut z = part(be, &scratch.ops[0], t * r);
     match mode {
         Mode::Product => {
+            let variant = compose_fwd::choose_variant(shape.t, E::DTYPE);
             let mut work = part(
                 be,
                 &scratch.work[0],
-                compose_fwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, be.sm_count()).max(1),
+                compose_fwd::workspace_len(variant, &shape, be.sm_count()).max(1),
             );
             let inputs = compose_fwd::Inputs {
                 x,
@@ -950,7 +938,7 @@ fn lin_forward<B: Backend, E: Storage>(
                 y,
                 work: &mut work,
             };
-            compose_fwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, &inputs, outputs)
+            compose_fwd::launch(be, variant, &shape, &inputs, outputs)
         }
         Mode::Factor => {
             compose_factor::forward::<E, B>(be, FACTOR, &shape, x, a_cat, b_cat, c, rows, tables, u, &mut z, y)
@@ -1028,10 +1016,11 @@ fn lin_backward<B: Backend, E: Storage>(
             };
             let r = shape.r_total();
             let mut du = part(be, s0, t * r);
+            let variant = compose_fwd::choose_variant(shape.t, E::DTYPE);
             let mut work = part(
                 be,
                 w0,
-                compose_bwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, tr, be.sm_count()).max(1),
+                compose_bwd::workspace_len(variant, &shape, tr, be.sm_count()).max(1),
             );
             let (mut da_v, mut db_v) = (alias(be, da), alias(be, db));
             let inputs = compose_bwd::Inputs {
@@ -1052,7 +1041,7 @@ fn lin_backward<B: Backend, E: Storage>(
                 db_cat: train.modules.then_some(&mut db_v),
                 work: &mut work,
             };
-            compose_bwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, tr, &inputs, outputs)
+            compose_bwd::launch(be, variant, &shape, tr, &inputs, outputs)
         }
         DevAdapter::Compose {
             a_cat,
@@ -1078,11 +1067,11 @@ fn lin_backward<B: Backend, E: Storage>(
                         base: false,
                     };
                     let mut du = part(be, s0, t * r);
+                    let variant = compose_fwd::choose_variant(shape.t, E::DTYPE);
                     let mut work = part(
                         be,
                         w0,
-                        compose_bwd::workspace_len(compose_variant(shape.t, E::DTYPE), &shape, tr, be.sm_count())
-                            .max(1),
+                        compose_bwd::workspace_len(variant, &shape, tr, be.sm_count()).max(1),
                     );
                     let inputs = compose_bwd::Inputs {
                         g,
@@ -1102,7 +1091,7 @@ fn lin_backward<B: Backend, E: Storage>(
                         db_cat: None,
                         work: &mut work,
                     };
-                    compose_bwd::launch(be, compose_variant(shape.t, E::DTYPE), &shape, tr, &inputs, outputs)
+                    compose_bwd::launch(be, variant, &shape, tr, &inputs, outputs)
                 }
                 Mode::Factor => {
                     let mut h = part(be, s0, t * r);
