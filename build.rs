@@ -26,7 +26,7 @@ fn main() {
     let ptx_files = match find_nvcc() {
         Some(nvcc) => families
             .iter()
-            .map(|family| compile_ptx(&nvcc, family, &compute_cap, &out_dir))
+            .map(|family| compile_ptx(&nvcc, family, &family_arch(family, &compute_cap), &out_dir))
             .collect(),
         None => {
             println!(
@@ -175,6 +175,17 @@ fn kernel_signatures(source: &str) -> Vec<(String, Vec<String>)> {
         found.push((name, names));
     }
     found
+}
+
+/// The architecture a family's PTX is built for: `CUDA_COMPUTE_CAP`, unless the source's first
+/// line names its own (`// lc-arch: 90a`: Hopper's wgmma needs compute_90a, which loads only on
+/// sm_90 devices; `gpu::GpuBackend::function` refuses such a family on other GPUs).
+fn family_arch(family: &str, compute_cap: &str) -> String {
+    let source = std::fs::read_to_string(format!("cuda/{family}.cu")).expect("read the kernel source");
+    match source.lines().next().and_then(|l| l.strip_prefix("// lc-arch:")) {
+        Some(arch) => arch.trim().to_owned(),
+        None => compute_cap.to_owned(),
+    }
 }
 
 /// `CUDA_COMPUTE_CAP` as nvcc's architecture suffix: "90", "9.0", "sm_90" and "90a" all work.

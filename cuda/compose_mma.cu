@@ -94,10 +94,10 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
     mainloop<T, false, true, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, X, A_cat, n_tokens, R, d_in, m0, n0,
                                        lc::split_begin(chunk), lc::split_end(chunk, d_in));
     if (gridDim.z > 1) {
-        store_partial<TBM, TWN>(acc, work, n_tokens, R, m0, n0);
+        store_partial<Tile<TBM, TWN>>(acc, work, n_tokens, R, m0, n0);
         return;
     }
-    const FragOf<TBM, TWN> f;
+    const Frag<Tile<TBM, TWN>> f;
     LC_UNROLL
     for (int i = 0; i < L::FRAG_M; ++i)
         LC_UNROLL
@@ -129,9 +129,9 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     mainloop<T, false, NK, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, A, B, M, N, K, m0, n0,
                                      lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)
-        store_partial<TBM, TWN>(acc, work, M, N, m0, n0);
+        store_partial<Tile<TBM, TWN>>(acc, work, M, N, m0, n0);
     else
-        epilogue_axpby<T, TBM, TWN>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T, Tile<TBM, TWN>>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS); K = d_out. H = G B_cat in registers;
@@ -152,7 +152,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     float acc[FM][FN][4];
     mainloop<T, false, false, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, G, B_cat, n_tokens, R, d_out, m0, n0,
                                         lc::split_begin(chunk), lc::split_end(chunk, d_out));
-    const FragOf<TBM, TWN> f;
+    const Frag<Tile<TBM, TWN>> f;
     const bool split = gridDim.z > 1;
     float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
     if (dU) {

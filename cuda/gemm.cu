@@ -147,9 +147,9 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
     mainloop<T, TA, TB, BM, TWN>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0, lc::split_begin(chunk),
                                  lc::split_end(chunk, K));
     if (gridDim.z > 1)
-        store_partial<BM, TWN>(acc, work, M, N, m0, n0);
+        store_partial<L>(acc, work, M, N, m0, n0);
     else
-        epilogue_axpby<T, BM, TWN>(acc, C, M, N, m0, n0, alpha, beta);
+        epilogue_axpby<T, L>(acc, C, M, N, m0, n0, alpha, beta);
 }
 }  // namespace mma
 

@@ -9,7 +9,7 @@
 //             mma (against 6 for 16): a third less shared-memory traffic per FLOP, and 32
 //             independent mma a warp to hide latency with, at 4 warps a block instead of 8.
 // Each K tile's fragments (both k16 steps) are loaded before its first mma, so that the second
-// step's ldmatrix can overlap the first step's mma. `mainloop`, `FragOf` and `epilogue_axpby` also
+// step's ldmatrix can overlap the first step's mma. `mainloop`, `Frag` and `epilogue_axpby` also
 // take 64-row tiles (TBM = 64: the same warps, 32 rows each), for grids that 128-row tiles would
 // leave short of the SMs.
 #pragma once
@@ -72,14 +72,17 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, in
     }
 }
 
-// The block's accumulators: acc[i][j][v] is output (row(i, v), col(j, v)) of the block tile.
-template <int TBM, int TWN>
-struct FragOf {
+// The block's accumulators in a warp layout L (Tile<TBM, TWN>, or the wgmma GEMM's: any type
+// with WM, WN, FRAG_M, FRAG_N, WARPS_N — warp w covers rows (w / WARPS_N)·WM and columns
+// (w % WARPS_N)·WN of the block tile in FRAG_M × FRAG_N m16n8 tiles): acc[i][j][v] is output
+// (row(i, v), col(j, v)) of the block tile.
+template <class L>
+struct Frag {
     int lane, wm0, wn0;
-    __device__ __forceinline__ FragOf() : lane(threadIdx.x % 32) {
+    __device__ __forceinline__ Frag() : lane(threadIdx.x % 32) {
         const int warp = threadIdx.x / 32;
-        wm0 = (warp / Tile<TBM, TWN>::WARPS_N) * Tile<TBM, TWN>::WM;
-        wn0 = (warp % Tile<TBM, TWN>::WARPS_N) * TWN;
+        wm0 = (warp / L::WARPS_N) * L::WM;
+        wn0 = (warp % L::WARPS_N) * L::WN;
     }
     // m16n8 accumulator v: row groupID + 8·(v / 2), column 2·threadID_in_group + v % 2.
     __device__ __forceinline__ int row(int i, int v) const { return wm0 + 16 * i + lane / 4 + 8 * (v / 2); }
@@ -98,7 +101,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
                                          int K, int m0, int n0, int k_begin = 0, int k_end = -1) {
     using L = Tile<TBM, TWN>;
     constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, KS = BK / 16;
-    const FragOf<TBM, TWN> f;
+    const Frag<L> f;
     if (k_end < 0) k_end = K;
     const bool a_vector = (TA ? M : K) % 8 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
     const bool b_vector = (TB ? K : N) % 8 == 0 && reinterpret_cast<size_t>(B) % 16 == 0;
@@ -186,15 +189,15 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
 // M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
 // sum_partials, gemm's mma_finish).
-template <int TBM, int TWN>
-__device__ __forceinline__ void store_partial(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
-                                              float* __restrict__ work, int M, int N, int m0, int n0) {
-    const FragOf<TBM, TWN> f;
+template <class L>
+__device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
+                                              int M, int N, int m0, int n0) {
+    const Frag<L> f;
     float* part = work + (size_t)blockIdx.z * M * N;
     LC_UNROLL
-    for (int i = 0; i < Tile<TBM, TWN>::FRAG_M; ++i)
+    for (int i = 0; i < L::FRAG_M; ++i)
         LC_UNROLL
-        for (int j = 0; j < Tile<TBM, TWN>::FRAG_N; ++j)
+        for (int j = 0; j < L::FRAG_N; ++j)
             LC_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
@@ -216,19 +219,17 @@ struct alignas(2 * sizeof(T)) Pair {
 // expand and ∂X kernels (K = R, a full grid) at under half the rate of the shrink. Column
 // pairs go as one 4-byte access when N is even and `out` is 4-byte aligned, two m16 rows of
 // fragments at a time; otherwise element by element, loads first, one m16 row at a time.
-template <typename T, int TBM, int TWN>
-__device__ __forceinline__ void epilogue_axpby(const float (&acc)[Tile<TBM, TWN>::FRAG_M][Tile<TBM, TWN>::FRAG_N][4],
-                                               T* __restrict__ out, int M, int N, int m0, int n0, float alpha,
-                                               float beta) {
-    constexpr int FM = Tile<TBM, TWN>::FRAG_M, FRAG_N = Tile<TBM, TWN>::FRAG_N;
-    const FragOf<TBM, TWN> f;
+template <typename T, class L>
+__device__ __forceinline__ void epilogue_axpby(const float (&acc)[L::FRAG_M][L::FRAG_N][4], T* __restrict__ out, int M,
+                                               int N, int m0, int n0, float alpha, float beta) {
+    constexpr int FM = L::FRAG_M, FRAG_N = L::FRAG_N;
+    const Frag<L> f;
     const bool read = beta != 0.0f;
     if (N % 2 == 0 && reinterpret_cast<size_t>(out) % sizeof(Pair<T>) == 0) {
         // Fragment pair h of (i, j) is accumulators 2h and 2h + 1: one row, columns col, col + 1
         // (col even, so col < N means both are in range). Two m16 rows of fragments at a time:
         // 16 pairs in flight, two round trips a thread (all 32 at once spill).
-        constexpr int IC = 2;
-        static_assert(FM % IC == 0, "whole chunks of fragment rows");
+        constexpr int IC = FM % 2 == 0 ? 2 : 1;
         LC_UNROLL
         for (int i0 = 0; i0 < FM; i0 += IC) {
             Pair<T> old[IC][FRAG_N][2];

@@ -2,8 +2,9 @@
 # Builds the CUDA kernels to PTX with nvcc from NVIDIA's pinned CUDA 13.0 wheels (installed
 # into .cuda/ in the checkout, reused when present), embeds it through cargo build, checks that
 # the GPU probe fails cleanly here, checks that the PTX of the tensor-core GEMM and composition
-# kernels holds mma.sync, ldmatrix and cp.async, and runs ptxas for sm_80 and sm_90 on every
-# PTX: prints registers and shared memory per kernel, and FAILS on any register spill.
+# kernels holds mma.sync, ldmatrix and cp.async (and the Hopper GEMM's wgmma), and runs ptxas
+# for sm_80 and sm_90 on every PTX (sm_90a only, for PTX built for it): prints registers and
+# shared memory per kernel, and FAILS on any register spill.
 #
 # Usage: scripts/ci-cuda.sh            (from anywhere; needs python3 + pip, network for the
 #                                       first install only)
@@ -68,13 +69,50 @@ for family_entry in gemm:gemm_mma_f16 gemm:gemm_mma_bf16 gemm:gemm_mma_split_f16
     echo "$entry: $(grep -c 'mma.sync' <<<"$body") mma.sync, $(grep -c 'ldmatrix' <<<"$body") ldmatrix, $(grep -c 'cp.async.cg' <<<"$body") cp.async.cg in its PTX"
 done
 
+# The Hopper GEMM (cuda/gemm_wgmma.cu, PTX for sm_90a): wgmma.mma_async with its fence, commit
+# and wait, fence.proxy.async and the cp.async pipeline; and ptxas must not have had to inject
+# warpgroup waits or arrives into it (C7517/C7519: it serialises the asynchronous MMA where the
+# kernel touches the accumulators while a wgmma is in flight).
+for entry in gemm_wgmma_f16 gemm_wgmma_bf16; do
+    # To the next entry: the wgmma asm's own braces put lines of "}" inside the body.
+    body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1; print; next } on && /\.entry / { exit } on { print }' "$out_dir/gemm_wgmma.ptx")
+    if [[ -z "$body" ]]; then
+        echo "error: no entry $entry in gemm_wgmma.ptx" >&2
+        exit 1
+    fi
+    for instruction in wgmma.mma_async.sync.aligned.m64n128k16.f32 wgmma.fence.sync.aligned wgmma.commit_group.sync.aligned \
+        wgmma.wait_group.sync.aligned fence.proxy.async.shared::cta cp.async.cg.shared.global; do
+        if ! grep -q "$instruction" <<<"$body"; then
+            echo "error: the PTX of $entry lacks $instruction" >&2
+            exit 1
+        fi
+    done
+    echo "$entry: $(grep -c 'wgmma.mma_async' <<<"$body") wgmma.mma_async, $(grep -c 'cp.async.cg' <<<"$body") cp.async.cg in its PTX"
+done
+if ! grep -q "^.target sm_90a" "$out_dir/gemm_wgmma.ptx"; then
+    echo "error: gemm_wgmma.ptx is not built for sm_90a" >&2
+    exit 1
+fi
+injected=$(ptxas -arch=sm_90a -v "$out_dir/gemm_wgmma.ptx" -o /dev/null 2>&1 | grep -E "C751[79].*function 'gemm_" || true)
+if [[ -n "$injected" ]]; then
+    echo "error: ptxas serialised the wgmma GEMM:" >&2
+    echo "$injected" >&2
+    exit 1
+fi
+
 spills=0
 for arch in ${PTXAS_ARCHS:-sm_80 sm_90}; do
     echo
     echo "## ptxas -arch=$arch"
     printf '%-28s %5s %10s %14s %13s\n' kernel regs smem_bytes spill_stores spill_loads
     for ptx in $ptx_files; do
-        log=$(ptxas -arch="$arch" -v "$ptx" -o /dev/null 2>&1)
+        # Architecture-specific PTX (.target sm_90a: the wgmma family) builds for that target only.
+        ptx_arch=$arch
+        if grep -q "^.target sm_90a" "$ptx"; then
+            [[ $arch == sm_90 ]] || continue
+            ptx_arch=sm_90a
+        fi
+        log=$(ptxas -arch="$ptx_arch" -v "$ptx" -o /dev/null 2>&1)
         # ptxas -v prints per kernel: "Compiling entry function 'name'", then
         # "N bytes stack frame, S bytes spill stores, L bytes spill loads" and
         # "Used R registers, ..., B bytes smem".

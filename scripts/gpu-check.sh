@@ -132,7 +132,8 @@ echo '```' >>"$report"
 
 # SASS of the tensor-core kernels: where the machine has ptxas and cuobjdump (a CUDA toolkit),
 # the embedded gemm and compose_mma PTX is compiled for the GPU's architecture and each
-# gemm_mma_* and compose_mma_* kernel's machine code must contain HMMA (tensor-core) instructions. Seconds; skipped (and said so) elsewhere.
+# gemm_mma_* and compose_mma_* kernel's machine code must contain HMMA (tensor-core) instructions,
+# and on sm_90 each gemm_wgmma_* kernel's (PTX for sm_90a) HGMMA. Seconds; skipped (and said so) elsewhere.
 echo >>"$report"
 echo "## SASS of the tensor-core kernels" >>"$report"
 if ((!bench)); then
@@ -142,13 +143,22 @@ elif command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; t
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     arch="sm_${cap:-90}"
     for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16 gemm_mma_split_f16 gemm_mma_split_bf16 gemm_mma_w64_f16 gemm_mma_w64_bf16 gemm_mma_w64_split_f16 gemm_mma_w64_split_bf16" \
-        "compose_mma:compose_mma_shrink_bf16 compose_mma_shrink64_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_hidden64_bf16 compose_mma_dx_bf16 compose_mma_expand64_bf16 compose_mma_dx64_bf16"; do
+        "compose_mma:compose_mma_shrink_bf16 compose_mma_shrink64_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_hidden64_bf16 compose_mma_dx_bf16 compose_mma_expand64_bf16 compose_mma_dx64_bf16" \
+        "gemm_wgmma:gemm_wgmma_f16 gemm_wgmma_bf16"; do
         family=${family_kernels%%:*}
+        # gemm_wgmma is PTX for sm_90a (Hopper only): compiled for it, its kernels must hold HGMMA.
+        family_arch=$arch
+        opcode=HMMA
+        if [[ $family == gemm_wgmma ]]; then
+            [[ $arch == sm_90 ]] || continue
+            family_arch=sm_90a
+            opcode=HGMMA
+        fi
         if "$here/gpu-bench" --dump-ptx "$family" "$sass_dir/$family.ptx" \
-            && ptxas -arch="$arch" "$sass_dir/$family.ptx" -o "$sass_dir/$family.cubin" 2>>"$report"; then
+            && ptxas -arch="$family_arch" "$sass_dir/$family.ptx" -o "$sass_dir/$family.cubin" 2>>"$report"; then
             for kernel in ${family_kernels#*:}; do
-                hmma=$(cuobjdump -sass -fun "$kernel" "$sass_dir/$family.cubin" 2>/dev/null | grep -c HMMA)
-                echo "- $kernel ($arch): $hmma HMMA instructions" | tee -a "$report"
+                hmma=$(cuobjdump -sass -fun "$kernel" "$sass_dir/$family.cubin" 2>/dev/null | grep -c "$opcode")
+                echo "- $kernel ($family_arch): $hmma $opcode instructions" | tee -a "$report"
                 ((hmma > 0)) || status=1
             done
         else

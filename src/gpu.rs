@@ -238,6 +238,15 @@ impl GpuBackend {
                     let ptx = ptx::get(kernel.family).ok_or_else(|| {
                         KernelError::Unavailable(format!("no PTX for cuda/{}.cu in this build", kernel.family))
                     })?;
+                    // Architecture-specific PTX (`// lc-arch: 90a` in build.rs: wgmma) loads on
+                    // that architecture only.
+                    let (major, minor) = self.compute_capability;
+                    if ptx.contains(".target sm_90a") && (major, minor) != (9, 0) {
+                        return Err(KernelError::Unavailable(format!(
+                            "cuda/{}.cu is built for sm_90a (wgmma); this GPU is sm_{major}{minor}",
+                            kernel.family
+                        )));
+                    }
                     let module = self
                         .context
                         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -379,6 +388,18 @@ impl Backend for GpuBackend {
                 KernelArg::I32(value) => builder.arg(value),
                 KernelArg::F32(value) => builder.arg(value),
             };
+        }
+        if dims.dynamic_shared_bytes > crate::launch::MAX_STATIC_SHARED_BYTES {
+            // Dynamic shared memory past 48 KiB needs the kernel's opt-in (a host-side attribute).
+            function
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dims.dynamic_shared_bytes as i32,
+                )
+                .map_err(driver_error(format!(
+                    "opting {} into {} bytes of dynamic shared memory",
+                    kernel.name, dims.dynamic_shared_bytes
+                )))?;
         }
         let config = LaunchConfig {
             grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),

@@ -338,6 +338,11 @@ pub(crate) mod entries {
             lc_run_selftest_cp_async,
         );
     }
+    /// The wgmma emulation's test kernels live in `cuda/gemm_wgmma.cu` (built for compute_90a).
+    #[cfg(test)]
+    pub(crate) mod gemm_wgmma {
+        crate::launch::harness_entries!(lc_run_selftest_wgmma_f16, lc_run_selftest_wgmma_bf16);
+    }
 }
 
 #[cfg(test)]

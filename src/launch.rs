@@ -24,6 +24,9 @@ pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
 pub const HARNESS_SM_COUNT: usize = 132;
 /// Static shared memory a block may use without opting in to more (48 KiB on every GPU).
 pub const MAX_STATIC_SHARED_BYTES: u32 = 48 * 1024;
+/// Shared memory a block may have with the opt-in attribute, on every GPU from sm_80 on (sm_86
+/// and sm_89 allow 99 KiB; sm_80 163, sm_90 227).
+pub const MAX_OPT_IN_SHARED_BYTES: u32 = 99 * 1024;
 /// Largest grid extent in y and z (x allows 2^31 − 1).
 pub const MAX_GRID_YZ: u32 = 65_535;
 
@@ -45,7 +48,10 @@ impl LaunchDims {
     }
 
     /// Panics unless the launch fits every CUDA GPU: 1..=1024 threads, a non-empty grid within
-    /// the grid limits, and static plus dynamic shared memory within 48 KiB.
+    /// the grid limits, static shared memory within 48 KiB, and static plus dynamic within 48
+    /// KiB — or, with dynamic memory past 48 KiB (which the GPU backend opts the kernel into:
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`), within the 99 KiB every GPU from
+    /// sm_80 on allows.
     pub fn assert_valid(&self, static_shared_bytes: u32) {
         let threads = self.threads_per_block();
         assert!(
@@ -60,9 +66,15 @@ impl LaunchDims {
             self.grid
         );
         let shared = u64::from(static_shared_bytes) + u64::from(self.dynamic_shared_bytes);
+        let limit = if self.dynamic_shared_bytes > MAX_STATIC_SHARED_BYTES {
+            MAX_OPT_IN_SHARED_BYTES
+        } else {
+            MAX_STATIC_SHARED_BYTES
+        };
         assert!(
-            shared <= u64::from(MAX_STATIC_SHARED_BYTES),
-            "{shared} bytes of shared memory exceed the 48 KiB default"
+            static_shared_bytes <= MAX_STATIC_SHARED_BYTES && shared <= u64::from(limit),
+            "{shared} bytes of shared memory ({static_shared_bytes} static) exceed the {} KiB limit",
+            limit / 1024
         );
     }
 }

@@ -285,6 +285,29 @@ void ldmatrix(int count, bool trans, uint32_t* r, const void* row_address);
 void cp_async(void* dst, const void* src, int bytes, const char* instruction);
 void cp_async_commit();                 // cp.async.commit_group
 void cp_async_wait(int pending_groups);  // cp.async.wait_group N (wait_all: commit, then 0)
+
+// ---- warpgroup MMA (sm_90a): an emulation of wgmma.mma_async with both operands in shared --
+// memory. cuda/wgmma.cuh wraps these as lc::wgmma_*, inline PTX on a GPU. A warpgroup is 4
+// consecutive warps (threads 128·g … 128·g + 127); each thread computes its own accumulators
+// (m64nNk16's layout: warp w of the group holds rows 16·w + lane/4 (+ 8), columns
+// 8·j + 2·(lane % 4) (+ 1)), reading A and B through the descriptors as the PTX ISA's canonical
+// no-swizzle ("interleave") layouts define them (memcheck.cpp). The operation is asynchronous as
+// on the GPU: issuing reads the operands (checked for races, initialisation and a missing
+// fence.proxy.async) and poisons the accumulators with NaN; wgmma_wait completes the committed
+// groups, checking the operands are unchanged since issue, and writes the accumulators back.
+// So reading the accumulators before the wait, overwriting an operand in flight, or a missing
+// wgmma.fence / commit / wait each give wrong numbers or a report.
+// The address a descriptor holds: the byte offset of `p` in the shared window (the harness's
+// window starts 4 KiB before dynamic shared memory; a descriptor holds 18 bits, so static
+// shared arrays, placed past 256 KiB here, cannot be wgmma operands: use dynamic shared memory).
+uint32_t shared_window_address(const void* p);
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{f16,bf16}.{f16,bf16} d, desc_a, desc_b,
+// scale_d, 1, 1, trans_a, trans_b: d = A·B + (scale_d ? d : 0); d holds n / 2 floats.
+void wgmma(MmaInput input, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d, int trans_a, int trans_b);
+void wgmma_fence();            // wgmma.fence.sync.aligned
+void wgmma_commit();           // wgmma.commit_group.sync.aligned
+void wgmma_wait(int pending);  // wgmma.wait_group.sync.aligned N
+void fence_proxy_async();      // fence.proxy.async.shared::cta
 }  // namespace lc_harness
 
 // ---- atomics ------------------------------------------------------------------------------

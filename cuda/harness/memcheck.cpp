@@ -232,6 +232,33 @@ struct AsyncState {
 // Per thread of the running block (reset at every block start).
 thread_local std::vector<AsyncState> t_async;
 
+// One wgmma.mma_async in flight for one thread: the operand elements its accumulators need
+// (their shared addresses and the bits read at issue), and where its result goes.
+struct WgmmaOp {
+    float* d;
+    uint32_t group;
+    uint16_t n;
+    uint8_t scale_d;
+    MmaInput input;
+    std::vector<uintptr_t> a_addr, b_addr;  // [2 rows][16 k], [n/8 · 2 columns][16 k]
+    std::vector<uint16_t> a_bits, b_bits;
+};
+// An accumulator array with operations in flight: its value, which the kernel's registers
+// (poisoned with NaN meanwhile) receive when the last of them completes.
+struct WgmmaAcc {
+    float* d;
+    uint16_t n;
+    std::vector<float> value;
+};
+struct WgmmaState {
+    std::vector<WgmmaOp> in_flight;
+    std::vector<WgmmaAcc> accumulators;
+    uint32_t committed = 0;
+    bool fenced = false;      // a wgmma.fence since the last commit
+    uint32_t proxy_epoch = 0;  // this thread's epoch at its last fence.proxy.async (0: none)
+};
+thread_local std::vector<WgmmaState> t_wgmma;
+
 const char* const* find_param_names(const char* kernel, size_t n_params) {
     static thread_local std::map<std::string, std::vector<std::string>> cache_strings;
     static thread_local std::map<std::string, std::vector<const char*>> cache;
@@ -575,6 +602,7 @@ bool shared_begin_block(size_t dynamic_bytes) {
     }
     s.dynamic_bytes = dynamic_bytes;
     t_async.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, AsyncState{});
+    t_wgmma.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, WgmmaState{});
     std::memset(reinterpret_cast<void*>(s.base + kDynamicOffset), 0xff, dynamic_bytes);
     for (const SiteInfo& site : s.sites) std::memset(reinterpret_cast<void*>(s.base + site.offset), 0xff, site.bytes);
     return true;
@@ -685,6 +713,197 @@ void cp_async_wait(int pending_groups) {
         }
     }
     q.resize(kept);
+}
+
+// ---- wgmma (sm_90a) -------------------------------------------------------------------------
+// The PTX ISA's matrix descriptor ("Matrix Descriptor Format" of the asynchronous warpgroup
+// MMA): bits 0-13 start address >> 4, 16-29 leading dimension byte offset (LBO) >> 4, 32-45
+// stride dimension byte offset (SBO) >> 4, 49-51 base offset, 62-63 swizzle mode (0: none).
+// In the no-swizzle canonical layouts an operand is made of 8×8 core matrices of 16-bit
+// elements, each 8 rows of 16 contiguous bytes (128 contiguous bytes): K-major, a core
+// matrix's rows are along M (or N) and its 16 bytes along K; MN-major ("transposed"), its rows
+// are along K and its 16 bytes along M (or N). Core matrices adjacent in K lie LBO bytes apart,
+// adjacent in M (or N) SBO bytes apart, for both majors.
+uint32_t shared_window_address(const void* p) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (!in_shared(a)) fail_at("a wgmma descriptor", a, "the address is not shared memory");
+    const uintptr_t window = a - t_shared->base;
+    if (window >= (uintptr_t(1) << 18))
+        fail_at("a wgmma descriptor", a,
+                "past the 256 KiB a descriptor's 14-bit start address reaches (in the harness static shared arrays "
+                "lie there: give wgmma operands dynamic shared memory)");
+    return uint32_t(window);
+}
+
+namespace {
+struct Descriptor {
+    uintptr_t start, lbo, sbo;
+};
+
+Descriptor decode_descriptor(uint64_t desc, const char* operand) {
+    const unsigned swizzle = unsigned(desc >> 62), base_offset = unsigned(desc >> 49) & 7;
+    if (swizzle != 0)
+        fail(std::string("wgmma: the descriptor of ") + operand + " asks for swizzle mode " + std::to_string(swizzle) +
+             "; the harness emulates the no-swizzle layout only");
+    if (base_offset != 0) fail(std::string("wgmma: the descriptor of ") + operand + " has a non-zero base offset");
+    const uint64_t field = 0x3fff;
+    return {t_shared->base + uintptr_t((desc & field) << 4), uintptr_t(((desc >> 16) & field) << 4),
+            uintptr_t(((desc >> 32) & field) << 4)};
+}
+
+// Element (x, k) of a 16-bit operand (x: row of A or column of B; k < 16).
+uintptr_t operand_address(const Descriptor& d, bool mn_major, unsigned x, unsigned k) {
+    const uintptr_t core = d.start + (x / 8) * d.sbo + (k / 8) * d.lbo;
+    return mn_major ? core + (k % 8) * 16 + (x % 8) * 2 : core + (x % 8) * 16 + (k % 8) * 2;
+}
+
+// A wgmma operand read: checked as a shared read (bounds, initialisation, races), and against
+// generic-proxy writes no fence.proxy.async has ordered before the async proxy's reads.
+uint16_t wgmma_read(uintptr_t a, const char* operand) {
+    if (!in_shared(a)) fail_at("wgmma", a, std::string("operand ") + operand + " is not shared memory");
+    const LaunchState* l = t_launch;
+    if (l) {
+        shared_access(*l, a, 2, Kind::Read);
+        const Record& r = t_shared->shadow[(a - t_shared->base) >> kGranuleShift];
+        if (r.stamp == l->block_stamp && (r.write.flags & kValid) && r.write.block == l->block &&
+            r.write.epoch > t_wgmma[r.write.tid].proxy_epoch)
+            fail_at("wgmma", a,
+                    std::string("operand ") + operand + " at " + describe_shared(a) + " was written by " +
+                        thread_name(r.write.tid) +
+                        " with no fence.proxy.async after the write: the generic proxy's writes are not ordered "
+                        "before the async proxy's reads");
+    }
+    uint16_t v;
+    std::memcpy(&v, reinterpret_cast<const void*>(a), 2);
+    return v;
+}
+
+float wgmma_value(uint16_t bits, MmaInput input) {
+    return input == MmaInput::BF16 ? bf16_bits_to_f32(bits) : f16_bits_to_f32(bits);
+}
+
+WgmmaAcc* find_accumulator(WgmmaState& state, float* d) {
+    for (WgmmaAcc& acc : state.accumulators)
+        if (acc.d == d) return &acc;
+    return nullptr;
+}
+}  // namespace
+
+void wgmma(MmaInput input, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d, int trans_a, int trans_b) {
+    if (n < 8 || n > 256 || n % 8 != 0) fail("wgmma: N must be a multiple of 8 in [8, 256]");
+    const unsigned threads = t_block_dim.x * t_block_dim.y * t_block_dim.z;
+    if (threads % 128 != 0) fail("wgmma: the block is not a whole number of warpgroups (128 threads)");
+    // .sync.aligned: every lane of the warp issues it, with the same operands.
+    const uint64_t* slots = warp_gather(0xffffffffu, desc_a);
+    for (unsigned l = 0; l < 32; ++l)
+        if (slots[l] != desc_a) fail("wgmma: the lanes of a warp give different descriptors of A (or not all issue it)");
+    slots = warp_gather(0xffffffffu, desc_b ^ (uint64_t(n) << 46) ^ (uint64_t(scale_d != 0) << 47));
+    for (unsigned l = 0; l < 32; ++l)
+        if (slots[l] != (desc_b ^ (uint64_t(n) << 46) ^ (uint64_t(scale_d != 0) << 47)))
+            fail("wgmma: the lanes of a warp give different descriptors of B, shapes or scale-d");
+    WgmmaState& state = t_wgmma[t_current->tid];
+    if (!state.fenced)
+        fail("wgmma.mma_async by " + thread_name(t_current->tid) +
+             " with no wgmma.fence since its last wgmma.commit_group (the fence orders the accumulator registers' "
+             "earlier accesses before the asynchronous MMA)");
+    const Descriptor a = decode_descriptor(desc_a, "A"), b = decode_descriptor(desc_b, "B");
+    const unsigned warp_in_group = t_current->warp % 4, lane = t_current->lane;
+    WgmmaOp op{d, state.committed, uint16_t(n), uint8_t(scale_d != 0), input, {}, {}, {}, {}};
+    for (unsigned h = 0; h < 2; ++h)
+        for (unsigned k = 0; k < 16; ++k) {
+            const uintptr_t addr = operand_address(a, trans_a != 0, 16 * warp_in_group + lane / 4 + 8 * h, k);
+            op.a_addr.push_back(addr);
+            op.a_bits.push_back(wgmma_read(addr, "A"));
+        }
+    for (unsigned j = 0; j < unsigned(n) / 8; ++j)
+        for (unsigned c = 0; c < 2; ++c)
+            for (unsigned k = 0; k < 16; ++k) {
+                const uintptr_t addr = operand_address(b, trans_b != 0, 8 * j + 2 * (lane % 4) + c, k);
+                op.b_addr.push_back(addr);
+                op.b_bits.push_back(wgmma_read(addr, "B"));
+            }
+    WgmmaAcc* acc = find_accumulator(state, d);
+    if (!acc) {
+        state.accumulators.push_back({d, uint16_t(n), std::vector<float>(d, d + n / 2)});
+        for (int i = 0; i < n / 2; ++i) d[i] = std::nanf("");
+    } else if (acc->n != n) {
+        fail("wgmma: an accumulator in flight reused with another N");
+    }
+    state.in_flight.push_back(std::move(op));
+}
+
+void wgmma_fence() {
+    warp_gather(0xffffffffu, 0);
+    t_wgmma[t_current->tid].fenced = true;
+}
+
+void wgmma_commit() {
+    warp_gather(0xffffffffu, 0);
+    WgmmaState& state = t_wgmma[t_current->tid];
+    ++state.committed;
+    state.fenced = false;
+}
+
+void wgmma_wait(int pending) {
+    warp_gather(0xffffffffu, 0);
+    WgmmaState& state = t_wgmma[t_current->tid];
+    const unsigned lane = t_current->lane;
+    size_t kept = 0;
+    for (size_t i = 0; i < state.in_flight.size(); ++i) {
+        WgmmaOp& op = state.in_flight[i];
+        if (!(op.group < state.committed && state.committed - op.group > uint32_t(pending))) {
+            if (kept != i) state.in_flight[kept] = std::move(op);
+            ++kept;
+            continue;
+        }
+        // The async proxy may read the operands any time until now: they must not have changed.
+        for (size_t e = 0; e < op.a_addr.size() + op.b_addr.size(); ++e) {
+            const bool is_a = e < op.a_addr.size();
+            const uintptr_t addr = is_a ? op.a_addr[e] : op.b_addr[e - op.a_addr.size()];
+            const uint16_t then = is_a ? op.a_bits[e] : op.b_bits[e - op.a_addr.size()];
+            uint16_t now;
+            std::memcpy(&now, reinterpret_cast<const void*>(addr), 2);
+            if (now != then)
+                fail_at("wgmma", addr,
+                        std::string("operand ") + (is_a ? "A" : "B") + " at " + describe_shared(addr) +
+                            " changed while the wgmma.mma_async reading it was in flight (written before the "
+                            "wgmma.wait_group that completes it)");
+        }
+        WgmmaAcc* acc = find_accumulator(state, op.d);
+        for (unsigned j = 0; j < op.n / 8u; ++j)
+            for (unsigned v = 0; v < 4; ++v) {
+                const unsigned h = v / 2, c = v % 2;
+                // Products of two 16-bit floats are exact in f32; the sum accumulates in f32.
+                float sum = op.scale_d ? acc->value[4 * j + v] : 0.0f;
+                for (unsigned k = 0; k < 16; ++k)
+                    sum += wgmma_value(op.a_bits[16 * h + k], op.input) *
+                           wgmma_value(op.b_bits[(2 * j + c) * 16 + k], op.input);
+                acc->value[4 * j + v] = sum;
+            }
+        (void)lane;
+    }
+    state.in_flight.resize(kept);
+    // Accumulators with nothing left in flight go back to the kernel's registers.
+    size_t live = 0;
+    for (size_t i = 0; i < state.accumulators.size(); ++i) {
+        WgmmaAcc& acc = state.accumulators[i];
+        bool busy = false;
+        for (const WgmmaOp& op : state.in_flight) busy |= op.d == acc.d;
+        if (busy) {
+            if (live != i) state.accumulators[live] = std::move(acc);
+            ++live;
+        } else {
+            std::memcpy(acc.d, acc.value.data(), acc.value.size() * sizeof(float));
+        }
+    }
+    state.accumulators.resize(live);
+}
+
+void fence_proxy_async() {
+    FiberView* f = t_current;
+    t_wgmma[f->tid].proxy_epoch = f->vc[f->lane];
+    // Accesses after the fence carry a newer epoch, so they are told from those before it.
+    ++f->vc[f->lane];
 }
 
 }  // namespace lc_harness

@@ -531,3 +531,4 @@ fn conversion_inputs() -> Vec<f32> {
 }
 
 mod tensorcore;
+mod wgmma;

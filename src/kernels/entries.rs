@@ -25,6 +25,10 @@ pub(crate) mod gemm {
     );
 }
 
+pub(crate) mod gemm_wgmma {
+    crate::launch::harness_entries!(lc_run_gemm_wgmma_f16, lc_run_gemm_wgmma_bf16,);
+}
+
 pub(crate) mod compose_fwd {
     crate::launch::harness_entries!(
         lc_run_compose_fwd_shrink_naive_f32,

@@ -21,6 +21,12 @@ pub enum Variant {
     /// instead of 8 of 64×32: a third less shared-memory traffic per FLOP (8 `ldmatrix.x4` per
     /// 32 mma a warp and k16 step, against 6 per 16), 128 threads a block.
     MmaW64,
+    /// Hopper's warpgroup MMA (`wgmma.mma_async.m64n128k16`, f32 accumulators), f16/bf16
+    /// storage, sm_90 only on a GPU (`cuda/gemm_wgmma.cu`, built for compute_90a; the CPU
+    /// harness runs it through its wgmma emulation): 128×128 tile of 2 warpgroups, operands from
+    /// shared memory in the no-swizzle core-matrix layout, 4-stage `cp.async` pipeline in 64 KiB
+    /// of dynamic shared memory, one wgmma group kept in flight. No split-K yet.
+    Wgmma,
 }
 
 /// Every variant: tests and benches iterate this list.
@@ -30,6 +36,7 @@ pub const ALL: &[Variant] = &[
     Variant::Tiled128,
     Variant::Mma,
     Variant::MmaW64,
+    Variant::Wgmma,
 ];
 
 /// Block tile of a tiled variant; mirrors the template arguments in `cuda/gemm.cu`'s
@@ -61,6 +68,10 @@ pub mod mma_tile {
     pub const THREADS_W64: u32 = 128;
     /// Shared memory per block: STAGES × (BM·BK + BN·BK) 2-byte elements (48 KiB).
     pub const SHARED_BYTES: u32 = STAGES * (BM * BK + BN * BK) * 2;
+    /// Threads of a `wgmma` block: 2 warpgroups of 64×128.
+    pub const THREADS_WGMMA: u32 = 256;
+    /// `wgmma`'s dynamic shared memory: 4 stages of 16-bit A and B tiles (64 KiB).
+    pub const WGMMA_SHARED_BYTES: u32 = 4 * (BM * BK + BN * BK) * 2;
 }
 
 impl Variant {
@@ -71,24 +82,26 @@ impl Variant {
             Variant::Tiled128 => "tiled128",
             Variant::Mma => "mma",
             Variant::MmaW64 => "mma_w64",
+            Variant::Wgmma => "wgmma",
         }
     }
 
     /// Whether the variant has a kernel for storage `dtype`: tensor cores take f16/bf16 only.
     /// Tests and benches skip the other combinations explicitly.
     pub fn applies(self, dtype: DType) -> bool {
-        !(self.is_tensor_core() && dtype == DType::F32)
+        !((self.is_tensor_core() || self == Variant::Wgmma) && dtype == DType::F32)
     }
 
     /// The `mma.sync` variants ([`Variant::Mma`], [`Variant::MmaW64`]): 16-bit storage, one
     /// 128×128 tile and pipeline, split-K where the tiles leave SMs idle ([`mma_split`]).
+    /// ([`Variant::Wgmma`], also 16-bit only, is not one: its own family, no split-K.)
     pub fn is_tensor_core(self) -> bool {
         matches!(self, Variant::Mma | Variant::MmaW64)
     }
 
     pub fn tile(self) -> Option<Tile> {
         match self {
-            Variant::Naive | Variant::Mma | Variant::MmaW64 => None,
+            Variant::Naive | Variant::Mma | Variant::MmaW64 | Variant::Wgmma => None,
             Variant::Tiled64 => Some(Tile {
                 bm: 64,
                 bn: 64,
@@ -107,8 +120,12 @@ impl Variant {
     }
 
     /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`
-    /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one.
+    /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one. (`wgmma`'s
+    /// stages are dynamic: [`Variant::dynamic_shared_bytes`].)
     pub fn static_shared_bytes(self) -> u32 {
+        if self == Variant::Wgmma {
+            return 0;
+        }
         if self.is_tensor_core() {
             return mma_tile::SHARED_BYTES;
         }
@@ -116,10 +133,21 @@ impl Variant {
             .map_or(0, |t| 4 * (t.bk * (t.bm + A_TILE_PAD) + t.bk * t.bn))
     }
 
+    /// Dynamic shared memory per launch: `wgmma`'s 4 pipeline stages, 64 KiB (its descriptors
+    /// address the shared window's first 256 KiB, where the harness keeps dynamic memory; past
+    /// 48 KiB the GPU backend opts the kernel in).
+    pub fn dynamic_shared_bytes(self) -> u32 {
+        if self == Variant::Wgmma {
+            mma_tile::WGMMA_SHARED_BYTES
+        } else {
+            0
+        }
+    }
+
     /// (rows, columns) of C per block.
     pub fn block_tile(self) -> (u32, u32) {
         match (self, self.tile()) {
-            (Variant::Mma | Variant::MmaW64, _) => (mma_tile::BM, mma_tile::BN),
+            (Variant::Mma | Variant::MmaW64 | Variant::Wgmma, _) => (mma_tile::BM, mma_tile::BN),
             (_, Some(t)) => (t.bm, t.bn),
             (_, None) => (NAIVE_BLOCK, NAIVE_BLOCK),
         }
@@ -154,6 +182,7 @@ pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
     let (tile_m, tile_n, block) = match variant.tile() {
         None if variant == Variant::Mma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS, 1, 1]),
         None if variant == Variant::MmaW64 => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS_W64, 1, 1]),
+        None if variant == Variant::Wgmma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS_WGMMA, 1, 1]),
         None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
         Some(t) => {
             assert!(
@@ -172,7 +201,7 @@ pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
             1,
         ],
         block,
-        dynamic_shared_bytes: 0,
+        dynamic_shared_bytes: variant.dynamic_shared_bytes(),
     };
     dims.assert_valid(variant.static_shared_bytes());
     dims
@@ -192,6 +221,7 @@ pub fn flops_bytes(params: &GemmParams, dtype: DType) -> (f64, f64) {
 /// where the variant does not apply ([`Variant::applies`]).
 pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     use super::entries::gemm as e;
+    use super::entries::gemm_wgmma as w;
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match (variant, dtype) {
         (Variant::Naive, DType::F32) => kernel_entry!(e::lc_run_gemm_naive_f32),
         (Variant::Naive, DType::F16) => kernel_entry!(e::lc_run_gemm_naive_f16),
@@ -206,13 +236,24 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
         (Variant::Mma, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_bf16),
         (Variant::MmaW64, DType::F16) => kernel_entry!(e::lc_run_gemm_mma_w64_f16),
         (Variant::MmaW64, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_w64_bf16),
-        (Variant::Mma | Variant::MmaW64, DType::F32) => return None,
+        (Variant::Wgmma, DType::F16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_f16))),
+        (Variant::Wgmma, DType::BF16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_bf16))),
+        (Variant::Mma | Variant::MmaW64 | Variant::Wgmma, DType::F32) => return None,
     };
     Some(Kernel {
         family: "gemm",
         name,
         harness_entry,
     })
+}
+
+/// A kernel of `cuda/gemm_wgmma.cu` (its own family: PTX for compute_90a).
+fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> Kernel {
+    Kernel {
+        family: "gemm_wgmma",
+        name,
+        harness_entry,
+    }
 }
 
 /// The split-K twin of a tensor-core variant's kernel: `gemm_mma_split_<dtype>` or
