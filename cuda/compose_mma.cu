@@ -97,23 +97,7 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
         store_partial<Tile<TBM, TWN>>(acc, work, n_tokens, R, m0, n0);
         return;
     }
-    const Frag<Tile<TBM, TWN>> f;
-    LC_UNROLL
-    for (int i = 0; i < L::FRAG_M; ++i)
-        LC_UNROLL
-        for (int v = 0; v < 4; ++v) {
-            const int t = m0 + f.row(i, v);
-            if (t >= n_tokens) continue;
-            const int sample = sample_of[t];
-            LC_UNROLL
-            for (int j = 0; j < L::FRAG_N; ++j) {
-                const int col = n0 + f.col(j, v);
-                if (col >= R) continue;
-                if (U) U[(size_t)t * R + col] = lc::from_f32<T>(acc[i][j][v]);
-                Z[(size_t)t * R + col] =
-                    lc::from_f32<T>(acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col));
-            }
-        }
+    scale_epilogue<T, L>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0);
 }
 
 // Grid (ceil(N / BN), ceil(M / TBM), splits), block (Tile<TBM, TWN>::THREADS). out (M, N) +=

@@ -283,4 +283,32 @@ __device__ __forceinline__ void epilogue_axpby(const float (&acc)[L::FRAG_M][L::
     }
 }
 
+// The composition's shrink epilogue over the block tile at (m0, n0) of the (n_tokens, R) output
+// (U = acc, Z = U ∘ D, D[t, j] = C[sample_of[t], module_of[j]] · col_scale[j]): U (null skips
+// it) and Z overwritten, each rounded once. L: the accumulators' warp layout (as Frag).
+template <typename T, class L>
+__device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ C,
+                                               const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                               const float* __restrict__ col_scale, T* __restrict__ U,
+                                               T* __restrict__ Z, int n_tokens, int R, int n_modules, int m0,
+                                               int n0) {
+    const Frag<L> f;
+    LC_UNROLL
+    for (int i = 0; i < L::FRAG_M; ++i)
+        LC_UNROLL
+        for (int v = 0; v < 4; ++v) {
+            const int t = m0 + f.row(i, v);
+            if (t >= n_tokens) continue;
+            const int sample = sample_of[t];
+            LC_UNROLL
+            for (int j = 0; j < L::FRAG_N; ++j) {
+                const int col = n0 + f.col(j, v);
+                if (col >= R) continue;
+                if (U) U[(size_t)t * R + col] = lc::from_f32<T>(acc[i][j][v]);
+                Z[(size_t)t * R + col] =
+                    lc::from_f32<T>(acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col));
+            }
+        }
+}
+
 }  // namespace mma_tile

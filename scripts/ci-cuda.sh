@@ -69,15 +69,17 @@ for family_entry in gemm:gemm_mma_f16 gemm:gemm_mma_bf16 gemm:gemm_mma_split_f16
     echo "$entry: $(grep -c 'mma.sync' <<<"$body") mma.sync, $(grep -c 'ldmatrix' <<<"$body") ldmatrix, $(grep -c 'cp.async.cg' <<<"$body") cp.async.cg in its PTX"
 done
 
-# The Hopper GEMM (cuda/gemm_wgmma.cu, PTX for sm_90a): wgmma.mma_async with its fence, commit
-# and wait, fence.proxy.async and the cp.async pipeline; and ptxas must not have had to inject
-# warpgroup waits or arrives into it (C7517/C7519: it serialises the asynchronous MMA where the
+# The Hopper kernels (cuda/gemm_wgmma.cu, cuda/compose_wgmma.cu, PTX for sm_90a): wgmma.mma_async
+# with its fence, commit and wait, fence.proxy.async and the cp.async pipeline; and ptxas must
+# not have had to inject warpgroup waits or arrives into them (C7517/C7519: it serialises the asynchronous MMA where the
 # kernel touches the accumulators while a wgmma is in flight).
-for entry in gemm_wgmma_f16 gemm_wgmma_bf16; do
+for family_entry in gemm_wgmma:gemm_wgmma_f16 gemm_wgmma:gemm_wgmma_bf16 compose_wgmma:compose_wgmma_shrink_bf16 \
+    compose_wgmma:compose_wgmma_expand_bf16; do
+    IFS=: read -r family entry <<<"$family_entry"
     # To the next entry: the wgmma asm's own braces put lines of "}" inside the body.
-    body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1; print; next } on && /\.entry / { exit } on { print }' "$out_dir/gemm_wgmma.ptx")
+    body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1; print; next } on && /\.entry / { exit } on { print }' "$out_dir/$family.ptx")
     if [[ -z "$body" ]]; then
-        echo "error: no entry $entry in gemm_wgmma.ptx" >&2
+        echo "error: no entry $entry in $family.ptx" >&2
         exit 1
     fi
     for instruction in wgmma.mma_async.sync.aligned.m64n128k16.f32 wgmma.fence.sync.aligned wgmma.commit_group.sync.aligned \
@@ -89,16 +91,18 @@ for entry in gemm_wgmma_f16 gemm_wgmma_bf16; do
     done
     echo "$entry: $(grep -c 'wgmma.mma_async' <<<"$body") wgmma.mma_async, $(grep -c 'cp.async.cg' <<<"$body") cp.async.cg in its PTX"
 done
-if ! grep -q "^.target sm_90a" "$out_dir/gemm_wgmma.ptx"; then
-    echo "error: gemm_wgmma.ptx is not built for sm_90a" >&2
-    exit 1
-fi
-injected=$(ptxas -arch=sm_90a -v "$out_dir/gemm_wgmma.ptx" -o /dev/null 2>&1 | grep -E "C751[79].*function 'gemm_" || true)
-if [[ -n "$injected" ]]; then
-    echo "error: ptxas serialised the wgmma GEMM:" >&2
-    echo "$injected" >&2
-    exit 1
-fi
+for family in gemm_wgmma compose_wgmma; do
+    if ! grep -q "^.target sm_90a" "$out_dir/$family.ptx"; then
+        echo "error: $family.ptx is not built for sm_90a" >&2
+        exit 1
+    fi
+    injected=$(ptxas -arch=sm_90a -v "$out_dir/$family.ptx" -o /dev/null 2>&1 | grep -E "C751[79].*function '(gemm|compose)_" || true)
+    if [[ -n "$injected" ]]; then
+        echo "error: ptxas serialised the wgmma kernels of $family:" >&2
+        echo "$injected" >&2
+        exit 1
+    fi
+done
 
 spills=0
 for arch in ${PTXAS_ARCHS:-sm_80 sm_90}; do

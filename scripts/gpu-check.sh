@@ -133,7 +133,7 @@ echo '```' >>"$report"
 # SASS of the tensor-core kernels: where the machine has ptxas and cuobjdump (a CUDA toolkit),
 # the embedded gemm and compose_mma PTX is compiled for the GPU's architecture and each
 # gemm_mma_* and compose_mma_* kernel's machine code must contain HMMA (tensor-core) instructions,
-# and on sm_90 each gemm_wgmma_* kernel's (PTX for sm_90a) HGMMA. Seconds; skipped (and said so) elsewhere.
+# and on sm_90 each gemm_wgmma_* and compose_wgmma_* kernel's (PTX for sm_90a) HGMMA. Seconds; skipped (and said so) elsewhere.
 echo >>"$report"
 echo "## SASS of the tensor-core kernels" >>"$report"
 if ((!bench)); then
@@ -144,12 +144,12 @@ elif command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; t
     arch="sm_${cap:-90}"
     for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16 gemm_mma_split_f16 gemm_mma_split_bf16 gemm_mma_w64_f16 gemm_mma_w64_bf16 gemm_mma_w64_split_f16 gemm_mma_w64_split_bf16" \
         "compose_mma:compose_mma_shrink_bf16 compose_mma_shrink64_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_hidden64_bf16 compose_mma_dx_bf16 compose_mma_expand64_bf16 compose_mma_dx64_bf16" \
-        "gemm_wgmma:gemm_wgmma_f16 gemm_wgmma_bf16"; do
+        "gemm_wgmma:gemm_wgmma_f16 gemm_wgmma_bf16" "compose_wgmma:compose_wgmma_shrink_bf16 compose_wgmma_expand_bf16"; do
         family=${family_kernels%%:*}
         # gemm_wgmma is PTX for sm_90a (Hopper only): compiled for it, its kernels must hold HGMMA.
         family_arch=$arch
         opcode=HMMA
-        if [[ $family == gemm_wgmma ]]; then
+        if [[ $family == *wgmma ]]; then
             [[ $arch == sm_90 ]] || continue
             family_arch=sm_90a
             opcode=HGMMA

@@ -801,24 +801,28 @@ fn harness_mma_full_tiles_and_ragged_edges() {
                 inner: &CpuHarness::new(3 + i as u64),
                 sm_count,
             };
-            check_variants(&backend, case, 40 + i as u64, &TRAINS, &[compose_fwd::Variant::Mma])
+            // The Hopper variant's forward (wgmma_step: 128-row tiles, the same split rule) too.
+            let variants = [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma];
+            check_variants(&backend, case, 40 + i as u64, &TRAINS, &variants)
                 .unwrap_or_else(|e| panic!("case {i}: {e}"));
         }
     }
 }
 
-/// The tensor-core variant refuses f32 storage with an error naming it, rather than running.
+/// The tensor-core variants refuse f32 storage with an error naming it, rather than running.
 #[test]
 fn mma_variant_refuses_f32() {
     let case = make_case_with_ranks(43, 4, 8, 8, &[2], Mode::Product, Assign::AllSame, CoeffKind::Random);
-    assert!(!compose_fwd::Variant::Mma.applies(DType::F32) && compose_fwd::Variant::Mma.applies(DType::BF16));
     let backend = CpuHarness::new(0);
     let p = prepare::<f32>(&case, 0);
     let w = want_of(&case, &p);
-    let err = check_forward(&backend, compose_fwd::Variant::Mma, &case, &p, &w).unwrap_err();
-    assert!(err.contains("bf16 storage"), "{err}");
-    let err = check_backward(&backend, compose_bwd::Variant::Mma, &case, &p, &w, TRAINS[0]).unwrap_err();
-    assert!(err.contains("bf16 storage"), "{err}");
+    for variant in [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma] {
+        assert!(!variant.applies(DType::F32) && variant.applies(DType::BF16));
+        let err = check_forward(&backend, variant, &case, &p, &w).unwrap_err();
+        assert!(err.contains("bf16 storage"), "{variant:?}: {err}");
+        let err = check_backward(&backend, variant, &case, &p, &w, TRAINS[0]).unwrap_err();
+        assert!(err.contains("bf16 storage"), "{variant:?}: {err}");
+    }
 }
 
 /// `ComposedLayer` on a kernel device (its `KernelLayer` dispatch: base GEMMs + fused
@@ -1063,7 +1067,7 @@ fn gpu_sanitizer_cases() {
         Assign::Uniform,
         CoeffKind::Negative,
     );
-    let mma = [compose_fwd::Variant::Mma];
+    let mma = [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma];
     check_variants(&gpu, &case, 31, &TRAINS[..1], &mma).unwrap_or_else(|e| panic!("{e}"));
     let case = make_case_with_ranks(
         33,

@@ -164,7 +164,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
             }
         }
-        Variant::Mma => {
+        // The Hopper variant's backward is the mma variant's (cuda/compose_wgmma.cu: forward only).
+        Variant::Mma | Variant::Wgmma => {
             let (dc, du) = (train.coeffs, want_du);
             let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
             steps.push((

@@ -30,6 +30,12 @@ pub enum Variant {
     /// fused variant's tiled kernel (it re-forms `Z = U ∘ D` in f32 on load; the tensor cores
     /// would need Z rounded to bf16 first, a second rounding).
     Mma,
+    /// Hopper's warpgroup MMA (sm_90 only on a GPU; `cuda/compose_wgmma.cu`, PTX for
+    /// compute_90a, run on the CPU harness through its wgmma emulation), bf16 storage: the
+    /// forward's shrink (scale epilogue) and expand as `wgmma.mma_async.m64n128k16` GEMMs on
+    /// 128×128 tiles of 2 warpgroups (`cuda/wgmma_tile.cuh`), split-K where the tiles leave SMs
+    /// idle ([`wgmma_step`]). Its backward is [`Variant::Mma`]'s.
+    Wgmma,
 }
 
 /// Every variant: tests and benches iterate this list (skipping the storage types a variant
@@ -40,6 +46,7 @@ pub const ALL: &[Variant] = &[
     Variant::Fused,
     Variant::Gemv,
     Variant::Mma,
+    Variant::Wgmma,
 ];
 
 /// Fewest tokens for which [`choose_variant`] takes the tensor cores (bf16 storage): the
@@ -70,14 +77,16 @@ impl Variant {
             Variant::Fused => "fused",
             Variant::Gemv => "gemv",
             Variant::Mma => "mma",
+            Variant::Wgmma => "wgmma",
         }
     }
 
     /// Whether the variant has kernels for storage `dtype`: tensor cores take 16-bit inputs and
-    /// the composition families are built for bf16, so [`Variant::Mma`] is bf16 only. Tests and
-    /// benches skip the other combinations explicitly; launching one is an error.
+    /// the composition families are built for bf16, so [`Variant::Mma`] and [`Variant::Wgmma`]
+    /// are bf16 only. Tests and benches skip the other combinations explicitly; launching one is
+    /// an error.
     pub fn applies(self, dtype: DType) -> bool {
-        !(self == Variant::Mma && dtype != DType::BF16)
+        !(matches!(self, Variant::Mma | Variant::Wgmma) && dtype != DType::BF16)
     }
 }
 
@@ -383,6 +392,54 @@ pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> 
         name,
         harness_entry,
     })
+}
+
+/// The kernels of the `wgmma` variant's forward (`cuda/compose_wgmma.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaEntry {
+    /// U, Z = (X A_catᵀ) ∘ D.
+    Shrink,
+    /// Y += Z B_catᵀ.
+    Expand,
+}
+
+/// The compiled kernel `compose_wgmma_<entry>_bf16`, or an error for f32 and f16 storage.
+pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelError> {
+    use super::entries::compose_wgmma as e;
+    if dtype != DType::BF16 {
+        return Err(KernelError::Argument {
+            kernel: "compose_wgmma",
+            message: format!("the tensor-core composition kernels take bf16 storage, not {dtype:?}"),
+        });
+    }
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
+        WgmmaEntry::Shrink => kernel_entry!(e::lc_run_compose_wgmma_shrink_bf16),
+        WgmmaEntry::Expand => kernel_entry!(e::lc_run_compose_wgmma_expand_bf16),
+    };
+    Ok(Kernel {
+        family: "compose_wgmma",
+        name,
+        harness_entry,
+    })
+}
+
+/// One `wgmma` step over a (T, `cols`) output with inner dimension `k`: 128×128 tiles, K split
+/// as [`mma_split`] splits the `mma` kernels' (where the tiles leave SMs idle); grid (⌈cols /
+/// 128⌉, ⌈T / 128⌉, splits), 256 threads, the pipeline's 64 KiB of dynamic shared memory.
+pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize) -> (Split, LaunchDims) {
+    let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(mma_tile::BN);
+    let split = mma_split(tiles, k, sm_count);
+    let dims = LaunchDims {
+        grid: [
+            u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
+            u32::try_from(t.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
+            u32::try_from(split.splits).expect("grid z fits u32"),
+        ],
+        block: [super::gemm::mma_tile::THREADS_WGMMA, 1, 1],
+        dynamic_shared_bytes: super::gemm::mma_tile::WGMMA_SHARED_BYTES,
+    };
+    dims.assert_valid(0);
+    (split, dims)
 }
 
 /// One composed-layer call: T tokens, `n_samples` coefficient rows, modules of `ranks`.

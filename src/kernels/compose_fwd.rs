@@ -67,6 +67,14 @@ pub enum Step {
         tile_rows: usize,
         split: Split,
     },
+    /// Hopper's warpgroup MMA: U, Z as [`Step::MmaShrink`], on 128×128 tiles.
+    WgmmaShrink {
+        split: Split,
+    },
+    /// Hopper's warpgroup MMA: Y as [`Step::MmaExpand`], on 128×128 tiles.
+    WgmmaExpand {
+        split: Split,
+    },
 }
 
 /// The launches of `variant` for `shape`, in stream order, with their grids. Pure; asserts the
@@ -102,6 +110,20 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             }
             let (tile_rows, split, dims) = mma_step(MmaEntry::Expand, t, shape.d_out, r, sm_count);
             steps.push((Step::MmaExpand { tile_rows, split }, dims));
+            if split.splits > 1 {
+                let splits = split.splits;
+                steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
+            }
+        }
+        Variant::Wgmma => {
+            let (split, dims) = wgmma_step(t, r, shape.d_in, sm_count);
+            steps.push((Step::WgmmaShrink { split }, dims));
+            if split.splits > 1 {
+                let splits = split.splits;
+                steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
+            }
+            let (split, dims) = wgmma_step(t, shape.d_out, r, sm_count);
+            steps.push((Step::WgmmaExpand { split }, dims));
             if split.splits > 1 {
                 let splits = split.splits;
                 steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
@@ -158,8 +180,12 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .iter()
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
-            Step::MmaShrink { split, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
-            Step::MmaExpand { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
+            Step::MmaShrink { split, .. } | Step::WgmmaShrink { split } if split.splits > 1 => {
+                split.splits * t * shape.r_total()
+            }
+            Step::MmaExpand { split, .. } | Step::WgmmaExpand { split } if split.splits > 1 => {
+                split.splits * t * shape.d_out
+            }
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::GemvZero { len } => len,
             Step::GemvShrink { split, slices: true } => split.splits * t * shape.r_total(),
@@ -338,42 +364,48 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
+        let shrink_args = |split: Split| {
+            vec![
+                x,
+                a_cat,
+                c,
+                sample_of,
+                module_of,
+                col_scale,
+                u,
+                z,
+                work,
+                i(t),
+                i(d_in),
+                i(r),
+                i(n),
+                i(split.chunk),
+            ]
+        };
+        let expand_args = |split: Split| vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(split.chunk)];
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
-                MmaEntry::Shrink.on_rows(tile_rows),
-                vec![
-                    x,
-                    a_cat,
-                    c,
-                    sample_of,
-                    module_of,
-                    col_scale,
-                    u,
-                    z,
-                    work,
-                    i(t),
-                    i(d_in),
-                    i(r),
-                    i(n),
-                    i(split.chunk),
-                ],
+                mma_kernel(MmaEntry::Shrink.on_rows(tile_rows), T::DTYPE)?,
+                shrink_args(split),
             )),
             Step::MmaExpand { tile_rows, split } => Some((
-                MmaEntry::Expand.on_rows(tile_rows),
-                vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(split.chunk)],
+                mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
+                expand_args(split),
             )),
+            Step::WgmmaShrink { split } => Some((wgmma_kernel(WgmmaEntry::Shrink, T::DTYPE)?, shrink_args(split))),
+            Step::WgmmaExpand { split } => Some((wgmma_kernel(WgmmaEntry::Expand, T::DTYPE)?, expand_args(split))),
             _ => None,
         };
-        if let Some((entry, args)) = mma {
+        if let Some((kernel, args)) = mma {
             // SAFETY: each argument list follows its signature in cuda/compose_mma.cu
-            // (`COMPOSE_MMA_ENTRIES`). X, A_cat, B_cat, U, Z, Y were checked above against the
+            // (`COMPOSE_MMA_ENTRIES`), which cuda/compose_wgmma.cu's entries repeat. X, A_cat, B_cat, U, Z, Y were checked above against the
             // shape the kernels index (whole matrices, R columns); the tables come from the same
             // ranks and every token's sample was checked on upload; a null U is skipped by the
             // shrink. Output buffers are distinct and mutably borrowed; a split shrink writes
             // splits × T × R f32 partials and a split expand splits × T × d_out, which the
             // workspace holds (workspace_len) — the shrink's are summed by ShrinkReduce before
             // the expand's overwrite them, in stream order.
-            unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
         }
         if let Some((entry, args)) = gemv {
@@ -463,7 +495,9 @@ pub fn launch<T: Element, B: Backend>(
             | Step::GemvShrink { .. }
             | Step::GemvExpand { .. }
             | Step::MmaShrink { .. }
-            | Step::MmaExpand { .. } => {
+            | Step::MmaExpand { .. }
+            | Step::WgmmaShrink { .. }
+            | Step::WgmmaExpand { .. } => {
                 unreachable!("launched above")
             }
         };
@@ -624,6 +658,42 @@ mod tests {
                 prop_assert!(s.splits == 1 || s.chunk % align == 0, "{s:?}");
             }
         }
+    }
+
+    /// The Hopper variant: 128×128 tiles of 256 threads with 64 KiB of dynamic shared memory;
+    /// at d = 4096, N = 32, T = 4096 the shrink's 128 tiles split d_in in two (256 blocks on 132
+    /// SMs) and ShrinkReduce finishes them; the expand's 1,024 tiles do not split.
+    #[test]
+    fn wgmma_plans_128_row_tiles_with_dynamic_shared_memory() {
+        let s = shape(4096, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Wgmma, &s, HARNESS_SM_COUNT);
+        let steps: Vec<Step> = plan.iter().map(|p| p.0).collect();
+        let split = Split {
+            chunk: 2048,
+            splits: 2,
+        };
+        assert_eq!(
+            steps,
+            [
+                Step::WgmmaShrink { split },
+                Step::ShrinkReduce {
+                    j0: 0,
+                    j1: 512,
+                    splits: 2
+                },
+                Step::WgmmaExpand {
+                    split: Split::none(512)
+                },
+            ]
+        );
+        assert_eq!((plan[0].1.grid, plan[0].1.block), ([4, 32, 2], [256, 1, 1]));
+        assert_eq!(plan[2].1.grid, [32, 32, 1]);
+        for (step, dims) in &plan {
+            let wgmma = matches!(step, Step::WgmmaShrink { .. } | Step::WgmmaExpand { .. });
+            assert_eq!(dims.dynamic_shared_bytes, if wgmma { 64 * 1024 } else { 0 });
+        }
+        assert_eq!(workspace_len(Variant::Wgmma, &s, HARNESS_SM_COUNT), 2 * 4096 * 512);
+        assert!(Variant::Wgmma.applies(DType::BF16) && !Variant::Wgmma.applies(DType::F32));
     }
 
     #[test]

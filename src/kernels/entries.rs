@@ -29,6 +29,10 @@ pub(crate) mod gemm_wgmma {
     crate::launch::harness_entries!(lc_run_gemm_wgmma_f16, lc_run_gemm_wgmma_bf16,);
 }
 
+pub(crate) mod compose_wgmma {
+    crate::launch::harness_entries!(lc_run_compose_wgmma_shrink_bf16, lc_run_compose_wgmma_expand_bf16);
+}
+
 pub(crate) mod compose_fwd {
     crate::launch::harness_entries!(
         lc_run_compose_fwd_shrink_naive_f32,

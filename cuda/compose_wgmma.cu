@@ -1,0 +1,71 @@
+// lc-arch: 90a
+// Composition on Hopper's warpgroup MMA: the forward of variant 6 (`wgmma`) of
+// src/kernels/compose_common.rs `Variant`, built for compute_90a (loaded on sm_90 only; the CPU
+// harness runs it through its wgmma emulation). The same products and semantics as the `mma`
+// variant's forward (cuda/compose_mma.cu), D[σ, j] = C[σ, module_of[j]] · col_scale[j]:
+//     U  = X A_catᵀ          (T, R)      shrink; U (optional: null skips it) and Z = U ∘ D are
+//                                        overwritten, the scale applied in the epilogue
+//     Y += Z B_catᵀ          (T, d_out)  expand, accumulated onto (read, add, round once)
+// each on cuda/wgmma_tile.cuh's main loop: 128×128 tiles of 2 warpgroups, wgmma.m64n128k16
+// with bf16 operands from shared memory (both K-major here: A_cat and B_cat are stored (N, K)),
+// a 4-stage cp.async pipeline in 64 KiB of dynamic shared memory. Where the tiles leave SMs
+// idle the plan splits K along gridDim.z (src/kernels/compose_common.rs `wgmma_step`): block z
+// covers k ∈ [z·chunk, (z + 1)·chunk) and writes its f32 partial tile to work[z]
+// (mma_tile::store_partial), which compose_fwd's shrink_reduce / sum_partials finish in split
+// order. The backward of the `wgmma` variant is the `mma` variant's (cuda/compose_mma.cu).
+#include "wgmma_tile.cuh"
+
+namespace compose_wgmma {
+
+using namespace wgmma_tile;
+
+// Grid (ceil(R / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic.
+template <typename T>
+__device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, const float* __restrict__ C,
+                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                       const float* __restrict__ col_scale, T* __restrict__ U, T* __restrict__ Z,
+                                       float* __restrict__ work, int n_tokens, int d_in, int R, int n_modules,
+                                       int chunk) {
+    EXTERN_SHARED(T, stages);
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    float acc[1][16][4];
+    mainloop<T, false, true>(acc, stages, X, A_cat, n_tokens, R, d_in, m0, n0, lc::split_begin(chunk),
+                             lc::split_end(chunk, d_in));
+    if (gridDim.z > 1)
+        mma_tile::store_partial<Layout>(acc, work, n_tokens, R, m0, n0);
+    else
+        mma_tile::scale_epilogue<T, Layout>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules,
+                                            m0, n0);
+}
+
+// Grid (ceil(d_out / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic.
+template <typename T>
+__device__ __forceinline__ void expand(const T* __restrict__ Z, const T* __restrict__ B_cat, T* __restrict__ Y,
+                                       float* __restrict__ work, int n_tokens, int R, int d_out, int chunk) {
+    EXTERN_SHARED(T, stages);
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    float acc[1][16][4];
+    mainloop<T, false, true>(acc, stages, Z, B_cat, n_tokens, d_out, R, m0, n0, lc::split_begin(chunk),
+                             lc::split_end(chunk, R));
+    if (gridDim.z > 1)
+        mma_tile::store_partial<Layout>(acc, work, n_tokens, d_out, m0, n0);
+    else
+        mma_tile::epilogue_axpby<T, Layout>(acc, Y, n_tokens, d_out, m0, n0, 1.0f, 1.0f);
+}
+
+}  // namespace compose_wgmma
+
+// Tensor cores take 16-bit inputs, and the composition families are built for bf16: bf16 only.
+// The parameter lists are compose_mma's shrink and expand entries'.
+extern "C" __global__ void __launch_bounds__(256)
+    compose_wgmma_shrink_bf16(const __nv_bfloat16* X, const __nv_bfloat16* A_cat, const float* C, const int* sample_of,
+                              const int* module_of, const float* col_scale, __nv_bfloat16* U, __nv_bfloat16* Z,
+                              float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {
+    compose_wgmma::shrink(X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in, R, n_modules,
+                          chunk);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    compose_wgmma_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,
+                              int n_tokens, int R, int d_out, int chunk) {
+    compose_wgmma::expand(Z, B_cat, Y, work, n_tokens, R, d_out, chunk);
+}

@@ -1,0 +1,139 @@
+// The Hopper GEMM main loop shared by the GEMM family's `wgmma` variant (cuda/gemm_wgmma.cu)
+// and the composition's (cuda/compose_wgmma.cu), both built for compute_90a: a 128×128 output
+// tile per block of 2 warpgroups (256 threads), each warpgroup a 64×128 half with
+// wgmma.mma_async.m64n128k16 (f32 accumulators, 64 a thread); both operands from shared memory
+// in the no-swizzle core-matrix layout, K-major or MN-major as the operand is stored (wgmma's
+// transpose flags take either); K in steps of 32 through a 4-stage cp.async pipeline in 64 KiB
+// of dynamic shared memory, one wgmma group kept in flight. Callers add the epilogue
+// (mma_tile::epilogue_axpby, store_partial and scale_epilogue take `Layout`: the wgmma
+// accumulators are the m16n8 layout, warp w of the block holding rows 16·w … 16·w + 15).
+#pragma once
+
+#include "mma_tile.cuh"
+#include "wgmma.cuh"
+
+namespace wgmma_tile {
+
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
+// Tiles loaded ahead: the stages hold tile kt - 1 (its wgmma group may still run), kt, and the
+// PREFETCH tiles after it.
+constexpr int PREFETCH = STAGES - 2;
+constexpr int OPERAND = 128 * BK;                       // elements of one operand's tile and stage
+constexpr int SHARED_BYTES = STAGES * 2 * OPERAND * 2;  // 64 KiB, dynamic (opted into)
+static_assert(SHARED_BYTES == 64 * 1024, "src/kernels/gemm.rs `Variant::dynamic_shared_bytes`");
+// A stage's operand tile: 128 rows (M of A, N of B) × BK, as core matrices [k / 8][row / 8]
+// of 64 elements (128 bytes). Core matrices adjacent in K lie LBO apart, in rows SBO apart.
+constexpr int CORE_ROWS = 128 / 8;
+constexpr unsigned SBO = 128, LBO = CORE_ROWS * 128;
+
+// The accumulators' warp layout for mma_tile's epilogue: 8 warps along M, 16 rows each, all
+// 128 columns in 16 m16n8 tiles.
+struct Layout {
+    static constexpr int WM = 16, WN = 128, FRAG_M = 1, FRAG_N = 16, WARPS_N = 1;
+};
+
+// Offset of element (row, k) in an operand tile: K-major core matrices hold 8 rows of 8
+// consecutive k, MN-major ones 8 k of 8 consecutive rows.
+template <bool K_MAJOR>
+__device__ __forceinline__ int core_offset(int row, int k) {
+    const int core = (k / 8) * CORE_ROWS + row / 8;
+    return core * 64 + (K_MAJOR ? (row % 8) * 8 + k % 8 : (k % 8) * 8 + row % 8);
+}
+
+// Rows [x0, x0 + 128) × k [k0, k0 + BK) of an operand into a stage: stored K-major
+// (X[x][k], row stride ld) or MN-major (X[k][x], row stride ld); elements at or past x_end or
+// k_end are 0. 16-byte chunks (8 elements along the stored row) go by cp.async when `vector`
+// (rows 16-byte aligned) and wholly in range; consecutive threads fill one core matrix.
+template <typename T, bool K_MAJOR>
+__device__ __forceinline__ void load_operand(T* tile, const T* __restrict__ X, int x_end, int k_end, int ld, int x0,
+                                             int k0, bool vector) {
+    LC_UNROLL
+    for (int c = threadIdx.x; c < OPERAND / 8; c += THREADS) {
+        // Chunk c: 8 consecutive threads take the 8 chunks of one core matrix.
+        const int x = K_MAJOR ? (c / 32) * 8 + c % 8 : ((c / 8) % CORE_ROWS) * 8;
+        const int k = K_MAJOR ? ((c / 8) % (BK / 8)) * 8 : (c / (8 * CORE_ROWS)) * 8 + c % 8;
+        T* dst = tile + core_offset<K_MAJOR>(x, k);
+        const int gx = x0 + x, gk = k0 + k;
+        if (K_MAJOR) {
+            if (vector && gx < x_end && gk + 8 <= k_end) {
+                lc::cp_async16(dst, X + (size_t)gx * ld + gk);
+            } else {
+                for (int e = 0; e < 8; ++e)
+                    dst[e] = (gx < x_end && gk + e < k_end) ? X[(size_t)gx * ld + gk + e] : lc::from_f32<T>(0.0f);
+            }
+        } else {
+            if (vector && gk < k_end && gx + 8 <= x_end) {
+                lc::cp_async16(dst, X + (size_t)gk * ld + gx);
+            } else {
+                for (int e = 0; e < 8; ++e)
+                    dst[e] = (gk < k_end && gx + e < x_end) ? X[(size_t)gk * ld + gx + e] : lc::from_f32<T>(0.0f);
+            }
+        }
+    }
+}
+
+// acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; k_begin a multiple of BK) for
+// the 128×128 block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B stored (K, N), or
+// (N, K) when TB. `stages` is the pipeline's dynamic shared memory (SHARED_BYTES). Every thread
+// of the block (THREADS) calls it; on return every copy and every wgmma has completed.
+template <typename T, bool TA, bool TB>
+__device__ __forceinline__ void mainloop(float (&acc)[1][16][4], T* stages, const T* __restrict__ A,
+                                         const T* __restrict__ B, int M, int N, int K, int m0, int n0, int k_begin,
+                                         int k_end) {
+    const int group = threadIdx.x / 128;  // the warpgroup: rows 64·group … of the tile
+    const bool a_vector = (TA ? M : K) % 8 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
+    const bool b_vector = (TB ? K : N) % 8 == 0 && reinterpret_cast<size_t>(B) % 16 == 0;
+    const int k_tiles = lc::ceil_div(k_end - k_begin, BK);
+    auto a_stage = [&](int s) { return stages + s * 2 * OPERAND; };
+    auto b_stage = [&](int s) { return stages + s * 2 * OPERAND + OPERAND; };
+    // K tile kt of the range into a stage; k ≥ k_end reads as 0.
+    auto load_stage = [&](int s, int kt) {
+        const int k0 = k_begin + kt * BK;
+        if (TA)
+            load_operand<T, false>(a_stage(s), A, M, k_end, M, m0, k0, a_vector);
+        else
+            load_operand<T, true>(a_stage(s), A, M, k_end, K, m0, k0, a_vector);
+        if (TB)
+            load_operand<T, true>(b_stage(s), B, N, k_end, K, n0, k0, b_vector);
+        else
+            load_operand<T, false>(b_stage(s), B, N, k_end, N, n0, k0, b_vector);
+    };
+
+    LC_UNROLL
+    for (int j = 0; j < 16; ++j)
+        LC_UNROLL
+        for (int v = 0; v < 4; ++v) acc[0][j][v] = 0.0f;
+
+    // Prologue: PREFETCH tiles in flight, one commit group each (empty past the last tile, so
+    // that the group count, and with it the wait depth below, is the same every step).
+    for (int s = 0; s < PREFETCH; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        lc::cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        lc::cp_async_wait<PREFETCH - 1>();  // this thread's copies of tile kt have landed
+        lc::fence_proxy_async();            // its writes of the tile, visible to wgmma
+        __syncthreads();  // everyone's; and every thread is past its wait for the group of kt - 2
+        const int next = kt + PREFETCH;  // into the stage tile kt - 2 used
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        lc::cp_async_commit();
+
+        const T* a = a_stage(kt % STAGES);
+        const T* b = b_stage(kt % STAGES);
+        lc::wgmma_fence();
+        LC_UNROLL
+        for (int s = 0; s < BK / 16; ++s) {
+            // This warpgroup's 64 rows of A and all 128 columns of B, k16 step s.
+            const unsigned long long da = lc::wgmma_desc(a + core_offset<!TA>(64 * group, 16 * s), LBO, SBO);
+            const unsigned long long db = lc::wgmma_desc(b + core_offset<TB>(0, 16 * s), LBO, SBO);
+            lc::wgmma_m64n128k16<T, TA ? 1 : 0, TB ? 0 : 1>(acc[0], da, db, 1);
+        }
+        lc::wgmma_commit();
+        lc::wgmma_wait<1>();  // tile kt - 1's group is done (tile kt's may still run)
+    }
+    lc::wgmma_wait<0>();
+    lc::fence_accumulators(acc[0]);
+    lc::cp_async_wait<0>();  // only empty groups remain; leave none behind
+}
+
+}  // namespace wgmma_tile
