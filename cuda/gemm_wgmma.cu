@@ -64,7 +64,8 @@ GEMM_WGMMA_ENTRY(bf16, __nv_bfloat16)
 // `b_words` 16-bit words, laid out by the test), the descriptors built from byte offsets and
 // LBO/SBO given by the test. d_out[t][64]: thread t's accumulators in register order.
 // mode 0: as the protocol says; 1: no wgmma.fence; 2: accumulators read before the wait;
-// 3: operand A overwritten before the wait; 4: no fence.proxy.async.
+// 3: operand A overwritten before the wait; 4: no fence.proxy.async; 5: the warps of the
+// warpgroup disagree on A's descriptor.
 template <typename T>
 __device__ __forceinline__ void selftest_wgmma(const unsigned short* a, int a_words, const unsigned short* b,
                                                int b_words, const unsigned* desc_args, const float* d_in,
@@ -78,7 +79,9 @@ __device__ __forceinline__ void selftest_wgmma(const unsigned short* a, int a_wo
     for (int j = 0; j < 16; ++j)
         for (int v = 0; v < 4; ++v) d[j][v] = d_in[t * 64 + 4 * j + v];
     // desc_args: A's byte offset, LBO, SBO, transpose; then B's; then scale_d.
-    const unsigned long long da = lc::wgmma_desc(staged + desc_args[0] / 2, desc_args[1], desc_args[2]);
+    // mode 5: warp 1 of the warpgroup gives A 16 bytes further on.
+    const int a_skew = mode == 5 && t / 32 == 1 ? 8 : 0;
+    const unsigned long long da = lc::wgmma_desc(staged + desc_args[0] / 2 + a_skew, desc_args[1], desc_args[2]);
     const unsigned long long db = lc::wgmma_desc(staged + a_words + desc_args[4] / 2, desc_args[5], desc_args[6]);
     const int scale_d = int(desc_args[8]);
     if (mode != 1) lc::wgmma_fence();

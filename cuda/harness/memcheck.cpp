@@ -254,10 +254,14 @@ struct WgmmaState {
     std::vector<WgmmaOp> in_flight;
     std::vector<WgmmaAcc> accumulators;
     uint32_t committed = 0;
+    uint32_t issued = 0;      // wgmma issued so far (the warpgroup's warps must agree on each)
     bool fenced = false;      // a wgmma.fence since the last commit
     uint32_t proxy_epoch = 0;  // this thread's epoch at its last fence.proxy.async (0: none)
 };
 thread_local std::vector<WgmmaState> t_wgmma;
+// Per warpgroup of the running block: the operands of its k-th wgmma (descriptors, N, scale-d)
+// as the first of its warps to issue it gave them; the other three must give the same.
+thread_local std::vector<std::vector<std::pair<uint64_t, uint64_t>>> t_wgmma_issues;
 
 const char* const* find_param_names(const char* kernel, size_t n_params) {
     static thread_local std::map<std::string, std::vector<std::string>> cache_strings;
@@ -603,6 +607,7 @@ bool shared_begin_block(size_t dynamic_bytes) {
     s.dynamic_bytes = dynamic_bytes;
     t_async.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, AsyncState{});
     t_wgmma.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, WgmmaState{});
+    t_wgmma_issues.assign((t_block_dim.x * t_block_dim.y * t_block_dim.z + 127) / 128, {});
     std::memset(reinterpret_cast<void*>(s.base + kDynamicOffset), 0xff, dynamic_bytes);
     for (const SiteInfo& site : s.sites) std::memset(reinterpret_cast<void*>(s.base + site.offset), 0xff, site.bytes);
     return true;
@@ -797,11 +802,24 @@ void wgmma(MmaInput input, int n, float* d, uint64_t desc_a, uint64_t desc_b, in
     const uint64_t* slots = warp_gather(0xffffffffu, desc_a);
     for (unsigned l = 0; l < 32; ++l)
         if (slots[l] != desc_a) fail("wgmma: the lanes of a warp give different descriptors of A (or not all issue it)");
-    slots = warp_gather(0xffffffffu, desc_b ^ (uint64_t(n) << 46) ^ (uint64_t(scale_d != 0) << 47));
+    const uint64_t b_shape = desc_b ^ (uint64_t(n) << 46) ^ (uint64_t(scale_d != 0) << 47);
+    slots = warp_gather(0xffffffffu, b_shape);
     for (unsigned l = 0; l < 32; ++l)
-        if (slots[l] != (desc_b ^ (uint64_t(n) << 46) ^ (uint64_t(scale_d != 0) << 47)))
-            fail("wgmma: the lanes of a warp give different descriptors of B, shapes or scale-d");
+        if (slots[l] != b_shape) fail("wgmma: the lanes of a warp give different descriptors of B, shapes or scale-d");
     WgmmaState& state = t_wgmma[t_current->tid];
+    // .aligned across the warpgroup: its 4 warps issue the same sequence of wgmma.
+    if (t_current->lane == 0) {
+        auto& issues = t_wgmma_issues[t_current->tid / 128];
+        if (state.issued < issues.size()) {
+            if (issues[state.issued] != std::make_pair(desc_a, b_shape))
+                fail("wgmma: the warps of warpgroup " + std::to_string(t_current->tid / 128) +
+                     " give different operands (descriptors, N or scale-d) to their wgmma number " +
+                     std::to_string(state.issued));
+        } else {
+            issues.emplace_back(desc_a, b_shape);
+        }
+    }
+    ++state.issued;
     if (!state.fenced)
         fail("wgmma.mma_async by " + thread_name(t_current->tid) +
              " with no wgmma.fence since its last wgmma.commit_group (the fence orders the accumulator registers' "

@@ -317,6 +317,10 @@ fn wgmma_protocol_misuse_is_reported() {
         ],
     );
     fails(launch.run(0, 4).map(drop), &["no fence.proxy.async after the write"]);
+    fails(
+        launch.run(0, 5).map(drop),
+        &["warps of warpgroup 0 give different operands", "wgmma number 0"],
+    );
 }
 
 fn k_w(entry: HarnessEntry, name: &'static str) -> Kernel {
