@@ -668,10 +668,7 @@ mod tests {
         let s = shape(4096, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Wgmma, &s, HARNESS_SM_COUNT);
         let steps: Vec<Step> = plan.iter().map(|p| p.0).collect();
-        let split = Split {
-            chunk: 2048,
-            splits: 2,
-        };
+        let split = Split { chunk: 2048, splits: 2 };
         assert_eq!(
             steps,
             [
