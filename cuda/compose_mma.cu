@@ -131,118 +131,13 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                        T* __restrict__ dU, float* __restrict__ work, int n_tokens, int d_out, int R,
                                        int n_modules, int chunk) {
     using L = Tile<TBM, TWN>;
-    constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, PART_ROWS = Epilogue<TBM, TWN>::PART_ROWS;
+    static_assert(Epilogue<TBM, TWN>::INTS > 0, "the ∂C epilogue's scratch fits the stages");
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
-    float acc[FM][FN][4];
+    float acc[L::FRAG_M][L::FRAG_N][4];
     mainloop<T, false, false, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, G, B_cat, n_tokens, R, d_out, m0, n0,
                                         lc::split_begin(chunk), lc::split_end(chunk, d_out));
-    const Frag<Tile<TBM, TWN>> f;
-    const bool split = gridDim.z > 1;
-    float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
-    if (dU) {
-        LC_UNROLL
-        for (int i = 0; i < FM; ++i)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int t = m0 + f.row(i, v);
-                if (t >= n_tokens) continue;
-                const int sample = sample_of[t];
-                LC_UNROLL
-                for (int j = 0; j < FN; ++j) {
-                    const int col = n0 + f.col(j, v);
-                    if (col >= R) continue;
-                    const float du = acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col);
-                    if (split)
-                        du_part[(size_t)t * R + col] = du;
-                    else
-                        dU[(size_t)t * R + col] = lc::from_f32<T>(du);
-                }
-            }
-    }
-    if (!dC) return;  // uniform across the block: no barrier below is skipped by only some threads
-
-    // A segment is a maximal run of the tile's columns that belong to one module.
-    const int tid = threadIdx.x;
-    const int n_cols = min(BN, R - n0);
-    float(*part)[BN + 1] = reinterpret_cast<float(*)[BN + 1]>(stages);
-    // The tile's module ids (tile_module[n], n < n_cols) and token samples (tile_sample[m],
-    // m0 + m < n_tokens), staged once; the mainloop's last barrier has ended every read of the
-    // stages.
-    int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
-    int* tile_sample = tile_module + BN;
-    int* seg_first = tile_sample + TBM;  // segment s: columns [seg_first[s], seg_end[s])
-    int* seg_end = seg_first + BN;
-    int* n_segs_at = seg_end + BN;
-    for (int n = tid; n < n_cols; n += NT) tile_module[n] = module_of[n0 + n];
-    for (int m = tid; m < TBM && m0 + m < n_tokens; m += NT) tile_sample[m] = sample_of[m0 + m];
-    __syncthreads();
-    auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
-    // The segment list, in column order: the thread of each start counts the starts before it
-    // and finds its end; the last segment's thread writes the count (n_cols ≤ BN ≤ NT: a thread
-    // per column). The first barrier of the half loop publishes them.
-    if (tid < n_cols && is_segment_start(tid)) {
-        int s = 0;
-        for (int c = 1; c <= tid; ++c) s += is_segment_start(c) ? 1 : 0;
-        int end = tid + 1;
-        while (end < n_cols && !is_segment_start(end)) ++end;
-        seg_first[s] = tid;
-        seg_end[s] = end;
-        if (end == n_cols) *n_segs_at = s + 1;
-    }
-    for (int half = 0; half < TBM / PART_ROWS; ++half) {
-        const int row0 = m0 + half * PART_ROWS;
-        // part[m][n] = s_j H[t, j] U[t, j] for the half's rows (0 outside the problem), written
-        // by the row of warps that holds them.
-        if (f.wm0 == half * PART_ROWS) {
-            LC_UNROLL
-            for (int i = 0; i < FM; ++i)
-                LC_UNROLL
-                for (int j = 0; j < FN; ++j)
-                    LC_UNROLL
-                    for (int v = 0; v < 4; ++v) {
-                        const int m = f.row(i, v) - f.wm0, n = f.col(j, v);
-                        const int t = row0 + m, col = n0 + n;
-                        part[m][n] = (t < n_tokens && col < R)
-                                         ? acc[i][j][v] * lc::to_f32(U[(size_t)t * R + col]) * col_scale[col]
-                                         : 0.0f;
-                    }
-        }
-        __syncthreads();
-        // Stage 1: one thread per (row, segment) sums the segment into part[m][first], columns
-        // in order, for the half's rows that hold tokens (stage 2 reads no other). Only segment
-        // starts are written, each by the thread that owns it, and only its own segment is
-        // read. Consecutive threads take consecutive rows (distinct banks).
-        const int n_segs = *n_segs_at;
-        const int rows = min(PART_ROWS, n_tokens - row0);
-        for (int e = tid; e < max(rows, 0) * n_segs; e += NT) {
-            const int s = e / rows, m = e % rows;
-            const int first = seg_first[s], end = seg_end[s];
-            float sum = part[m][first];
-            for (int c = first + 1; c < end; ++c) sum += part[m][c];
-            part[m][first] = sum;
-        }
-        __syncthreads();
-        // Stage 2: one thread per segment walks the half's tokens and adds each run of tokens of
-        // one sample with a single atomicAdd.
-        if (rows > 0 && tid < n_segs) {
-            const int col = seg_first[tid];
-            const int module = tile_module[col];
-            const int* samples = tile_sample + half * PART_ROWS;
-            float run = 0.0f;
-            int run_sample = samples[0];
-            for (int m = 0; m < rows; ++m) {
-                const int sample = samples[m];
-                if (sample != run_sample) {
-                    atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
-                    run = 0.0f;
-                    run_sample = sample;
-                }
-                run += part[m][col];
-            }
-            atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
-        }
-        __syncthreads();  // everyone done with part before the next half overwrites it
-    }
+    hidden_epilogue<T, L, TBM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of, col_scale, dC, dU,
+                               work, n_tokens, R, n_modules, m0, n0);
 }
 
 }  // namespace compose_mma

@@ -311,4 +311,129 @@ __device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::
         }
 }
 
+// The composition's backward epilogue over an H tile in registers (TBM × BN at (m0, n0) of the
+// (n_tokens, R) output; L the accumulators' warp layout, with THREADS): ∂U (if given) = H ∘ D,
+// or with several splits (gridDim.z > 1) its f32 partial to work[blockIdx.z] for sum_partials;
+// ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens of one sample,
+// in two halves of TBM / 2 rows through `scratch` (the pipeline's shared memory, free once the
+// main loop has returned): part[TBM / 2][BN + 1] f32, then the tile's module ids, token samples
+// and segment list (int32). Every thread of the block calls it (barriers inside when dC).
+template <typename T, class L, int TBM>
+__device__ __forceinline__ void hidden_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* scratch,
+                                                const T* __restrict__ U, const float* __restrict__ C,
+                                                const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                                const float* __restrict__ col_scale, float* __restrict__ dC,
+                                                T* __restrict__ dU, float* __restrict__ work, int n_tokens, int R,
+                                                int n_modules, int m0, int n0) {
+    static_assert(BN <= L::THREADS, "a thread per column of the tile");
+    constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, PART_ROWS = TBM / 2;
+    const Frag<L> f;
+    const bool split = gridDim.z > 1;
+    float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
+    if (dU) {
+        LC_UNROLL
+        for (int i = 0; i < FM; ++i)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int t = m0 + f.row(i, v);
+                if (t >= n_tokens) continue;
+                const int sample = sample_of[t];
+                LC_UNROLL
+                for (int j = 0; j < FN; ++j) {
+                    const int col = n0 + f.col(j, v);
+                    if (col >= R) continue;
+                    const float du = acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col);
+                    if (split)
+                        du_part[(size_t)t * R + col] = du;
+                    else
+                        dU[(size_t)t * R + col] = lc::from_f32<T>(du);
+                }
+            }
+    }
+    if (!dC) return;  // uniform across the block: no barrier below is skipped by only some threads
+
+    // A segment is a maximal run of the tile's columns that belong to one module.
+    const int tid = threadIdx.x;
+    const int n_cols = min(BN, R - n0);
+    float(*part)[BN + 1] = reinterpret_cast<float(*)[BN + 1]>(scratch);
+    // The tile's module ids (tile_module[n], n < n_cols) and token samples (tile_sample[m],
+    // m0 + m < n_tokens), staged once; the mainloop's last barrier has ended every read of the
+    // stages.
+    int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
+    int* tile_sample = tile_module + BN;
+    int* seg_first = tile_sample + TBM;  // segment s: columns [seg_first[s], seg_end[s])
+    int* seg_end = seg_first + BN;
+    int* n_segs_at = seg_end + BN;
+    for (int n = tid; n < n_cols; n += NT) tile_module[n] = module_of[n0 + n];
+    for (int m = tid; m < TBM && m0 + m < n_tokens; m += NT) tile_sample[m] = sample_of[m0 + m];
+    __syncthreads();
+    auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
+    // The segment list, in column order: the thread of each start counts the starts before it
+    // and finds its end; the last segment's thread writes the count (n_cols ≤ BN ≤ NT: a thread
+    // per column). The first barrier of the half loop publishes them.
+    if (tid < n_cols && is_segment_start(tid)) {
+        int s = 0;
+        for (int c = 1; c <= tid; ++c) s += is_segment_start(c) ? 1 : 0;
+        int end = tid + 1;
+        while (end < n_cols && !is_segment_start(end)) ++end;
+        seg_first[s] = tid;
+        seg_end[s] = end;
+        if (end == n_cols) *n_segs_at = s + 1;
+    }
+    for (int half = 0; half < TBM / PART_ROWS; ++half) {
+        const int row0 = m0 + half * PART_ROWS;
+        // part[m][n] = s_j H[t, j] U[t, j] for the half's rows (0 outside the problem), written
+        // by the warps that hold them.
+        if (f.wm0 / PART_ROWS == half) {
+            LC_UNROLL
+            for (int i = 0; i < FM; ++i)
+                LC_UNROLL
+                for (int j = 0; j < FN; ++j)
+                    LC_UNROLL
+                    for (int v = 0; v < 4; ++v) {
+                        const int m = f.row(i, v) - half * PART_ROWS, n = f.col(j, v);
+                        const int t = row0 + m, col = n0 + n;
+                        part[m][n] = (t < n_tokens && col < R)
+                                         ? acc[i][j][v] * lc::to_f32(U[(size_t)t * R + col]) * col_scale[col]
+                                         : 0.0f;
+                    }
+        }
+        __syncthreads();
+        // Stage 1: one thread per (row, segment) sums the segment into part[m][first], columns
+        // in order, for the half's rows that hold tokens (stage 2 reads no other). Only segment
+        // starts are written, each by the thread that owns it, and only its own segment is
+        // read. Consecutive threads take consecutive rows (distinct banks).
+        const int n_segs = *n_segs_at;
+        const int rows = min(PART_ROWS, n_tokens - row0);
+        for (int e = tid; e < max(rows, 0) * n_segs; e += NT) {
+            const int s = e / rows, m = e % rows;
+            const int first = seg_first[s], end = seg_end[s];
+            float sum = part[m][first];
+            for (int c = first + 1; c < end; ++c) sum += part[m][c];
+            part[m][first] = sum;
+        }
+        __syncthreads();
+        // Stage 2: one thread per segment walks the half's tokens and adds each run of tokens of
+        // one sample with a single atomicAdd.
+        if (rows > 0 && tid < n_segs) {
+            const int col = seg_first[tid];
+            const int module = tile_module[col];
+            const int* samples = tile_sample + half * PART_ROWS;
+            float run = 0.0f;
+            int run_sample = samples[0];
+            for (int m = 0; m < rows; ++m) {
+                const int sample = samples[m];
+                if (sample != run_sample) {
+                    atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
+                    run = 0.0f;
+                    run_sample = sample;
+                }
+                run += part[m][col];
+            }
+            atomicAdd(&dC[(size_t)run_sample * n_modules + module], run);
+        }
+        __syncthreads();  // everyone done with part before the next half overwrites it
+    }
+}
+
 }  // namespace mma_tile

@@ -29,7 +29,7 @@ constexpr unsigned SBO = 128, LBO = CORE_ROWS * 128;
 // The accumulators' warp layout for mma_tile's epilogue: 8 warps along M, 16 rows each, all
 // 128 columns in 16 m16n8 tiles.
 struct Layout {
-    static constexpr int WM = 16, WN = 128, FRAG_M = 1, FRAG_N = 16, WARPS_N = 1;
+    static constexpr int WM = 16, WN = 128, FRAG_M = 1, FRAG_N = 16, WARPS_N = 1, THREADS = 256;
 };
 
 // Offset of element (row, k) in an operand tile: K-major core matrices hold 8 rows of 8
@@ -75,7 +75,8 @@ __device__ __forceinline__ void load_operand(T* tile, const T* __restrict__ X, i
 // acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; k_begin a multiple of BK) for
 // the 128×128 block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B stored (K, N), or
 // (N, K) when TB. `stages` is the pipeline's dynamic shared memory (SHARED_BYTES). Every thread
-// of the block (THREADS) calls it; on return every copy and every wgmma has completed.
+// of the block (THREADS) calls it; on return this thread's copies and its warpgroup's wgmma have
+// completed (the other warpgroup's may still read the stages: a barrier before reusing them).
 template <typename T, bool TA, bool TB>
 __device__ __forceinline__ void mainloop(float (&acc)[1][16][4], T* stages, const T* __restrict__ A,
                                          const T* __restrict__ B, int M, int N, int K, int m0, int n0, int k_begin,

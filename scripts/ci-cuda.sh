@@ -74,7 +74,7 @@ done
 # not have had to inject warpgroup waits or arrives into them (C7517/C7519: it serialises the asynchronous MMA where the
 # kernel touches the accumulators while a wgmma is in flight).
 for family_entry in gemm_wgmma:gemm_wgmma_f16 gemm_wgmma:gemm_wgmma_bf16 compose_wgmma:compose_wgmma_shrink_bf16 \
-    compose_wgmma:compose_wgmma_expand_bf16; do
+    compose_wgmma:compose_wgmma_expand_bf16 compose_wgmma:compose_wgmma_hidden_bf16 compose_wgmma:compose_wgmma_dx_bf16; do
     IFS=: read -r family entry <<<"$family_entry"
     # To the next entry: the wgmma asm's own braces put lines of "}" inside the body.
     body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1; print; next } on && /\.entry / { exit } on { print }' "$out_dir/$family.ptx")

@@ -3,3 +3,5 @@
 
 LC_HARNESS_ENTRY(compose_wgmma_shrink_bf16)
 LC_HARNESS_ENTRY(compose_wgmma_expand_bf16)
+LC_HARNESS_ENTRY(compose_wgmma_hidden_bf16)
+LC_HARNESS_ENTRY(compose_wgmma_dx_bf16)

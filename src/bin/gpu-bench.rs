@@ -677,15 +677,14 @@ fn bench_compose_shape(
         rows: &rows,
         tables: &tables,
     };
-    // The wgmma variant's backward is the mma variant's kernels: not timed twice.
     let runs_of = compose_bwd::ALL
         .iter()
-        .filter(|&&v| v != compose_bwd::Variant::Wgmma)
         .map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X"))
         .chain([
             (compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X"),
             (compose_bwd::Variant::Gemv, BWD_INPUT, "backward ∂X"),
             (compose_bwd::Variant::Mma, BWD_INPUT, "backward ∂X"),
+            (compose_bwd::Variant::Wgmma, BWD_INPUT, "backward ∂X"),
         ]);
     for (variant, train, pass) in runs_of {
         let mut launch = || {
@@ -880,7 +879,13 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
                 lp / fu
             );
         }
-        for (t, variant) in [(16, "fused"), (4096, "fused"), (16, "gemv"), (4096, "mma")] {
+        for (t, variant) in [
+            (16, "fused"),
+            (4096, "fused"),
+            (16, "gemv"),
+            (4096, "mma"),
+            (4096, "wgmma"),
+        ] {
             if let (Some(both), Some(dx)) = (
                 find(d, 32, t, "backward ∂C+∂X", variant),
                 find(d, 32, t, "backward ∂X", variant),

@@ -6,7 +6,8 @@
 
 use super::compose_fwd::{
     check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_kernel, mma_step,
-    naive_dims, split_k, tiled_dims, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, GEMV_MAX_T, TILE,
+    naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows,
+    WgmmaEntry, GEMV_MAX_T, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -119,6 +120,16 @@ pub enum Step {
     /// Tensor cores: ∂A_cat = ∂Uᵀ X (R × d_in, K = T) by the GEMM family's `mma_w64` variant
     /// ([`super::gemm::launch`]: its own split-K and workspace).
     MmaDa,
+    /// Hopper's warpgroup MMA: [`Step::MmaHidden`] on 128×128 tiles.
+    WgmmaHidden {
+        dc: bool,
+        du: bool,
+        split: Split,
+    },
+    /// Hopper's warpgroup MMA: [`Step::MmaDx`] on 128×128 tiles.
+    WgmmaDx {
+        split: Split,
+    },
 }
 
 /// The launches of `variant` computing what `train` asks (`input`: ∂X, `coeffs`: ∂C,
@@ -164,19 +175,23 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
             }
         }
-        // The Hopper variant's backward is the mma variant's (cuda/compose_wgmma.cu: forward only).
         Variant::Mma | Variant::Wgmma => {
             let (dc, du) = (train.coeffs, want_du);
-            let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
-            steps.push((
-                Step::MmaHidden {
+            let wgmma = variant == Variant::Wgmma;
+            let (step, split, dims) = if wgmma {
+                let (split, dims) = wgmma_step(t, r, d_out, sm_count);
+                (Step::WgmmaHidden { dc, du, split }, split, dims)
+            } else {
+                let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
+                let step = Step::MmaHidden {
                     dc,
                     du,
                     tile_rows,
                     split,
-                },
-                dims,
-            ));
+                };
+                (step, split, dims)
+            };
+            steps.push((step, dims));
             if du && split.splits > 1 {
                 let step = Step::SumPartials {
                     target: Target::DU,
@@ -185,8 +200,14 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((step, linear_dims(t * r)));
             }
             if train.input {
-                let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);
-                steps.push((Step::MmaDx { tile_rows, split }, dims));
+                let (step, split, dims) = if wgmma {
+                    let (split, dims) = wgmma_step(t, d_in, r, sm_count);
+                    (Step::WgmmaDx { split }, split, dims)
+                } else {
+                    let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);
+                    (Step::MmaDx { tile_rows, split }, split, dims)
+                };
+                steps.push((step, dims));
                 if split.splits > 1 {
                     let step = Step::SumPartials {
                         target: Target::DX,
@@ -318,8 +339,10 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 ..
             } if split.splits > 1 => split.splits * t * (j1 - j0),
             Step::DxTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
-            Step::MmaHidden { split, du: true, .. } if split.splits > 1 => split.splits * t * shape.r_total(),
-            Step::MmaDx { split, .. } if split.splits > 1 => split.splits * t * shape.d_in,
+            Step::MmaHidden { split, du: true, .. } | Step::WgmmaHidden { split, du: true, .. } if split.splits > 1 => {
+                split.splits * t * shape.r_total()
+            }
+            Step::MmaDx { split, .. } | Step::WgmmaDx { split } if split.splits > 1 => split.splits * t * shape.d_in,
             Step::GemvZero { len } => len,
             _ => 0,
         })
@@ -605,6 +628,26 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
+        let hidden_args = |want_dc: bool, want_du: bool, split: Split| {
+            vec![
+                g,
+                b_cat,
+                u,
+                c,
+                sample_of,
+                module_of,
+                col_scale,
+                if want_dc { dc } else { null },
+                if want_du { du } else { null },
+                work,
+                i(t),
+                i(d_out),
+                i(r),
+                i(n),
+                i(split.chunk),
+            ]
+        };
+        let dx_args = |split: Split| vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(split.chunk)];
         let mma = match step {
             Step::MmaHidden {
                 dc: want_dc,
@@ -612,32 +655,24 @@ pub fn launch<T: Element, B: Backend>(
                 tile_rows,
                 split,
             } => Some((
-                MmaEntry::Hidden.on_rows(tile_rows),
-                vec![
-                    g,
-                    b_cat,
-                    u,
-                    c,
-                    sample_of,
-                    module_of,
-                    col_scale,
-                    if want_dc { dc } else { null },
-                    if want_du { du } else { null },
-                    work,
-                    i(t),
-                    i(d_out),
-                    i(r),
-                    i(n),
-                    i(split.chunk),
-                ],
+                mma_kernel(MmaEntry::Hidden.on_rows(tile_rows), T::DTYPE)?,
+                hidden_args(want_dc, want_du, split),
             )),
-            Step::MmaDx { tile_rows, split } => Some((
-                MmaEntry::Dx.on_rows(tile_rows),
-                vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(split.chunk)],
+            Step::MmaDx { tile_rows, split } => {
+                Some((mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?, dx_args(split)))
+            }
+            Step::WgmmaHidden {
+                dc: want_dc,
+                du: want_du,
+                split,
+            } => Some((
+                wgmma_kernel(WgmmaEntry::Hidden, T::DTYPE)?,
+                hidden_args(want_dc, want_du, split),
             )),
+            Step::WgmmaDx { split } => Some((wgmma_kernel(WgmmaEntry::Dx, T::DTYPE)?, dx_args(split))),
             _ => None,
         };
-        if let Some((entry, args)) = mma {
+        if let Some((kernel, args)) = mma {
             // SAFETY: each argument list follows its signature in cuda/compose_mma.cu
             // (`COMPOSE_MMA_ENTRIES`). G, B_cat, U, A_cat, ∂C, ∂U, ∂X were checked above against
             // the shape the kernels index; an output is null exactly where `train` does not ask
@@ -648,7 +683,7 @@ pub fn launch<T: Element, B: Backend>(
             // which the workspace holds (workspace_len); the first are summed before the second
             // overwrite them, in stream order. Tables come from the same ranks, token samples
             // were checked on upload; outputs are distinct and mutably borrowed.
-            unsafe { backend.launch(&mma_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
         }
         if let Some((entry, args)) = gemv {
@@ -776,6 +811,8 @@ pub fn launch<T: Element, B: Backend>(
             | Step::GemvFinish { .. }
             | Step::MmaHidden { .. }
             | Step::MmaDx { .. }
+            | Step::WgmmaHidden { .. }
+            | Step::WgmmaDx { .. }
             | Step::MmaDa => unreachable!("launched above"),
         };
         // SAFETY: each argument list follows its `COMPOSE_BWD_ENTRIES` signature in
@@ -863,6 +900,43 @@ mod tests {
         assert_eq!(
             launch_config(Variant::Gemv, &s, Train::ALL, HARNESS_SM_COUNT),
             launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
+        );
+    }
+
+    /// The Hopper variant: `hidden` on 128×128 tiles (R = 512 at T = 4096: 128 tiles, d_out split
+    /// in two, the ∂U partials summed), ∂X unsplit (1,024 tiles), then mma's ∂A_cat and ∂B_cat.
+    #[test]
+    fn wgmma_backward_plans() {
+        let s = shape(4096, 4096, vec![16; 32]);
+        let plan = launch_config(Variant::Wgmma, &s, Train::ALL, HARNESS_SM_COUNT);
+        let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
+        let split = Split { chunk: 2048, splits: 2 };
+        assert_eq!(
+            steps[..3],
+            [
+                Step::WgmmaHidden {
+                    dc: true,
+                    du: true,
+                    split
+                },
+                Step::SumPartials {
+                    target: Target::DU,
+                    splits: 2
+                },
+                Step::WgmmaDx {
+                    split: Split::none(512)
+                },
+            ]
+        );
+        assert!(matches!(steps[3..], [Step::MmaDa, Step::DbTiled { .. }]), "{steps:?}");
+        assert_eq!(
+            (plan[0].1.grid, plan[0].1.dynamic_shared_bytes),
+            ([4, 32, 2], 64 * 1024)
+        );
+        assert_eq!(plan[2].1.grid, [32, 32, 1]);
+        assert_eq!(
+            workspace_len(Variant::Wgmma, &s, Train::ALL, HARNESS_SM_COUNT),
+            2 * 4096 * 512
         );
     }
 

@@ -32,9 +32,10 @@ pub enum Variant {
     Mma,
     /// Hopper's warpgroup MMA (sm_90 only on a GPU; `cuda/compose_wgmma.cu`, PTX for
     /// compute_90a, run on the CPU harness through its wgmma emulation), bf16 storage: the
-    /// forward's shrink (scale epilogue) and expand as `wgmma.mma_async.m64n128k16` GEMMs on
-    /// 128×128 tiles of 2 warpgroups (`cuda/wgmma_tile.cuh`), split-K where the tiles leave SMs
-    /// idle ([`wgmma_step`]). Its backward is [`Variant::Mma`]'s.
+    /// shrink (scale epilogue), expand, `H` with the fused `∂C`, and `∂X` as
+    /// `wgmma.mma_async.m64n128k16` GEMMs on 128×128 tiles of 2 warpgroups
+    /// (`cuda/wgmma_tile.cuh`), split-K where the tiles leave SMs idle ([`wgmma_step`]).
+    /// `∂A_cat` and `∂B_cat` are [`Variant::Mma`]'s steps.
     Wgmma,
 }
 
@@ -394,13 +395,17 @@ pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> 
     })
 }
 
-/// The kernels of the `wgmma` variant's forward (`cuda/compose_wgmma.cu`).
+/// The kernels of the `wgmma` variant (`cuda/compose_wgmma.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaEntry {
     /// U, Z = (X A_catᵀ) ∘ D.
     Shrink,
     /// Y += Z B_catᵀ.
     Expand,
+    /// H = G B_cat in registers: ∂U = H ∘ D and the fused ∂C.
+    Hidden,
+    /// ∂X += ∂U A_cat.
+    Dx,
 }
 
 /// The compiled kernel `compose_wgmma_<entry>_bf16`, or an error for f32 and f16 storage.
@@ -415,6 +420,8 @@ pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelErr
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
         WgmmaEntry::Shrink => kernel_entry!(e::lc_run_compose_wgmma_shrink_bf16),
         WgmmaEntry::Expand => kernel_entry!(e::lc_run_compose_wgmma_expand_bf16),
+        WgmmaEntry::Hidden => kernel_entry!(e::lc_run_compose_wgmma_hidden_bf16),
+        WgmmaEntry::Dx => kernel_entry!(e::lc_run_compose_wgmma_dx_bf16),
     };
     Ok(Kernel {
         family: "compose_wgmma",

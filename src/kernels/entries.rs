@@ -30,7 +30,12 @@ pub(crate) mod gemm_wgmma {
 }
 
 pub(crate) mod compose_wgmma {
-    crate::launch::harness_entries!(lc_run_compose_wgmma_shrink_bf16, lc_run_compose_wgmma_expand_bf16);
+    crate::launch::harness_entries!(
+        lc_run_compose_wgmma_shrink_bf16,
+        lc_run_compose_wgmma_expand_bf16,
+        lc_run_compose_wgmma_hidden_bf16,
+        lc_run_compose_wgmma_dx_bf16,
+    );
 }
 
 pub(crate) mod compose_fwd {
