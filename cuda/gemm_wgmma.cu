@@ -11,39 +11,48 @@
 //                core-matrix layout, K- or MN-major as stored (no transposing copy), a 4-stage
 //                cp.async pipeline in 64 KiB of dynamic shared memory (opted into by the GPU
 //                backend) with one wgmma group in flight; then mma_tile::epilogue_axpby.
-//                143 registers a thread: one block an SM. No split-K yet.
+//                143 registers a thread: one block an SM. Where the tiles leave SMs idle the
+//                Rust side splits K as for `mma` (gemm_wgmma_split_*: f32 partials to a
+//                workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C in split order).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {
 
 using namespace wgmma_tile;
 
-// C = alpha·op(A)·op(B) + beta·C for the block's 128×128 tile. TA: A stored (K, M) (MN-major);
-// TB: B stored (N, K) (K-major). Every thread of the block (THREADS) calls it.
+// C = alpha·op(A)·op(B) + beta·C for the block's 128×128 tile; or, split (gridDim.z > 1), the
+// partial of K range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which the gemm
+// family's gemm_mma_finish_* adds. TA: A stored (K, M) (MN-major); TB: B stored (N, K)
+// (K-major). Every thread of the block (THREADS) calls it.
 template <typename T, bool TA, bool TB>
 __device__ __forceinline__ void body(T* stages, const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
-                                     int M, int N, int K, float alpha, float beta) {
+                                     float* __restrict__ work, int M, int N, int K, float alpha, float beta,
+                                     int chunk) {
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[1][16][4];
-    mainloop<T, TA, TB>(acc, stages, A, B, M, N, K, m0, n0, 0, K);
-    mma_tile::epilogue_axpby<T, Layout>(acc, C, M, N, m0, n0, alpha, beta);
+    mainloop<T, TA, TB>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
+    if (gridDim.z > 1)
+        mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
+    else
+        mma_tile::epilogue_axpby<T, Layout>(acc, C, M, N, m0, n0, alpha, beta);
 }
 
-// Grid (ceil(N/128), ceil(M/128)), block 256, SHARED_BYTES of dynamic shared memory.
+// Grid (ceil(N/128), ceil(M/128), splits), block 256, SHARED_BYTES of dynamic shared memory.
 template <typename T>
-__device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N,
-                                     int K, int trans_a, int trans_b, float alpha, float beta) {
+__device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
+                                     float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
+                                     float alpha, float beta, int chunk) {
     EXTERN_SHARED(T, stages);
     if (trans_a) {
         if (trans_b)
-            body<T, true, true>(stages, A, B, C, M, N, K, alpha, beta);
+            body<T, true, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            body<T, true, false>(stages, A, B, C, M, N, K, alpha, beta);
+            body<T, true, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            body<T, false, true>(stages, A, B, C, M, N, K, alpha, beta);
+            body<T, false, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            body<T, false, false>(stages, A, B, C, M, N, K, alpha, beta);
+            body<T, false, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     }
 }
 
@@ -53,7 +62,12 @@ __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restric
     extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_##suffix(                                            \
         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,       \
         int trans_b, float alpha, float beta) {                                                                      \
-        wgmma_gemm::gemm<T>(A, B, C, M, N, K, trans_a, trans_b, alpha, beta);                                         \
+        wgmma_gemm::gemm<T>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                             \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_split_##suffix(                                      \
+        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K,             \
+        int trans_a, int trans_b, int chunk) {                                                                       \
+        wgmma_gemm::gemm<T>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                       \
     }
 GEMM_WGMMA_ENTRY(f16, __half)
 GEMM_WGMMA_ENTRY(bf16, __nv_bfloat16)

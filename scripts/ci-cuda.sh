@@ -73,7 +73,8 @@ done
 # with its fence, commit and wait, fence.proxy.async and the cp.async pipeline; and ptxas must
 # not have had to inject warpgroup waits or arrives into them (C7517/C7519: it serialises the asynchronous MMA where the
 # kernel touches the accumulators while a wgmma is in flight).
-for family_entry in gemm_wgmma:gemm_wgmma_f16 gemm_wgmma:gemm_wgmma_bf16 compose_wgmma:compose_wgmma_shrink_bf16 \
+for family_entry in gemm_wgmma:gemm_wgmma_f16 gemm_wgmma:gemm_wgmma_bf16 gemm_wgmma:gemm_wgmma_split_f16 \
+    gemm_wgmma:gemm_wgmma_split_bf16 compose_wgmma:compose_wgmma_shrink_bf16 \
     compose_wgmma:compose_wgmma_expand_bf16 compose_wgmma:compose_wgmma_hidden_bf16 compose_wgmma:compose_wgmma_dx_bf16; do
     IFS=: read -r family entry <<<"$family_entry"
     # To the next entry: the wgmma asm's own braces put lines of "}" inside the body.

@@ -3,5 +3,7 @@
 
 LC_HARNESS_ENTRY(gemm_wgmma_f16)
 LC_HARNESS_ENTRY(gemm_wgmma_bf16)
+LC_HARNESS_ENTRY(gemm_wgmma_split_f16)
+LC_HARNESS_ENTRY(gemm_wgmma_split_bf16)
 LC_HARNESS_ENTRY(selftest_wgmma_f16)
 LC_HARNESS_ENTRY(selftest_wgmma_bf16)

@@ -26,7 +26,12 @@ pub(crate) mod gemm {
 }
 
 pub(crate) mod gemm_wgmma {
-    crate::launch::harness_entries!(lc_run_gemm_wgmma_f16, lc_run_gemm_wgmma_bf16,);
+    crate::launch::harness_entries!(
+        lc_run_gemm_wgmma_f16,
+        lc_run_gemm_wgmma_bf16,
+        lc_run_gemm_wgmma_split_f16,
+        lc_run_gemm_wgmma_split_bf16,
+    );
 }
 
 pub(crate) mod compose_wgmma {

@@ -25,7 +25,8 @@ pub enum Variant {
     /// storage, sm_90 only on a GPU (`cuda/gemm_wgmma.cu`, built for compute_90a; the CPU
     /// harness runs it through its wgmma emulation): 128×128 tile of 2 warpgroups, operands from
     /// shared memory in the no-swizzle core-matrix layout, 4-stage `cp.async` pipeline in 64 KiB
-    /// of dynamic shared memory, one wgmma group kept in flight. No split-K yet.
+    /// of dynamic shared memory, one wgmma group kept in flight; split-K as [`Variant::Mma`]
+    /// ([`mma_split`], [`Variant::splits_k`]).
     Wgmma,
 }
 
@@ -89,14 +90,20 @@ impl Variant {
     /// Whether the variant has a kernel for storage `dtype`: tensor cores take f16/bf16 only.
     /// Tests and benches skip the other combinations explicitly.
     pub fn applies(self, dtype: DType) -> bool {
-        !((self.is_tensor_core() || self == Variant::Wgmma) && dtype == DType::F32)
+        !(self.splits_k() && dtype == DType::F32)
     }
 
     /// The `mma.sync` variants ([`Variant::Mma`], [`Variant::MmaW64`]): 16-bit storage, one
     /// 128×128 tile and pipeline, split-K where the tiles leave SMs idle ([`mma_split`]).
-    /// ([`Variant::Wgmma`], also 16-bit only, is not one: its own family, no split-K.)
+    /// ([`Variant::Wgmma`], also 16-bit only, is not one: its own family and shared memory.)
     pub fn is_tensor_core(self) -> bool {
         matches!(self, Variant::Mma | Variant::MmaW64)
+    }
+
+    /// The variants that split K where their 128×128 tiles leave SMs idle ([`mma_split`]): the
+    /// tensor-core ones and [`Variant::Wgmma`].
+    pub fn splits_k(self) -> bool {
+        self.is_tensor_core() || self == Variant::Wgmma
     }
 
     pub fn tile(self) -> Option<Tile> {
@@ -247,6 +254,15 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     })
 }
 
+/// A kernel of `cuda/gemm.cu`.
+fn gemm_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> Kernel {
+    Kernel {
+        family: "gemm",
+        name,
+        harness_entry,
+    }
+}
+
 /// A kernel of `cuda/gemm_wgmma.cu` (its own family: PTX for compute_90a).
 fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> Kernel {
     Kernel {
@@ -256,11 +272,13 @@ fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> K
     }
 }
 
-/// The split-K twin of a tensor-core variant's kernel: `gemm_mma_split_<dtype>` or
-/// `gemm_mma_w64_split_<dtype>` (partials of each split of K) and `gemm_mma_finish_<dtype>` (C
-/// from them, for both); `None` for f32 or another variant.
+/// The split-K twin of a splitting variant's kernel ([`Variant::splits_k`]):
+/// `gemm_mma_split_<dtype>`, `gemm_mma_w64_split_<dtype>` or `gemm_wgmma_split_<dtype>` (partials
+/// of each split of K) and `gemm_mma_finish_<dtype>` (C from them, for all three); `None` for f32
+/// or another variant.
 fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)> {
     use super::entries::gemm as e;
+    use super::entries::gemm_wgmma as w;
     let (split, finish): ((&'static str, super::HarnessEntry), (&'static str, super::HarnessEntry)) =
         match (variant, dtype) {
             (Variant::Mma, DType::F16) => (
@@ -279,18 +297,21 @@ fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)>
                 kernel_entry!(e::lc_run_gemm_mma_w64_split_bf16),
                 kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
             ),
+            (Variant::Wgmma, DType::F16) => {
+                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_f16));
+                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_f16))));
+            }
+            (Variant::Wgmma, DType::BF16) => {
+                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_bf16));
+                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_bf16))));
+            }
             _ => return None,
         };
-    let kernel = |(name, harness_entry)| Kernel {
-        family: "gemm",
-        name,
-        harness_entry,
-    };
-    Some((kernel(split), kernel(finish)))
+    Some((gemm_kernel(split), gemm_kernel(finish)))
 }
 
-/// How the tensor-core variants ([`Variant::Mma`], [`Variant::MmaW64`]: the same tiles, at most
-/// two blocks an SM) split K for `shape` on a device of `sm_count` SMs: where its 128×128
+/// How the splitting variants ([`Variant::Mma`], [`Variant::MmaW64`], [`Variant::Wgmma`]: the
+/// same tiles, at most two blocks an SM) split K for `shape` on a device of `sm_count` SMs: where its 128×128
 /// tiles leave SMs idle (decode's 16 × 4096 × 4096: 32 tiles, each walking K in 128 dependent
 /// steps — the first H200 run measured 127 µs, cuBLAS 19), K in chunks
 /// ([`compose_common::mma_split`](super::compose_common::mma_split)): the split kernel writes
@@ -299,6 +320,18 @@ fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)>
 pub fn mma_split(shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
     let tiles = shape.m.div_ceil(mma_tile::BM as usize) * shape.n.div_ceil(mma_tile::BN as usize);
     super::compose_common::mma_split(tiles, shape.k, sm_count)
+}
+
+/// The split of `variant` ([`Variant::splits_k`]): [`mma_split`], or for [`Variant::Wgmma`],
+/// whose 143 registers a thread (ptxas, sm_90a) fit one block of 256 an SM, the same rule aiming
+/// at one block an SM.
+pub fn split_of(variant: Variant, shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
+    if variant == Variant::Wgmma {
+        let tiles = shape.m.div_ceil(mma_tile::BM as usize) * shape.n.div_ceil(mma_tile::BN as usize);
+        super::compose_common::mma_split_at(tiles, shape.k, sm_count, 1)
+    } else {
+        mma_split(shape, sm_count)
+    }
 }
 
 fn check_shape<T: Element, B: Backend>(
@@ -354,8 +387,8 @@ pub fn launch<T: Element, B: Backend>(
     })?;
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
-    if variant.is_tensor_core() {
-        let split = mma_split(shape, backend.sm_count());
+    if variant.splits_k() {
+        let split = split_of(variant, shape, backend.sm_count());
         if split.splits > 1 {
             return launch_mma_split(backend, variant, params, split, a, b, c);
         }
@@ -379,7 +412,7 @@ pub fn launch<T: Element, B: Backend>(
     unsafe { backend.launch(&kernel, &dims, &args) }
 }
 
-/// A tensor-core variant with K in `split.splits` chunks: partials into a workspace allocated
+/// A splitting variant with K in `split.splits` chunks: partials into a workspace allocated
 /// here (freed in stream order when it drops), then C from them.
 fn launch_mma_split<T: Element, B: Backend>(
     backend: &B,
@@ -391,7 +424,7 @@ fn launch_mma_split<T: Element, B: Backend>(
     c: &mut B::Buffer<T>,
 ) -> Result<(), KernelError> {
     let (split_kernel, finish_kernel) =
-        mma_split_kernels(variant, T::DTYPE).expect("the tensor-core variants apply to 16-bit storage");
+        mma_split_kernels(variant, T::DTYPE).expect("the splitting variants apply to 16-bit storage");
     let shape = &params.shape;
     let (m, n) = (shape.m, shape.n);
     let mut work = backend.alloc::<f32>(split.splits * m * n)?;
