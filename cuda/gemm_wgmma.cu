@@ -11,9 +11,10 @@
 //                core-matrix layout, K- or MN-major as stored (no transposing copy), a 4-stage
 //                cp.async pipeline in 64 KiB of dynamic shared memory (opted into by the GPU
 //                backend) with one wgmma group in flight; then mma_tile::epilogue_axpby.
-//                143 registers a thread: one block an SM. Where the tiles leave SMs idle the
-//                Rust side splits K as for `mma` (gemm_wgmma_split_*: f32 partials to a
-//                workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C in split order).
+//                144 registers a thread: one block an SM. Where the tiles leave SMs idle the
+//                Rust side splits K as for `mma` (gemm_wgmma_split_*: 90 registers, 2 blocks an
+//                SM; f32 partials to a workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C
+//                in split order).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {

@@ -234,15 +234,6 @@ fn mma_splits_k_where_its_tiles_leave_sms_idle() {
     assert_eq!(splits(4096, 512, 4096), 2);
     let edge: Vec<usize> = EDGE_SHAPES.iter().map(|&(m, n, k)| splits(m, n, k)).collect();
     assert_eq!(edge, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4]);
-    // wgmma fits one block an SM (143 registers): decode splits 4 ways, the LoRA shrink not at all.
-    let wgmma = |m, n, k| gemm::split_of(Variant::Wgmma, &shape(m, n, k), sms);
-    let decode = wgmma(16, 4096, 4096);
-    assert_eq!((decode.chunk, decode.splits), (1024, 4));
-    assert_eq!(wgmma(4096, 512, 4096).splits, 1);
-    assert_eq!(
-        gemm::split_of(Variant::Mma, &shape(16, 4096, 4096), sms),
-        gemm::mma_split(&shape(16, 4096, 4096), sms)
-    );
 }
 
 const COEFFICIENTS: &[(f32, f32)] = &[(1.0, 0.0), (-0.5, 1.0), (1.7, -0.75)];

@@ -26,7 +26,8 @@ pub enum Variant {
     /// harness runs it through its wgmma emulation): 128×128 tile of 2 warpgroups, operands from
     /// shared memory in the no-swizzle core-matrix layout, 4-stage `cp.async` pipeline in 64 KiB
     /// of dynamic shared memory, one wgmma group kept in flight; split-K as [`Variant::Mma`]
-    /// ([`mma_split`], [`Variant::splits_k`]).
+    /// ([`mma_split`], [`Variant::splits_k`]: the split kernel's 90 registers fit 2 blocks an SM,
+    /// where the unsplit kernel's 144, with its epilogue, fit one).
     Wgmma,
 }
 
@@ -247,11 +248,7 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
         (Variant::Wgmma, DType::BF16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_bf16))),
         (Variant::Mma | Variant::MmaW64 | Variant::Wgmma, DType::F32) => return None,
     };
-    Some(Kernel {
-        family: "gemm",
-        name,
-        harness_entry,
-    })
+    Some(gemm_kernel((name, harness_entry)))
 }
 
 /// A kernel of `cuda/gemm.cu`.
@@ -322,18 +319,6 @@ pub fn mma_split(shape: &GemmShape, sm_count: usize) -> super::compose_common::S
     super::compose_common::mma_split(tiles, shape.k, sm_count)
 }
 
-/// The split of `variant` ([`Variant::splits_k`]): [`mma_split`], or for [`Variant::Wgmma`],
-/// whose 143 registers a thread (ptxas, sm_90a) fit one block of 256 an SM, the same rule aiming
-/// at one block an SM.
-pub fn split_of(variant: Variant, shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
-    if variant == Variant::Wgmma {
-        let tiles = shape.m.div_ceil(mma_tile::BM as usize) * shape.n.div_ceil(mma_tile::BN as usize);
-        super::compose_common::mma_split_at(tiles, shape.k, sm_count, 1)
-    } else {
-        mma_split(shape, sm_count)
-    }
-}
-
 fn check_shape<T: Element, B: Backend>(
     backend: &B,
     kernel: &Kernel,
@@ -388,7 +373,7 @@ pub fn launch<T: Element, B: Backend>(
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
     if variant.splits_k() {
-        let split = split_of(variant, shape, backend.sm_count());
+        let split = mma_split(shape, backend.sm_count());
         if split.splits > 1 {
             return launch_mma_split(backend, variant, params, split, a, b, c);
         }
