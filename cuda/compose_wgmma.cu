@@ -55,7 +55,7 @@ __device__ __forceinline__ void expand(const T* __restrict__ Z, const T* __restr
     if (gridDim.z > 1)
         mma_tile::store_partial<Layout>(acc, work, n_tokens, d_out, m0, n0);
     else
-        mma_tile::epilogue_axpby<T, Layout>(acc, Y, n_tokens, d_out, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T>(acc, Y, n_tokens, d_out, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic; K = d_out.
@@ -93,7 +93,7 @@ __device__ __forceinline__ void dx(const T* __restrict__ dU, const T* __restrict
     if (gridDim.z > 1)
         mma_tile::store_partial<Layout>(acc, work, n_tokens, d_in, m0, n0);
     else
-        mma_tile::epilogue_axpby<T, Layout>(acc, dX, n_tokens, d_in, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T>(acc, dX, n_tokens, d_in, m0, n0, 1.0f, 1.0f);
 }
 
 }  // namespace compose_wgmma

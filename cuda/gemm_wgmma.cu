@@ -10,11 +10,10 @@
 //                wgmma.mma_async.m64n128k16, operands from shared memory in the no-swizzle
 //                core-matrix layout, K- or MN-major as stored (no transposing copy), a 4-stage
 //                cp.async pipeline in 64 KiB of dynamic shared memory (opted into by the GPU
-//                backend) with one wgmma group in flight; then mma_tile::epilogue_axpby.
-//                144 registers a thread: one block an SM. Where the tiles leave SMs idle the
-//                Rust side splits K as for `mma` (gemm_wgmma_split_*: 90 registers, 2 blocks an
-//                SM; f32 partials to a workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C
-//                in split order).
+//                backend) with one wgmma group in flight; then wgmma_tile::epilogue_axpby. 127
+//                registers a thread: 2 blocks an SM. Where the tiles leave SMs idle the Rust
+//                side splits K as for `mma` (gemm_wgmma_split_*, 90 registers: f32 partials to a
+//                workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C in split order).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {
@@ -35,7 +34,7 @@ __device__ __forceinline__ void body(T* stages, const T* __restrict__ A, const T
     if (gridDim.z > 1)
         mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
     else
-        mma_tile::epilogue_axpby<T, Layout>(acc, C, M, N, m0, n0, alpha, beta);
+        epilogue_axpby<T>(acc, C, M, N, m0, n0, alpha, beta);
 }
 
 // Grid (ceil(N/128), ceil(M/128), splits), block 256, SHARED_BYTES of dynamic shared memory.

@@ -4,9 +4,10 @@
 // wgmma.mma_async.m64n128k16 (f32 accumulators, 64 a thread); both operands from shared memory
 // in the no-swizzle core-matrix layout, K-major or MN-major as the operand is stored (wgmma's
 // transpose flags take either); K in steps of 32 through a 4-stage cp.async pipeline in 64 KiB
-// of dynamic shared memory, one wgmma group kept in flight. Callers add the epilogue
-// (mma_tile::epilogue_axpby, store_partial and scale_epilogue take `Layout`: the wgmma
-// accumulators are the m16n8 layout, warp w of the block holding rows 16·w … 16·w + 15).
+// of dynamic shared memory, one wgmma group kept in flight. Callers add the epilogue (this
+// file's epilogue_axpby; mma_tile's store_partial, scale_epilogue and hidden_epilogue take
+// `Layout`: the wgmma accumulators are the m16n8 layout, warp w of the block holding rows
+// 16·w … 16·w + 15).
 #pragma once
 
 #include "mma_tile.cuh"
@@ -135,6 +136,60 @@ __device__ __forceinline__ void mainloop(float (&acc)[1][16][4], T* stages, cons
     lc::wgmma_wait<0>();
     lc::fence_accumulators(acc[0]);
     lc::cp_async_wait<0>();  // only empty groups remain; leave none behind
+}
+
+// out[row][col] = alpha · acc + beta · out[row][col] over the 128×128 block tile at (m0, n0),
+// rounded once (beta == 0: out not read): what mma_tile::epilogue_axpby computes, for this
+// layout, a thread's two rows in turn through one base pointer each — the old values of a row
+// (16 column pairs) loaded before any is stored. Column pairs as one 4-byte access when N is even
+// and `out` 4-byte aligned, else element by element. mma_tile's version, which addresses every
+// pair from its (row, column), costs these kernels 144–181 registers a thread (one block an
+// SM); this one 127 (two).
+template <typename T>
+__device__ __forceinline__ void epilogue_axpby(const float (&acc)[1][16][4], T* __restrict__ out, int M, int N,
+                                               int m0, int n0, float alpha, float beta) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const bool read = beta != 0.0f;
+    const bool pairs = N % 2 == 0 && reinterpret_cast<size_t>(out) % (2 * sizeof(T)) == 0;
+    const int col0 = n0 + 2 * (lane % 4);
+    LC_UNROLL
+    for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 16 * warp + lane / 4 + 8 * h;
+        if (row >= M) continue;
+        T* base = out + (size_t)row * N + col0;
+        float old[16][2];
+        LC_UNROLL
+        for (int j = 0; j < 16; ++j) {
+            const int col = col0 + 8 * j;
+            old[j][0] = old[j][1] = 0.0f;
+            if (!read) continue;
+            if (pairs) {
+                if (col < N) {
+                    const mma_tile::Pair<T> p = *reinterpret_cast<const mma_tile::Pair<T>*>(base + 8 * j);
+                    old[j][0] = lc::to_f32(p.lo), old[j][1] = lc::to_f32(p.hi);
+                }
+            } else {
+                if (col < N) old[j][0] = lc::to_f32(base[8 * j]);
+                if (col + 1 < N) old[j][1] = lc::to_f32(base[8 * j + 1]);
+            }
+        }
+        LC_UNROLL
+        for (int j = 0; j < 16; ++j) {
+            const int col = col0 + 8 * j;
+            const T lo = lc::from_f32<T>(alpha * acc[0][j][2 * h] + beta * old[j][0]);
+            const T hi = lc::from_f32<T>(alpha * acc[0][j][2 * h + 1] + beta * old[j][1]);
+            if (pairs) {
+                if (col < N) {
+                    mma_tile::Pair<T> p;
+                    p.lo = lo, p.hi = hi;
+                    *reinterpret_cast<mma_tile::Pair<T>*>(base + 8 * j) = p;
+                }
+            } else {
+                if (col < N) base[8 * j] = lo;
+                if (col + 1 < N) base[8 * j + 1] = hi;
+            }
+        }
+    }
 }
 
 }  // namespace wgmma_tile

@@ -179,7 +179,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             let (dc, du) = (train.coeffs, want_du);
             let wgmma = variant == Variant::Wgmma;
             let (step, split, dims) = if wgmma {
-                let (split, dims) = wgmma_step(WgmmaEntry::Hidden, t, r, d_out, sm_count);
+                let (split, dims) = wgmma_step(t, r, d_out, sm_count);
                 (Step::WgmmaHidden { dc, du, split }, split, dims)
             } else {
                 let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
@@ -201,7 +201,7 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             }
             if train.input {
                 let (step, split, dims) = if wgmma {
-                    let (split, dims) = wgmma_step(WgmmaEntry::Dx, t, d_in, r, sm_count);
+                    let (split, dims) = wgmma_step(t, d_in, r, sm_count);
                     (Step::WgmmaDx { split }, split, dims)
                 } else {
                     let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);

@@ -277,13 +277,7 @@ pub const MMA_MIN_CHUNK: usize = 4 * mma_tile::BK;
 /// first H200 run's large-T shapes but R = 128) it does not split. Each split costs a T × R f32
 /// partial written and read again by the finishing kernel.
 pub fn mma_split(tiles: usize, k: usize, sm_count: usize) -> Split {
-    mma_split_at(tiles, k, sm_count, BLOCKS_PER_SM)
-}
-
-/// [`mma_split`] for kernels of which `blocks_per_sm` fit an SM at once (the `wgmma` kernels'
-/// registers allow one or two: [`WgmmaEntry::blocks_per_sm`]).
-pub fn mma_split_at(tiles: usize, k: usize, sm_count: usize, blocks_per_sm: usize) -> Split {
-    let wanted = (blocks_per_sm.max(1) * sm_count.max(1)) / tiles.max(1);
+    let wanted = (BLOCKS_PER_SM * sm_count.max(1)) / tiles.max(1);
     let splits = wanted.clamp(1, (k / MMA_MIN_CHUNK).max(1));
     let chunk = k.div_ceil(splits).div_ceil(mma_tile::BK) * mma_tile::BK;
     let splits = k.div_ceil(chunk.max(1));
@@ -436,25 +430,14 @@ pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelErr
     })
 }
 
-impl WgmmaEntry {
-    /// Blocks of the kernel that fit an SM at once, by its registers (ptxas, sm_90a: shrink 98
-    /// and hidden 110 a thread, so 2 blocks of 256 threads; expand and ∂X 181, so 1). A split
-    /// aims for that many, not a second wave.
-    pub fn blocks_per_sm(self) -> usize {
-        match self {
-            WgmmaEntry::Shrink | WgmmaEntry::Hidden => 2,
-            WgmmaEntry::Expand | WgmmaEntry::Dx => 1,
-        }
-    }
-}
-
-/// One `wgmma` step of `entry` over a (T, `cols`) output with inner dimension `k`: 128×128 tiles,
-/// K split as [`mma_split_at`] for the entry's [`WgmmaEntry::blocks_per_sm`] (where the tiles
-/// leave SMs idle); grid (⌈cols / 128⌉, ⌈T / 128⌉, splits), 256 threads, the pipeline's 64 KiB
-/// of dynamic shared memory.
-pub(crate) fn wgmma_step(entry: WgmmaEntry, t: usize, cols: usize, k: usize, sm_count: usize) -> (Split, LaunchDims) {
+/// One `wgmma` step over a (T, `cols`) output with inner dimension `k`: 128×128 tiles, K split
+/// as [`mma_split`] splits the `mma` kernels' (where the tiles leave SMs idle; every `wgmma`
+/// kernel fits [`BLOCKS_PER_SM`] blocks an SM: ≤ 128 registers a thread, 64 KiB of shared
+/// memory each); grid (⌈cols / 128⌉, ⌈T / 128⌉, splits), 256 threads, the pipeline's 64 KiB of
+/// dynamic shared memory.
+pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize) -> (Split, LaunchDims) {
     let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(mma_tile::BN);
-    let split = mma_split_at(tiles, k, sm_count, entry.blocks_per_sm());
+    let split = mma_split(tiles, k, sm_count);
     let dims = LaunchDims {
         grid: [
             u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),

@@ -116,13 +116,13 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             }
         }
         Variant::Wgmma => {
-            let (split, dims) = wgmma_step(WgmmaEntry::Shrink, t, r, shape.d_in, sm_count);
+            let (split, dims) = wgmma_step(t, r, shape.d_in, sm_count);
             steps.push((Step::WgmmaShrink { split }, dims));
             if split.splits > 1 {
                 let splits = split.splits;
                 steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
             }
-            let (split, dims) = wgmma_step(WgmmaEntry::Expand, t, shape.d_out, r, sm_count);
+            let (split, dims) = wgmma_step(t, shape.d_out, r, sm_count);
             steps.push((Step::WgmmaExpand { split }, dims));
             if split.splits > 1 {
                 let splits = split.splits;

@@ -26,8 +26,8 @@ pub enum Variant {
     /// harness runs it through its wgmma emulation): 128×128 tile of 2 warpgroups, operands from
     /// shared memory in the no-swizzle core-matrix layout, 4-stage `cp.async` pipeline in 64 KiB
     /// of dynamic shared memory, one wgmma group kept in flight; split-K as [`Variant::Mma`]
-    /// ([`mma_split`], [`Variant::splits_k`]: the split kernel's 90 registers fit 2 blocks an SM,
-    /// where the unsplit kernel's 144, with its epilogue, fit one).
+    /// ([`mma_split`], [`Variant::splits_k`]: 2 blocks an SM, 127 registers a thread, 90 for
+    /// the split kernel).
     Wgmma,
 }
 
