@@ -43,19 +43,20 @@ __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restr
                                             m0, n0);
 }
 
-// Grid (ceil(d_out / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic.
-template <typename T>
-__device__ __forceinline__ void expand(const T* __restrict__ Z, const T* __restrict__ B_cat, T* __restrict__ Y,
-                                       float* __restrict__ work, int n_tokens, int R, int d_out, int chunk) {
+// Grid (ceil(N / 128), ceil(M / 128), splits), block 256, SHARED_BYTES dynamic. out (M, N) +=
+// A · op(B), A row-major (M, K): the expand (A = Z, B = B_cat stored (N, K): TB, K = R) and ∂X
+// (A = ∂U, B = A_cat stored (K, N), K = R); with several splits of K, partials to `work`.
+template <typename T, bool TB>
+__device__ __forceinline__ void accumulate(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ out,
+                                           float* __restrict__ work, int M, int N, int K, int chunk) {
     EXTERN_SHARED(T, stages);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[1][16][4];
-    mainloop<T, false, true>(acc, stages, Z, B_cat, n_tokens, d_out, R, m0, n0, lc::split_begin(chunk),
-                             lc::split_end(chunk, R));
+    mainloop<T, false, TB>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)
-        mma_tile::store_partial<Layout>(acc, work, n_tokens, d_out, m0, n0);
+        mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
     else
-        epilogue_axpby<T>(acc, Y, n_tokens, d_out, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic; K = d_out.
@@ -80,22 +81,6 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
                                              col_scale, dC, dU, work, n_tokens, R, n_modules, m0, n0);
 }
 
-// Grid (ceil(d_in / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic. ∂X += ∂U A_cat
-// (A_cat stored (R, d_in): MN-major); with several splits of R, partials to `work`.
-template <typename T>
-__device__ __forceinline__ void dx(const T* __restrict__ dU, const T* __restrict__ A_cat, T* __restrict__ dX,
-                                   float* __restrict__ work, int n_tokens, int R, int d_in, int chunk) {
-    EXTERN_SHARED(T, stages);
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[1][16][4];
-    mainloop<T, false, false>(acc, stages, dU, A_cat, n_tokens, d_in, R, m0, n0, lc::split_begin(chunk),
-                              lc::split_end(chunk, R));
-    if (gridDim.z > 1)
-        mma_tile::store_partial<Layout>(acc, work, n_tokens, d_in, m0, n0);
-    else
-        epilogue_axpby<T>(acc, dX, n_tokens, d_in, m0, n0, 1.0f, 1.0f);
-}
-
 }  // namespace compose_wgmma
 
 // Tensor cores take 16-bit inputs, and the composition families are built for bf16: bf16 only.
@@ -110,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,
                               int n_tokens, int R, int d_out, int chunk) {
-    compose_wgmma::expand(Z, B_cat, Y, work, n_tokens, R, d_out, chunk);
+    compose_wgmma::accumulate<__nv_bfloat16, true>(Z, B_cat, Y, work, n_tokens, d_out, R, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_hidden_bf16(const __nv_bfloat16* G, const __nv_bfloat16* B_cat, const __nv_bfloat16* U,
@@ -123,5 +108,5 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_dx_bf16(const __nv_bfloat16* dU, const __nv_bfloat16* A_cat, __nv_bfloat16* dX, float* work,
                           int n_tokens, int R, int d_in, int chunk) {
-    compose_wgmma::dx(dU, A_cat, dX, work, n_tokens, R, d_in, chunk);
+    compose_wgmma::accumulate<__nv_bfloat16, false>(dU, A_cat, dX, work, n_tokens, d_in, R, chunk);
 }

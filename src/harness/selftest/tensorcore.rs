@@ -19,7 +19,7 @@ struct TvLayout {
     value: &'static [(usize, usize)],
 }
 
-fn mode_index(modes: &[(usize, usize)], mut coordinate: usize) -> usize {
+pub(super) fn mode_index(modes: &[(usize, usize)], mut coordinate: usize) -> usize {
     let mut index = 0;
     for &(extent, stride) in modes {
         index += (coordinate % extent) * stride;

@@ -16,16 +16,7 @@
 use super::*;
 use crate::harness::entries::gemm_wgmma as w;
 
-/// One mode of a CuTe layout: (extent, stride) sub-modes, the first varying fastest.
-fn mode_index(modes: &[(usize, usize)], mut coordinate: usize) -> usize {
-    let mut index = 0;
-    for &(extent, stride) in modes {
-        index += (coordinate % extent) * stride;
-        coordinate /= extent;
-    }
-    assert_eq!(coordinate, 0, "coordinate past the mode's size");
-    index
-}
+use super::tensorcore::mode_index;
 
 /// `CLayout_64xN<128>`: (thread 128, value 64) → m + 64·n.
 const C_THREAD: &[(usize, usize)] = &[(4, 128), (8, 1), (4, 16)];
