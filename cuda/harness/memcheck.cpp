@@ -865,7 +865,6 @@ void wgmma_commit() {
 void wgmma_wait(int pending) {
     warp_gather(0xffffffffu, 0);
     WgmmaState& state = t_wgmma[t_current->tid];
-    const unsigned lane = t_current->lane;
     size_t kept = 0;
     for (size_t i = 0; i < state.in_flight.size(); ++i) {
         WgmmaOp& op = state.in_flight[i];
@@ -898,7 +897,6 @@ void wgmma_wait(int pending) {
                            wgmma_value(op.b_bits[(2 * j + c) * 16 + k], op.input);
                 acc->value[4 * j + v] = sum;
             }
-        (void)lane;
     }
     state.in_flight.resize(kept);
     // Accumulators with nothing left in flight go back to the kernel's registers.
