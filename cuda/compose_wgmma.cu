@@ -50,13 +50,7 @@ template <typename T, bool TB>
 __device__ __forceinline__ void accumulate(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ out,
                                            float* __restrict__ work, int M, int N, int K, int chunk) {
     EXTERN_SHARED(T, stages);
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[1][16][4];
-    mainloop<T, false, TB>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
-    if (gridDim.z > 1)
-        mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
-    else
-        epilogue_axpby<T>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+    tile_axpby<T, false, TB>(stages, A, B, out, work, M, N, K, 1.0f, 1.0f, chunk);
 }
 
 // Grid (ceil(R / 128), ceil(T / 128), splits), block 256, SHARED_BYTES dynamic; K = d_out.

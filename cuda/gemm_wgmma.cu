@@ -20,24 +20,10 @@ namespace wgmma_gemm {
 
 using namespace wgmma_tile;
 
-// C = alpha·op(A)·op(B) + beta·C for the block's 128×128 tile; or, split (gridDim.z > 1), the
-// partial of K range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which the gemm
-// family's gemm_mma_finish_* adds. TA: A stored (K, M) (MN-major); TB: B stored (N, K)
-// (K-major). Every thread of the block (THREADS) calls it.
-template <typename T, bool TA, bool TB>
-__device__ __forceinline__ void body(T* stages, const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
-                                     float* __restrict__ work, int M, int N, int K, float alpha, float beta,
-                                     int chunk) {
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[1][16][4];
-    mainloop<T, TA, TB>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
-    if (gridDim.z > 1)
-        mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
-    else
-        epilogue_axpby<T>(acc, C, M, N, m0, n0, alpha, beta);
-}
-
-// Grid (ceil(N/128), ceil(M/128), splits), block 256, SHARED_BYTES of dynamic shared memory.
+// C = alpha·op(A)·op(B) + beta·C; or, split (gridDim.z > 1), the partials of K for the gemm
+// family's gemm_mma_finish_* (wgmma_tile::tile_axpby). trans_a: A stored (K, M), MN-major;
+// trans_b: B stored (N, K), K-major. Grid (ceil(N/128), ceil(M/128), splits), block 256,
+// SHARED_BYTES of dynamic shared memory.
 template <typename T>
 __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
                                      float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
@@ -45,14 +31,14 @@ __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restric
     EXTERN_SHARED(T, stages);
     if (trans_a) {
         if (trans_b)
-            body<T, true, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            body<T, true, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            body<T, false, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            body<T, false, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     }
 }
 

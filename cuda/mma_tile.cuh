@@ -283,15 +283,14 @@ __device__ __forceinline__ void epilogue_axpby(const float (&acc)[L::FRAG_M][L::
     }
 }
 
-// The composition's shrink epilogue over the block tile at (m0, n0) of the (n_tokens, R) output
-// (U = acc, Z = U ∘ D, D[t, j] = C[sample_of[t], module_of[j]] · col_scale[j]): U (null skips
-// it) and Z overwritten, each rounded once. L: the accumulators' warp layout (as Frag).
-template <typename T, class L>
-__device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ C,
-                                               const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                               const float* __restrict__ col_scale, T* __restrict__ U,
-                                               T* __restrict__ Z, int n_tokens, int R, int n_modules, int m0,
-                                               int n0) {
+// Every in-range output of the block tile at (m0, n0) of an (n_tokens, R) composition output, with
+// its D[t, j] = C[sample_of[t], module_of[j]] · col_scale[j]: visit(index t·R + j, acc, D) (the
+// sample read once per row). L: the accumulators' warp layout (as Frag).
+template <class L, class Visit>
+__device__ __forceinline__ void for_each_scaled(const float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ C,
+                                                const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                                const float* __restrict__ col_scale, int n_tokens, int R,
+                                                int n_modules, int m0, int n0, Visit visit) {
     const Frag<L> f;
     LC_UNROLL
     for (int i = 0; i < L::FRAG_M; ++i)
@@ -304,11 +303,24 @@ __device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::
             for (int j = 0; j < L::FRAG_N; ++j) {
                 const int col = n0 + f.col(j, v);
                 if (col >= R) continue;
-                if (U) U[(size_t)t * R + col] = lc::from_f32<T>(acc[i][j][v]);
-                Z[(size_t)t * R + col] =
-                    lc::from_f32<T>(acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col));
+                visit((size_t)t * R + col, acc[i][j][v], lc::diag(C, n_modules, module_of, col_scale, sample, col));
             }
         }
+}
+
+// The composition's shrink epilogue (U = acc, Z = U ∘ D): U (null skips it) and Z overwritten,
+// each rounded once.
+template <typename T, class L>
+__device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ C,
+                                               const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                               const float* __restrict__ col_scale, T* __restrict__ U,
+                                               T* __restrict__ Z, int n_tokens, int R, int n_modules, int m0,
+                                               int n0) {
+    for_each_scaled<L>(acc, C, sample_of, module_of, col_scale, n_tokens, R, n_modules, m0, n0,
+                       [&](size_t at, float u, float d) {
+                           if (U) U[at] = lc::from_f32<T>(u);
+                           Z[at] = lc::from_f32<T>(u * d);
+                       });
 }
 
 // The composition's backward epilogue over an H tile in registers (TBM × BN at (m0, n0) of the
@@ -330,26 +342,14 @@ __device__ __forceinline__ void hidden_epilogue(const float (&acc)[L::FRAG_M][L:
     const Frag<L> f;
     const bool split = gridDim.z > 1;
     float* du_part = split ? work + (size_t)blockIdx.z * n_tokens * R : nullptr;
-    if (dU) {
-        LC_UNROLL
-        for (int i = 0; i < FM; ++i)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int t = m0 + f.row(i, v);
-                if (t >= n_tokens) continue;
-                const int sample = sample_of[t];
-                LC_UNROLL
-                for (int j = 0; j < FN; ++j) {
-                    const int col = n0 + f.col(j, v);
-                    if (col >= R) continue;
-                    const float du = acc[i][j][v] * lc::diag(C, n_modules, module_of, col_scale, sample, col);
-                    if (split)
-                        du_part[(size_t)t * R + col] = du;
-                    else
-                        dU[(size_t)t * R + col] = lc::from_f32<T>(du);
-                }
-            }
-    }
+    if (dU)
+        for_each_scaled<L>(acc, C, sample_of, module_of, col_scale, n_tokens, R, n_modules, m0, n0,
+                           [&](size_t at, float h, float d) {
+                               if (split)
+                                   du_part[at] = h * d;
+                               else
+                                   dU[at] = lc::from_f32<T>(h * d);
+                           });
     if (!dC) return;  // uniform across the block: no barrier below is skipped by only some threads
 
     // A segment is a maximal run of the tile's columns that belong to one module.

@@ -192,4 +192,21 @@ __device__ __forceinline__ void epilogue_axpby(const float (&acc)[1][16][4], T* 
     }
 }
 
+// The block's tile of out = alpha·op(A)·op(B) + beta·out (grid (ceil(N/128), ceil(M/128),
+// splits)); or, split (gridDim.z > 1), the partial of K range [z·chunk, (z + 1)·chunk) to
+// work[z] (splits × M × N f32) for a finishing kernel. `stages`: SHARED_BYTES of dynamic shared
+// memory. The GEMM family's variant and the composition's expand and ∂X.
+template <typename T, bool TA, bool TB>
+__device__ __forceinline__ void tile_axpby(T* stages, const T* __restrict__ A, const T* __restrict__ B,
+                                           T* __restrict__ out, float* __restrict__ work, int M, int N, int K,
+                                           float alpha, float beta, int chunk) {
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    float acc[1][16][4];
+    mainloop<T, TA, TB>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
+    if (gridDim.z > 1)
+        mma_tile::store_partial<Layout>(acc, work, M, N, m0, n0);
+    else
+        epilogue_axpby<T>(acc, out, M, N, m0, n0, alpha, beta);
+}
+
 }  // namespace wgmma_tile

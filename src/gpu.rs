@@ -95,6 +95,9 @@ pub struct GpuBackend {
     sm_count: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Per kernel, the dynamic shared memory past 48 KiB it has been opted into (a host-side
+    /// attribute, set once rather than before every launch).
+    opted_in: Mutex<HashMap<&'static str, u32>>,
     to_device: AtomicU64,
     to_host: AtomicU64,
     copies: AtomicU64,
@@ -169,6 +172,7 @@ impl GpuBackend {
             compute_capability,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            opted_in: Mutex::new(HashMap::new()),
             to_device: AtomicU64::new(0),
             to_host: AtomicU64::new(0),
             copies: AtomicU64::new(0),
@@ -389,17 +393,22 @@ impl Backend for GpuBackend {
                 KernelArg::F32(value) => builder.arg(value),
             };
         }
-        if dims.dynamic_shared_bytes > crate::launch::MAX_STATIC_SHARED_BYTES {
-            // Dynamic shared memory past 48 KiB needs the kernel's opt-in (a host-side attribute).
-            function
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dims.dynamic_shared_bytes as i32,
-                )
-                .map_err(driver_error(format!(
-                    "opting {} into {} bytes of dynamic shared memory",
-                    kernel.name, dims.dynamic_shared_bytes
-                )))?;
+        let bytes = dims.dynamic_shared_bytes;
+        if bytes > crate::launch::MAX_STATIC_SHARED_BYTES {
+            // Dynamic shared memory past 48 KiB needs the kernel's opt-in, once per size it grows to.
+            let mut opted_in = self.opted_in.lock().expect("opt-in cache");
+            if opted_in.get(kernel.name).is_none_or(|&had| had < bytes) {
+                function
+                    .set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(driver_error(format!(
+                        "opting {} into {bytes} bytes of dynamic shared memory",
+                        kernel.name
+                    )))?;
+                opted_in.insert(kernel.name, bytes);
+            }
         }
         let config = LaunchConfig {
             grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),

@@ -310,11 +310,7 @@ pub(crate) fn mma_step(
 ) -> (usize, Split, LaunchDims) {
     let (tile_rows, split) = mma_plan(t, cols, k, sm_count);
     let dims = LaunchDims {
-        grid: [
-            u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
-            u32::try_from(t.div_ceil(tile_rows)).expect("grid y fits u32"),
-            u32::try_from(split.splits).expect("grid z fits u32"),
-        ],
+        grid: tile_grid(t, cols, tile_rows, split.splits),
         block: [entry.on_rows(tile_rows).threads(), 1, 1],
         dynamic_shared_bytes: 0,
     };
@@ -372,12 +368,6 @@ impl MmaEntry {
 /// cores take 16-bit inputs; the composition families are built for bf16).
 pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> {
     use super::entries::compose_mma as e;
-    if dtype != DType::BF16 {
-        return Err(KernelError::Argument {
-            kernel: "compose_mma",
-            message: format!("the tensor-core composition kernels take bf16 storage, not {dtype:?}"),
-        });
-    }
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
         MmaEntry::Shrink => kernel_entry!(e::lc_run_compose_mma_shrink_bf16),
         MmaEntry::Shrink64 => kernel_entry!(e::lc_run_compose_mma_shrink64_bf16),
@@ -388,11 +378,36 @@ pub fn mma_kernel(entry: MmaEntry, dtype: DType) -> Result<Kernel, KernelError> 
         MmaEntry::Dx => kernel_entry!(e::lc_run_compose_mma_dx_bf16),
         MmaEntry::Dx64 => kernel_entry!(e::lc_run_compose_mma_dx64_bf16),
     };
+    tensor_core_kernel("compose_mma", (name, harness_entry), dtype)
+}
+
+/// A tensor-core composition kernel of `family` for storage `dtype`, or the error for f32 and
+/// f16 (tensor cores take 16-bit inputs; the composition families are built for bf16).
+fn tensor_core_kernel(
+    family: &'static str,
+    (name, harness_entry): (&'static str, super::HarnessEntry),
+    dtype: DType,
+) -> Result<Kernel, KernelError> {
+    if dtype != DType::BF16 {
+        return Err(KernelError::Argument {
+            kernel: family,
+            message: format!("the tensor-core composition kernels take bf16 storage, not {dtype:?}"),
+        });
+    }
     Ok(Kernel {
-        family: "compose_mma",
+        family,
         name,
         harness_entry,
     })
+}
+
+/// Grid over a (T, `cols`) output in tiles of `tile_rows` × 128, `splits` K chunks along z.
+fn tile_grid(t: usize, cols: usize, tile_rows: usize, splits: usize) -> [u32; 3] {
+    [
+        u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
+        u32::try_from(t.div_ceil(tile_rows)).expect("grid y fits u32"),
+        u32::try_from(splits).expect("grid z fits u32"),
+    ]
 }
 
 /// The kernels of the `wgmma` variant (`cuda/compose_wgmma.cu`).
@@ -411,23 +426,13 @@ pub enum WgmmaEntry {
 /// The compiled kernel `compose_wgmma_<entry>_bf16`, or an error for f32 and f16 storage.
 pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelError> {
     use super::entries::compose_wgmma as e;
-    if dtype != DType::BF16 {
-        return Err(KernelError::Argument {
-            kernel: "compose_wgmma",
-            message: format!("the tensor-core composition kernels take bf16 storage, not {dtype:?}"),
-        });
-    }
     let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
         WgmmaEntry::Shrink => kernel_entry!(e::lc_run_compose_wgmma_shrink_bf16),
         WgmmaEntry::Expand => kernel_entry!(e::lc_run_compose_wgmma_expand_bf16),
         WgmmaEntry::Hidden => kernel_entry!(e::lc_run_compose_wgmma_hidden_bf16),
         WgmmaEntry::Dx => kernel_entry!(e::lc_run_compose_wgmma_dx_bf16),
     };
-    Ok(Kernel {
-        family: "compose_wgmma",
-        name,
-        harness_entry,
-    })
+    tensor_core_kernel("compose_wgmma", (name, harness_entry), dtype)
 }
 
 /// One `wgmma` step over a (T, `cols`) output with inner dimension `k`: 128×128 tiles, K split
@@ -439,11 +444,7 @@ pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize) -> (S
     let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(mma_tile::BN);
     let split = mma_split(tiles, k, sm_count);
     let dims = LaunchDims {
-        grid: [
-            u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
-            u32::try_from(t.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
-            u32::try_from(split.splits).expect("grid z fits u32"),
-        ],
+        grid: tile_grid(t, cols, mma_tile::BM, split.splits),
         block: [super::gemm::mma_tile::THREADS_WGMMA, 1, 1],
         dynamic_shared_bytes: super::gemm::mma_tile::WGMMA_SHARED_BYTES,
     };
