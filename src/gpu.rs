@@ -245,7 +245,7 @@ impl GpuBackend {
                     // Architecture-specific PTX (`// lc-arch: 90a` in build.rs: wgmma) loads on
                     // that architecture only.
                     let (major, minor) = self.compute_capability;
-                    if ptx.contains(".target sm_90a") && (major, minor) != (9, 0) {
+                    if ptx.contains(".target sm_90a") && !self.runs_sm90a() {
                         return Err(KernelError::Unavailable(format!(
                             "cuda/{}.cu is built for sm_90a (wgmma); this GPU is sm_{major}{minor}",
                             kernel.family
@@ -298,6 +298,10 @@ impl Backend for GpuBackend {
 
     fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    fn runs_sm90a(&self) -> bool {
+        self.compute_capability == (9, 0)
     }
 
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<GpuBuffer<T>, KernelError> {

@@ -171,6 +171,10 @@ impl Backend for CpuHarness {
         HARNESS_SM_COUNT
     }
 
+    fn runs_sm90a(&self) -> bool {
+        true
+    }
+
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
         count(std::mem::size_of_val(host), 0);
         HostBuffer::from_slice(host)

@@ -260,6 +260,12 @@ pub trait Backend {
     /// Streaming multiprocessors, for split-K plans: the device's own count on a GPU,
     /// [`HARNESS_SM_COUNT`] on the harness.
     fn sm_count(&self) -> usize;
+    /// Whether kernels built for sm_90a (Hopper's `wgmma`: the GEMM family's and the
+    /// composition's `wgmma` variants) run here: on a GPU of compute capability 9.0 only (the
+    /// driver cannot load their PTX elsewhere, and they return [`KernelError::Unavailable`]);
+    /// always on the harness, which emulates `wgmma`. Tests and benches skip those variants where
+    /// this is false, saying so.
+    fn runs_sm90a(&self) -> bool;
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
     /// `len` elements of uninitialised device memory, for outputs and workspaces that a kernel
     /// writes before anything reads them. The harness tracks it as unwritten: a kernel that reads

@@ -521,8 +521,13 @@ fn check_variants<B: Backend>(
     ) -> Result<(), String> {
         let p = prepare::<T>(case, seed);
         let w = want_of(case, &p);
-        // The tensor-core variant has no f32 kernels (`Variant::applies`): skipped for f32.
-        let variants: Vec<compose_fwd::Variant> = variants.iter().copied().filter(|v| v.applies(T::DTYPE)).collect();
+        // The tensor-core variants have no f32 kernels (`Variant::applies`): skipped for f32;
+        // the sm_90a one (`wgmma`) is skipped on a GPU that is not sm_90 (the GPU tests say so).
+        let variants: Vec<compose_fwd::Variant> = variants
+            .iter()
+            .copied()
+            .filter(|v| v.applies(T::DTYPE) && (!v.needs_sm90a() || backend.runs_sm90a()))
+            .collect();
         for &variant in &variants {
             check_forward(backend, variant, case, &p, &w)?;
         }
@@ -553,6 +558,9 @@ impl<B: Backend> Backend for WithSms<'_, B> {
     }
     fn sm_count(&self) -> usize {
         self.sm_count
+    }
+    fn runs_sm90a(&self) -> bool {
+        self.inner.runs_sm90a()
     }
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError> {
         self.inner.upload(host)
@@ -954,6 +962,9 @@ fn device_selection() {
 fn gpu_matches_reference() {
     let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
     println!("GPU tests on {}", gpu.name());
+    if !gpu.runs_sm90a() {
+        println!("skipped on this GPU: the `wgmma` variant (built for sm_90a)");
+    }
     // The shared memory the driver reports must match what launch_config budgets.
     for (kernel, bytes) in [
         (

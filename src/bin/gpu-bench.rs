@@ -101,6 +101,9 @@ fn main() -> ExitCode {
         }
     };
     let compose_only = std::env::args().any(|a| a == "--compose-only");
+    if !gpu.runs_sm90a() {
+        println!("Skipped on this GPU: the `wgmma` variants (built for sm_90a, Hopper only)\n");
+    }
     println!("| shape | m×n×k | variant | dtype | ms | TFLOP/s | GB/s | % of bound | % of cuBLAS | check |");
     println!("|---|---|---|---|---:|---:|---:|---:|---:|---|");
     let mut failed = false;
@@ -149,7 +152,7 @@ fn main() -> ExitCode {
                     }
                 }
             };
-            for &variant in gemm::ALL.iter().filter(|v| v.applies(dtype)) {
+            for variant in gemm_variants(&gpu).into_iter().filter(|v| v.applies(dtype)) {
                 let result = match dtype {
                     DType::F32 => bench::<f32>(&gpu, variant, &params, runs),
                     DType::F16 => bench::<half::f16>(&gpu, variant, &params, runs),
@@ -249,6 +252,16 @@ fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
 }
 
 /// Whether libcublas loads here (no GPU needed), or why not.
+/// The GEMM variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
+fn gemm_variants(gpu: &GpuBackend) -> Vec<gemm::Variant> {
+    gemm::ALL.iter().copied().filter(|v| !v.needs_sm90a() || gpu.runs_sm90a()).collect()
+}
+
+/// The composition variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
+fn compose_variants(gpu: &GpuBackend) -> Vec<compose_fwd::Variant> {
+    compose_fwd::ALL.iter().copied().filter(|v| !v.needs_sm90a() || gpu.runs_sm90a()).collect()
+}
+
 fn cublas_present() -> Result<(), String> {
     // SAFETY: only tries to open the shared library (dlopen) by cudarc's candidate names.
     if unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -583,13 +596,14 @@ fn bench_compose_shape(
     let tables = Tables::upload(gpu, &ranks, &vec![2.0f32; n])?;
     let zeros = |len: usize| gpu.upload(&vec![half::bf16::ZERO; len]);
     let (mut u, mut z, mut y) = (zeros(t * r)?, zeros(t * r)?, zeros(t * d)?);
-    let work_len = compose_fwd::ALL
+    let variants = compose_variants(gpu);
+    let work_len = variants
         .iter()
         .map(|&v| compose_fwd::workspace_len(v, &shape, gpu.sm_count()))
         .chain(
             [BWD_COEFFS_INPUT, BWD_INPUT]
                 .iter()
-                .flat_map(|&train| compose_bwd::ALL.iter().map(move |&v| (v, train)))
+                .flat_map(|&train| variants.iter().map(move |&v| (v, train)))
                 .map(|(v, train)| compose_bwd::workspace_len(v, &shape, train, gpu.sm_count())),
         )
         .max()
@@ -622,7 +636,7 @@ fn bench_compose_shape(
         .fold(0.0f32, |m, v| m.max(v.abs()))
         .max(f32::MIN_POSITIVE);
     let mut worst = 0.0f32;
-    for &variant in compose_fwd::ALL {
+    for &variant in &variants {
         let yv = y_of(variant, &mut y)?;
         let err = yv.iter().zip(&y_naive).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / norm;
         worst = if err.is_nan() { f32::INFINITY } else { worst.max(err) };
@@ -634,7 +648,7 @@ fn bench_compose_shape(
         format!("FAIL (max |ΔY| {worst:.1e} of max |Y|)")
     };
 
-    for &variant in compose_fwd::ALL {
+    for &variant in &variants {
         let mut launch = || {
             let outputs = compose_fwd::Outputs {
                 u: Some(&mut u),
@@ -677,15 +691,21 @@ fn bench_compose_shape(
         rows: &rows,
         tables: &tables,
     };
-    let runs_of = compose_bwd::ALL
+    let dx_alone = [
+        compose_bwd::Variant::Fused,
+        compose_bwd::Variant::Gemv,
+        compose_bwd::Variant::Mma,
+        compose_bwd::Variant::Wgmma,
+    ];
+    let runs_of = variants
         .iter()
         .map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X"))
-        .chain([
-            (compose_bwd::Variant::Fused, BWD_INPUT, "backward ∂X"),
-            (compose_bwd::Variant::Gemv, BWD_INPUT, "backward ∂X"),
-            (compose_bwd::Variant::Mma, BWD_INPUT, "backward ∂X"),
-            (compose_bwd::Variant::Wgmma, BWD_INPUT, "backward ∂X"),
-        ]);
+        .chain(
+            dx_alone
+                .into_iter()
+                .filter(|v| variants.contains(v))
+                .map(|v| (v, BWD_INPUT, "backward ∂X")),
+        );
     for (variant, train, pass) in runs_of {
         let mut launch = || {
             let outputs = compose_bwd::Outputs {
@@ -838,7 +858,7 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
             beta: 0.0,
         };
         let mut gemm_tflops: f64 = 0.0;
-        for &variant in gemm::ALL {
+        for variant in gemm_variants(gpu) {
             let (ms, _) = bench::<half::bf16>(gpu, variant, &gemm_params, runs)?;
             gemm_tflops = gemm_tflops.max(gemm::flops_bytes(&gemm_params, DType::BF16).0 / (ms * 1e-3) / 1e12);
         }

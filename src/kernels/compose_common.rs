@@ -89,6 +89,11 @@ impl Variant {
     pub fn applies(self, dtype: DType) -> bool {
         !(matches!(self, Variant::Mma | Variant::Wgmma) && dtype != DType::BF16)
     }
+
+    /// Built for sm_90a ([`Variant::Wgmma`]): runs where [`Backend::runs_sm90a`] says so.
+    pub fn needs_sm90a(self) -> bool {
+        self == Variant::Wgmma
+    }
 }
 
 /// Block tile of every tiled composition kernel: `lc::ComposeTile` in `cuda/common.cuh`.

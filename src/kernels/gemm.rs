@@ -107,6 +107,11 @@ impl Variant {
         self.is_tensor_core() || self == Variant::Wgmma
     }
 
+    /// Built for sm_90a ([`Variant::Wgmma`]): runs where [`Backend::runs_sm90a`] says so.
+    pub fn needs_sm90a(self) -> bool {
+        self == Variant::Wgmma
+    }
+
     pub fn tile(self) -> Option<Tile> {
         match self {
             Variant::Naive | Variant::Mma | Variant::MmaW64 | Variant::Wgmma => None,
