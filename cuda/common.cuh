@@ -16,9 +16,16 @@
     type* name = reinterpret_cast<type*>(lc_dynamic_shared)
 // `#pragma unroll` for nvcc (the harness's host compiler does not know the pragma).
 #define LC_UNROLL _Pragma("unroll")
+// A grid-wide barrier: every thread of every block waits until all have arrived, and the
+// blocks' earlier memory accesses are visible to all after it. Only in kernels launched
+// cooperatively (`Kernel::cooperative`: cuLaunchCooperativeKernel, whose grid the driver checks
+// is co-resident); cooperative groups' grid.sync, no separate compilation needed.
+#include <cooperative_groups.h>
+#define LC_GRID_SYNC() cooperative_groups::this_grid().sync()
 #else
 #include "harness/cuda_cpu.h"
 #define LC_UNROLL
+#define LC_GRID_SYNC() ::lc_harness::grid_barrier(__FILE__ ":" LC_HARNESS_STR(__LINE__))
 #endif
 
 namespace lc {

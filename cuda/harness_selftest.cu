@@ -256,3 +256,38 @@ extern "C" __global__ void selftest_cp_async(const float* in, float* out, int mo
     for (int j = 0; j < 2; ++j) out[8 * n + 2 * t + j] = staged[8 * n + 2 * u + j];
     out[10 * n + t] = staged[10 * n + u];
 }
+
+// ---- grid barriers (cooperative launches) -----------------------------------------------------
+// `rounds` rounds over a cooperative grid of at most 256-thread blocks: thread t of block b
+// stores in[(r·G + b)·n + t] into `partial` (its own element), into a static shared array and,
+// doubled, into dynamic shared memory (n floats); after a grid barrier it reads element
+// (t + 1) % n of every block's part and the two shared arrays' elements (t + 1) % n and
+// (t + 2) % n, adding them to a sum that stays in a local variable across the barriers; a second
+// grid barrier ends the round. out[b·n + t] = the sum. The modes plant errors: 1 replaces the
+// first with __syncthreads (blocks read parts other blocks write: a race between blocks), 2 the
+// second (the next round's stores race with other blocks' reads), 3 has block 1
+// return before the first barrier, 4 has thread 0 of block 0 return there.
+extern "C" __global__ void selftest_grid_sync(const float* in, float* partial, float* out, int rounds, int mode) {
+    SHARED(float, staged, [256]);
+    EXTERN_SHARED(float, doubled);
+    const int n = blockDim.x, b = blockIdx.x, t = threadIdx.x;
+    float sum = 0.0f;
+    for (int r = 0; r < rounds; ++r) {
+        const float v = in[((size_t)r * gridDim.x + b) * n + t];
+        staged[t] = v;
+        doubled[t] = 2.0f * v;
+        partial[(size_t)b * n + t] = v;
+        if ((mode == 3 && b == 1) || (mode == 4 && b == 0 && t == 0)) return;
+        if (mode == 1)
+            __syncthreads();
+        else
+            LC_GRID_SYNC();
+        for (unsigned o = 0; o < gridDim.x; ++o) sum += partial[(size_t)o * n + (t + 1) % n];
+        sum += staged[(t + 1) % n] + doubled[(t + 2) % n];
+        if (mode == 2)
+            __syncthreads();
+        else
+            LC_GRID_SYNC();
+    }
+    out[(size_t)b * n + t] = sum;
+}

@@ -304,6 +304,19 @@ impl Backend for GpuBackend {
         self.compute_capability == (9, 0)
     }
 
+    fn cooperative_blocks(
+        &self,
+        kernel: &Kernel,
+        threads: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<usize, KernelError> {
+        let per_sm = self
+            .function(kernel)?
+            .occupancy_max_active_blocks_per_multiprocessor(threads, dynamic_shared_bytes as usize, None)
+            .map_err(driver_error(format!("the occupancy of {}", kernel.name)))?;
+        Ok(per_sm as usize * self.sm_count)
+    }
+
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<GpuBuffer<T>, KernelError> {
         self.count(std::mem::size_of_val(host), 0);
         let slice = self.stream.clone_htod(host).map_err(driver_error("copy to device"))?;
@@ -422,7 +435,14 @@ impl Backend for GpuBackend {
         // SAFETY: the caller guarantees the arguments match the kernel and the buffers cover
         // what it touches (`Backend::launch` contract); `args` outlives the launch call, which
         // copies the argument values.
-        unsafe { builder.launch(config) }.map_err(driver_error(format!("launching {}", kernel.name)))?;
+        if kernel.cooperative {
+            // SAFETY: as above; the driver refuses a grid larger than can be co-resident.
+            unsafe { builder.launch_cooperative(config) }
+                .map_err(driver_error(format!("launching {} cooperatively", kernel.name)))?;
+        } else {
+            // SAFETY: as above.
+            unsafe { builder.launch(config) }.map_err(driver_error(format!("launching {}", kernel.name)))?;
+        }
         Ok(())
     }
 

@@ -8,7 +8,10 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 pub use crate::launch::HarnessLaunch;
-use crate::launch::{Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, Traffic, HARNESS_SM_COUNT};
+use crate::launch::{
+    Backend, Kernel, KernelArg, KernelError, LaunchDims, Scalar, Traffic, HARNESS_COOPERATIVE,
+    HARNESS_COOPERATIVE_BLOCKS, HARNESS_SM_COUNT,
+};
 
 extern "C" {
     fn lc_harness_last_error() -> *const c_char;
@@ -175,6 +178,10 @@ impl Backend for CpuHarness {
         true
     }
 
+    fn cooperative_blocks(&self, _kernel: &Kernel, _threads: u32, _shared: u32) -> Result<usize, KernelError> {
+        Ok(HARNESS_COOPERATIVE_BLOCKS)
+    }
+
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<HostBuffer<T>, KernelError> {
         count(std::mem::size_of_val(host), 0);
         HostBuffer::from_slice(host)
@@ -246,7 +253,7 @@ impl Backend for CpuHarness {
             grid: dims.grid,
             block: dims.block,
             dynamic_shared_bytes: dims.dynamic_shared_bytes,
-            reserved: 0,
+            flags: if kernel.cooperative { HARNESS_COOPERATIVE } else { 0 },
             seed: self.seed,
         };
         // Each argument's bytes at the start of an 8-byte slot; the C++ side reads
@@ -340,6 +347,7 @@ pub(crate) mod entries {
             lc_run_selftest_mma_f16,
             lc_run_selftest_ldmatrix,
             lc_run_selftest_cp_async,
+            lc_run_selftest_grid_sync,
         );
     }
     /// The wgmma emulation's test kernels live in `cuda/gemm_wgmma.cu` (built for compute_90a).

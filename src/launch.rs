@@ -13,9 +13,19 @@ pub struct HarnessLaunch {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub dynamic_shared_bytes: u32,
-    pub reserved: u32,
+    /// [`HARNESS_COOPERATIVE`] for a cooperative launch.
+    pub flags: u32,
     pub seed: u64,
 }
+
+/// [`HarnessLaunch::flags`]: the kernel is launched cooperatively ([`Kernel::cooperative`]).
+pub const HARNESS_COOPERATIVE: u32 = 1;
+/// Most blocks a cooperative launch has on the harness, which co-schedules them by setting each
+/// aside at a grid barrier (its stacks and shared memory saved): what
+/// [`Backend::cooperative_blocks`] reports there. Small, so that the harness runs grids whose
+/// blocks each take several work items (`kMaxCooperativeBlocks` in cuda/harness/internal.h is
+/// the hard limit).
+pub const HARNESS_COOPERATIVE_BLOCKS: usize = 8;
 
 /// Most threads in one block on every CUDA GPU.
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
@@ -200,6 +210,10 @@ pub struct Kernel {
     /// The `extern "C" __global__` function name.
     pub name: &'static str,
     pub harness_entry: HarnessEntry,
+    /// Synchronises its grid (`LC_GRID_SYNC()`): launched cooperatively
+    /// (`cuLaunchCooperativeKernel`, whose grid the driver checks is co-resident) with at most
+    /// [`Backend::cooperative_blocks`] blocks.
+    pub cooperative: bool,
 }
 
 /// A kernel argument by value: buffers as raw addresses (device or host), scalars as is.
@@ -266,6 +280,15 @@ pub trait Backend {
     /// always on the harness, which emulates `wgmma`. Tests and benches skip those variants where
     /// this is false, saying so.
     fn runs_sm90a(&self) -> bool;
+    /// Most blocks of `kernel` (with `threads` a block and `dynamic_shared_bytes`) that can be
+    /// co-resident, the limit of a cooperative launch's grid: the driver's occupancy for this
+    /// kernel times the SMs on a GPU; [`HARNESS_COOPERATIVE_BLOCKS`] on the harness.
+    fn cooperative_blocks(
+        &self,
+        kernel: &Kernel,
+        threads: u32,
+        dynamic_shared_bytes: u32,
+    ) -> Result<usize, KernelError>;
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError>;
     /// `len` elements of uninitialised device memory, for outputs and workspaces that a kernel
     /// writes before anything reads them. The harness tracks it as unwritten: a kernel that reads

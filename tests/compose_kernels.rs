@@ -562,6 +562,9 @@ impl<B: Backend> Backend for WithSms<'_, B> {
     fn runs_sm90a(&self) -> bool {
         self.inner.runs_sm90a()
     }
+    fn cooperative_blocks(&self, kernel: &Kernel, threads: u32, shared: u32) -> Result<usize, KernelError> {
+        self.inner.cooperative_blocks(kernel, threads, shared)
+    }
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>, KernelError> {
         self.inner.upload(host)
     }

@@ -46,7 +46,7 @@ constexpr int warpSize = 32;
 namespace lc_harness {
 
 // What a fiber is waiting for when it hands control back to the block scheduler.
-enum class Wait : int { Running, BlockBarrier, WarpSync, Exited };
+enum class Wait : int { Running, BlockBarrier, WarpSync, GridBarrier, Exited };
 
 // The part of a fiber that kernels (threadIdx, the warp intrinsics) and the memory checker see.
 struct FiberView {
@@ -70,6 +70,10 @@ extern __thread dim3 t_grid_dim;
 void yield_to_scheduler(Wait wait, unsigned warp_mask);
 // A __syncthreads at call site `site` ("file:line").
 void block_barrier(const char* site);
+// A grid-wide barrier (cooperative_groups' grid.sync()) at call site `site`: every thread of
+// every block of a cooperative launch (LaunchDims::flags & kCooperative) waits there; the
+// blocks' earlier accesses are ordered before everything after it.
+void grid_barrier(const char* site);
 // Ends the launch with an error (reported to Rust through lc_harness_last_error).
 [[noreturn]] void fail(const char* message);
 
@@ -84,9 +88,14 @@ struct LaunchDims {
     uint32_t grid[3];
     uint32_t block[3];
     uint32_t dynamic_shared_bytes;
-    uint32_t reserved;
-    uint64_t seed;  // thread and block order: 0 forward, 1 reverse, else a seeded permutation
+    uint32_t flags;  // kCooperative
+    uint64_t seed;   // thread and block order: 0 forward, 1 reverse, else a seeded permutation
 };
+// A cooperative launch (cuLaunchCooperativeKernel): its blocks are co-resident and may meet at
+// grid barriers. The harness co-schedules them: each block runs to the barrier, is set aside
+// (its fibers' stacks, shared memory and checker state saved), and all resume once every block
+// has arrived.
+constexpr uint32_t kCooperative = 1;
 
 // What the memory checker knows of one kernel argument: pointers are checked against the
 // harness allocations (a write through a pointer to const is an error); scalars are ignored.

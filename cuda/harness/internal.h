@@ -24,6 +24,7 @@ struct LaunchState {
     uint32_t stamp = 0;        // unique per launch on this OS thread (never 0)
     uint32_t block_stamp = 0;  // unique per block run on this OS thread (never 0)
     uint32_t block = 0;        // linear index of the running block in the grid
+    bool cooperative = false;  // its blocks may meet at grid barriers
     // Per thread of the running block: its epoch when it last passed a block barrier. Accesses
     // of thread t with epoch <= barrier_epoch[t] are ordered before everything that follows.
     std::vector<uint32_t> barrier_epoch;
@@ -42,6 +43,18 @@ void memcheck_end_launch();
 bool memcheck_pending_ok();
 // Poisons the static and dynamic shared memory and forgets who wrote it (a new block).
 bool shared_begin_block(size_t dynamic_bytes);
+// A block of a cooperative launch set aside at a grid barrier: its shared memory (static and
+// dynamic, contents and shadow) and its threads' cp.async and wgmma state, saved; resumed (and
+// freed) before the block runs on; discarded (null: nothing) when the launch ends early.
+struct SavedShared;
+SavedShared* shared_suspend();
+void shared_resume(SavedShared* saved);
+void shared_discard(SavedShared* saved);
+
+// Most blocks a cooperative launch may have on the harness (each set-aside block holds its
+// stacks and shared memory): the Rust side plans cooperative grids of at most
+// `HARNESS_COOPERATIVE_BLOCKS` (src/launch.rs).
+constexpr uint64_t kMaxCooperativeBlocks = 64;
 
 // runtime.cpp.
 [[noreturn]] void fail(const std::string& message);

@@ -373,7 +373,8 @@ const char* verb(Kind k) { return k == Kind::Read ? "read" : k == Kind::Write ? 
 
 [[noreturn]] void report_race(const std::string& where, const std::string& earlier, bool other_block, bool same_warp,
                               Kind kind, const Access& me) {
-    const char* why = other_block ? "blocks of one launch never synchronise"
+    const char* why = other_block ? (t_launch && t_launch->cooperative ? "no grid barrier orders them"
+                                                                       : "blocks of one launch never synchronise")
                       : same_warp ? "no __syncthreads, __syncwarp or _sync intrinsic orders them"
                                   : "no __syncthreads orders them";
     fail(std::string("data race on ") + where + ": " + earlier + ", then " + verb(kind) + " by " + who(me) + " (" +
@@ -614,6 +615,60 @@ bool shared_begin_block(size_t dynamic_bytes) {
 }
 
 void* dynamic_shared() { return reinterpret_cast<void*>(shared_arena().base + kDynamicOffset); }
+
+struct SavedShared {
+    size_t dynamic_bytes = 0;
+    size_t sites_end = 0;  // the arena's `next` when saved: its static arrays end there
+    std::vector<uint8_t> dynamic_data, site_data;
+    std::vector<Record> dynamic_shadow, site_shadow;
+    std::vector<AsyncState> async;
+    std::vector<WgmmaState> wgmma;
+    std::vector<std::vector<std::pair<uint64_t, uint64_t>>> wgmma_issues;
+};
+
+namespace {
+constexpr size_t kSitesBegin = kDynamicOffset + kDynamicCapacity + kRedZone;
+
+void copy_out(const SharedArena& s, size_t begin, size_t end, std::vector<uint8_t>& data, std::vector<Record>& shadow) {
+    data.assign(reinterpret_cast<const uint8_t*>(s.base + begin), reinterpret_cast<const uint8_t*>(s.base + end));
+    shadow.assign(s.shadow + (begin >> kGranuleShift), s.shadow + (end >> kGranuleShift));
+}
+
+void copy_in(SharedArena& s, size_t begin, const std::vector<uint8_t>& data, const std::vector<Record>& shadow) {
+    std::memcpy(reinterpret_cast<void*>(s.base + begin), data.data(), data.size());
+    std::copy(shadow.begin(), shadow.end(), s.shadow + (begin >> kGranuleShift));
+}
+}  // namespace
+
+SavedShared* shared_suspend() {
+    SharedArena& s = shared_arena();
+    auto* saved = new SavedShared;
+    saved->dynamic_bytes = s.dynamic_bytes;
+    saved->sites_end = s.next;
+    const size_t dynamic_end = kDynamicOffset + ((s.dynamic_bytes + 1) & ~size_t(1));
+    copy_out(s, kDynamicOffset, dynamic_end, saved->dynamic_data, saved->dynamic_shadow);
+    copy_out(s, kSitesBegin, s.next, saved->site_data, saved->site_shadow);
+    saved->async.swap(t_async);
+    saved->wgmma.swap(t_wgmma);
+    saved->wgmma_issues.swap(t_wgmma_issues);
+    return saved;
+}
+
+// Arrays first reached by other blocks while this one was set aside lie past `sites_end`: their
+// shadow records carry those blocks' stamps, so this block sees them unwritten, as it should.
+void shared_resume(SavedShared* saved) {
+    SharedArena& s = shared_arena();
+    t_shared = &s;
+    s.dynamic_bytes = saved->dynamic_bytes;
+    copy_in(s, kDynamicOffset, saved->dynamic_data, saved->dynamic_shadow);
+    copy_in(s, kSitesBegin, saved->site_data, saved->site_shadow);
+    t_async.swap(saved->async);
+    t_wgmma.swap(saved->wgmma);
+    t_wgmma_issues.swap(saved->wgmma_issues);
+    delete saved;
+}
+
+void shared_discard(SavedShared* saved) { delete saved; }
 
 SharedSite::SharedSite(const char* name, size_t bytes, size_t element_bytes) {
     SharedArena& s = shared_arena();

@@ -127,6 +127,20 @@ struct Fiber {
     const char* barrier_site;  // the __syncthreads it waits at
     Context context;
     uint64_t inbox[32];  // this lane's copy of its warp's slots at the last warp sync
+    char* parked;        // an address in its frame at its last hand-back (grid barriers: stack saving)
+};
+
+// A block of a cooperative launch set aside at a grid barrier: its fibers, the live part of
+// each fiber's stack (every block's thread t runs on stack t, so the bytes go back to the same
+// addresses and every pointer into them stays valid), its shared memory and checker state.
+struct SavedBlock {
+    std::vector<Fiber> fibers;
+    std::vector<std::vector<char>> stacks;  // per fiber: the bytes from its low water to the top
+    uint32_t block_stamp = 0;
+    std::vector<uint32_t> barrier_epoch;
+    SavedShared* shared = nullptr;
+    enum State : uint8_t { NotStarted, Parked, Ended } state = NotStarted;
+    ~SavedBlock() { shared_discard(shared); }
 };
 
 struct Runtime {
@@ -143,6 +157,7 @@ struct Runtime {
     std::vector<unsigned> order;
     std::vector<uint64_t> block_order;
     LaunchState launch;
+    uint32_t flags = 0;   // LaunchDims::flags of the running launch
     uint32_t stamps = 0;  // launch and block-run stamps, never 0
 };
 
@@ -261,8 +276,12 @@ size_t release_warp_syncs(Runtime& rt) {
     return released;
 }
 
-// Runs one block to completion; false on error.
-bool run_block(Runtime& rt, uint64_t seed, uint64_t block) {
+// How a block's run ended: an error, every thread exited, or (cooperative launches) every
+// thread waits at one grid barrier.
+enum class BlockEnd { Failed, Exited, AtGridBarrier };
+
+// Runs one block until every thread has exited or waits at a grid barrier.
+BlockEnd run_block(Runtime& rt, uint64_t seed, uint64_t block) {
     for (uint64_t sweep = 0;; ++sweep) {
         order_ready_fibers(rt, seed, block, sweep);
         for (unsigned i : rt.order) {
@@ -270,39 +289,62 @@ bool run_block(Runtime& rt, uint64_t seed, uint64_t block) {
             rt.running = &f;
             t_current = &f.view;
             switch_context(rt.scheduler, f.context);
-            if (rt.failed) return false;
+            if (rt.failed) return BlockEnd::Failed;
         }
         rt.running = nullptr;
         t_current = nullptr;
         if (release_warp_syncs(rt) > 0) continue;
-        if (rt.failed) return false;
+        if (rt.failed) return BlockEnd::Failed;
         // Every thread waits at __syncthreads or has exited: an unwritten read that no racing
         // write explained by now is reported as such.
-        if (!memcheck_pending_ok()) return false;
-        size_t at_barrier = 0;
+        if (!memcheck_pending_ok()) return BlockEnd::Failed;
+        size_t at_barrier = 0, at_grid = 0;
         const Fiber* exited = nullptr;
         const Fiber* waiting = nullptr;
+        const Fiber* grid_waiting = nullptr;
         for (const Fiber& f : rt.fibers) {
             if (f.wait == Wait::BlockBarrier) {
                 ++at_barrier;
                 waiting = &f;
+            } else if (f.wait == Wait::GridBarrier) {
+                ++at_grid;
+                grid_waiting = &f;
             } else if (f.wait == Wait::Exited) {
                 exited = &f;
             }
         }
-        if (at_barrier == 0) return true;  // every thread has exited
-        if (exited) {
+        if (at_barrier == 0 && at_grid == 0) return BlockEnd::Exited;  // every thread has exited
+        if (at_grid > 0) {
+            // grid.sync() waits for every thread of the grid: all of this block's must be there.
+            if (waiting) {
+                set_error(rt, "divergent barrier: " + thread_name(*grid_waiting) + " waits at the grid barrier at " +
+                                  grid_waiting->barrier_site + " while " + thread_name(*waiting) +
+                                  " waits at __syncthreads at " + waiting->barrier_site);
+                return BlockEnd::Failed;
+            }
+            if (exited) {
+                set_error(rt, "grid barrier divergence: " + thread_name(*grid_waiting) + " (and " +
+                                  std::to_string(at_grid - 1) + " more) wait at the grid barrier at " +
+                                  grid_waiting->barrier_site + " while " + thread_name(*exited) +
+                                  " has exited (a grid barrier needs every thread of the grid)");
+                return BlockEnd::Failed;
+            }
+            waiting = grid_waiting;
+        } else if (exited) {
             set_error(rt, "barrier divergence: " + thread_name(*waiting) + " (and " + std::to_string(at_barrier - 1) +
                               " more) wait at __syncthreads while " + thread_name(*exited) + " has exited");
-            return false;
+            return BlockEnd::Failed;
         }
         for (const Fiber& f : rt.fibers) {
             if (f.barrier_site != waiting->barrier_site && std::strcmp(f.barrier_site, waiting->barrier_site) != 0) {
-                set_error(rt, "divergent barrier: " + thread_name(f) + " waits at __syncthreads at " + f.barrier_site +
-                                  " while " + thread_name(*waiting) + " waits at " + waiting->barrier_site);
-                return false;
+                const char* what = at_grid > 0 ? "the grid barrier" : "__syncthreads";
+                set_error(rt, std::string("divergent barrier: ") + thread_name(f) + " waits at " + what + " at " +
+                                  f.barrier_site + " while " + thread_name(*waiting) + " waits at " +
+                                  waiting->barrier_site);
+                return BlockEnd::Failed;
             }
         }
+        if (at_grid > 0) return BlockEnd::AtGridBarrier;
         // Everything before the barrier is ordered before everything after it.
         for (Fiber& f : rt.fibers) {
             rt.launch.barrier_epoch[f.view.tid] = f.view.vc[f.view.lane];
@@ -323,6 +365,8 @@ void yield_to_scheduler(Wait wait, unsigned warp_mask) {
     }
     f->wait = wait;
     f->warp_mask = warp_mask;
+    char here;
+    f->parked = &here;
     switch_context(f->context, rt.scheduler);
 }
 
@@ -330,6 +374,16 @@ void block_barrier(const char* site) {
     Runtime& rt = runtime();
     if (rt.running) rt.running->barrier_site = site;
     yield_to_scheduler(Wait::BlockBarrier, 0);
+}
+
+void grid_barrier(const char* site) {
+    Runtime& rt = runtime();
+    if (rt.running && !(rt.flags & kCooperative))
+        fail(std::string("grid barrier at ") + site +
+             " in a launch that is not cooperative: on a GPU its blocks need not be co-resident, and it may never "
+             "return (launch the kernel cooperatively: `Kernel::cooperative`)");
+    if (rt.running) rt.running->barrier_site = site;
+    yield_to_scheduler(Wait::GridBarrier, 0);
 }
 
 void fail(const std::string& message) { fail(message.c_str()); }
@@ -424,32 +478,146 @@ void order_blocks(Runtime& rt, uint64_t blocks, uint64_t seed) {
     for (uint64_t i = blocks; i > 1; --i) std::swap(rt.block_order[i - 1], rt.block_order[mix(state) % i]);
 }
 
+void set_block_index(Runtime& rt, const LaunchDims* dims, uint64_t b) {
+    t_block_idx = {unsigned(b % dims->grid[0]), unsigned((b / dims->grid[0]) % dims->grid[1]),
+                   unsigned(b / (uint64_t(dims->grid[0]) * dims->grid[1]))};
+    rt.launch.block = uint32_t(b);
+}
+
+// Fresh fibers, shared memory and stamps for block b; false on error.
+bool start_block(Runtime& rt, const LaunchDims* dims, uint64_t threads, uint64_t b) {
+    set_block_index(rt, dims, b);
+    rt.launch.block_stamp = next_stamp(rt);
+    rt.launch.barrier_epoch.assign(threads, 0);
+    if (!shared_begin_block(dims->dynamic_shared_bytes)) return false;
+    rt.fibers.resize(threads);
+    for (uint64_t t = 0; t < threads; ++t) {
+        Fiber& f = rt.fibers[t];
+        f.view.thread_idx = {unsigned(t % dims->block[0]), unsigned((t / dims->block[0]) % dims->block[1]),
+                             unsigned(t / (uint64_t(dims->block[0]) * dims->block[1]))};
+        f.view.tid = unsigned(t);
+        f.view.lane = unsigned(t % 32);
+        f.view.warp = unsigned(t / 32);
+        std::memset(f.view.vc, 0, sizeof f.view.vc);
+        f.view.vc[f.view.lane] = 1;
+        f.wait = Wait::Running;
+        f.warp_mask = 0;
+        f.barrier_site = "";
+        f.parked = nullptr;
+        init_context(f.context, stack_of(rt, t), kStackBytes);
+    }
+    return true;
+}
+
+// The lowest stack address a parked fiber still uses: its saved stack pointer, or (ucontext,
+// whose stack pointer is opaque) an address in the frame that parked it less a margin for the
+// frames of the switch below it.
+char* stack_low(const Fiber& f) {
+#ifndef LC_HARNESS_USE_UCONTEXT
+    return static_cast<char*>(f.context.sp);
+#else
+    return f.parked - 4096;
+#endif
+}
+
+// Sets the running block aside at a grid barrier.
+void save_block(Runtime& rt, SavedBlock& saved) {
+    saved.stacks.resize(rt.fibers.size());
+    for (size_t t = 0; t < rt.fibers.size(); ++t) {
+        std::vector<char>& bytes = saved.stacks[t];
+        bytes.clear();
+        if (rt.fibers[t].wait == Wait::Exited) continue;
+        char* top = stack_of(rt, t) + kStackBytes;
+        char* low = std::max(stack_low(rt.fibers[t]), stack_of(rt, t));
+        bytes.assign(low, top);
+    }
+    saved.fibers = std::move(rt.fibers);
+    rt.fibers.clear();
+    saved.block_stamp = rt.launch.block_stamp;
+    saved.barrier_epoch = std::move(rt.launch.barrier_epoch);
+    saved.shared = shared_suspend();
+    saved.state = SavedBlock::Parked;
+}
+
+// Resumes a block set aside at a grid barrier, past the barrier: like a __syncthreads, it
+// orders each thread's earlier accesses before every thread's later ones.
+void resume_block(Runtime& rt, const LaunchDims* dims, uint64_t b, SavedBlock& saved) {
+    set_block_index(rt, dims, b);
+    rt.fibers = std::move(saved.fibers);
+    saved.fibers.clear();
+    for (size_t t = 0; t < rt.fibers.size(); ++t) {
+        const std::vector<char>& bytes = saved.stacks[t];
+        std::memcpy(stack_of(rt, t) + kStackBytes - bytes.size(), bytes.data(), bytes.size());
+    }
+    rt.launch.block_stamp = saved.block_stamp;
+    rt.launch.barrier_epoch = std::move(saved.barrier_epoch);
+    shared_resume(saved.shared);
+    saved.shared = nullptr;
+    saved.state = SavedBlock::Ended;  // until it parks again
+    for (Fiber& f : rt.fibers) {
+        if (f.wait != Wait::GridBarrier) continue;
+        rt.launch.barrier_epoch[f.view.tid] = f.view.vc[f.view.lane];
+        ++f.view.vc[f.view.lane];
+        f.wait = Wait::Running;
+    }
+}
+
+// A cooperative launch: every block runs to its first grid barrier (or to its end) in the
+// launch's block order and is set aside; when all have arrived they resume, one after another,
+// to the next barrier; and so on. A block that ends while others wait at a barrier is an error
+// (on a GPU the others would wait forever). The barrier ends the device memory's happens-before
+// records (a new stamp, as between launches): everything before it is ordered before
+// everything after it, in every block.
+int run_cooperative(Runtime& rt, const LaunchDims* dims, uint64_t threads, uint64_t blocks) {
+    if (blocks > kMaxCooperativeBlocks) {
+        set_error(rt, "cooperative launch of " + std::to_string(blocks) + " blocks: the harness co-schedules at most " +
+                          std::to_string(kMaxCooperativeBlocks));
+        return 1;
+    }
+    std::vector<SavedBlock> saved(blocks);
+    for (uint64_t phase = 0;; ++phase) {
+        order_blocks(rt, blocks, dims->seed < 2 ? dims->seed : dims->seed + 7919 * phase);
+        uint64_t arrived = 0, waiter = 0;
+        for (uint64_t n = 0; n < blocks; ++n) {
+            const uint64_t b = rt.block_order[n];
+            if (saved[b].state == SavedBlock::Ended) continue;
+            if (saved[b].state == SavedBlock::NotStarted) {
+                if (!start_block(rt, dims, threads, b)) return 1;
+                saved[b].state = SavedBlock::Ended;  // until it parks
+            } else {
+                resume_block(rt, dims, b, saved[b]);
+            }
+            const BlockEnd end = run_block(rt, dims->seed, b);
+            if (end == BlockEnd::Failed) return 1;
+            if (end == BlockEnd::AtGridBarrier) {
+                save_block(rt, saved[b]);
+                ++arrived;
+                waiter = b;
+            }
+        }
+        if (arrived == 0) return 0;
+        if (arrived != blocks) {
+            uint64_t ended = 0;
+            while (saved[ended].state != SavedBlock::Ended) ++ended;
+            set_block_index(rt, dims, waiter);
+            set_error(rt, "grid barrier divergence: block " + block_name(uint32_t(waiter)) +
+                              " waits at the grid barrier at " + saved[waiter].fibers[0].barrier_site + " while block " +
+                              block_name(uint32_t(ended)) +
+                              " has exited (a grid barrier needs every block of the grid)");
+            return 1;
+        }
+        rt.launch.stamp = next_stamp(rt);
+    }
+}
+
 int run_blocks(Runtime& rt, const LaunchDims* dims, uint64_t threads, uint64_t blocks) {
     if (!memcheck_begin_launch(rt.launch)) return 1;
+    if (dims->flags & kCooperative) return run_cooperative(rt, dims, threads, blocks);
     order_blocks(rt, blocks, dims->seed);
     for (uint64_t n = 0; n < blocks; ++n) {
         const uint64_t b = rt.block_order[n];
-        t_block_idx = {unsigned(b % dims->grid[0]), unsigned((b / dims->grid[0]) % dims->grid[1]),
-                       unsigned(b / (uint64_t(dims->grid[0]) * dims->grid[1]))};
-        rt.launch.block = uint32_t(b);
-        rt.launch.block_stamp = next_stamp(rt);
-        rt.launch.barrier_epoch.assign(threads, 0);
-        if (!shared_begin_block(dims->dynamic_shared_bytes)) return 1;
-        for (uint64_t t = 0; t < threads; ++t) {
-            Fiber& f = rt.fibers[t];
-            f.view.thread_idx = {unsigned(t % dims->block[0]), unsigned((t / dims->block[0]) % dims->block[1]),
-                                 unsigned(t / (uint64_t(dims->block[0]) * dims->block[1]))};
-            f.view.tid = unsigned(t);
-            f.view.lane = unsigned(t % 32);
-            f.view.warp = unsigned(t / 32);
-            std::memset(f.view.vc, 0, sizeof f.view.vc);
-            f.view.vc[f.view.lane] = 1;
-            f.wait = Wait::Running;
-            f.warp_mask = 0;
-            f.barrier_site = "";
-            init_context(f.context, stack_of(rt, t), kStackBytes);
-        }
-        if (!run_block(rt, dims->seed, b)) return 1;
+        if (!start_block(rt, dims, threads, b)) return 1;
+        if (run_block(rt, dims->seed, b) != BlockEnd::Exited) return 1;
     }
     return 0;
 }
@@ -473,6 +641,8 @@ int run_grid(const char* kernel, const LaunchDims* dims, const ParamInfo* params
     }
     rt.invoke = invoke;
     rt.invoke_ctx = ctx;
+    rt.flags = dims->flags;
+    rt.launch.cooperative = (dims->flags & kCooperative) != 0;
     rt.fibers.resize(threads);
     t_block_dim = {dims->block[0], dims->block[1], dims->block[2]};
     t_grid_dim = {dims->grid[0], dims->grid[1], dims->grid[2]};

@@ -254,12 +254,20 @@ fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
 /// Whether libcublas loads here (no GPU needed), or why not.
 /// The GEMM variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
 fn gemm_variants(gpu: &GpuBackend) -> Vec<gemm::Variant> {
-    gemm::ALL.iter().copied().filter(|v| !v.needs_sm90a() || gpu.runs_sm90a()).collect()
+    gemm::ALL
+        .iter()
+        .copied()
+        .filter(|v| !v.needs_sm90a() || gpu.runs_sm90a())
+        .collect()
 }
 
 /// The composition variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
 fn compose_variants(gpu: &GpuBackend) -> Vec<compose_fwd::Variant> {
-    compose_fwd::ALL.iter().copied().filter(|v| !v.needs_sm90a() || gpu.runs_sm90a()).collect()
+    compose_fwd::ALL
+        .iter()
+        .copied()
+        .filter(|v| !v.needs_sm90a() || gpu.runs_sm90a())
+        .collect()
 }
 
 fn cublas_present() -> Result<(), String> {
@@ -697,15 +705,12 @@ fn bench_compose_shape(
         compose_bwd::Variant::Mma,
         compose_bwd::Variant::Wgmma,
     ];
-    let runs_of = variants
-        .iter()
-        .map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X"))
-        .chain(
-            dx_alone
-                .into_iter()
-                .filter(|v| variants.contains(v))
-                .map(|v| (v, BWD_INPUT, "backward ∂X")),
-        );
+    let runs_of = variants.iter().map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X")).chain(
+        dx_alone
+            .into_iter()
+            .filter(|v| variants.contains(v))
+            .map(|v| (v, BWD_INPUT, "backward ∂X")),
+    );
     for (variant, train, pass) in runs_of {
         let mut launch = || {
             let outputs = compose_bwd::Outputs {

@@ -21,6 +21,7 @@ fn paste_kernel(symbol: &'static str, harness_entry: HarnessEntry) -> Kernel {
         family: "harness_selftest",
         name: &symbol["lc_run_".len()..],
         harness_entry,
+        cooperative: false,
     }
 }
 
@@ -532,3 +533,106 @@ fn conversion_inputs() -> Vec<f32> {
 
 mod tensorcore;
 mod wgmma;
+
+/// The selftest kernel `selftest_grid_sync`, launched cooperatively or (`cooperative` false) not.
+fn grid_sync_kernel(cooperative: bool) -> Kernel {
+    Kernel {
+        cooperative,
+        ..k!(lc_run_selftest_grid_sync)
+    }
+}
+
+/// `selftest_grid_sync`'s out for `blocks` × `n` threads and `rounds` rounds of `x`.
+fn grid_sync_want(x: &[f32], blocks: usize, n: usize, rounds: usize) -> Vec<f32> {
+    let mut want = vec![0.0f32; blocks * n];
+    for (i, w) in want.iter_mut().enumerate() {
+        let (b, t) = (i / n, i % n);
+        for r in 0..rounds {
+            let at = |block: usize, thread: usize| x[(r * blocks + block) * n + thread];
+            for o in 0..blocks {
+                *w += at(o, (t + 1) % n);
+            }
+            *w += at(b, (t + 1) % n) + 2.0 * at(b, (t + 2) % n);
+        }
+    }
+    want
+}
+
+#[test]
+fn grid_barriers_order_blocks_and_keep_their_state() {
+    // Blocks set aside at each barrier keep their locals (stacks), static and dynamic shared
+    // memory; what other blocks wrote before a barrier is read after it without a race.
+    let k = grid_sync_kernel(true);
+    for (blocks, n, rounds) in [(5usize, 64usize, 3usize), (2, 200, 2), (8, 32, 1), (1, 96, 2)] {
+        let x = input(rounds * blocks * n);
+        let x_buf = buf(&x);
+        for seed in SEEDS {
+            let (partial, out) = (buf(&vec![f32::NAN; blocks * n]), buf(&vec![f32::NAN; blocks * n]));
+            let dims = grid(blocks as u32, n as u32, 4 * n as u32);
+            let args = [
+                arg(&x_buf),
+                arg(&partial),
+                arg(&out),
+                i32_arg(rounds as i32),
+                i32_arg(0),
+            ];
+            run(seed, &k, dims, &args).unwrap_or_else(|e| panic!("{blocks}×{n}, seed {seed}: {e}"));
+            let want = grid_sync_want(&x, blocks, n, rounds);
+            for (i, (&got, &want)) in out.as_slice().iter().zip(&want).enumerate() {
+                // The same f32 sums in the same order.
+                assert_eq!(got, want, "{blocks}×{n}, seed {seed}: out[{i}]");
+            }
+        }
+    }
+}
+
+#[test]
+fn missing_grid_barriers_and_divergence_are_reported() {
+    let k = grid_sync_kernel(true);
+    let (blocks, n) = (4usize, 64usize);
+    let x = buf(&input(2 * blocks * n));
+    let launch = |seed: u64, kernel: &Kernel, mode: i32| {
+        let (partial, out) = (buf(&vec![0.0f32; blocks * n]), buf(&vec![0.0f32; blocks * n]));
+        let args = [arg(&x), arg(&partial), arg(&out), i32_arg(2), i32_arg(mode)];
+        run(seed, kernel, grid(blocks as u32, n as u32, 4 * n as u32), &args)
+    };
+    for seed in SEEDS {
+        fails(
+            launch(seed, &k, 1),
+            &[
+                "selftest_grid_sync",
+                "data race on `partial`[",
+                "no grid barrier orders them",
+            ],
+        );
+        fails(
+            launch(seed, &k, 2),
+            &[
+                "selftest_grid_sync",
+                "data race on `partial`[",
+                "no grid barrier orders them",
+            ],
+        );
+        fails(
+            launch(seed, &k, 3),
+            &["grid barrier divergence", "block (1,0,0) has exited", "every block"],
+        );
+        fails(
+            launch(seed, &k, 4),
+            &["grid barrier divergence", "thread (0,0,0) has exited", "every thread"],
+        );
+        // Launched as an ordinary kernel, its blocks need not be co-resident on a GPU.
+        fails(
+            launch(seed, &grid_sync_kernel(false), 0),
+            &["grid barrier at", "not cooperative"],
+        );
+    }
+    // The harness sets aside at most 64 blocks.
+    let x = buf(&input(65 * 32));
+    let (partial, out) = (buf(&vec![0.0f32; 65 * 32]), buf(&vec![0.0f32; 65 * 32]));
+    let args = [arg(&x), arg(&partial), arg(&out), i32_arg(1), i32_arg(0)];
+    fails(
+        run(0, &k, grid(65, 32, 128), &args),
+        &["cooperative launch of 65 blocks", "at most 64"],
+    );
+}

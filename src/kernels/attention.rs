@@ -226,6 +226,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "attention",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

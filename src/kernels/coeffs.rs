@@ -66,6 +66,7 @@ pub fn kernel(variant: Variant, backward: bool) -> Kernel {
         family: "coeffs",
         name,
         harness_entry,
+        cooperative: false,
     }
 }
 

@@ -422,6 +422,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "compose_bwd",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -240,6 +240,7 @@ pub fn gemv_kernel(entry: GemvEntry, dtype: DType) -> Result<Kernel, KernelError
         family: "compose_gemv",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 
@@ -403,6 +404,7 @@ fn tensor_core_kernel(
         family,
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

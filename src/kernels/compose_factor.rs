@@ -269,6 +269,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "compose_factor",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -246,6 +246,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "compose_fwd",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

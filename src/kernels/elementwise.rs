@@ -173,6 +173,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "elementwise",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -314,6 +314,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "embedding",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -262,6 +262,7 @@ fn gemm_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> Ke
         family: "gemm",
         name,
         harness_entry,
+        cooperative: false,
     }
 }
 
@@ -271,6 +272,7 @@ fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> K
         family: "gemm_wgmma",
         name,
         harness_entry,
+        cooperative: false,
     }
 }
 

@@ -204,6 +204,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Result<Kernel, KernelError> {
         family: "layernorm",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

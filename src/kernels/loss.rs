@@ -168,6 +168,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Option<Kernel> {
         family: "loss",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -147,6 +147,7 @@ pub fn kernel(entry: Entry, dtype: DType) -> Option<Kernel> {
         family: "optim",
         name,
         harness_entry,
+        cooperative: false,
     })
 }
 

@@ -319,5 +319,6 @@ fn k_w(entry: HarnessEntry, name: &'static str) -> Kernel {
         family: "gemm_wgmma",
         name,
         harness_entry: entry,
+        cooperative: false,
     }
 }
