@@ -22,10 +22,14 @@
 // is co-resident); cooperative groups' grid.sync, no separate compilation needed.
 #include <cooperative_groups.h>
 #define LC_GRID_SYNC() cooperative_groups::this_grid().sync()
+// A device function called, not inlined (the name `__noinline__` would clash with GCC's
+// `__attribute__((__noinline__))` in the harness's system headers).
+#define LC_NOINLINE __noinline__
 #else
 #include "harness/cuda_cpu.h"
 #define LC_UNROLL
 #define LC_GRID_SYNC() ::lc_harness::grid_barrier(__FILE__ ":" LC_HARNESS_STR(__LINE__))
+#define LC_NOINLINE __attribute__((noinline))
 #endif
 
 namespace lc {

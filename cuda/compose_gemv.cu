@@ -417,15 +417,15 @@ __device__ __forceinline__ void zero(float* __restrict__ work, int n) {
     if (i < n) work[i] = 0.0f;
 }
 
-// u_acc += X A_catᵀ over this block's K split, on the TB-token path; or, `slices`, the split's
-// partial stored into its own slice u_acc[blockIdx.y] (T × R); smem: the block's buffer.
+// u_acc += X A_catᵀ over K split `by` of row tile `bx`, on the TB-token path; or, `slices`, the
+// split's partial stored into its own slice u_acc[by] (T × R); smem: the block's buffer.
 template <typename T, int TB>
 __device__ __forceinline__ void shrink_path(float* smem, const T* __restrict__ X, const T* __restrict__ A_cat,
                                             float* __restrict__ u_acc, int n_tokens, int d_in, int R, int chunk,
-                                            bool slices) {
+                                            bool slices, int bx, int by) {
     constexpr int WR = 2;
-    const int row0 = blockIdx.x * RowShape<WR>::ROWS;
-    const int k_begin = blockIdx.y * chunk, k_end = min(d_in, k_begin + chunk);
+    const int row0 = bx * RowShape<WR>::ROWS;
+    const int k_begin = by * chunk, k_end = min(d_in, k_begin + chunk);
     auto stage_x = [&](float* xs, int s0, int s1) {
         const int w = s1 - s0;
         for (int e = threadIdx.x; e < n_tokens * w; e += THREADS) {
@@ -435,7 +435,7 @@ __device__ __forceinline__ void shrink_path(float* smem, const T* __restrict__ X
     };
     float acc[TB] = {};
     row_mainloop<T, WR, TB>(acc, smem, A_cat, d_in, R, row0, n_tokens, k_begin, k_end, stage_x);
-    float* slice = u_acc + (size_t)blockIdx.y * n_tokens * R;
+    float* slice = u_acc + (size_t)by * n_tokens * R;
     row_epilogue<WR, TB>(acc, smem, n_tokens, [&](int t, int r, float s) {
         if (row0 + r >= R) return;
         if (slices)
@@ -455,23 +455,24 @@ __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restr
     SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
     float* smem = reinterpret_cast<float*>(smem_quads);
     if (n_tokens == 1)
-        shrink_path<T, 1>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
+        shrink_path<T, 1>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0, blockIdx.x, blockIdx.y);
     else if (n_tokens <= 4)
-        shrink_path<T, 4>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
+        shrink_path<T, 4>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0, blockIdx.x, blockIdx.y);
     else
-        shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0);
+        shrink_path<T, MAX_T>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0, blockIdx.x, blockIdx.y);
 }
 
-// Y += Z B_catᵀ on the TB-token path; smem: the block's buffer.
+// Y += Z B_catᵀ for row tile `bx` of B_cat on the TB-token path (tile 0 also stores U and Z);
+// smem: the block's buffer.
 template <typename T, int TB>
 __device__ __forceinline__ void expand_path(float* smem, const float* __restrict__ u_acc, int slices,
                                             const float* __restrict__ C, const int* __restrict__ sample_of,
                                             const int* __restrict__ module_of, const float* __restrict__ col_scale,
                                             const T* __restrict__ B_cat, T* __restrict__ U, T* __restrict__ Z,
-                                            T* __restrict__ Y, int n_tokens, int R, int d_out, int n_modules) {
+                                            T* __restrict__ Y, int n_tokens, int R, int d_out, int n_modules, int bx) {
     constexpr int WR = 1;
-    const int row0 = blockIdx.x * RowShape<WR>::ROWS;
-    const bool store_uz = blockIdx.x == 0;
+    const int row0 = bx * RowShape<WR>::ROWS;
+    const bool store_uz = bx == 0;
     // One thread per column j walks the tokens: the column's module and scale are loaded once
     // (D[σ, j] = C[σ, module_of[j]] · col_scale[j], as lc::diag forms it).
     auto stage_z = [&](float* xs, int s0, int s1) {
@@ -512,30 +513,30 @@ __device__ __forceinline__ void expand(const float* __restrict__ u_acc, int slic
     SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
     float* smem = reinterpret_cast<float*>(smem_quads);
     if (n_tokens == 1)
-        expand_path<T, 1>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
-                          n_modules);
+        expand_path<T, 1>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,
+                              d_out, n_modules, blockIdx.x);
     else if (n_tokens <= 4)
-        expand_path<T, 4>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
-                          n_modules);
+        expand_path<T, 4>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,
+                              d_out, n_modules, blockIdx.x);
     else
         expand_path<T, MAX_T>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,
-                              d_out, n_modules);
+                              d_out, n_modules, blockIdx.x);
 }
 
 // h_acc += G B_cat over this block's split of d_out (when h_acc is given), and the split's part
 // of ∂C (when dC is given): Σ over the block's tokens and each module's columns of
 // s_i H[t, j] U[t, j], one atomicAdd per (run of tokens of one sample, module segment). Grid
-// (ceil(R / (256 / TG)), splits).
+// (ceil(R / (256 / TG)), splits); `hidden_block` does block (bx, by)'s share with the block's
+// buffer `smem`.
 template <typename T>
-__device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restrict__ B_cat, const T* __restrict__ U,
-                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                       const float* __restrict__ col_scale, float* __restrict__ h_acc,
-                                       float* __restrict__ dC, int n_tokens, int d_out, int R, int n_modules, int chunk) {
-    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
-    float* smem = reinterpret_cast<float*>(smem_quads);
+__device__ __forceinline__ void hidden_block(float* smem, const T* __restrict__ G, const T* __restrict__ B_cat,
+                                             const T* __restrict__ U, const int* __restrict__ sample_of,
+                                             const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                             float* __restrict__ h_acc, float* __restrict__ dC, int n_tokens,
+                                             int d_out, int R, int n_modules, int chunk, int bx, int by) {
     const int tg = token_groups(n_tokens), ct = 32 / tg * LANE_COLS;
-    const int col0 = blockIdx.x * ct;
-    const int k_begin = blockIdx.y * chunk, k_end = min(d_out, k_begin + chunk);
+    const int col0 = bx * ct;
+    const int k_begin = by * chunk, k_end = min(d_out, k_begin + chunk);
     auto stage_g = [&](float* ls, int s0, int s1) {
         const int tok = 4 * tg;
         for (int e = threadIdx.x; e < tok * (s1 - s0); e += THREADS) {
@@ -577,21 +578,30 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restrict__ B_cat, const T* __restrict__ U,
+                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                       const float* __restrict__ col_scale, float* __restrict__ h_acc,
+                                       float* __restrict__ dC, int n_tokens, int d_out, int R, int n_modules, int chunk) {
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    hidden_block<T>(reinterpret_cast<float*>(smem_quads), G, B_cat, U, sample_of, module_of, col_scale, h_acc, dC,
+                    n_tokens, d_out, R, n_modules, chunk, blockIdx.x, blockIdx.y);
+}
+
 // dx_acc += ∂U A_cat over this block's split of R, with ∂U = h_acc ∘ D (rounded to storage)
 // formed while staging; the workspace holds h_acc (T × R) then dx_acc (T × d_in). Grid
-// (ceil(d_in / (256 / TG)), splits).
+// (ceil(d_in / (256 / TG)), splits); `dx_block` does block (bx, by)'s share with the block's
+// buffer `smem`.
 template <typename T>
-__device__ __forceinline__ void dx(const float* __restrict__ C, const int* __restrict__ sample_of,
-                                   const int* __restrict__ module_of, const float* __restrict__ col_scale,
-                                   const T* __restrict__ A_cat, float* work, int n_tokens, int R, int d_in,
-                                   int n_modules, int chunk) {
+__device__ __forceinline__ void dx_block(float* smem, const float* __restrict__ C, const int* __restrict__ sample_of,
+                                         const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                         const T* __restrict__ A_cat, float* work, int n_tokens, int R, int d_in,
+                                         int n_modules, int chunk, int bx, int by) {
     const float* h_acc = work;
     float* dx_acc = work + (size_t)n_tokens * R;
-    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
-    float* smem = reinterpret_cast<float*>(smem_quads);
     const int tg = token_groups(n_tokens), ct = 32 / tg * LANE_COLS;
-    const int col0 = blockIdx.x * ct;
-    const int k_begin = blockIdx.y * chunk, k_end = min(R, k_begin + chunk);
+    const int col0 = bx * ct;
+    const int k_begin = by * chunk, k_end = min(R, k_begin + chunk);
     // One thread per row j of the pass (module and scale loaded once), as lc::diag forms D.
     auto stage_du = [&](float* ls, int s0, int s1) {
         const int tok = 4 * tg;
@@ -616,14 +626,24 @@ __device__ __forceinline__ void dx(const float* __restrict__ C, const int* __res
     });
 }
 
-// ∂U = h_acc ∘ D (when dU is given) and ∂X += dx_acc (when dX is given), rounded once; the
-// workspace holds h_acc (T × R) then dx_acc (T × d_in). 1-D grid over max of the two.
 template <typename T>
-__device__ __forceinline__ void finish(const float* __restrict__ work, const float* __restrict__ C,
-                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                       const float* __restrict__ col_scale, T* __restrict__ dU, T* __restrict__ dX,
-                                       int n_tokens, int R, int d_in, int n_modules) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+__device__ __forceinline__ void dx(const float* __restrict__ C, const int* __restrict__ sample_of,
+                                   const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                   const T* __restrict__ A_cat, float* work, int n_tokens, int R, int d_in,
+                                   int n_modules, int chunk) {
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    dx_block<T>(reinterpret_cast<float*>(smem_quads), C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R,
+                d_in, n_modules, chunk, blockIdx.x, blockIdx.y);
+}
+
+// ∂U = h_acc ∘ D (when dU is given) and ∂X += dx_acc (when dX is given), rounded once; the
+// workspace holds h_acc (T × R) then dx_acc (T × d_in); element i of both. `finish`: 1-D grid
+// over max of the two.
+template <typename T>
+__device__ __forceinline__ void finish_element(long long i, const float* __restrict__ work, const float* __restrict__ C,
+                                               const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                               const float* __restrict__ col_scale, T* __restrict__ dU,
+                                               T* __restrict__ dX, int n_tokens, int R, int d_in, int n_modules) {
     if (dU && i < (long long)n_tokens * R) {
         const int t = (int)(i / R), j = (int)(i % R);
         dU[i] = lc::from_f32<T>(work[i] * lc::diag(C, n_modules, module_of, col_scale, sample_of[t], j));
@@ -634,6 +654,156 @@ __device__ __forceinline__ void finish(const float* __restrict__ work, const flo
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void finish(const float* __restrict__ work, const float* __restrict__ C,
+                                       const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                       const float* __restrict__ col_scale, T* __restrict__ dU, T* __restrict__ dX,
+                                       int n_tokens, int R, int d_in, int n_modules) {
+    finish_element<T>((long long)blockIdx.x * blockDim.x + threadIdx.x, work, C, sample_of, module_of, col_scale, dU,
+                      dX, n_tokens, R, d_in, n_modules);
+}
+
+// ---- one launch for each pass (cooperative: grid barriers between the steps) -----------------
+// The same steps as the kernels above, in one cooperative launch whose blocks take the steps'
+// blocks in turn (block b does work items b, b + gridDim.x, …; a barrier before each item reuses
+// the shared buffer) and meet at a grid barrier where the next step reads what the last wrote —
+// where the separate launches paid a dependent launch each (~4.5 µs on the H200, measured). Grid:
+// 1-D, at most as many blocks as are co-resident (src/kernels/compose_fwd.rs plans it). Each work
+// item computes what the same block of the separate kernels computes, with the same sums in the
+// same order (the atomics' order aside, as there).
+
+// One work item each, as a call rather than inlined: the item index is then not a value the
+// step's body must keep live beside its own (inlined into the item loops, shrink and expand went
+// to 128 registers with 4–8 bytes spilled on sm_80, where the separate kernels read their block
+// index from a special register whenever they need it). Same code inside.
+template <typename T, int TB>
+__device__ LC_NOINLINE void shrink_item(float* smem, const T* __restrict__ X, const T* __restrict__ A_cat,
+                                         float* __restrict__ u_acc, int n_tokens, int d_in, int R, int chunk,
+                                         bool slices, int bx, int by) {
+    shrink_path<T, TB>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices, bx, by);
+}
+
+template <typename T, int TB>
+__device__ LC_NOINLINE void expand_item(float* smem, const float* __restrict__ u_acc, int slices,
+                                         const float* __restrict__ C, const int* __restrict__ sample_of,
+                                         const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                         const T* __restrict__ B_cat, T* __restrict__ U, T* __restrict__ Z,
+                                         T* __restrict__ Y, int n_tokens, int R, int d_out, int n_modules, int bx) {
+    expand_path<T, TB>(smem, u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R, d_out,
+                       n_modules, bx);
+}
+
+template <typename T>
+__device__ LC_NOINLINE void hidden_item(float* smem, const T* __restrict__ G, const T* __restrict__ B_cat,
+                                         const T* __restrict__ U, const int* __restrict__ sample_of,
+                                         const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                         float* __restrict__ h_acc, float* __restrict__ dC, int n_tokens, int d_out,
+                                         int R, int n_modules, int chunk, int bx, int by) {
+    hidden_block<T>(smem, G, B_cat, U, sample_of, module_of, col_scale, h_acc, dC, n_tokens, d_out, R, n_modules,
+                    chunk, bx, by);
+}
+
+template <typename T>
+__device__ LC_NOINLINE void dx_item(float* smem, const float* __restrict__ C, const int* __restrict__ sample_of,
+                                     const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                     const T* __restrict__ A_cat, float* work, int n_tokens, int R, int d_in,
+                                     int n_modules, int chunk, int bx, int by) {
+    dx_block<T>(smem, C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R, d_in, n_modules, chunk, bx, by);
+}
+
+// Grid-stride: work[0 .. n) = 0.
+__device__ __forceinline__ void zero_all(float* __restrict__ work, long long n) {
+    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
+        work[i] = 0.0f;
+}
+
+// The forward on the TB-token path: [zero u_acc (unless slices) | grid barrier] shrink (row tiles
+// × splits items) | grid barrier | expand (expand_tiles items).
+template <typename T, int TB>
+__device__ __forceinline__ void forward_path(float* smem, const T* __restrict__ X, const T* __restrict__ A_cat,
+                                             const T* __restrict__ B_cat, float* __restrict__ u_acc,
+                                             const float* __restrict__ C, const int* __restrict__ sample_of,
+                                             const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                             T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens,
+                                             int d_in, int R, int d_out, int n_modules, int shrink_tiles, int splits,
+                                             int chunk, int slices, int expand_tiles) {
+    if (!slices) {
+        zero_all(u_acc, (long long)n_tokens * R);
+        LC_GRID_SYNC();
+    }
+    for (int item = blockIdx.x; item < shrink_tiles * splits; item += gridDim.x) {
+        __syncthreads();  // the previous item is done with smem
+        shrink_item<T, TB>(smem, X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices != 0, item % shrink_tiles,
+                           item / shrink_tiles);
+    }
+    LC_GRID_SYNC();
+    for (int item = blockIdx.x; item < expand_tiles; item += gridDim.x) {
+        __syncthreads();
+        expand_item<T, TB>(smem, u_acc, slices ? splits : 1, C, sample_of, module_of, col_scale, B_cat, U, Z, Y,
+                           n_tokens, R, d_out, n_modules, item);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void forward(const T* __restrict__ X, const T* __restrict__ A_cat,
+                                        const T* __restrict__ B_cat, float* __restrict__ u_acc,
+                                        const float* __restrict__ C, const int* __restrict__ sample_of,
+                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
+                                        T* __restrict__ U, T* __restrict__ Z, T* __restrict__ Y, int n_tokens, int d_in,
+                                        int R, int d_out, int n_modules, int shrink_tiles, int splits, int chunk,
+                                        int slices, int expand_tiles) {
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
+    if (n_tokens == 1)
+        forward_path<T, 1>(smem, X, A_cat, B_cat, u_acc, C, sample_of, module_of, col_scale, U, Z, Y, n_tokens, d_in, R,
+                           d_out, n_modules, shrink_tiles, splits, chunk, slices, expand_tiles);
+    else if (n_tokens <= 4)
+        forward_path<T, 4>(smem, X, A_cat, B_cat, u_acc, C, sample_of, module_of, col_scale, U, Z, Y, n_tokens, d_in, R,
+                           d_out, n_modules, shrink_tiles, splits, chunk, slices, expand_tiles);
+    else
+        forward_path<T, MAX_T>(smem, X, A_cat, B_cat, u_acc, C, sample_of, module_of, col_scale, U, Z, Y, n_tokens, d_in,
+                               R, d_out, n_modules, shrink_tiles, splits, chunk, slices, expand_tiles);
+}
+
+// The backward: zero the workspace's first ws_len floats | grid barrier | hidden (h_tiles ×
+// h_splits items, h_acc when `du`, ∂C when dC) | grid barrier | [∂X (x_tiles × x_splits items) |
+// grid barrier, when dX] | finish (∂U when `du`, ∂X when dX). The flags are uniform across the
+// grid, so every block meets every barrier.
+template <typename T>
+__device__ __forceinline__ void backward(const T* __restrict__ G, const T* __restrict__ B_cat, const T* __restrict__ U,
+                                         const T* __restrict__ A_cat, const float* __restrict__ C,
+                                         const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                         const float* __restrict__ col_scale, float* __restrict__ work,
+                                         float* __restrict__ dC, T* __restrict__ dU, T* __restrict__ dX, int n_tokens,
+                                         int d_out, int R, int d_in, int n_modules, int du, int h_tiles, int h_splits,
+                                         int h_chunk, int x_tiles, int x_splits, int x_chunk) {
+    SHARED(SharedQuad, smem_quads, [SMEM_FLOATS / 4]);
+    float* smem = reinterpret_cast<float*>(smem_quads);
+    const long long ws = (du ? (long long)n_tokens * R : 0) + (dX ? (long long)n_tokens * d_in : 0);
+    if (ws > 0) {
+        zero_all(work, ws);
+        LC_GRID_SYNC();
+    }
+    for (int item = blockIdx.x; item < h_tiles * h_splits; item += gridDim.x) {
+        __syncthreads();
+        hidden_item<T>(smem, G, B_cat, U, sample_of, module_of, col_scale, du ? work : nullptr, dC, n_tokens, d_out, R,
+                       n_modules, h_chunk, item % h_tiles, item / h_tiles);
+    }
+    if (!du) return;  // ∂C only: nothing reads what the hidden step wrote (uniform)
+    LC_GRID_SYNC();
+    if (dX) {
+        for (int item = blockIdx.x; item < x_tiles * x_splits; item += gridDim.x) {
+            __syncthreads();
+            dx_item<T>(smem, C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R, d_in, n_modules, x_chunk,
+                       item % x_tiles, item / x_tiles);
+        }
+        LC_GRID_SYNC();
+    }
+    const long long n = (long long)n_tokens * (dX ? max(R, d_in) : R);
+    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
+        finish_element<T>(i, work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);
+}
+
 }  // namespace compose_gemv
 
 // Unmangled entry points: compose_gemv_<kernel>_<dtype> (zero is storage-independent).
@@ -642,31 +812,47 @@ extern "C" __global__ void __launch_bounds__(256) compose_gemv_zero(float* work,
 }
 
 #define COMPOSE_GEMV_ENTRIES(suffix, T)                                                                                \
-    extern "C" __global__ void __launch_bounds__(256) compose_gemv_shrink_##suffix(                                     \
-        const T* X, const T* A_cat, float* u_acc, int n_tokens, int d_in, int R, int chunk, int slices) {             \
+    extern "C" __global__ void __launch_bounds__(256) compose_gemv_shrink_##suffix(                                    \
+        const T* X, const T* A_cat, float* u_acc, int n_tokens, int d_in, int R, int chunk, int slices) {              \
         compose_gemv::shrink<T>(X, A_cat, u_acc, n_tokens, d_in, R, chunk, slices);                                    \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_gemv_expand_##suffix(                                     \
-        const float* u_acc, int slices, const float* C, const int* sample_of, const int* module_of,                   \
-        const float* col_scale, const T* B_cat, T* U, T* Z, T* Y, int n_tokens, int R, int d_out, int n_modules) {    \
-        compose_gemv::expand<T>(u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,       \
+    extern "C" __global__ void __launch_bounds__(256) compose_gemv_expand_##suffix(                                    \
+        const float* u_acc, int slices, const float* C, const int* sample_of, const int* module_of,                    \
+        const float* col_scale, const T* B_cat, T* U, T* Z, T* Y, int n_tokens, int R, int d_out, int n_modules) {     \
+        compose_gemv::expand<T>(u_acc, slices, C, sample_of, module_of, col_scale, B_cat, U, Z, Y, n_tokens, R,        \
                                 d_out, n_modules);                                                                     \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_gemv_hidden_##suffix(                                     \
-        const T* G, const T* B_cat, const T* U, const int* sample_of, const int* module_of, const float* col_scale,   \
-        float* h_acc, float* dC, int n_tokens, int d_out, int R, int n_modules, int chunk) {                          \
-        compose_gemv::hidden<T>(G, B_cat, U, sample_of, module_of, col_scale, h_acc, dC, n_tokens, d_out, R,          \
+    extern "C" __global__ void __launch_bounds__(256) compose_gemv_hidden_##suffix(                                    \
+        const T* G, const T* B_cat, const T* U, const int* sample_of, const int* module_of, const float* col_scale,    \
+        float* h_acc, float* dC, int n_tokens, int d_out, int R, int n_modules, int chunk) {                           \
+        compose_gemv::hidden<T>(G, B_cat, U, sample_of, module_of, col_scale, h_acc, dC, n_tokens, d_out, R,           \
                                 n_modules, chunk);                                                                     \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_gemv_dx_##suffix(                                         \
-        const float* C, const int* sample_of, const int* module_of, const float* col_scale, const T* A_cat,           \
-        float* work, int n_tokens, int R, int d_in, int n_modules, int chunk) {                                       \
-        compose_gemv::dx<T>(C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R, d_in, n_modules, chunk);    \
+    extern "C" __global__ void __launch_bounds__(256) compose_gemv_dx_##suffix(                                        \
+        const float* C, const int* sample_of, const int* module_of, const float* col_scale, const T* A_cat,            \
+        float* work, int n_tokens, int R, int d_in, int n_modules, int chunk) {                                        \
+        compose_gemv::dx<T>(C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R, d_in, n_modules, chunk);     \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_gemv_finish_##suffix(                                     \
-        const float* work, const float* C, const int* sample_of, const int* module_of, const float* col_scale,        \
-        T* dU, T* dX, int n_tokens, int R, int d_in, int n_modules) {                                                 \
-        compose_gemv::finish<T>(work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);      \
+    extern "C" __global__ void __launch_bounds__(256, 2) compose_gemv_forward_##suffix(                                \
+        const T* X, const T* A_cat, const T* B_cat, float* u_acc, const float* C, const int* sample_of,                \
+        const int* module_of, const float* col_scale, T* U, T* Z, T* Y, int n_tokens, int d_in, int R, int d_out,      \
+        int n_modules, int shrink_tiles, int splits, int chunk, int slices, int expand_tiles) {                        \
+        compose_gemv::forward<T>(X, A_cat, B_cat, u_acc, C, sample_of, module_of, col_scale, U, Z, Y, n_tokens, d_in,  \
+                                 R, d_out, n_modules, shrink_tiles, splits, chunk, slices, expand_tiles);              \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2) compose_gemv_backward_##suffix(                               \
+        const T* G, const T* B_cat, const T* U, const T* A_cat, const float* C, const int* sample_of,                  \
+        const int* module_of, const float* col_scale, float* work, float* dC, T* dU, T* dX, int n_tokens, int d_out,   \
+        int R, int d_in, int n_modules, int du, int h_tiles, int h_splits, int h_chunk, int x_tiles, int x_splits,     \
+        int x_chunk) {                                                                                                 \
+        compose_gemv::backward<T>(G, B_cat, U, A_cat, C, sample_of, module_of, col_scale, work, dC, dU, dX, n_tokens,  \
+                                  d_out, R, d_in, n_modules, du, h_tiles, h_splits, h_chunk, x_tiles, x_splits,        \
+                                  x_chunk);                                                                            \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) compose_gemv_finish_##suffix(                                    \
+        const float* work, const float* C, const int* sample_of, const int* module_of, const float* col_scale,         \
+        T* dU, T* dX, int n_tokens, int R, int d_in, int n_modules) {                                                  \
+        compose_gemv::finish<T>(work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);       \
     }
 
 COMPOSE_GEMV_ENTRIES(f32, float)

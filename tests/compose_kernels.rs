@@ -657,9 +657,12 @@ proptest! {
     }
 }
 
+/// The GEMV kernels as separate launches and as one cooperative launch per pass.
+const GEMV_VARIANTS: [compose_fwd::Variant; 2] = [compose_fwd::Variant::Gemv, compose_fwd::Variant::GemvCoop];
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
-    /// The GEMV variant at small T (1..=16, so its kernels run, not the fused fallback) with odd
+    /// The GEMV variants at small T (1..=16, so its kernels run, not the fused fallback) with odd
     /// d_in and d_out (rows that are not 16-byte aligned: scalar heads and tails beside the
     /// vector loads), every gradient subset, planned for devices of 1 to 132 SMs (from one split
     /// per output to many, each added with atomics).
@@ -682,7 +685,7 @@ proptest! {
             case = make_case_with_ranks(seed, t, d_in, d_out, &ranks, Mode::Product, rows, kind);
         }
         let backend = WithSms { inner: &CpuHarness::new(thread_order), sm_count };
-        check_variants(&backend, &case, seed, &TRAINS, &[compose_fwd::Variant::Gemv])
+        check_variants(&backend, &case, seed, &TRAINS, &GEMV_VARIANTS)
             .map_err(TestCaseError::fail)?;
     }
 }
@@ -751,7 +754,7 @@ fn harness_gemv_fixed_cases() {
                 case,
                 30 + i as u64,
                 &TRAINS[..*train_count.min(&TRAINS.len())],
-                &[compose_fwd::Variant::Gemv],
+                &GEMV_VARIANTS,
             )
             .unwrap_or_else(|e| panic!("case {i}: {e}"));
         }
@@ -987,6 +990,14 @@ fn gpu_matches_reference() {
             compose_fwd::GEMV_SHARED_BYTES,
         ),
         (
+            compose_fwd::gemv_kernel(compose_fwd::GemvEntry::Forward, DType::BF16),
+            compose_fwd::GEMV_SHARED_BYTES,
+        ),
+        (
+            compose_fwd::gemv_kernel(compose_fwd::GemvEntry::Backward, DType::BF16),
+            compose_fwd::GEMV_SHARED_BYTES,
+        ),
+        (
             compose_fwd::mma_kernel(compose_fwd::MmaEntry::Hidden, DType::BF16),
             compose_fwd::mma_tile::SHARED_BYTES,
         ),
@@ -1100,7 +1111,8 @@ fn gpu_sanitizer_cases() {
 /// what the direct launches give: exactly for `mma` (no atomics: the same sums in the same
 /// order), within bf16 rounding for `gemv` (where its split-K partials are too many to keep as
 /// slices, it adds them with atomics in any order; at this shape they are slices, added in
-/// order, so the bound holds with room).
+/// order, so the bound holds with room) and `gemv_coop` (its one cooperative launch captured:
+/// whether the driver records a cooperative launch in a graph is for a GPU run to show).
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine (gpu-bundle/gpu-check.sh does)"]
 fn gpu_graph_replays_the_launches() {
@@ -1119,7 +1131,11 @@ fn gpu_graph_replays_the_launches() {
     let s = &p.shape;
     let operands = ForwardOperands::upload(&gpu, &case, &p).expect("operands");
     let inputs = operands.inputs();
-    for variant in [compose_fwd::Variant::Mma, compose_fwd::Variant::Gemv] {
+    for variant in [
+        compose_fwd::Variant::Mma,
+        compose_fwd::Variant::Gemv,
+        compose_fwd::Variant::GemvCoop,
+    ] {
         let (t, r) = (s.t, s.r_total());
         let mut u = gpu.upload(&vec![half::bf16::ZERO; t * r]).expect("u");
         let mut z = gpu.upload(&vec![half::bf16::ZERO; t * r]).expect("z");

@@ -702,6 +702,7 @@ fn bench_compose_shape(
     let dx_alone = [
         compose_bwd::Variant::Fused,
         compose_bwd::Variant::Gemv,
+        compose_bwd::Variant::GemvCoop,
         compose_bwd::Variant::Mma,
         compose_bwd::Variant::Wgmma,
     ];
@@ -836,15 +837,18 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
             "- d = {d}, fused forward at T ≤ 16: worst {:.0}% of the memory bound (target ≥ 80%)",
             100.0 * worst_small_t
         );
-        for pass in ["forward", "backward ∂C+∂X"] {
+        for (pass, variant) in ["forward", "backward ∂C+∂X"]
+            .into_iter()
+            .flat_map(|pass| [(pass, "gemv"), (pass, "gemv_coop")])
+        {
             let gemv = |n: usize| {
                 all.iter()
-                    .filter(|tm| tm.d == d && tm.n == n && tm.t <= 16 && tm.pass == pass && tm.variant == "gemv")
+                    .filter(|tm| tm.d == d && tm.n == n && tm.t <= 16 && tm.pass == pass && tm.variant == variant)
                     .map(|tm| (tm.bytes / PEAK_BYTES_PER_S) / (tm.ms * 1e-3))
                     .fold(f64::INFINITY, f64::min)
             };
             println!(
-                "- d = {d}, gemv {pass} at T ≤ 16: worst {:.0}% / {:.0}% / {:.0}% of the memory bound at N = 8 / 32 / 128 (target ≥ 60%)",
+                "- d = {d}, {variant} {pass} at T ≤ 16: worst {:.0}% / {:.0}% / {:.0}% of the memory bound at N = 8 / 32 / 128 (target ≥ 60%)",
                 100.0 * gemv(8),
                 100.0 * gemv(32),
                 100.0 * gemv(128)
@@ -908,6 +912,7 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
             (16, "fused"),
             (4096, "fused"),
             (16, "gemv"),
+            (16, "gemv_coop"),
             (4096, "mma"),
             (4096, "wgmma"),
         ] {

@@ -5,9 +5,9 @@
 //! [`super::compose_fwd`].
 
 use super::compose_fwd::{
-    check_tables, gemv_col_split, gemv_column_tile, gemv_dims, gemv_kernel, linear_dims, mma_kernel, mma_step,
-    naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows,
-    WgmmaEntry, GEMV_MAX_T, TILE,
+    check_tables, gemv_col_split, gemv_column_tile, gemv_coop_dims, gemv_dims, gemv_kernel, launch_cooperative,
+    linear_dims, mma_kernel, mma_step, naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, GemvEntry, MmaEntry,
+    Shape, Split, Tables, TokenRows, WgmmaEntry, GEMV_MAX_T, GEMV_THREADS, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -99,6 +99,18 @@ pub enum Step {
         du: bool,
         dx: bool,
     },
+    /// [`Variant::GemvCoop`]: GemvZero, GemvHidden (`h_tiles` × `h_split`), GemvDx (`x_tiles`
+    /// × `x_split`, when `dx`) and GemvFinish in one cooperative launch, with grid barriers
+    /// between; `du`: h_acc and ∂U (else ∂C only).
+    GemvBackward {
+        h_split: Split,
+        h_tiles: usize,
+        x_split: Split,
+        x_tiles: usize,
+        du: bool,
+        dc: bool,
+        dx: bool,
+    },
     /// Tensor cores: H = G B_cat in registers, ∂C (when `dc`) and ∂U (when `du`) in the
     /// epilogue.
     MmaHidden {
@@ -170,6 +182,36 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 };
                 steps.push((step, linear_dims(n)));
             }
+            if train.modules {
+                steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
+                steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
+            }
+        }
+        Variant::GemvCoop if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, train, sm_count),
+        Variant::GemvCoop => {
+            // Gemv's blocks and splits, as work items of one launch.
+            let ct = gemv_column_tile(t);
+            let h_tiles = r.div_ceil(ct);
+            let h_split = gemv_col_split(h_tiles, d_out, sm_count);
+            let x_tiles = d_in.div_ceil(ct);
+            let x_split = gemv_col_split(x_tiles, r, sm_count);
+            let step = Step::GemvBackward {
+                h_split,
+                h_tiles,
+                x_split,
+                x_tiles,
+                du: want_du,
+                dc: train.coeffs,
+                dx: train.input,
+            };
+            let mut items = h_tiles * h_split.splits;
+            if train.input {
+                items = items.max(x_tiles * x_split.splits);
+            }
+            if want_du {
+                items = items.max((t * if train.input { r.max(d_in) } else { r }).div_ceil(GEMV_THREADS as usize));
+            }
+            steps.push((step, gemv_coop_dims(items)));
             if train.modules {
                 steps.push((Step::DaTiled { j0: 0, j1: r }, tiled_dims(r, d_in, 1)));
                 steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
@@ -344,6 +386,9 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
             }
             Step::MmaDx { split, .. } | Step::WgmmaDx { split } if split.splits > 1 => split.splits * t * shape.d_in,
             Step::GemvZero { len } => len,
+            Step::GemvBackward { du, dx, .. } => {
+                (if du { t * shape.r_total() } else { 0 }) + if dx { t * shape.d_in } else { 0 }
+            }
             _ => 0,
         })
         .chain([1])
@@ -573,6 +618,43 @@ pub fn launch<T: Element, B: Backend>(
             continue;
         }
         let gemv = match step {
+            Step::GemvBackward {
+                h_split,
+                h_tiles,
+                x_split,
+                x_tiles,
+                du: want_du,
+                dc: want_dc,
+                dx: want_dx,
+            } => Some((
+                GemvEntry::Backward,
+                vec![
+                    g,
+                    b_cat,
+                    u,
+                    a_cat,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    work,
+                    if want_dc { dc } else { null },
+                    if want_du { du } else { null },
+                    if want_dx { dx } else { null },
+                    i(t),
+                    i(d_out),
+                    i(r),
+                    i(d_in),
+                    i(n),
+                    i(usize::from(want_du)),
+                    i(h_tiles),
+                    i(h_split.splits),
+                    i(h_split.chunk),
+                    i(x_tiles),
+                    i(x_split.splits),
+                    i(x_split.chunk),
+                ],
+            )),
             Step::GemvZero { len } => Some((GemvEntry::Zero, vec![work, i(len)])),
             Step::GemvHidden { split, h, dc: want_dc } => Some((
                 GemvEntry::Hidden,
@@ -695,7 +777,13 @@ pub fn launch<T: Element, B: Backend>(
             // were checked above against the shape; an output is null exactly where `train` does
             // not ask for it and the kernels skip null outputs. Tables come from the same ranks,
             // token samples were checked on upload; outputs are distinct and mutably borrowed.
-            unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            // `compose_gemv_backward` runs those steps in one cooperative launch, zeroing first.
+            let kernel = gemv_kernel(entry, T::DTYPE)?;
+            if kernel.cooperative {
+                unsafe { launch_cooperative(backend, &kernel, &dims, &args)? };
+            } else {
+                unsafe { backend.launch(&kernel, &dims, &args)? };
+            }
             continue;
         }
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
@@ -806,7 +894,8 @@ pub fn launch<T: Element, B: Backend>(
                 vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(j0), i(j1), i(split.chunk)],
             ),
             Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
-            Step::GemvZero { .. }
+            Step::GemvBackward { .. }
+            | Step::GemvZero { .. }
             | Step::GemvHidden { .. }
             | Step::GemvDx { .. }
             | Step::GemvFinish { .. }
@@ -903,6 +992,61 @@ mod tests {
             launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
         );
     }
+
+    /// The cooperative GEMV backward: Gemv's hidden and ∂X splits and its workspace in one
+    /// launch (∂C alone: no workspace, no ∂U), the modules' steps after it; the fused plan above
+    /// 16 tokens.
+    #[test]
+    fn gemv_coop_backward_plans() {
+        let s = shape(4, 4096, vec![16; 32]);
+        for train in [Train::COEFFS, Train::ALL, TRAIN_INPUT_COEFFS] {
+            let gemv = launch_config(Variant::Gemv, &s, train, HARNESS_SM_COUNT);
+            let coop = launch_config(Variant::GemvCoop, &s, train, HARNESS_SM_COUNT);
+            let Some((
+                Step::GemvBackward {
+                    h_split, du, dc, dx, ..
+                },
+                _,
+            )) = coop.first()
+            else {
+                panic!("{coop:?}")
+            };
+            assert_eq!(
+                (*du, *dc, *dx),
+                (train.input || train.modules, train.coeffs, train.input)
+            );
+            let hidden = gemv.iter().find_map(|(step, _)| match step {
+                Step::GemvHidden { split, .. } => Some(*split),
+                _ => None,
+            });
+            assert_eq!(hidden, Some(*h_split));
+            // The rest (∂A_cat, ∂B_cat) as Gemv plans it.
+            let tail = |plan: &[(Step, LaunchDims)]| {
+                plan.iter()
+                    .filter(|(step, _)| matches!(step, Step::DaTiled { .. } | Step::DbTiled { .. }))
+                    .map(|(step, _)| *step)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(tail(&coop), tail(&gemv));
+            assert_eq!(coop.len(), 1 + tail(&gemv).len());
+            assert_eq!(
+                workspace_len(Variant::GemvCoop, &s, train, HARNESS_SM_COUNT),
+                workspace_len(Variant::Gemv, &s, train, HARNESS_SM_COUNT)
+            );
+        }
+        let s = shape(17, 768, vec![16; 8]);
+        assert_eq!(
+            launch_config(Variant::GemvCoop, &s, Train::ALL, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, Train::ALL, HARNESS_SM_COUNT)
+        );
+    }
+
+    const TRAIN_INPUT_COEFFS: Train = Train {
+        input: true,
+        coeffs: true,
+        modules: false,
+        base: false,
+    };
 
     /// The Hopper variant: `hidden` on 128×128 tiles (R = 512 at T = 4096: 128 tiles, d_out split
     /// in two, the ∂U partials summed), ∂X unsplit (1,024 tiles), then mma's ∂A_cat and ∂B_cat.

@@ -54,6 +54,15 @@ pub enum Step {
     GemvExpand {
         slices: usize,
     },
+    /// [`Variant::GemvCoop`]: the GEMV forward in one cooperative launch — `u_acc` zeroed
+    /// (without `slices`), the shrink's `shrink_tiles` × `split.splits` blocks, the expand's
+    /// `expand_tiles`, with grid barriers between.
+    GemvForward {
+        split: Split,
+        slices: bool,
+        shrink_tiles: usize,
+        expand_tiles: usize,
+    },
     /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns, in tiles of `tile_rows`
     /// (128 or 64: [`mma_tile_rows`]) × 128; with several splits of d_in ([`mma_split`]) the
     /// partials go to the workspace and [`Step::ShrinkReduce`] finishes.
@@ -100,6 +109,21 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             let slices = if slices { split.splits } else { 1 };
             let dims = gemv_dims(shape.d_out.div_ceil(GEMV_EXPAND_ROWS), 1);
             steps.push((Step::GemvExpand { slices }, dims));
+        }
+        Variant::GemvCoop if t > GEMV_MAX_T => return launch_config(Variant::Fused, shape, sm_count),
+        Variant::GemvCoop => {
+            // Gemv's blocks and splits, as work items of one launch.
+            let shrink_tiles = r.div_ceil(GEMV_SHRINK_ROWS);
+            let split = gemv_row_split(shrink_tiles, shape.d_in, sm_count);
+            let slices = split.splits * t * r <= GEMV_SLICES_MAX;
+            let expand_tiles = shape.d_out.div_ceil(GEMV_EXPAND_ROWS);
+            let step = Step::GemvForward {
+                split,
+                slices,
+                shrink_tiles,
+                expand_tiles,
+            };
+            steps.push((step, gemv_coop_dims((shrink_tiles * split.splits).max(expand_tiles))));
         }
         Variant::Mma => {
             let (tile_rows, split, dims) = mma_step(MmaEntry::Shrink, t, r, shape.d_in, sm_count);
@@ -188,7 +212,11 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
             }
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
             Step::GemvZero { len } => len,
-            Step::GemvShrink { split, slices: true } => split.splits * t * shape.r_total(),
+            Step::GemvShrink { split, slices: true }
+            | Step::GemvForward {
+                split, slices: true, ..
+            } => split.splits * t * shape.r_total(),
+            Step::GemvForward { slices: false, .. } => t * shape.r_total(),
             _ => 0,
         })
         .chain([1])
@@ -363,6 +391,37 @@ pub fn launch<T: Element, B: Backend>(
                     i(n),
                 ],
             )),
+            Step::GemvForward {
+                split,
+                slices,
+                shrink_tiles,
+                expand_tiles,
+            } => Some((
+                GemvEntry::Forward,
+                vec![
+                    x,
+                    a_cat,
+                    b_cat,
+                    work,
+                    c,
+                    sample_of,
+                    module_of,
+                    col_scale,
+                    u,
+                    z,
+                    y,
+                    i(t),
+                    i(d_in),
+                    i(r),
+                    i(d_out),
+                    i(n),
+                    i(shrink_tiles),
+                    i(split.splits),
+                    i(split.chunk),
+                    i(usize::from(slices)),
+                    i(expand_tiles),
+                ],
+            )),
             _ => None,
         };
         let shrink_args = |split: Split| {
@@ -418,7 +477,14 @@ pub fn launch<T: Element, B: Backend>(
             // against the shape, the tables
             // come from the same ranks and every token's sample was checked on upload; a null U
             // is skipped by the expand kernel. Output buffers are distinct and mutably borrowed.
-            unsafe { backend.launch(&gemv_kernel(entry, T::DTYPE)?, &dims, &args)? };
+            // `compose_gemv_forward` is GemvShrink and GemvExpand (after GemvZero without
+            // slices) in one cooperative launch, the same arguments.
+            let kernel = gemv_kernel(entry, T::DTYPE)?;
+            if kernel.cooperative {
+                unsafe { launch_cooperative(backend, &kernel, &dims, &args)? };
+            } else {
+                unsafe { backend.launch(&kernel, &dims, &args)? };
+            }
             continue;
         }
         let (entry, args): (Entry, Vec<KernelArg>) = match step {
@@ -495,6 +561,7 @@ pub fn launch<T: Element, B: Backend>(
             Step::GemvZero { .. }
             | Step::GemvShrink { .. }
             | Step::GemvExpand { .. }
+            | Step::GemvForward { .. }
             | Step::MmaShrink { .. }
             | Step::MmaExpand { .. }
             | Step::WgmmaShrink { .. }
@@ -579,6 +646,60 @@ mod tests {
             // It splits whenever the tiles leave half the slots empty and K allows two chunks.
             prop_assert!(s.splits > 1 || 2 * tiles > BLOCKS_PER_SM * sms || k < 2 * MMA_MIN_CHUNK, "{s:?}");
         }
+    }
+
+    /// The cooperative GEMV forward is Gemv's plan in one launch: the same splits and slices,
+    /// one block per work item as planned (the launch caps it at the co-resident blocks), the
+    /// same workspace; the fused plan above 16 tokens.
+    #[test]
+    fn gemv_coop_is_the_gemv_plan_in_one_launch() {
+        for (t, d, ranks) in [
+            (1, 4096, vec![16; 32]),
+            (16, 4096, vec![16; 32]),
+            (5, 33, vec![3, 1, 8]),
+        ] {
+            let s = shape(t, d, ranks);
+            for sm_count in [1, 5, HARNESS_SM_COUNT] {
+                let gemv = launch_config(Variant::Gemv, &s, sm_count);
+                let coop = launch_config(Variant::GemvCoop, &s, sm_count);
+                let [(
+                    Step::GemvForward {
+                        split,
+                        slices,
+                        shrink_tiles,
+                        expand_tiles,
+                    },
+                    dims,
+                )] = coop[..]
+                else {
+                    panic!("{coop:?}")
+                };
+                let shrink = gemv.iter().find_map(|(step, dims)| match step {
+                    Step::GemvShrink { split, slices } => Some((*split, *slices, dims.grid)),
+                    _ => None,
+                });
+                let (Some((gemv_split, gemv_slices, shrink_grid)), Some((_, expand_dims))) = (shrink, gemv.last())
+                else {
+                    panic!("{gemv:?}")
+                };
+                assert_eq!((split, slices), (gemv_split, gemv_slices));
+                assert_eq!([shrink_tiles as u32, split.splits as u32], shrink_grid[..2]);
+                assert_eq!(expand_tiles as u32, expand_dims.grid[0]);
+                assert_eq!(
+                    dims.grid,
+                    [(shrink_tiles * split.splits).max(expand_tiles) as u32, 1, 1]
+                );
+                assert_eq!(
+                    workspace_len(Variant::GemvCoop, &s, sm_count),
+                    workspace_len(Variant::Gemv, &s, sm_count)
+                );
+            }
+        }
+        let s = shape(GEMV_MAX_T + 1, 64, vec![4; 3]);
+        assert_eq!(
+            launch_config(Variant::GemvCoop, &s, HARNESS_SM_COUNT),
+            launch_config(Variant::Fused, &s, HARNESS_SM_COUNT)
+        );
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub(crate) mod compose_gemv {
         lc_run_compose_gemv_dx_bf16,
         lc_run_compose_gemv_finish_f32,
         lc_run_compose_gemv_finish_bf16,
+        lc_run_compose_gemv_forward_f32,
+        lc_run_compose_gemv_forward_bf16,
+        lc_run_compose_gemv_backward_f32,
+        lc_run_compose_gemv_backward_bf16,
     );
 }
 
