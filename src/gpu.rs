@@ -98,6 +98,9 @@ pub struct GpuBackend {
     /// Per kernel, the dynamic shared memory past 48 KiB it has been opted into (a host-side
     /// attribute, set once rather than before every launch).
     opted_in: Mutex<HashMap<&'static str, u32>>,
+    /// Per (kernel, threads, dynamic shared bytes), the co-resident blocks of a cooperative
+    /// launch: the driver's occupancy query, made once rather than before every launch.
+    co_resident: Mutex<HashMap<(&'static str, u32, u32), usize>>,
     to_device: AtomicU64,
     to_host: AtomicU64,
     copies: AtomicU64,
@@ -173,6 +176,7 @@ impl GpuBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             opted_in: Mutex::new(HashMap::new()),
+            co_resident: Mutex::new(HashMap::new()),
             to_device: AtomicU64::new(0),
             to_host: AtomicU64::new(0),
             copies: AtomicU64::new(0),
@@ -310,11 +314,17 @@ impl Backend for GpuBackend {
         threads: u32,
         dynamic_shared_bytes: u32,
     ) -> Result<usize, KernelError> {
+        let key = (kernel.name, threads, dynamic_shared_bytes);
+        if let Some(&blocks) = self.co_resident.lock().expect("occupancy cache").get(&key) {
+            return Ok(blocks);
+        }
         let per_sm = self
             .function(kernel)?
             .occupancy_max_active_blocks_per_multiprocessor(threads, dynamic_shared_bytes as usize, None)
             .map_err(driver_error(format!("the occupancy of {}", kernel.name)))?;
-        Ok(per_sm as usize * self.sm_count)
+        let blocks = per_sm as usize * self.sm_count;
+        self.co_resident.lock().expect("occupancy cache").insert(key, blocks);
+        Ok(blocks)
     }
 
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<GpuBuffer<T>, KernelError> {
