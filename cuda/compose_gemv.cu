@@ -411,10 +411,11 @@ __device__ __forceinline__ void col_epilogue(const float (&acc)[4][LANE_COLS], f
 
 // ---- the kernels ----------------------------------------------------------------------------
 
-// work[0 .. n) = 0. 1-D grid of 256-thread blocks.
-__device__ __forceinline__ void zero(float* __restrict__ work, int n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) work[i] = 0.0f;
+// work[0 .. n) = 0, grid-stride over 256-thread blocks (`compose_gemv_zero`: a 1-D grid that
+// covers n, one element a thread; the cooperative kernels: their grid).
+__device__ __forceinline__ void zero(float* __restrict__ work, long long n) {
+    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
+        work[i] = 0.0f;
 }
 
 // u_acc += X A_catᵀ over K split `by` of row tile `bx`, on the TB-token path; or, `slices`, the
@@ -637,8 +638,7 @@ __device__ __forceinline__ void dx(const float* __restrict__ C, const int* __res
 }
 
 // ∂U = h_acc ∘ D (when dU is given) and ∂X += dx_acc (when dX is given), rounded once; the
-// workspace holds h_acc (T × R) then dx_acc (T × d_in); element i of both. `finish`: 1-D grid
-// over max of the two.
+// workspace holds h_acc (T × R) then dx_acc (T × d_in); `finish_element`: element i of both.
 template <typename T>
 __device__ __forceinline__ void finish_element(long long i, const float* __restrict__ work, const float* __restrict__ C,
                                                const int* __restrict__ sample_of, const int* __restrict__ module_of,
@@ -654,13 +654,16 @@ __device__ __forceinline__ void finish_element(long long i, const float* __restr
     }
 }
 
+// Grid-stride over the elements of both (`compose_gemv_finish`: a 1-D grid that covers them,
+// one a thread; the cooperative backward: its grid).
 template <typename T>
 __device__ __forceinline__ void finish(const float* __restrict__ work, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, T* __restrict__ dU, T* __restrict__ dX,
                                        int n_tokens, int R, int d_in, int n_modules) {
-    finish_element<T>((long long)blockIdx.x * blockDim.x + threadIdx.x, work, C, sample_of, module_of, col_scale, dU,
-                      dX, n_tokens, R, d_in, n_modules);
+    const long long n = (long long)n_tokens * max(dU ? R : 0, dX ? d_in : 0);
+    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
+        finish_element<T>(i, work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);
 }
 
 // ---- one launch for each pass (cooperative: grid barriers between the steps) -----------------
@@ -711,12 +714,6 @@ __device__ LC_NOINLINE void dx_item(float* smem, const float* __restrict__ C, co
     dx_block<T>(smem, C, sample_of, module_of, col_scale, A_cat, work, n_tokens, R, d_in, n_modules, chunk, bx, by);
 }
 
-// Grid-stride: work[0 .. n) = 0.
-__device__ __forceinline__ void zero_all(float* __restrict__ work, long long n) {
-    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
-        work[i] = 0.0f;
-}
-
 // The forward on the TB-token path: [zero u_acc (unless slices) | grid barrier] shrink (row tiles
 // × splits items) | grid barrier | expand (expand_tiles items).
 template <typename T, int TB>
@@ -728,7 +725,7 @@ __device__ __forceinline__ void forward_path(float* smem, const T* __restrict__ 
                                              int d_in, int R, int d_out, int n_modules, int shrink_tiles, int splits,
                                              int chunk, int slices, int expand_tiles) {
     if (!slices) {
-        zero_all(u_acc, (long long)n_tokens * R);
+        zero(u_acc, (long long)n_tokens * R);
         LC_GRID_SYNC();
     }
     for (int item = blockIdx.x; item < shrink_tiles * splits; item += gridDim.x) {
@@ -781,7 +778,7 @@ __device__ __forceinline__ void backward(const T* __restrict__ G, const T* __res
     float* smem = reinterpret_cast<float*>(smem_quads);
     const long long ws = (du ? (long long)n_tokens * R : 0) + (dX ? (long long)n_tokens * d_in : 0);
     if (ws > 0) {
-        zero_all(work, ws);
+        zero(work, ws);
         LC_GRID_SYNC();
     }
     for (int item = blockIdx.x; item < h_tiles * h_splits; item += gridDim.x) {
@@ -799,9 +796,7 @@ __device__ __forceinline__ void backward(const T* __restrict__ G, const T* __res
         }
         LC_GRID_SYNC();
     }
-    const long long n = (long long)n_tokens * (dX ? max(R, d_in) : R);
-    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * THREADS)
-        finish_element<T>(i, work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);
+    finish<T>(work, C, sample_of, module_of, col_scale, dU, dX, n_tokens, R, d_in, n_modules);
 }
 
 }  // namespace compose_gemv

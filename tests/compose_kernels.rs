@@ -526,7 +526,7 @@ fn check_variants<B: Backend>(
         let variants: Vec<compose_fwd::Variant> = variants
             .iter()
             .copied()
-            .filter(|v| v.applies(T::DTYPE) && (!v.needs_sm90a() || backend.runs_sm90a()))
+            .filter(|v| v.applies(T::DTYPE) && v.runs_on(backend))
             .collect();
         for &variant in &variants {
             check_forward(backend, variant, case, &p, &w)?;

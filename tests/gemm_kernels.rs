@@ -170,7 +170,7 @@ fn check_all_combos<B: Backend>(
     data_seed: u64,
 ) -> Result<(), String> {
     // The sm_90a variant (`wgmma`) is skipped on a GPU that is not sm_90 (the GPU tests say so).
-    for &variant in gemm::ALL.iter().filter(|v| !v.needs_sm90a() || backend.runs_sm90a()) {
+    for &variant in gemm::ALL.iter().filter(|v| v.runs_on(backend)) {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             let params = GemmParams {
                 shape: GemmShape {
@@ -298,7 +298,7 @@ fn gpu_matches_reference() {
     if !gpu.runs_sm90a() {
         println!("skipped on this GPU: the `wgmma` variant (built for sm_90a)");
     }
-    for &variant in gemm::ALL.iter().filter(|v| !v.needs_sm90a() || gpu.runs_sm90a()) {
+    for &variant in gemm::ALL.iter().filter(|v| v.runs_on(&gpu)) {
         // The shared memory the driver reports must match what launch_config budgets.
         let function = gpu.function(&gemm::kernel(variant, DType::BF16).unwrap()).unwrap();
         assert_eq!(

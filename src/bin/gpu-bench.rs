@@ -251,25 +251,17 @@ fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
     cublas_ms.map_or_else(|| "n/a".into(), |c| format!("{:.0}%", 100.0 * c / ms))
 }
 
-/// Whether libcublas loads here (no GPU needed), or why not.
 /// The GEMM variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
 fn gemm_variants(gpu: &GpuBackend) -> Vec<gemm::Variant> {
-    gemm::ALL
-        .iter()
-        .copied()
-        .filter(|v| !v.needs_sm90a() || gpu.runs_sm90a())
-        .collect()
+    gemm::ALL.iter().copied().filter(|v| v.runs_on(gpu)).collect()
 }
 
 /// The composition variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
 fn compose_variants(gpu: &GpuBackend) -> Vec<compose_fwd::Variant> {
-    compose_fwd::ALL
-        .iter()
-        .copied()
-        .filter(|v| !v.needs_sm90a() || gpu.runs_sm90a())
-        .collect()
+    compose_fwd::ALL.iter().copied().filter(|v| v.runs_on(gpu)).collect()
 }
 
+/// Whether libcublas loads here (no GPU needed), or why not.
 fn cublas_present() -> Result<(), String> {
     // SAFETY: only tries to open the shared library (dlopen) by cudarc's candidate names.
     if unsafe { cudarc::cublas::sys::is_culib_present() } {

@@ -6,8 +6,8 @@
 
 use super::compose_fwd::{
     check_tables, gemv_col_split, gemv_column_tile, gemv_coop_dims, gemv_dims, gemv_kernel, launch_cooperative,
-    linear_dims, mma_kernel, mma_step, naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, GemvEntry, MmaEntry,
-    Shape, Split, Tables, TokenRows, WgmmaEntry, GEMV_MAX_T, GEMV_THREADS, TILE,
+    linear_dims, mma_kernel, mma_step, naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, with_cols_and_chunk,
+    GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, WgmmaEntry, GEMV_MAX_T, GEMV_THREADS, TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -711,8 +711,11 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
-        let hidden_args = |want_dc: bool, want_du: bool, split: Split| {
-            vec![
+        // The H-with-∂C and the ∂X kernels' arguments, tiled (`cols`: their rank columns) or on
+        // the tensor cores (None: all R).
+        let hidden_args = |want_dc: bool, want_du: bool, cols: Option<(usize, usize)>, split: Split| {
+            let (dc, du) = (if want_dc { dc } else { null }, if want_du { du } else { null });
+            let head = vec![
                 g,
                 b_cat,
                 u,
@@ -720,17 +723,19 @@ pub fn launch<T: Element, B: Backend>(
                 sample_of,
                 module_of,
                 col_scale,
-                if want_dc { dc } else { null },
-                if want_du { du } else { null },
+                dc,
+                du,
                 work,
                 i(t),
                 i(d_out),
                 i(r),
                 i(n),
-                i(split.chunk),
-            ]
+            ];
+            with_cols_and_chunk(head, cols, split)
         };
-        let dx_args = |split: Split| vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(split.chunk)];
+        let dx_args = |cols: Option<(usize, usize)>, split: Split| {
+            with_cols_and_chunk(vec![du, a_cat, dx, work, i(t), i(r), i(d_in)], cols, split)
+        };
         let mma = match step {
             Step::MmaHidden {
                 dc: want_dc,
@@ -739,20 +744,21 @@ pub fn launch<T: Element, B: Backend>(
                 split,
             } => Some((
                 mma_kernel(MmaEntry::Hidden.on_rows(tile_rows), T::DTYPE)?,
-                hidden_args(want_dc, want_du, split),
+                hidden_args(want_dc, want_du, None, split),
             )),
-            Step::MmaDx { tile_rows, split } => {
-                Some((mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?, dx_args(split)))
-            }
+            Step::MmaDx { tile_rows, split } => Some((
+                mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?,
+                dx_args(None, split),
+            )),
             Step::WgmmaHidden {
                 dc: want_dc,
                 du: want_du,
                 split,
             } => Some((
                 wgmma_kernel(WgmmaEntry::Hidden, T::DTYPE)?,
-                hidden_args(want_dc, want_du, split),
+                hidden_args(want_dc, want_du, None, split),
             )),
-            Step::WgmmaDx { split } => Some((wgmma_kernel(WgmmaEntry::Dx, T::DTYPE)?, dx_args(split))),
+            Step::WgmmaDx { split } => Some((wgmma_kernel(WgmmaEntry::Dx, T::DTYPE)?, dx_args(None, split))),
             _ => None,
         };
         if let Some((kernel, args)) = mma {
@@ -855,25 +861,7 @@ pub fn launch<T: Element, B: Backend>(
                 du: want_du,
             } => (
                 Entry::CoeffGradTiled,
-                vec![
-                    g,
-                    b_cat,
-                    u,
-                    c,
-                    sample_of,
-                    module_of,
-                    col_scale,
-                    if want_dc { dc } else { null },
-                    if want_du { du } else { null },
-                    work,
-                    i(t),
-                    i(d_out),
-                    i(r),
-                    i(n),
-                    i(j0),
-                    i(j1),
-                    i(split.chunk),
-                ],
+                hidden_args(want_dc, want_du, Some((j0, j1)), split),
             ),
             Step::SumPartials { target, splits } => {
                 let (out, width, ld, accumulate) = match target {
@@ -889,10 +877,7 @@ pub fn launch<T: Element, B: Backend>(
                 unsafe { backend.launch(&kernel, &dims, &args)? };
                 continue;
             }
-            Step::DxTiled { j0, j1, split } => (
-                Entry::DxTiled,
-                vec![du, a_cat, dx, work, i(t), i(r), i(d_in), i(j0), i(j1), i(split.chunk)],
-            ),
+            Step::DxTiled { j0, j1, split } => (Entry::DxTiled, dx_args(Some((j0, j1)), split)),
             Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
             Step::GemvBackward { .. }
             | Step::GemvZero { .. }

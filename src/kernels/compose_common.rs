@@ -102,6 +102,12 @@ impl Variant {
     pub fn needs_sm90a(self) -> bool {
         self == Variant::Wgmma
     }
+
+    /// Whether `backend` can run the variant's kernels ([`Variant::needs_sm90a`]): tests and
+    /// benches skip it, saying so, where it cannot.
+    pub fn runs_on<B: Backend>(self, backend: &B) -> bool {
+        !self.needs_sm90a() || backend.runs_sm90a()
+    }
 }
 
 /// Block tile of every tiled composition kernel: `lc::ComposeTile` in `cuda/common.cuh`.
@@ -198,6 +204,23 @@ pub(crate) fn gemv_col_split(tiles: usize, k: usize, sm_count: usize) -> Split {
 }
 
 /// Grid of a GEMV kernel: (tiles, splits) blocks of 256 threads.
+/// `args` (a composition kernel's operands and sizes) followed by what every tiled and
+/// tensor-core step takes last: the rank columns `[j0, j1)` it covers — the tiled kernels only
+/// (`cols`: Some); the tensor-core ones cover all R — then its split-K chunk. One argument
+/// list per kernel shape serves both ABIs.
+pub(crate) fn with_cols_and_chunk(
+    mut args: Vec<super::KernelArg>,
+    cols: Option<(usize, usize)>,
+    split: Split,
+) -> Vec<super::KernelArg> {
+    let i = |v: usize| super::KernelArg::I32(v as i32);
+    if let Some((j0, j1)) = cols {
+        args.extend([i(j0), i(j1)]);
+    }
+    args.push(i(split.chunk));
+    args
+}
+
 /// A cooperative GEMV launch ([`Variant::GemvCoop`]) for `items` work items: 1-D, one block per
 /// item as planned; [`launch_cooperative`] caps it at the co-resident blocks.
 pub(crate) fn gemv_coop_dims(items: usize) -> LaunchDims {

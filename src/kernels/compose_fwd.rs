@@ -424,8 +424,10 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
-        let shrink_args = |split: Split| {
-            vec![
+        // The shrink's and the expand's arguments, tiled (`cols`: their rank columns) or on the
+        // tensor cores (None: all R).
+        let shrink_args = |cols: Option<(usize, usize)>, split: Split| {
+            let head = vec![
                 x,
                 a_cat,
                 c,
@@ -439,21 +441,27 @@ pub fn launch<T: Element, B: Backend>(
                 i(d_in),
                 i(r),
                 i(n),
-                i(split.chunk),
-            ]
+            ];
+            with_cols_and_chunk(head, cols, split)
         };
-        let expand_args = |split: Split| vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(split.chunk)];
+        let expand_args = |cols: Option<(usize, usize)>, split: Split| {
+            with_cols_and_chunk(vec![z, b_cat, y, work, i(t), i(r), i(d_out)], cols, split)
+        };
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Shrink.on_rows(tile_rows), T::DTYPE)?,
-                shrink_args(split),
+                shrink_args(None, split),
             )),
             Step::MmaExpand { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
-                expand_args(split),
+                expand_args(None, split),
             )),
-            Step::WgmmaShrink { split } => Some((wgmma_kernel(WgmmaEntry::Shrink, T::DTYPE)?, shrink_args(split))),
-            Step::WgmmaExpand { split } => Some((wgmma_kernel(WgmmaEntry::Expand, T::DTYPE)?, expand_args(split))),
+            Step::WgmmaShrink { split } => {
+                Some((wgmma_kernel(WgmmaEntry::Shrink, T::DTYPE)?, shrink_args(None, split)))
+            }
+            Step::WgmmaExpand { split } => {
+                Some((wgmma_kernel(WgmmaEntry::Expand, T::DTYPE)?, expand_args(None, split)))
+            }
             _ => None,
         };
         if let Some((kernel, args)) = mma {
@@ -511,27 +519,7 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::ExpandNaive,
                 vec![z, b_cat, y, i(t), i(r), i(d_out), i(j0), i(j1)],
             ),
-            Step::ShrinkTiled { j0, j1, split } => (
-                Entry::ShrinkTiled,
-                vec![
-                    x,
-                    a_cat,
-                    c,
-                    sample_of,
-                    module_of,
-                    col_scale,
-                    u,
-                    z,
-                    work,
-                    i(t),
-                    i(d_in),
-                    i(r),
-                    i(n),
-                    i(j0),
-                    i(j1),
-                    i(split.chunk),
-                ],
-            ),
+            Step::ShrinkTiled { j0, j1, split } => (Entry::ShrinkTiled, shrink_args(Some((j0, j1)), split)),
             Step::ShrinkReduce { j0, j1, splits } => (
                 Entry::ShrinkReduce,
                 vec![
@@ -550,10 +538,7 @@ pub fn launch<T: Element, B: Backend>(
                     i(j1),
                 ],
             ),
-            Step::ExpandTiled { j0, j1, split } => (
-                Entry::ExpandTiled,
-                vec![z, b_cat, y, work, i(t), i(r), i(d_out), i(j0), i(j1), i(split.chunk)],
-            ),
+            Step::ExpandTiled { j0, j1, split } => (Entry::ExpandTiled, expand_args(Some((j0, j1)), split)),
             Step::SumPartials { splits } => (
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],

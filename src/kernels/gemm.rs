@@ -112,6 +112,12 @@ impl Variant {
         self == Variant::Wgmma
     }
 
+    /// Whether `backend` can run the variant's kernels ([`Variant::needs_sm90a`]): tests and
+    /// benches skip it, saying so, where it cannot.
+    pub fn runs_on<B: Backend>(self, backend: &B) -> bool {
+        !self.needs_sm90a() || backend.runs_sm90a()
+    }
+
     pub fn tile(self) -> Option<Tile> {
         match self {
             Variant::Naive | Variant::Mma | Variant::MmaW64 | Variant::Wgmma => None,
