@@ -14,6 +14,10 @@
 //                registers a thread: 2 blocks an SM. Where the tiles leave SMs idle the Rust
 //                side splits K as for `mma` (gemm_wgmma_split_*, 90 registers: f32 partials to a
 //                workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C in split order).
+//   7. wgmma_wide the same on a 128×256 tile (wgmma.mma_async.m64n256k16, 128 accumulators a
+//                thread; 96 KiB of dynamic shared memory): 24 KB of operands per K step of 2.1
+//                MFLOP where the 128×128 tile moves 16 KB per 1.05 — a quarter less L2-to-SM
+//                traffic per FLOP. 206 registers: one block an SM (gemm_wgmma_wide_split_*, 158).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {
@@ -24,21 +28,21 @@ using namespace wgmma_tile;
 // family's gemm_mma_finish_* (wgmma_tile::tile_axpby). trans_a: A stored (K, M), MN-major;
 // trans_b: B stored (N, K), K-major. Grid (ceil(N/128), ceil(M/128), splits), block 256,
 // SHARED_BYTES of dynamic shared memory.
-template <typename T>
+template <typename T, int TBN>
 __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
                                      float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
                                      float alpha, float beta, int chunk) {
     EXTERN_SHARED(T, stages);
     if (trans_a) {
         if (trans_b)
-            tile_axpby<T, true, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, true, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            tile_axpby<T, true, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, false, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            tile_axpby<T, false, true>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, true, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
         else
-            tile_axpby<T, false, false>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, false, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
     }
 }
 
@@ -48,15 +52,31 @@ __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restric
     extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_##suffix(                                            \
         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,       \
         int trans_b, float alpha, float beta) {                                                                      \
-        wgmma_gemm::gemm<T>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                             \
+        wgmma_gemm::gemm<T, 128>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_split_##suffix(                                      \
         const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K,             \
         int trans_a, int trans_b, int chunk) {                                                                       \
-        wgmma_gemm::gemm<T>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                       \
+        wgmma_gemm::gemm<T, 128>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                       \
     }
 GEMM_WGMMA_ENTRY(f16, __half)
 GEMM_WGMMA_ENTRY(bf16, __nv_bfloat16)
+
+// The wide tile (`Variant::WgmmaWide`): 128×256, m64n256k16, 96 KiB of dynamic shared memory, one
+// block an SM. Same contract and split-K as the above; grid (ceil(N/256), ceil(M/128), splits).
+#define GEMM_WGMMA_WIDE_ENTRY(suffix, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_wide_##suffix(                                    \
+        const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,       \
+        int trans_b, float alpha, float beta) {                                                                      \
+        wgmma_gemm::gemm<T, 256>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                        \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_wide_split_##suffix(                              \
+        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K,             \
+        int trans_a, int trans_b, int chunk) {                                                                       \
+        wgmma_gemm::gemm<T, 256>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                  \
+    }
+GEMM_WGMMA_WIDE_ENTRY(f16, __half)
+GEMM_WGMMA_WIDE_ENTRY(bf16, __nv_bfloat16)
 
 // ---- the emulation's own test (src/harness/selftest/tensorcore.rs) ----------------------------
 // One warpgroup: d = A·B (+ d_in when scale_d) through one wgmma.m64n128k16, A (64×16) and B

@@ -323,12 +323,12 @@ __device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::
                        });
 }
 
-// The composition's backward epilogue over an H tile in registers (TBM × BN at (m0, n0) of the
+// The composition's backward epilogue over an H tile in registers (TBM × TBN at (m0, n0) of the
 // (n_tokens, R) output; L the accumulators' warp layout, with THREADS): ∂U (if given) = H ∘ D,
 // or with several splits (gridDim.z > 1) its f32 partial to work[blockIdx.z] for sum_partials;
 // ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens of one sample,
 // in two halves of TBM / 2 rows through `scratch` (the pipeline's shared memory, free once the
-// main loop has returned): part[TBM / 2][BN + 1] f32, then the tile's module ids, token samples
+// main loop has returned): part[TBM / 2][TBN + 1] f32, then the tile's module ids, token samples
 // and segment list (int32). Every thread of the block calls it (barriers inside when dC).
 template <typename T, class L, int TBM>
 __device__ __forceinline__ void hidden_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* scratch,
@@ -337,7 +337,8 @@ __device__ __forceinline__ void hidden_epilogue(const float (&acc)[L::FRAG_M][L:
                                                 const float* __restrict__ col_scale, float* __restrict__ dC,
                                                 T* __restrict__ dU, float* __restrict__ work, int n_tokens, int R,
                                                 int n_modules, int m0, int n0) {
-    static_assert(BN <= L::THREADS, "a thread per column of the tile");
+    constexpr int TBN = L::WN * L::WARPS_N;  // the tile's columns: BN, or 256 for wgmma_wide
+    static_assert(TBN <= L::THREADS, "a thread per column of the tile");
     constexpr int FM = L::FRAG_M, FN = L::FRAG_N, NT = L::THREADS, PART_ROWS = TBM / 2;
     const Frag<L> f;
     const bool split = gridDim.z > 1;
@@ -354,22 +355,22 @@ __device__ __forceinline__ void hidden_epilogue(const float (&acc)[L::FRAG_M][L:
 
     // A segment is a maximal run of the tile's columns that belong to one module.
     const int tid = threadIdx.x;
-    const int n_cols = min(BN, R - n0);
-    float(*part)[BN + 1] = reinterpret_cast<float(*)[BN + 1]>(scratch);
+    const int n_cols = min(TBN, R - n0);
+    float(*part)[TBN + 1] = reinterpret_cast<float(*)[TBN + 1]>(scratch);
     // The tile's module ids (tile_module[n], n < n_cols) and token samples (tile_sample[m],
     // m0 + m < n_tokens), staged once; the mainloop's last barrier has ended every read of the
     // stages.
     int* tile_module = reinterpret_cast<int*>(&part[PART_ROWS][0]);
-    int* tile_sample = tile_module + BN;
+    int* tile_sample = tile_module + TBN;
     int* seg_first = tile_sample + TBM;  // segment s: columns [seg_first[s], seg_end[s])
-    int* seg_end = seg_first + BN;
-    int* n_segs_at = seg_end + BN;
+    int* seg_end = seg_first + TBN;
+    int* n_segs_at = seg_end + TBN;
     for (int n = tid; n < n_cols; n += NT) tile_module[n] = module_of[n0 + n];
     for (int m = tid; m < TBM && m0 + m < n_tokens; m += NT) tile_sample[m] = sample_of[m0 + m];
     __syncthreads();
     auto is_segment_start = [&](int n) { return n == 0 || tile_module[n] != tile_module[n - 1]; };
     // The segment list, in column order: the thread of each start counts the starts before it
-    // and finds its end; the last segment's thread writes the count (n_cols ≤ BN ≤ NT: a thread
+    // and finds its end; the last segment's thread writes the count (n_cols ≤ TBN ≤ NT: a thread
     // per column). The first barrier of the half loop publishes them.
     if (tid < n_cols && is_segment_start(tid)) {
         int s = 0;

@@ -73,17 +73,21 @@ done
 # with its fence, commit and wait, fence.proxy.async and the cp.async pipeline; and ptxas must
 # not have had to inject warpgroup waits or arrives into them (C7517/C7519: it serialises the asynchronous MMA where the
 # kernel touches the accumulators while a wgmma is in flight).
-for family_entry in gemm_wgmma:gemm_wgmma_f16 gemm_wgmma:gemm_wgmma_bf16 gemm_wgmma:gemm_wgmma_split_f16 \
-    gemm_wgmma:gemm_wgmma_split_bf16 compose_wgmma:compose_wgmma_shrink_bf16 \
-    compose_wgmma:compose_wgmma_expand_bf16 compose_wgmma:compose_wgmma_hidden_bf16 compose_wgmma:compose_wgmma_dx_bf16; do
-    IFS=: read -r family entry <<<"$family_entry"
+for family_entry in gemm_wgmma:gemm_wgmma_f16:n128 gemm_wgmma:gemm_wgmma_bf16:n128 gemm_wgmma:gemm_wgmma_split_f16:n128 \
+    gemm_wgmma:gemm_wgmma_split_bf16:n128 gemm_wgmma:gemm_wgmma_wide_f16:n256 gemm_wgmma:gemm_wgmma_wide_bf16:n256 \
+    gemm_wgmma:gemm_wgmma_wide_split_f16:n256 gemm_wgmma:gemm_wgmma_wide_split_bf16:n256 \
+    compose_wgmma:compose_wgmma_shrink_bf16:n128 compose_wgmma:compose_wgmma_expand_bf16:n128 \
+    compose_wgmma:compose_wgmma_hidden_bf16:n128 compose_wgmma:compose_wgmma_dx_bf16:n128 \
+    compose_wgmma:compose_wgmma_wide_shrink_bf16:n256 compose_wgmma:compose_wgmma_wide_expand_bf16:n256 \
+    compose_wgmma:compose_wgmma_wide_hidden_bf16:n256 compose_wgmma:compose_wgmma_wide_dx_bf16:n256; do
+    IFS=: read -r family entry width <<<"$family_entry"
     # To the next entry: the wgmma asm's own braces put lines of "}" inside the body.
     body=$(awk -v e="$entry" 'index($0, ".entry " e "(") { on = 1; print; next } on && /\.entry / { exit } on { print }' "$out_dir/$family.ptx")
     if [[ -z "$body" ]]; then
         echo "error: no entry $entry in $family.ptx" >&2
         exit 1
     fi
-    for instruction in wgmma.mma_async.sync.aligned.m64n128k16.f32 wgmma.fence.sync.aligned wgmma.commit_group.sync.aligned \
+    for instruction in "wgmma.mma_async.sync.aligned.m64${width}k16.f32" wgmma.fence.sync.aligned wgmma.commit_group.sync.aligned \
         wgmma.wait_group.sync.aligned fence.proxy.async.shared::cta cp.async.cg.shared.global; do
         if ! grep -q "$instruction" <<<"$body"; then
             echo "error: the PTX of $entry lacks $instruction" >&2

@@ -144,7 +144,7 @@ elif command -v cuobjdump >/dev/null 2>&1 && command -v ptxas >/dev/null 2>&1; t
     arch="sm_${cap:-90}"
     for family_kernels in "gemm:gemm_mma_f16 gemm_mma_bf16 gemm_mma_split_f16 gemm_mma_split_bf16 gemm_mma_w64_f16 gemm_mma_w64_bf16 gemm_mma_w64_split_f16 gemm_mma_w64_split_bf16" \
         "compose_mma:compose_mma_shrink_bf16 compose_mma_shrink64_bf16 compose_mma_expand_bf16 compose_mma_hidden_bf16 compose_mma_hidden64_bf16 compose_mma_dx_bf16 compose_mma_expand64_bf16 compose_mma_dx64_bf16" \
-        "gemm_wgmma:gemm_wgmma_f16 gemm_wgmma_bf16 gemm_wgmma_split_f16 gemm_wgmma_split_bf16" "compose_wgmma:compose_wgmma_shrink_bf16 compose_wgmma_expand_bf16 compose_wgmma_hidden_bf16 compose_wgmma_dx_bf16"; do
+        "gemm_wgmma:gemm_wgmma_f16 gemm_wgmma_bf16 gemm_wgmma_split_f16 gemm_wgmma_split_bf16 gemm_wgmma_wide_f16 gemm_wgmma_wide_bf16 gemm_wgmma_wide_split_f16 gemm_wgmma_wide_split_bf16" "compose_wgmma:compose_wgmma_shrink_bf16 compose_wgmma_expand_bf16 compose_wgmma_hidden_bf16 compose_wgmma_dx_bf16 compose_wgmma_wide_shrink_bf16 compose_wgmma_wide_expand_bf16 compose_wgmma_wide_hidden_bf16 compose_wgmma_wide_dx_bf16"; do
         family=${family_kernels%%:*}
         # gemm_wgmma is PTX for sm_90a (Hopper only): compiled for it, its kernels must hold HGMMA.
         family_arch=$arch

@@ -782,7 +782,10 @@ fn harness_mma_full_tiles_and_ragged_edges() {
     // Cases 2 and 3 split the shrink and hidden along K (few tiles, K ≥ 2 × MMA_MIN_CHUNK): on
     // 132 SMs d_in 389 and d_out 301 element by element in 3 and 2 ragged splits, d_in 520 by
     // cp.async in 4; on one SM in 2. Cases 4 and 5 split the expand and ∂X (K = R = 300 element
-    // by element, 264 by cp.async, 2 splits each).
+    // by element, 264 by cp.async, 2 splits each). Case 6 gives `wgmma_wide` a ragged 256-column
+    // tile (R = 250, modules crossing column 128) whose shrink and hidden split d_in and d_out
+    // (2 and 3 ragged splits, element by element) on 132 SMs, and a wide expand over d_out = 389
+    // (its second tile ragged); cases 0-2 give it wide tiles by cp.async (0) and not (1, 2).
     let cases = [
         make_case_with_ranks(41, 136, 264, 136, &[64, 16, 8, 40, 8], p, Zipf, Negative),
         make_case_with_ranks(42, 131, 133, 130, &[64, 3, 64, 1], p, Uniform, OneHot),
@@ -790,6 +793,7 @@ fn harness_mma_full_tiles_and_ragged_edges() {
         make_case_with_ranks(45, 70, 520, 264, &[8, 24, 16], p, Uniform, Negative),
         make_case_with_ranks(46, 24, 72, 88, &[128, 100, 72], p, Zipf, Random),
         make_case_with_ranks(47, 33, 64, 40, &[200, 64], p, Uniform, OneHot),
+        make_case_with_ranks(48, 40, 300, 389, &[100, 60, 90], p, Zipf, Negative),
     ];
     for (i, case) in cases.iter().enumerate() {
         for sm_count in [1, 132] {
@@ -808,15 +812,49 @@ fn harness_mma_full_tiles_and_ragged_edges() {
                 (2, 132) => [3, 2, 1, 1],
                 (3, 132) => [4, 2, 1, 1],
                 (4 | 5, _) => [1, 1, 2, 2],
+                (6, 132) => [2, 3, 1, 1],
                 _ => [1, 1, 1, 1],
             };
             assert_eq!(got, want, "case {i} on {sm_count} SMs");
+            if (i, sm_count) == (6, 132) {
+                // The wide variant's plan for case 6: wide shrink and hidden split 2 and 3 ways
+                // (one 256-column tile, one block an SM), a wide expand.
+                let shape = Shape {
+                    t: case.t,
+                    d_in,
+                    d_out,
+                    n_samples: case.n_samples,
+                    ranks: case.modules.ranks.clone(),
+                };
+                let fwd = compose_fwd::launch_config(compose_fwd::Variant::WgmmaWide, &shape, sm_count);
+                let splits_of = |step: &compose_fwd::Step| match *step {
+                    compose_fwd::Step::WgmmaShrink { split, wide: true } => Some(("shrink", split.splits)),
+                    compose_fwd::Step::WgmmaExpand { split, wide: true } => Some(("expand", split.splits)),
+                    _ => None,
+                };
+                let wide: Vec<_> = fwd.iter().filter_map(|(step, _)| splits_of(step)).collect();
+                assert_eq!(wide, [("shrink", 2), ("expand", 1)], "{fwd:?}");
+                let bwd = compose_bwd::launch_config(compose_bwd::Variant::WgmmaWide, &shape, TRAINS[0], sm_count);
+                assert!(
+                    bwd.iter().any(|(step, _)| matches!(
+                        step,
+                        compose_bwd::Step::WgmmaHidden { split, wide: true, .. } if split.splits == 3
+                    )),
+                    "{bwd:?}"
+                );
+            }
             let backend = WithSms {
                 inner: &CpuHarness::new(3 + i as u64),
                 sm_count,
             };
-            // The Hopper variant's forward (wgmma_step: 128-row tiles, the same split rule) too.
-            let variants = [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma];
+            // The Hopper variants (wgmma_step: 128-row tiles, 128 or 256 columns, the same split
+            // rule over their blocks an SM) too: R = 264 and 300 and d_in = 264, 389 and 520 give
+            // the wide tile a ragged second column tile.
+            let variants = [
+                compose_fwd::Variant::Mma,
+                compose_fwd::Variant::Wgmma,
+                compose_fwd::Variant::WgmmaWide,
+            ];
             check_variants(&backend, case, 40 + i as u64, &TRAINS, &variants)
                 .unwrap_or_else(|e| panic!("case {i}: {e}"));
         }
@@ -830,7 +868,11 @@ fn mma_variant_refuses_f32() {
     let backend = CpuHarness::new(0);
     let p = prepare::<f32>(&case, 0);
     let w = want_of(&case, &p);
-    for variant in [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma] {
+    for variant in [
+        compose_fwd::Variant::Mma,
+        compose_fwd::Variant::Wgmma,
+        compose_fwd::Variant::WgmmaWide,
+    ] {
         assert!(!variant.applies(DType::F32) && variant.applies(DType::BF16));
         let err = check_forward(&backend, variant, &case, &p, &w).unwrap_err();
         assert!(err.contains("bf16 storage"), "{variant:?}: {err}");
@@ -969,7 +1011,7 @@ fn gpu_matches_reference() {
     let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
     println!("GPU tests on {}", gpu.name());
     if !gpu.runs_sm90a() {
-        println!("skipped on this GPU: the `wgmma` variant (built for sm_90a)");
+        println!("skipped on this GPU: the `wgmma` and `wgmma_wide` variants (built for sm_90a)");
     }
     // The shared memory the driver reports must match what launch_config budgets.
     for (kernel, bytes) in [
@@ -1092,7 +1134,11 @@ fn gpu_sanitizer_cases() {
         Assign::Uniform,
         CoeffKind::Negative,
     );
-    let mma = [compose_fwd::Variant::Mma, compose_fwd::Variant::Wgmma];
+    let mma = [
+        compose_fwd::Variant::Mma,
+        compose_fwd::Variant::Wgmma,
+        compose_fwd::Variant::WgmmaWide,
+    ];
     check_variants(&gpu, &case, 31, &TRAINS[..1], &mma).unwrap_or_else(|e| panic!("{e}"));
     let case = make_case_with_ranks(
         33,

@@ -196,8 +196,9 @@ fn check_all_combos<B: Backend>(
 /// Tile multiples and non-multiples of 16, 64 and 128, 1×1, single rows and columns, k = 1;
 /// ragged k-tiles of the tensor-core variant (K steps of 32) with rows both 16-byte aligned
 /// (k = 136, a multiple of 8: cp.async) and not (k = 97: element loads); and the tensor-core
-/// variant splitting K where its tiles leave SMs idle (`gemm::mma_split`: the last two, 2
-/// ragged splits of k = 300 by element loads and 4 of k = 520 by cp.async).
+/// variant splitting K where its tiles leave SMs idle (`gemm::mma_split`: 2 ragged splits of
+/// k = 300 by element loads and 4 of k = 520 by cp.async); and a second column tile of
+/// `wgmma_wide`'s 256 (n = 300), ragged.
 const EDGE_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (64, 64, 16),
@@ -211,6 +212,7 @@ const EDGE_SHAPES: &[(usize, usize, usize)] = &[
     (136, 144, 72),
     (17, 130, 300),
     (40, 72, 520),
+    (70, 300, 40),
 ];
 
 /// The split plan of the tensor-core variant: only where the tiles leave SMs idle, never past
@@ -225,16 +227,30 @@ fn mma_splits_k_where_its_tiles_leave_sms_idle() {
         trans_b: true,
     };
     let sms = CpuHarness::new(0).sm_count();
-    let splits = |m, n, k| gemm::mma_split(&shape(m, n, k), sms).splits;
+    let splits = |m, n, k| gemm::mma_split(Variant::Mma, &shape(m, n, k), sms).splits;
     // Decode: 32 tiles × 8 splits of 512 fill 2 blocks on each of 132 SMs.
     assert_eq!(sms, 132);
-    let decode = gemm::mma_split(&shape(16, 4096, 4096), sms);
+    let decode = gemm::mma_split(Variant::Mma, &shape(16, 4096, 4096), sms);
     assert_eq!((decode.chunk, decode.splits), (512, 8));
     assert_eq!(splits(4096, 4096, 4096), 1);
     // 128 tiles are one block an SM: two splits make it two.
     assert_eq!(splits(4096, 512, 4096), 2);
     let edge: Vec<usize> = EDGE_SHAPES.iter().map(|&(m, n, k)| splits(m, n, k)).collect();
-    assert_eq!(edge, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4]);
+    assert_eq!(edge, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 1]);
+    for variant in [Variant::MmaW64, Variant::Wgmma] {
+        let plan = |&(m, n, k): &(usize, usize, usize)| gemm::mma_split(variant, &shape(m, n, k), sms);
+        assert!(EDGE_SHAPES
+            .iter()
+            .all(|s| plan(s) == gemm::mma_split(Variant::Mma, &shape(s.0, s.1, s.2), sms)));
+    }
+    // The wide tile fills one block an SM: decode's 16 tiles of 128×256 split 8 ways (128
+    // blocks), the LoRA shrink's 64 tiles 2 ways, the square GEMM's 512 tiles not at all.
+    let wide = |m, n, k| gemm::mma_split(Variant::WgmmaWide, &shape(m, n, k), sms);
+    assert_eq!((wide(16, 4096, 4096).chunk, wide(16, 4096, 4096).splits), (512, 8));
+    assert_eq!(wide(4096, 512, 4096).splits, 2);
+    assert_eq!(wide(4096, 4096, 4096).splits, 1);
+    let edge: Vec<usize> = EDGE_SHAPES.iter().map(|&(m, n, k)| wide(m, n, k).splits).collect();
+    assert_eq!(edge, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 1]);
 }
 
 const COEFFICIENTS: &[(f32, f32)] = &[(1.0, 0.0), (-0.5, 1.0), (1.7, -0.75)];
@@ -254,7 +270,7 @@ fn mma_variant_refuses_f32() {
         alpha: 1.0,
         beta: 0.0,
     };
-    for variant in [Variant::Mma, Variant::MmaW64, Variant::Wgmma] {
+    for variant in [Variant::Mma, Variant::MmaW64, Variant::Wgmma, Variant::WgmmaWide] {
         let err = check_case::<f32, _>(&harness, variant, &params, 0).unwrap_err();
         assert!(err.contains("no F32 kernel"), "{variant:?}: {err}");
     }
@@ -296,7 +312,7 @@ fn gpu_matches_reference() {
     let gpu = GpuBackend::probe().unwrap_or_else(|reason| panic!("this test needs a usable CUDA GPU: {reason}"));
     println!("GPU tests on {}", gpu.name());
     if !gpu.runs_sm90a() {
-        println!("skipped on this GPU: the `wgmma` variant (built for sm_90a)");
+        println!("skipped on this GPU: the `wgmma` and `wgmma_wide` variants (built for sm_90a)");
     }
     for &variant in gemm::ALL.iter().filter(|v| v.runs_on(&gpu)) {
         // The shared memory the driver reports must match what launch_config budgets.

@@ -251,12 +251,12 @@ fn percent_of(cublas_ms: Option<f64>, ms: f64) -> String {
     cublas_ms.map_or_else(|| "n/a".into(), |c| format!("{:.0}%", 100.0 * c / ms))
 }
 
-/// The GEMM variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
+/// The GEMM variants this GPU runs: the sm_90a ones (`wgmma`, `wgmma_wide`) on an sm_90 GPU only.
 fn gemm_variants(gpu: &GpuBackend) -> Vec<gemm::Variant> {
     gemm::ALL.iter().copied().filter(|v| v.runs_on(gpu)).collect()
 }
 
-/// The composition variants this GPU runs: the sm_90a one (`wgmma`) on an sm_90 GPU only.
+/// The composition variants this GPU runs: the sm_90a ones (`wgmma`, `wgmma_wide`) on an sm_90 GPU only.
 fn compose_variants(gpu: &GpuBackend) -> Vec<compose_fwd::Variant> {
     compose_fwd::ALL.iter().copied().filter(|v| v.runs_on(gpu)).collect()
 }
@@ -697,6 +697,7 @@ fn bench_compose_shape(
         compose_bwd::Variant::GemvCoop,
         compose_bwd::Variant::Mma,
         compose_bwd::Variant::Wgmma,
+        compose_bwd::Variant::WgmmaWide,
     ];
     let runs_of = variants.iter().map(|&v| (v, BWD_COEFFS_INPUT, "backward ∂C+∂X")).chain(
         dx_alone
@@ -875,7 +876,10 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
                 );
             }
         }
-        for (n, variant) in [8, 32, 128].into_iter().flat_map(|n| [(n, "mma"), (n, "wgmma")]) {
+        for (n, variant) in [8, 32, 128]
+            .into_iter()
+            .flat_map(|n| [(n, "mma"), (n, "wgmma"), (n, "wgmma_wide")])
+        {
             if let Some(tm) = all
                 .iter()
                 .find(|tm| (tm.d, tm.n, tm.t, tm.pass, tm.variant) == (d, n, 4096, "forward", variant))
@@ -907,6 +911,7 @@ fn compose_bench(gpu: &GpuBackend, blas: Option<&CudaBlas>, runs: usize) -> Resu
             (16, "gemv_coop"),
             (4096, "mma"),
             (4096, "wgmma"),
+            (4096, "wgmma_wide"),
         ] {
             if let (Some(both), Some(dx)) = (
                 find(d, 32, t, "backward ∂C+∂X", variant),

@@ -132,15 +132,17 @@ pub enum Step {
     /// Tensor cores: ∂A_cat = ∂Uᵀ X (R × d_in, K = T) by the GEMM family's `mma_w64` variant
     /// ([`super::gemm::launch`]: its own split-K and workspace).
     MmaDa,
-    /// Hopper's warpgroup MMA: [`Step::MmaHidden`] on 128×128 tiles.
+    /// Hopper's warpgroup MMA: [`Step::MmaHidden`] on 128×128 tiles (`wide`: 128×256).
     WgmmaHidden {
         dc: bool,
         du: bool,
         split: Split,
+        wide: bool,
     },
-    /// Hopper's warpgroup MMA: [`Step::MmaDx`] on 128×128 tiles.
+    /// Hopper's warpgroup MMA: [`Step::MmaDx`] on 128×128 tiles (`wide`: 128×256).
     WgmmaDx {
         split: Split,
+        wide: bool,
     },
 }
 
@@ -217,12 +219,13 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                 steps.push((Step::DbTiled { j0: 0, j1: r }, tiled_dims(d_out, r, 1)));
             }
         }
-        Variant::Mma | Variant::Wgmma => {
+        Variant::Mma | Variant::Wgmma | Variant::WgmmaWide => {
             let (dc, du) = (train.coeffs, want_du);
-            let wgmma = variant == Variant::Wgmma;
+            let wgmma = variant != Variant::Mma;
+            let wide = variant == Variant::WgmmaWide;
             let (step, split, dims) = if wgmma {
-                let (split, dims) = wgmma_step(t, r, d_out, sm_count);
-                (Step::WgmmaHidden { dc, du, split }, split, dims)
+                let (split, dims, wide) = wgmma_step(t, r, d_out, sm_count, wide);
+                (Step::WgmmaHidden { dc, du, split, wide }, split, dims)
             } else {
                 let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
                 let step = Step::MmaHidden {
@@ -243,8 +246,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             }
             if train.input {
                 let (step, split, dims) = if wgmma {
-                    let (split, dims) = wgmma_step(t, d_in, r, sm_count);
-                    (Step::WgmmaDx { split }, split, dims)
+                    let (split, dims, wide) = wgmma_step(t, d_in, r, sm_count, wide);
+                    (Step::WgmmaDx { split, wide }, split, dims)
                 } else {
                     let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);
                     (Step::MmaDx { tile_rows, split }, split, dims)
@@ -384,7 +387,9 @@ pub fn workspace_len(variant: Variant, shape: &Shape, train: Train, sm_count: us
             Step::MmaHidden { split, du: true, .. } | Step::WgmmaHidden { split, du: true, .. } if split.splits > 1 => {
                 split.splits * t * shape.r_total()
             }
-            Step::MmaDx { split, .. } | Step::WgmmaDx { split } if split.splits > 1 => split.splits * t * shape.d_in,
+            Step::MmaDx { split, .. } | Step::WgmmaDx { split, .. } if split.splits > 1 => {
+                split.splits * t * shape.d_in
+            }
             Step::GemvZero { len } => len,
             Step::GemvBackward { du, dx, .. } => {
                 (if du { t * shape.r_total() } else { 0 }) + if dx { t * shape.d_in } else { 0 }
@@ -754,11 +759,14 @@ pub fn launch<T: Element, B: Backend>(
                 dc: want_dc,
                 du: want_du,
                 split,
+                wide,
             } => Some((
-                wgmma_kernel(WgmmaEntry::Hidden, T::DTYPE)?,
+                wgmma_kernel(WgmmaEntry::Hidden, wide, T::DTYPE)?,
                 hidden_args(want_dc, want_du, None, split),
             )),
-            Step::WgmmaDx { split } => Some((wgmma_kernel(WgmmaEntry::Dx, T::DTYPE)?, dx_args(None, split))),
+            Step::WgmmaDx { split, wide } => {
+                Some((wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?, dx_args(None, split)))
+            }
             _ => None,
         };
         if let Some((kernel, args)) = mma {
@@ -1033,41 +1041,46 @@ mod tests {
         base: false,
     };
 
-    /// The Hopper variant: `hidden` on 128×128 tiles (R = 512 at T = 4096: 128 tiles, d_out split
-    /// in two, the ∂U partials summed), ∂X unsplit (1,024 tiles), then mma's ∂A_cat and ∂B_cat.
+    /// The Hopper variants: `hidden` on 128×128 tiles (R = 512 at T = 4096: 128 tiles, d_out
+    /// split in two, the ∂U partials summed; `wgmma_wide`: 64 tiles of 128×256, one block an SM,
+    /// also two splits), ∂X unsplit (1,024 tiles; wide: 512), then mma's ∂A_cat and ∂B_cat.
     #[test]
     fn wgmma_backward_plans() {
         let s = shape(4096, 4096, vec![16; 32]);
-        let plan = launch_config(Variant::Wgmma, &s, Train::ALL, HARNESS_SM_COUNT);
-        let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
-        let split = Split { chunk: 2048, splits: 2 };
-        assert_eq!(
-            steps[..3],
-            [
-                Step::WgmmaHidden {
-                    dc: true,
-                    du: true,
-                    split
-                },
-                Step::SumPartials {
-                    target: Target::DU,
-                    splits: 2
-                },
-                Step::WgmmaDx {
-                    split: Split::none(512)
-                },
-            ]
-        );
-        assert!(matches!(steps[3..], [Step::MmaDa, Step::DbTiled { .. }]), "{steps:?}");
-        assert_eq!(
-            (plan[0].1.grid, plan[0].1.dynamic_shared_bytes),
-            ([4, 32, 2], 64 * 1024)
-        );
-        assert_eq!(plan[2].1.grid, [32, 32, 1]);
-        assert_eq!(
-            workspace_len(Variant::Wgmma, &s, Train::ALL, HARNESS_SM_COUNT),
-            2 * 4096 * 512
-        );
+        for (variant, wide, tiles_x, shared) in [
+            (Variant::Wgmma, false, [4, 32], 64 * 1024),
+            (Variant::WgmmaWide, true, [2, 16], 96 * 1024),
+        ] {
+            let plan = launch_config(variant, &s, Train::ALL, HARNESS_SM_COUNT);
+            let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
+            let split = Split { chunk: 2048, splits: 2 };
+            assert_eq!(
+                steps[..3],
+                [
+                    Step::WgmmaHidden {
+                        dc: true,
+                        du: true,
+                        split,
+                        wide
+                    },
+                    Step::SumPartials {
+                        target: Target::DU,
+                        splits: 2
+                    },
+                    Step::WgmmaDx {
+                        split: Split::none(512),
+                        wide
+                    },
+                ]
+            );
+            assert!(matches!(steps[3..], [Step::MmaDa, Step::DbTiled { .. }]), "{steps:?}");
+            assert_eq!(
+                (plan[0].1.grid, plan[0].1.dynamic_shared_bytes),
+                ([tiles_x[0], 32, 2], shared)
+            );
+            assert_eq!(plan[2].1.grid, [tiles_x[1], 32, 1]);
+            assert_eq!(workspace_len(variant, &s, Train::ALL, HARNESS_SM_COUNT), 2 * 4096 * 512);
+        }
     }
 
     #[test]

@@ -43,6 +43,13 @@ pub enum Variant {
     /// (`cuda/wgmma_tile.cuh`), split-K where the tiles leave SMs idle ([`wgmma_step`]).
     /// `∂A_cat` and `∂B_cat` are [`Variant::Mma`]'s steps.
     Wgmma,
+    /// [`Variant::Wgmma`] on 128×256 tiles (`wgmma.mma_async.m64n256k16`, 128 f32 accumulators a
+    /// thread, 96 KiB of dynamic shared memory, one block an SM): a quarter less L2-to-SM
+    /// traffic per FLOP, the limit the `wgmma` predictions name; split-K over one block an SM
+    /// ([`wgmma_step`]). The same kernels' bodies (`cuda/compose_wgmma.cu`, `TBN` = 256). A step
+    /// whose output columns the wide tiles would pad more than the narrow ones
+    /// ([`wide_tiles_fit`]: R = 128 at N = 8, r = 16) runs [`Variant::Wgmma`]'s kernel.
+    WgmmaWide,
 }
 
 /// Every variant: tests and benches iterate this list (skipping the storage types a variant
@@ -55,6 +62,7 @@ pub const ALL: &[Variant] = &[
     Variant::GemvCoop,
     Variant::Mma,
     Variant::Wgmma,
+    Variant::WgmmaWide,
 ];
 
 /// Fewest tokens for which [`choose_variant`] takes the tensor cores (bf16 storage): the
@@ -87,20 +95,22 @@ impl Variant {
             Variant::GemvCoop => "gemv_coop",
             Variant::Mma => "mma",
             Variant::Wgmma => "wgmma",
+            Variant::WgmmaWide => "wgmma_wide",
         }
     }
 
     /// Whether the variant has kernels for storage `dtype`: tensor cores take 16-bit inputs and
-    /// the composition families are built for bf16, so [`Variant::Mma`] and [`Variant::Wgmma`]
+    /// the composition families are built for bf16, so [`Variant::Mma`] and the `wgmma` variants
     /// are bf16 only. Tests and benches skip the other combinations explicitly; launching one is
     /// an error.
     pub fn applies(self, dtype: DType) -> bool {
-        !(matches!(self, Variant::Mma | Variant::Wgmma) && dtype != DType::BF16)
+        !(matches!(self, Variant::Mma | Variant::Wgmma | Variant::WgmmaWide) && dtype != DType::BF16)
     }
 
-    /// Built for sm_90a ([`Variant::Wgmma`]): runs where [`Backend::runs_sm90a`] says so.
+    /// Built for sm_90a ([`Variant::Wgmma`], [`Variant::WgmmaWide`]): runs where
+    /// [`Backend::runs_sm90a`] says so.
     pub fn needs_sm90a(self) -> bool {
-        self == Variant::Wgmma
+        matches!(self, Variant::Wgmma | Variant::WgmmaWide)
     }
 
     /// Whether `backend` can run the variant's kernels ([`Variant::needs_sm90a`]): tests and
@@ -353,7 +363,13 @@ pub const MMA_MIN_CHUNK: usize = 4 * mma_tile::BK;
 /// first H200 run's large-T shapes but R = 128) it does not split. Each split costs a T × R f32
 /// partial written and read again by the finishing kernel.
 pub fn mma_split(tiles: usize, k: usize, sm_count: usize) -> Split {
-    let wanted = (BLOCKS_PER_SM * sm_count.max(1)) / tiles.max(1);
+    split_over_slots(tiles, k, BLOCKS_PER_SM * sm_count.max(1))
+}
+
+/// [`mma_split`] for kernels that fit `slots` blocks on the whole device at once (the GEMM
+/// family's `wgmma_wide`: one an SM).
+pub fn split_over_slots(tiles: usize, k: usize, slots: usize) -> Split {
+    let wanted = slots.max(1) / tiles.max(1);
     let splits = wanted.clamp(1, (k / MMA_MIN_CHUNK).max(1));
     let chunk = k.div_ceil(splits).div_ceil(mma_tile::BK) * mma_tile::BK;
     let splits = k.div_ceil(chunk.max(1));
@@ -500,14 +516,19 @@ pub enum WgmmaEntry {
     Dx,
 }
 
-/// The compiled kernel `compose_wgmma_<entry>_bf16`, or an error for f32 and f16 storage.
-pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelError> {
+/// The compiled kernel `compose_wgmma_<entry>_bf16` (`compose_wgmma_wide_<entry>_bf16` on the
+/// wide tile), or an error for f32 and f16 storage.
+pub fn wgmma_kernel(entry: WgmmaEntry, wide: bool, dtype: DType) -> Result<Kernel, KernelError> {
     use super::entries::compose_wgmma as e;
-    let (name, harness_entry): (&'static str, super::HarnessEntry) = match entry {
-        WgmmaEntry::Shrink => kernel_entry!(e::lc_run_compose_wgmma_shrink_bf16),
-        WgmmaEntry::Expand => kernel_entry!(e::lc_run_compose_wgmma_expand_bf16),
-        WgmmaEntry::Hidden => kernel_entry!(e::lc_run_compose_wgmma_hidden_bf16),
-        WgmmaEntry::Dx => kernel_entry!(e::lc_run_compose_wgmma_dx_bf16),
+    let (name, harness_entry): (&'static str, super::HarnessEntry) = match (entry, wide) {
+        (WgmmaEntry::Shrink, false) => kernel_entry!(e::lc_run_compose_wgmma_shrink_bf16),
+        (WgmmaEntry::Expand, false) => kernel_entry!(e::lc_run_compose_wgmma_expand_bf16),
+        (WgmmaEntry::Hidden, false) => kernel_entry!(e::lc_run_compose_wgmma_hidden_bf16),
+        (WgmmaEntry::Dx, false) => kernel_entry!(e::lc_run_compose_wgmma_dx_bf16),
+        (WgmmaEntry::Shrink, true) => kernel_entry!(e::lc_run_compose_wgmma_wide_shrink_bf16),
+        (WgmmaEntry::Expand, true) => kernel_entry!(e::lc_run_compose_wgmma_wide_expand_bf16),
+        (WgmmaEntry::Hidden, true) => kernel_entry!(e::lc_run_compose_wgmma_wide_hidden_bf16),
+        (WgmmaEntry::Dx, true) => kernel_entry!(e::lc_run_compose_wgmma_wide_dx_bf16),
     };
     tensor_core_kernel("compose_wgmma", (name, harness_entry), dtype)
 }
@@ -516,17 +537,37 @@ pub fn wgmma_kernel(entry: WgmmaEntry, dtype: DType) -> Result<Kernel, KernelErr
 /// as [`mma_split`] splits the `mma` kernels' (where the tiles leave SMs idle; every `wgmma`
 /// kernel fits [`BLOCKS_PER_SM`] blocks an SM: ≤ 128 registers a thread, 64 KiB of shared
 /// memory each); grid (⌈cols / 128⌉, ⌈T / 128⌉, splits), 256 threads, the pipeline's 64 KiB of
-/// dynamic shared memory.
-pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize) -> (Split, LaunchDims) {
-    let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(mma_tile::BN);
-    let split = mma_split(tiles, k, sm_count);
+/// dynamic shared memory. `wide` ([`Variant::WgmmaWide`]): 128×256 tiles where they cover no
+/// more padded columns than 128×128 ones ([`wide_tiles_fit`]), one block an SM (164–255
+/// registers, 96 KiB), K split to fill one block an SM. Returns whether the step is wide.
+pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize, wide: bool) -> (Split, LaunchDims, bool) {
+    use super::gemm::mma_tile as g;
+    let wide = wide && wide_tiles_fit(cols);
+    let (bn, per_sm, shared) = if wide {
+        (g::BN_WIDE as usize, 1, g::WGMMA_WIDE_SHARED_BYTES)
+    } else {
+        (mma_tile::BN, BLOCKS_PER_SM, g::WGMMA_SHARED_BYTES)
+    };
+    let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(bn);
+    let split = split_over_slots(tiles, k, per_sm * sm_count.max(1));
     let dims = LaunchDims {
-        grid: tile_grid(t, cols, mma_tile::BM, split.splits),
-        block: [super::gemm::mma_tile::THREADS_WGMMA, 1, 1],
-        dynamic_shared_bytes: super::gemm::mma_tile::WGMMA_SHARED_BYTES,
+        grid: [
+            u32::try_from(cols.div_ceil(bn)).expect("grid x fits u32"),
+            u32::try_from(t.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
+            u32::try_from(split.splits).expect("grid z fits u32"),
+        ],
+        block: [g::THREADS_WGMMA, 1, 1],
+        dynamic_shared_bytes: shared,
     };
     dims.assert_valid(0);
-    (split, dims)
+    (split, dims, wide)
+}
+
+/// Whether 256-column tiles cover `cols` output columns with no more padding than 128-column
+/// ones (an even number of the latter): at R = 128 (N = 8) a wide tile would do twice the
+/// tensor-core work of the narrow one and hold one block an SM instead of two.
+pub fn wide_tiles_fit(cols: usize) -> bool {
+    cols.div_ceil(mma_tile::BN) % 2 == 0
 }
 
 /// One composed-layer call: T tokens, `n_samples` coefficient rows, modules of `ranks`.

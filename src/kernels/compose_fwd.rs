@@ -76,13 +76,15 @@ pub enum Step {
         tile_rows: usize,
         split: Split,
     },
-    /// Hopper's warpgroup MMA: U, Z as [`Step::MmaShrink`], on 128×128 tiles.
+    /// Hopper's warpgroup MMA: U, Z as [`Step::MmaShrink`], on 128×128 tiles (`wide`: 128×256).
     WgmmaShrink {
         split: Split,
+        wide: bool,
     },
-    /// Hopper's warpgroup MMA: Y as [`Step::MmaExpand`], on 128×128 tiles.
+    /// Hopper's warpgroup MMA: Y as [`Step::MmaExpand`], on 128×128 tiles (`wide`: 128×256).
     WgmmaExpand {
         split: Split,
+        wide: bool,
     },
 }
 
@@ -139,15 +141,22 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
                 steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
             }
         }
-        Variant::Wgmma => {
-            let (split, dims) = wgmma_step(t, r, shape.d_in, sm_count);
-            steps.push((Step::WgmmaShrink { split }, dims));
+        Variant::Wgmma | Variant::WgmmaWide => {
+            let wide = variant == Variant::WgmmaWide;
+            let (split, dims, shrink_wide) = wgmma_step(t, r, shape.d_in, sm_count, wide);
+            steps.push((
+                Step::WgmmaShrink {
+                    split,
+                    wide: shrink_wide,
+                },
+                dims,
+            ));
             if split.splits > 1 {
                 let splits = split.splits;
                 steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
             }
-            let (split, dims) = wgmma_step(t, shape.d_out, r, sm_count);
-            steps.push((Step::WgmmaExpand { split }, dims));
+            let (split, dims, wide) = wgmma_step(t, shape.d_out, r, sm_count, wide);
+            steps.push((Step::WgmmaExpand { split, wide }, dims));
             if split.splits > 1 {
                 let splits = split.splits;
                 steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
@@ -204,10 +213,10 @@ pub fn workspace_len(variant: Variant, shape: &Shape, sm_count: usize) -> usize 
         .iter()
         .map(|(step, _)| match *step {
             Step::ShrinkTiled { j0, j1, split } if split.splits > 1 => split.splits * t * (j1 - j0),
-            Step::MmaShrink { split, .. } | Step::WgmmaShrink { split } if split.splits > 1 => {
+            Step::MmaShrink { split, .. } | Step::WgmmaShrink { split, .. } if split.splits > 1 => {
                 split.splits * t * shape.r_total()
             }
-            Step::MmaExpand { split, .. } | Step::WgmmaExpand { split } if split.splits > 1 => {
+            Step::MmaExpand { split, .. } | Step::WgmmaExpand { split, .. } if split.splits > 1 => {
                 split.splits * t * shape.d_out
             }
             Step::ExpandTiled { split, .. } if split.splits > 1 => split.splits * t * shape.d_out,
@@ -456,12 +465,14 @@ pub fn launch<T: Element, B: Backend>(
                 mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
                 expand_args(None, split),
             )),
-            Step::WgmmaShrink { split } => {
-                Some((wgmma_kernel(WgmmaEntry::Shrink, T::DTYPE)?, shrink_args(None, split)))
-            }
-            Step::WgmmaExpand { split } => {
-                Some((wgmma_kernel(WgmmaEntry::Expand, T::DTYPE)?, expand_args(None, split)))
-            }
+            Step::WgmmaShrink { split, wide } => Some((
+                wgmma_kernel(WgmmaEntry::Shrink, wide, T::DTYPE)?,
+                shrink_args(None, split),
+            )),
+            Step::WgmmaExpand { split, wide } => Some((
+                wgmma_kernel(WgmmaEntry::Expand, wide, T::DTYPE)?,
+                expand_args(None, split),
+            )),
             _ => None,
         };
         if let Some((kernel, args)) = mma {
@@ -568,6 +579,7 @@ pub fn launch<T: Element, B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::compose_common::wide_tiles_fit;
     use crate::kernels::HARNESS_SM_COUNT;
     use proptest::prelude::*;
 
@@ -767,37 +779,57 @@ mod tests {
         }
     }
 
-    /// The Hopper variant: 128×128 tiles of 256 threads with 64 KiB of dynamic shared memory;
-    /// at d = 4096, N = 32, T = 4096 the shrink's 128 tiles split d_in in two (256 blocks on 132
-    /// SMs) and ShrinkReduce finishes them; the expand's 1,024 tiles do not split.
+    /// The Hopper variants: 128×128 tiles of 256 threads with 64 KiB of dynamic shared memory
+    /// (`wgmma_wide`: 128×256, 96 KiB); at d = 4096, N = 32, T = 4096 the shrink's 128 tiles
+    /// split d_in in two (256 blocks on 132 SMs, two an SM; wide: 64 tiles, 128 blocks, one an
+    /// SM) and ShrinkReduce finishes them; the expand's 1,024 tiles (wide: 512) do not split.
     #[test]
     fn wgmma_plans_128_row_tiles_with_dynamic_shared_memory() {
         let s = shape(4096, 4096, vec![16; 32]);
-        let plan = launch_config(Variant::Wgmma, &s, HARNESS_SM_COUNT);
-        let steps: Vec<Step> = plan.iter().map(|p| p.0).collect();
-        let split = Split { chunk: 2048, splits: 2 };
-        assert_eq!(
-            steps,
-            [
-                Step::WgmmaShrink { split },
-                Step::ShrinkReduce {
-                    j0: 0,
-                    j1: 512,
-                    splits: 2
-                },
-                Step::WgmmaExpand {
-                    split: Split::none(512)
-                },
-            ]
-        );
-        assert_eq!((plan[0].1.grid, plan[0].1.block), ([4, 32, 2], [256, 1, 1]));
-        assert_eq!(plan[2].1.grid, [32, 32, 1]);
-        for (step, dims) in &plan {
-            let wgmma = matches!(step, Step::WgmmaShrink { .. } | Step::WgmmaExpand { .. });
-            assert_eq!(dims.dynamic_shared_bytes, if wgmma { 64 * 1024 } else { 0 });
+        for (variant, wide, tiles_x, shared) in [
+            (Variant::Wgmma, false, [4, 32], 64 * 1024),
+            (Variant::WgmmaWide, true, [2, 16], 96 * 1024),
+        ] {
+            let plan = launch_config(variant, &s, HARNESS_SM_COUNT);
+            let steps: Vec<Step> = plan.iter().map(|p| p.0).collect();
+            let split = Split { chunk: 2048, splits: 2 };
+            assert_eq!(
+                steps,
+                [
+                    Step::WgmmaShrink { split, wide },
+                    Step::ShrinkReduce {
+                        j0: 0,
+                        j1: 512,
+                        splits: 2
+                    },
+                    Step::WgmmaExpand {
+                        split: Split::none(512),
+                        wide
+                    },
+                ]
+            );
+            assert_eq!((plan[0].1.grid, plan[0].1.block), ([tiles_x[0], 32, 2], [256, 1, 1]));
+            assert_eq!(plan[2].1.grid, [tiles_x[1], 32, 1]);
+            for (step, dims) in &plan {
+                let wgmma = matches!(step, Step::WgmmaShrink { .. } | Step::WgmmaExpand { .. });
+                assert_eq!(dims.dynamic_shared_bytes, if wgmma { shared } else { 0 });
+            }
+            assert_eq!(workspace_len(variant, &s, HARNESS_SM_COUNT), 2 * 4096 * 512);
+            assert!(variant.applies(DType::BF16) && !variant.applies(DType::F32));
         }
-        assert_eq!(workspace_len(Variant::Wgmma, &s, HARNESS_SM_COUNT), 2 * 4096 * 512);
-        assert!(Variant::Wgmma.applies(DType::BF16) && !Variant::Wgmma.applies(DType::F32));
+        // N = 8 (R = 128): one 128-column tile; a wide one would pad it to 256, so the wide
+        // variant's shrink is the narrow kernel (128 tiles split 2 ways onto 2 blocks an SM) and
+        // only its expand (4,096 columns) is wide.
+        let s = shape(4096, 4096, vec![16; 8]);
+        let plan = launch_config(Variant::WgmmaWide, &s, HARNESS_SM_COUNT);
+        assert!(matches!(plan[0].0, Step::WgmmaShrink { wide: false, .. }), "{plan:?}");
+        assert_eq!(plan[0].1.dynamic_shared_bytes, 64 * 1024);
+        assert!(
+            matches!(plan.last().unwrap().0, Step::WgmmaExpand { wide: true, .. }),
+            "{plan:?}"
+        );
+        let fits: Vec<usize> = (1..=1100).filter(|&c| wide_tiles_fit(c)).collect();
+        assert_eq!((fits[0], fits[127], fits[128], fits.len()), (129, 256, 385, 512));
     }
 
     #[test]

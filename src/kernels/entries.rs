@@ -31,6 +31,10 @@ pub(crate) mod gemm_wgmma {
         lc_run_gemm_wgmma_bf16,
         lc_run_gemm_wgmma_split_f16,
         lc_run_gemm_wgmma_split_bf16,
+        lc_run_gemm_wgmma_wide_f16,
+        lc_run_gemm_wgmma_wide_bf16,
+        lc_run_gemm_wgmma_wide_split_f16,
+        lc_run_gemm_wgmma_wide_split_bf16,
     );
 }
 
@@ -40,6 +44,10 @@ pub(crate) mod compose_wgmma {
         lc_run_compose_wgmma_expand_bf16,
         lc_run_compose_wgmma_hidden_bf16,
         lc_run_compose_wgmma_dx_bf16,
+        lc_run_compose_wgmma_wide_shrink_bf16,
+        lc_run_compose_wgmma_wide_expand_bf16,
+        lc_run_compose_wgmma_wide_hidden_bf16,
+        lc_run_compose_wgmma_wide_dx_bf16,
     );
 }
 

@@ -29,6 +29,12 @@ pub enum Variant {
     /// ([`mma_split`], [`Variant::splits_k`]: 2 blocks an SM, 127 registers a thread, 90 for
     /// the split kernel).
     Wgmma,
+    /// [`Variant::Wgmma`] on a 128×256 tile (`wgmma.mma_async.m64n256k16`, 128 f32 accumulators
+    /// a thread): a quarter less L2-to-SM traffic per FLOP (24 KB per K step of 2.1 MFLOP,
+    /// against 16 KB per 1.05), the traffic the `wgmma` predictions name as its limit. 96 KiB of
+    /// dynamic shared memory (4 stages), 206 registers a thread: one block an SM; split-K by the
+    /// same rule over one block an SM ([`mma_split`]).
+    WgmmaWide,
 }
 
 /// Every variant: tests and benches iterate this list.
@@ -39,6 +45,7 @@ pub const ALL: &[Variant] = &[
     Variant::Mma,
     Variant::MmaW64,
     Variant::Wgmma,
+    Variant::WgmmaWide,
 ];
 
 /// Block tile of a tiled variant; mirrors the template arguments in `cuda/gemm.cu`'s
@@ -74,6 +81,10 @@ pub mod mma_tile {
     pub const THREADS_WGMMA: u32 = 256;
     /// `wgmma`'s dynamic shared memory: 4 stages of 16-bit A and B tiles (64 KiB).
     pub const WGMMA_SHARED_BYTES: u32 = 4 * (BM * BK + BN * BK) * 2;
+    /// Columns of `wgmma_wide`'s block tile (m64n256k16).
+    pub const BN_WIDE: u32 = 256;
+    /// `wgmma_wide`'s dynamic shared memory: 4 stages of a 128-row A and a 256-row B tile (96 KiB).
+    pub const WGMMA_WIDE_SHARED_BYTES: u32 = 4 * (BM * BK + BN_WIDE * BK) * 2;
 }
 
 impl Variant {
@@ -85,6 +96,7 @@ impl Variant {
             Variant::Mma => "mma",
             Variant::MmaW64 => "mma_w64",
             Variant::Wgmma => "wgmma",
+            Variant::WgmmaWide => "wgmma_wide",
         }
     }
 
@@ -96,20 +108,32 @@ impl Variant {
 
     /// The `mma.sync` variants ([`Variant::Mma`], [`Variant::MmaW64`]): 16-bit storage, one
     /// 128×128 tile and pipeline, split-K where the tiles leave SMs idle ([`mma_split`]).
-    /// ([`Variant::Wgmma`], also 16-bit only, is not one: its own family and shared memory.)
+    /// ([`Variant::Wgmma`] and [`Variant::WgmmaWide`], also 16-bit only, are not: their own
+    /// family and shared memory.)
     pub fn is_tensor_core(self) -> bool {
         matches!(self, Variant::Mma | Variant::MmaW64)
     }
 
-    /// The variants that split K where their 128×128 tiles leave SMs idle ([`mma_split`]): the
-    /// tensor-core ones and [`Variant::Wgmma`].
+    /// The variants that split K where their tiles leave SMs idle ([`mma_split`]): the
+    /// tensor-core ones and the `wgmma` ones.
     pub fn splits_k(self) -> bool {
-        self.is_tensor_core() || self == Variant::Wgmma
+        self.is_tensor_core() || self.needs_sm90a()
     }
 
-    /// Built for sm_90a ([`Variant::Wgmma`]): runs where [`Backend::runs_sm90a`] says so.
+    /// Built for sm_90a ([`Variant::Wgmma`], [`Variant::WgmmaWide`]): runs where
+    /// [`Backend::runs_sm90a`] says so.
     pub fn needs_sm90a(self) -> bool {
-        self == Variant::Wgmma
+        matches!(self, Variant::Wgmma | Variant::WgmmaWide)
+    }
+
+    /// Blocks an SM holds at once (registers and shared memory, from ptxas): what [`mma_split`]
+    /// fills. Two for the 128×128 tensor-core tiles, one for [`Variant::WgmmaWide`].
+    pub fn blocks_per_sm(self) -> usize {
+        if self == Variant::WgmmaWide {
+            1
+        } else {
+            super::compose_common::BLOCKS_PER_SM
+        }
     }
 
     /// Whether `backend` can run the variant's kernels ([`Variant::needs_sm90a`]): tests and
@@ -120,7 +144,7 @@ impl Variant {
 
     pub fn tile(self) -> Option<Tile> {
         match self {
-            Variant::Naive | Variant::Mma | Variant::MmaW64 | Variant::Wgmma => None,
+            Variant::Naive | Variant::Mma | Variant::MmaW64 | Variant::Wgmma | Variant::WgmmaWide => None,
             Variant::Tiled64 => Some(Tile {
                 bm: 64,
                 bn: 64,
@@ -139,10 +163,10 @@ impl Variant {
     }
 
     /// Static shared memory per block: the f32 tiles `a_tile[BK][BM + PAD]`, `b_tile[BK][BN]`
-    /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one. (`wgmma`'s
-    /// stages are dynamic: [`Variant::dynamic_shared_bytes`].)
+    /// of the tiled variants; the 16-bit pipeline stages of the tensor-core one. (The `wgmma`
+    /// variants' stages are dynamic: [`Variant::dynamic_shared_bytes`].)
     pub fn static_shared_bytes(self) -> u32 {
-        if self == Variant::Wgmma {
+        if self.needs_sm90a() {
             return 0;
         }
         if self.is_tensor_core() {
@@ -152,14 +176,14 @@ impl Variant {
             .map_or(0, |t| 4 * (t.bk * (t.bm + A_TILE_PAD) + t.bk * t.bn))
     }
 
-    /// Dynamic shared memory per launch: `wgmma`'s 4 pipeline stages, 64 KiB (its descriptors
-    /// address the shared window's first 256 KiB, where the harness keeps dynamic memory; past
-    /// 48 KiB the GPU backend opts the kernel in).
+    /// Dynamic shared memory per launch: the `wgmma` variants' 4 pipeline stages, 64 KiB
+    /// (`wgmma_wide`: 96 KiB; their descriptors address the shared window's first 256 KiB,
+    /// where the harness keeps dynamic memory; past 48 KiB the GPU backend opts the kernel in).
     pub fn dynamic_shared_bytes(self) -> u32 {
-        if self == Variant::Wgmma {
-            mma_tile::WGMMA_SHARED_BYTES
-        } else {
-            0
+        match self {
+            Variant::Wgmma => mma_tile::WGMMA_SHARED_BYTES,
+            Variant::WgmmaWide => mma_tile::WGMMA_WIDE_SHARED_BYTES,
+            _ => 0,
         }
     }
 
@@ -167,6 +191,7 @@ impl Variant {
     pub fn block_tile(self) -> (u32, u32) {
         match (self, self.tile()) {
             (Variant::Mma | Variant::MmaW64 | Variant::Wgmma, _) => (mma_tile::BM, mma_tile::BN),
+            (Variant::WgmmaWide, _) => (mma_tile::BM, mma_tile::BN_WIDE),
             (_, Some(t)) => (t.bm, t.bn),
             (_, None) => (NAIVE_BLOCK, NAIVE_BLOCK),
         }
@@ -201,7 +226,10 @@ pub fn launch_config(variant: Variant, shape: &GemmShape) -> LaunchDims {
     let (tile_m, tile_n, block) = match variant.tile() {
         None if variant == Variant::Mma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS, 1, 1]),
         None if variant == Variant::MmaW64 => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS_W64, 1, 1]),
-        None if variant == Variant::Wgmma => (mma_tile::BM, mma_tile::BN, [mma_tile::THREADS_WGMMA, 1, 1]),
+        None if variant.needs_sm90a() => {
+            let (bm, bn) = variant.block_tile();
+            (bm, bn, [mma_tile::THREADS_WGMMA, 1, 1])
+        }
         None => (NAIVE_BLOCK, NAIVE_BLOCK, [NAIVE_BLOCK, NAIVE_BLOCK, 1]),
         Some(t) => {
             assert!(
@@ -257,7 +285,11 @@ pub fn kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
         (Variant::MmaW64, DType::BF16) => kernel_entry!(e::lc_run_gemm_mma_w64_bf16),
         (Variant::Wgmma, DType::F16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_f16))),
         (Variant::Wgmma, DType::BF16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_bf16))),
-        (Variant::Mma | Variant::MmaW64 | Variant::Wgmma, DType::F32) => return None,
+        (Variant::WgmmaWide, DType::F16) => return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_f16))),
+        (Variant::WgmmaWide, DType::BF16) => {
+            return Some(wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_bf16)));
+        }
+        (Variant::Mma | Variant::MmaW64 | Variant::Wgmma | Variant::WgmmaWide, DType::F32) => return None,
     };
     Some(gemm_kernel((name, harness_entry)))
 }
@@ -283,9 +315,9 @@ fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> K
 }
 
 /// The split-K twin of a splitting variant's kernel ([`Variant::splits_k`]):
-/// `gemm_mma_split_<dtype>`, `gemm_mma_w64_split_<dtype>` or `gemm_wgmma_split_<dtype>` (partials
-/// of each split of K) and `gemm_mma_finish_<dtype>` (C from them, for all three); `None` for f32
-/// or another variant.
+/// `gemm_mma_split_<dtype>`, `gemm_mma_w64_split_<dtype>`, `gemm_wgmma_split_<dtype>` or
+/// `gemm_wgmma_wide_split_<dtype>` (partials of each split of K) and `gemm_mma_finish_<dtype>` (C
+/// from them, for all four); `None` for f32 or another variant.
 fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)> {
     use super::entries::gemm as e;
     use super::entries::gemm_wgmma as w;
@@ -315,21 +347,30 @@ fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)>
                 let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_bf16));
                 return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_bf16))));
             }
+            (Variant::WgmmaWide, DType::F16) => {
+                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_f16));
+                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_f16))));
+            }
+            (Variant::WgmmaWide, DType::BF16) => {
+                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_bf16));
+                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_bf16))));
+            }
             _ => return None,
         };
     Some((gemm_kernel(split), gemm_kernel(finish)))
 }
 
-/// How the splitting variants ([`Variant::Mma`], [`Variant::MmaW64`], [`Variant::Wgmma`]: the
-/// same tiles, at most two blocks an SM) split K for `shape` on a device of `sm_count` SMs: where its 128×128
-/// tiles leave SMs idle (decode's 16 × 4096 × 4096: 32 tiles, each walking K in 128 dependent
+/// How a splitting variant ([`Variant::splits_k`]) splits K for `shape` on a device of
+/// `sm_count` SMs: where its tiles (128×128; 128×256 for [`Variant::WgmmaWide`]) leave the
+/// [`Variant::blocks_per_sm`] slots of the SMs idle (decode's 16 × 4096 × 4096: 32 tiles, each walking K in 128 dependent
 /// steps — the first H200 run measured 127 µs, cuBLAS 19), K in chunks
 /// ([`compose_common::mma_split`](super::compose_common::mma_split)): the split kernel writes
 /// each chunk's f32 partial to a workspace of splits × m × n that [`launch`] allocates per call,
 /// and the finish kernel forms `C = alpha·Σ + beta·C`, the splits added in order.
-pub fn mma_split(shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
-    let tiles = shape.m.div_ceil(mma_tile::BM as usize) * shape.n.div_ceil(mma_tile::BN as usize);
-    super::compose_common::mma_split(tiles, shape.k, sm_count)
+pub fn mma_split(variant: Variant, shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
+    let (bm, bn) = variant.block_tile();
+    let tiles = shape.m.div_ceil(bm as usize) * shape.n.div_ceil(bn as usize);
+    super::compose_common::split_over_slots(tiles, shape.k, variant.blocks_per_sm() * sm_count.max(1))
 }
 
 fn check_shape<T: Element, B: Backend>(
@@ -386,7 +427,7 @@ pub fn launch<T: Element, B: Backend>(
     let shape = &params.shape;
     check_shape::<T, B>(backend, &kernel, shape, a, b, c)?;
     if variant.splits_k() {
-        let split = mma_split(shape, backend.sm_count());
+        let split = mma_split(variant, shape, backend.sm_count());
         if split.splits > 1 {
             return launch_mma_split(backend, variant, params, split, a, b, c);
         }
