@@ -335,6 +335,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #endif
 }
 
+// prefetch.global.L2: a hint to bring the 128-byte line holding `p` into L2 (no access, no fault
+// on a GPU; the harness checks that a buffer of the launch holds the address).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef __CUDACC__
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+    ::lc_harness::prefetch_l2(p);
+#endif
+}
+
 // cp.async.ca.shared.global of BYTES = 4, 8 or 16 (cached in L1 too), aligned to BYTES.
 template <int BYTES>
 __device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem) {

@@ -110,6 +110,7 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     using L = Tile<TBM, TWN>;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
     float acc[L::FRAG_M][L::FRAG_N][4];
+    if (gridDim.z == 1) prefetch_tile<T, TBM, BN, L::THREADS>(out, M, N, m0, n0);
     mainloop<T, false, NK, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, A, B, M, N, K, m0, n0,
                                      lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)

@@ -144,6 +144,7 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
     using L = Tile<BM, TWN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[L::FRAG_M][L::FRAG_N][4];
+    if (gridDim.z == 1 && beta != 0.0f) prefetch_tile<T, BM, BN, L::THREADS>(C, M, N, m0, n0);
     mainloop<T, TA, TB, BM, TWN>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0, lc::split_begin(chunk),
                                  lc::split_end(chunk, K));
     if (gridDim.z > 1)

@@ -257,6 +257,17 @@ extern "C" __global__ void selftest_cp_async(const float* in, float* out, int mo
     out[10 * n + t] = staged[10 * n + u];
 }
 
+// prefetch.global.L2 (a hint): thread t prefetches out[(t + 1) % n] — unwritten, and written by
+// another thread in this interval: neither an uninitialised read nor a race, since a prefetch
+// accesses nothing — then copies in[t]. mode 1 also prefetches in[n + t], past the end of `in`.
+extern "C" __global__ void selftest_prefetch(const float* in, float* out, int n, int mode) {
+    const int t = threadIdx.x;
+    if (t >= n) return;
+    lc::prefetch_l2(&out[(t + 1) % n]);
+    if (mode == 1) lc::prefetch_l2(&in[n + t]);
+    out[t] = in[t];
+}
+
 // ---- grid barriers (cooperative launches) -----------------------------------------------------
 // `rounds` rounds over a cooperative grid of at most 256-thread blocks: thread t of block b
 // stores in[(r·G + b)·n + t] into `partial` (its own element), into a static shared array and,

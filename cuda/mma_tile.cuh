@@ -189,6 +189,20 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
 // M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
 // sum_partials, gemm's mma_finish).
+// The old values of the block's ROWS × COLS tile of `out` at (m0, n0) into L2 (one
+// prefetch.global.L2 per 128-byte line of each row in range, NTHREADS threads), issued by an
+// accumulating kernel (beta ≠ 0, not split) before its main loop, so that DRAM delivers them
+// while it runs and the epilogue reads them from L2 instead of waiting on DRAM after it.
+template <typename T, int ROWS, int COLS, int NTHREADS>
+__device__ __forceinline__ void prefetch_tile(const T* out, int M, int N, int m0, int n0) {
+    constexpr int LINE = 128 / sizeof(T), LINES = COLS / LINE;  // elements a line, lines a row
+    static_assert(COLS % LINE == 0, "whole lines");
+    for (int i = threadIdx.x; i < ROWS * LINES; i += NTHREADS) {
+        const int row = m0 + i / LINES, col = n0 + (i % LINES) * LINE;
+        if (row < M && col < N) lc::prefetch_l2(out + (size_t)row * N + col);
+    }
+}
+
 template <class L>
 __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
                                               int M, int N, int m0, int n0) {

@@ -5,10 +5,10 @@
 // 128×256 tile of 64×256 halves with m64n256k16 (128 a thread); both operands from shared memory
 // in the no-swizzle core-matrix layout, K-major or MN-major as the operand is stored (wgmma's
 // transpose flags take either); K in steps of 32 through a 4-stage cp.async pipeline in 64 KiB
-// (wide: 96 KiB) of dynamic shared memory, one wgmma group kept in flight. Callers add the epilogue (this
-// file's epilogue_axpby; mma_tile's store_partial, scale_epilogue and hidden_epilogue take
-// `Layout`: the wgmma accumulators are the m16n8 layout, warp w of the block holding rows
-// 16·w … 16·w + 15).
+// (wide: 96 KiB) of dynamic shared memory, one wgmma group kept in flight. Callers add the
+// epilogue (this file's epilogue_axpby; mma_tile's store_partial, scale_epilogue and
+// hidden_epilogue take `LayoutN<TBN>`: the wgmma accumulators are the m16n8 layout, warp w of
+// the block holding rows 16·w … 16·w + 15).
 #pragma once
 
 #include "mma_tile.cuh"
@@ -20,19 +20,18 @@ constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
 // Tiles loaded ahead: the stages hold tile kt - 1 (its wgmma group may still run), kt, and the
 // PREFETCH tiles after it.
 constexpr int PREFETCH = STAGES - 2;
-// A stage of a BM × TBN block tile: A's 128 rows × BK, then B's TBN rows × BK, as core matrices
-// [k / 8][row / 8] of 64 elements (128 bytes). Core matrices adjacent in K lie (rows / 8) · 128 bytes apart,
-// in rows SBO apart (LBO for A, Shape::B_LBO for B). TBN is 128 (the `wgmma` variants: m64n128k16) or 256 (`wgmma_wide`:
-// m64n256k16, 128 accumulators a thread).
+// A stage of a BM × TBN block tile: A's 128 rows × BK, then B's TBN rows × BK, each as core
+// matrices [k / 8][row / 8] of 64 elements (128 bytes): core matrices adjacent in K lie
+// (rows / 8) · 128 bytes apart (LBO for A, Shape::B_LBO for B), adjacent in rows SBO apart. TBN
+// is 128 (the `wgmma` variants: m64n128k16) or 256 (`wgmma_wide`: m64n256k16, 128 accumulators a
+// thread).
 template <int TBN>
 struct Shape {
     static_assert(TBN == 128 || TBN == 256, "m64n128k16 or m64n256k16");
     static constexpr int A_OPERAND = BM * BK, B_OPERAND = TBN * BK, STAGE = A_OPERAND + B_OPERAND;
     static constexpr int SHARED_BYTES = STAGES * STAGE * 2;  // dynamic (opted into)
-    static constexpr int FRAG_N = TBN / 8;
     static constexpr unsigned B_LBO = (TBN / 8) * 128;  // B's core matrices adjacent in K
 };
-constexpr int OPERAND = BM * BK;  // elements of A's tile in a stage (and B's, when TBN = 128)
 constexpr int SHARED_BYTES = Shape<128>::SHARED_BYTES;  // 64 KiB
 static_assert(SHARED_BYTES == 64 * 1024, "src/kernels/gemm.rs `Variant::dynamic_shared_bytes`");
 static_assert(Shape<256>::SHARED_BYTES == 96 * 1024, "src/kernels/gemm.rs `Variant::dynamic_shared_bytes`");
@@ -89,9 +88,10 @@ __device__ __forceinline__ void load_operand(T* tile, const T* __restrict__ X, i
 
 // acc = op(A) · op(B) over k ∈ [k_begin, k_end) (a split-K range; k_begin a multiple of BK) for
 // the 128×TBN block tile at (m0, n0): A stored (M, K), or (K, M) when TA; B stored (K, N), or
-// (N, K) when TB. `stages` is the pipeline's dynamic shared memory (Shape<TBN>::SHARED_BYTES). Every thread
-// of the block (THREADS) calls it; on return this thread's copies and its warpgroup's wgmma have
-// completed (the other warpgroup's may still read the stages: a barrier before reusing them).
+// (N, K) when TB. `stages` is the pipeline's dynamic shared memory (Shape<TBN>::SHARED_BYTES).
+// Every thread of the block (THREADS) calls it; on return this thread's copies and its
+// warpgroup's wgmma have completed (the other warpgroup's may still read the stages: a barrier
+// before reusing them).
 template <typename T, bool TA, bool TB, int TBN = BN>
 __device__ __forceinline__ void mainloop(float (&acc)[1][TBN / 8][4], T* stages, const T* __restrict__ A,
                                          const T* __restrict__ B, int M, int N, int K, int m0, int n0, int k_begin,
@@ -224,6 +224,8 @@ __device__ __forceinline__ void tile_axpby(T* stages, const T* __restrict__ A, c
                                            float alpha, float beta, int chunk) {
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
     float acc[1][TBN / 8][4];
+    // With one block an SM (the wide tile) nothing else hides the epilogue's wait on out.
+    if (gridDim.z == 1 && beta != 0.0f) mma_tile::prefetch_tile<T, BM, TBN, THREADS>(out, M, N, m0, n0);
     mainloop<T, TA, TB, TBN>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)
         mma_tile::store_partial<LayoutN<TBN>>(acc, work, M, N, m0, n0);

@@ -347,6 +347,7 @@ pub(crate) mod entries {
             lc_run_selftest_mma_f16,
             lc_run_selftest_ldmatrix,
             lc_run_selftest_cp_async,
+            lc_run_selftest_prefetch,
             lc_run_selftest_grid_sync,
         );
     }

@@ -294,6 +294,9 @@ void ldmatrix(int count, bool trans, uint32_t* r, const void* row_address);
 void cp_async(void* dst, const void* src, int bytes, const char* instruction);
 void cp_async_commit();                 // cp.async.commit_group
 void cp_async_wait(int pending_groups);  // cp.async.wait_group N (wait_all: commit, then 0)
+// prefetch.global.L2 [p]: a hint, no access. A GPU ignores a bad address; the harness reports an
+// address that no buffer of the launch holds (wrong address arithmetic).
+void prefetch_l2(const void* p);
 
 // ---- warpgroup MMA (sm_90a): an emulation of wgmma.mma_async with both operands in shared --
 // memory. cuda/wgmma.cuh wraps these as lc::wgmma_*, inline PTX on a GPU. A warpgroup is 4

@@ -757,6 +757,17 @@ void cp_async(void* dst, const void* src, int bytes, const char* instruction) {
 
 void cp_async_commit() { ++t_async[t_current->tid].committed; }
 
+void prefetch_l2(const void* p) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - g_arena_base >= kArenaBytes) fail_at("prefetch.global.L2", a, "the address is not device (global) memory");
+    const Allocation* alloc = g_owner[(a - g_arena_base) >> kChunkShift].load(std::memory_order_relaxed);
+    bool given = false;
+    for (const LaunchBuffer& b : t_checker.buffers) given |= b.allocation == alloc;
+    if (!alloc || a < alloc->base || a >= alloc->base + alloc->bytes || !given)
+        fail_at("prefetch.global.L2", a,
+                "no buffer of the launch holds the address (a GPU ignores the hint; here it is a wrong address)");
+}
+
 void cp_async_wait(int pending_groups) {
     AsyncState& state = t_async[t_current->tid];
     const LaunchState* l = t_launch;

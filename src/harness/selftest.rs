@@ -410,6 +410,37 @@ fn uninitialised_device_memory_reads_are_caught() {
     );
 }
 
+/// `prefetch.global.L2` records no access (prefetching an element another thread writes is no
+/// race, and an unwritten one no uninitialised read), but an address no buffer of the launch
+/// holds is reported (a GPU would ignore it: wrong address arithmetic, as a tile's rows past M).
+#[test]
+fn prefetches_access_nothing_but_must_point_into_a_buffer() {
+    let k = k!(lc_run_selftest_prefetch);
+    let n = 96;
+    let x = buf(&input(n));
+    let out = buf(&vec![f32::NAN; n]);
+    run(
+        0,
+        &k,
+        one_block(128, 0),
+        &[arg(&x), arg(&out), i32_arg(n as i32), i32_arg(0)],
+    )
+    .unwrap();
+    assert_eq!(out.as_slice(), x.as_slice());
+    fails(
+        run(
+            0,
+            &k,
+            one_block(128, 0),
+            &[arg(&x), arg(&out), i32_arg(n as i32), i32_arg(1)],
+        ),
+        &[
+            "prefetch.global.L2 by thread (0,0,0)",
+            "no buffer of the launch holds the address",
+        ],
+    );
+}
+
 #[test]
 fn pointers_that_are_not_harness_buffers_are_refused() {
     let k = k!(lc_run_selftest_copy);
