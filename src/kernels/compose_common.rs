@@ -366,8 +366,8 @@ pub fn mma_split(tiles: usize, k: usize, sm_count: usize) -> Split {
     split_over_slots(tiles, k, BLOCKS_PER_SM * sm_count.max(1))
 }
 
-/// [`mma_split`] for kernels that fit `slots` blocks on the whole device at once (the GEMM
-/// family's `wgmma_wide`: one an SM).
+/// [`mma_split`] for kernels that fit `slots` blocks on the whole device at once (the
+/// `wgmma_wide` kernels of both families: one an SM).
 pub fn split_over_slots(tiles: usize, k: usize, slots: usize) -> Split {
     let wanted = slots.max(1) / tiles.max(1);
     let splits = wanted.clamp(1, (k / MMA_MIN_CHUNK).max(1));
