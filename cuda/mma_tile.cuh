@@ -186,9 +186,6 @@ __device__ __forceinline__ void mainloop(float (&acc)[Tile<TBM, TWN>::FRAG_M][Ti
     __syncthreads();         // every warp's last ldmatrix is done before the tiles are reused
 }
 
-// Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
-// M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
-// sum_partials, gemm's mma_finish).
 // The old values of the block's ROWS × COLS tile of `out` at (m0, n0) into L2 (one
 // prefetch.global.L2 per 128-byte line of each row in range, NTHREADS threads), issued by an
 // accumulating kernel (beta ≠ 0, not split) before its main loop, so that DRAM delivers them
@@ -203,6 +200,9 @@ __device__ __forceinline__ void prefetch_tile(const T* out, int M, int N, int m0
     }
 }
 
+// Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
+// M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
+// sum_partials, gemm's mma_finish).
 template <class L>
 __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
                                               int M, int N, int m0, int n0) {

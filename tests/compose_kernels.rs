@@ -81,16 +81,21 @@ struct Prepared<T> {
     u: Vec<T>,
 }
 
-fn prepare<T: Element>(case: &Case, seed: u64) -> Prepared<T> {
-    let m = &case.modules;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let shape = Shape {
+/// The kernels' view of a case's dimensions.
+fn shape_of(case: &Case) -> Shape {
+    Shape {
         t: case.t,
         d_in: case.d_in,
         d_out: case.d_out,
         n_samples: case.n_samples,
-        ranks: m.ranks.clone(),
-    };
+        ranks: case.modules.ranks.clone(),
+    }
+}
+
+fn prepare<T: Element>(case: &Case, seed: u64) -> Prepared<T> {
+    let m = &case.modules;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let shape = shape_of(case);
     let (x, a_cat): (Vec<T>, Vec<T>) = (round(&case.x), round(&m.a_cat));
     let u = mirror_u(&shape, &f32s(&x), &f32s(&a_cat))
         .into_iter()
@@ -733,13 +738,7 @@ fn harness_gemv_fixed_cases() {
     let mut modes = std::collections::BTreeSet::new();
     for (i, (train_count, case)) in cases.iter().enumerate() {
         for (sm_count, thread_order) in [(1, 0), (3, 1), (132, 2 + i as u64)] {
-            let shape = Shape {
-                t: case.t,
-                d_in: case.d_in,
-                d_out: case.d_out,
-                n_samples: case.n_samples,
-                ranks: case.modules.ranks.clone(),
-            };
+            let shape = shape_of(case);
             for (step, _) in compose_fwd::launch_config(compose_fwd::Variant::Gemv, &shape, sm_count) {
                 if let compose_fwd::Step::GemvShrink { split, slices } = step {
                     modes.insert(if slices { split.splits.min(2) } else { 0 });
@@ -819,13 +818,7 @@ fn harness_mma_full_tiles_and_ragged_edges() {
             if (i, sm_count) == (6, 132) {
                 // The wide variant's plan for case 6: wide shrink and hidden split 2 and 3 ways
                 // (one 256-column tile, one block an SM), a wide expand.
-                let shape = Shape {
-                    t: case.t,
-                    d_in,
-                    d_out,
-                    n_samples: case.n_samples,
-                    ranks: case.modules.ranks.clone(),
-                };
+                let shape = shape_of(case);
                 let fwd = compose_fwd::launch_config(compose_fwd::Variant::WgmmaWide, &shape, sm_count);
                 let splits_of = |step: &compose_fwd::Step| match *step {
                     compose_fwd::Step::WgmmaShrink { split, wide: true } => Some(("shrink", split.splits)),

@@ -402,7 +402,7 @@ pub(crate) fn mma_step(
 ) -> (usize, Split, LaunchDims) {
     let (tile_rows, split) = mma_plan(t, cols, k, sm_count);
     let dims = LaunchDims {
-        grid: tile_grid(t, cols, tile_rows, split.splits),
+        grid: tile_grid(t, cols, tile_rows, mma_tile::BN, split.splits),
         block: [entry.on_rows(tile_rows).threads(), 1, 1],
         dynamic_shared_bytes: 0,
     };
@@ -494,10 +494,10 @@ fn tensor_core_kernel(
     })
 }
 
-/// Grid over a (T, `cols`) output in tiles of `tile_rows` × 128, `splits` K chunks along z.
-fn tile_grid(t: usize, cols: usize, tile_rows: usize, splits: usize) -> [u32; 3] {
+/// Grid over a (T, `cols`) output in tiles of `tile_rows` × `tile_cols`, `splits` K chunks along z.
+fn tile_grid(t: usize, cols: usize, tile_rows: usize, tile_cols: usize, splits: usize) -> [u32; 3] {
     [
-        u32::try_from(cols.div_ceil(mma_tile::BN)).expect("grid x fits u32"),
+        u32::try_from(cols.div_ceil(tile_cols)).expect("grid x fits u32"),
         u32::try_from(t.div_ceil(tile_rows)).expect("grid y fits u32"),
         u32::try_from(splits).expect("grid z fits u32"),
     ]
@@ -541,23 +541,16 @@ pub fn wgmma_kernel(entry: WgmmaEntry, wide: bool, dtype: DType) -> Result<Kerne
 /// more padded columns than 128×128 ones ([`wide_tiles_fit`]), one block an SM (164–255
 /// registers, 96 KiB), K split to fill one block an SM. Returns whether the step is wide.
 pub(crate) fn wgmma_step(t: usize, cols: usize, k: usize, sm_count: usize, wide: bool) -> (Split, LaunchDims, bool) {
-    use super::gemm::mma_tile as g;
+    use super::gemm::{mma_tile::THREADS_WGMMA, Variant as Gemm};
+    // The GEMM family's variant of the same tile holds its shape, blocks an SM and shared memory.
     let wide = wide && wide_tiles_fit(cols);
-    let (bn, per_sm, shared) = if wide {
-        (g::BN_WIDE as usize, 1, g::WGMMA_WIDE_SHARED_BYTES)
-    } else {
-        (mma_tile::BN, BLOCKS_PER_SM, g::WGMMA_SHARED_BYTES)
-    };
-    let tiles = t.div_ceil(mma_tile::BM) * cols.div_ceil(bn);
-    let split = split_over_slots(tiles, k, per_sm * sm_count.max(1));
+    let tile = if wide { Gemm::WgmmaWide } else { Gemm::Wgmma };
+    let split = tile.split_k(t, cols, k, sm_count);
+    let (bm, bn) = tile.block_tile();
     let dims = LaunchDims {
-        grid: [
-            u32::try_from(cols.div_ceil(bn)).expect("grid x fits u32"),
-            u32::try_from(t.div_ceil(mma_tile::BM)).expect("grid y fits u32"),
-            u32::try_from(split.splits).expect("grid z fits u32"),
-        ],
-        block: [g::THREADS_WGMMA, 1, 1],
-        dynamic_shared_bytes: shared,
+        grid: tile_grid(t, cols, bm as usize, bn as usize, split.splits),
+        block: [THREADS_WGMMA, 1, 1],
+        dynamic_shared_bytes: tile.dynamic_shared_bytes(),
     };
     dims.assert_valid(0);
     (split, dims, wide)

@@ -136,6 +136,15 @@ impl Variant {
         }
     }
 
+    /// [`mma_split`] over an m × n output with inner dimension k: the variant's tiles
+    /// ([`Variant::block_tile`]) against its [`Variant::blocks_per_sm`] slots on `sm_count` SMs.
+    /// The composition's `wgmma` steps plan with it too.
+    pub fn split_k(self, m: usize, n: usize, k: usize, sm_count: usize) -> super::compose_common::Split {
+        let (bm, bn) = self.block_tile();
+        let tiles = m.div_ceil(bm as usize) * n.div_ceil(bn as usize);
+        super::compose_common::split_over_slots(tiles, k, self.blocks_per_sm() * sm_count.max(1))
+    }
+
     /// Whether `backend` can run the variant's kernels ([`Variant::needs_sm90a`]): tests and
     /// benches skip it, saying so, where it cannot.
     pub fn runs_on<B: Backend>(self, backend: &B) -> bool {
@@ -368,9 +377,7 @@ fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)>
 /// each chunk's f32 partial to a workspace of splits × m × n that [`launch`] allocates per call,
 /// and the finish kernel forms `C = alpha·Σ + beta·C`, the splits added in order.
 pub fn mma_split(variant: Variant, shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
-    let (bm, bn) = variant.block_tile();
-    let tiles = shape.m.div_ceil(bm as usize) * shape.n.div_ceil(bn as usize);
-    super::compose_common::split_over_slots(tiles, shape.k, variant.blocks_per_sm() * sm_count.max(1))
+    variant.split_k(shape.m, shape.n, shape.k, sm_count)
 }
 
 fn check_shape<T: Element, B: Backend>(
