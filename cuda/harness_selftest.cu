@@ -302,3 +302,37 @@ extern "C" __global__ void selftest_grid_sync(const float* in, float* partial, f
     }
     out[(size_t)b * n + t] = sum;
 }
+
+// The last block sums the blocks' partial sums (the "last block" reduction of CUDA's
+// threadFenceReduction sample): each block of n threads sums in[b·n .. b·n + n) into partial[b];
+// thread 0 releases it (__threadfence, then atomicAdd on the ticket) and the block that draws the
+// last ticket acquires (__threadfence after its atomicAdd), after which its thread n − 1 adds the
+// partials in block order into total[0] and thread 0 resets the ticket with atomicExch. `mode`
+// breaks one step: 1 drops the release fence, 2 the acquire fence, 3 writes the partial after the
+// release fence.
+extern "C" __global__ void selftest_last_block(const float* in, float* partial, unsigned* ticket, float* total,
+                                               int mode) {
+    SHARED(float, values, [256]);
+    SHARED(int, is_last, [1]);
+    const int n = blockDim.x, b = blockIdx.x, t = threadIdx.x;
+    values[t] = in[(size_t)b * n + t];
+    __syncthreads();
+    if (t == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < n; ++i) sum += values[i];
+        if (mode != 3) partial[b] = sum;
+        if (mode != 1) __threadfence();
+        if (mode == 3) partial[b] = sum;
+        const unsigned drawn = atomicAdd(ticket, 1u);
+        is_last[0] = drawn == gridDim.x - 1;
+        if (is_last[0] && mode != 2) __threadfence();
+    }
+    __syncthreads();
+    if (!is_last[0]) return;
+    if (t == n - 1) {
+        float sum = 0.0f;
+        for (unsigned o = 0; o < gridDim.x; ++o) sum += partial[o];
+        total[0] = sum;
+    }
+    if (t == 0) atomicExch(ticket, 0u);
+}

@@ -349,6 +349,7 @@ pub(crate) mod entries {
             lc_run_selftest_cp_async,
             lc_run_selftest_prefetch,
             lc_run_selftest_grid_sync,
+            lc_run_selftest_last_block,
         );
     }
     /// The wgmma emulation's test kernels live in `cuda/gemm_wgmma.cu` (built for compute_90a).

@@ -206,7 +206,11 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     ::lc_harness::yield_to_scheduler(::lc_harness::Wait::WarpSync, mask);
 }
 inline void __threadfence_block() {}
-inline void __threadfence() {}
+// A device-scope fence (memcheck.cpp): with the atomics, the harness's model of ordering between
+// blocks. The thread's accesses so far (and what a __syncthreads ordered before them) are
+// released by its next atomics on device memory; what its atomics since its last fence read
+// (the releases of other blocks on those addresses) is acquired from here on.
+void __threadfence();
 
 // ---- warp shuffles and votes --------------------------------------------------------------
 namespace lc_harness {

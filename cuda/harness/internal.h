@@ -43,6 +43,9 @@ void memcheck_end_launch();
 bool memcheck_pending_ok();
 // Poisons the static and dynamic shared memory and forgets who wrote it (a new block).
 bool shared_begin_block(size_t dynamic_bytes);
+// A __syncthreads was released: what each thread acquired from other blocks (a fence after an
+// atomic) now holds for every thread of the block.
+void memcheck_block_barrier();
 // A block of a cooperative launch set aside at a grid barrier: its shared memory (static and
 // dynamic, contents and shadow) and its threads' cp.async and wgmma state, saved; resumed (and
 // freed) before the block runs on; discarded (null: nothing) when the launch ends early.

@@ -18,9 +18,11 @@
 // last write and the two most recent distinct readers (block, thread, epoch, atomic), valid for
 // one launch (device memory) or one block run (shared memory). An access by thread B conflicts
 // with a recorded access by thread A when one of them writes, not both are atomic, and A's
-// access is not ordered before B's: different blocks are never ordered; in one block, A's access
-// is ordered if A passed a __syncthreads since (barrier_epoch), or if A is in B's warp and B has
-// since synchronised with A through a warp sync / _sync intrinsic (B's vector clock).
+// access is not ordered before B's. In one block, A's access is ordered if A passed a
+// __syncthreads since (barrier_epoch), or if A is in B's warp and B has since synchronised with A
+// through a warp sync / _sync intrinsic (B's vector clock). Blocks are ordered only by a release
+// that the other block acquires (ordering between blocks, below), or by a cooperative launch's
+// grid barrier (a new stamp).
 #include "internal.h"
 
 #include <sys/mman.h>
@@ -29,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 
 namespace lc_harness {
@@ -373,8 +376,11 @@ const char* verb(Kind k) { return k == Kind::Read ? "read" : k == Kind::Write ? 
 
 [[noreturn]] void report_race(const std::string& where, const std::string& earlier, bool other_block, bool same_warp,
                               Kind kind, const Access& me) {
-    const char* why = other_block ? (t_launch && t_launch->cooperative ? "no grid barrier orders them"
-                                                                       : "blocks of one launch never synchronise")
+    const char* why = other_block ? (t_launch && t_launch->cooperative
+                                         ? "no grid barrier or release/acquire orders them"
+                                         : "no release/acquire orders them: blocks of one launch synchronise only "
+                                           "through __threadfence then an atomic, read by an atomic then "
+                                           "__threadfence")
                       : same_warp ? "no __syncthreads, __syncwarp or _sync intrinsic orders them"
                                   : "no __syncthreads orders them";
     fail(std::string("data race on ") + where + ": " + earlier + ", then " + verb(kind) + " by " + who(me) + " (" +
@@ -388,9 +394,79 @@ const char* verb(Kind k) { return k == Kind::Read ? "read" : k == Kind::Write ? 
                 earlier.tid / 32 == me.tid / 32, kind, me);
 }
 
+// ---- ordering between blocks: __threadfence and atomics -------------------------------------
+// The PTX memory model's release and acquire patterns at device scope, as CUDA code writes them:
+// a thread releases with __threadfence() then an atomic on device memory; a thread of another
+// block that reads that atomic's value with its own atomic on the same address acquires with a
+// __threadfence() after it. Everything the releasing block did before the fence (its thread's
+// accesses, and its other threads' accesses before the last __syncthreads or warp sync the
+// releasing thread passed) is then ordered before what the acquiring thread does after its fence,
+// and before what every thread of its block does after the next __syncthreads. Releases are
+// cumulative (what the releasing block had acquired travels with it), and a location's releases
+// accumulate (an atomic read-modify-write extends the release sequence: the block that draws the
+// last ticket acquires every earlier block's release). A fence starts a new epoch for its thread,
+// so an access between the fence and the releasing atomic is not released.
+// Not modelled: spin-waits on a flag (blocks run one after another here: a wait on a block that
+// has not run would never end), acquire through a warp sync, and fences of block scope.
+//
+// A cut of one block's history: the accesses of thread t with epoch <= upto[t].
+struct Cut {
+    std::vector<uint32_t> upto;
+};
+// What happened before, in other blocks: a cut per block.
+using Knowledge = std::map<uint32_t, std::shared_ptr<const Cut>>;
+
+void join(Knowledge& into, const Knowledge& from) {
+    for (const auto& entry : from) {
+        auto it = into.find(entry.first);
+        if (it == into.end()) {
+            into.emplace(entry.first, entry.second);
+        } else if (it->second != entry.second) {
+            auto merged = std::make_shared<Cut>(*it->second);
+            const std::vector<uint32_t>& other = entry.second->upto;
+            for (size_t t = 0; t < merged->upto.size() && t < other.size(); ++t)
+                merged->upto[t] = std::max(merged->upto[t], other[t]);
+            it->second = std::move(merged);
+        }
+    }
+}
+
+// Per thread of the running block (reset at every block start and resume).
+struct BlockSync {
+    Knowledge block_known;               // acquired by some thread, then a __syncthreads
+    std::vector<Knowledge> thread_known;  // acquired by thread t, until the next __syncthreads
+    std::vector<Knowledge> atomic_seen;   // releases thread t's atomics read since its last fence
+    std::vector<std::shared_ptr<const Knowledge>> release;  // taken at thread t's last fence
+};
+thread_local BlockSync t_sync;
+__thread bool t_sync_known = false;  // some thread of the running block knows a cut: look
+// Per launch and grid-barrier interval (the stamp): the releases each atomic address carries.
+struct SyncLocations {
+    uint32_t stamp = 0;
+    std::map<uintptr_t, Knowledge> at;
+};
+thread_local SyncLocations t_sync_at;
+
+void sync_begin_block(size_t threads) {
+    t_sync.block_known.clear();
+    t_sync.thread_known.assign(threads, {});
+    t_sync.atomic_seen.assign(threads, {});
+    t_sync.release.assign(threads, nullptr);
+    t_sync_known = false;
+}
+
+// Is `x`, an access by another block, ordered before the current thread's access `me`?
+bool acquired(const Access& x, const Access& me) {
+    auto covers = [&](const Knowledge& k) {
+        auto it = k.find(x.block);
+        return it != k.end() && x.tid < it->second->upto.size() && x.epoch <= it->second->upto[x.tid];
+    };
+    return covers(t_sync.block_known) || covers(t_sync.thread_known[me.tid]);
+}
+
 // Is `x` (an earlier access of this launch) ordered before the current thread's access?
 inline bool ordered(const LaunchState& l, const Access& x, const Access& me) {
-    if (x.block != me.block) return false;
+    if (x.block != me.block) return t_sync_known && acquired(x, me);
     if (x.tid == me.tid) return true;
     if (x.epoch <= l.barrier_epoch[x.tid]) return true;
     const FiberView* f = t_current;
@@ -590,6 +666,59 @@ bool memcheck_pending_ok() {
     return false;
 }
 
+void memcheck_block_barrier() {
+    if (!t_sync_known) return;
+    for (Knowledge& k : t_sync.thread_known) {
+        join(t_sync.block_known, k);
+        k.clear();
+    }
+}
+
+// __threadfence(): acquires what this thread's atomics read since its last fence, then takes
+// the cut its next atomics release (what is ordered before this point, and what this block
+// knows of others), and starts a new epoch.
+void thread_fence() {
+    const LaunchState* l = t_launch;
+    FiberView* f = t_current;
+    if (!l || !f) return;
+    const unsigned tid = f->tid;
+    Knowledge& seen = t_sync.atomic_seen[tid];
+    if (!seen.empty()) {
+        join(t_sync.thread_known[tid], seen);
+        seen.clear();
+        t_sync_known = true;
+    }
+    auto cut = std::make_shared<Cut>();
+    cut->upto = l->barrier_epoch;
+    const size_t base = size_t(f->warp) * 32;
+    for (size_t lane = 0; lane < 32 && base + lane < cut->upto.size(); ++lane)
+        cut->upto[base + lane] = std::max(cut->upto[base + lane], f->vc[lane]);
+    auto release = std::make_shared<Knowledge>(t_sync.block_known);
+    join(*release, t_sync.thread_known[tid]);
+    join(*release, Knowledge{{l->block, cut}});
+    t_sync.release[tid] = std::move(release);
+    ++f->vc[f->lane];
+}
+
+// After an atomic on `p` by the current thread: it reads the releases the address carries and,
+// if the thread has fenced, adds its own.
+void atomic_sync(const void* p) {
+    const LaunchState* l = t_launch;
+    const FiberView* f = t_current;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (!l || !f || a - g_arena_base >= kArenaBytes) return;  // shared-memory atomics: one block
+    SyncLocations& s = t_sync_at;
+    const std::shared_ptr<const Knowledge>& release = t_sync.release[f->tid];
+    if (s.stamp != l->stamp) {
+        s.at.clear();
+        s.stamp = l->stamp;
+    }
+    if (s.at.empty() && !release) return;
+    auto it = s.at.find(a);
+    if (it != s.at.end()) join(t_sync.atomic_seen[f->tid], it->second);
+    if (release) join(s.at[a], *release);
+}
+
 void memcheck_end_launch() {
     t_checker.pending.clear();
     t_pending = false;
@@ -606,6 +735,7 @@ bool shared_begin_block(size_t dynamic_bytes) {
         return false;
     }
     s.dynamic_bytes = dynamic_bytes;
+    sync_begin_block(size_t(t_block_dim.x) * t_block_dim.y * t_block_dim.z);
     t_async.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, AsyncState{});
     t_wgmma.assign(t_block_dim.x * t_block_dim.y * t_block_dim.z, WgmmaState{});
     t_wgmma_issues.assign((t_block_dim.x * t_block_dim.y * t_block_dim.z + 127) / 128, {});
@@ -665,6 +795,9 @@ void shared_resume(SavedShared* saved) {
     t_async.swap(saved->async);
     t_wgmma.swap(saved->wgmma);
     t_wgmma_issues.swap(saved->wgmma_issues);
+    // Past a grid barrier everything before it is ordered (a new stamp): what was acquired before
+    // it no longer matters.
+    sync_begin_block(t_async.size());
     delete saved;
 }
 
@@ -1018,11 +1151,14 @@ void __tsan_read_range(void* p, unsigned long size) { lc_harness::on_access(p, s
 void __tsan_write_range(void* p, unsigned long size) { lc_harness::on_access(p, size, Kind::Write); }
 }
 
+void __threadfence() { lc_harness::thread_fence(); }
+
 // ---- atomics: checked as atomic accesses, then done atomically -----------------------------
 namespace {
 template <class T, class Op>
 T atomic_update(T* address, Op op) {
     lc_harness::on_access(address, sizeof(T), Kind::Atomic);
+    lc_harness::atomic_sync(address);
     T old = __atomic_load_n(address, __ATOMIC_RELAXED);
     while (!__atomic_compare_exchange_n(address, &old, op(old), false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
@@ -1032,6 +1168,7 @@ template <class F>
 F atomic_update_float(F* address, F value, bool exchange) {
     using Bits = typename std::conditional<sizeof(F) == 4, uint32_t, uint64_t>::type;
     lc_harness::on_access(address, sizeof(F), Kind::Atomic);
+    lc_harness::atomic_sync(address);
     Bits* bits = reinterpret_cast<Bits*>(address);
     Bits old = __atomic_load_n(bits, __ATOMIC_RELAXED);
     for (;;) {
@@ -1052,6 +1189,7 @@ F atomic_update_float(F* address, F value, bool exchange) {
     T atomicExch(T* a, T v) { return atomic_update(a, [v](T) { return v; }); }                             \
     T atomicCAS(T* a, T compare, T v) {                                                                    \
         lc_harness::on_access(a, sizeof(T), Kind::Atomic);                                                 \
+        lc_harness::atomic_sync(a);                                                                        \
         T expected = compare;                                                                              \
         __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);           \
         return expected;                                                                                   \

@@ -351,6 +351,7 @@ BlockEnd run_block(Runtime& rt, uint64_t seed, uint64_t block) {
             ++f.view.vc[f.view.lane];
             f.wait = Wait::Running;
         }
+        memcheck_block_barrier();
     }
 }
 

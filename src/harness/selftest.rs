@@ -175,7 +175,11 @@ fn atomic_increments_land_and_plain_ones_are_races() {
             run(seed, &k, grid(blocks, threads, 0), &[arg(&count), i32_arg(1)]).unwrap();
             assert_eq!(count.as_slice()[0], (blocks * threads) as i32);
             let count = buf(&[0i32]);
-            let across = if threads == 1 { "never synchronise" } else { "data race" };
+            let across = if threads == 1 {
+                "no release/acquire orders them"
+            } else {
+                "data race"
+            };
             fails(
                 run(seed, &k, grid(blocks, threads, 0), &[arg(&count), i32_arg(0)]),
                 &["selftest_increments", "data race on `count`[0]", across],
@@ -307,7 +311,7 @@ fn a_block_writing_its_neighbours_tile_is_a_race() {
         run(seed, &k, grid(4, 32, 0), &[arg(&out), i32_arg(0)]).unwrap();
         fails(
             run(seed, &k, grid(4, 32, 0), &[arg(&out), i32_arg(1)]),
-            &["data race on `out`[", "blocks of one launch never synchronise"],
+            &["data race on `out`[", "no release/acquire orders them"],
         );
     }
 }
@@ -633,7 +637,7 @@ fn missing_grid_barriers_and_divergence_are_reported() {
             &[
                 "selftest_grid_sync",
                 "data race on `partial`[",
-                "no grid barrier orders them",
+                "no grid barrier or release/acquire orders them",
             ],
         );
         fails(
@@ -641,7 +645,7 @@ fn missing_grid_barriers_and_divergence_are_reported() {
             &[
                 "selftest_grid_sync",
                 "data race on `partial`[",
-                "no grid barrier orders them",
+                "no grid barrier or release/acquire orders them",
             ],
         );
         fails(
@@ -666,4 +670,47 @@ fn missing_grid_barriers_and_divergence_are_reported() {
         run(0, &k, grid(65, 32, 128), &args),
         &["cooperative launch of 65 blocks", "at most 64"],
     );
+}
+
+/// `selftest_last_block` over `blocks` × `n` threads: the last block to draw a ticket sums the
+/// blocks' partials, ordered by the release (`__threadfence`, atomic) and acquire (atomic,
+/// `__threadfence`) between blocks; each broken step is reported.
+fn last_block(seed: u64, x: &HostBuffer<f32>, blocks: usize, n: usize, mode: i32) -> Result<(f32, u32), KernelError> {
+    let k = k!(lc_run_selftest_last_block);
+    let partial = HostBuffer::<f32>::from_slice(&vec![f32::NAN; blocks]).unwrap();
+    let (ticket, total) = (buf(&[0u32]), buf(&[f32::NAN]));
+    let args = [arg(x), arg(&partial), arg(&ticket), arg(&total), i32_arg(mode)];
+    run(seed, &k, grid(blocks as u32, n as u32, 0), &args)?;
+    Ok((total.as_slice()[0], ticket.as_slice()[0]))
+}
+
+#[test]
+fn the_last_block_acquires_what_the_others_released() {
+    for (blocks, n) in [(5usize, 64usize), (9, 33), (2, 256), (1, 32), (3, 1)] {
+        let x = input(blocks * n);
+        let x_buf = buf(&x);
+        // The partials in block order, each a sum over its block's elements in thread order.
+        let want = (0..blocks)
+            .map(|b| x[b * n..(b + 1) * n].iter().fold(0.0f32, |s, &v| s + v))
+            .fold(0.0f32, |s, p| s + p);
+        for seed in SEEDS {
+            let (total, ticket) =
+                last_block(seed, &x_buf, blocks, n, 0).unwrap_or_else(|e| panic!("{blocks}×{n}, seed {seed}: {e}"));
+            assert_eq!(total, want, "{blocks}×{n}, seed {seed}");
+            assert_eq!(ticket, 0, "the last block resets the ticket");
+        }
+    }
+    let (blocks, n) = (4usize, 64usize);
+    let x = buf(&input(blocks * n));
+    for seed in SEEDS {
+        let race = [
+            "selftest_last_block",
+            "data race on `partial`[",
+            "no release/acquire orders them",
+        ];
+        // No release fence; no acquire fence; the partial written after the fence.
+        for mode in [1, 2, 3] {
+            fails(last_block(seed, &x, blocks, n, mode).map(drop), &race);
+        }
+    }
 }
