@@ -163,6 +163,62 @@ __device__ __forceinline__ float sum_splits(const float* __restrict__ work, int 
     return sum;
 }
 
+// Split-K without a reduce launch: once every thread of a block of a split grid (gridDim.z > 1)
+// has stored its partial tile, whether the block is the last of its tile's splits to finish —
+// the one that then sums them. Thread 0 releases the block's partial (a device-scope fence, then
+// atomicAdd on the tile's ticket); the block that draws the last ticket acquires the other
+// splits' partials (a fence after its atomic) and resets the ticket for the next launch; a
+// barrier hands the answer, and the acquire, to every thread. `ticket` is zero when the tile's
+// first split arrives (src/launch.rs `Backend::tickets`: zeroed once, left zero by every launch);
+// `flag` is one int of shared memory the block does not otherwise touch until it returns.
+// Arrival order decides only which block sums, never the order of the sum.
+__device__ __forceinline__ bool last_split(unsigned* ticket, int* flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const bool last = atomicAdd(ticket, 1u) == gridDim.z - 1;
+        if (last) {
+            __threadfence();
+            atomicExch(ticket, 0u);
+        }
+        *flag = last;
+    }
+    __syncthreads();
+    return *flag != 0;
+}
+
+// One element (t, j) of the composition's shrink from split-K partials work[z][t][j - j0]
+// (splits × n_tokens × width f32), summed in split order: U (null skips it) = u, Z = u · D[t, j],
+// each rounded once. compose_fwd's shrink_reduce, and the tensor-core shrinks' last split.
+template <typename T>
+__device__ __forceinline__ void finish_shrink(const float* __restrict__ work, int splits, const float* __restrict__ C,
+                                              const int* __restrict__ sample_of, const int* __restrict__ module_of,
+                                              const float* __restrict__ col_scale, T* __restrict__ U,
+                                              T* __restrict__ Z, int n_tokens, int R, int n_modules, int width, int j0,
+                                              int t, int j) {
+    const float u = sum_splits(work, splits, (size_t)n_tokens * width, (size_t)t * width + (j - j0));
+    if (U) U[(size_t)t * R + j] = from_f32<T>(u);
+    Z[(size_t)t * R + j] = from_f32<T>(u * diag(C, n_modules, module_of, col_scale, sample_of[t], j));
+}
+
+// The last split's finish of a rows × cols shrink tile at (m0, n0) of the (n_tokens, R) output,
+// from partials of width R (the tensor-core shrinks' mma_tile::store_partial): a block-strided
+// loop, consecutive threads on consecutive columns.
+template <typename T>
+__device__ __forceinline__ void finish_shrink_tile(const float* __restrict__ work, const float* __restrict__ C,
+                                                   const int* __restrict__ sample_of,
+                                                   const int* __restrict__ module_of,
+                                                   const float* __restrict__ col_scale, T* __restrict__ U,
+                                                   T* __restrict__ Z, int n_tokens, int R, int n_modules, int m0,
+                                                   int n0, int rows, int cols) {
+    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+        const int t = m0 + e / cols, j = n0 + e % cols;
+        if (t < n_tokens && j < R)
+            finish_shrink<T>(work, gridDim.z, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, R, 0, t,
+                             j);
+    }
+}
+
 // Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one
 // split, out += acc (rounded once); with several, block z stores acc to work[z][row][col] for
 // sum_partials. Thread layout as in tile_mainloop.

@@ -76,18 +76,22 @@ struct Epilogue {
 // Split K: block z of a grid with gridDim.z = splits > 1 covers k ∈ [z·chunk, (z + 1)·chunk) and
 // writes its partial tile, f32 and unrounded, to work[z] (mma_tile::store_partial: splits × T ×
 // R for the shrink and hidden, × d_out or d_in for the expand and ∂X) in place of the outputs;
-// compose_fwd's shrink_reduce or sum_partials adds the partials in split order and finishes. The
+// the shrink's last split of each tile finishes it (below), compose_fwd's sum_partials adds the
+// others' in split order. The
 // plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles alone leave SMs
 // idle (small T, or R = 128 at T = 4096).
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS). U (if given) =
-// X A_catᵀ, Z = U ∘ D; with several splits, partials of X A_catᵀ to `work` (above).
+// X A_catᵀ, Z = U ∘ D; with several splits, partials of X A_catᵀ to `work` (above), and the last
+// split of each tile to finish (its ticket: tickets[blockIdx.y · gridDim.x + blockIdx.x],
+// lc::last_split) sums them in split order and applies the scale — no reduce launch.
 template <typename T, int TBM, int TWN>
 __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const T* __restrict__ A_cat,
                                        const float* __restrict__ C, const int* __restrict__ sample_of,
                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
-                                       T* __restrict__ U, T* __restrict__ Z, float* __restrict__ work, int n_tokens,
-                                       int d_in, int R, int n_modules, int chunk) {
+                                       T* __restrict__ U, T* __restrict__ Z, float* __restrict__ work,
+                                       unsigned* __restrict__ tickets, int n_tokens, int d_in, int R, int n_modules,
+                                       int chunk) {
     using L = Tile<TBM, TWN>;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
     float acc[L::FRAG_M][L::FRAG_N][4];
@@ -95,6 +99,9 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
                                        lc::split_begin(chunk), lc::split_end(chunk, d_in));
     if (gridDim.z > 1) {
         store_partial<Tile<TBM, TWN>>(acc, work, n_tokens, R, m0, n0);
+        if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
+            lc::finish_shrink_tile<T>(work, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0,
+                                      TBM, BN);
         return;
     }
     scale_epilogue<T, L>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0);
@@ -162,7 +169,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
 
 #define COMPOSE_MMA_SHRINK(T, TBM, TWN)                                                                     \
     compose_mma::shrink<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), X, A_cat, C, sample_of, module_of, \
-                                     col_scale, U, Z, work, n_tokens, d_in, R, n_modules, chunk)
+                                     col_scale, U, Z, work, tickets, n_tokens, d_in, R, n_modules, chunk)
 #define COMPOSE_MMA_EXPAND(T, TBM, TWN)                                                                         \
     compose_mma::accumulate<T, true, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), Z, B_cat, Y, work, n_tokens, \
                                                d_out, R, chunk)
@@ -176,7 +183,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
 #define COMPOSE_MMA_ENTRIES(suffix, T)                                                                         \
     COMPOSE_MMA_TWINS(shrink, suffix, T, COMPOSE_MMA_SHRINK, const T* X, const T* A_cat, const float* C,       \
                       const int* sample_of, const int* module_of, const float* col_scale, T* U, T* Z,          \
-                      float* work, int n_tokens, int d_in, int R, int n_modules, int chunk)                    \
+                      float* work, unsigned* tickets, int n_tokens, int d_in, int R, int n_modules, int chunk) \
     COMPOSE_MMA_TWINS(expand, suffix, T, COMPOSE_MMA_EXPAND, const T* Z, const T* B_cat, T* Y, float* work,    \
                       int n_tokens, int R, int d_out, int chunk)                                               \
     COMPOSE_MMA_TWINS(hidden, suffix, T, COMPOSE_MMA_HIDDEN, const T* G, const T* B_cat, const T* U,           \

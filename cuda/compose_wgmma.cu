@@ -11,8 +11,8 @@
 // a 4-stage cp.async pipeline in 64 KiB of dynamic shared memory. Where the tiles leave SMs
 // idle the plan splits K along gridDim.z (src/kernels/compose_common.rs `wgmma_step`): block z
 // covers k ∈ [z·chunk, (z + 1)·chunk) and writes its f32 partial tile to work[z]
-// (mma_tile::store_partial), which compose_fwd's shrink_reduce / sum_partials finish in split
-// order. The backward, given G = ∂L/∂Y, likewise:
+// (mma_tile::store_partial); the shrink's last split of each tile sums them in split order and
+// finishes it (lc::last_split, as compose_mma's), compose_fwd's sum_partials the others'. The backward, given G = ∂L/∂Y, likewise:
 //     H  = G B_cat           (T, R)      never stored; ∂U = H ∘ D and the fused ∂C in the epilogue
 //                                        (mma_tile::hidden_epilogue, the mma variant's)
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
@@ -31,16 +31,19 @@ template <typename T, int TBN>
 __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restrict__ A_cat, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, T* __restrict__ U, T* __restrict__ Z,
-                                       float* __restrict__ work, int n_tokens, int d_in, int R, int n_modules,
-                                       int chunk) {
+                                       float* __restrict__ work, unsigned* __restrict__ tickets, int n_tokens,
+                                       int d_in, int R, int n_modules, int chunk) {
     EXTERN_SHARED(T, stages);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
     float acc[1][TBN / 8][4];
     mainloop<T, false, true, TBN>(acc, stages, X, A_cat, n_tokens, R, d_in, m0, n0, lc::split_begin(chunk),
                                   lc::split_end(chunk, d_in));
-    if (gridDim.z > 1)
+    if (gridDim.z > 1) {
         mma_tile::store_partial<LayoutN<TBN>>(acc, work, n_tokens, R, m0, n0);
-    else
+        if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
+            lc::finish_shrink_tile<T>(work, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0,
+                                      BM, TBN);
+    } else
         mma_tile::scale_epilogue<T, LayoutN<TBN>>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules,
                                             m0, n0);
 }
@@ -87,9 +90,9 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_shrink_bf16(const __nv_bfloat16* X, const __nv_bfloat16* A_cat, const float* C, const int* sample_of,
           const int* module_of, const float* col_scale, __nv_bfloat16* U, __nv_bfloat16* Z,
-          float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {
-    compose_wgmma::shrink<__nv_bfloat16, 128>(X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,
-                                          R, n_modules, chunk);
+          float* work, unsigned* tickets, int n_tokens, int d_in, int R, int n_modules, int chunk) {
+    compose_wgmma::shrink<__nv_bfloat16, 128>(X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, tickets,
+                                          n_tokens, d_in, R, n_modules, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,
@@ -114,9 +117,9 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_shrink_bf16(const __nv_bfloat16* X, const __nv_bfloat16* A_cat, const float* C, const int* sample_of,
           const int* module_of, const float* col_scale, __nv_bfloat16* U, __nv_bfloat16* Z,
-          float* work, int n_tokens, int d_in, int R, int n_modules, int chunk) {
-    compose_wgmma::shrink<__nv_bfloat16, 256>(X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, n_tokens, d_in,
-                                          R, n_modules, chunk);
+          float* work, unsigned* tickets, int n_tokens, int d_in, int R, int n_modules, int chunk) {
+    compose_wgmma::shrink<__nv_bfloat16, 256>(X, A_cat, C, sample_of, module_of, col_scale, U, Z, work, tickets,
+                                          n_tokens, d_in, R, n_modules, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,

@@ -101,6 +101,8 @@ pub struct GpuBackend {
     /// Per (kernel, threads, dynamic shared bytes), the co-resident blocks of a cooperative
     /// launch: the driver's occupancy query, made once rather than before every launch.
     co_resident: Mutex<HashMap<(&'static str, u32, u32), usize>>,
+    /// [`Backend::tickets`]: zeroed once, left zero by every kernel that draws from it.
+    tickets: Mutex<Option<GpuBuffer<u32>>>,
     to_device: AtomicU64,
     to_host: AtomicU64,
     copies: AtomicU64,
@@ -177,6 +179,7 @@ impl GpuBackend {
             functions: Mutex::new(HashMap::new()),
             opted_in: Mutex::new(HashMap::new()),
             co_resident: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(None),
             to_device: AtomicU64::new(0),
             to_host: AtomicU64::new(0),
             copies: AtomicU64::new(0),
@@ -375,6 +378,18 @@ impl Backend for GpuBackend {
             )
         }
         .map_err(driver_error("memset"))
+    }
+
+    fn tickets(&self, len: usize) -> Result<KernelArg, KernelError> {
+        let mut pool = self.tickets.lock().expect("ticket pool");
+        if pool.as_ref().is_none_or(|p| p.len < len) {
+            // A plan splits K only where its tiles leave SMs idle: a few hundred tiles at most.
+            let mut fresh = self.alloc::<u32>(len.max(4096))?;
+            self.zero(&mut fresh)?;
+            // The pool it replaces is freed in stream order, after the launches that use it.
+            *pool = Some(fresh);
+        }
+        Ok(self.arg_out(pool.as_mut().expect("the pool was just filled")))
     }
 
     fn view<T: Scalar>(&self, parent: &GpuBuffer<T>, offset: usize, len: usize) -> GpuBuffer<T> {

@@ -60,6 +60,13 @@ thread_local! {
     static TRAFFIC: std::cell::Cell<Traffic> = const { std::cell::Cell::new(Traffic { to_device: 0, to_host: 0, copies: 0 }) };
 }
 
+thread_local! {
+    /// This thread's [`Backend::tickets`], and whether a launch failed since they were last
+    /// checked (a launch ended by an error may leave a ticket drawn).
+    static TICKETS: std::cell::RefCell<Option<HostBuffer<u32>>> = const { std::cell::RefCell::new(None) };
+    static LAUNCH_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn count(to_device: usize, to_host: usize) {
     TRAFFIC.with(|t| {
         let mut now = t.get();
@@ -209,6 +216,31 @@ impl Backend for CpuHarness {
         Ok(())
     }
 
+    fn tickets(&self, len: usize) -> Result<KernelArg, KernelError> {
+        TICKETS.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if let Some(p) = pool.as_mut() {
+                if LAUNCH_FAILED.replace(false) {
+                    self.zero(p)?;
+                } else if let Some((at, &v)) = p.as_slice().iter().enumerate().find(|(_, &v)| v != 0) {
+                    return Err(KernelError::Harness {
+                        kernel: "tickets",
+                        message: format!(
+                            "ticket {at} is {v}: a launch left it drawn (its last block must reset it, \
+                             lc::last_split)"
+                        ),
+                    });
+                }
+            }
+            if pool.as_ref().is_none_or(|p| p.len < len) {
+                let mut fresh = HostBuffer::uninit(len.max(64))?;
+                self.zero(&mut fresh)?;
+                *pool = Some(fresh);
+            }
+            Ok(self.arg_out(pool.as_mut().expect("the pool was just filled")))
+        })
+    }
+
     fn view<T: Scalar>(&self, parent: &HostBuffer<T>, offset: usize, len: usize) -> HostBuffer<T> {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= parent.len),
@@ -278,6 +310,7 @@ impl Backend for CpuHarness {
         if status == 0 {
             return Ok(());
         }
+        LAUNCH_FAILED.set(true);
         // SAFETY: the harness returns a NUL-terminated thread-local string that stays valid
         // until the next launch on this thread; it is copied at once.
         let message = unsafe { CStr::from_ptr(lc_harness_last_error()) }

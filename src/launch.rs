@@ -299,6 +299,14 @@ pub trait Backend {
     fn upload_into<T: Scalar>(&self, buffer: &mut Self::Buffer<T>, host: &[T]) -> Result<(), KernelError>;
     /// Sets every element to zero bits on the device (no host copy).
     fn zero<T: Scalar>(&self, buffer: &mut Self::Buffer<T>) -> Result<(), KernelError>;
+    /// The address of at least `len` u32 tickets, every one zero, that the backend keeps for
+    /// kernels whose last block to finish a tile completes it (split-K without a reduce launch:
+    /// `lc::last_split` in `cuda/common.cuh`): such a kernel draws a tile's ticket with an atomic
+    /// and leaves it zero again. Allocated and zeroed on first use (grown, zeroed, when a launch
+    /// needs more); one pool per backend (per thread on the harness), so launches that use it run
+    /// one after another, in stream order. The harness checks, at each call, that the launches
+    /// before it left every ticket zero.
+    fn tickets(&self, len: usize) -> Result<KernelArg, KernelError>;
     /// Elements `offset..offset + len` of `parent`, sharing its memory. Panics when the range is
     /// not inside `parent`. The harness checks bounds per allocation, as compute-sanitizer does:
     /// a kernel given a view may touch the rest of its allocation unreported.

@@ -588,6 +588,9 @@ impl<B: Backend> Backend for WithSms<'_, B> {
     fn view<T: Scalar>(&self, parent: &Self::Buffer<T>, offset: usize, len: usize) -> Self::Buffer<T> {
         self.inner.view(parent, offset, len)
     }
+    fn tickets(&self, len: usize) -> Result<KernelArg, KernelError> {
+        self.inner.tickets(len)
+    }
     fn traffic(&self) -> Traffic {
         self.inner.traffic()
     }

@@ -65,7 +65,8 @@ pub enum Step {
     },
     /// Tensor cores: `U`, `Z = (X A_catᵀ) ∘ D` over all R columns, in tiles of `tile_rows`
     /// (128 or 64: [`mma_tile_rows`]) × 128; with several splits of d_in ([`mma_split`]) the
-    /// partials go to the workspace and [`Step::ShrinkReduce`] finishes.
+    /// partials go to the workspace and the last split of each tile to finish sums them and
+    /// applies the scale (a ticket a tile from [`Backend::tickets`]; no reduce launch).
     MmaShrink {
         tile_rows: usize,
         split: Split,
@@ -129,11 +130,8 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
         }
         Variant::Mma => {
             let (tile_rows, split, dims) = mma_step(MmaEntry::Shrink, t, r, shape.d_in, sm_count);
+            // Split or not, one launch: the last split of each tile finishes it.
             steps.push((Step::MmaShrink { tile_rows, split }, dims));
-            if split.splits > 1 {
-                let splits = split.splits;
-                steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
-            }
             let (tile_rows, split, dims) = mma_step(MmaEntry::Expand, t, shape.d_out, r, sm_count);
             steps.push((Step::MmaExpand { tile_rows, split }, dims));
             if split.splits > 1 {
@@ -151,10 +149,6 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
                 },
                 dims,
             ));
-            if split.splits > 1 {
-                let splits = split.splits;
-                steps.push((Step::ShrinkReduce { j0: 0, j1: r, splits }, linear_dims(t * r)));
-            }
             let (split, dims, wide) = wgmma_step(t, shape.d_out, r, sm_count, wide);
             steps.push((Step::WgmmaExpand { split, wide }, dims));
             if split.splits > 1 {
@@ -453,13 +447,25 @@ pub fn launch<T: Element, B: Backend>(
             ];
             with_cols_and_chunk(head, cols, split)
         };
+        // The tensor-core shrinks take the tile tickets after the workspace (a null pointer when
+        // K is not split: the kernel then never reads it).
+        let tc_shrink_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+            let tickets = if split.splits > 1 {
+                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?
+            } else {
+                KernelArg::Ptr(0)
+            };
+            let mut args = shrink_args(None, split);
+            args.insert(9, tickets);
+            Ok(args)
+        };
         let expand_args = |cols: Option<(usize, usize)>, split: Split| {
             with_cols_and_chunk(vec![z, b_cat, y, work, i(t), i(r), i(d_out)], cols, split)
         };
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Shrink.on_rows(tile_rows), T::DTYPE)?,
-                shrink_args(None, split),
+                tc_shrink_args(&dims, split)?,
             )),
             Step::MmaExpand { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
@@ -467,7 +473,7 @@ pub fn launch<T: Element, B: Backend>(
             )),
             Step::WgmmaShrink { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Shrink, wide, T::DTYPE)?,
-                shrink_args(None, split),
+                tc_shrink_args(&dims, split)?,
             )),
             Step::WgmmaExpand { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Expand, wide, T::DTYPE)?,
@@ -482,8 +488,9 @@ pub fn launch<T: Element, B: Backend>(
             // ranks and every token's sample was checked on upload; a null U is skipped by the
             // shrink. Output buffers are distinct and mutably borrowed; a split shrink writes
             // splits × T × R f32 partials and a split expand splits × T × d_out, which the
-            // workspace holds (workspace_len) — the shrink's are summed by ShrinkReduce before
-            // the expand's overwrite them, in stream order.
+            // workspace holds (workspace_len) — the shrink's are summed by its own last split of
+            // each tile, before the expand's overwrite them, in stream order; its tickets are
+            // the backend's, one per tile of its grid (`Backend::tickets`).
             unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
         }
@@ -782,7 +789,8 @@ mod tests {
     /// The Hopper variants: 128×128 tiles of 256 threads with 64 KiB of dynamic shared memory
     /// (`wgmma_wide`: 128×256, 96 KiB); at d = 4096, N = 32, T = 4096 the shrink's 128 tiles
     /// split d_in in two (256 blocks on 132 SMs, two an SM; wide: 64 tiles, 128 blocks, one an
-    /// SM) and ShrinkReduce finishes them; the expand's 1,024 tiles (wide: 512) do not split.
+    /// SM) and the last split of each tile finishes it (no reduce launch); the expand's 1,024
+    /// tiles (wide: 512) do not split.
     #[test]
     fn wgmma_plans_128_row_tiles_with_dynamic_shared_memory() {
         let s = shape(4096, 4096, vec![16; 32]);
@@ -797,11 +805,6 @@ mod tests {
                 steps,
                 [
                     Step::WgmmaShrink { split, wide },
-                    Step::ShrinkReduce {
-                        j0: 0,
-                        j1: 512,
-                        splits: 2
-                    },
                     Step::WgmmaExpand {
                         split: Split::none(512),
                         wide
@@ -809,10 +812,9 @@ mod tests {
                 ]
             );
             assert_eq!((plan[0].1.grid, plan[0].1.block), ([tiles_x[0], 32, 2], [256, 1, 1]));
-            assert_eq!(plan[2].1.grid, [tiles_x[1], 32, 1]);
-            for (step, dims) in &plan {
-                let wgmma = matches!(step, Step::WgmmaShrink { .. } | Step::WgmmaExpand { .. });
-                assert_eq!(dims.dynamic_shared_bytes, if wgmma { shared } else { 0 });
+            assert_eq!(plan[1].1.grid, [tiles_x[1], 32, 1]);
+            for (_, dims) in &plan {
+                assert_eq!(dims.dynamic_shared_bytes, shared);
             }
             assert_eq!(workspace_len(variant, &s, HARNESS_SM_COUNT), 2 * 4096 * 512);
             assert!(variant.applies(DType::BF16) && !variant.applies(DType::F32));
@@ -858,7 +860,8 @@ mod tests {
         assert_eq!((plan[1].0, plan[1].1.grid), (expand, [32, 32, 1]));
         assert_eq!(plan[0].1.block, [256, 1, 1]);
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 1);
-        // R = 128 at T = 4096: 64 tiles of 64 rows, d_in in 4 splits of 1024, then the reduce.
+        // R = 128 at T = 4096: 64 tiles of 64 rows, d_in in 4 splits of 1024, finished by each
+        // tile's last split: no reduce launch.
         let s = shape(4096, 4096, vec![16; 8]);
         let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
         let split = Split { chunk: 1024, splits: 4 };
@@ -866,19 +869,12 @@ mod tests {
             (plan[0].0, plan[0].1.grid),
             (Step::MmaShrink { tile_rows: 64, split }, [1, 64, 4])
         );
-        assert_eq!(
-            plan[1].0,
-            Step::ShrinkReduce {
-                j0: 0,
-                j1: 128,
-                splits: 4
-            }
-        );
         let expand = Step::MmaExpand {
             tile_rows: 128,
             split: Split::none(128),
         };
-        assert_eq!(plan[2].0, expand);
+        assert_eq!(plan[1].0, expand);
+        assert_eq!(plan.len(), 2, "{plan:?}");
         assert_eq!(workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT), 4 * 4096 * 128);
         // T = 16, R = 512: 4 tiles; 66 wanted, d_in = 4096 allows 32 of 128.
         let s = shape(16, 4096, vec![16; 32]);
@@ -888,10 +884,11 @@ mod tests {
         // Its expand: 32 tiles of 64 rows, R in 4 splits of 128, added onto Y by SumPartials.
         let split = Split { chunk: 128, splits: 4 };
         assert_eq!(
-            (plan[2].0, plan[2].1.grid),
+            (plan[1].0, plan[1].1.grid),
             (Step::MmaExpand { tile_rows: 64, split }, [32, 1, 4])
         );
-        assert_eq!(plan[3].0, Step::SumPartials { splits: 4 });
+        assert_eq!(plan[2].0, Step::SumPartials { splits: 4 });
+        assert_eq!(plan.len(), 3, "{plan:?}");
         assert_eq!(
             workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT),
             4 * 16 * 4096 // as many as the shrink's 32 × 16 × 512
