@@ -219,6 +219,20 @@ __device__ __forceinline__ void finish_shrink_tile(const float* __restrict__ wor
     }
 }
 
+// The last split's finish of a rows × cols tile at (m0, n0) of a (n_rows, width) output
+// overwritten with the sum of the splits' f32 partials work[z][r][c] (splits × n_rows × width),
+// in split order: compose_fwd's sum_partials (not accumulating) over one tile, block-strided.
+template <typename T>
+__device__ __forceinline__ void finish_sum_tile(const float* __restrict__ work, T* __restrict__ out, int n_rows,
+                                                int width, int m0, int n0, int rows, int cols) {
+    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+        const int r = m0 + e / cols, c = n0 + e % cols;
+        if (r < n_rows && c < width)
+            out[(size_t)r * width + c] =
+                from_f32<T>(sum_splits(work, gridDim.z, (size_t)n_rows * width, (size_t)r * width + c));
+    }
+}
+
 // Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one
 // split, out += acc (rounded once); with several, block z stores acc to work[z][row][col] for
 // sum_partials. Thread layout as in tile_mainloop.

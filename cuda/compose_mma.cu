@@ -129,15 +129,15 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS); K = d_out. H = G B_cat in registers;
 // ∂U (if given) = H ∘ D; ∂C (if given) += the tile's s_j H U, segmented by module and by runs of
 // tokens of one sample. With several splits each block holds the H of its K range: ∂C is linear
-// in H, so each adds its own part; its partial ∂U (H ∘ D, f32) goes to `work` and sum_partials
-// adds them.
+// in H, so each adds its own part; its partial ∂U (H ∘ D, f32) goes to `work`, and the last
+// split of the tile to finish sums them into ∂U (lc::last_split, as the shrink).
 template <typename T, int TBM, int TWN>
 __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const T* __restrict__ B_cat,
                                        const T* __restrict__ U, const float* __restrict__ C,
                                        const int* __restrict__ sample_of, const int* __restrict__ module_of,
                                        const float* __restrict__ col_scale, float* __restrict__ dC,
-                                       T* __restrict__ dU, float* __restrict__ work, int n_tokens, int d_out, int R,
-                                       int n_modules, int chunk) {
+                                       T* __restrict__ dU, float* __restrict__ work, unsigned* __restrict__ tickets,
+                                       int n_tokens, int d_out, int R, int n_modules, int chunk) {
     using L = Tile<TBM, TWN>;
     static_assert(Epilogue<TBM, TWN>::INTS > 0, "the ∂C epilogue's scratch fits the stages");
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
@@ -146,6 +146,9 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                         lc::split_begin(chunk), lc::split_end(chunk, d_out));
     hidden_epilogue<T, L, TBM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of, col_scale, dC, dU,
                                work, n_tokens, R, n_modules, m0, n0);
+    if (gridDim.z > 1 && dU &&
+        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
+        lc::finish_sum_tile<T>(work, dU, n_tokens, R, m0, n0, TBM, BN);
 }
 
 }  // namespace compose_mma
@@ -175,7 +178,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                                d_out, R, chunk)
 #define COMPOSE_MMA_HIDDEN(T, TBM, TWN)                                                                        \
     compose_mma::hidden<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), G, B_cat, U, C, sample_of, module_of, \
-                                     col_scale, dC, dU, work, n_tokens, d_out, R, n_modules, chunk)
+                                     col_scale, dC, dU, work, tickets, n_tokens, d_out, R, n_modules, chunk)
 #define COMPOSE_MMA_DX(T, TBM, TWN)                                                                                \
     compose_mma::accumulate<T, false, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), dU, A_cat, dX, work, n_tokens, \
                                                 d_in, R, chunk)
@@ -188,7 +191,8 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                       int n_tokens, int R, int d_out, int chunk)                                               \
     COMPOSE_MMA_TWINS(hidden, suffix, T, COMPOSE_MMA_HIDDEN, const T* G, const T* B_cat, const T* U,           \
                       const float* C, const int* sample_of, const int* module_of, const float* col_scale,      \
-                      float* dC, T* dU, float* work, int n_tokens, int d_out, int R, int n_modules, int chunk) \
+                      float* dC, T* dU, float* work, unsigned* tickets, int n_tokens, int d_out, int R,        \
+                      int n_modules, int chunk)                                                                \
     COMPOSE_MMA_TWINS(dx, suffix, T, COMPOSE_MMA_DX, const T* dU, const T* A_cat, T* dX, float* work,          \
                       int n_tokens, int R, int d_in, int chunk)
 

@@ -61,13 +61,15 @@ __device__ __forceinline__ void accumulate(const T* __restrict__ A, const T* __r
 // Grid (ceil(R / TBN), ceil(T / 128), splits), block 256, Shape<TBN>::SHARED_BYTES dynamic; K = d_out.
 // H = G B_cat in registers (B_cat stored (d_out, R): MN-major); ∂U (if given) = H ∘ D and ∂C (if
 // given) += the tile's s_j H U, segmented (mma_tile::hidden_epilogue, as the mma variant's:
-// with several splits each adds the ∂C of its K range, and its partial ∂U goes to `work`).
+// with several splits each adds the ∂C of its K range, and its partial ∂U goes to `work`; the
+// tile's last split to finish sums them into ∂U).
 template <typename T, int TBN>
 __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restrict__ B_cat, const T* __restrict__ U,
                                        const float* __restrict__ C, const int* __restrict__ sample_of,
                                        const int* __restrict__ module_of, const float* __restrict__ col_scale,
                                        float* __restrict__ dC, T* __restrict__ dU, float* __restrict__ work,
-                                       int n_tokens, int d_out, int R, int n_modules, int chunk) {
+                                       unsigned* __restrict__ tickets, int n_tokens, int d_out, int R, int n_modules,
+                                       int chunk) {
     // part[64][TBN + 1] f32 and TBN + 128 + 2·TBN + 1 int32 (module ids, samples, segments) in
     // the stages (33.3 KB of 64 KiB; wide: 69.4 KB of 96 KiB).
     static_assert((BM / 2) * (TBN + 1) * 4 + (TBN + BM + 2 * TBN + 1) * 4 <= Shape<TBN>::SHARED_BYTES,
@@ -80,6 +82,9 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
     __syncthreads();  // every warp's wgmma reads of the stages are done before the scratch reuses them
     mma_tile::hidden_epilogue<T, LayoutN<TBN>, BM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of,
                                              col_scale, dC, dU, work, n_tokens, R, n_modules, m0, n0);
+    if (gridDim.z > 1 && dU &&
+        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
+        lc::finish_sum_tile<T>(work, dU, n_tokens, R, m0, n0, BM, TBN);
 }
 
 }  // namespace compose_wgmma
@@ -102,9 +107,9 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_hidden_bf16(const __nv_bfloat16* G, const __nv_bfloat16* B_cat, const __nv_bfloat16* U,
           const float* C, const int* sample_of, const int* module_of, const float* col_scale,
-          float* dC, __nv_bfloat16* dU, float* work, int n_tokens, int d_out, int R, int n_modules,
+          float* dC, __nv_bfloat16* dU, float* work, unsigned* tickets, int n_tokens, int d_out, int R, int n_modules,
           int chunk) {
-    compose_wgmma::hidden<__nv_bfloat16, 128>(G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,
+    compose_wgmma::hidden<__nv_bfloat16, 128>(G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, tickets, n_tokens,
                                           d_out, R, n_modules, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256)
@@ -129,9 +134,9 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_hidden_bf16(const __nv_bfloat16* G, const __nv_bfloat16* B_cat, const __nv_bfloat16* U,
           const float* C, const int* sample_of, const int* module_of, const float* col_scale,
-          float* dC, __nv_bfloat16* dU, float* work, int n_tokens, int d_out, int R, int n_modules,
+          float* dC, __nv_bfloat16* dU, float* work, unsigned* tickets, int n_tokens, int d_out, int R, int n_modules,
           int chunk) {
-    compose_wgmma::hidden<__nv_bfloat16, 256>(G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, n_tokens,
+    compose_wgmma::hidden<__nv_bfloat16, 256>(G, B_cat, U, C, sample_of, module_of, col_scale, dC, dU, work, tickets, n_tokens,
                                           d_out, R, n_modules, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256, 1)

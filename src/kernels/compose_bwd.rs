@@ -119,8 +119,8 @@ pub enum Step {
         /// Rows of the block tile (128 or 64: [`mma_tile_rows`](super::compose_fwd::mma_tile_rows)).
         tile_rows: usize,
         /// d_out in chunks ([`mma_split`](super::compose_fwd::mma_split)): each split adds its
-        /// part of ∂C and writes its ∂U partial to the workspace, which [`Step::SumPartials`]
-        /// finishes.
+        /// part of ∂C and writes its ∂U partial to the workspace, and the last split of each
+        /// tile to finish sums them into ∂U (a ticket a tile from [`Backend::tickets`]).
         split: Split,
     },
     /// Tensor cores: ∂X += ∂U A_cat in tiles of `tile_rows` × 128; with several splits of R the
@@ -223,9 +223,9 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             let (dc, du) = (train.coeffs, want_du);
             let wgmma = variant != Variant::Mma;
             let wide = variant == Variant::WgmmaWide;
-            let (step, split, dims) = if wgmma {
+            let (step, dims) = if wgmma {
                 let (split, dims, wide) = wgmma_step(t, r, d_out, sm_count, wide);
-                (Step::WgmmaHidden { dc, du, split, wide }, split, dims)
+                (Step::WgmmaHidden { dc, du, split, wide }, dims)
             } else {
                 let (tile_rows, split, dims) = mma_step(MmaEntry::Hidden, t, r, d_out, sm_count);
                 let step = Step::MmaHidden {
@@ -234,16 +234,10 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
                     tile_rows,
                     split,
                 };
-                (step, split, dims)
+                (step, dims)
             };
+            // Split or not, one launch: the last split of each tile sums the ∂U partials.
             steps.push((step, dims));
-            if du && split.splits > 1 {
-                let step = Step::SumPartials {
-                    target: Target::DU,
-                    splits: split.splits,
-                };
-                steps.push((step, linear_dims(t * r)));
-            }
             if train.input {
                 let (step, split, dims) = if wgmma {
                     let (split, dims, wide) = wgmma_step(t, d_in, r, sm_count, wide);
@@ -738,6 +732,19 @@ pub fn launch<T: Element, B: Backend>(
             ];
             with_cols_and_chunk(head, cols, split)
         };
+        // The tensor-core H kernels take the tile tickets after the workspace (a null pointer
+        // when K is not split or ∂U is not asked for: the kernel then never reads it).
+        let tc_hidden_args =
+            |want_dc: bool, want_du: bool, dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+                let tickets = if want_du && split.splits > 1 {
+                    backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?
+                } else {
+                    null
+                };
+                let mut args = hidden_args(want_dc, want_du, None, split);
+                args.insert(10, tickets);
+                Ok(args)
+            };
         let dx_args = |cols: Option<(usize, usize)>, split: Split| {
             with_cols_and_chunk(vec![du, a_cat, dx, work, i(t), i(r), i(d_in)], cols, split)
         };
@@ -749,7 +756,7 @@ pub fn launch<T: Element, B: Backend>(
                 split,
             } => Some((
                 mma_kernel(MmaEntry::Hidden.on_rows(tile_rows), T::DTYPE)?,
-                hidden_args(want_dc, want_du, None, split),
+                tc_hidden_args(want_dc, want_du, &dims, split)?,
             )),
             Step::MmaDx { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?,
@@ -762,7 +769,7 @@ pub fn launch<T: Element, B: Backend>(
                 wide,
             } => Some((
                 wgmma_kernel(WgmmaEntry::Hidden, wide, T::DTYPE)?,
-                hidden_args(want_dc, want_du, None, split),
+                tc_hidden_args(want_dc, want_du, &dims, split)?,
             )),
             Step::WgmmaDx { split, wide } => {
                 Some((wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?, dx_args(None, split)))
@@ -774,11 +781,12 @@ pub fn launch<T: Element, B: Backend>(
             // (`COMPOSE_MMA_ENTRIES`). G, B_cat, U, A_cat, ∂C, ∂U, ∂X were checked above against
             // the shape the kernels index; an output is null exactly where `train` does not ask
             // for it (the hidden kernel skips a null ∂C or ∂U; MmaDx is planned only with ∂X,
-            // which implies ∂U, written by the hidden kernel — or, split, by the SumPartials after
-            // it — before it in stream order). A split hidden kernel writes splits × T × R f32
-            // partials of ∂U (only when ∂U is asked for) and a split MmaDx splits × T × d_in,
-            // which the workspace holds (workspace_len); the first are summed before the second
-            // overwrite them, in stream order. Tables come from the same ranks, token samples
+            // which implies ∂U, written by the hidden kernel — split, by the last split of each
+            // tile — before it in stream order). A split hidden kernel writes splits × T × R f32
+            // partials of ∂U (only when ∂U is asked for; the tickets are the backend's, one per
+            // tile) and a split MmaDx splits × T × d_in, which the workspace holds
+            // (workspace_len); the first are summed before the second overwrite them, in stream
+            // order. Tables come from the same ranks, token samples
             // were checked on upload; outputs are distinct and mutably borrowed.
             unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
@@ -1042,8 +1050,9 @@ mod tests {
     };
 
     /// The Hopper variants: `hidden` on 128×128 tiles (R = 512 at T = 4096: 128 tiles, d_out
-    /// split in two, the ∂U partials summed; `wgmma_wide`: 64 tiles of 128×256, one block an SM,
-    /// also two splits), ∂X unsplit (1,024 tiles; wide: 512), then mma's ∂A_cat and ∂B_cat.
+    /// split in two, the ∂U partials summed by each tile's last split; `wgmma_wide`: 64 tiles of
+    /// 128×256, one block an SM, also two splits), ∂X unsplit (1,024 tiles; wide: 512), then
+    /// mma's ∂A_cat and ∂B_cat.
     #[test]
     fn wgmma_backward_plans() {
         let s = shape(4096, 4096, vec![16; 32]);
@@ -1055,7 +1064,7 @@ mod tests {
             let steps: Vec<Step> = plan.iter().map(|(step, _)| *step).collect();
             let split = Split { chunk: 2048, splits: 2 };
             assert_eq!(
-                steps[..3],
+                steps[..2],
                 [
                     Step::WgmmaHidden {
                         dc: true,
@@ -1063,22 +1072,18 @@ mod tests {
                         split,
                         wide
                     },
-                    Step::SumPartials {
-                        target: Target::DU,
-                        splits: 2
-                    },
                     Step::WgmmaDx {
                         split: Split::none(512),
                         wide
                     },
                 ]
             );
-            assert!(matches!(steps[3..], [Step::MmaDa, Step::DbTiled { .. }]), "{steps:?}");
+            assert!(matches!(steps[2..], [Step::MmaDa, Step::DbTiled { .. }]), "{steps:?}");
             assert_eq!(
                 (plan[0].1.grid, plan[0].1.dynamic_shared_bytes),
                 ([tiles_x[0], 32, 2], shared)
             );
-            assert_eq!(plan[2].1.grid, [tiles_x[1], 32, 1]);
+            assert_eq!(plan[1].1.grid, [tiles_x[1], 32, 1]);
             assert_eq!(workspace_len(variant, &s, Train::ALL, HARNESS_SM_COUNT), 2 * 4096 * 512);
         }
     }
@@ -1125,9 +1130,9 @@ mod tests {
         );
         assert!(matches!(all[2..], [Step::MmaDa, Step::DbTiled { .. }]), "{all:?}");
         assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
-        // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256; ∂U from the
-        // partials before ∂X reads it; ∂X on 4 × 32 tiles of 64 rows, R in 2 splits of 256;
-        // ∂C alone needs no workspace.
+        // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256, ∂U summed from the
+        // partials by each tile's last split before ∂X reads it; ∂X on 4 × 32 tiles of 64 rows,
+        // R in 2 splits of 256; ∂C alone needs no workspace.
         let s = shape(256, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT);
         let split = Split { chunk: 256, splits: 16 };
@@ -1141,17 +1146,10 @@ mod tests {
             }
         );
         assert_eq!((plan[0].1.grid, plan[0].1.blocks()), ([4, 4, 16], 256));
-        assert_eq!(
-            plan[1].0,
-            Step::SumPartials {
-                target: Target::DU,
-                splits: 16
-            }
-        );
         let split = Split { chunk: 256, splits: 2 };
-        assert_eq!(plan[2].0, Step::MmaDx { tile_rows: 64, split });
+        assert_eq!(plan[1].0, Step::MmaDx { tile_rows: 64, split });
         assert_eq!(
-            plan[3].0,
+            plan[2].0,
             Step::SumPartials {
                 target: Target::DX,
                 splits: 2
