@@ -219,17 +219,35 @@ __device__ __forceinline__ void finish_shrink_tile(const float* __restrict__ wor
     }
 }
 
-// The last split's finish of a rows × cols tile at (m0, n0) of a (n_rows, width) output
-// overwritten with the sum of the splits' f32 partials work[z][r][c] (splits × n_rows × width),
-// in split order: compose_fwd's sum_partials (not accumulating) over one tile, block-strided.
+// The last split's finish of a rows × cols tile at (m0, n0) of an M × N output:
+// out = alpha · Σ_z work[z] + beta · out (beta = 0: out is not read), the splits' f32 partials
+// (splits × M × N, work[z][r][c]) added in split order, rounded once — what a finishing launch
+// over the whole output computed, per tile. Block-strided, consecutive threads on consecutive
+// columns, in batches of 8 elements a thread whose loads all precede their stores (a store
+// through `out` may alias a later load through it as far as the compiler can tell: one element
+// at a time would wait a memory round trip each).
 template <typename T>
-__device__ __forceinline__ void finish_sum_tile(const float* __restrict__ work, T* __restrict__ out, int n_rows,
-                                                int width, int m0, int n0, int rows, int cols) {
-    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
-        const int r = m0 + e / cols, c = n0 + e % cols;
-        if (r < n_rows && c < width)
-            out[(size_t)r * width + c] =
-                from_f32<T>(sum_splits(work, gridDim.z, (size_t)n_rows * width, (size_t)r * width + c));
+__device__ __forceinline__ void finish_tile(const float* __restrict__ work, T* __restrict__ out, int M, int N, int m0,
+                                            int n0, int rows, int cols, float alpha, float beta) {
+    constexpr int BATCH = 8;
+    const int count = rows * cols, stride = (int)blockDim.x;
+    for (int e0 = (int)threadIdx.x; e0 < count; e0 += BATCH * stride) {
+        float value[BATCH];
+        LC_UNROLL
+        for (int b = 0; b < BATCH; ++b) {
+            const int e = e0 + b * stride, r = m0 + e / cols, c = n0 + e % cols;
+            value[b] = 0.0f;
+            if (e < count && r < M && c < N) {
+                const size_t at = (size_t)r * N + c;
+                const float old = beta != 0.0f ? beta * to_f32(out[at]) : 0.0f;
+                value[b] = alpha * sum_splits(work, gridDim.z, (size_t)M * N, at) + old;
+            }
+        }
+        LC_UNROLL
+        for (int b = 0; b < BATCH; ++b) {
+            const int e = e0 + b * stride, r = m0 + e / cols, c = n0 + e % cols;
+            if (e < count && r < M && c < N) out[(size_t)r * N + c] = from_f32<T>(value[b]);
+        }
     }
 }
 

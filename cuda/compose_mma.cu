@@ -76,8 +76,9 @@ struct Epilogue {
 // Split K: block z of a grid with gridDim.z = splits > 1 covers k ∈ [z·chunk, (z + 1)·chunk) and
 // writes its partial tile, f32 and unrounded, to work[z] (mma_tile::store_partial: splits × T ×
 // R for the shrink and hidden, × d_out or d_in for the expand and ∂X) in place of the outputs;
-// the shrink's last split of each tile finishes it (below), compose_fwd's sum_partials adds the
-// others' in split order. The
+// the last split of each tile to finish sums them in split order and finishes the tile
+// (lc::last_split: a release/acquire on the tile's ticket, src/launch.rs `Backend::tickets`) —
+// no finishing launch. The
 // plan (src/kernels/compose_common.rs `mma_split`) splits only where the tiles alone leave SMs
 // idle (small T, or R = 128 at T = 4096).
 
@@ -109,11 +110,12 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
 
 // Grid (ceil(N / BN), ceil(M / TBM), splits), block (Tile<TBM, TWN>::THREADS). out (M, N) +=
 // A · op(B): the expand (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn,
-// K = R); with several splits of K, partials to `work` and sum_partials adds them onto out.
+// K = R); with several splits of K, partials to `work`, which the tile's last split to finish
+// adds onto out (mma_tile::split_epilogue).
 template <typename T, bool NK, int TBM, int TWN>
 __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, const T* __restrict__ B,
-                                           T* __restrict__ out, float* __restrict__ work, int M, int N, int K,
-                                           int chunk) {
+                                           T* __restrict__ out, float* __restrict__ work, unsigned* __restrict__ tickets,
+                                           int M, int N, int K, int chunk) {
     using L = Tile<TBM, TWN>;
     const int m0 = blockIdx.y * TBM, n0 = blockIdx.x * BN;
     float acc[L::FRAG_M][L::FRAG_N][4];
@@ -121,9 +123,9 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     mainloop<T, false, NK, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, A, B, M, N, K, m0, n0,
                                      lc::split_begin(chunk), lc::split_end(chunk, K));
     if (gridDim.z > 1)
-        store_partial<Tile<TBM, TWN>>(acc, work, M, N, m0, n0);
+        split_epilogue<L, TBM, BN>(acc, work, tickets, reinterpret_cast<int*>(stages), out, M, N, m0, n0, 1.0f, 1.0f);
     else
-        epilogue_axpby<T, Tile<TBM, TWN>>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+        epilogue_axpby<T, L>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS); K = d_out. H = G B_cat in registers;
@@ -148,7 +150,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                work, n_tokens, R, n_modules, m0, n0);
     if (gridDim.z > 1 && dU &&
         lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-        lc::finish_sum_tile<T>(work, dU, n_tokens, R, m0, n0, TBM, BN);
+        lc::finish_tile<T>(work, dU, n_tokens, R, m0, n0, TBM, BN, 1.0f, 0.0f);
 }
 
 }  // namespace compose_mma
@@ -174,27 +176,27 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
     compose_mma::shrink<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), X, A_cat, C, sample_of, module_of, \
                                      col_scale, U, Z, work, tickets, n_tokens, d_in, R, n_modules, chunk)
 #define COMPOSE_MMA_EXPAND(T, TBM, TWN)                                                                         \
-    compose_mma::accumulate<T, true, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), Z, B_cat, Y, work, n_tokens, \
-                                               d_out, R, chunk)
+    compose_mma::accumulate<T, true, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), Z, B_cat, Y, work, tickets, \
+                                               n_tokens, d_out, R, chunk)
 #define COMPOSE_MMA_HIDDEN(T, TBM, TWN)                                                                        \
     compose_mma::hidden<T, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), G, B_cat, U, C, sample_of, module_of, \
                                      col_scale, dC, dU, work, tickets, n_tokens, d_out, R, n_modules, chunk)
 #define COMPOSE_MMA_DX(T, TBM, TWN)                                                                                \
-    compose_mma::accumulate<T, false, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), dU, A_cat, dX, work, n_tokens, \
-                                                d_in, R, chunk)
+    compose_mma::accumulate<T, false, TBM, TWN>(reinterpret_cast<T*>(stage_chunks), dU, A_cat, dX, work, tickets, \
+                                                n_tokens, d_in, R, chunk)
 
 #define COMPOSE_MMA_ENTRIES(suffix, T)                                                                         \
     COMPOSE_MMA_TWINS(shrink, suffix, T, COMPOSE_MMA_SHRINK, const T* X, const T* A_cat, const float* C,       \
                       const int* sample_of, const int* module_of, const float* col_scale, T* U, T* Z,          \
                       float* work, unsigned* tickets, int n_tokens, int d_in, int R, int n_modules, int chunk) \
     COMPOSE_MMA_TWINS(expand, suffix, T, COMPOSE_MMA_EXPAND, const T* Z, const T* B_cat, T* Y, float* work,    \
-                      int n_tokens, int R, int d_out, int chunk)                                               \
+                      unsigned* tickets, int n_tokens, int R, int d_out, int chunk)                            \
     COMPOSE_MMA_TWINS(hidden, suffix, T, COMPOSE_MMA_HIDDEN, const T* G, const T* B_cat, const T* U,           \
                       const float* C, const int* sample_of, const int* module_of, const float* col_scale,      \
                       float* dC, T* dU, float* work, unsigned* tickets, int n_tokens, int d_out, int R,        \
                       int n_modules, int chunk)                                                                \
     COMPOSE_MMA_TWINS(dx, suffix, T, COMPOSE_MMA_DX, const T* dU, const T* A_cat, T* dX, float* work,          \
-                      int n_tokens, int R, int d_in, int chunk)
+                      unsigned* tickets, int n_tokens, int R, int d_in, int chunk)
 
 // Tensor cores take 16-bit inputs: no f32 entry (`Variant::applies` in src/kernels/compose_common.rs).
 COMPOSE_MMA_ENTRIES(bf16, __nv_bfloat16)

@@ -11,8 +11,8 @@
 // a 4-stage cp.async pipeline in 64 KiB of dynamic shared memory. Where the tiles leave SMs
 // idle the plan splits K along gridDim.z (src/kernels/compose_common.rs `wgmma_step`): block z
 // covers k ∈ [z·chunk, (z + 1)·chunk) and writes its f32 partial tile to work[z]
-// (mma_tile::store_partial); the shrink's last split of each tile sums them in split order and
-// finishes it (lc::last_split, as compose_mma's), compose_fwd's sum_partials the others'. The backward, given G = ∂L/∂Y, likewise:
+// (mma_tile::store_partial), and the last split of each tile to finish sums them in split order
+// and finishes the tile (lc::last_split, as compose_mma's): no finishing launch. The backward, given G = ∂L/∂Y, likewise:
 //     H  = G B_cat           (T, R)      never stored; ∂U = H ∘ D and the fused ∂C in the epilogue
 //                                        (mma_tile::hidden_epilogue, the mma variant's)
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
@@ -50,12 +50,14 @@ __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restr
 
 // Grid (ceil(N / TBN), ceil(M / 128), splits), block 256, Shape<TBN>::SHARED_BYTES dynamic. out (M, N) +=
 // A · op(B), A row-major (M, K): the expand (A = Z, B = B_cat stored (N, K): TB, K = R) and ∂X
-// (A = ∂U, B = A_cat stored (K, N), K = R); with several splits of K, partials to `work`.
+// (A = ∂U, B = A_cat stored (K, N), K = R); with several splits of K, partials to `work`, added
+// onto out by each tile's last split.
 template <typename T, bool TB, int TBN>
 __device__ __forceinline__ void accumulate(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ out,
-                                           float* __restrict__ work, int M, int N, int K, int chunk) {
+                                           float* __restrict__ work, unsigned* __restrict__ tickets, int M, int N, int K,
+                                           int chunk) {
     EXTERN_SHARED(T, stages);
-    tile_axpby<T, false, TB, TBN>(stages, A, B, out, work, M, N, K, 1.0f, 1.0f, chunk);
+    tile_axpby<T, false, TB, TBN>(stages, A, B, out, work, tickets, M, N, K, 1.0f, 1.0f, chunk);
 }
 
 // Grid (ceil(R / TBN), ceil(T / 128), splits), block 256, Shape<TBN>::SHARED_BYTES dynamic; K = d_out.
@@ -84,7 +86,7 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
                                              col_scale, dC, dU, work, n_tokens, R, n_modules, m0, n0);
     if (gridDim.z > 1 && dU &&
         lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-        lc::finish_sum_tile<T>(work, dU, n_tokens, R, m0, n0, BM, TBN);
+        lc::finish_tile<T>(work, dU, n_tokens, R, m0, n0, BM, TBN, 1.0f, 0.0f);
 }
 
 }  // namespace compose_wgmma
@@ -101,8 +103,8 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,
-          int n_tokens, int R, int d_out, int chunk) {
-    compose_wgmma::accumulate<__nv_bfloat16, true, 128>(Z, B_cat, Y, work, n_tokens, d_out, R, chunk);
+          unsigned* tickets, int n_tokens, int R, int d_out, int chunk) {
+    compose_wgmma::accumulate<__nv_bfloat16, true, 128>(Z, B_cat, Y, work, tickets, n_tokens, d_out, R, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_hidden_bf16(const __nv_bfloat16* G, const __nv_bfloat16* B_cat, const __nv_bfloat16* U,
@@ -114,8 +116,8 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 extern "C" __global__ void __launch_bounds__(256)
     compose_wgmma_dx_bf16(const __nv_bfloat16* dU, const __nv_bfloat16* A_cat, __nv_bfloat16* dX, float* work,
-          int n_tokens, int R, int d_in, int chunk) {
-    compose_wgmma::accumulate<__nv_bfloat16, false, 128>(dU, A_cat, dX, work, n_tokens, d_in, R, chunk);
+          unsigned* tickets, int n_tokens, int R, int d_in, int chunk) {
+    compose_wgmma::accumulate<__nv_bfloat16, false, 128>(dU, A_cat, dX, work, tickets, n_tokens, d_in, R, chunk);
 }
 
 // The wide tile (`wgmma_wide`).
@@ -128,8 +130,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 }
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_expand_bf16(const __nv_bfloat16* Z, const __nv_bfloat16* B_cat, __nv_bfloat16* Y, float* work,
-          int n_tokens, int R, int d_out, int chunk) {
-    compose_wgmma::accumulate<__nv_bfloat16, true, 256>(Z, B_cat, Y, work, n_tokens, d_out, R, chunk);
+          unsigned* tickets, int n_tokens, int R, int d_out, int chunk) {
+    compose_wgmma::accumulate<__nv_bfloat16, true, 256>(Z, B_cat, Y, work, tickets, n_tokens, d_out, R, chunk);
 }
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_hidden_bf16(const __nv_bfloat16* G, const __nv_bfloat16* B_cat, const __nv_bfloat16* U,
@@ -141,6 +143,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 }
 extern "C" __global__ void __launch_bounds__(256, 1)
     compose_wgmma_wide_dx_bf16(const __nv_bfloat16* dU, const __nv_bfloat16* A_cat, __nv_bfloat16* dX, float* work,
-          int n_tokens, int R, int d_in, int chunk) {
-    compose_wgmma::accumulate<__nv_bfloat16, false, 256>(dU, A_cat, dX, work, n_tokens, d_in, R, chunk);
+          unsigned* tickets, int n_tokens, int R, int d_in, int chunk) {
+    compose_wgmma::accumulate<__nv_bfloat16, false, 256>(dU, A_cat, dX, work, tickets, n_tokens, d_in, R, chunk);
 }

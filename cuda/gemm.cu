@@ -26,12 +26,12 @@
 //                in range and 16-byte aligned are copied by cp.async; the others (ragged M, N, K
 //                edges, rows not 16-byte aligned) element by element, zeros past the edges.
 //                Where the tiles leave SMs idle (decode: M = 16), the Rust side splits K across
-//                gridDim.z (gemm_mma_split_*: f32 partials to a workspace) and gemm_mma_finish_*
-//                forms C from them in split order.
+//                gridDim.z (gemm_mma_split_*: f32 partials to a workspace), and the last split
+//                of each tile to finish forms C from them in split order (lc::last_split).
 //   5. mma_w64   the same tile, pipeline and split-K with 4 warps (2 x 2, 64x64 each, 4x8 mma
 //                tiles): 8 ldmatrix.x4 per 32 mma a warp and k16 step instead of 6 per 16, so a
 //                third less shared-memory traffic per FLOP, at 4 warps a block (gemm_mma_w64_*,
-//                gemm_mma_w64_split_*; the split finish is gemm_mma_finish_*).
+//                gemm_mma_w64_split_*, finished the same way).
 #include "mma_tile.cuh"
 
 namespace gemm {
@@ -135,20 +135,23 @@ namespace mma {
 using namespace mma_tile;
 
 // C = alpha·acc + beta·C over the block's tile; or, split (gridDim.z > 1), the partial of K
-// range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), which `mma_finish` adds.
-// TWN: the warps' width (32 for `mma`, 64 for `mma_w64`).
-template <typename T, bool TA, bool TB, int TWN>
+// range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), and the tile's last split to
+// finish forms C from them in split order (mma_tile::split_epilogue).
+// TWN: the warps' width (32 for `mma`, 64 for `mma_w64`). SPLIT: the split-K kernel's epilogue
+// (a compile-time choice: the whole-K kernel carries no split-K code, nor the split kernel the
+// unsplit epilogue — each would otherwise pay the other's registers).
+template <typename T, bool TA, bool TB, int TWN, bool SPLIT>
 __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict__ A, const T* __restrict__ B,
-                                     T* __restrict__ C, float* __restrict__ work, int M, int N, int K, float alpha,
-                                     float beta, int chunk) {
+                                     T* __restrict__ C, float* __restrict__ work, unsigned* __restrict__ tickets,
+                                     int M, int N, int K, float alpha, float beta, int chunk) {
     using L = Tile<BM, TWN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     float acc[L::FRAG_M][L::FRAG_N][4];
-    if (gridDim.z == 1 && beta != 0.0f) prefetch_tile<T, BM, BN, L::THREADS>(C, M, N, m0, n0);
+    if (!SPLIT && beta != 0.0f) prefetch_tile<T, BM, BN, L::THREADS>(C, M, N, m0, n0);
     mainloop<T, TA, TB, BM, TWN>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0, lc::split_begin(chunk),
                                  lc::split_end(chunk, K));
-    if (gridDim.z > 1)
-        store_partial<L>(acc, work, M, N, m0, n0);
+    if (SPLIT)
+        split_epilogue<L, BM, BN>(acc, work, tickets, reinterpret_cast<int*>(a_tiles), C, M, N, m0, n0, alpha, beta);
     else
         epilogue_axpby<T, L>(acc, C, M, N, m0, n0, alpha, beta);
 }
@@ -158,11 +161,11 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
 // 256 for `mma`, 128 for `mma_w64`); T is __half or __nv_bfloat16. One split:
 // C = alpha·op(A)·op(B) + beta·C. Several (`gemm_mma_split_*`, for
 // shapes whose tiles leave SMs idle, e.g. decode's 16 × 4096 × 4096: 32 tiles, each walking
-// K = 4096 in 128 dependent steps), partials to `work` and `mma_finish` forms C.
-template <typename T, int TWN>
+// K = 4096 in 128 dependent steps), partials to `work` and each tile's last split forms C.
+template <typename T, int TWN, bool SPLIT>
 __device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
-                                            float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
-                                            float alpha, float beta, int chunk) {
+                                            float* __restrict__ work, unsigned* __restrict__ tickets, int M, int N,
+                                            int K, int trans_a, int trans_b, float alpha, float beta, int chunk) {
     // One allocation for whichever transpose instantiation runs (48 KiB: the static limit).
     SHARED(mma::Chunk16, a_chunks, [mma::STAGES * mma::TILE / 8]);
     SHARED(mma::Chunk16, b_chunks, [mma::STAGES * mma::TILE / 8]);
@@ -170,27 +173,15 @@ __device__ __forceinline__ void tensor_core(const T* __restrict__ A, const T* __
     T* b_tiles = reinterpret_cast<T*>(b_chunks);
     if (trans_a) {
         if (trans_b)
-            mma::body<T, true, true, TWN>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
+            mma::body<T, true, true, TWN, SPLIT>(a_tiles, b_tiles, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
         else
-            mma::body<T, true, false, TWN>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
+            mma::body<T, true, false, TWN, SPLIT>(a_tiles, b_tiles, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            mma::body<T, false, true, TWN>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
+            mma::body<T, false, true, TWN, SPLIT>(a_tiles, b_tiles, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
         else
-            mma::body<T, false, false, TWN>(a_tiles, b_tiles, A, B, C, work, M, N, K, alpha, beta, chunk);
+            mma::body<T, false, false, TWN, SPLIT>(a_tiles, b_tiles, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
     }
-}
-
-// The split variant's epilogue: C = alpha·Σ_z work[z] + beta·C (beta = 0: C not read), the
-// splits added in order, rounded once. One thread per element; 1-D grid of 256-thread blocks.
-template <typename T>
-__device__ __forceinline__ void mma_finish(const float* __restrict__ work, int splits, T* __restrict__ C, int M, int N,
-                                           float alpha, float beta) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)M * N) return;
-    const float acc = lc::sum_splits(work, splits, (size_t)M * N, (size_t)idx);
-    const float old = beta != 0.0f ? beta * lc::to_f32(C[idx]) : 0.0f;
-    C[idx] = lc::from_f32<T>(alpha * acc + old);
 }
 
 }  // namespace gemm
@@ -213,27 +204,25 @@ GEMM_ENTRIES(f16, __half)
 GEMM_ENTRIES(bf16, __nv_bfloat16)
 // Tensor cores take 16-bit inputs only: no f32 entry (`Variant::applies` in src/kernels/gemm.rs).
 // gemm_mma_* and gemm_mma_w64_* run one split; gemm_mma_split_* and gemm_mma_w64_split_* write
-// the partials of gridDim.z splits of K to `work` and gemm_mma_finish_* forms C from them.
-// One warp layout's pair: gemm_<name> (one split) and gemm_<split> (gridDim.z splits' partials);
+// the partials of gridDim.z splits of K to `work`, and each tile's last split forms C from them
+// (its ticket in `tickets`, src/launch.rs `Backend::tickets`).
+// One warp layout's pair: gemm_<name> (one split) and gemm_<split> (gridDim.z splits);
 // NT, the block's threads, is Tile<BM, TWN>::THREADS (a literal: __launch_bounds__ is a macro).
 #define GEMM_MMA_LAYOUT_ENTRIES(name, split, T, TWN, NT)                                                              \
     extern "C" __global__ void __launch_bounds__(NT) gemm_##name(                                                     \
         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,        \
         int trans_b, float alpha, float beta) {                                                                       \
         static_assert(mma_tile::Tile<mma_tile::BM, TWN>::THREADS == NT, "the layout's threads");                     \
-        gemm::tensor_core<T, TWN>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                       \
+        gemm::tensor_core<T, TWN, false>(A, B, C, nullptr, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);              \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(NT) gemm_##split(                                                    \
-        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K, int trans_a, \
-        int trans_b, int chunk) {                                                                                     \
-        gemm::tensor_core<T, TWN>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                  \
+        const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, float* __restrict__ work,                \
+        unsigned* __restrict__ tickets, int M, int N, int K, int trans_a, int trans_b, float alpha, float beta,       \
+        int chunk) {                                                                                                  \
+        gemm::tensor_core<T, TWN, true>(A, B, C, work, tickets, M, N, K, trans_a, trans_b, alpha, beta, chunk);             \
     }
 #define GEMM_MMA_ENTRIES(suffix, T)                                                                                   \
     GEMM_MMA_LAYOUT_ENTRIES(mma_##suffix, mma_split_##suffix, T, 32, 256)                                             \
-    GEMM_MMA_LAYOUT_ENTRIES(mma_w64_##suffix, mma_w64_split_##suffix, T, 64, 128)                                     \
-    extern "C" __global__ void __launch_bounds__(256) gemm_mma_finish_##suffix(                                        \
-        const float* __restrict__ work, int splits, T* __restrict__ C, int M, int N, float alpha, float beta) {       \
-        gemm::mma_finish<T>(work, splits, C, M, N, alpha, beta);                                                       \
-    }
+    GEMM_MMA_LAYOUT_ENTRIES(mma_w64_##suffix, mma_w64_split_##suffix, T, 64, 128)
 GEMM_MMA_ENTRIES(f16, __half)
 GEMM_MMA_ENTRIES(bf16, __nv_bfloat16)

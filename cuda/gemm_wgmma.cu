@@ -12,37 +12,37 @@
 //                cp.async pipeline in 64 KiB of dynamic shared memory (opted into by the GPU
 //                backend) with one wgmma group in flight; then wgmma_tile::epilogue_axpby. 127
 //                registers a thread: 2 blocks an SM. Where the tiles leave SMs idle the Rust
-//                side splits K as for `mma` (gemm_wgmma_split_*, 90 registers: f32 partials to a
-//                workspace, then cuda/gemm.cu's gemm_mma_finish_* forms C in split order).
+//                side splits K as for `mma` (gemm_wgmma_split_*: f32 partials to a workspace, and
+//                each tile's last split forms C from them in split order).
 //   7. wgmma_wide the same on a 128×256 tile (wgmma.mma_async.m64n256k16, 128 accumulators a
 //                thread; 96 KiB of dynamic shared memory): 24 KB of operands per K step of 2.1
 //                MFLOP where the 128×128 tile moves 16 KB per 1.05 — a quarter less L2-to-SM
-//                traffic per FLOP. 206 registers: one block an SM (gemm_wgmma_wide_split_*, 158).
+//                traffic per FLOP. 206 registers: one block an SM (and its split kernel gemm_wgmma_wide_split_*).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {
 
 using namespace wgmma_tile;
 
-// C = alpha·op(A)·op(B) + beta·C; or, split (gridDim.z > 1), the partials of K for the gemm
-// family's gemm_mma_finish_* (wgmma_tile::tile_axpby). trans_a: A stored (K, M), MN-major;
+// C = alpha·op(A)·op(B) + beta·C; or, split (gridDim.z > 1), the partials of K, from which each
+// tile's last split forms C (wgmma_tile::tile_axpby). trans_a: A stored (K, M), MN-major;
 // trans_b: B stored (N, K), K-major. Grid (ceil(N/128), ceil(M/128), splits), block 256,
 // SHARED_BYTES of dynamic shared memory.
 template <typename T, int TBN>
 __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C,
-                                     float* __restrict__ work, int M, int N, int K, int trans_a, int trans_b,
-                                     float alpha, float beta, int chunk) {
+                                     float* __restrict__ work, unsigned* __restrict__ tickets, int M, int N, int K,
+                                     int trans_a, int trans_b, float alpha, float beta, int chunk) {
     EXTERN_SHARED(T, stages);
     if (trans_a) {
         if (trans_b)
-            tile_axpby<T, true, true, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, true, TBN>(stages, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
         else
-            tile_axpby<T, true, false, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, true, false, TBN>(stages, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
     } else {
         if (trans_b)
-            tile_axpby<T, false, true, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, true, TBN>(stages, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
         else
-            tile_axpby<T, false, false, TBN>(stages, A, B, C, work, M, N, K, alpha, beta, chunk);
+            tile_axpby<T, false, false, TBN>(stages, A, B, C, work, tickets, M, N, K, alpha, beta, chunk);
     }
 }
 
@@ -52,12 +52,13 @@ __device__ __forceinline__ void gemm(const T* __restrict__ A, const T* __restric
     extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_##suffix(                                            \
         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,       \
         int trans_b, float alpha, float beta) {                                                                      \
-        wgmma_gemm::gemm<T, 128>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                             \
+        wgmma_gemm::gemm<T, 128>(A, B, C, nullptr, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256) gemm_wgmma_split_##suffix(                                      \
-        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K,             \
-        int trans_a, int trans_b, int chunk) {                                                                       \
-        wgmma_gemm::gemm<T, 128>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                       \
+        const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, float* __restrict__ work,               \
+        unsigned* __restrict__ tickets, int M, int N, int K, int trans_a, int trans_b, float alpha, float beta,      \
+        int chunk) {                                                                                                 \
+        wgmma_gemm::gemm<T, 128>(A, B, C, work, tickets, M, N, K, trans_a, trans_b, alpha, beta, chunk);                       \
     }
 GEMM_WGMMA_ENTRY(f16, __half)
 GEMM_WGMMA_ENTRY(bf16, __nv_bfloat16)
@@ -68,12 +69,13 @@ GEMM_WGMMA_ENTRY(bf16, __nv_bfloat16)
     extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_wide_##suffix(                                    \
         const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, int M, int N, int K, int trans_a,       \
         int trans_b, float alpha, float beta) {                                                                      \
-        wgmma_gemm::gemm<T, 256>(A, B, C, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                        \
+        wgmma_gemm::gemm<T, 256>(A, B, C, nullptr, nullptr, M, N, K, trans_a, trans_b, alpha, beta, K);                        \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_wide_split_##suffix(                              \
-        const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ work, int M, int N, int K,             \
-        int trans_a, int trans_b, int chunk) {                                                                       \
-        wgmma_gemm::gemm<T, 256>(A, B, nullptr, work, M, N, K, trans_a, trans_b, 1.0f, 0.0f, chunk);                  \
+        const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, float* __restrict__ work,               \
+        unsigned* __restrict__ tickets, int M, int N, int K, int trans_a, int trans_b, float alpha, float beta,      \
+        int chunk) {                                                                                                 \
+        wgmma_gemm::gemm<T, 256>(A, B, C, work, tickets, M, N, K, trans_a, trans_b, alpha, beta, chunk);                  \
     }
 GEMM_WGMMA_WIDE_ENTRY(f16, __half)
 GEMM_WGMMA_WIDE_ENTRY(bf16, __nv_bfloat16)

@@ -201,8 +201,8 @@ __device__ __forceinline__ void prefetch_tile(const T* out, int M, int N, int m0
 }
 
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
-// M × N); a finishing kernel adds the splits in order (compose_fwd's shrink_reduce /
-// sum_partials, gemm's mma_finish).
+// M × N); the tile's last split to finish adds the splits in order (split_epilogue,
+// lc::finish_shrink_tile).
 template <class L>
 __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
                                               int M, int N, int m0, int n0) {
@@ -217,6 +217,20 @@ __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::F
                 const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
                 if (row < M && col < N) part[(size_t)row * N + col] = acc[i][j][v];
             }
+}
+
+// Split K without a finishing launch: the block's partial to work[blockIdx.z] (store_partial)
+// and, if it is the last of its tile's splits to finish (lc::last_split on
+// tickets[blockIdx.y · gridDim.x + blockIdx.x]), the ROWS × COLS tile at (m0, n0)
+// out = alpha · Σ_z work[z] + beta · out in split order (lc::finish_tile). `flag`: an int of
+// shared memory the block no longer reads or writes (the pipeline's stages, past the main loop).
+template <class L, int ROWS, int COLS, typename T>
+__device__ __forceinline__ void split_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
+                                               unsigned* __restrict__ tickets, int* flag, T* __restrict__ out, int M,
+                                               int N, int m0, int n0, float alpha, float beta) {
+    store_partial<L>(acc, work, M, N, m0, n0);
+    if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, flag))
+        lc::finish_tile<T>(work, out, M, N, m0, n0, ROWS, COLS, alpha, beta);
 }
 
 // Two consecutive 16-bit elements as one 4-byte access.

@@ -124,7 +124,7 @@ pub enum Step {
         split: Split,
     },
     /// Tensor cores: ∂X += ∂U A_cat in tiles of `tile_rows` × 128; with several splits of R the
-    /// partials go to the workspace and [`Step::SumPartials`] adds them onto ∂X.
+    /// partials go to the workspace and the last split of each tile adds them onto ∂X.
     MmaDx {
         tile_rows: usize,
         split: Split,
@@ -239,21 +239,14 @@ pub fn launch_config(variant: Variant, shape: &Shape, train: Train, sm_count: us
             // Split or not, one launch: the last split of each tile sums the ∂U partials.
             steps.push((step, dims));
             if train.input {
-                let (step, split, dims) = if wgmma {
+                let (step, dims) = if wgmma {
                     let (split, dims, wide) = wgmma_step(t, d_in, r, sm_count, wide);
-                    (Step::WgmmaDx { split, wide }, split, dims)
+                    (Step::WgmmaDx { split, wide }, dims)
                 } else {
                     let (tile_rows, split, dims) = mma_step(MmaEntry::Dx, t, d_in, r, sm_count);
-                    (Step::MmaDx { tile_rows, split }, split, dims)
+                    (Step::MmaDx { tile_rows, split }, dims)
                 };
                 steps.push((step, dims));
-                if split.splits > 1 {
-                    let step = Step::SumPartials {
-                        target: Target::DX,
-                        splits: split.splits,
-                    };
-                    steps.push((step, linear_dims(t * d_in)));
-                }
             }
             if train.modules {
                 steps.push((
@@ -732,21 +725,28 @@ pub fn launch<T: Element, B: Backend>(
             ];
             with_cols_and_chunk(head, cols, split)
         };
-        // The tensor-core H kernels take the tile tickets after the workspace (a null pointer
-        // when K is not split or ∂U is not asked for: the kernel then never reads it).
-        let tc_hidden_args =
-            |want_dc: bool, want_du: bool, dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-                let tickets = if want_du && split.splits > 1 {
-                    backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?
-                } else {
-                    null
-                };
-                let mut args = hidden_args(want_dc, want_du, None, split);
-                args.insert(10, tickets);
-                Ok(args)
-            };
         let dx_args = |cols: Option<(usize, usize)>, split: Split| {
             with_cols_and_chunk(vec![du, a_cat, dx, work, i(t), i(r), i(d_in)], cols, split)
+        };
+        // The tensor-core kernels take the tile tickets after the workspace (a null pointer when
+        // K is not split, or for H when ∂U is not asked for: the kernel then never reads it).
+        let tickets = |dims: &LaunchDims, split: Split, used: bool| {
+            if used && split.splits > 1 {
+                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)
+            } else {
+                Ok(null)
+            }
+        };
+        let tc_hidden_args =
+            |want_dc: bool, want_du: bool, dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+                let mut args = hidden_args(want_dc, want_du, None, split);
+                args.insert(10, tickets(dims, split, want_du)?);
+                Ok(args)
+            };
+        let tc_dx_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+            let mut args = dx_args(None, split);
+            args.insert(4, tickets(dims, split, true)?);
+            Ok(args)
         };
         let mma = match step {
             Step::MmaHidden {
@@ -760,7 +760,7 @@ pub fn launch<T: Element, B: Backend>(
             )),
             Step::MmaDx { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?,
-                dx_args(None, split),
+                tc_dx_args(&dims, split)?,
             )),
             Step::WgmmaHidden {
                 dc: want_dc,
@@ -772,7 +772,7 @@ pub fn launch<T: Element, B: Backend>(
                 tc_hidden_args(want_dc, want_du, &dims, split)?,
             )),
             Step::WgmmaDx { split, wide } => {
-                Some((wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?, dx_args(None, split)))
+                Some((wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?, tc_dx_args(&dims, split)?))
             }
             _ => None,
         };
@@ -785,8 +785,8 @@ pub fn launch<T: Element, B: Backend>(
             // tile — before it in stream order). A split hidden kernel writes splits × T × R f32
             // partials of ∂U (only when ∂U is asked for; the tickets are the backend's, one per
             // tile) and a split MmaDx splits × T × d_in, which the workspace holds
-            // (workspace_len); the first are summed before the second overwrite them, in stream
-            // order. Tables come from the same ranks, token samples
+            // (workspace_len), each summed by its kernel's last split of each tile, the first
+            // before the second overwrite them, in stream order. Tables come from the same ranks, token samples
             // were checked on upload; outputs are distinct and mutably borrowed.
             unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
@@ -1132,7 +1132,8 @@ mod tests {
         assert_eq!(workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT), 1);
         // T = 256, R = 512: 16 tiles of 64 rows, d_out in 16 splits of 256, ∂U summed from the
         // partials by each tile's last split before ∂X reads it; ∂X on 4 × 32 tiles of 64 rows,
-        // R in 2 splits of 256; ∂C alone needs no workspace.
+        // R in 2 splits of 256 (also finished by each tile's last split: no SumPartials launch);
+        // ∂C alone needs no workspace.
         let s = shape(256, 4096, vec![16; 32]);
         let plan = launch_config(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT);
         let split = Split { chunk: 256, splits: 16 };
@@ -1148,12 +1149,9 @@ mod tests {
         assert_eq!((plan[0].1.grid, plan[0].1.blocks()), ([4, 4, 16], 256));
         let split = Split { chunk: 256, splits: 2 };
         assert_eq!(plan[1].0, Step::MmaDx { tile_rows: 64, split });
-        assert_eq!(
-            plan[2].0,
-            Step::SumPartials {
-                target: Target::DX,
-                splits: 2
-            }
+        assert!(
+            !plan.iter().any(|(step, _)| matches!(step, Step::SumPartials { .. })),
+            "{plan:?}"
         );
         assert_eq!(
             workspace_len(Variant::Mma, &s, Train::ALL, HARNESS_SM_COUNT),

@@ -72,7 +72,7 @@ pub enum Step {
         split: Split,
     },
     /// Tensor cores: `Y += Z B_catᵀ` in tiles of `tile_rows` × 128; with several splits of R
-    /// the partials go to the workspace and [`Step::SumPartials`] adds them onto Y.
+    /// the partials go to the workspace and the last split of each tile adds them onto Y.
     MmaExpand {
         tile_rows: usize,
         split: Split,
@@ -130,14 +130,10 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
         }
         Variant::Mma => {
             let (tile_rows, split, dims) = mma_step(MmaEntry::Shrink, t, r, shape.d_in, sm_count);
-            // Split or not, one launch: the last split of each tile finishes it.
+            // Split or not, one launch a step: the last split of each tile finishes it.
             steps.push((Step::MmaShrink { tile_rows, split }, dims));
             let (tile_rows, split, dims) = mma_step(MmaEntry::Expand, t, shape.d_out, r, sm_count);
             steps.push((Step::MmaExpand { tile_rows, split }, dims));
-            if split.splits > 1 {
-                let splits = split.splits;
-                steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
-            }
         }
         Variant::Wgmma | Variant::WgmmaWide => {
             let wide = variant == Variant::WgmmaWide;
@@ -151,10 +147,6 @@ pub fn launch_config(variant: Variant, shape: &Shape, sm_count: usize) -> Vec<(S
             ));
             let (split, dims, wide) = wgmma_step(t, shape.d_out, r, sm_count, wide);
             steps.push((Step::WgmmaExpand { split, wide }, dims));
-            if split.splits > 1 {
-                let splits = split.splits;
-                steps.push((Step::SumPartials { splits }, linear_dims(t * shape.d_out)));
-            }
         }
         Variant::Naive => {
             steps.push((Step::ShrinkNaive { j0: 0, j1: r }, naive_dims(t, r)));
@@ -447,20 +439,27 @@ pub fn launch<T: Element, B: Backend>(
             ];
             with_cols_and_chunk(head, cols, split)
         };
-        // The tensor-core shrinks take the tile tickets after the workspace (a null pointer when
-        // K is not split: the kernel then never reads it).
-        let tc_shrink_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-            let tickets = if split.splits > 1 {
-                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?
-            } else {
-                KernelArg::Ptr(0)
-            };
-            let mut args = shrink_args(None, split);
-            args.insert(9, tickets);
-            Ok(args)
-        };
         let expand_args = |cols: Option<(usize, usize)>, split: Split| {
             with_cols_and_chunk(vec![z, b_cat, y, work, i(t), i(r), i(d_out)], cols, split)
+        };
+        // The tensor-core kernels take the tile tickets after the workspace (a null pointer when
+        // K is not split: the kernel then never reads it).
+        let tickets = |dims: &LaunchDims, split: Split| {
+            if split.splits > 1 {
+                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)
+            } else {
+                Ok(KernelArg::Ptr(0))
+            }
+        };
+        let tc_shrink_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+            let mut args = shrink_args(None, split);
+            args.insert(9, tickets(dims, split)?);
+            Ok(args)
+        };
+        let tc_expand_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
+            let mut args = expand_args(None, split);
+            args.insert(4, tickets(dims, split)?);
+            Ok(args)
         };
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
@@ -469,7 +468,7 @@ pub fn launch<T: Element, B: Backend>(
             )),
             Step::MmaExpand { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
-                expand_args(None, split),
+                tc_expand_args(&dims, split)?,
             )),
             Step::WgmmaShrink { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Shrink, wide, T::DTYPE)?,
@@ -477,7 +476,7 @@ pub fn launch<T: Element, B: Backend>(
             )),
             Step::WgmmaExpand { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Expand, wide, T::DTYPE)?,
-                expand_args(None, split),
+                tc_expand_args(&dims, split)?,
             )),
             _ => None,
         };
@@ -488,9 +487,9 @@ pub fn launch<T: Element, B: Backend>(
             // ranks and every token's sample was checked on upload; a null U is skipped by the
             // shrink. Output buffers are distinct and mutably borrowed; a split shrink writes
             // splits × T × R f32 partials and a split expand splits × T × d_out, which the
-            // workspace holds (workspace_len) — the shrink's are summed by its own last split of
-            // each tile, before the expand's overwrite them, in stream order; its tickets are
-            // the backend's, one per tile of its grid (`Backend::tickets`).
+            // workspace holds (workspace_len) — each launch's are summed by its own last split of
+            // each tile, the shrink's before the expand's overwrite them, in stream order; the
+            // tickets are the backend's, one per tile of the grid (`Backend::tickets`).
             unsafe { backend.launch(&kernel, &dims, &args)? };
             continue;
         }
@@ -881,14 +880,14 @@ mod tests {
         let plan = launch_config(Variant::Mma, &s, HARNESS_SM_COUNT);
         let split = Split { chunk: 128, splits: 32 };
         assert_eq!(plan[0].0, Step::MmaShrink { tile_rows: 64, split });
-        // Its expand: 32 tiles of 64 rows, R in 4 splits of 128, added onto Y by SumPartials.
+        // Its expand: 32 tiles of 64 rows, R in 4 splits of 128, added onto Y by each tile's
+        // last split: two launches in all.
         let split = Split { chunk: 128, splits: 4 };
         assert_eq!(
             (plan[1].0, plan[1].1.grid),
             (Step::MmaExpand { tile_rows: 64, split }, [32, 1, 4])
         );
-        assert_eq!(plan[2].0, Step::SumPartials { splits: 4 });
-        assert_eq!(plan.len(), 3, "{plan:?}");
+        assert_eq!(plan.len(), 2, "{plan:?}");
         assert_eq!(
             workspace_len(Variant::Mma, &s, HARNESS_SM_COUNT),
             4 * 16 * 4096 // as many as the shrink's 32 × 16 × 512

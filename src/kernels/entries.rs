@@ -16,8 +16,6 @@ pub(crate) mod gemm {
         lc_run_gemm_mma_bf16,
         lc_run_gemm_mma_split_f16,
         lc_run_gemm_mma_split_bf16,
-        lc_run_gemm_mma_finish_f16,
-        lc_run_gemm_mma_finish_bf16,
         lc_run_gemm_mma_w64_f16,
         lc_run_gemm_mma_w64_bf16,
         lc_run_gemm_mma_w64_split_f16,

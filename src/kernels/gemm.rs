@@ -14,8 +14,8 @@ pub enum Variant {
     Tiled128,
     /// Tensor cores (`mma.sync.m16n8k16`, f32 accumulators), f16/bf16 storage only: 128×128
     /// tile, 8 warps, 3-stage `cp.async` pipeline, `ldmatrix` fragment loads; K split across
-    /// blocks where the tiles leave SMs idle ([`mma_split`]: two launches and a workspace
-    /// allocated per call).
+    /// blocks where the tiles leave SMs idle ([`mma_split`]: one launch, a workspace allocated
+    /// per call, C formed by each tile's last split).
     Mma,
     /// [`Variant::Mma`]'s tile, pipeline and split-K in 4 warps of 64×64 (4×8 mma tiles each)
     /// instead of 8 of 64×32: a third less shared-memory traffic per FLOP (8 `ldmatrix.x4` per
@@ -325,48 +325,22 @@ fn wgmma_kernel((name, harness_entry): (&'static str, super::HarnessEntry)) -> K
 
 /// The split-K twin of a splitting variant's kernel ([`Variant::splits_k`]):
 /// `gemm_mma_split_<dtype>`, `gemm_mma_w64_split_<dtype>`, `gemm_wgmma_split_<dtype>` or
-/// `gemm_wgmma_wide_split_<dtype>` (partials of each split of K) and `gemm_mma_finish_<dtype>` (C
-/// from them, for all four); `None` for f32 or another variant.
-fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)> {
+/// `gemm_wgmma_wide_split_<dtype>` (each split's partial to the workspace, and each tile's last
+/// split to finish forms C from them); `None` for f32 or another variant.
+fn mma_split_kernel(variant: Variant, dtype: DType) -> Option<Kernel> {
     use super::entries::gemm as e;
     use super::entries::gemm_wgmma as w;
-    let (split, finish): ((&'static str, super::HarnessEntry), (&'static str, super::HarnessEntry)) =
-        match (variant, dtype) {
-            (Variant::Mma, DType::F16) => (
-                kernel_entry!(e::lc_run_gemm_mma_split_f16),
-                kernel_entry!(e::lc_run_gemm_mma_finish_f16),
-            ),
-            (Variant::Mma, DType::BF16) => (
-                kernel_entry!(e::lc_run_gemm_mma_split_bf16),
-                kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
-            ),
-            (Variant::MmaW64, DType::F16) => (
-                kernel_entry!(e::lc_run_gemm_mma_w64_split_f16),
-                kernel_entry!(e::lc_run_gemm_mma_finish_f16),
-            ),
-            (Variant::MmaW64, DType::BF16) => (
-                kernel_entry!(e::lc_run_gemm_mma_w64_split_bf16),
-                kernel_entry!(e::lc_run_gemm_mma_finish_bf16),
-            ),
-            (Variant::Wgmma, DType::F16) => {
-                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_f16));
-                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_f16))));
-            }
-            (Variant::Wgmma, DType::BF16) => {
-                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_bf16));
-                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_bf16))));
-            }
-            (Variant::WgmmaWide, DType::F16) => {
-                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_f16));
-                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_f16))));
-            }
-            (Variant::WgmmaWide, DType::BF16) => {
-                let split = wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_bf16));
-                return Some((split, gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_finish_bf16))));
-            }
-            _ => return None,
-        };
-    Some((gemm_kernel(split), gemm_kernel(finish)))
+    Some(match (variant, dtype) {
+        (Variant::Mma, DType::F16) => gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_split_f16)),
+        (Variant::Mma, DType::BF16) => gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_split_bf16)),
+        (Variant::MmaW64, DType::F16) => gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_w64_split_f16)),
+        (Variant::MmaW64, DType::BF16) => gemm_kernel(kernel_entry!(e::lc_run_gemm_mma_w64_split_bf16)),
+        (Variant::Wgmma, DType::F16) => wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_f16)),
+        (Variant::Wgmma, DType::BF16) => wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_split_bf16)),
+        (Variant::WgmmaWide, DType::F16) => wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_f16)),
+        (Variant::WgmmaWide, DType::BF16) => wgmma_kernel(kernel_entry!(w::lc_run_gemm_wgmma_wide_split_bf16)),
+        _ => return None,
+    })
 }
 
 /// How a splitting variant ([`Variant::splits_k`]) splits K for `shape` on a device of
@@ -375,7 +349,8 @@ fn mma_split_kernels(variant: Variant, dtype: DType) -> Option<(Kernel, Kernel)>
 /// steps — the first H200 run measured 127 µs, cuBLAS 19), K in chunks
 /// ([`compose_common::mma_split`](super::compose_common::mma_split)): the split kernel writes
 /// each chunk's f32 partial to a workspace of splits × m × n that [`launch`] allocates per call,
-/// and the finish kernel forms `C = alpha·Σ + beta·C`, the splits added in order.
+/// and the last split of each tile to finish forms `C = alpha·Σ + beta·C` from them, the splits
+/// added in order (one launch).
 pub fn mma_split(variant: Variant, shape: &GemmShape, sm_count: usize) -> super::compose_common::Split {
     variant.split_k(shape.m, shape.n, shape.k, sm_count)
 }
@@ -458,8 +433,9 @@ pub fn launch<T: Element, B: Backend>(
     unsafe { backend.launch(&kernel, &dims, &args) }
 }
 
-/// A splitting variant with K in `split.splits` chunks: partials into a workspace allocated
-/// here (freed in stream order when it drops), then C from them.
+/// A splitting variant with K in `split.splits` chunks: one launch, the partials into a workspace
+/// allocated here (freed in stream order when it drops), C formed by each tile's last split from
+/// them (a ticket a tile, [`Backend::tickets`]).
 fn launch_mma_split<T: Element, B: Backend>(
     backend: &B,
     variant: Variant,
@@ -469,44 +445,36 @@ fn launch_mma_split<T: Element, B: Backend>(
     b: &B::Buffer<T>,
     c: &mut B::Buffer<T>,
 ) -> Result<(), KernelError> {
-    let (split_kernel, finish_kernel) =
-        mma_split_kernels(variant, T::DTYPE).expect("the splitting variants apply to 16-bit storage");
+    let kernel = mma_split_kernel(variant, T::DTYPE).expect("the splitting variants apply to 16-bit storage");
     let shape = &params.shape;
     let (m, n) = (shape.m, shape.n);
     let mut work = backend.alloc::<f32>(split.splits * m * n)?;
     let mut dims = launch_config(variant, shape);
     dims.grid[2] = u32::try_from(split.splits).expect("splits fit u32");
     dims.assert_valid(variant.static_shared_bytes());
+    let tickets = backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?;
     let i = |v: usize| KernelArg::I32(v as i32);
     let args = [
         backend.arg_in(a),
         backend.arg_in(b),
+        backend.arg_out(c),
         backend.arg_out(&mut work),
+        tickets,
         i(m),
         i(n),
         i(shape.k),
         i(usize::from(shape.trans_a)),
         i(usize::from(shape.trans_b)),
-        i(split.chunk),
-    ];
-    // SAFETY: the arguments follow `gemm_mma_split_*`'s parameter list (A, B, work, M, N, K,
-    // trans_a, trans_b, chunk); check_shape verified A and B hold exactly the elements the kernel
-    // indexes, and `work` holds splits × m × n f32, one m × n slice per split of the grid's z.
-    unsafe { backend.launch(&split_kernel, &dims, &args)? };
-    let finish = super::compose_common::linear_dims(m * n);
-    let args = [
-        backend.arg_in(&work),
-        i(split.splits),
-        backend.arg_out(c),
-        i(m),
-        i(n),
         KernelArg::F32(params.alpha),
         KernelArg::F32(params.beta),
+        i(split.chunk),
     ];
-    // SAFETY: `gemm_mma_finish_*`'s parameter list (work, splits, C, M, N, alpha, beta); `work`
-    // holds every split's slice, written whole by the launch before this one in stream order, and
-    // C holds exactly m × n elements (check_shape), distinct and mutably borrowed.
-    unsafe { backend.launch(&finish_kernel, &finish, &args) }
+    // SAFETY: the arguments follow `gemm_mma_split_*`'s parameter list (A, B, C, work, tickets,
+    // M, N, K, trans_a, trans_b, alpha, beta, chunk); check_shape verified A, B and C hold exactly
+    // the elements the kernel indexes, C distinct and mutably borrowed; `work` holds splits × m ×
+    // n f32, one m × n slice per split of the grid's z, and the backend's tickets one per tile of
+    // the grid's x × y.
+    unsafe { backend.launch(&kernel, &dims, &args) }
 }
 
 /// The reference: plain loops, f64 accumulation of the stored (already rounded) inputs, no
@@ -553,11 +521,8 @@ mod tests {
         assert!(kernel(Variant::Mma, DType::F32).is_none() && !Variant::Mma.applies(DType::F32));
         assert_eq!(kernel(Variant::MmaW64, DType::BF16).unwrap().name, "gemm_mma_w64_bf16");
         assert!(kernel(Variant::MmaW64, DType::F32).is_none() && !Variant::MmaW64.applies(DType::F32));
-        let (split, finish) = mma_split_kernels(Variant::MmaW64, DType::F16).unwrap();
-        assert_eq!(
-            (split.name, finish.name),
-            ("gemm_mma_w64_split_f16", "gemm_mma_finish_f16")
-        );
+        let split = mma_split_kernel(Variant::MmaW64, DType::F16).unwrap();
+        assert_eq!(split.name, "gemm_mma_w64_split_f16");
         let k = super::super::compose_bwd::kernel(super::super::compose_bwd::Entry::CoeffGradTiled, DType::F32);
         assert_eq!(k.unwrap().name, "compose_bwd_coeff_grad_tiled_f32");
     }
