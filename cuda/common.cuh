@@ -16,6 +16,7 @@
     type* name = reinterpret_cast<type*>(lc_dynamic_shared)
 // `#pragma unroll` for nvcc (the harness's host compiler does not know the pragma).
 #define LC_UNROLL _Pragma("unroll")
+#define LC_NO_UNROLL _Pragma("unroll 1")
 // A grid-wide barrier: every thread of every block waits until all have arrived, and the
 // blocks' earlier memory accesses are visible to all after it. Only in kernels launched
 // cooperatively (`Kernel::cooperative`: cuLaunchCooperativeKernel, whose grid the driver checks
@@ -28,6 +29,7 @@
 #else
 #include "harness/cuda_cpu.h"
 #define LC_UNROLL
+#define LC_NO_UNROLL
 #define LC_GRID_SYNC() ::lc_harness::grid_barrier(__FILE__ ":" LC_HARNESS_STR(__LINE__))
 #define LC_NOINLINE __attribute__((noinline))
 #endif
@@ -171,7 +173,8 @@ __device__ __forceinline__ float sum_splits(const float* __restrict__ work, int 
 // barrier hands the answer, and the acquire, to every thread. `ticket` is zero when the tile's
 // first split arrives (src/launch.rs `Backend::tickets`: zeroed once, left zero by every launch);
 // `flag` is one int of shared memory the block does not otherwise touch until it returns.
-// Arrival order decides only which block sums, never the order of the sum.
+// Arrival order decides only which block sums, never the order of the sum
+// (mma_tile::split_finish).
 __device__ __forceinline__ bool last_split(unsigned* ticket, int* flag) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -185,70 +188,6 @@ __device__ __forceinline__ bool last_split(unsigned* ticket, int* flag) {
     }
     __syncthreads();
     return *flag != 0;
-}
-
-// One element (t, j) of the composition's shrink from split-K partials work[z][t][j - j0]
-// (splits × n_tokens × width f32), summed in split order: U (null skips it) = u, Z = u · D[t, j],
-// each rounded once. compose_fwd's shrink_reduce, and the tensor-core shrinks' last split.
-template <typename T>
-__device__ __forceinline__ void finish_shrink(const float* __restrict__ work, int splits, const float* __restrict__ C,
-                                              const int* __restrict__ sample_of, const int* __restrict__ module_of,
-                                              const float* __restrict__ col_scale, T* __restrict__ U,
-                                              T* __restrict__ Z, int n_tokens, int R, int n_modules, int width, int j0,
-                                              int t, int j) {
-    const float u = sum_splits(work, splits, (size_t)n_tokens * width, (size_t)t * width + (j - j0));
-    if (U) U[(size_t)t * R + j] = from_f32<T>(u);
-    Z[(size_t)t * R + j] = from_f32<T>(u * diag(C, n_modules, module_of, col_scale, sample_of[t], j));
-}
-
-// The last split's finish of a rows × cols shrink tile at (m0, n0) of the (n_tokens, R) output,
-// from partials of width R (the tensor-core shrinks' mma_tile::store_partial): a block-strided
-// loop, consecutive threads on consecutive columns.
-template <typename T>
-__device__ __forceinline__ void finish_shrink_tile(const float* __restrict__ work, const float* __restrict__ C,
-                                                   const int* __restrict__ sample_of,
-                                                   const int* __restrict__ module_of,
-                                                   const float* __restrict__ col_scale, T* __restrict__ U,
-                                                   T* __restrict__ Z, int n_tokens, int R, int n_modules, int m0,
-                                                   int n0, int rows, int cols) {
-    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
-        const int t = m0 + e / cols, j = n0 + e % cols;
-        if (t < n_tokens && j < R)
-            finish_shrink<T>(work, gridDim.z, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, R, 0, t,
-                             j);
-    }
-}
-
-// The last split's finish of a rows × cols tile at (m0, n0) of an M × N output:
-// out = alpha · Σ_z work[z] + beta · out (beta = 0: out is not read), the splits' f32 partials
-// (splits × M × N, work[z][r][c]) added in split order, rounded once — what a finishing launch
-// over the whole output computed, per tile. Block-strided, consecutive threads on consecutive
-// columns, in batches of 8 elements a thread whose loads all precede their stores (a store
-// through `out` may alias a later load through it as far as the compiler can tell: one element
-// at a time would wait a memory round trip each).
-template <typename T>
-__device__ __forceinline__ void finish_tile(const float* __restrict__ work, T* __restrict__ out, int M, int N, int m0,
-                                            int n0, int rows, int cols, float alpha, float beta) {
-    constexpr int BATCH = 8;
-    const int count = rows * cols, stride = (int)blockDim.x;
-    for (int e0 = (int)threadIdx.x; e0 < count; e0 += BATCH * stride) {
-        float value[BATCH];
-        LC_UNROLL
-        for (int b = 0; b < BATCH; ++b) {
-            const int e = e0 + b * stride, r = m0 + e / cols, c = n0 + e % cols;
-            value[b] = 0.0f;
-            if (e < count && r < M && c < N) {
-                const size_t at = (size_t)r * N + c;
-                const float old = beta != 0.0f ? beta * to_f32(out[at]) : 0.0f;
-                value[b] = alpha * sum_splits(work, gridDim.z, (size_t)M * N, at) + old;
-            }
-        }
-        LC_UNROLL
-        for (int b = 0; b < BATCH; ++b) {
-            const int e = e0 + b * stride, r = m0 + e / cols, c = n0 + e % cols;
-            if (e < count && r < M && c < N) out[(size_t)r * N + c] = from_f32<T>(value[b]);
-        }
-    }
 }
 
 // Epilogue of a split-K tile whose product is added onto `out` (rows × cols, row-major): with one

@@ -100,8 +100,10 @@ __device__ __forceinline__ void shrink_reduce(const float* __restrict__ work, in
     const int width = j1 - j0;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_tokens * width) return;
-    lc::finish_shrink<T>(work, splits, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, width, j0,
-                         (int)(idx / width), j0 + (int)(idx % width));
+    const int t = (int)(idx / width), j = j0 + (int)(idx % width);
+    const float u = lc::sum_splits(work, splits, (size_t)n_tokens * width, (size_t)t * width + (j - j0));
+    if (U) U[(size_t)t * R + j] = lc::from_f32<T>(u);
+    Z[(size_t)t * R + j] = lc::from_f32<T>(u * lc::diag(C, n_modules, module_of, col_scale, sample_of[t], j));
 }
 
 // Variants 2 and 3. Grid (ceil(d_out / BN), ceil(T / BM), splits), block (256); K = j1 - j0.

@@ -37,7 +37,7 @@
 //     `mma_tile_rows`: R ≤ 512 at T = 4096 on 132 SMs, where the first H200 run had one 8-warp
 //     block per SM; every output at small T); where even those leave SMs idle (small T, or
 //     R = 128), the kernels split K along gridDim.z (`mma_split`; partials through an f32
-//     workspace, finished by compose_fwd's shrink_reduce / sum_partials in split order) — the
+//     workspace, summed in split order by each tile's last split to finish) — the
 //     first H200 run had the shrink at T ≤ 256 walk d_in = 4096 in 128 dependent steps on 4–8
 //     blocks (~145 µs, whatever T);
 //   - K in steps of 32 through a 3-stage cp.async.cg pipeline (one commit group per stage,
@@ -98,20 +98,15 @@ __device__ __forceinline__ void shrink(T* stages, const T* __restrict__ X, const
     float acc[L::FRAG_M][L::FRAG_N][4];
     mainloop<T, false, true, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, X, A_cat, n_tokens, R, d_in, m0, n0,
                                        lc::split_begin(chunk), lc::split_end(chunk, d_in));
-    if (gridDim.z > 1) {
-        store_partial<Tile<TBM, TWN>>(acc, work, n_tokens, R, m0, n0);
-        if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-            lc::finish_shrink_tile<T>(work, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0,
-                                      TBM, BN);
+    if (gridDim.z > 1 && !split_finish<L>(acc, work, tickets, reinterpret_cast<int*>(stages), n_tokens, R, m0, n0))
         return;
-    }
     scale_epilogue<T, L>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0);
 }
 
 // Grid (ceil(N / BN), ceil(M / TBM), splits), block (Tile<TBM, TWN>::THREADS). out (M, N) +=
 // A · op(B): the expand (A = Z, B = B_cat stored nk, K = R) and ∂X (A = ∂U, B = A_cat stored kn,
 // K = R); with several splits of K, partials to `work`, which the tile's last split to finish
-// adds onto out (mma_tile::split_epilogue).
+// adds onto out (mma_tile::split_finish).
 template <typename T, bool NK, int TBM, int TWN>
 __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, const T* __restrict__ B,
                                            T* __restrict__ out, float* __restrict__ work, unsigned* __restrict__ tickets,
@@ -122,10 +117,8 @@ __device__ __forceinline__ void accumulate(T* stages, const T* __restrict__ A, c
     if (gridDim.z == 1) prefetch_tile<T, TBM, BN, L::THREADS>(out, M, N, m0, n0);
     mainloop<T, false, NK, TBM, TWN>(acc, stages, stages + STAGES * L::TILE_A, A, B, M, N, K, m0, n0,
                                      lc::split_begin(chunk), lc::split_end(chunk, K));
-    if (gridDim.z > 1)
-        split_epilogue<L, TBM, BN>(acc, work, tickets, reinterpret_cast<int*>(stages), out, M, N, m0, n0, 1.0f, 1.0f);
-    else
-        epilogue_axpby<T, L>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
+    if (gridDim.z > 1 && !split_finish<L>(acc, work, tickets, reinterpret_cast<int*>(stages), M, N, m0, n0)) return;
+    epilogue_axpby<T, L>(acc, out, M, N, m0, n0, 1.0f, 1.0f);
 }
 
 // Grid (ceil(R / BN), ceil(T / TBM), splits), block (Tile<TBM, TWN>::THREADS); K = d_out. H = G B_cat in registers;
@@ -148,9 +141,12 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                         lc::split_begin(chunk), lc::split_end(chunk, d_out));
     hidden_epilogue<T, L, TBM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of, col_scale, dC, dU,
                                work, n_tokens, R, n_modules, m0, n0);
+    // Split: the tile's last split sums the ∂U partials (each already H ∘ D) and stores ∂U.
     if (gridDim.z > 1 && dU &&
-        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-        lc::finish_tile<T>(work, dU, n_tokens, R, m0, n0, TBM, BN, 1.0f, 0.0f);
+        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages))) {
+        sum_partials_into<L>(acc, work, n_tokens, R, m0, n0);
+        store_tile<T, L>(acc, dU, n_tokens, R, m0, n0);
+    }
 }
 
 }  // namespace compose_mma
@@ -159,17 +155,19 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
 // warps of 64×64, and compose_mma_<name>64_<suffix> on 64-row tiles in 8 warps of 32×32 (the
 // block sizes src/kernels/compose_common.rs `MmaEntry::threads` launches). BODY(T, TBM, TWN)
 // calls the kernel's template; the entries' parameter list follows it. One static allocation
-// per kernel holds the pipeline's A and B stages (48 KiB: the static limit).
-#define COMPOSE_MMA_TWINS(name, suffix, T, BODY, ...)                                                  \
-    extern "C" __global__ void __launch_bounds__(128) compose_mma_##name##_##suffix(__VA_ARGS__) {     \
-        static_assert(compose_mma::Tile<128, 64>::THREADS == 128, "the 128-row layout's block");       \
-        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]); \
-        BODY(T, 128, 64);                                                                              \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) compose_mma_##name##64_##suffix(__VA_ARGS__) {   \
-        static_assert(compose_mma::Tile<64, 32>::THREADS == 256, "the 64-row layout's block");         \
-        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]); \
-        BODY(T, 64, 32);                                                                               \
+// per kernel holds the pipeline's A and B stages (48 KiB: the static limit). The 64-row entries
+// ask for 2 blocks an SM (≤ 128 registers): without it ptxas gave the split ∂U finish of
+// `hidden64` 80 registers and a 16-byte spill.
+#define COMPOSE_MMA_TWINS(name, suffix, T, BODY, ...)                                                   \
+    extern "C" __global__ void __launch_bounds__(128) compose_mma_##name##_##suffix(__VA_ARGS__) {      \
+        static_assert(compose_mma::Tile<128, 64>::THREADS == 128, "the 128-row layout's block");        \
+        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]);  \
+        BODY(T, 128, 64);                                                                               \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 2) compose_mma_##name##64_##suffix(__VA_ARGS__) { \
+        static_assert(compose_mma::Tile<64, 32>::THREADS == 256, "the 64-row layout's block");          \
+        SHARED(compose_mma::Chunk16, stage_chunks, [2 * compose_mma::STAGES * compose_mma::TILE / 8]);  \
+        BODY(T, 64, 32);                                                                                \
     }
 
 #define COMPOSE_MMA_SHRINK(T, TBM, TWN)                                                                     \

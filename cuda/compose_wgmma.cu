@@ -12,7 +12,8 @@
 // idle the plan splits K along gridDim.z (src/kernels/compose_common.rs `wgmma_step`): block z
 // covers k ∈ [z·chunk, (z + 1)·chunk) and writes its f32 partial tile to work[z]
 // (mma_tile::store_partial), and the last split of each tile to finish sums them in split order
-// and finishes the tile (lc::last_split, as compose_mma's): no finishing launch. The backward, given G = ∂L/∂Y, likewise:
+// and finishes the tile (lc::last_split, as compose_mma's): no finishing launch. The backward,
+// given G = ∂L/∂Y, likewise:
 //     H  = G B_cat           (T, R)      never stored; ∂U = H ∘ D and the fused ∂C in the epilogue
 //                                        (mma_tile::hidden_epilogue, the mma variant's)
 //     ∂X += ∂U A_cat         (T, d_in)   accumulated onto
@@ -38,13 +39,10 @@ __device__ __forceinline__ void shrink(const T* __restrict__ X, const T* __restr
     float acc[1][TBN / 8][4];
     mainloop<T, false, true, TBN>(acc, stages, X, A_cat, n_tokens, R, d_in, m0, n0, lc::split_begin(chunk),
                                   lc::split_end(chunk, d_in));
-    if (gridDim.z > 1) {
-        mma_tile::store_partial<LayoutN<TBN>>(acc, work, n_tokens, R, m0, n0);
-        if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-            lc::finish_shrink_tile<T>(work, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules, m0, n0,
-                                      BM, TBN);
-    } else
-        mma_tile::scale_epilogue<T, LayoutN<TBN>>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules,
+    if (gridDim.z > 1 && !mma_tile::split_finish<LayoutN<TBN>>(acc, work, tickets, reinterpret_cast<int*>(stages),
+                                                               n_tokens, R, m0, n0))
+        return;
+    mma_tile::scale_epilogue<T, LayoutN<TBN>>(acc, C, sample_of, module_of, col_scale, U, Z, n_tokens, R, n_modules,
                                             m0, n0);
 }
 
@@ -84,9 +82,12 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
     __syncthreads();  // every warp's wgmma reads of the stages are done before the scratch reuses them
     mma_tile::hidden_epilogue<T, LayoutN<TBN>, BM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of,
                                              col_scale, dC, dU, work, n_tokens, R, n_modules, m0, n0);
+    // Split: the tile's last split sums the ∂U partials (each already H ∘ D) and stores ∂U.
     if (gridDim.z > 1 && dU &&
-        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages)))
-        lc::finish_tile<T>(work, dU, n_tokens, R, m0, n0, BM, TBN, 1.0f, 0.0f);
+        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages))) {
+        mma_tile::sum_partials_into<LayoutN<TBN>>(acc, work, n_tokens, R, m0, n0);
+        mma_tile::store_tile<T, LayoutN<TBN>>(acc, dU, n_tokens, R, m0, n0);
+    }
 }
 
 }  // namespace compose_wgmma

@@ -136,10 +136,9 @@ using namespace mma_tile;
 
 // C = alpha·acc + beta·C over the block's tile; or, split (gridDim.z > 1), the partial of K
 // range [z·chunk, (z + 1)·chunk) to work[z] (splits × M × N f32), and the tile's last split to
-// finish forms C from them in split order (mma_tile::split_epilogue).
-// TWN: the warps' width (32 for `mma`, 64 for `mma_w64`). SPLIT: the split-K kernel's epilogue
-// (a compile-time choice: the whole-K kernel carries no split-K code, nor the split kernel the
-// unsplit epilogue — each would otherwise pay the other's registers).
+// finish forms C from them in split order (mma_tile::finish_tile).
+// TWN: the warps' width (32 for `mma`, 64 for `mma_w64`). SPLIT: the split-K kernel (a
+// compile-time choice: the whole-K kernel carries no split-K code).
 template <typename T, bool TA, bool TB, int TWN, bool SPLIT>
 __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict__ A, const T* __restrict__ B,
                                      T* __restrict__ C, float* __restrict__ work, unsigned* __restrict__ tickets,
@@ -150,10 +149,15 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
     if (!SPLIT && beta != 0.0f) prefetch_tile<T, BM, BN, L::THREADS>(C, M, N, m0, n0);
     mainloop<T, TA, TB, BM, TWN>(acc, a_tiles, b_tiles, A, B, M, N, K, m0, n0, lc::split_begin(chunk),
                                  lc::split_end(chunk, K));
-    if (SPLIT)
-        split_epilogue<L, BM, BN>(acc, work, tickets, reinterpret_cast<int*>(a_tiles), C, M, N, m0, n0, alpha, beta);
-    else
+    if (!SPLIT) {
         epilogue_axpby<T, L>(acc, C, M, N, m0, n0, alpha, beta);
+        return;
+    }
+    // The last split forms C from the workspace (finish_tile): summing into the accumulators and
+    // running epilogue_axpby on them spills in both warp layouts.
+    store_partial<L>(acc, work, M, N, m0, n0);
+    if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(a_tiles)))
+        finish_tile<T, BM, BN>(work, C, M, N, m0, n0, alpha, beta);
 }
 }  // namespace mma
 

@@ -201,8 +201,7 @@ __device__ __forceinline__ void prefetch_tile(const T* out, int M, int N, int m0
 }
 
 // Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
-// M × N); the tile's last split to finish adds the splits in order (split_epilogue,
-// lc::finish_shrink_tile).
+// M × N); the tile's last split to finish adds the splits in order (split_finish).
 template <class L>
 __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
                                               int M, int N, int m0, int n0) {
@@ -219,25 +218,126 @@ __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::F
             }
 }
 
-// Split K without a finishing launch: the block's partial to work[blockIdx.z] (store_partial)
-// and, if it is the last of its tile's splits to finish (lc::last_split on
-// tickets[blockIdx.y · gridDim.x + blockIdx.x]), the ROWS × COLS tile at (m0, n0)
-// out = alpha · Σ_z work[z] + beta · out in split order (lc::finish_tile). `flag`: an int of
-// shared memory the block no longer reads or writes (the pipeline's stages, past the main loop).
-template <class L, int ROWS, int COLS, typename T>
-__device__ __forceinline__ void split_epilogue(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
-                                               unsigned* __restrict__ tickets, int* flag, T* __restrict__ out, int M,
-                                               int N, int m0, int n0, float alpha, float beta) {
-    store_partial<L>(acc, work, M, N, m0, n0);
-    if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, flag))
-        lc::finish_tile<T>(work, out, M, N, m0, n0, ROWS, COLS, alpha, beta);
-}
-
-// Two consecutive 16-bit elements as one 4-byte access.
+// Two consecutive elements as one access (16-bit: 4 bytes; f32: 8).
 template <typename T>
 struct alignas(2 * sizeof(T)) Pair {
     T lo, hi;
 };
+
+// The tile's last split (split_finish): acc = Σ_z work[z] over the block's tile, in split order
+// from 0.0f — the f32 sums of a finishing launch's lc::sum_splits, the same bits whichever split
+// arrived last. Each thread loads the elements of its own accumulator fragments (its own partial
+// too: the registers of `acc` are reused) as column pairs — one 8-byte load where N is even, two
+// 4-byte ones otherwise — a row of up to 8 pairs in flight before their adds.
+template <class L>
+__device__ __forceinline__ void sum_partials_into(float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ work,
+                                                  int M, int N, int m0, int n0) {
+    constexpr int JC = L::FRAG_N < 4 ? L::FRAG_N : 4;
+    static_assert(L::FRAG_N % JC == 0, "whole chunks of fragment columns");
+    const Frag<L> f;
+    const bool pairs = N % 2 == 0;  // then every fragment's column pair is one aligned 8-byte load
+    LC_UNROLL
+    for (int i = 0; i < L::FRAG_M; ++i)
+        LC_UNROLL
+        for (int j = 0; j < L::FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+    for (int z = 0; z < (int)gridDim.z; ++z) {
+        const float* part = work + (size_t)z * M * N;
+        LC_UNROLL
+        for (int i = 0; i < L::FRAG_M; ++i)
+            LC_UNROLL
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + f.row(i, 2 * h);
+                const float* rp = part + (size_t)row * N;
+                LC_UNROLL
+                for (int j0 = 0; j0 < L::FRAG_N; j0 += JC) {
+                    Pair<float> p[JC];
+                    LC_UNROLL
+                    for (int j = 0; j < JC; ++j) {
+                        const int col = n0 + f.col(j0 + j, 0);
+                        p[j] = {0.0f, 0.0f};
+                        if (row < M && col < N) {
+                            if (pairs) {
+                                p[j] = *reinterpret_cast<const Pair<float>*>(rp + col);
+                            } else {
+                                p[j].lo = rp[col];
+                                if (col + 1 < N) p[j].hi = rp[col + 1];
+                            }
+                        }
+                    }
+                    LC_UNROLL
+                    for (int j = 0; j < JC; ++j) {
+                        acc[i][j0 + j][2 * h] += p[j].lo;
+                        acc[i][j0 + j][2 * h + 1] += p[j].hi;
+                    }
+                }
+            }
+    }
+}
+
+// The last split's finish of a ROWS × COLS tile at (m0, n0) of an M × N output straight from the
+// workspace, without the accumulators: out = alpha · Σ_z work[z] + beta · out (beta = 0: out is
+// not read), the splits added in order from 0.0f (lc::sum_splits), rounded once. For kernels
+// where summing into the accumulators and running their epilogue would spill (the GEMM family's
+// split kernels). Block-strided, consecutive threads on consecutive columns, batches of 8
+// elements a thread whose loads all precede their stores (a store through `out` may alias a
+// later load through it as far as the compiler can tell).
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void finish_tile(const float* __restrict__ work, T* __restrict__ out, int M, int N, int m0,
+                                            int n0, float alpha, float beta) {
+    constexpr int BATCH = 8;
+    const int stride = (int)blockDim.x;
+    for (int e0 = (int)threadIdx.x; e0 < ROWS * COLS; e0 += BATCH * stride) {
+        float value[BATCH];
+        LC_UNROLL
+        for (int b = 0; b < BATCH; ++b) {
+            const int e = e0 + b * stride, r = m0 + e / COLS, c = n0 + e % COLS;
+            value[b] = 0.0f;
+            if (e < ROWS * COLS && r < M && c < N) {
+                const size_t at = (size_t)r * N + c;
+                const float old = beta != 0.0f ? beta * lc::to_f32(out[at]) : 0.0f;
+                value[b] = alpha * lc::sum_splits(work, gridDim.z, (size_t)M * N, at) + old;
+            }
+        }
+        LC_UNROLL
+        for (int b = 0; b < BATCH; ++b) {
+            const int e = e0 + b * stride, r = m0 + e / COLS, c = n0 + e % COLS;
+            if (e < ROWS * COLS && r < M && c < N) out[(size_t)r * N + c] = lc::from_f32<T>(value[b]);
+        }
+    }
+}
+
+// The block tile's accumulators stored to out (M × N), each rounded once: the split ∂U's finish.
+template <typename T, class L>
+__device__ __forceinline__ void store_tile(const float (&acc)[L::FRAG_M][L::FRAG_N][4], T* __restrict__ out, int M, int N,
+                                           int m0, int n0) {
+    const Frag<L> f;
+    LC_UNROLL
+    for (int i = 0; i < L::FRAG_M; ++i)
+        LC_UNROLL
+        for (int j = 0; j < L::FRAG_N; ++j)
+            LC_UNROLL
+            for (int v = 0; v < 4; ++v) {
+                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
+                if (row < M && col < N) out[(size_t)row * N + col] = lc::from_f32<T>(acc[i][j][v]);
+            }
+}
+
+// Split K without a finishing launch: the block's partial to work[blockIdx.z] (store_partial);
+// false if another split of the tile is still to finish (the block is done), true in the last
+// one (lc::last_split on tickets[blockIdx.y · gridDim.x + blockIdx.x]), which then holds the
+// whole-K sum in `acc` (sum_partials_into) for the kernel's own whole-K epilogue. `flag`: an int
+// of shared memory the block no longer uses (the pipeline's stages, past the main loop).
+template <class L>
+__device__ __forceinline__ bool split_finish(float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
+                                             unsigned* __restrict__ tickets, int* flag, int M, int N, int m0, int n0) {
+    store_partial<L>(acc, work, M, N, m0, n0);
+    if (!lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, flag)) return false;
+    sum_partials_into<L>(acc, work, M, N, m0, n0);
+    return true;
+}
+
 
 // out[row][col] = alpha · acc + beta · out[row][col] over the block tile at (m0, n0), rounded
 // once (beta == 0: out is not read). Every old value a thread needs is loaded before it stores
@@ -353,8 +453,8 @@ __device__ __forceinline__ void scale_epilogue(const float (&acc)[L::FRAG_M][L::
 
 // The composition's backward epilogue over an H tile in registers (TBM × TBN at (m0, n0) of the
 // (n_tokens, R) output; L the accumulators' warp layout, with THREADS): ∂U (if given) = H ∘ D,
-// or with several splits (gridDim.z > 1) its f32 partial to work[blockIdx.z] for sum_partials;
-// ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens of one sample,
+// or with several splits (gridDim.z > 1) its f32 partial to work[blockIdx.z], which the tile's
+// last split sums (the kernels, after this); ∂C (if given) += the tile's s_j H U, segmented by module and by runs of tokens of one sample,
 // in two halves of TBM / 2 rows through `scratch` (the pipeline's shared memory, free once the
 // main loop has returned): part[TBM / 2][TBN + 1] f32, then the tile's module ids, token samples
 // and segment list (int32). Every thread of the block calls it (barriers inside when dC).

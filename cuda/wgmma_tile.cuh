@@ -217,7 +217,7 @@ __device__ __forceinline__ void epilogue_axpby(const float (&acc)[1][TBN / 8][4]
 // The block's tile of out = alpha·op(A)·op(B) + beta·out (grid (ceil(N/TBN), ceil(M/128),
 // splits)); or, split (gridDim.z > 1), the partial of K range [z·chunk, (z + 1)·chunk) to
 // work[z] (splits × M × N f32), from which the tile's last split to finish forms out
-// (mma_tile::split_epilogue; its ticket in `tickets`). `stages`: Shape<TBN>::SHARED_BYTES of
+// (mma_tile::split_finish; its ticket in `tickets`). `stages`: Shape<TBN>::SHARED_BYTES of
 // dynamic shared memory. The GEMM family's variants and the composition's expand and ∂X.
 template <typename T, bool TA, bool TB, int TBN = BN>
 __device__ __forceinline__ void tile_axpby(T* stages, const T* __restrict__ A, const T* __restrict__ B,
@@ -229,11 +229,10 @@ __device__ __forceinline__ void tile_axpby(T* stages, const T* __restrict__ A, c
     // With one block an SM (the wide tile) nothing else hides the epilogue's wait on out.
     if (gridDim.z == 1 && beta != 0.0f) mma_tile::prefetch_tile<T, BM, TBN, THREADS>(out, M, N, m0, n0);
     mainloop<T, TA, TB, TBN>(acc, stages, A, B, M, N, K, m0, n0, lc::split_begin(chunk), lc::split_end(chunk, K));
-    if (gridDim.z > 1)
-        mma_tile::split_epilogue<LayoutN<TBN>, BM, TBN>(acc, work, tickets, reinterpret_cast<int*>(stages), out, M, N,
-                                                        m0, n0, alpha, beta);
-    else
-        epilogue_axpby<T, TBN>(acc, out, M, N, m0, n0, alpha, beta);
+    if (gridDim.z > 1 &&
+        !mma_tile::split_finish<LayoutN<TBN>>(acc, work, tickets, reinterpret_cast<int*>(stages), M, N, m0, n0))
+        return;
+    epilogue_axpby<T, TBN>(acc, out, M, N, m0, n0, alpha, beta);
 }
 
 }  // namespace wgmma_tile

@@ -108,6 +108,9 @@ pub struct GpuBackend {
     copies: AtomicU64,
 }
 
+/// Tickets the GPU backend allocates when it opens ([`Backend::tickets`]).
+const TICKETS: usize = 4096;
+
 impl GpuBackend {
     /// Opens GPU 0, or says why not. cudarc panics inside `CudaContext::new` when libcuda is
     /// missing, so the library is looked for first, and any other panic from the driver
@@ -169,7 +172,7 @@ impl GpuBackend {
         // call precedes every allocation of this context.
         unsafe { context.disable_event_tracking() };
         let stream = context.new_stream().map_err(driver_error("creating a stream"))?;
-        Ok(GpuBackend {
+        let gpu = GpuBackend {
             sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
             context,
             stream,
@@ -183,7 +186,11 @@ impl GpuBackend {
             to_device: AtomicU64::new(0),
             to_host: AtomicU64::new(0),
             copies: AtomicU64::new(0),
-        })
+        };
+        // The ticket pool now, outside any stream capture (`capture`): a plan splits K only
+        // where its tiles leave SMs idle, so 4,096 tickets are never outgrown in practice.
+        gpu.tickets(TICKETS)?;
+        Ok(gpu)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -383,8 +390,7 @@ impl Backend for GpuBackend {
     fn tickets(&self, len: usize) -> Result<KernelArg, KernelError> {
         let mut pool = self.tickets.lock().expect("ticket pool");
         if pool.as_ref().is_none_or(|p| p.len < len) {
-            // A plan splits K only where its tiles leave SMs idle: a few hundred tiles at most.
-            let mut fresh = self.alloc::<u32>(len.max(4096))?;
+            let mut fresh = self.alloc::<u32>(len.max(TICKETS))?;
             self.zero(&mut fresh)?;
             // The pool it replaces is freed in stream order, after the launches that use it.
             *pool = Some(fresh);

@@ -1220,3 +1220,56 @@ fn gpu_graph_replays_the_launches() {
         }
     }
 }
+
+/// The tensor-core forward does not depend on which split of a tile finishes last: the last one
+/// sums the partials in split order (`mma_tile::split_finish`). Every fixed case whose plan
+/// splits K runs in several block orders (seed 0 forward, 1 reverse, others shuffled: other
+/// blocks finish last), and U, Z and Y must come out with the same bits each time. Random data
+/// rarely show a different order through the bf16 rounding; `tests/gemm_kernels.rs`'s test of
+/// the same name has data that do, through the same `split_finish`.
+#[test]
+fn split_k_gives_the_same_bits_whichever_split_finishes_last() {
+    use compose_fwd::Variant::{Mma, Wgmma, WgmmaWide};
+    let mut split_cases = 0;
+    for (i, case) in fixed_cases().iter().enumerate() {
+        let p: Prepared<half::bf16> = prepare(case, i as u64);
+        let s = &p.shape;
+        for variant in [Mma, Wgmma, WgmmaWide] {
+            let plan = compose_fwd::launch_config(variant, s, CpuHarness::new(0).sm_count());
+            if plan.iter().all(|(_, dims)| dims.grid[2] == 1) {
+                continue;
+            }
+            split_cases += 1;
+            let run = |seed: u64| -> Vec<Vec<u16>> {
+                let h = CpuHarness::new(seed);
+                let operands = ForwardOperands::upload(&h, case, &p).unwrap();
+                let (t, r) = (s.t, s.r_total());
+                let mut u = h.upload(&vec![half::bf16::NAN; t * r]).unwrap();
+                let mut z = h.upload(&vec![half::bf16::NAN; t * r]).unwrap();
+                let mut y = h.upload(&p.y0).unwrap();
+                let mut work = h
+                    .alloc::<f32>(compose_fwd::workspace_len(variant, s, h.sm_count()))
+                    .unwrap();
+                let outputs = compose_fwd::Outputs {
+                    u: Some(&mut u),
+                    z: &mut z,
+                    y: &mut y,
+                    work: &mut work,
+                };
+                compose_fwd::launch(&h, variant, s, &operands.inputs(), outputs).unwrap();
+                [&u, &z, &y]
+                    .iter()
+                    .map(|b| h.download(b).unwrap().iter().map(|x| x.to_bits()).collect())
+                    .collect()
+            };
+            let first = run(0);
+            for seed in 1..5 {
+                assert!(
+                    run(seed) == first,
+                    "case {i} {variant:?}: outputs differ between seed 0 and {seed}"
+                );
+            }
+        }
+    }
+    assert!(split_cases >= 3, "only {split_cases} fixed cases split K");
+}

@@ -351,3 +351,63 @@ fn gpu_sanitizer_cases() {
         check_all_combos(&gpu, m, n, k, alpha, beta, 50 + i as u64).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A split GEMM's C does not depend on which split of a tile finishes last: the last one sums
+/// the partials in split order (`lc::last_split`, `mma_tile::finish_tile` and `split_finish`).
+/// The harness's block orders (seed 0 forward, 1 reverse, others shuffled) make different
+/// blocks the last; C must come out with the same bits every time. The data make the order
+/// visible through the bf16 rounding: K's first chunk sums to ~5·10⁵, its third to exactly the
+/// negative of that, the others to a few units, so an f32 sum in another order loses different
+/// low bits of the small ones.
+#[test]
+fn split_k_gives_the_same_bits_whichever_split_finishes_last() {
+    let params = GemmParams {
+        shape: GemmShape {
+            m: 40,
+            n: 72,
+            k: 520,
+            trans_a: false,
+            trans_b: true,
+        },
+        alpha: 1.7,
+        beta: -0.75,
+    };
+    let s = params.shape;
+    let sms = CpuHarness::new(0).sm_count();
+    for variant in [Variant::Mma, Variant::MmaW64, Variant::Wgmma, Variant::WgmmaWide] {
+        let split = gemm::mma_split(variant, &s, sms);
+        assert!(split.splits >= 3, "{variant:?}: {split:?}");
+        let mut rng = ChaCha8Rng::seed_from_u64(71);
+        let small: Vec<half::bf16> = random_values(&mut rng, (s.m + s.n) * s.k);
+        let big = half::bf16::from_f32(64.0);
+        // A (m, k) and B stored (n, k): chunk 0 all 64, chunk 2 its negative (A) and copy (B).
+        let value = |row: usize, k: usize, a: bool| match k / split.chunk {
+            0 => big,
+            2 if k - 2 * split.chunk < split.chunk => {
+                if a {
+                    -big
+                } else {
+                    big
+                }
+            }
+            _ => small[(if a { row } else { s.m + row }) * s.k + k],
+        };
+        let a: Vec<half::bf16> = (0..s.m * s.k).map(|e| value(e / s.k, e % s.k, true)).collect();
+        let b: Vec<half::bf16> = (0..s.n * s.k).map(|e| value(e / s.k, e % s.k, false)).collect();
+        let c: Vec<half::bf16> = random_values(&mut rng, s.m * s.n);
+        let run = |seed: u64| -> Vec<u16> {
+            let h = CpuHarness::new(seed);
+            let (dev_a, dev_b) = (h.upload(&a).unwrap(), h.upload(&b).unwrap());
+            let mut dev_c = h.upload(&c).unwrap();
+            gemm::launch(&h, variant, &params, &dev_a, &dev_b, &mut dev_c).unwrap();
+            h.download(&dev_c).unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        let first = run(0);
+        for seed in 1..6 {
+            assert!(
+                run(seed) == first,
+                "{variant:?}: C differs between seed 0 and seed {seed}"
+            );
+        }
+    }
+}
