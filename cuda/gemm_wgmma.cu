@@ -17,7 +17,7 @@
 //   7. wgmma_wide the same on a 128×256 tile (wgmma.mma_async.m64n256k16, 128 accumulators a
 //                thread; 96 KiB of dynamic shared memory): 24 KB of operands per K step of 2.1
 //                MFLOP where the 128×128 tile moves 16 KB per 1.05 — a quarter less L2-to-SM
-//                traffic per FLOP. 206 registers: one block an SM (and its split kernel gemm_wgmma_wide_split_*).
+//                traffic per FLOP. 216 registers: one block an SM (its split kernel gemm_wgmma_wide_split_*: 255).
 #include "wgmma_tile.cuh"
 
 namespace wgmma_gemm {

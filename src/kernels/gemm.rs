@@ -26,13 +26,13 @@ pub enum Variant {
     /// harness runs it through its wgmma emulation): 128×128 tile of 2 warpgroups, operands from
     /// shared memory in the no-swizzle core-matrix layout, 4-stage `cp.async` pipeline in 64 KiB
     /// of dynamic shared memory, one wgmma group kept in flight; split-K as [`Variant::Mma`]
-    /// ([`mma_split`], [`Variant::splits_k`]: 2 blocks an SM, 127 registers a thread, 90 for
+    /// ([`mma_split`], [`Variant::splits_k`]: 2 blocks an SM, 127 registers a thread, 138 for
     /// the split kernel).
     Wgmma,
     /// [`Variant::Wgmma`] on a 128×256 tile (`wgmma.mma_async.m64n256k16`, 128 f32 accumulators
     /// a thread): a quarter less L2-to-SM traffic per FLOP (24 KB per K step of 2.1 MFLOP,
     /// against 16 KB per 1.05), the traffic the `wgmma` predictions name as its limit. 96 KiB of
-    /// dynamic shared memory (4 stages), 206 registers a thread: one block an SM; split-K by the
+    /// dynamic shared memory (4 stages), 216 registers a thread: one block an SM; split-K by the
     /// same rule over one block an SM ([`mma_split`]).
     WgmmaWide,
 }
