@@ -227,15 +227,18 @@ struct alignas(2 * sizeof(T)) Pair {
 // The tile's last split (split_finish): acc = Σ_z work[z] over the block's tile, in split order
 // from 0.0f — the f32 sums of a finishing launch's lc::sum_splits, the same bits whichever split
 // arrived last. Each thread loads the elements of its own accumulator fragments (its own partial
-// too: the registers of `acc` are reused) as column pairs — one 8-byte load where N is even, two
-// 4-byte ones otherwise — a row of up to 8 pairs in flight before their adds.
+// too: the registers of `acc` are reused) as column pairs — one 8-byte load where N is even and
+// the workspace 8-byte aligned (a view into a larger one need not be), two 4-byte ones otherwise
+// — in chunks of 4 pairs of a fragment row; no store comes between the loads, so the compiler
+// may issue several chunks ahead of their adds.
 template <class L>
 __device__ __forceinline__ void sum_partials_into(float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ work,
                                                   int M, int N, int m0, int n0) {
     constexpr int JC = L::FRAG_N < 4 ? L::FRAG_N : 4;
     static_assert(L::FRAG_N % JC == 0, "whole chunks of fragment columns");
     const Frag<L> f;
-    const bool pairs = N % 2 == 0;  // then every fragment's column pair is one aligned 8-byte load
+    // Then every fragment's column pair (an even column) is one aligned 8-byte load.
+    const bool pairs = N % 2 == 0 && reinterpret_cast<size_t>(work) % sizeof(Pair<float>) == 0;
     LC_UNROLL
     for (int i = 0; i < L::FRAG_M; ++i)
         LC_UNROLL
@@ -337,7 +340,6 @@ __device__ __forceinline__ bool split_finish(float (&acc)[L::FRAG_M][L::FRAG_N][
     sum_partials_into<L>(acc, work, M, N, m0, n0);
     return true;
 }
-
 
 // out[row][col] = alpha · acc + beta · out[row][col] over the block tile at (m0, n0), rounded
 // once (beta == 0: out is not read). Every old value a thread needs is loaded before it stores
