@@ -200,13 +200,12 @@ __device__ __forceinline__ void prefetch_tile(const T* out, int M, int N, int m0
     }
 }
 
-// Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
-// M × N); the tile's last split to finish adds the splits in order (split_finish).
-template <class L>
-__device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
-                                              int M, int N, int m0, int n0) {
+// The block tile's accumulators stored to out (M × N), each rounded once (T = float:
+// as they are): the split ∂U's finish, and store_partial.
+template <typename T, class L>
+__device__ __forceinline__ void store_tile(const float (&acc)[L::FRAG_M][L::FRAG_N][4], T* __restrict__ out, int M, int N,
+                                           int m0, int n0) {
     const Frag<L> f;
-    float* part = work + (size_t)blockIdx.z * M * N;
     LC_UNROLL
     for (int i = 0; i < L::FRAG_M; ++i)
         LC_UNROLL
@@ -214,8 +213,16 @@ __device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::F
             LC_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (row < M && col < N) part[(size_t)row * N + col] = acc[i][j][v];
+                if (row < M && col < N) out[(size_t)row * N + col] = lc::from_f32<T>(acc[i][j][v]);
             }
+}
+
+// Split K: the block's partial tile, f32 and unrounded, to work[blockIdx.z][row][col] (splits ×
+// M × N); the tile's last split to finish adds the splits in order (split_finish).
+template <class L>
+__device__ __forceinline__ void store_partial(const float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
+                                              int M, int N, int m0, int n0) {
+    store_tile<float, L>(acc, work + (size_t)blockIdx.z * M * N, M, N, m0, n0);
 }
 
 // Two consecutive elements as one access (16-bit: 4 bytes; f32: 8).
@@ -309,22 +316,6 @@ __device__ __forceinline__ void finish_tile(const float* __restrict__ work, T* _
             if (e < ROWS * COLS && r < M && c < N) out[(size_t)r * N + c] = lc::from_f32<T>(value[b]);
         }
     }
-}
-
-// The block tile's accumulators stored to out (M × N), each rounded once: the split ∂U's finish.
-template <typename T, class L>
-__device__ __forceinline__ void store_tile(const float (&acc)[L::FRAG_M][L::FRAG_N][4], T* __restrict__ out, int M, int N,
-                                           int m0, int n0) {
-    const Frag<L> f;
-    LC_UNROLL
-    for (int i = 0; i < L::FRAG_M; ++i)
-        LC_UNROLL
-        for (int j = 0; j < L::FRAG_N; ++j)
-            LC_UNROLL
-            for (int v = 0; v < 4; ++v) {
-                const int row = m0 + f.row(i, v), col = n0 + f.col(j, v);
-                if (row < M && col < N) out[(size_t)row * N + col] = lc::from_f32<T>(acc[i][j][v]);
-            }
 }
 
 // Split K without a finishing launch: the block's partial to work[blockIdx.z] (store_partial);
