@@ -714,3 +714,22 @@ fn the_last_block_acquires_what_the_others_released() {
         }
     }
 }
+
+/// `Backend::tickets` on the harness checks, at every call, that the launches since the last one
+/// left each ticket zero (a kernel whose last block did not reset its tile's ticket).
+#[test]
+fn tickets_left_drawn_are_reported() {
+    let h = CpuHarness::new(0);
+    let KernelArg::Ptr(pool) = h.tickets(16).unwrap() else {
+        panic!("the tickets are a pointer")
+    };
+    assert!(h.tickets(16).is_ok());
+    let ticket = (pool as *mut u32).wrapping_add(3);
+    // SAFETY: the pool is this thread's live harness allocation of at least 16 u32.
+    unsafe { ticket.write(2) };
+    let e = h.tickets(16).unwrap_err().to_string();
+    assert!(e.contains("ticket 3 is 2") && e.contains("last_split"), "{e}");
+    // SAFETY: as above.
+    unsafe { ticket.write(0) };
+    assert!(h.tickets(16).is_ok());
+}
