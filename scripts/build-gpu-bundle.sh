@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds everything a GPU machine needs to test and time the kernels into gpu-bundle/: the GPU
-# test executables and gpu-bench with the PTX embedded (symbols stripped), the C++ runtime they
-# link, and gpu-check.sh; then packs it as gpu-bundle.tar.gz (both git-ignored). The GPU machine
+# test executables and gpu-bench (symbols stripped), built with LC_PTX_EXTERNAL=1 so that they
+# read the PTX from gpu-bundle/ptx/ (LC_PTX_DIR, set by gpu-check.sh) instead of each embedding
+# all of it, the C++ runtime they link, and gpu-check.sh; then packs it as gpu-bundle.tar.gz
+# (both git-ignored). The GPU machine
 # needs only the CUDA driver: no Rust, no network. The device tool sends the tracked tree and
 # what it carries, 64 MiB in all: the script fails if the archive and the tracked files pass
 # 60 MiB (the unpacked folder alone no longer fits beside the tree).
@@ -19,10 +21,11 @@ if [[ ! -x "$CUDA_HOME/bin/nvcc" ]]; then
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+export LC_PTX_EXTERNAL=1
 
 bundle=gpu-bundle
 rm -rf "$bundle"
-mkdir -p "$bundle/lib"
+mkdir -p "$bundle/lib" "$bundle/ptx"
 
 # Test executables (GEMM, composition, factor composition, layer norm, embedding, attention, element-wise, loss, optimizer, coefficient kernels, probe, model): cargo names them <test>-<hash>; keep the test name.
 cargo test --release --no-run --message-format=json --test gemm_kernels --test compose_kernels --test compose_factor_kernels \
@@ -33,8 +36,13 @@ cargo test --release --no-run --message-format=json --test gemm_kernels --test c
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"], m["executable"])' \
-    | while read -r name exe; do cp "$exe" "$bundle/$name"; done
+        print(m["target"]["name"], m["executable"])
+    elif m.get("reason") == "build-script-executed" and "lora-compose" in m["package_id"]:
+        print("@ptx", m["out_dir"])' \
+    | while read -r name path; do
+        if [[ $name == @ptx ]]; then cp "$path"/*.ptx.gz "$bundle/ptx/"; else cp "$path" "$bundle/$name"; fi
+    done
+[[ -n $(ls "$bundle/ptx") ]] || { echo "error: no PTX was built (is nvcc working?)" >&2; exit 1; }
 cargo build --release --bin gpu-bench
 cp "$CARGO_TARGET_DIR/release/gpu-bench" "$bundle/"
 for exe in gemm_kernels compose_kernels compose_factor_kernels layernorm_kernels embedding_kernels attention_kernels elementwise_kernels loss_kernels optim_kernels coeffs_kernels \

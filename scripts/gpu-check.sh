@@ -27,6 +27,8 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The bundle's executables read their PTX from here (built with LC_PTX_EXTERNAL=1).
+export LC_PTX_DIR="$here/ptx"
 # cuBLAS, for gpu-bench's reference columns: the bundle carries none (too large); a CUDA
 # toolkit's or an nvidia-cublas wheel's where one is installed. Without it the bench prints
 # "cuBLAS: unavailable".

@@ -18,6 +18,7 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LC_PTX_DIR="$here/ptx"  # the bundle's executables read their PTX from here
 if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1; then
     wheel_lib=$(find /opt /usr/local/lib /usr/lib/python3* -maxdepth 9 -name 'libcublas.so.*' 2>/dev/null | head -n 1)
     [[ -n ${wheel_lib:-} ]] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$wheel_lib")"

@@ -24,16 +24,26 @@ pub mod ptx {
     /// Every family's PTX text, inflated once.
     static TEXT: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
 
-    /// The PTX of `cuda/<family>.cu`, when nvcc built it (embedded gzip-compressed).
+    /// The PTX of `cuda/<family>.cu`, when nvcc built it: embedded gzip-compressed, or (a build
+    /// with `LC_PTX_EXTERNAL=1`, the GPU bundle's) read from `$LC_PTX_DIR/<family>.ptx.gz`.
     pub fn get(family: &str) -> Option<&'static str> {
         let all = TEXT.get_or_init(|| {
             FAMILIES
                 .iter()
-                .map(|&(f, gz)| {
+                .map(|&(f, embedded)| {
+                    let gz = if EXTERNAL {
+                        let dir = std::env::var("LC_PTX_DIR").unwrap_or_else(|_| {
+                            panic!("this build reads its PTX at run time: set LC_PTX_DIR (gpu-check.sh does)")
+                        });
+                        let path = std::path::Path::new(&dir).join(format!("{f}.ptx.gz"));
+                        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+                    } else {
+                        embedded.to_vec()
+                    };
                     let mut text = String::new();
-                    flate2::read::GzDecoder::new(gz)
+                    flate2::read::GzDecoder::new(gz.as_slice())
                         .read_to_string(&mut text)
-                        .unwrap_or_else(|e| panic!("the embedded PTX of {f} does not inflate: {e}"));
+                        .unwrap_or_else(|e| panic!("the PTX of {f} does not inflate: {e}"));
                     (f, text)
                 })
                 .collect()
