@@ -16,7 +16,6 @@
     type* name = reinterpret_cast<type*>(lc_dynamic_shared)
 // `#pragma unroll` for nvcc (the harness's host compiler does not know the pragma).
 #define LC_UNROLL _Pragma("unroll")
-#define LC_NO_UNROLL _Pragma("unroll 1")
 // A grid-wide barrier: every thread of every block waits until all have arrived, and the
 // blocks' earlier memory accesses are visible to all after it. Only in kernels launched
 // cooperatively (`Kernel::cooperative`: cuLaunchCooperativeKernel, whose grid the driver checks
@@ -29,7 +28,6 @@
 #else
 #include "harness/cuda_cpu.h"
 #define LC_UNROLL
-#define LC_NO_UNROLL
 #define LC_GRID_SYNC() ::lc_harness::grid_barrier(__FILE__ ":" LC_HARNESS_STR(__LINE__))
 #define LC_NOINLINE __attribute__((noinline))
 #endif
@@ -170,12 +168,14 @@ __device__ __forceinline__ float sum_splits(const float* __restrict__ work, int 
 // the one that then sums them. Thread 0 releases the block's partial (a device-scope fence, then
 // atomicAdd on the tile's ticket); the block that draws the last ticket acquires the other
 // splits' partials (a fence after its atomic) and resets the ticket for the next launch; a
-// barrier hands the answer, and the acquire, to every thread. `ticket` is zero when the tile's
-// first split arrives (src/launch.rs `Backend::tickets`: zeroed once, left zero by every launch);
-// `flag` is one int of shared memory the block does not otherwise touch until it returns.
+// barrier hands the answer, and the acquire, to every thread. The tile's ticket is
+// tickets[blockIdx.y · gridDim.x + blockIdx.x], zero when its first split arrives (src/launch.rs
+// `Backend::tickets`: zeroed once, left zero by every launch); `flag` is one int of shared memory
+// the block does not otherwise touch until it returns.
 // Arrival order decides only which block sums, never the order of the sum
 // (mma_tile::split_finish).
-__device__ __forceinline__ bool last_split(unsigned* ticket, int* flag) {
+__device__ __forceinline__ bool last_split(unsigned* tickets, int* flag) {
+    unsigned* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();

@@ -141,12 +141,7 @@ __device__ __forceinline__ void hidden(T* stages, const T* __restrict__ G, const
                                         lc::split_begin(chunk), lc::split_end(chunk, d_out));
     hidden_epilogue<T, L, TBM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of, col_scale, dC, dU,
                                work, n_tokens, R, n_modules, m0, n0);
-    // Split: the tile's last split sums the ∂U partials (each already H ∘ D) and stores ∂U.
-    if (gridDim.z > 1 && dU &&
-        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages))) {
-        sum_partials_into<L>(acc, work, n_tokens, R, m0, n0);
-        store_tile<T, L>(acc, dU, n_tokens, R, m0, n0);
-    }
+    split_finish_du<T, L>(acc, work, tickets, reinterpret_cast<int*>(stages), dU, n_tokens, R, m0, n0);
 }
 
 }  // namespace compose_mma

@@ -82,12 +82,8 @@ __device__ __forceinline__ void hidden(const T* __restrict__ G, const T* __restr
     __syncthreads();  // every warp's wgmma reads of the stages are done before the scratch reuses them
     mma_tile::hidden_epilogue<T, LayoutN<TBN>, BM>(acc, reinterpret_cast<float*>(stages), U, C, sample_of, module_of,
                                              col_scale, dC, dU, work, n_tokens, R, n_modules, m0, n0);
-    // Split: the tile's last split sums the ∂U partials (each already H ∘ D) and stores ∂U.
-    if (gridDim.z > 1 && dU &&
-        lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(stages))) {
-        mma_tile::sum_partials_into<LayoutN<TBN>>(acc, work, n_tokens, R, m0, n0);
-        mma_tile::store_tile<T, LayoutN<TBN>>(acc, dU, n_tokens, R, m0, n0);
-    }
+    mma_tile::split_finish_du<T, LayoutN<TBN>>(acc, work, tickets, reinterpret_cast<int*>(stages), dU, n_tokens, R,
+                                               m0, n0);
 }
 
 }  // namespace compose_wgmma

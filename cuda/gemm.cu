@@ -156,7 +156,7 @@ __device__ __forceinline__ void body(T* a_tiles, T* b_tiles, const T* __restrict
     // The last split forms C from the workspace (finish_tile): summing into the accumulators and
     // running epilogue_axpby on them spills in both warp layouts.
     store_partial<L>(acc, work, M, N, m0, n0);
-    if (lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, reinterpret_cast<int*>(a_tiles)))
+    if (lc::last_split(tickets, reinterpret_cast<int*>(a_tiles)))
         finish_tile<T, BM, BN>(work, C, M, N, m0, n0, alpha, beta);
 }
 }  // namespace mma

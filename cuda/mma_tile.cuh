@@ -320,16 +320,28 @@ __device__ __forceinline__ void finish_tile(const float* __restrict__ work, T* _
 
 // Split K without a finishing launch: the block's partial to work[blockIdx.z] (store_partial);
 // false if another split of the tile is still to finish (the block is done), true in the last
-// one (lc::last_split on tickets[blockIdx.y · gridDim.x + blockIdx.x]), which then holds the
+// one (lc::last_split on the tile's ticket in `tickets`), which then holds the
 // whole-K sum in `acc` (sum_partials_into) for the kernel's own whole-K epilogue. `flag`: an int
 // of shared memory the block no longer uses (the pipeline's stages, past the main loop).
 template <class L>
 __device__ __forceinline__ bool split_finish(float (&acc)[L::FRAG_M][L::FRAG_N][4], float* __restrict__ work,
                                              unsigned* __restrict__ tickets, int* flag, int M, int N, int m0, int n0) {
     store_partial<L>(acc, work, M, N, m0, n0);
-    if (!lc::last_split(tickets + blockIdx.y * gridDim.x + blockIdx.x, flag)) return false;
+    if (!lc::last_split(tickets, flag)) return false;
     sum_partials_into<L>(acc, work, M, N, m0, n0);
     return true;
+}
+
+// The split `hidden` kernels' ∂U (gridDim.z > 1, ∂U asked for): after hidden_epilogue stored
+// the block's partial ∂U (H ∘ D, f32), the tile's last split sums the partials in split order
+// and stores ∂U, each element rounded once.
+template <typename T, class L>
+__device__ __forceinline__ void split_finish_du(float (&acc)[L::FRAG_M][L::FRAG_N][4], const float* __restrict__ work,
+                                                unsigned* __restrict__ tickets, int* flag, T* __restrict__ dU,
+                                                int n_tokens, int R, int m0, int n0) {
+    if (gridDim.z == 1 || !dU || !lc::last_split(tickets, flag)) return;
+    sum_partials_into<L>(acc, work, n_tokens, R, m0, n0);
+    store_tile<T, L>(acc, dU, n_tokens, R, m0, n0);
 }
 
 // out[row][col] = alpha · acc + beta · out[row][col] over the block tile at (m0, n0), rounded

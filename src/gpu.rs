@@ -31,17 +31,19 @@ pub mod ptx {
             FAMILIES
                 .iter()
                 .map(|&(f, embedded)| {
-                    let gz = if EXTERNAL {
+                    let gz: std::borrow::Cow<[u8]> = if EXTERNAL {
                         let dir = std::env::var("LC_PTX_DIR").unwrap_or_else(|_| {
                             panic!("this build reads its PTX at run time: set LC_PTX_DIR (gpu-check.sh does)")
                         });
                         let path = std::path::Path::new(&dir).join(format!("{f}.ptx.gz"));
-                        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+                        let read = std::fs::read(&path);
+                        read.unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+                            .into()
                     } else {
-                        embedded.to_vec()
+                        embedded.into()
                     };
                     let mut text = String::new();
-                    flate2::read::GzDecoder::new(gz.as_slice())
+                    flate2::read::GzDecoder::new(&gz[..])
                         .read_to_string(&mut text)
                         .unwrap_or_else(|e| panic!("the PTX of {f} does not inflate: {e}"));
                     (f, text)

@@ -6,8 +6,9 @@
 
 use super::compose_fwd::{
     check_tables, gemv_col_split, gemv_column_tile, gemv_coop_dims, gemv_dims, gemv_kernel, launch_cooperative,
-    linear_dims, mma_kernel, mma_step, naive_dims, split_k, tiled_dims, wgmma_kernel, wgmma_step, with_cols_and_chunk,
-    GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, WgmmaEntry, GEMV_MAX_T, GEMV_THREADS, TILE,
+    linear_dims, mma_kernel, mma_step, naive_dims, split_k, split_tickets, tiled_dims, wgmma_kernel, wgmma_step,
+    with_cols_and_chunk, GemvEntry, MmaEntry, Shape, Split, Tables, TokenRows, WgmmaEntry, GEMV_MAX_T, GEMV_THREADS,
+    TILE,
 };
 use super::{check_len, Backend, DType, Element, Kernel, KernelArg, KernelError, LaunchDims};
 use crate::compose::Train;
@@ -705,48 +706,24 @@ pub fn launch<T: Element, B: Backend>(
         };
         // The H-with-∂C and the ∂X kernels' arguments, tiled (`cols`: their rank columns) or on
         // the tensor cores (None: all R).
-        let hidden_args = |want_dc: bool, want_du: bool, cols: Option<(usize, usize)>, split: Split| {
-            let (dc, du) = (if want_dc { dc } else { null }, if want_du { du } else { null });
-            let head = vec![
-                g,
-                b_cat,
-                u,
-                c,
-                sample_of,
-                module_of,
-                col_scale,
-                dc,
-                du,
-                work,
-                i(t),
-                i(d_out),
-                i(r),
-                i(n),
-            ];
+        let hidden_args =
+            |want_dc: bool, want_du: bool, cols: Option<(usize, usize)>, tickets: Option<KernelArg>, split: Split| {
+                let (dc, du) = (if want_dc { dc } else { null }, if want_du { du } else { null });
+                let mut head = vec![g, b_cat, u, c, sample_of, module_of, col_scale, dc, du, work];
+                head.extend(tickets);
+                head.extend([i(t), i(d_out), i(r), i(n)]);
+                with_cols_and_chunk(head, cols, split)
+            };
+        let dx_args = |cols: Option<(usize, usize)>, tickets: Option<KernelArg>, split: Split| {
+            let mut head = vec![du, a_cat, dx, work];
+            head.extend(tickets);
+            head.extend([i(t), i(r), i(d_in)]);
             with_cols_and_chunk(head, cols, split)
         };
-        let dx_args = |cols: Option<(usize, usize)>, split: Split| {
-            with_cols_and_chunk(vec![du, a_cat, dx, work, i(t), i(r), i(d_in)], cols, split)
-        };
-        // The tensor-core kernels take the tile tickets after the workspace (a null pointer when
-        // K is not split, or for H when ∂U is not asked for: the kernel then never reads it).
-        let tickets = |dims: &LaunchDims, split: Split, used: bool| {
-            if used && split.splits > 1 {
-                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)
-            } else {
-                Ok(null)
-            }
-        };
-        let tc_hidden_args =
-            |want_dc: bool, want_du: bool, dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-                let mut args = hidden_args(want_dc, want_du, None, split);
-                args.insert(10, tickets(dims, split, want_du)?);
-                Ok(args)
-            };
-        let tc_dx_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-            let mut args = dx_args(None, split);
-            args.insert(4, tickets(dims, split, true)?);
-            Ok(args)
+        // The tensor-core kernels take the tile tickets after the workspace (`split_tickets`;
+        // null for H when ∂U is not asked for: only ∂U is summed across splits).
+        let tickets = |used: bool| -> Result<Option<KernelArg>, KernelError> {
+            Ok(Some(if used { split_tickets(backend, &dims)? } else { null }))
         };
         let mma = match step {
             Step::MmaHidden {
@@ -756,11 +733,11 @@ pub fn launch<T: Element, B: Backend>(
                 split,
             } => Some((
                 mma_kernel(MmaEntry::Hidden.on_rows(tile_rows), T::DTYPE)?,
-                tc_hidden_args(want_dc, want_du, &dims, split)?,
+                hidden_args(want_dc, want_du, None, tickets(want_du)?, split),
             )),
             Step::MmaDx { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Dx.on_rows(tile_rows), T::DTYPE)?,
-                tc_dx_args(&dims, split)?,
+                dx_args(None, tickets(true)?, split),
             )),
             Step::WgmmaHidden {
                 dc: want_dc,
@@ -769,11 +746,12 @@ pub fn launch<T: Element, B: Backend>(
                 wide,
             } => Some((
                 wgmma_kernel(WgmmaEntry::Hidden, wide, T::DTYPE)?,
-                tc_hidden_args(want_dc, want_du, &dims, split)?,
+                hidden_args(want_dc, want_du, None, tickets(want_du)?, split),
             )),
-            Step::WgmmaDx { split, wide } => {
-                Some((wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?, tc_dx_args(&dims, split)?))
-            }
+            Step::WgmmaDx { split, wide } => Some((
+                wgmma_kernel(WgmmaEntry::Dx, wide, T::DTYPE)?,
+                dx_args(None, tickets(true)?, split),
+            )),
             _ => None,
         };
         if let Some((kernel, args)) = mma {
@@ -877,7 +855,7 @@ pub fn launch<T: Element, B: Backend>(
                 du: want_du,
             } => (
                 Entry::CoeffGradTiled,
-                hidden_args(want_dc, want_du, Some((j0, j1)), split),
+                hidden_args(want_dc, want_du, Some((j0, j1)), None, split),
             ),
             Step::SumPartials { target, splits } => {
                 let (out, width, ld, accumulate) = match target {
@@ -893,7 +871,7 @@ pub fn launch<T: Element, B: Backend>(
                 unsafe { backend.launch(&kernel, &dims, &args)? };
                 continue;
             }
-            Step::DxTiled { j0, j1, split } => (Entry::DxTiled, dx_args(Some((j0, j1)), split)),
+            Step::DxTiled { j0, j1, split } => (Entry::DxTiled, dx_args(Some((j0, j1)), None, split)),
             Step::DaTiled { j0, j1 } => (Entry::DaTiled, vec![du, x, da, i(t), i(r), i(d_in), i(j0), i(j1)]),
             Step::GemvBackward { .. }
             | Step::GemvZero { .. }

@@ -218,6 +218,17 @@ pub(crate) fn gemv_col_split(tiles: usize, k: usize, sm_count: usize) -> Split {
 /// tensor-core step takes last: the rank columns `[j0, j1)` it covers — the tiled kernels only
 /// (`cols`: Some); the tensor-core ones cover all R — then its split-K chunk. One argument
 /// list per kernel shape serves both ABIs.
+/// The tickets argument of a tensor-core kernel that may split K (`lc::last_split`): one ticket
+/// per tile of the grid's x × y from [`Backend::tickets`] when `dims` splits K along z, a null
+/// pointer otherwise (the kernel then never reads it).
+pub(crate) fn split_tickets<B: Backend>(backend: &B, dims: &LaunchDims) -> Result<super::KernelArg, KernelError> {
+    if dims.grid[2] > 1 {
+        backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)
+    } else {
+        Ok(super::KernelArg::Ptr(0))
+    }
+}
+
 pub(crate) fn with_cols_and_chunk(
     mut args: Vec<super::KernelArg>,
     cols: Option<(usize, usize)>,

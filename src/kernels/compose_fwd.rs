@@ -419,64 +419,38 @@ pub fn launch<T: Element, B: Backend>(
             )),
             _ => None,
         };
-        // The shrink's and the expand's arguments, tiled (`cols`: their rank columns) or on the
-        // tensor cores (None: all R).
-        let shrink_args = |cols: Option<(usize, usize)>, split: Split| {
-            let head = vec![
-                x,
-                a_cat,
-                c,
-                sample_of,
-                module_of,
-                col_scale,
-                u,
-                z,
-                work,
-                i(t),
-                i(d_in),
-                i(r),
-                i(n),
-            ];
+        // The shrink's and the expand's arguments: tiled (`cols`: their rank columns; no
+        // tickets) or on the tensor cores (`cols` None: all R; the tile tickets after the
+        // workspace, `split_tickets`).
+        let shrink_args = |cols: Option<(usize, usize)>, tickets: Option<KernelArg>, split: Split| {
+            let mut head = vec![x, a_cat, c, sample_of, module_of, col_scale, u, z, work];
+            head.extend(tickets);
+            head.extend([i(t), i(d_in), i(r), i(n)]);
             with_cols_and_chunk(head, cols, split)
         };
-        let expand_args = |cols: Option<(usize, usize)>, split: Split| {
-            with_cols_and_chunk(vec![z, b_cat, y, work, i(t), i(r), i(d_out)], cols, split)
+        let expand_args = |cols: Option<(usize, usize)>, tickets: Option<KernelArg>, split: Split| {
+            let mut head = vec![z, b_cat, y, work];
+            head.extend(tickets);
+            head.extend([i(t), i(r), i(d_out)]);
+            with_cols_and_chunk(head, cols, split)
         };
-        // The tensor-core kernels take the tile tickets after the workspace (a null pointer when
-        // K is not split: the kernel then never reads it).
-        let tickets = |dims: &LaunchDims, split: Split| {
-            if split.splits > 1 {
-                backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)
-            } else {
-                Ok(KernelArg::Ptr(0))
-            }
-        };
-        let tc_shrink_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-            let mut args = shrink_args(None, split);
-            args.insert(9, tickets(dims, split)?);
-            Ok(args)
-        };
-        let tc_expand_args = |dims: &LaunchDims, split: Split| -> Result<Vec<KernelArg>, KernelError> {
-            let mut args = expand_args(None, split);
-            args.insert(4, tickets(dims, split)?);
-            Ok(args)
-        };
+        let tickets = || split_tickets(backend, &dims).map(Some);
         let mma = match step {
             Step::MmaShrink { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Shrink.on_rows(tile_rows), T::DTYPE)?,
-                tc_shrink_args(&dims, split)?,
+                shrink_args(None, tickets()?, split),
             )),
             Step::MmaExpand { tile_rows, split } => Some((
                 mma_kernel(MmaEntry::Expand.on_rows(tile_rows), T::DTYPE)?,
-                tc_expand_args(&dims, split)?,
+                expand_args(None, tickets()?, split),
             )),
             Step::WgmmaShrink { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Shrink, wide, T::DTYPE)?,
-                tc_shrink_args(&dims, split)?,
+                shrink_args(None, tickets()?, split),
             )),
             Step::WgmmaExpand { split, wide } => Some((
                 wgmma_kernel(WgmmaEntry::Expand, wide, T::DTYPE)?,
-                tc_expand_args(&dims, split)?,
+                expand_args(None, tickets()?, split),
             )),
             _ => None,
         };
@@ -536,7 +510,7 @@ pub fn launch<T: Element, B: Backend>(
                 Entry::ExpandNaive,
                 vec![z, b_cat, y, i(t), i(r), i(d_out), i(j0), i(j1)],
             ),
-            Step::ShrinkTiled { j0, j1, split } => (Entry::ShrinkTiled, shrink_args(Some((j0, j1)), split)),
+            Step::ShrinkTiled { j0, j1, split } => (Entry::ShrinkTiled, shrink_args(Some((j0, j1)), None, split)),
             Step::ShrinkReduce { j0, j1, splits } => (
                 Entry::ShrinkReduce,
                 vec![
@@ -555,7 +529,7 @@ pub fn launch<T: Element, B: Backend>(
                     i(j1),
                 ],
             ),
-            Step::ExpandTiled { j0, j1, split } => (Entry::ExpandTiled, expand_args(Some((j0, j1)), split)),
+            Step::ExpandTiled { j0, j1, split } => (Entry::ExpandTiled, expand_args(Some((j0, j1)), None, split)),
             Step::SumPartials { splits } => (
                 Entry::SumPartials,
                 vec![work, i(splits), y, i(t), i(d_out), i(d_out), i(0), i(1)],

@@ -452,7 +452,7 @@ fn launch_mma_split<T: Element, B: Backend>(
     let mut dims = launch_config(variant, shape);
     dims.grid[2] = u32::try_from(split.splits).expect("splits fit u32");
     dims.assert_valid(variant.static_shared_bytes());
-    let tickets = backend.tickets(dims.grid[0] as usize * dims.grid[1] as usize)?;
+    let tickets = super::compose_common::split_tickets(backend, &dims)?;
     let i = |v: usize| KernelArg::I32(v as i32);
     let args = [
         backend.arg_in(a),
